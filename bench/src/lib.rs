@@ -1,0 +1,1 @@
+//! vloop-bench: a vhost-user-blk frontend (client) and load generator.

@@ -1,0 +1,1 @@
+//! iso (to be written).

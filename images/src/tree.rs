@@ -1,0 +1,1 @@
+//! tree (to be written).
