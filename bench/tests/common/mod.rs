@@ -1,0 +1,136 @@
+//! Shared set-up of the integration tests: an image, a backend process, a connected client.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use vloop_bench::daemon::{on_path, Backend, Daemon, DaemonSpec};
+use vloop_bench::{Client, ClientOptions};
+
+/// Image size used by the tests.
+pub const IMAGE_SIZE: u64 = 16 << 20;
+
+/// A running export with its files; the daemon is killed when this is dropped.
+pub struct Export {
+    pub daemon: Daemon,
+    pub image: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// The vloop-blk binary beside this test's target directory, if it was built.
+pub fn vloop_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("VLOOP_BLK_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    // Test executables live in <target>/<profile>/deps/.
+    let exe = std::env::current_exe().ok()?;
+    let profile_dir = exe.parent()?.parent()?;
+    let p = profile_dir.join("vloop-blk");
+    p.is_file().then_some(p)
+}
+
+/// Whether `bin --print-capabilities` prints the vhost-user backend JSON.
+fn prints_capabilities(bin: &Path) -> bool {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let Ok(mut child) = Command::new(bin)
+        .arg("--print-capabilities")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let mut out = String::new();
+    if let Some(mut s) = child.stdout.take() {
+        let _ = s.read_to_string(&mut out);
+    }
+    status.is_some_and(|s| s.success()) && out.contains("\"type\"")
+}
+
+/// The backend to test, or None (with a visible message) when it is unavailable.
+pub fn backend(which: &str) -> Option<Backend> {
+    match which {
+        "qsd" => {
+            if on_path("qemu-storage-daemon") {
+                Some(Backend::Qsd)
+            } else {
+                eprintln!(
+                    "SKIP: qemu-storage-daemon is not installed (apt-get install qemu-system-x86)"
+                );
+                None
+            }
+        }
+        _ => match vloop_bin() {
+            Some(p) if !prints_capabilities(&p) => {
+                eprintln!(
+                    "SKIP: {} does not answer --print-capabilities (not a working vloop-blk build yet)",
+                    p.display()
+                );
+                None
+            }
+            Some(p) => Some(Backend::Vloop(p)),
+            None => {
+                eprintln!("SKIP: vloop-blk is not built in this target dir (cargo build -p vloop-blk) and VLOOP_BLK_BIN is unset");
+                None
+            }
+        },
+    }
+}
+
+/// Creates an image whose sector n begins with the bytes of n, and exports it.
+pub fn export(backend: Backend, queues: u16) -> Export {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.img");
+    let mut data = vec![0u8; IMAGE_SIZE as usize];
+    for (n, sector) in data.chunks_mut(512).enumerate() {
+        sector[..8].copy_from_slice(&(n as u64).to_le_bytes());
+    }
+    std::fs::write(&image, &data).expect("write image");
+    let spec = DaemonSpec {
+        backend,
+        image: image.clone(),
+        socket: dir.path().join("blk.sock"),
+        queues,
+        direct: false,
+        read_only: false,
+        extra_args: vec![],
+    };
+    let daemon = Daemon::spawn(&spec, Duration::from_secs(10)).expect("start backend");
+    Export {
+        daemon,
+        image,
+        _dir: dir,
+    }
+}
+
+/// Connects a client with default options (and `queues` queues).
+pub fn connect(socket: &Path, queues: Option<u16>) -> Client {
+    let opts = ClientOptions {
+        queues,
+        ..ClientOptions::default()
+    };
+    Client::connect(socket, &opts).expect("connect client")
+}
+
+/// A recognisable 4 KiB pattern derived from `seed`.
+pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
