@@ -1,1 +1,368 @@
-fn main() {}
+//! `vloop-image`: create, build, copy and inspect disk images.
+//!
+//! A thin front end: parse the command line, call the `vloop_images` library, print a short
+//! summary. Every error is one `error: …` line and exit status 1 (usage errors: 2).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::builder::TypedValueParser as _;
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use tracing_subscriber::EnvFilter;
+use vloop_images::copy::{self, CopyOptions};
+use vloop_images::create::{self, CreateOptions};
+use vloop_images::size::Size;
+use vloop_images::tree::{self, TreeOptions};
+use vloop_images::{ext2, info, iso};
+
+/// Create, build, copy and inspect raw disk images.
+///
+/// Sizes are bytes or take a suffix: K, M, G, T (powers of 1024, also KiB...), KB, MB, GB,
+/// TB (powers of 1000), s (512-byte sectors): 10M, 1GiB, 20480s, 1.5G.
+#[derive(Debug, Parser)]
+#[command(name = "vloop-image", version)]
+struct Cli {
+    /// More log output on stderr (-v: debug, -vv: trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a blank raw image (sparse unless --preallocate).
+    Create(CreateArgs),
+    /// Build an ext2 file system image from a folder.
+    Ext2(Ext2Args),
+    /// Build an ISO 9660 image (Rock Ridge, Joliet) from a folder.
+    Iso(IsoArgs),
+    /// Copy a block device or image file to an image file, keeping holes.
+    Copy(CopyArgs),
+    /// Show what an image holds.
+    Info(InfoArgs),
+}
+
+#[derive(Debug, Args)]
+struct CreateArgs {
+    /// The image file to create.
+    file: PathBuf,
+    /// Size, e.g. 10M, 1GiB, 20480s; rounded up to a multiple of 512 bytes.
+    #[arg(long, short)]
+    size: Size,
+    /// Allocate every block now (posix_fallocate) instead of leaving the file sparse.
+    #[arg(long)]
+    preallocate: bool,
+    /// Replace FILE if it exists.
+    #[arg(long, short)]
+    force: bool,
+}
+
+/// `--size` of the ext2 builder: a size or `auto`.
+#[derive(Debug, Clone, Copy)]
+enum FsSize {
+    Auto,
+    Fixed(Size),
+}
+
+fn parse_fs_size(s: &str) -> Result<FsSize, String> {
+    if s.trim().eq_ignore_ascii_case("auto") {
+        Ok(FsSize::Auto)
+    } else {
+        s.parse()
+            .map(FsSize::Fixed)
+            .map_err(|e| format!("{e}, or auto"))
+    }
+}
+
+#[derive(Debug, Args)]
+struct TreeArgs {
+    /// The folder whose content goes into the image.
+    #[arg(long, value_name = "DIR")]
+    from: PathBuf,
+    /// Build timestamp in seconds since 1970 (default: SOURCE_DATE_EPOCH, else the newest
+    /// mtime in the folder); later mtimes are clamped to it.
+    #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
+    timestamp: Option<i64>,
+    /// Keep the files' owners and groups (default: everything owned by root).
+    #[arg(long)]
+    keep_owners: bool,
+    /// Replace FILE if it exists.
+    #[arg(long, short)]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
+struct Ext2Args {
+    /// The image file to write.
+    file: PathBuf,
+    #[command(flatten)]
+    tree: TreeArgs,
+    /// Image size, or `auto` for the tree's size plus headroom.
+    #[arg(long, short, default_value = "auto", value_parser = parse_fs_size)]
+    size: FsSize,
+    /// Volume label (at most 16 bytes).
+    #[arg(long, short = 'L', default_value = "")]
+    label: String,
+    /// File system UUID, e.g. 0b2c6c3e-4bd1-4d8e-9f43-5a2f8f8a3c1e (default: derived from
+    /// the content, so that builds are reproducible).
+    #[arg(long, short = 'U')]
+    uuid: Option<String>,
+    /// Block size in bytes.
+    #[arg(long, short, default_value_t = 4096,
+          value_parser = clap::builder::PossibleValuesParser::new(["1024", "2048", "4096"])
+              .map(|s| s.parse::<u32>().expect("listed values are numbers")))]
+    block_size: u32,
+}
+
+#[derive(Debug, Args)]
+struct IsoArgs {
+    /// The image file to write.
+    file: PathBuf,
+    #[command(flatten)]
+    tree: TreeArgs,
+    /// Volume identifier: up to 32 of A-Z, 0-9 and _.
+    #[arg(long, short = 'V', default_value = "CDROM")]
+    volume_id: String,
+}
+
+#[derive(Debug, Args)]
+struct CopyArgs {
+    /// The block device or image file to copy.
+    src: PathBuf,
+    /// The image file to write.
+    dst: PathBuf,
+    /// Read the source and the copy back afterwards and compare their SHA-256.
+    #[arg(long)]
+    verify: bool,
+    /// Replace DST if it exists.
+    #[arg(long, short)]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
+struct InfoArgs {
+    /// The image file or block device to examine.
+    file: PathBuf,
+    /// Print JSON instead of aligned lines.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.kind() == clap::error::ErrorKind::ValueValidation => {
+            // A bad value (a size, a block size): its one line is the whole story.
+            let text = e.render().to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("error: bad value"));
+            return ExitCode::from(2);
+        }
+        Err(e) => e.exit(),
+    };
+    init_tracing(cli.verbose);
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "vloop_images=debug,info",
+        _ => "vloop_images=trace,debug",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Create(a) => run_create(a),
+        Command::Ext2(a) => run_ext2(a),
+        Command::Iso(a) => run_iso(a),
+        Command::Copy(a) => run_copy(a),
+        Command::Info(a) => run_info(a),
+    }
+}
+
+fn run_create(a: CreateArgs) -> Result<()> {
+    let start = Instant::now();
+    let s = create::create(
+        &a.file,
+        &CreateOptions {
+            size: a.size,
+            preallocate: a.preallocate,
+            force: a.force,
+        },
+    )?;
+    if let Some(asked) = s.rounded_from {
+        println!(
+            "note: {} bytes rounded up to {} bytes, a whole number of 512-byte sectors",
+            asked.bytes(),
+            s.size.bytes()
+        );
+    }
+    println!(
+        "created {}: {} ({} bytes), {} ({} allocated) in {:.2} s",
+        a.file.display(),
+        s.size.human(),
+        s.size.bytes(),
+        if a.preallocate {
+            "preallocated"
+        } else {
+            "sparse"
+        },
+        Size(s.allocated).human(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Reads the source folder and checks the output path before a builder runs.
+fn read_tree(out: &Path, t: &TreeArgs) -> Result<tree::Tree> {
+    create::check_target(out, t.force)?;
+    if !t.from.is_dir() {
+        bail!(
+            "--from {}: no such folder (give the folder whose files go into the image)",
+            t.from.display()
+        );
+    }
+    let timestamp = tree::resolve_timestamp(t.timestamp)?;
+    let tree = tree::scan(
+        &t.from,
+        &TreeOptions {
+            keep_owners: t.keep_owners,
+            timestamp,
+        },
+    )?;
+    Ok(tree)
+}
+
+/// The summary's last lines: time taken and SHA-256 in `sha256sum` format.
+fn print_sha(out: &Path, start: Instant) -> Result<()> {
+    let elapsed = start.elapsed().as_secs_f64();
+    let (_, sha) = copy::sha256_file(out).context("hashing the image")?;
+    println!("built in {elapsed:.2} s");
+    println!("sha256: {sha}  {}", out.display());
+    Ok(())
+}
+
+fn parse_uuid(s: &str) -> Result<[u8; 16]> {
+    let hexdigits: String = s.chars().filter(|&c| c != '-').collect();
+    let mut out = [0u8; 16];
+    match hex::decode_to_slice(&hexdigits, &mut out) {
+        Ok(()) => Ok(out),
+        Err(_) => bail!(
+            "{s:?} is not a UUID: give 32 hex digits, e.g. 0b2c6c3e-4bd1-4d8e-9f43-5a2f8f8a3c1e"
+        ),
+    }
+}
+
+fn run_ext2(a: Ext2Args) -> Result<()> {
+    let start = Instant::now();
+    let uuid = a.uuid.as_deref().map(parse_uuid).transpose()?;
+    let tree = read_tree(&a.file, &a.tree)?;
+    let opts = ext2::Ext2Options {
+        size: match a.size {
+            FsSize::Auto => None,
+            FsSize::Fixed(s) => Some(s.bytes()),
+        },
+        block_size: a.block_size,
+        label: a.label,
+        uuid,
+        ..Default::default()
+    };
+    let s = ext2::build(&tree, &a.file, &opts)?;
+    println!(
+        "wrote {}: ext2, {} ({} bytes), block size {}, {} blocks ({} free), {} inodes ({} free)",
+        a.file.display(),
+        Size(s.size).human(),
+        s.size,
+        s.block_size,
+        s.blocks,
+        s.free_blocks,
+        s.inodes,
+        s.free_inodes
+    );
+    print_sha(&a.file, start)
+}
+
+fn run_iso(a: IsoArgs) -> Result<()> {
+    let start = Instant::now();
+    let tree = read_tree(&a.file, &a.tree)?;
+    let opts = iso::IsoOptions {
+        volume_id: a.volume_id,
+        ..Default::default()
+    };
+    let s = iso::build(&tree, &a.file, &opts)?;
+    println!(
+        "wrote {}: ISO 9660, {} ({} bytes), {} files, {} directories",
+        a.file.display(),
+        Size(s.size).human(),
+        s.size,
+        s.files,
+        s.directories
+    );
+    print_sha(&a.file, start)
+}
+
+fn progress_bar() -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg:16} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+fn run_copy(a: CopyArgs) -> Result<()> {
+    let s = copy::copy(
+        &a.src,
+        &a.dst,
+        &CopyOptions {
+            verify: a.verify,
+            force: a.force,
+            progress: progress_bar(),
+        },
+    )?;
+    println!(
+        "{} -> {}: {}",
+        a.src.display(),
+        a.dst.display(),
+        copy::describe(&s)
+    );
+    if s.verified {
+        println!("verified: source and copy read back with the same SHA-256");
+    }
+    println!("sha256: {}  {}", s.sha256, a.dst.display());
+    Ok(())
+}
+
+fn run_info(a: InfoArgs) -> Result<()> {
+    let i = info::info(&a.file)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&i)?);
+    } else {
+        print!("{}", info::describe(&i));
+    }
+    Ok(())
+}
