@@ -1,0 +1,381 @@
+//! The daemon: a listening socket, one frontend at a time, and a clean exit on request.
+//!
+//! For every connection a fresh [`BlkDevice`] and `VhostUserDaemon` are built (new vrings, new
+//! worker threads, new I/O engines), so nothing from a previous frontend leaks into the next.
+//! When the frontend goes away the workers finish their batch and exit, the image is flushed,
+//! and the daemon waits for the next connection, as qemu-storage-daemon does. A stop request
+//! (SIGINT/SIGTERM in the binary) closes the current connection, lets in-flight requests finish,
+//! flushes the image and returns.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tracing::{info, warn};
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::{Config, Listen};
+use crate::device::{BlkDevice, DeviceError};
+use crate::disk::Disk;
+
+/// Errors of the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Another process listens on the socket path.
+    #[error("socket {0} is in use by a running backend: stop it or choose another --socket-path")]
+    SocketInUse(PathBuf),
+    /// The socket path exists and is not a socket.
+    #[error("{0} exists and is not a socket: remove it or choose another --socket-path")]
+    NotASocket(PathBuf),
+    /// Binding the socket failed.
+    #[error("cannot listen on {path}")]
+    Bind {
+        /// Socket path.
+        path: PathBuf,
+        /// The system error.
+        #[source]
+        source: io::Error,
+    },
+    /// The `--fd` descriptor is not a listening unix socket.
+    #[error("--fd {0} is not a listening unix socket")]
+    BadFd(RawFd),
+    /// A system call failed.
+    #[error("{what} failed")]
+    Io {
+        /// What was attempted.
+        what: &'static str,
+        /// The system error.
+        #[source]
+        source: io::Error,
+    },
+    /// The device could not be created.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// vhost-user-backend refused to start.
+    #[error("vhost-user daemon: {0}")]
+    Vhost(String),
+}
+
+/// Asks a running [`Daemon`] to stop; cheap to clone, safe to use from any thread.
+#[derive(Clone, Debug)]
+pub struct StopHandle {
+    inner: Arc<StopInner>,
+}
+
+struct StopInner {
+    stop: AtomicBool,
+    wake: EventFd,
+    current: Mutex<Option<ShutdownHandle>>,
+}
+
+impl std::fmt::Debug for StopInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StopInner")
+            .field("stop", &self.stop)
+            .finish()
+    }
+}
+
+impl StopHandle {
+    /// A new handle.
+    pub fn new() -> io::Result<StopHandle> {
+        Ok(StopHandle {
+            inner: Arc::new(StopInner {
+                stop: AtomicBool::new(false),
+                wake: EventFd::new(EFD_NONBLOCK)?,
+                current: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// Ask the daemon to stop: the current connection is closed after its in-flight requests,
+    /// the image is flushed and [`Daemon::run`] returns.
+    pub fn stop(&self) {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        let _ = self.inner.wake.write(1);
+        if let Some(h) = self
+            .inner
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            h.shutdown();
+        }
+    }
+
+    /// True once [`StopHandle::stop`] was called.
+    pub fn stopped(&self) -> bool {
+        self.inner.stop.load(Ordering::SeqCst)
+    }
+
+    fn set_current(&self, h: Option<ShutdownHandle>) {
+        *self.inner.current.lock().unwrap_or_else(|p| p.into_inner()) = h;
+    }
+}
+
+/// Block SIGINT and SIGTERM in this thread (and every thread it creates later) and stop
+/// `handle` when one arrives. Call it before any other thread is spawned.
+pub fn stop_on_signals(handle: StopHandle) -> io::Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block().map_err(io::Error::from)?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            match set.wait() {
+                Ok(sig) => {
+                    info!("{sig:?} received: finishing in-flight requests and exiting");
+                    handle.stop();
+                }
+                Err(e) => {
+                    warn!("sigwait failed: {e}");
+                    return;
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// A bound listening socket, and the path to remove when done.
+#[derive(Debug)]
+pub struct BoundSocket {
+    listener: UnixListener,
+    path: Option<PathBuf>,
+}
+
+impl BoundSocket {
+    /// The socket path, when we created it.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+}
+
+impl Drop for BoundSocket {
+    fn drop(&mut self) {
+        if let Some(p) = &self.path {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// Bind the listening socket described by `listen`.
+///
+/// A socket path that exists is replaced when it is a stale socket (nobody accepts on it) and
+/// refused when a process still listens there. The new socket is made mode 0600.
+pub fn bind(listen: &Listen) -> Result<BoundSocket, DaemonError> {
+    match listen {
+        Listen::SocketPath(path) => {
+            match fs::symlink_metadata(path) {
+                Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
+                    Ok(_) => return Err(DaemonError::SocketInUse(path.clone())),
+                    Err(_) => {
+                        warn!("replacing stale socket {}", path.display());
+                        fs::remove_file(path).map_err(|source| DaemonError::Bind {
+                            path: path.clone(),
+                            source,
+                        })?;
+                    }
+                },
+                Ok(_) => return Err(DaemonError::NotASocket(path.clone())),
+                Err(_) => {}
+            }
+            let listener = UnixListener::bind(path).map_err(|source| DaemonError::Bind {
+                path: path.clone(),
+                source,
+            })?;
+            let bound = BoundSocket {
+                listener,
+                path: Some(path.clone()),
+            };
+            fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|source| {
+                DaemonError::Bind {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            Ok(bound)
+        }
+        Listen::Fd(fd) => {
+            let fd = *fd;
+            let mut accepting: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `len` bytes into `accepting`, a live local; an
+            // invalid fd only makes it fail.
+            let r = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_ACCEPTCONN,
+                    (&mut accepting as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            if r != 0 || accepting == 0 {
+                return Err(DaemonError::BadFd(fd));
+            }
+            // SAFETY: the fd is a listening socket handed to us (--fd) and owned by nobody
+            // else in this process from now on.
+            let listener = unsafe { UnixListener::from_raw_fd(fd) };
+            Ok(BoundSocket {
+                listener,
+                path: None,
+            })
+        }
+    }
+}
+
+/// Serves one image on one listening socket until stopped.
+#[derive(Debug)]
+pub struct Daemon {
+    config: Config,
+    disk: Arc<Disk>,
+    socket: BoundSocket,
+    stop: StopHandle,
+}
+
+fn is_disconnect(e: &vhost_user_backend::Error) -> bool {
+    matches!(
+        e,
+        vhost_user_backend::Error::HandleRequest(
+            VhostUserError::Disconnected
+                | VhostUserError::PartialMessage
+                | VhostUserError::SocketBroken(_)
+        )
+    )
+}
+
+impl Daemon {
+    /// A daemon serving `disk` on `socket`.
+    pub fn new(config: Config, disk: Arc<Disk>, socket: BoundSocket, stop: StopHandle) -> Self {
+        Daemon {
+            config,
+            disk,
+            socket,
+            stop,
+        }
+    }
+
+    /// Wait until a frontend connects (true) or a stop is requested (false).
+    fn wait_for_connection(&self) -> Result<bool, DaemonError> {
+        loop {
+            if self.stop.stopped() {
+                return Ok(false);
+            }
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.socket.listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.stop.inner.wake.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `fds` is a live array of two pollfd for the duration of the call.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(DaemonError::Io {
+                    what: "poll",
+                    source: e,
+                });
+            }
+            if self.stop.stopped() {
+                return Ok(false);
+            }
+            if fds[0].revents & libc::POLLIN != 0 {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Serve one connection from accept to disconnect.
+    fn serve_one(&self) -> Result<(), DaemonError> {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let device = Arc::new(BlkDevice::new(
+            self.disk.clone(),
+            &self.config,
+            mem.clone(),
+        )?);
+        let mut daemon = VhostUserDaemon::new("vloop-blk".into(), device.clone(), mem)
+            .map_err(|e| DaemonError::Vhost(e.to_string()))?;
+        let dup = self
+            .socket
+            .listener
+            .try_clone()
+            .map_err(|source| DaemonError::Io {
+                what: "dup of the listening socket",
+                source,
+            })?;
+        let mut listener = Listener::from(dup);
+        daemon
+            .start(&mut listener)
+            .map_err(|e| DaemonError::Vhost(e.to_string()))?;
+        self.stop.set_current(daemon.shutdown_handle());
+        if self.stop.stopped() {
+            daemon.request_shutdown();
+        }
+        info!("frontend connected");
+        let result = daemon.wait();
+        self.stop.set_current(None);
+        // Dropping the daemon stops the workers after their current batch.
+        drop(daemon);
+        let s = device.stats();
+        match result {
+            Ok(()) => info!("frontend disconnected"),
+            Err(e) if is_disconnect(&e) => info!("frontend disconnected"),
+            Err(e) => warn!("connection ended: {e}"),
+        }
+        info!(
+            "{} requests ({} failed), {} bytes read, {} bytes written",
+            s.requests, s.errors, s.bytes_read, s.bytes_written
+        );
+        if let Err(e) = self.disk.flush() {
+            warn!("flushing the image after the connection failed: {e}");
+        }
+        Ok(())
+    }
+
+    /// Serve frontends one after another until stopped; then flush the image.
+    pub fn run(&self) -> Result<(), DaemonError> {
+        match self.socket.path() {
+            Some(p) => info!("listening on {}", p.display()),
+            None => info!("listening on the socket passed as --fd"),
+        }
+        while self.wait_for_connection()? {
+            self.serve_one()?;
+        }
+        self.disk.flush().map_err(|source| DaemonError::Io {
+            what: "flushing the image on exit",
+            source,
+        })?;
+        info!("stopped");
+        Ok(())
+    }
+}
+
+/// Open the image, bind the socket and serve until `stop` is triggered: the library entry
+/// point behind the `vloop-blk` binary.
+pub fn start_backend(config: Config, listen: &Listen, stop: StopHandle) -> anyhow::Result<()> {
+    config.validate()?;
+    let disk = Arc::new(Disk::open(&config)?);
+    let socket = bind(listen)?;
+    Daemon::new(config, disk, socket, stop).run()?;
+    Ok(())
+}

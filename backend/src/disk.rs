@@ -1,0 +1,435 @@
+//! The served image: an open, locked file or block device with its size, serial and the
+//! operations that are not plain reads and writes (flush, discard, write zeroes).
+//!
+//! One [`Disk`] is shared by every worker thread and every frontend connection; it holds no
+//! lock on the data path (all operations are positional syscalls on a shared fd).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+use tracing::{info, warn};
+
+use crate::config::{Config, DiscardMode, SERIAL_LEN};
+use crate::lock::{lock_image, LockError, LockMode};
+use crate::request::{Limits, Segment, SECTOR_SHIFT, SECTOR_SIZE};
+
+/// Largest length of one data descriptor (`size_max`).
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Largest sectors per discard / write-zeroes segment (2 GiB, a multiple of every block size).
+pub const MAX_DWZ_SECTORS: u32 = 1 << 22;
+/// Largest discard / write-zeroes segments per request.
+pub const MAX_DWZ_SEG: u32 = 64;
+
+nix::ioctl_read!(blk_getsize64, 0x12, 114, u64);
+nix::ioctl_write_ptr_bad!(blk_discard, nix::request_code_none!(0x12, 119), [u64; 2]);
+
+/// Errors opening an image.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The image cannot be opened.
+    #[error("cannot open image {path}{hint}")]
+    Open {
+        /// Image path.
+        path: PathBuf,
+        /// Advice for the user.
+        hint: &'static str,
+        /// The system error.
+        #[source]
+        source: io::Error,
+    },
+    /// The image is neither a regular file nor a block device.
+    #[error("{0} is not a regular file or a block device")]
+    NotAFile(PathBuf),
+    /// The size of the image cannot be read.
+    #[error("cannot read the size of {path}")]
+    Size {
+        /// Image path.
+        path: PathBuf,
+        /// The system error.
+        #[source]
+        source: io::Error,
+    },
+    /// The image is smaller than one logical block.
+    #[error("{path} is {size} bytes, smaller than one {block}-byte block")]
+    TooSmall {
+        /// Image path.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// Logical block size.
+        block: u32,
+    },
+    /// The image is in use.
+    #[error("cannot lock {path}")]
+    Lock {
+        /// Image path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: LockError,
+    },
+}
+
+/// An open, locked image.
+#[derive(Debug)]
+pub struct Disk {
+    path: PathBuf,
+    file: File,
+    /// A second, buffered descriptor used when `file` is O_DIRECT and a request's buffers are
+    /// not aligned for it.
+    buffered: Option<File>,
+    block_device: bool,
+    size: u64,
+    serial: [u8; SERIAL_LEN],
+    limits: Limits,
+    discard: DiscardMode,
+    direct: bool,
+    /// Write cache enabled (writeback); when false every write is O_DSYNC.
+    writeback: AtomicBool,
+    /// errno of a failed fdatasync on a buffered image: after one, every flush fails (the page
+    /// cache may have dropped dirty pages, so nothing is known to be on disk any more).
+    flush_poisoned: AtomicI32,
+}
+
+fn default_serial(path: &Path) -> [u8; SERIAL_LEN] {
+    // FNV-1a of the canonical path: stable across restarts, distinct per image.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in path.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let s = format!("vloop-{h:014x}");
+    serial_bytes(&s)
+}
+
+fn serial_bytes(s: &str) -> [u8; SERIAL_LEN] {
+    let mut out = [0u8; SERIAL_LEN];
+    let b = s.as_bytes();
+    let n = b.len().min(SERIAL_LEN);
+    out[..n].copy_from_slice(&b[..n]);
+    out
+}
+
+impl Disk {
+    /// Open and lock the image named by `config`.
+    pub fn open(config: &Config) -> Result<Disk, DiskError> {
+        let path = config.image.clone();
+        let open = |direct: bool| {
+            let mut flags = 0;
+            if direct {
+                flags |= libc::O_DIRECT;
+            }
+            OpenOptions::new()
+                .read(true)
+                .write(!config.read_only)
+                .custom_flags(flags)
+                .open(&path)
+        };
+        let file = open(config.direct).map_err(|source| DiskError::Open {
+            path: path.clone(),
+            hint: match source.kind() {
+                io::ErrorKind::NotFound => {
+                    ": no such file (create it first, e.g. with `truncate -s 1G IMAGE`)"
+                }
+                io::ErrorKind::PermissionDenied if !config.read_only => {
+                    ": permission denied (serve it with --read-only or fix its permissions)"
+                }
+                _ if config.direct && source.raw_os_error() == Some(libc::EINVAL) => {
+                    ": the file system does not support O_DIRECT (drop --direct)"
+                }
+                _ => "",
+            },
+            source,
+        })?;
+        let meta = file.metadata().map_err(|source| DiskError::Size {
+            path: path.clone(),
+            source,
+        })?;
+        let ft = meta.file_type();
+        let block_device = ft.is_block_device();
+        if !block_device && !ft.is_file() {
+            return Err(DiskError::NotAFile(path));
+        }
+        let mode = if config.read_only {
+            LockMode::ReadOnly
+        } else {
+            LockMode::ReadWrite
+        };
+        match lock_image(&file, mode) {
+            Ok(true) => {}
+            Ok(false) => warn!(
+                "{}: the file system does not support OFD locks; serving the image unlocked",
+                path.display()
+            ),
+            Err(source) => {
+                return Err(DiskError::Lock {
+                    path: path.clone(),
+                    source,
+                })
+            }
+        }
+        let raw_size = if block_device {
+            let mut size = 0u64;
+            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to a live
+            // local; the fd is open.
+            unsafe { blk_getsize64(file.as_raw_fd(), &mut size) }.map_err(|e| DiskError::Size {
+                path: path.clone(),
+                source: e.into(),
+            })?;
+            size
+        } else {
+            meta.len()
+        };
+        let block = u64::from(config.logical_block_size.bytes());
+        let size = raw_size - raw_size % block;
+        if size != raw_size {
+            warn!(
+                "{}: size {raw_size} is not a multiple of {block}; the last {} bytes are not served",
+                path.display(),
+                raw_size - size
+            );
+        }
+        if size == 0 {
+            return Err(DiskError::TooSmall {
+                path,
+                size: raw_size,
+                block: config.logical_block_size.bytes(),
+            });
+        }
+        let buffered = if config.direct {
+            Some(open(false).map_err(|source| DiskError::Open {
+                path: path.clone(),
+                hint: "",
+                source,
+            })?)
+        } else {
+            None
+        };
+        let serial = match &config.serial {
+            Some(s) => serial_bytes(s),
+            None => default_serial(&std::fs::canonicalize(&path).unwrap_or(path.clone())),
+        };
+        let seg_max = u32::from(config.queue_size).saturating_sub(2).max(1);
+        let limits = Limits {
+            capacity: size >> SECTOR_SHIFT,
+            logical_block_size: config.logical_block_size.bytes(),
+            read_only: config.read_only,
+            seg_max,
+            size_max: SIZE_MAX,
+            discard: !config.read_only,
+            write_zeroes: !config.read_only,
+            max_discard_sectors: MAX_DWZ_SECTORS,
+            max_discard_seg: MAX_DWZ_SEG,
+            max_write_zeroes_sectors: MAX_DWZ_SECTORS,
+            max_write_zeroes_seg: MAX_DWZ_SEG,
+        };
+        info!(
+            "serving {} ({} bytes, {} sectors{}{})",
+            path.display(),
+            size,
+            limits.capacity,
+            if config.read_only { ", read-only" } else { "" },
+            if block_device { ", block device" } else { "" },
+        );
+        Ok(Disk {
+            path,
+            file,
+            buffered,
+            block_device,
+            size,
+            serial,
+            limits,
+            discard: config.discard,
+            direct: config.direct,
+            writeback: AtomicBool::new(true),
+            flush_poisoned: AtomicI32::new(0),
+        })
+    }
+
+    /// The image path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Served size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.size / SECTOR_SIZE
+    }
+
+    /// The GET_ID serial, NUL padded.
+    pub fn serial(&self) -> &[u8; SERIAL_LEN] {
+        &self.serial
+    }
+
+    /// Request validation limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// DISCARD behaviour.
+    pub fn discard_mode(&self) -> DiscardMode {
+        self.discard
+    }
+
+    /// True when the image is a block device.
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+
+    /// True when opened with O_DIRECT.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// The fd reads and writes go to.
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// A buffered fd for requests whose buffers do not suit O_DIRECT (the main fd when the
+    /// image is not opened O_DIRECT).
+    pub fn buffered_fd(&self) -> RawFd {
+        self.buffered.as_ref().unwrap_or(&self.file).as_raw_fd()
+    }
+
+    /// Write cache mode: true for writeback (the default), false for writethrough.
+    pub fn writeback(&self) -> bool {
+        self.writeback.load(Ordering::Relaxed)
+    }
+
+    /// Set the write cache mode (the guest's `wce` config byte).
+    pub fn set_writeback(&self, on: bool) {
+        self.writeback.store(on, Ordering::Relaxed);
+    }
+
+    /// Make every completed write durable (fdatasync). A failure is reported, and on a
+    /// buffered image every later flush fails too.
+    pub fn flush(&self) -> io::Result<()> {
+        let poisoned = self.flush_poisoned.load(Ordering::Relaxed);
+        if poisoned != 0 {
+            return Err(io::Error::from_raw_os_error(poisoned));
+        }
+        if self.limits.read_only {
+            return Ok(());
+        }
+        // SAFETY: fdatasync on an fd owned by self.
+        let r = unsafe { libc::fdatasync(self.file.as_raw_fd()) };
+        if r == -1 {
+            let e = io::Error::last_os_error();
+            if !self.direct {
+                self.flush_poisoned
+                    .store(e.raw_os_error().unwrap_or(libc::EIO), Ordering::Relaxed);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let off = libc::off64_t::try_from(offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let l =
+            libc::off64_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        loop {
+            // SAFETY: fallocate on an fd owned by self with plain integer arguments.
+            let r = unsafe { libc::fallocate64(self.file.as_raw_fd(), mode, off, l) };
+            if r == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Deallocate the segments (DISCARD). Unsupported deallocation is not an error: discard is
+    /// a hint.
+    pub fn discard(&self, segments: &[Segment]) -> io::Result<()> {
+        if self.discard == DiscardMode::Ignore {
+            return Ok(());
+        }
+        for s in segments.iter().filter(|s| !s.is_empty()) {
+            let r = if self.block_device {
+                let range = [s.offset(), s.len()];
+                // SAFETY: BLKDISCARD reads two u64 through the pointer, which points to a live
+                // local; the fd is open.
+                unsafe { blk_discard(self.file.as_raw_fd(), &range) }
+                    .map(|_| ())
+                    .map_err(io::Error::from)
+            } else {
+                self.fallocate(
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    s.offset(),
+                    s.len(),
+                )
+            };
+            match r {
+                Ok(()) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY)
+                    ) =>
+                {
+                    return Ok(())
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Make the segments read as zeroes (WRITE_ZEROES); with UNMAP and `--discard unmap` the
+    /// range is deallocated.
+    pub fn write_zeroes(&self, segments: &[Segment]) -> io::Result<()> {
+        for s in segments.iter().filter(|s| !s.is_empty()) {
+            let punch = s.unmap && self.discard == DiscardMode::Unmap;
+            let mode = if punch {
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            } else {
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            };
+            match self.fallocate(mode, s.offset(), s.len()) {
+                Ok(()) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENODEV)
+                    ) =>
+                {
+                    self.write_zero_buffers(s.offset(), s.len())?
+                }
+                Err(e) => return Err(e),
+            }
+            if !self.writeback() {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fallback for file systems without FALLOC_FL_ZERO_RANGE: write zero-filled buffers.
+    fn write_zero_buffers(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        const CHUNK: u64 = 1 << 20;
+        let f = self.buffered.as_ref().unwrap_or(&self.file);
+        let zeroes = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK) as usize;
+            f.write_all_at(&zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}

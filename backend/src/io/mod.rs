@@ -1,0 +1,326 @@
+//! The request executor: turns a batch of descriptor chains into I/O on the image and
+//! completions for the used ring.
+//!
+//! [`Executor::process_queue`] is the data path of one worker thread: it pops every available
+//! chain, parses each one ([`crate::request::parse`], pure), submits all reads and writes at
+//! once on the thread's engine with iovecs that point straight into guest memory, waits for all
+//! of them, runs flushes, discards and write-zeroes, writes the status bytes, adds everything
+//! to the used ring and tells the caller whether the guest needs a notification (EVENT_IDX
+//! honoured by `needs_notification`). [`Executor::execute`] does the same for any list of
+//! chains without a queue, which is what tests and fuzzers call.
+
+mod engine;
+mod ratelimit;
+
+use std::sync::Arc;
+
+use tracing::warn;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+pub use self::engine::{Engine, EngineError, RwOp, IOV_MAX};
+pub use self::ratelimit::RateLimiter;
+use crate::config::EngineKind;
+use crate::disk::Disk;
+use crate::request::{parse, GuestRange, RequestKind, ID_BYTES, SECTOR_SIZE};
+
+/// Guest memory as the backend maps it (no dirty-page bitmap).
+pub type GuestMem = GuestMemoryMmap<()>;
+
+/// How many guest-caused warnings one queue may log per second.
+pub const WARNINGS_PER_SECOND: u32 = 5;
+
+const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
+const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+
+/// The outcome of one chain: what goes into the used ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// Head descriptor index.
+    pub head: u16,
+    /// Bytes written into the chain's device-writable buffers (data + status).
+    pub len: u32,
+    /// The status byte written (or that would have been, if the chain had no status byte).
+    pub status: u8,
+}
+
+/// Counters of one executor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Requests completed.
+    pub requests: u64,
+    /// Requests that did not complete with OK.
+    pub errors: u64,
+    /// Batches processed.
+    pub batches: u64,
+    /// Bytes read from the image.
+    pub bytes_read: u64,
+    /// Bytes written to the image.
+    pub bytes_written: u64,
+}
+
+/// Executes requests of one queue. Owned by that queue's worker thread.
+#[derive(Debug)]
+pub struct Executor {
+    disk: Arc<Disk>,
+    engine: Engine,
+    queue: u16,
+    limiter: RateLimiter,
+    stats: Stats,
+}
+
+struct Slot {
+    head: u16,
+    status_addr: Option<GuestAddress>,
+    status: u8,
+    used: u32,
+    kind: Option<RequestKind>,
+    data: Vec<GuestRange>,
+    data_len: u64,
+}
+
+impl Executor {
+    /// An executor for queue `queue` with an engine of `kind`, sized for `queue_size`.
+    pub fn new(
+        disk: Arc<Disk>,
+        queue: u16,
+        kind: EngineKind,
+        queue_size: u16,
+    ) -> Result<Executor, EngineError> {
+        Ok(Executor {
+            disk,
+            engine: Engine::new(kind, u32::from(queue_size))?,
+            queue,
+            limiter: RateLimiter::new(WARNINGS_PER_SECOND),
+            stats: Stats::default(),
+        })
+    }
+
+    /// The engine in use.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    fn guest_warn(&mut self, head: u16, what: std::fmt::Arguments<'_>) {
+        if let Some(suppressed) = self.limiter.allow() {
+            if suppressed > 0 {
+                warn!(
+                    queue = self.queue,
+                    "{suppressed} similar messages suppressed"
+                );
+            }
+            warn!(queue = self.queue, head, "{what}");
+        }
+    }
+
+    /// Pop every available chain of `queue`, execute them as one batch and put them in the
+    /// used ring. Returns whether the guest must be notified.
+    pub fn process_queue(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMem,
+    ) -> Result<bool, virtio_queue::Error> {
+        let chains: Vec<_> = queue.iter(mem)?.map(|c| (c.head_index(), c)).collect();
+        if chains.is_empty() {
+            return Ok(false);
+        }
+        let done = self.execute(mem, chains);
+        for c in &done {
+            queue.add_used(mem, c.head, c.len)?;
+        }
+        queue.needs_notification(mem)
+    }
+
+    /// Execute a batch of chains (head index and descriptors) against `mem` and return their
+    /// completions, in the same order. Status bytes and read data are written to `mem`.
+    pub fn execute<I, D>(&mut self, mem: &GuestMem, chains: I) -> Vec<Completion>
+    where
+        I: IntoIterator<Item = (u16, D)>,
+        D: IntoIterator<Item = Descriptor>,
+    {
+        let limits = *self.disk.limits();
+        let mut slots: Vec<Slot> = Vec::new();
+        for (head, chain) in chains {
+            match parse(chain, mem, &limits) {
+                Ok(req) => slots.push(Slot {
+                    head,
+                    status_addr: Some(req.status),
+                    status: STATUS_OK,
+                    used: 1,
+                    kind: Some(req.kind),
+                    data: req.data,
+                    data_len: req.data_len,
+                }),
+                Err(rej) => {
+                    self.guest_warn(head, format_args!("request rejected: {}", rej.error));
+                    slots.push(Slot {
+                        head,
+                        status_addr: rej.status,
+                        status: rej.error.status(),
+                        used: u32::from(rej.status.is_some()),
+                        kind: None,
+                        data: Vec::new(),
+                        data_len: 0,
+                    });
+                }
+            }
+        }
+
+        // Reads and writes: all at once on the engine.
+        let mut ops = Vec::new();
+        let mut op_slots = Vec::new();
+        let dsync = !self.disk.writeback();
+        for (i, slot) in slots.iter_mut().enumerate() {
+            let (write, sector) = match slot.kind {
+                Some(RequestKind::Read { sector }) => (false, sector),
+                Some(RequestKind::Write { sector }) => (true, sector),
+                _ => continue,
+            };
+            if slot.data_len == 0 {
+                continue;
+            }
+            let Some(iov) = guest_iovecs(mem, &slot.data) else {
+                slot.status = STATUS_IOERR;
+                let head = slot.head;
+                self.guest_warn(
+                    head,
+                    format_args!("request buffers are not in guest memory"),
+                );
+                continue;
+            };
+            let offset = sector * SECTOR_SIZE;
+            let aligned = iov
+                .iter()
+                .all(|v| (v.iov_base as usize) % 512 == 0 && v.iov_len % 512 == 0);
+            let fd = if self.disk.is_direct() && !aligned {
+                self.disk.buffered_fd()
+            } else {
+                self.disk.fd()
+            };
+            ops.push(RwOp {
+                write,
+                fd,
+                fallback_fd: self.disk.buffered_fd(),
+                offset,
+                iov,
+                len: slot.data_len,
+                dsync: write && dsync,
+                result: None,
+            });
+            op_slots.push(i);
+        }
+        if !ops.is_empty() {
+            self.engine.run(&mut ops);
+        }
+        for (op, &i) in ops.iter_mut().zip(&op_slots) {
+            match op.result.take() {
+                Some(Ok(())) => {
+                    if op.write {
+                        self.stats.bytes_written += op.len;
+                    } else {
+                        self.stats.bytes_read += op.len;
+                        // The data length is below u32::MAX: the chain iterator caps it.
+                        slots[i].used = u32::try_from(op.len + 1).unwrap_or(u32::MAX);
+                    }
+                }
+                Some(Err(e)) => {
+                    slots[i].status = STATUS_IOERR;
+                    warn!(
+                        queue = self.queue,
+                        "{} of {} bytes at offset {} failed: {e}",
+                        if op.write { "write" } else { "read" },
+                        op.len,
+                        op.offset
+                    );
+                }
+                None => slots[i].status = STATUS_IOERR,
+            }
+        }
+
+        // Everything else, in order, after the batch's reads and writes completed.
+        for slot in slots.iter_mut() {
+            let result = match &slot.kind {
+                Some(RequestKind::Flush) => self.disk.flush(),
+                Some(RequestKind::Discard(segs)) => self.disk.discard(segs),
+                Some(RequestKind::WriteZeroes(segs)) => self.disk.write_zeroes(segs),
+                Some(RequestKind::GetId) => {
+                    let serial = *self.disk.serial();
+                    let mut written = 0usize;
+                    for r in &slot.data {
+                        if written == ID_BYTES {
+                            break;
+                        }
+                        let n = (r.len as usize).min(ID_BYTES - written);
+                        if mem
+                            .write_slice(&serial[written..written + n], r.addr)
+                            .is_err()
+                        {
+                            break;
+                        }
+                        written += n;
+                    }
+                    slot.used = written as u32 + 1;
+                    Ok(())
+                }
+                _ => continue,
+            };
+            if let Err(e) = result {
+                slot.status = STATUS_IOERR;
+                warn!(queue = self.queue, "{:?} failed: {e}", slot.kind);
+            }
+        }
+
+        self.stats.batches += 1;
+        slots
+            .into_iter()
+            .map(|slot| {
+                let mut used = slot.used;
+                if let Some(addr) = slot.status_addr {
+                    if mem.write_obj(slot.status, addr).is_err() {
+                        used = 0;
+                    }
+                } else {
+                    used = 0;
+                }
+                if slot.status != STATUS_OK {
+                    used = used.min(1);
+                    self.stats.errors += 1;
+                }
+                self.stats.requests += 1;
+                Completion {
+                    head: slot.head,
+                    len: used,
+                    status: slot.status,
+                }
+            })
+            .collect()
+    }
+}
+
+/// iovecs covering `data`, split where guest memory regions end; `None` when any byte is not
+/// in guest memory.
+fn guest_iovecs(mem: &GuestMem, data: &[GuestRange]) -> Option<Vec<libc::iovec>> {
+    let mut iov = Vec::with_capacity(data.len());
+    for r in data {
+        for slice in mem.get_slices(r.addr, r.len as usize) {
+            let slice = slice.ok()?;
+            iov.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+        }
+    }
+    Some(iov)
+}
+
+/// Check that a guest address range is valid (used by tests).
+pub fn in_memory(mem: &GuestMem, addr: GuestAddress, len: u64) -> bool {
+    addr.checked_add(len).is_some() && mem.check_range(addr, len as usize)
+}

@@ -1,0 +1,59 @@
+//! A per-second budget for log lines the guest can cause, so a hostile guest cannot flood the
+//! host's logs.
+
+use std::time::{Duration, Instant};
+
+/// Allows `per_second` events per one-second window and counts the rest.
+#[derive(Debug)]
+pub struct RateLimiter {
+    per_second: u32,
+    window: Instant,
+    count: u32,
+    suppressed: u64,
+}
+
+impl RateLimiter {
+    /// A limiter allowing `per_second` events per second.
+    pub fn new(per_second: u32) -> Self {
+        RateLimiter {
+            per_second,
+            window: Instant::now(),
+            count: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(n)` when the event may be logged (`n` events were suppressed since the last one
+    /// logged), `None` when it must be dropped.
+    pub fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if now.duration_since(self.window) >= Duration::from_secs(1) {
+            self.window = now;
+            self.count = 0;
+        }
+        if self.count < self.per_second {
+            self.count += 1;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_per_window() {
+        let mut r = RateLimiter::new(3);
+        assert_eq!(r.allow(), Some(0));
+        assert_eq!(r.allow(), Some(0));
+        assert_eq!(r.allow(), Some(0));
+        assert_eq!(r.allow(), None);
+        assert_eq!(r.allow(), None);
+        r.window -= Duration::from_secs(2);
+        assert_eq!(r.allow(), Some(2));
+    }
+}
