@@ -259,8 +259,7 @@ pub fn copy(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<CopySummary, C
     let start = Instant::now();
     let (source, len, source_kind) = open_source(src)?;
     let out = OutputFile::new(dst, opts.force)?;
-    let phases = if opts.verify { 3 } else { 1 };
-    opts.progress.set_length(len.saturating_mul(phases));
+    opts.progress.set_length(len);
     opts.progress.set_message("copying");
     let sha_bytes = copy_into(&source, src, len, out.file(), dst, &opts.progress)?;
     if source_kind == "file" {
@@ -282,6 +281,7 @@ pub fn copy(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<CopySummary, C
     };
     out.file().sync_all().map_err(write_err)?;
     if opts.verify {
+        opts.progress.reset();
         opts.progress.set_message("verifying copy");
         drop_cache(out.file());
         let dst_sha = hash_source(
@@ -293,6 +293,7 @@ pub fn copy(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<CopySummary, C
             len,
             &opts.progress,
         )?;
+        opts.progress.reset();
         opts.progress.set_message("verifying source");
         drop_cache(&source.file);
         let src_sha = hash_source(&source, src, len, &opts.progress)?;

@@ -328,6 +328,32 @@ mod tests {
     }
 
     #[test]
+    fn unfinished_output_is_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("img");
+        let out = OutputFile::new(&p, false).unwrap();
+        out.file().set_len(4096).unwrap();
+        let temp = out.temp_path().to_path_buf();
+        assert!(temp.exists());
+        assert!(temp
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with(".img."));
+        drop(out);
+        assert!(!temp.exists());
+        assert!(!p.exists());
+        // Another process created the target meanwhile: the commit refuses to replace it.
+        let out = OutputFile::new(&p, false).unwrap();
+        fs::write(&p, b"theirs").unwrap();
+        let err = out.commit().unwrap_err();
+        assert!(matches!(err, CreateError::Exists(_)), "{err}");
+        assert_eq!(fs::read(&p).unwrap(), b"theirs");
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
     fn refuses_directories_zero_and_locked_files() {
         let d = tempfile::tempdir().unwrap();
         let err = create(
