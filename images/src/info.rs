@@ -500,7 +500,7 @@ fn all_zero(r: &Reader<'_>, source: &dyn Source) -> Result<bool, InfoError> {
 pub fn describe(info: &Info) -> String {
     let mut out = String::new();
     let mut line = |k: &str, v: String| {
-        let _ = writeln!(out, "{:<12}{v}", format!("{k}:"));
+        let _ = writeln!(out, "{:<13}{v}", format!("{k}:"));
     };
     line("file", info.path.display().to_string());
     line(
@@ -513,7 +513,14 @@ pub fn describe(info: &Info) -> String {
     match &info.content {
         Content::Ext(e) => {
             line("holds", format!("{} file system", e.version));
-            line("label", e.label.clone());
+            line(
+                "label",
+                if e.label.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    e.label.clone()
+                },
+            );
             line("uuid", e.uuid.clone());
             line("block size", e.block_size.to_string());
             line(

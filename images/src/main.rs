@@ -181,11 +181,16 @@ fn init_tracing(verbose: u8) {
         _ => "vloop_images=trace,debug",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false);
+    if verbose == 0 {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
 }
 
 fn run(command: Command) -> Result<()> {
