@@ -216,7 +216,10 @@ impl BlkDevice {
         mem: &GuestMem,
     ) -> io::Result<()> {
         match worker.process_queue(state.get_queue_mut(), mem) {
-            Ok(true) => state.signal_used_queue(),
+            Ok(true) => {
+                tracing::trace!("signal used queue");
+                state.signal_used_queue()
+            }
             Ok(false) => Ok(()),
             Err(e) => {
                 // A broken ring is the guest's problem; keep the thread alive.
@@ -329,6 +332,7 @@ impl VhostUserBackend for BlkDevice {
             ));
             return Ok(());
         };
+        tracing::trace!(queue = thread_id, "kick");
         let mut worker = worker.lock().unwrap_or_else(|p| p.into_inner());
         self.drain(vring, &mut worker)
     }

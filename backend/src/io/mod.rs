@@ -11,6 +11,8 @@
 
 mod engine;
 mod ratelimit;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 

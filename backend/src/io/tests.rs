@@ -1,0 +1,675 @@
+//! Executor and device tests: requests go through `MockSplitQueue` virtqueues over real guest
+//! memory and real (temporary, sparse) image files.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use vhost_user_backend::VhostUserBackend;
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
+
+use super::*;
+use crate::config::Config;
+use crate::device::{BlkDevice, CONFIG_LEN};
+use crate::disk::{Disk, DiskError};
+
+const OK: u8 = VIRTIO_BLK_S_OK as u8;
+const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+const MIB: u64 = 1 << 20;
+
+/// Two adjacent 1 MiB guest memory regions, so buffers can straddle a region boundary.
+fn memory() -> GuestMem {
+    GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), MIB as usize),
+        (GuestAddress(MIB), MIB as usize),
+    ])
+    .unwrap()
+}
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    disk: Arc<Disk>,
+    ex: Executor,
+}
+
+fn rig_with(size: u64, tweak: impl FnOnce(&mut Config)) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    let f = fs::File::create(&path).unwrap();
+    f.set_len(size).unwrap();
+    drop(f);
+    let mut cfg = Config::new(&path);
+    tweak(&mut cfg);
+    let disk = Arc::new(Disk::open(&cfg).unwrap());
+    let ex = Executor::new(disk.clone(), 0, cfg.engine, cfg.queue_size).unwrap();
+    Rig {
+        _dir: dir,
+        path,
+        disk,
+        ex,
+    }
+}
+
+fn rig(size: u64) -> Rig {
+    rig_with(size, |_| {})
+}
+
+/// A descriptor: (guest address, length, device-writable).
+type D = (u64, u32, bool);
+
+fn header(mem: &GuestMem, at: u64, t: u32, sector: u64) {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&t.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    mem.write_slice(&h, GuestAddress(at)).unwrap();
+}
+
+/// Put the chains in `vq` (consecutive descriptor slots), run one batch, return
+/// (head, used len) per used element added and whether a notification is due.
+fn run(rig: &mut Rig, mem: &GuestMem, chains: &[&[D]]) -> (Vec<(u16, u32)>, bool) {
+    let vq = MockSplitQueue::create(mem, GuestAddress(0), 64);
+    let mut raw = Vec::new();
+    for chain in chains {
+        let base = raw.len() as u16;
+        for (i, (addr, len, w)) in chain.iter().enumerate() {
+            let mut flags = if *w { VRING_DESC_F_WRITE as u16 } else { 0 };
+            let last = i + 1 == chain.len();
+            if !last {
+                flags |= VRING_DESC_F_NEXT as u16;
+            }
+            raw.push(RawDescriptor::from(Descriptor::new(
+                *addr,
+                *len,
+                flags,
+                if last { 0 } else { base + i as u16 + 1 },
+            )));
+        }
+    }
+    vq.add_desc_chains(&raw, 0).unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let notify = rig.ex.process_queue(&mut q, mem).unwrap();
+    let n = vq.used().idx().load();
+    let used = (0..n)
+        .map(|i| {
+            let e = vq.used().ring().ref_at(i as usize).unwrap().load();
+            (e.id() as u16, e.len())
+        })
+        .collect();
+    (used, notify)
+}
+
+fn status(mem: &GuestMem, at: u64) -> u8 {
+    mem.read_obj(GuestAddress(at)).unwrap()
+}
+
+const HDR: u64 = 0x1_0000;
+const DATA: u64 = 0x2_0000;
+const ST: u64 = 0x1_8000;
+
+fn rw(rig: &mut Rig, mem: &GuestMem, t: u32, sector: u64, data: &[D]) -> (u8, u32) {
+    header(mem, HDR, t, sector);
+    mem.write_obj(0xffu8, GuestAddress(ST)).unwrap();
+    let mut chain: Vec<D> = vec![(HDR, 16, false)];
+    chain.extend_from_slice(data);
+    chain.push((ST, 1, true));
+    let (used, _) = run(rig, mem, &[&chain]);
+    assert_eq!(used.len(), 1);
+    (status(mem, ST), used[0].1)
+}
+
+/// Assert that `len` bytes of the file at `off` all equal `val`, with a short message.
+fn assert_file(p: &Path, off: u64, len: usize, val: u8) {
+    let b = file_bytes(p, off, len);
+    if let Some(i) = b.iter().position(|&x| x != val) {
+        panic!(
+            "byte {} of the file is {:#x}, expected {val:#x}",
+            off + i as u64,
+            b[i]
+        );
+    }
+}
+
+fn file_bytes(p: &Path, off: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    std::os::unix::fs::FileExt::read_exact_at(&fs::File::open(p).unwrap(), &mut v, off).unwrap();
+    v
+}
+
+#[test]
+fn write_then_read_split_buffers() {
+    let mut r = rig(MIB);
+    let mem = memory();
+    let pattern: Vec<u8> = (0..1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    mem.write_slice(&pattern[..512], GuestAddress(DATA))
+        .unwrap();
+    mem.write_slice(&pattern[512..], GuestAddress(DATA + 0x1000))
+        .unwrap();
+    let (s, used) = rw(
+        &mut r,
+        &mem,
+        VIRTIO_BLK_T_OUT,
+        4,
+        &[(DATA, 512, false), (DATA + 0x1000, 512, false)],
+    );
+    assert_eq!((s, used), (OK, 1));
+    assert_eq!(file_bytes(&r.path, 4 * 512, 1024), pattern);
+    // Read it back into a buffer that straddles the two guest memory regions.
+    let straddle = MIB - 256;
+    let (s, used) = rw(&mut r, &mem, VIRTIO_BLK_T_IN, 4, &[(straddle, 1024, true)]);
+    assert_eq!((s, used), (OK, 1025));
+    let mut back = vec![0u8; 1024];
+    mem.read_slice(&mut back, GuestAddress(straddle)).unwrap();
+    assert_eq!(back, pattern);
+    assert_eq!(r.ex.stats().bytes_read, 1024);
+    assert_eq!(r.ex.stats().bytes_written, 1024);
+}
+
+#[test]
+fn blocking_engine_roundtrip() {
+    let mut r = rig_with(MIB, |c| c.engine = crate::config::EngineKind::Blocking);
+    let mem = memory();
+    mem.write_slice(&[9u8; 512], GuestAddress(DATA)).unwrap();
+    assert_eq!(
+        rw(&mut r, &mem, VIRTIO_BLK_T_OUT, 1, &[(DATA, 512, false)]).0,
+        OK
+    );
+    assert_file(&r.path, 512, 512, 9);
+}
+
+#[test]
+fn last_sector_and_one_past() {
+    let mut r = rig(64 * 1024);
+    let mem = memory();
+    let last = 64 * 1024 / 512 - 1;
+    mem.write_slice(&[0xabu8; 1024], GuestAddress(DATA))
+        .unwrap();
+    assert_eq!(
+        rw(&mut r, &mem, VIRTIO_BLK_T_OUT, last, &[(DATA, 512, false)]).0,
+        OK
+    );
+    assert_file(&r.path, last * 512, 512, 0xab);
+    // One sector past the end, and a write that starts inside but ends outside.
+    assert_eq!(
+        rw(
+            &mut r,
+            &mem,
+            VIRTIO_BLK_T_IN,
+            last + 1,
+            &[(DATA, 512, true)]
+        ),
+        (IOERR, 1)
+    );
+    fs::write(&r.path, vec![0u8; 64 * 1024]).unwrap();
+    assert_eq!(
+        rw(&mut r, &mem, VIRTIO_BLK_T_OUT, last, &[(DATA, 1024, false)]).0,
+        IOERR
+    );
+    assert_file(&r.path, 0, 64 * 1024, 0);
+    assert_eq!(fs::metadata(&r.path).unwrap().len(), 64 * 1024);
+}
+
+#[test]
+fn read_only_export_refuses_writes() {
+    let mut r = rig_with(MIB, |c| c.read_only = true);
+    let mem = memory();
+    mem.write_slice(&[1u8; 512], GuestAddress(DATA)).unwrap();
+    assert_eq!(
+        rw(&mut r, &mem, VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, false)]).0,
+        IOERR
+    );
+    // Discard and write zeroes are not offered on a read-only disk.
+    mem.write_slice(&[0u8; 16], GuestAddress(DATA)).unwrap();
+    mem.write_obj(1u32.to_le(), GuestAddress(DATA + 8)).unwrap();
+    assert_eq!(
+        rw(&mut r, &mem, VIRTIO_BLK_T_DISCARD, 0, &[(DATA, 16, false)]).0,
+        UNSUPP
+    );
+    assert_eq!(
+        rw(
+            &mut r,
+            &mem,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            0,
+            &[(DATA, 16, false)]
+        )
+        .0,
+        UNSUPP
+    );
+    assert_eq!(
+        rw(&mut r, &mem, VIRTIO_BLK_T_IN, 0, &[(DATA, 512, true)]).0,
+        OK
+    );
+    assert_eq!(rw(&mut r, &mem, VIRTIO_BLK_T_FLUSH, 0, &[]).0, OK);
+    assert_file(&r.path, 0, 512, 0);
+    let f = r.disk.fd();
+    // SAFETY: fcntl F_GETFL on an fd owned by the disk.
+    let flags = unsafe { libc::fcntl(f, libc::F_GETFL) };
+    assert_eq!(flags & libc::O_ACCMODE, libc::O_RDONLY);
+}
+
+#[test]
+fn flush_and_get_id() {
+    let mut r = rig_with(MIB, |c| c.serial = Some("my-disk".into()));
+    let mem = memory();
+    assert_eq!(rw(&mut r, &mem, VIRTIO_BLK_T_FLUSH, 0, &[]), (OK, 1));
+    mem.write_slice(&[0xeeu8; 32], GuestAddress(DATA)).unwrap();
+    assert_eq!(
+        rw(&mut r, &mem, VIRTIO_BLK_T_GET_ID, 0, &[(DATA, 20, true)]),
+        (OK, 21)
+    );
+    let mut id = [0u8; 20];
+    mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    assert_eq!(&id[..7], b"my-disk");
+    assert!(id[7..].iter().all(|&b| b == 0));
+    // A shorter buffer gets a truncated serial.
+    mem.write_slice(&[0xeeu8; 32], GuestAddress(DATA)).unwrap();
+    assert_eq!(
+        rw(&mut r, &mem, VIRTIO_BLK_T_GET_ID, 0, &[(DATA, 4, true)]),
+        (OK, 5)
+    );
+    let mut id = [0u8; 5];
+    mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    assert_eq!(&id, b"my-d\xee");
+}
+
+#[test]
+fn default_serial_is_derived_from_the_image() {
+    let a = rig(MIB);
+    let b = rig(MIB);
+    assert!(a.disk.serial().starts_with(b"vloop-"));
+    assert_ne!(a.disk.serial(), b.disk.serial());
+}
+
+fn segment(mem: &GuestMem, at: u64, sector: u64, n: u32, flags: u32) {
+    let mut s = [0u8; 16];
+    s[0..8].copy_from_slice(&sector.to_le_bytes());
+    s[8..12].copy_from_slice(&n.to_le_bytes());
+    s[12..16].copy_from_slice(&flags.to_le_bytes());
+    mem.write_slice(&s, GuestAddress(at)).unwrap();
+}
+
+/// True when [off, off+len) is a hole in the file (SEEK_DATA from `off` lands at or past the
+/// end of the range).
+fn is_hole(p: &Path, off: u64, len: u64) -> bool {
+    let f = fs::File::open(p).unwrap();
+    // SAFETY: lseek on an fd owned by `f`.
+    let data = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+    data < 0 || data as u64 >= off + len
+}
+
+fn filled(size: u64) -> Rig {
+    filled_with(size, |_| {})
+}
+
+fn filled_with(size: u64, tweak: impl FnOnce(&mut Config)) -> Rig {
+    let r = rig_with(size, tweak);
+    fs::write(&r.path, vec![0x5au8; size as usize]).unwrap();
+    fs::File::open(&r.path).unwrap().sync_all().unwrap();
+    r
+}
+
+fn punch_supported(p: &Path) -> bool {
+    let f = fs::OpenOptions::new().write(true).open(p).unwrap();
+    let len = f.metadata().unwrap().len();
+    // SAFETY: fallocate on an fd owned by `f`; it punches the last 4 KiB, which the callers
+    // never look at.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            (len - 4096) as libc::off_t,
+            4096,
+        )
+    };
+    r == 0
+}
+
+#[test]
+fn discard_punches_holes() {
+    let mut r = filled(MIB);
+    if !punch_supported(&r.path) {
+        eprintln!("SKIPPED: the temp file system cannot punch holes");
+        return;
+    }
+    let mem = memory();
+    let blocks_before = fs::metadata(&r.path).unwrap().blocks();
+    segment(&mem, DATA, 256, 128, 0); // 64 KiB at 128 KiB
+    segment(&mem, DATA + 16, 1024, 128, 0); // 64 KiB at 512 KiB
+    assert_eq!(
+        rw(&mut r, &mem, VIRTIO_BLK_T_DISCARD, 0, &[(DATA, 32, false)]),
+        (OK, 1)
+    );
+    assert!(is_hole(&r.path, 128 * 1024, 64 * 1024));
+    assert!(is_hole(&r.path, 512 * 1024, 64 * 1024));
+    assert!(!is_hole(&r.path, 0, 128 * 1024));
+    assert!(fs::metadata(&r.path).unwrap().blocks() < blocks_before);
+    assert_eq!(fs::metadata(&r.path).unwrap().len(), MIB);
+    assert_file(&r.path, 128 * 1024, 65536, 0);
+    assert_file(&r.path, 128 * 1024 - 512, 512, 0x5a);
+    assert_file(&r.path, 192 * 1024, 512, 0x5a);
+}
+
+#[test]
+fn discard_ignore_leaves_data() {
+    let mut r = filled_with(MIB, |c| c.discard = crate::config::DiscardMode::Ignore);
+    let mem = memory();
+    segment(&mem, DATA, 256, 128, 0);
+    assert_eq!(
+        rw(&mut r, &mem, VIRTIO_BLK_T_DISCARD, 0, &[(DATA, 16, false)]),
+        (OK, 1)
+    );
+    assert!(!is_hole(&r.path, 128 * 1024, 64 * 1024));
+    assert_file(&r.path, 128 * 1024, 512, 0x5a);
+}
+
+#[test]
+fn write_zeroes_with_and_without_unmap() {
+    let mut r = filled(MIB);
+    if !punch_supported(&r.path) {
+        eprintln!("SKIPPED: the temp file system cannot punch holes");
+        return;
+    }
+    let mem = memory();
+    // Without UNMAP: zeroes, still allocated.
+    segment(&mem, DATA, 0, 128, 0);
+    assert_eq!(
+        rw(
+            &mut r,
+            &mem,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            0,
+            &[(DATA, 16, false)]
+        ),
+        (OK, 1)
+    );
+    assert_file(&r.path, 0, 65536, 0);
+    assert_file(&r.path, 65536, 512, 0x5a);
+    // With UNMAP: zeroes and a hole.
+    segment(&mem, DATA, 256, 128, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+    assert_eq!(
+        rw(
+            &mut r,
+            &mem,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            0,
+            &[(DATA, 16, false)]
+        ),
+        (OK, 1)
+    );
+    assert_file(&r.path, 128 * 1024, 65536, 0);
+    assert!(is_hole(&r.path, 128 * 1024, 64 * 1024));
+    // Bad flag bits: UNSUPP and nothing changes.
+    segment(&mem, DATA, 512, 8, 0x80);
+    assert_eq!(
+        rw(
+            &mut r,
+            &mem,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            0,
+            &[(DATA, 16, false)]
+        )
+        .0,
+        UNSUPP
+    );
+    assert_file(&r.path, 256 * 1024, 4096, 0x5a);
+    // Past the end: IOERR and nothing changes.
+    segment(&mem, DATA, 2036, 16, 0);
+    assert_eq!(
+        rw(
+            &mut r,
+            &mem,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            0,
+            &[(DATA, 16, false)]
+        )
+        .0,
+        IOERR
+    );
+    assert_file(&r.path, 2036 * 512, 2048, 0x5a);
+}
+
+#[test]
+fn bad_chains_do_not_stop_the_queue() {
+    let mut r = rig(MIB);
+    let mem = memory();
+    header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
+    header(&mem, HDR + 0x100, 77, 0);
+    header(&mem, HDR + 0x200, VIRTIO_BLK_T_IN, 1);
+    for a in [ST, ST + 1, ST + 2, ST + 3] {
+        mem.write_obj(0xffu8, GuestAddress(a)).unwrap();
+    }
+    let (used, notify) = run(
+        &mut r,
+        &mem,
+        &[
+            // No status byte at all: used with length 0.
+            &[(HDR, 16, false)],
+            // Unknown type: UNSUPP.
+            &[(HDR + 0x100, 16, false), (ST + 1, 1, true)],
+            // Buffer outside guest memory: IOERR.
+            &[
+                (HDR + 0x200, 16, false),
+                (0x4000_0000, 512, true),
+                (ST + 2, 1, true),
+            ],
+            // A good read still works in the same batch.
+            &[(HDR, 16, false), (DATA, 512, true), (ST + 3, 1, true)],
+        ],
+    );
+    assert!(notify);
+    assert_eq!(used, vec![(0, 0), (1, 1), (3, 1), (6, 513)]);
+    assert_eq!(status(&mem, ST + 1), UNSUPP);
+    assert_eq!(status(&mem, ST + 2), IOERR);
+    assert_eq!(status(&mem, ST + 3), OK);
+    assert_eq!(r.ex.stats().requests, 4);
+    assert_eq!(r.ex.stats().errors, 3);
+}
+
+#[test]
+fn indirect_chain() {
+    let mut r = rig(MIB);
+    let mem = memory();
+    fs::write(&r.path, vec![0x42u8; MIB as usize]).unwrap();
+    header(&mem, HDR, VIRTIO_BLK_T_IN, 8);
+    // An indirect table at 0x3000 with header, data and status.
+    let table = [
+        Descriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 1),
+        Descriptor::new(
+            DATA,
+            512,
+            (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
+            2,
+        ),
+        Descriptor::new(ST, 1, VRING_DESC_F_WRITE as u16, 0),
+    ];
+    for (i, d) in table.iter().enumerate() {
+        mem.write_obj(
+            RawDescriptor::from(*d),
+            GuestAddress(0x3000 + 16 * i as u64),
+        )
+        .unwrap();
+    }
+    let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+    vq.add_desc_chains(
+        &[RawDescriptor::from(Descriptor::new(
+            0x3000,
+            48,
+            virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16,
+            0,
+        ))],
+        0,
+    )
+    .unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    assert!(r.ex.process_queue(&mut q, &mem).unwrap());
+    assert_eq!(status(&mem, ST), OK);
+    let mut b = vec![0u8; 512];
+    mem.read_slice(&mut b, GuestAddress(DATA)).unwrap();
+    assert_eq!(b, vec![0x42u8; 512]);
+}
+
+#[test]
+fn event_idx_suppresses_notifications() {
+    let mut r = rig(MIB);
+    let mem = memory();
+    header(&mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
+    let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+    vq.add_desc_chains(
+        &[
+            RawDescriptor::from(Descriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 1)),
+            RawDescriptor::from(Descriptor::new(ST, 1, VRING_DESC_F_WRITE as u16, 0)),
+        ],
+        0,
+    )
+    .unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    q.set_event_idx(true);
+    // used_event (after the avail ring) asks for a notification only after used index 5.
+    let used_event = vq.avail_addr().unchecked_add(4 + 2 * 16);
+    mem.write_obj(5u16.to_le(), used_event).unwrap();
+    assert!(!r.ex.process_queue(&mut q, &mem).unwrap());
+    assert_eq!(vq.used().idx().load(), 1);
+}
+
+#[test]
+fn logical_block_size_4096() {
+    let mut r = rig_with(MIB + 1000, |c| {
+        c.logical_block_size = crate::config::BlockSize::B4096
+    });
+    assert_eq!(r.disk.size(), MIB);
+    let mem = memory();
+    assert_eq!(
+        rw(&mut r, &mem, VIRTIO_BLK_T_IN, 8, &[(DATA, 4096, true)]).0,
+        OK
+    );
+    assert_eq!(
+        rw(&mut r, &mem, VIRTIO_BLK_T_IN, 1, &[(DATA, 4096, true)]).0,
+        IOERR
+    );
+    assert_eq!(
+        rw(&mut r, &mem, VIRTIO_BLK_T_IN, 8, &[(DATA, 512, true)]).0,
+        IOERR
+    );
+}
+
+#[test]
+fn odd_sizes_round_down_and_tiny_images_fail() {
+    let r = rig(MIB + 100);
+    assert_eq!(r.disk.size(), MIB);
+    assert_eq!(r.disk.capacity(), MIB / 512);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny.img");
+    fs::write(&p, [0u8; 100]).unwrap();
+    assert!(matches!(
+        Disk::open(&Config::new(&p)),
+        Err(DiskError::TooSmall { .. })
+    ));
+    assert!(matches!(
+        Disk::open(&Config::new(dir.path().join("missing.img"))),
+        Err(DiskError::Open { .. })
+    ));
+}
+
+#[test]
+fn second_open_of_a_served_image_fails() {
+    let r = rig(MIB);
+    let e = Disk::open(&Config::new(&r.path)).unwrap_err();
+    assert!(matches!(e, DiskError::Lock { .. }), "{e}");
+    let mut ro = Config::new(&r.path);
+    ro.read_only = true;
+    assert!(Disk::open(&ro).is_err());
+}
+
+fn device(r: &Rig, tweak: impl FnOnce(&mut Config)) -> BlkDevice {
+    let mut cfg = Config::new(&r.path);
+    tweak(&mut cfg);
+    BlkDevice::new(r.disk.clone(), &cfg, GuestMemoryAtomic::new(memory())).unwrap()
+}
+
+#[test]
+fn get_config_honours_offset_and_size() {
+    let r = rig(8 * MIB);
+    let dev = device(&r, |c| c.num_queues = 4);
+    let all = dev.get_config(0, CONFIG_LEN as u32);
+    assert_eq!(all.len(), CONFIG_LEN);
+    assert_eq!(
+        u64::from_le_bytes(all[0..8].try_into().unwrap()),
+        8 * MIB / 512
+    );
+    assert_eq!(u32::from_le_bytes(all[20..24].try_into().unwrap()), 512);
+    assert_eq!(u16::from_le_bytes(all[34..36].try_into().unwrap()), 4);
+    assert_eq!(all[32], 1, "writeback by default");
+    assert_eq!(all[56], 1, "write zeroes may unmap");
+    for (off, len) in [(1u32, 7u32), (3, 1), (34, 2), (59, 1), (13, 40)] {
+        let part = dev.get_config(off, len);
+        assert_eq!(
+            part,
+            all[off as usize..(off + len) as usize],
+            "offset {off} size {len}"
+        );
+    }
+    // Past our fields: zeroes; past the vhost-user window or overflowing: empty.
+    let tail = dev.get_config(50, 20);
+    assert_eq!(&tail[..10], &all[50..60]);
+    assert!(tail[10..].iter().all(|&b| b == 0));
+    assert_eq!(dev.get_config(200, 8), vec![0u8; 8]);
+    assert!(dev.get_config(0xfff, 2).is_empty());
+    assert!(dev.get_config(u32::MAX, 2).is_empty());
+    assert!(dev.get_config(2, u32::MAX).is_empty());
+    assert_eq!(dev.get_config(7, 0), Vec::<u8>::new());
+}
+
+#[test]
+fn features_and_write_cache() {
+    use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_RO,
+    };
+    let r = rig(MIB);
+    let dev = device(&r, |_| {});
+    let f = dev.features();
+    assert_ne!(f & (1 << VIRTIO_BLK_F_DISCARD), 0);
+    assert_eq!(f & (1 << VIRTIO_BLK_F_RO), 0);
+    assert_eq!(dev.queues_per_thread(), vec![1]);
+    // wce is ignored until CONFIG_WCE is negotiated, then switches to writethrough.
+    dev.set_config(32, &[0]).unwrap();
+    assert!(r.disk.writeback());
+    dev.acked_features(1 << VIRTIO_BLK_F_CONFIG_WCE);
+    dev.set_config(32, &[0]).unwrap();
+    assert!(!r.disk.writeback());
+    assert_eq!(dev.get_config(32, 1), vec![0]);
+    dev.set_config(30, &[0, 0, 1]).unwrap();
+    assert!(r.disk.writeback());
+    assert!(dev.set_config(0xfff, &[0, 0]).is_err());
+
+    let ro = rig_with(MIB, |c| c.read_only = true);
+    let dev = device(&ro, |c| c.read_only = true);
+    let f = dev.features();
+    assert_ne!(f & (1 << VIRTIO_BLK_F_RO), 0);
+    assert_eq!(f & (1 << VIRTIO_BLK_F_DISCARD), 0);
+    let dev16 = device(&ro, |c| c.num_queues = 16);
+    assert_eq!(dev16.num_queues(), 16);
+    assert_eq!(dev16.queues_per_thread().len(), 16);
+}
+
+#[test]
+fn writethrough_writes_complete() {
+    let mut r = rig(MIB);
+    r.disk.set_writeback(false);
+    let mem = memory();
+    mem.write_slice(&[3u8; 512], GuestAddress(DATA)).unwrap();
+    assert_eq!(
+        rw(&mut r, &mem, VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, false)]).0,
+        OK
+    );
+    assert_file(&r.path, 0, 512, 3);
+}
