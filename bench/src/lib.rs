@@ -14,5 +14,8 @@ pub use blk::{BlkConfig, RequestType};
 pub use client::{Client, ClientError, ClientOptions, Completion, Queue, QueueStats, Request};
 pub use mem::GuestMem;
 pub use ring::{Descriptor, RingLayout, SplitRing, UsedElem};
+pub mod compare;
 pub mod daemon;
+pub mod hist;
+pub mod load;
 pub mod procfs;

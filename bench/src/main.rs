@@ -1,1 +1,243 @@
-fn main() {}
+//! vloop-bench: drive a vhost-user-blk backend (or a raw file) with a workload, or compare
+//! vloop-blk with qemu-storage-daemon and raw io_uring.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use vloop_bench::compare::{self, CompareOptions};
+use vloop_bench::load::{self, parse_size, Pattern, RunResult, Workload};
+
+/// A vhost-user-blk frontend load generator.
+///
+/// One workload against a backend socket (--socket), or on a file with io_uring (--raw),
+/// or the full comparison of vloop-blk, qemu-storage-daemon and raw io_uring (--compare).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// vhost-user-blk socket of a running backend.
+    #[arg(long, conflicts_with_all = ["raw", "compare"])]
+    socket: Option<PathBuf>,
+    /// Run the workload directly on this file with io_uring.
+    #[arg(long, conflicts_with = "compare")]
+    raw: Option<PathBuf>,
+    /// Compare vloop-blk, qemu-storage-daemon and raw io_uring on one image.
+    #[arg(long)]
+    compare: bool,
+
+    /// read, write, randread, randwrite or mixed.
+    #[arg(short, long, default_value = "randread")]
+    workload: String,
+    /// Percentage of reads for the mixed workload.
+    #[arg(long, default_value_t = 70, value_parser = clap::value_parser!(u8).range(0..=100))]
+    rwmixread: u8,
+    /// Block size (512-byte multiple; k/M suffixes).
+    #[arg(long, default_value = "4k")]
+    bs: String,
+    /// Requests in flight per queue.
+    #[arg(long, default_value_t = 1)]
+    iodepth: u16,
+    /// Queues, one thread each.
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+    /// Duration of each run ("5s", "500ms"; default 5s, 3s per run with --compare).
+    #[arg(long)]
+    runtime: Option<String>,
+    /// Open the image with O_DIRECT (raw runs and the backends --compare starts).
+    #[arg(long)]
+    direct: bool,
+    /// PID of the backend, for its CPU time per request.
+    #[arg(long)]
+    backend_pid: Option<u32>,
+
+    /// Image for --compare (created if missing or of another size).
+    #[arg(long, default_value = "/var/tmp/vloop-bench.img")]
+    image: PathBuf,
+    /// Size of the --compare image.
+    #[arg(long, default_value = "1G")]
+    image_size: String,
+    /// Recreate the --compare image even if it exists.
+    #[arg(long)]
+    fresh_image: bool,
+    /// vloop-blk binary for --compare (default: beside this program).
+    #[arg(long)]
+    vloop_bin: Option<PathBuf>,
+    /// Rounds of --compare.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Leave qemu-storage-daemon out of --compare.
+    #[arg(long)]
+    no_qsd: bool,
+    /// With --compare: run only the workload given by the options above, not the default set.
+    #[arg(long)]
+    only: bool,
+
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration> {
+    let t = s.trim();
+    let (n, unit) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (t, 1.0)
+    };
+    let v: f64 = n
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite() && *v > 0.0)
+        .with_context(|| format!("bad duration '{s}': use e.g. 5s, 500ms or 1m"))?;
+    Ok(Duration::from_secs_f64(v * unit))
+}
+
+fn workload(a: &Args, runtime: Duration) -> Result<Workload> {
+    let mut pattern: Pattern = a.workload.parse().map_err(anyhow::Error::msg)?;
+    if let Pattern::Mixed { read_pct } = &mut pattern {
+        *read_pct = a.rwmixread;
+    }
+    let bs = parse_size(&a.bs).map_err(anyhow::Error::msg)?;
+    if bs == 0 || bs % 512 != 0 || bs > 64 << 20 {
+        bail!("--bs {} must be a multiple of 512 up to 64M", a.bs);
+    }
+    if a.iodepth == 0 || a.iodepth > 4096 {
+        bail!("--iodepth must be between 1 and 4096");
+    }
+    if a.queues == 0 {
+        bail!("--queues must be at least 1");
+    }
+    Ok(Workload {
+        pattern,
+        bs: bs as u32,
+        iodepth: a.iodepth,
+        queues: a.queues,
+        runtime,
+    })
+}
+
+fn print_run(w: &Workload, r: &RunResult) {
+    let l = r.latency;
+    println!(
+        "{w}: {:.0} IOPS, {:.1} MiB/s, latency p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us ({} I/Os in {:.2} s, {} errors)",
+        r.iops, r.mib_s, l.p50_us, l.p99_us, l.p999_us, r.ios, r.secs, r.errors
+    );
+    if let Some(c) = r.backend_cpu_us_per_io {
+        println!("backend CPU: {c:.2} us per I/O");
+    }
+    if r.frontend.submitted > 0 {
+        let n = r.frontend.submitted as f64;
+        println!(
+            "notifications: {:.3} kicks and {:.3} call waits per I/O",
+            r.frontend.kicks as f64 / n,
+            r.frontend.waits as f64 / n
+        );
+    }
+}
+
+fn write_json<T: serde::Serialize>(path: &PathBuf, v: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(v)?;
+    std::fs::write(path, text + "\n")
+        .with_context(|| format!("cannot write JSON to {}", path.display()))
+}
+
+fn default_vloop_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("vloop-blk")))
+        .unwrap_or_else(|| PathBuf::from("vloop-blk"))
+}
+
+fn run(a: Args) -> Result<()> {
+    if a.compare {
+        let runtime = parse_duration(a.runtime.as_deref().unwrap_or("3s"))?;
+        let workloads = if a.only {
+            vec![workload(&a, runtime)?]
+        } else {
+            compare::default_workloads(runtime)
+        };
+        let vloop_bin = a.vloop_bin.clone().unwrap_or_else(default_vloop_bin);
+        if !vloop_bin.is_file() {
+            eprintln!(
+                "warning: {} does not exist (build it with `cargo build --release -p vloop-blk` or pass --vloop-bin); vloop columns will fail",
+                vloop_bin.display()
+            );
+        }
+        if !a.no_qsd && !vloop_bench::daemon::on_path("qemu-storage-daemon") {
+            bail!("qemu-storage-daemon is not on PATH: install qemu-system-x86 (Debian) or pass --no-qsd");
+        }
+        let opts = CompareOptions {
+            image: a.image.clone(),
+            image_size: parse_size(&a.image_size).map_err(anyhow::Error::msg)?,
+            fresh_image: a.fresh_image,
+            vloop_bin,
+            rounds: a.rounds.max(1),
+            direct: a.direct,
+            workloads,
+            skip_qsd: a.no_qsd,
+        };
+        let report = compare::run(&opts)?;
+        print!("{}", compare::render(&report));
+        if let Some(p) = &a.json {
+            write_json(p, &report)?;
+        }
+        return Ok(());
+    }
+    let runtime = parse_duration(a.runtime.as_deref().unwrap_or("5s"))?;
+    let w = workload(&a, runtime)?;
+    let result = if let Some(sock) = &a.socket {
+        load::run_vhost(sock, &w, a.backend_pid)
+            .with_context(|| format!("running {w} against {}", sock.display()))?
+    } else if let Some(file) = &a.raw {
+        load::run_raw(file, &w, a.direct)
+            .with_context(|| format!("running {w} on {}", file.display()))?
+    } else {
+        bail!("nothing to do: pass --socket PATH, --raw FILE or --compare");
+    };
+    print_run(&w, &result);
+    if let Some(p) = &a.json {
+        write_json(
+            p,
+            &serde_json::json!({ "workload": w, "name": w.to_string(), "result": result }),
+        )?;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("fast").is_err());
+    }
+}
