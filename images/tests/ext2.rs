@@ -360,3 +360,71 @@ fn existing_lost_and_found_is_kept() {
     .unwrap_err();
     assert!(err.to_string().contains("lost+found"), "{err}");
 }
+
+#[test]
+fn owners_kept_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("d/f"), b"f").unwrap();
+    fs::write(src.join("low"), b"l").unwrap();
+    std::os::unix::fs::symlink("d/f", src.join("s")).unwrap();
+    // Owners above 65535 need the high 16 bits stored apart.
+    let chown = |p: &Path, uid: u32, gid: u32| std::os::unix::fs::lchown(p, Some(uid), Some(gid));
+    if chown(&src.join("d/f"), 100_000, 200_001).is_err() {
+        eprintln!("SKIPPED: cannot chown (not root); owners not checked");
+        return;
+    }
+    chown(&src.join("low"), 1000, 1001).unwrap();
+    chown(&src.join("s"), 70_000, 5).unwrap();
+    chown(&src.join("d"), 3, 65_536).unwrap();
+    let tree = scan(
+        &src,
+        &TreeOptions {
+            keep_owners: true,
+            timestamp: Some(TS),
+        },
+    )
+    .unwrap();
+    let img = dir.path().join("fs.img");
+    build(&tree, &img, &Ext2Options::default()).unwrap();
+    assert_fsck_clean(&img);
+    assert_same_as_source_owners(&img, &src, TS, true);
+}
+
+#[test]
+fn timestamp_beyond_2038() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"future").unwrap();
+    let ts = 4_000_000_000; // 2096
+    set_mtime(&src.join("f"), ts - 10);
+    let tree = scan(
+        &src,
+        &TreeOptions {
+            keep_owners: false,
+            timestamp: Some(ts),
+        },
+    )
+    .unwrap();
+    let img = dir.path().join("fs.img");
+    build(&tree, &img, &Ext2Options::default()).unwrap();
+    assert_fsck_clean(&img);
+    // ext4-view 1.0 rejects times past 2038 (it reads the low 32 bits as unsigned), so
+    // debugfs reads them: " mtime: 0xee6b27f6:00000001 -- Thu Oct  2 07:06:20 2096".
+    let Some(stat) = debugfs_stat(&img, "/f") else {
+        eprintln!("SKIPPED: debugfs not found; times past 2038 not checked");
+        return;
+    };
+    let line = stat
+        .lines()
+        .find(|l| l.trim_start().starts_with("mtime:"))
+        .unwrap();
+    let hex: Vec<&str> = line.split_whitespace().nth(1).unwrap().split(':').collect();
+    let lo = u32::from_str_radix(hex[0].trim_start_matches("0x"), 16).unwrap();
+    let extra = u32::from_str_radix(hex[1], 16).unwrap();
+    let secs = i64::from(lo as i32) + (i64::from(extra & 3) << 32);
+    assert_eq!(secs, ts - 10, "{line}");
+    assert!(line.contains("2096"), "{line}");
+}

@@ -115,6 +115,19 @@ pub fn populate(root: &Path, big: bool) {
     fs::create_dir_all(root.join("modes/closed")).unwrap();
     chmod(&root.join("modes/closed"), 0o700);
     fs::create_dir_all(root.join("empty-dir")).unwrap();
+    // Times older than the build timestamp are kept (newer ones are clamped).
+    set_mtime(&root.join("one"), 1_000_000_000);
+    set_mtime(&root.join("link-fast"), 1_100_000_000);
+    set_mtime(&root.join("empty-dir"), 1_200_000_000);
+    set_mtime(&root.join("modes/setuid"), 0);
+}
+
+/// Sets a path's mtime (and atime), not following symlinks.
+pub fn set_mtime(p: &Path, secs: i64) {
+    use nix::sys::stat::{utimensat, UtimensatFlags};
+    use nix::sys::time::TimeSpec;
+    let t = TimeSpec::new(secs, 0);
+    utimensat(None, p, &t, &t, UtimensatFlags::NoFollowSymlink).unwrap();
 }
 
 /// Copies a tree, creating entries in reverse order and keeping hard links and modes.
@@ -146,12 +159,11 @@ fn copy_rev(src: &Path, dst: &Path, links: &mut HashMap<(u64, u64), PathBuf>) {
         if !m.file_type().is_symlink() {
             fs::set_permissions(&to, fs::Permissions::from_mode(m.mode() & 0o7777)).unwrap();
         }
+        set_mtime(&to, m.mtime());
     }
-    fs::set_permissions(
-        dst,
-        fs::Permissions::from_mode(fs::metadata(src).unwrap().mode() & 0o7777),
-    )
-    .unwrap();
+    let m = fs::metadata(src).unwrap();
+    fs::set_permissions(dst, fs::Permissions::from_mode(m.mode() & 0o7777)).unwrap();
+    set_mtime(dst, m.mtime());
 }
 
 /// Runs a command with a time-out, killing it if it overruns.
@@ -284,6 +296,11 @@ fn host_walk(root: &Path) -> BTreeMap<Vec<u8>, fs::Metadata> {
 /// mtime, size, content and symlink target with the source folder. Owners are expected
 /// squashed to 0 and mtimes clamped to `timestamp`.
 pub fn assert_same_as_source(img: &Path, src: &Path, timestamp: i64) {
+    assert_same_as_source_owners(img, src, timestamp, false);
+}
+
+/// [`assert_same_as_source`], expecting the source's owners if `keep_owners`.
+pub fn assert_same_as_source_owners(img: &Path, src: &Path, timestamp: i64, keep_owners: bool) {
     let fs4 = open_image(img);
     let host = host_walk(src);
     // Listing: the image holds exactly the source's entries, plus /lost+found.
@@ -325,12 +342,21 @@ pub fn assert_same_as_source(img: &Path, src: &Path, timestamp: i64) {
     let root_meta = fs4.metadata(ext4_view::Path::new("/")).unwrap();
     let src_root = fs::metadata(src).unwrap();
     assert_eq!(u32::from(root_meta.mode()), src_root.mode() & 0o7777);
+    assert_eq!(
+        root_meta.modified().seconds(),
+        src_root.mtime().min(timestamp)
+    );
     for (rel, m) in &host {
         let what = String::from_utf8_lossy(rel).into_owned();
         let p = ext4_view::Path::new(rel);
         let im = fs4.symlink_metadata(p).unwrap();
         assert_eq!(u32::from(im.mode()), m.mode() & 0o7777, "{what}: mode");
-        assert_eq!((im.uid(), im.gid()), (0, 0), "{what}: owner");
+        let owner = if keep_owners {
+            (m.uid(), m.gid())
+        } else {
+            (0, 0)
+        };
+        assert_eq!((im.uid(), im.gid()), owner, "{what}: owner");
         assert_eq!(
             im.modified().seconds(),
             m.mtime().min(timestamp),
