@@ -153,10 +153,11 @@ fn check_rock_ridge(img: &Path, tree: &Tree) {
         );
         assert_eq!(e.nlink, Some(node.nlink), "{p}: links");
         assert_eq!(e.mtime, Some(node.mtime), "{p}: mtime");
-        if let Some(ino) = e.ino {
-            let owner = *serials.entry(ino).or_insert(id);
-            assert_eq!(owner, id, "{p}: serial {ino} shared by different files");
-        }
+        let ino = e
+            .ino
+            .unwrap_or_else(|| panic!("{p}: PX without serial number"));
+        let owner = *serials.entry(ino).or_insert(id);
+        assert_eq!(owner, id, "{p}: serial {ino} shared by different files");
         match &node.kind {
             NodeKind::Dir { .. } => assert_eq!(e.kind, Kind::Dir, "{p}"),
             NodeKind::Symlink { target } => {
@@ -349,6 +350,150 @@ fn a_file_that_changed_is_a_clear_error_and_leaves_no_image() {
         1,
         "no temp file left"
     );
+}
+
+/// ECMA-119 9.3 order key of a file identifier (`units`: bytes, or UCS-2 code units):
+/// the name, then the extension, each padded with spaces; higher versions first.
+fn order_key(units: &[u16]) -> (Vec<u16>, Vec<u16>, std::cmp::Reverse<Vec<u16>>) {
+    let (base, version) = match units.iter().rposition(|&u| u == u16::from(b';')) {
+        Some(i) => (&units[..i], units[i + 1..].to_vec()),
+        None => (units, Vec::new()),
+    };
+    let (name, ext) = match base.iter().position(|&u| u == u16::from(b'.')) {
+        Some(i) => (&base[..i], &base[i + 1..]),
+        None => (base, &[][..]),
+    };
+    let pad = |v: &[u16]| {
+        let mut v = v.to_vec();
+        v.resize(256, u16::from(b' '));
+        v
+    };
+    (pad(name), pad(ext), std::cmp::Reverse(version))
+}
+
+fn ucs2(raw: &[u8]) -> Vec<u16> {
+    raw.chunks_exact(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+        .collect()
+}
+
+/// Path tables (L and M, primary and Joliet) list every directory with its extent and
+/// parent, in the standard's order; directory records are sorted as ECMA-119 9.3 says.
+#[test]
+fn path_tables_and_record_order_follow_the_standard() {
+    let (_d, _tree, img) = build_sample();
+    for ns in [Namespace::Primary, Namespace::Joliet] {
+        let mut r = IsoReader::open(File::open(&img).unwrap(), ns).unwrap();
+        let units = |raw: &[u8]| -> Vec<u16> {
+            if ns == Namespace::Joliet {
+                ucs2(raw)
+            } else {
+                raw.iter().map(|&b| u16::from(b)).collect()
+            }
+        };
+        let l = r.path_table(false).unwrap();
+        assert_eq!(
+            l,
+            r.path_table(true).unwrap(),
+            "{ns:?}: L and M path tables"
+        );
+        // Paths and levels from the table.
+        let mut paths: Vec<(Vec<u16>, usize)> = Vec::new();
+        for (i, rec) in l.iter().enumerate() {
+            let parent = usize::from(rec.parent);
+            assert!(
+                parent >= 1 && parent <= i.max(1),
+                "{ns:?}: parent of record {i}"
+            );
+            if i == 0 {
+                assert_eq!(rec.name, [0], "root record");
+                paths.push((Vec::new(), 0));
+                continue;
+            }
+            let (ppath, plevel) = paths[parent - 1].clone();
+            let mut path = ppath;
+            if !path.is_empty() {
+                path.push(u16::from(b'/'));
+            }
+            path.extend(units(&rec.name));
+            paths.push((path, plevel + 1));
+            // Order: by level, then parent number, then identifier.
+            let prev = &l[i - 1];
+            let key = |r: &vloop_images::iso::read::PathRecord| {
+                let mut n = units(&r.name);
+                n.resize(256, u16::from(b' '));
+                n
+            };
+            if i > 1 {
+                let (lp, lc) = (paths[i - 1].1, plevel + 1);
+                assert!(
+                    (lp, prev.parent, key(prev)) < (lc, rec.parent, key(rec)),
+                    "{ns:?}: path table order at record {i}"
+                );
+            }
+        }
+        // The same directories, at the same places, as the directory tree.
+        let root = r.root().unwrap();
+        let mut want: BTreeSet<(Vec<u16>, u32)> = BTreeSet::new();
+        want.insert((Vec::new(), root.extents[0].0));
+        for (path, e) in r.walk().unwrap() {
+            if e.kind == Kind::Dir {
+                let p: Vec<u16> = if ns == Namespace::Joliet {
+                    String::from_utf8(path).unwrap().encode_utf16().collect()
+                } else {
+                    path.iter().map(|&b| u16::from(b)).collect()
+                };
+                want.insert((p, e.extents[0].0));
+            }
+        }
+        let got: BTreeSet<(Vec<u16>, u32)> = paths
+            .iter()
+            .zip(&l)
+            .map(|((p, _), rec)| (p.clone(), rec.extent))
+            .collect();
+        assert_eq!(got, want, "{ns:?}: path table against the directories");
+        assert!(got.len() > 12, "{ns:?}: deep directories are in the table");
+
+        // Directory records in order, names unique.
+        let mut dirs = vec![root];
+        dirs.extend(
+            r.walk()
+                .unwrap()
+                .into_iter()
+                .map(|(_, e)| e)
+                .filter(|e| e.kind == Kind::Dir),
+        );
+        for dir in dirs {
+            let names: Vec<Vec<u16>> = r
+                .raw_names(&dir)
+                .unwrap()
+                .iter()
+                .map(|n| units(n))
+                .collect();
+            for pair in names.windows(2) {
+                assert!(
+                    order_key(&pair[0]) < order_key(&pair[1]),
+                    "{ns:?}: records out of order: {:?} then {:?}",
+                    String::from_utf16_lossy(&pair[0]),
+                    String::from_utf16_lossy(&pair[1])
+                );
+            }
+            if ns == Namespace::Primary {
+                for n in &names {
+                    let s = String::from_utf16_lossy(n);
+                    let base = s.split(';').next().unwrap();
+                    assert!(base.len() <= 31, "level 2 name too long: {s}");
+                    assert!(
+                        base.bytes().all(|b| b.is_ascii_uppercase()
+                            || b.is_ascii_digit()
+                            || b == b'_'
+                            || b == b'.'),
+                        "not d-characters: {s}"
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// Copies `from` to `to` creating entries in reverse name order, with the same modes.

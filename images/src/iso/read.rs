@@ -87,6 +87,21 @@ pub struct Volume {
     root: (u32, u32),
     /// Root directory `(block, length)` of the Joliet tree.
     joliet_root: Option<(u32, u32)>,
+    /// Primary path tables: `(L block, M block, size)`.
+    path_tables: (u32, u32, u32),
+    /// Joliet path tables: `(L block, M block, size)`.
+    joliet_path_tables: Option<(u32, u32, u32)>,
+}
+
+/// One path table record (ECMA-119 9.4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathRecord {
+    /// Directory identifier as stored (`[0]` for the root; UCS-2BE in Joliet).
+    pub name: Vec<u8>,
+    /// First block of the directory.
+    pub extent: u32,
+    /// Number (1-based) of the parent directory's record.
+    pub parent: u16,
 }
 
 impl Volume {
@@ -106,6 +121,17 @@ fn u32_le(b: &[u8], at: usize) -> io::Result<u32> {
         .ok_or_else(|| bad("field past the end of its structure"))
 }
 
+fn u32_be(b: &[u8], at: usize) -> io::Result<u32> {
+    b.get(at..at + 4)
+        .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+        .ok_or_else(|| bad("field past the end of its structure"))
+}
+
+/// Path table locations of a volume descriptor: `(L block, M block, size)`.
+fn path_tables(d: &[u8]) -> io::Result<(u32, u32, u32)> {
+    Ok((u32_le(d, 140)?, u32_be(d, 148)?, u32_le(d, 132)?))
+}
+
 fn u16_le(b: &[u8], at: usize) -> io::Result<u16> {
     b.get(at..at + 2)
         .map(|s| u16::from_le_bytes([s[0], s[1]]))
@@ -116,6 +142,7 @@ fn u16_le(b: &[u8], at: usize) -> io::Result<u16> {
 pub fn volume(r: &mut (impl Read + Seek)) -> io::Result<Option<Volume>> {
     let mut primary = None;
     let mut joliet_root = None;
+    let mut joliet_path_tables = None;
     let mut sector = [0u8; BLOCK as usize];
     for n in 0..MAX_DESCRIPTORS {
         r.seek(SeekFrom::Start((FIRST_DESCRIPTOR + n) * BLOCK))?;
@@ -148,19 +175,26 @@ pub fn volume(r: &mut (impl Read + Seek)) -> io::Result<Option<Volume>> {
                     block_size,
                     root,
                     joliet_root: None,
+                    path_tables: path_tables(&sector)?,
+                    joliet_path_tables: None,
                 });
             }
             2 if joliet_root.is_none() => {
                 let esc = &sector[88..91];
                 if esc == b"%/@" || esc == b"%/C" || esc == b"%/E" {
                     joliet_root = Some((u32_le(&sector, 156 + 2)?, u32_le(&sector, 156 + 10)?));
+                    joliet_path_tables = Some(path_tables(&sector)?);
                 }
             }
             255 => break,
             _ => {}
         }
     }
-    Ok(primary.map(|v| Volume { joliet_root, ..v }))
+    Ok(primary.map(|v| Volume {
+        joliet_root,
+        joliet_path_tables,
+        ..v
+    }))
 }
 
 /// What [`super::probe`] returns.
@@ -595,6 +629,80 @@ impl<R: Read + Seek> IsoReader<R> {
         }
         if let Some(e) = open {
             out.push(e);
+        }
+        Ok(out)
+    }
+
+    /// The namespace's path table: the L (little-endian) copy, or the M (big-endian) one.
+    pub fn path_table(&mut self, big_endian: bool) -> io::Result<Vec<PathRecord>> {
+        let (l, m, size) = match self.namespace {
+            Namespace::Joliet => self
+                .volume
+                .joliet_path_tables
+                .ok_or_else(|| bad("no Joliet path table"))?,
+            _ => self.volume.path_tables,
+        };
+        if u64::from(size) > MAX_DIR_BYTES {
+            return Err(bad("path table too large"));
+        }
+        let mut bytes = vec![0u8; size as usize];
+        let block = if big_endian { m } else { l };
+        self.r.seek(SeekFrom::Start(u64::from(block) * BLOCK))?;
+        self.r.read_exact(&mut bytes)?;
+        let mut out = Vec::new();
+        let mut pos = 0;
+        while pos + 8 <= bytes.len() {
+            let name_len = usize::from(bytes[pos]);
+            let end = pos + 8 + name_len;
+            let Some(name) = bytes.get(pos + 8..end) else {
+                return Err(bad("path table record past the end of the table"));
+            };
+            let f = &bytes[pos + 2..pos + 8];
+            let (extent, parent) = if big_endian {
+                (
+                    u32::from_be_bytes([f[0], f[1], f[2], f[3]]),
+                    u16::from_be_bytes([f[4], f[5]]),
+                )
+            } else {
+                (
+                    u32::from_le_bytes([f[0], f[1], f[2], f[3]]),
+                    u16::from_le_bytes([f[4], f[5]]),
+                )
+            };
+            out.push(PathRecord {
+                name: name.to_vec(),
+                extent,
+                parent,
+            });
+            pos = end + name_len % 2;
+        }
+        Ok(out)
+    }
+
+    /// Raw identifiers of the records of directory `dir`, in on-disk order (without
+    /// `.` and `..`), for checking the standard's sort order.
+    pub fn raw_names(&mut self, dir: &Entry) -> io::Result<Vec<Vec<u8>>> {
+        let &(block, len) = dir
+            .extents
+            .first()
+            .ok_or_else(|| bad("directory without extent"))?;
+        if u64::from(len) > MAX_DIR_BYTES {
+            return Err(bad("directory too large"));
+        }
+        let mut bytes = vec![0u8; len as usize];
+        self.r.seek(SeekFrom::Start(u64::from(block) * BLOCK))?;
+        self.r.read_exact(&mut bytes)?;
+        let mut out = Vec::new();
+        let mut pos = 0usize;
+        while pos < bytes.len() {
+            let Some(rec) = Record::parse(&bytes[pos..])? else {
+                pos = (pos / BLOCK as usize + 1) * BLOCK as usize;
+                continue;
+            };
+            pos += rec.len;
+            if !rec.is_dot_or_dotdot() {
+                out.push(rec.name.to_vec());
+            }
         }
         Ok(out)
     }
