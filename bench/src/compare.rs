@@ -190,7 +190,7 @@ pub struct Row {
 pub struct Memory {
     /// VmRSS in KiB after start-up, before any client connected.
     pub idle_rss_kib: Option<u64>,
-    /// VmRSS in KiB after the last workload.
+    /// Largest VmRSS in KiB seen right after a workload.
     pub after_rss_kib: Option<u64>,
 }
 
@@ -287,49 +287,18 @@ pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
         targets.retain(|t| *t != Target::Qsd);
     }
     for round in 0..opts.rounds {
-        // Rotate the order every round so drift (page cache, writeback) spreads evenly.
-        let mut order = targets.clone();
-        order.rotate_left(round as usize % targets.len());
-        for target in order {
-            let spec = |backend| DaemonSpec {
-                backend,
-                image: opts.image.clone(),
-                socket: dir.path().join(format!("{}.sock", target.name())),
-                queues,
-                direct: opts.direct,
-                read_only: false,
-                extra_args: vec![],
-            };
-            let daemon = match target {
-                Target::Vloop => Some(spec(Backend::Vloop(opts.vloop_bin.clone()))),
-                Target::Qsd => Some(spec(Backend::Qsd)),
-                Target::Raw => None,
-            }
-            .map(|s| Daemon::spawn(&s, Duration::from_secs(10)));
-            let daemon = match daemon {
-                Some(Err(e)) => {
-                    fail_all(&mut rows, target, &e);
-                    continue;
-                }
-                Some(Ok(d)) => Some(d),
-                None => None,
-            };
-            if let Some(d) = &daemon {
-                std::thread::sleep(Duration::from_millis(300));
-                let mem = if target == Target::Vloop {
-                    &mut vloop_mem
-                } else {
-                    &mut qsd_mem
+        for (wi, row) in rows.iter_mut().enumerate() {
+            // Rotate the order for every (round, workload) so drift (page cache, writeback,
+            // other load on the machine) spreads evenly over the targets.
+            let mut order = targets.clone();
+            order.rotate_left((round as usize + wi) % targets.len());
+            for target in order {
+                let mem = match target {
+                    Target::Vloop => Some(&mut vloop_mem),
+                    Target::Qsd => Some(&mut qsd_mem),
+                    Target::Raw => None,
                 };
-                if mem.idle_rss_kib.is_none() {
-                    mem.idle_rss_kib = procfs::rss_kib(d.pid()).ok();
-                }
-            }
-            for row in rows.iter_mut() {
-                let res: Result<RunResult, LoadError> = match &daemon {
-                    Some(d) => run_vhost(d.socket(), &row.workload, Some(d.pid())),
-                    None => run_raw(&opts.image, &row.workload, opts.direct),
-                };
+                let res = run_one(opts, dir.path(), queues, target, &row.workload, mem);
                 let sum = match target {
                     Target::Vloop => &mut row.vloop,
                     Target::Qsd => &mut row.qsd,
@@ -349,8 +318,7 @@ pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
                         );
                         sum.add(&r);
                     }
-                    Err(e) => {
-                        let msg = chain(&e);
+                    Err(msg) => {
                         eprintln!(
                             "[round {}/{}] {:5} {:22} FAILED: {msg}",
                             round + 1,
@@ -361,22 +329,6 @@ pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
                         sum.failure.get_or_insert(msg);
                     }
                 }
-            }
-            if let Some(mut d) = daemon {
-                let mem = if target == Target::Vloop {
-                    &mut vloop_mem
-                } else {
-                    &mut qsd_mem
-                };
-                mem.after_rss_kib = procfs::rss_kib(d.pid()).ok();
-                if !d.is_running() {
-                    eprintln!(
-                        "{} exited during the runs; its log:\n{}",
-                        d.name(),
-                        d.log_tail()
-                    );
-                }
-                d.stop();
             }
         }
     }
@@ -413,18 +365,48 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn fail_all(rows: &mut [Row], target: Target, e: &DaemonError) {
-    let msg = chain(e);
-    let first_line = msg.lines().next().unwrap_or_default().to_owned();
-    eprintln!("{} could not start: {msg}", target.name());
-    for row in rows {
-        let s = match target {
-            Target::Vloop => &mut row.vloop,
-            Target::Qsd => &mut row.qsd,
-            Target::Raw => &mut row.raw,
-        };
-        s.failure.get_or_insert_with(|| first_line.clone());
+/// Starts `target`'s backend (if any), runs `w` once, stops it; records memory in `mem`.
+fn run_one(
+    opts: &CompareOptions,
+    dir: &Path,
+    queues: u16,
+    target: Target,
+    w: &Workload,
+    mem: Option<&mut Memory>,
+) -> Result<RunResult, String> {
+    let backend = match target {
+        Target::Vloop => Backend::Vloop(opts.vloop_bin.clone()),
+        Target::Qsd => Backend::Qsd,
+        Target::Raw => return run_raw(&opts.image, w, opts.direct).map_err(|e| chain(&e)),
+    };
+    let spec = DaemonSpec {
+        backend,
+        image: opts.image.clone(),
+        socket: dir.join(format!("{}.sock", target.name())),
+        queues,
+        direct: opts.direct,
+        read_only: false,
+        extra_args: vec![],
+    };
+    let mut d = Daemon::spawn(&spec, Duration::from_secs(10))
+        .map_err(|e: DaemonError| format!("cannot start: {}", chain(&e)))?;
+    let mem = mem.ok_or_else(|| "no memory record".to_owned())?;
+    if mem.idle_rss_kib.is_none() {
+        // Let it settle before reading its idle footprint.
+        std::thread::sleep(Duration::from_millis(300));
+        mem.idle_rss_kib = procfs::rss_kib(d.pid()).ok();
     }
+    let r = run_vhost(d.socket(), w, Some(d.pid())).map_err(|e: LoadError| chain(&e));
+    mem.after_rss_kib = procfs::rss_kib(d.pid()).ok().max(mem.after_rss_kib);
+    if !d.is_running() {
+        return Err(format!(
+            "{} exited during the run; its log:\n{}",
+            d.name(),
+            d.log_tail()
+        ));
+    }
+    d.stop();
+    r
 }
 
 fn num(s: &Summary) -> String {
@@ -507,7 +489,7 @@ pub fn render(r: &Report) -> String {
     }
     let _ = writeln!(
         o,
-        "idle RSS per export ({} queues): vloop {}, qsd {}; after the runs: vloop {}, qsd {}",
+        "idle RSS per export ({} queues): vloop {}, qsd {}; largest after a run: vloop {}, qsd {}",
         r.daemon_queues,
         rss(r.vloop_memory.idle_rss_kib),
         rss(r.qsd_memory.idle_rss_kib),

@@ -69,3 +69,49 @@ fn nothing_to_do_is_an_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--socket PATH, --raw FILE or --compare"));
 }
+
+#[test]
+fn compare_prints_the_table_and_json() {
+    let Some(_) = common::backend("qsd") else {
+        return;
+    };
+    let vloop = match common::backend("vloop") {
+        Some(vloop_bench::daemon::Backend::Vloop(p)) => Some(p),
+        _ => None,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("c.json");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--compare", "--only", "-w", "randread", "--iodepth", "4"])
+        .args(["--runtime", "200ms", "--rounds", "2", "--image-size", "16M"])
+        .arg("--image")
+        .arg(dir.path().join("img"))
+        .arg("--vloop-bin")
+        .arg(
+            vloop
+                .clone()
+                .unwrap_or_else(|| dir.path().join("no-vloop-blk")),
+        )
+        .arg("--json")
+        .arg(&json);
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("4k randread QD4"), "{stdout}");
+    assert!(stdout.contains("idle RSS per export"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let row = &v["rows"][0];
+    assert_eq!(row["qsd"]["iops_rounds"].as_array().unwrap().len(), 2);
+    assert!(row["raw"]["iops"].as_f64().unwrap() > 0.0);
+    assert!(v["qsd_memory"]["idle_rss_kib"].as_u64().unwrap() > 0);
+    if vloop.is_some() {
+        assert!(row["vloop"]["iops"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["vloop_over_qsd"].as_f64().unwrap() > 0.0);
+    } else {
+        assert!(stdout.contains("failed"), "{stdout}");
+    }
+}
