@@ -436,3 +436,113 @@ fn info_identifies_partition_tables() {
         }
     }
 }
+
+/// A small folder with a long name, a nested directory, a symlink and an empty file.
+fn sample_folder(dir: &Path) {
+    let long = "a-file-name-of-more-than-one-hundred-characters-".repeat(3);
+    fs::create_dir_all(dir.join("sub/deeper")).unwrap();
+    fs::write(dir.join(&long), b"long name").unwrap();
+    fs::write(dir.join("sub/deeper/data.bin"), vec![7u8; 100_000]).unwrap();
+    fs::write(dir.join("empty"), b"").unwrap();
+    std::os::unix::fs::symlink("sub/deeper/data.bin", dir.join("link")).unwrap();
+}
+
+#[test]
+fn ext2_builds_are_reproducible_and_recognised() {
+    let d = tempfile::tempdir().unwrap();
+    sample_folder(&d.path().join("src"));
+    let build = |name: &str| {
+        let out = ok(
+            &[
+                "ext2",
+                name,
+                "--from",
+                "src",
+                "--label",
+                "vloop",
+                "--timestamp",
+                "1700000000",
+            ],
+            d.path(),
+        );
+        assert!(out.contains("ext2"), "{out}");
+        let sha = sha_line(&out);
+        assert_eq!(
+            sha,
+            sha256(&d.path().join(name)),
+            "printed hash is the file's"
+        );
+        sha
+    };
+    assert_eq!(build("a.img"), build("b.img"), "same tree, same bytes");
+    let line = fails(&["ext2", "a.img", "--from", "src"], d.path(), 1);
+    assert!(line.contains("already exists"), "{line}");
+    let line = fails(
+        &["ext2", "small.img", "--from", "src", "--size", "16K"],
+        d.path(),
+        1,
+    );
+    assert!(line.contains("too small"), "{line}");
+
+    let j = info_json(Path::new("a.img"), d.path());
+    assert_eq!(j["content"]["type"], "ext", "{j}");
+    assert_eq!(j["content"]["version"], "ext2", "{j}");
+    assert_eq!(j["content"]["label"], "vloop", "{j}");
+    if tool("e2fsck") {
+        let mut c = Command::new("e2fsck");
+        c.arg("-fn").arg(d.path().join("a.img"));
+        let o = run_cmd(c);
+        assert!(
+            o.status.success(),
+            "e2fsck: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+#[test]
+fn iso_builds_are_reproducible_recognised_and_copied_exactly() {
+    let d = tempfile::tempdir().unwrap();
+    sample_folder(&d.path().join("src"));
+    let build = |name: &str| {
+        let mut c = Command::new(BIN);
+        c.args(["iso", name, "--from", "src", "--volume-id", "VLOOP_TEST"])
+            .current_dir(d.path())
+            .env("SOURCE_DATE_EPOCH", "1700000000");
+        let o = run_cmd(c);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let sha = sha_line(&String::from_utf8(o.stdout).unwrap());
+        assert_eq!(sha, sha256(&d.path().join(name)));
+        sha
+    };
+    let sha = build("a.iso");
+    assert_eq!(sha, build("b.iso"), "same tree, same bytes");
+
+    let j = info_json(Path::new("a.iso"), d.path());
+    let c = &j["content"];
+    assert_eq!(c["type"], "iso9660", "{j}");
+    assert_eq!(c["volume_id"], "VLOOP_TEST", "{j}");
+    assert_eq!(c["rock_ridge"], true, "{j}");
+    assert_eq!(c["joliet"], true, "{j}");
+
+    let out = ok(&["copy", "a.iso", "copy.iso", "--verify"], d.path());
+    assert_eq!(sha_line(&out), sha);
+    assert_eq!(
+        fs::read(d.path().join("copy.iso")).unwrap(),
+        fs::read(d.path().join("a.iso")).unwrap()
+    );
+
+    if tool("xorriso") {
+        let mut c = Command::new("xorriso");
+        c.args(["-indev", "a.iso", "-find", "/"])
+            .current_dir(d.path());
+        let o = run_cmd(c);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let listing = String::from_utf8_lossy(&o.stdout);
+        let long = "a-file-name-of-more-than-one-hundred-characters-".repeat(3);
+        for want in [long.as_str(), "sub/deeper/data.bin", "empty", "link"] {
+            assert!(listing.contains(want), "{want} missing from {listing}");
+        }
+    }
+}
