@@ -386,6 +386,9 @@ impl Disk {
                 Err(e) => return Err(e),
             }
         }
+        if !self.writeback() {
+            self.flush()?;
+        }
         Ok(())
     }
 

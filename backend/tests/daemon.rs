@@ -73,8 +73,13 @@ fn image(dir: &Path, size: u64) -> PathBuf {
 fn connect(socket: &Path) -> Frontend {
     let deadline = Instant::now() + TIMEOUT;
     loop {
-        match Frontend::connect(socket, 2) {
-            Ok(f) => return f,
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(stream) => {
+                // Every reply must come within the time-out: a test never hangs.
+                stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+                stream.set_write_timeout(Some(TIMEOUT)).unwrap();
+                return Frontend::from_stream(stream, 2);
+            }
             Err(e) => {
                 assert!(Instant::now() < deadline, "cannot connect: {e}");
                 std::thread::sleep(Duration::from_millis(20));
@@ -368,4 +373,43 @@ fn stale_socket_is_replaced() {
     let mut f = connect(&sock);
     negotiate(&mut f);
     assert_eq!(capacity(&mut f), 2048);
+}
+
+#[test]
+fn serves_an_inherited_listening_fd() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 1 << 20);
+    let sock = dir.path().join("fd.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--fd", "3", "--blk-file"])
+        .arg(&img)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: only async-signal-safe dup2 runs between fork and exec; it gives the child the
+    // listening socket as fd 3 without FD_CLOEXEC.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let _d = Daemon(cmd.spawn().unwrap());
+    // The daemon owns the socket now; our copy only keeps the path alive.
+    let mut f = connect(&sock);
+    negotiate(&mut f);
+    assert_eq!(capacity(&mut f), 2048);
+
+    // A descriptor that is not a listening socket is refused.
+    let o = run(&["--fd", "0", "--blk-file", "/dev/null"]);
+    assert_eq!(o.status.code(), Some(1));
 }

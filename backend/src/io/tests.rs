@@ -673,3 +673,64 @@ fn writethrough_writes_complete() {
     );
     assert_file(&r.path, 0, 512, 3);
 }
+
+#[test]
+fn direct_io_with_aligned_and_unaligned_buffers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("direct.img");
+    fs::File::create(&path).unwrap().set_len(MIB).unwrap();
+    let mut cfg = Config::new(&path);
+    cfg.direct = true;
+    let disk = match Disk::open(&cfg) {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            eprintln!("SKIPPED: O_DIRECT is not supported on the temp file system: {e}");
+            return;
+        }
+    };
+    let ex = Executor::new(disk.clone(), 0, cfg.engine, cfg.queue_size).unwrap();
+    let mut r = Rig {
+        _dir: dir,
+        path,
+        disk,
+        ex,
+    };
+    let mem = memory();
+    mem.write_slice(&[0x11u8; 4096], GuestAddress(DATA))
+        .unwrap();
+    // Page-aligned buffer: O_DIRECT path.
+    assert_eq!(
+        rw(&mut r, &mem, VIRTIO_BLK_T_OUT, 0, &[(DATA, 4096, false)]).0,
+        OK
+    );
+    // Buffer at an odd address: served through the buffered descriptor.
+    mem.write_slice(&[0x22u8; 512], GuestAddress(DATA + 0x2001))
+        .unwrap();
+    assert_eq!(
+        rw(
+            &mut r,
+            &mem,
+            VIRTIO_BLK_T_OUT,
+            8,
+            &[(DATA + 0x2001, 512, false)]
+        )
+        .0,
+        OK
+    );
+    assert_file(&r.path, 0, 4096, 0x11);
+    assert_file(&r.path, 4096, 512, 0x22);
+    assert_eq!(
+        rw(
+            &mut r,
+            &mem,
+            VIRTIO_BLK_T_IN,
+            8,
+            &[(DATA + 0x3003, 512, true)]
+        )
+        .0,
+        OK
+    );
+    let mut b = [0u8; 512];
+    mem.read_slice(&mut b, GuestAddress(DATA + 0x3003)).unwrap();
+    assert!(b.iter().all(|&x| x == 0x22));
+}
