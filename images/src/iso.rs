@@ -188,7 +188,10 @@ pub fn build(tree: &Tree, out: &Path, opts: &IsoOptions) -> Result<IsoSummary, I
         path: tmp.path.clone(),
         source,
     })?;
-    let report = hadris_iso::sync::write(&mut dev, &input, &iso).map_err(IsoError::Write)?;
+    let total = planned.size();
+    let report = with_progress(&tmp.path, total, || {
+        hadris_iso::sync::write(&mut dev, &input, &iso).map_err(IsoError::Write)
+    })?;
     for warning in report.warnings() {
         warn!("{warning}");
     }
@@ -204,6 +207,30 @@ pub fn build(tree: &Tree, out: &Path, opts: &IsoOptions) -> Result<IsoSummary, I
     tmp.persist(out)?;
     summary.size = report.size();
     Ok(summary)
+}
+
+/// Runs `work` while logging how much of the `total` bytes `path` holds, every 2 s
+/// (the writer writes its blocks in ascending order, so the file's length is progress).
+fn with_progress<T>(path: &Path, total: u64, work: impl FnOnce() -> T) -> T {
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            let interval = std::time::Duration::from_secs(2);
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(interval)
+            {
+                let written = fs::metadata(path).map_or(0, |m| m.len());
+                info!(
+                    written_mib = written >> 20,
+                    total_mib = total >> 20,
+                    percent = written.saturating_mul(100) / total.max(1),
+                    "writing ISO image"
+                );
+            }
+        });
+        let out = work();
+        drop(done);
+        out
+    })
 }
 
 /// Checks the volume id: 1 to 32 d-characters (ECMA-119 7.4.1).
@@ -330,7 +357,7 @@ impl TempFile {
             .truncate(true)
             .open(&path)
             .map_err(|source| IsoError::Io {
-                path: path.clone(),
+                path: out.to_path_buf(),
                 source,
             })?;
         Ok(Self {

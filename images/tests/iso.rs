@@ -496,6 +496,15 @@ fn path_tables_and_record_order_follow_the_standard() {
     }
 }
 
+#[test]
+fn a_missing_output_folder_names_the_output() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("no-such-dir/x.iso");
+    let err = iso::build(&scan(d.path()), &out, &IsoOptions::default()).unwrap_err();
+    assert!(matches!(err, IsoError::Io { .. }), "{err}");
+    assert!(err.to_string().contains("no-such-dir/x.iso"), "{err}");
+}
+
 /// Copies `from` to `to` creating entries in reverse name order, with the same modes.
 fn copy_reversed(from: &Path, to: &Path, inodes: &mut HashMap<u64, PathBuf>) {
     fs::create_dir_all(to).unwrap();
