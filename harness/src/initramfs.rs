@@ -1,0 +1,246 @@
+//! The guest's initramfs: the guest agent as `/init`, busybox-static (for mke2fs), the kernel
+//! modules; plus, per boot, a second small archive with the plan, appended (the kernel
+//! unpacks concatenated archives in order). Also finds the static guest agent and busybox.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+use vloop_guest::{Plan, BUSYBOX_PATH, MODULES_DIR, PLAN_PATH};
+
+use crate::cpio::{Archive, CpioError};
+use crate::kernel::{read_module, KernelError, ModuleFile};
+
+/// Errors of building the initramfs.
+#[derive(Debug, thiserror::Error)]
+pub enum InitramfsError {
+    /// The static guest agent binary is missing and could not be built.
+    #[error("guest agent: {0}")]
+    Guest(String),
+    /// busybox-static is missing.
+    #[error("no static busybox found ({0}); install busybox-static")]
+    Busybox(String),
+    /// A module could not be read.
+    #[error(transparent)]
+    Module(#[from] KernelError),
+    /// The archive could not be written.
+    #[error(transparent)]
+    Cpio(#[from] CpioError),
+    /// A file could not be read or written.
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+}
+
+/// The target triple the guest agent is built for (with `+crt-static`).
+pub const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Whether an ELF file has no program interpreter (is statically linked).
+pub fn is_static_elf(data: &[u8]) -> bool {
+    if data.len() < 64 || &data[..4] != b"\x7fELF" || data[4] != 2 {
+        return false;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([data[o], data[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(data[0x20..0x28].try_into().unwrap_or([0; 8])) as usize;
+    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
+    (0..phnum).all(|i| {
+        let o = phoff + i * phentsize;
+        data.get(o..o + 4)
+            .is_some_and(|t| u32::from_le_bytes([t[0], t[1], t[2], t[3]]) != 3)
+    })
+}
+
+fn check_static(p: &Path) -> bool {
+    fs::read(p).is_ok_and(|d| is_static_elf(&d))
+}
+
+/// The target dir the running harness was built into (`<dir>/release/vloop-harness`).
+fn own_target_dir() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let mut d = exe.parent()?;
+    // Test binaries live in <target>/<profile>/deps.
+    if d.file_name().is_some_and(|n| n == "deps") {
+        d = d.parent()?;
+    }
+    Some(d.parent()?.to_path_buf())
+}
+
+/// Finds the static guest agent: `explicit` (`--guest-bin` / `VLOOP_GUEST`), else builds it
+/// from the workspace source with cargo (a no-op when up to date) into the harness's own
+/// target dir under `x86_64-unknown-linux-gnu/release`, else uses a static build found there.
+pub fn find_guest(explicit: Option<&Path>) -> Result<PathBuf, InitramfsError> {
+    if let Some(p) = explicit {
+        if !check_static(p) {
+            return Err(InitramfsError::Guest(format!(
+                "{} is not a statically linked ELF program; build it with RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p vloop-guest --target {GUEST_TARGET}",
+                p.display()
+            )));
+        }
+        return Ok(p.to_path_buf());
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .or_else(own_target_dir)
+        .ok_or_else(|| {
+            InitramfsError::Guest(
+                "cannot tell where the harness was built; pass --guest-bin".into(),
+            )
+        })?;
+    let built = target
+        .join(GUEST_TARGET)
+        .join("release")
+        .join("vloop-guest");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/Cargo.toml");
+    if src.exists() {
+        tracing::info!("building the static guest agent into {}", target.display());
+        let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args([
+                "build",
+                "--release",
+                "--quiet",
+                "-p",
+                "vloop-guest",
+                "--target",
+                GUEST_TARGET,
+                "--manifest-path",
+            ])
+            .arg(&src)
+            .env("CARGO_TARGET_DIR", &target)
+            .env(
+                "RUSTFLAGS",
+                "-C target-feature=+crt-static -C strip=debuginfo",
+            )
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => {
+                return Err(InitramfsError::Guest(format!(
+                    "building it with cargo failed: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                        .trim()
+                        .lines()
+                        .last()
+                        .unwrap_or("")
+                )))
+            }
+            Err(e) if built.exists() => {
+                tracing::warn!("cannot run cargo ({e}); using {}", built.display())
+            }
+            Err(e) => {
+                return Err(InitramfsError::Guest(format!(
+                    "cannot run cargo to build it: {e}; pass --guest-bin"
+                )))
+            }
+        }
+    }
+    if check_static(&built) {
+        Ok(built)
+    } else {
+        Err(InitramfsError::Guest(format!(
+            "no static build at {}; build it with RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p vloop-guest --target {GUEST_TARGET}, or pass --guest-bin",
+            built.display()
+        )))
+    }
+}
+
+/// Finds a statically linked busybox on PATH or in the usual places.
+pub fn find_busybox() -> Result<PathBuf, InitramfsError> {
+    let mut cands: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("busybox"))
+                .collect()
+        })
+        .unwrap_or_default();
+    cands.extend(["/bin/busybox", "/usr/bin/busybox"].map(PathBuf::from));
+    let mut seen_dynamic = None;
+    for c in cands {
+        if c.is_file() {
+            if check_static(&c) {
+                return Ok(c);
+            }
+            seen_dynamic = Some(c);
+        }
+    }
+    Err(InitramfsError::Busybox(match seen_dynamic {
+        Some(p) => format!("{} is dynamically linked", p.display()),
+        None => "busybox not on PATH".into(),
+    }))
+}
+
+/// The base archive: /init, busybox, modules, /dev/console.
+pub fn base_archive(
+    guest: &Path,
+    busybox: &Path,
+    modules: &[ModuleFile],
+) -> Result<Archive, InitramfsError> {
+    let rd = |p: &Path| fs::read(p).map_err(|e| InitramfsError::Io(p.display().to_string(), e));
+    let mut a = Archive::new();
+    a.file("init", 0o755, rd(guest)?)?;
+    a.file(BUSYBOX_PATH, 0o755, rd(busybox)?)?;
+    for d in ["proc", "sys", "dev", "mnt", "tmp", "vloop"] {
+        a.dir(d, 0o755)?;
+    }
+    a.char_dev("dev/console", 0o600, 5, 1)?;
+    a.char_dev("dev/null", 0o666, 1, 3)?;
+    for m in modules {
+        a.file(
+            &format!("{MODULES_DIR}/{}.ko", m.name),
+            0o644,
+            read_module(&m.path)?,
+        )?;
+    }
+    Ok(a)
+}
+
+/// The module file names the plan lists, in load order.
+pub fn plan_module_names(modules: &[ModuleFile]) -> Vec<String> {
+    modules.iter().map(|m| format!("{}.ko", m.name)).collect()
+}
+
+/// Writes the base archive to the cache (named by its SHA-256) unless it is there already;
+/// returns its path.
+pub fn cached_base(archive: &Archive, cache: &Path) -> Result<PathBuf, InitramfsError> {
+    let bytes = archive.to_bytes()?;
+    let hash = hex::encode(Sha256::digest(&bytes));
+    let dir = cache.join("initramfs");
+    let path = dir.join(format!("{}.cpio", &hash[..16]));
+    if !path.exists() {
+        fs::create_dir_all(&dir).map_err(|e| InitramfsError::Io(dir.display().to_string(), e))?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        fs::write(&tmp, &bytes).map_err(|e| InitramfsError::Io(tmp.display().to_string(), e))?;
+        fs::rename(&tmp, &path).map_err(|e| InitramfsError::Io(path.display().to_string(), e))?;
+    }
+    Ok(path)
+}
+
+/// Writes `base` followed by an archive holding `plan` at [`PLAN_PATH`] to `out`.
+pub fn write_initrd(base: &Path, plan: &Plan, out: &Path) -> Result<(), InitramfsError> {
+    let mut bytes =
+        fs::read(base).map_err(|e| InitramfsError::Io(base.display().to_string(), e))?;
+    let mut a = Archive::new();
+    let json = serde_json::to_vec(plan).map_err(|e| InitramfsError::Io("plan".into(), e.into()))?;
+    a.file(PLAN_PATH, 0o644, json)?;
+    a.write_to(&mut bytes)?;
+    fs::write(out, bytes).map_err(|e| InitramfsError::Io(out.display().to_string(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tells_static_from_dynamic() {
+        let sh = fs::read("/bin/sh").unwrap();
+        assert!(
+            !is_static_elf(&sh),
+            "/bin/sh is dynamically linked on every supported host"
+        );
+        assert!(!is_static_elf(b"#!/bin/sh\n"));
+        if let Ok(bb) = find_busybox() {
+            assert!(check_static(&bb));
+        } else {
+            eprintln!("skipping the static half: busybox-static not installed");
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! Manifests: what a disk must hold, generated trees, and the host-side checks (comparing a
+//! manifest with what a Rust ext2 reader finds in an image, `e2fsck -fn`).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use vloop_guest::{content, content_sha256, Entry, FileSpec};
+
+/// What was found at a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// A regular file.
+    File {
+        /// Length.
+        size: u64,
+        /// SHA-256, lower-case hex.
+        sha256: String,
+    },
+    /// A directory.
+    Dir,
+    /// A symbolic link.
+    Symlink {
+        /// Its target.
+        target: String,
+    },
+    /// Anything else (device, fifo, socket).
+    Other,
+}
+
+/// Manifest entries for files the guest writes from specs.
+pub fn file_entries(files: &[FileSpec]) -> Vec<Entry> {
+    files
+        .iter()
+        .map(|f| Entry::File {
+            path: f.path.clone(),
+            size: f.size,
+            sha256: content_sha256(f.seed, f.size),
+        })
+        .collect()
+}
+
+/// Differences between `expected` and `found`; with `exact`, entries not in the manifest
+/// (nor parents of manifest entries, nor under a top-level name in `ignore`) are problems too.
+pub fn compare(
+    expected: &[Entry],
+    found: &BTreeMap<String, Found>,
+    exact: bool,
+    ignore: &[&str],
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for e in expected {
+        let got = found.get(e.path());
+        let ok = match (e, got) {
+            (_, None) => {
+                problems.push(format!("{}: missing", e.path()));
+                continue;
+            }
+            (Entry::File { size, sha256, .. }, Some(Found::File { size: s, sha256: h })) => {
+                if s != size {
+                    problems.push(format!("{}: size {s}, expected {size}", e.path()));
+                } else if h != sha256 {
+                    problems.push(format!(
+                        "{}: content differs (SHA-256 {h}, expected {sha256})",
+                        e.path()
+                    ));
+                }
+                true
+            }
+            (Entry::Dir { .. }, Some(Found::Dir)) => true,
+            (Entry::Symlink { target, .. }, Some(Found::Symlink { target: t })) => {
+                if t != target {
+                    problems.push(format!("{}: link to {t}, expected {target}", e.path()));
+                }
+                true
+            }
+            _ => false,
+        };
+        if !ok {
+            problems.push(format!("{}: found {:?}, expected {e:?}", e.path(), got));
+        }
+    }
+    if exact {
+        let mut allowed = std::collections::BTreeSet::new();
+        for e in expected {
+            let mut p = e.path();
+            allowed.insert(p);
+            while let Some((parent, _)) = p.rsplit_once('/') {
+                allowed.insert(parent);
+                p = parent;
+            }
+        }
+        for f in found.keys() {
+            let top = f.split('/').next().unwrap_or("");
+            if !allowed.contains(f.as_str()) && !ignore.contains(&top) {
+                problems.push(format!("{f}: not in the manifest"));
+            }
+        }
+    }
+    problems
+}
+
+/// Joins up to `n` problems into one line.
+pub fn summarise(problems: &[String], n: usize) -> String {
+    let mut s = problems
+        .iter()
+        .take(n)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("; ");
+    if problems.len() > n {
+        s.push_str(&format!("; and {} more", problems.len() - n));
+    }
+    s
+}
+
+/// Reads every entry of an ext2/3/4 image with the ext4-view crate (no kernel involved).
+pub fn scan_ext2(image: &Path) -> Result<BTreeMap<String, Found>, String> {
+    let fs = ext4_view::Ext4::load_from_path(image)
+        .map_err(|e| format!("ext4-view cannot open {}: {e}", image.display()))?;
+    let mut out = BTreeMap::new();
+    let mut stack = vec![String::new()];
+    while let Some(rel) = stack.pop() {
+        let abs = format!("/{rel}");
+        let rd = fs
+            .read_dir(abs.as_str())
+            .map_err(|e| format!("ext4-view read_dir {abs}: {e}"))?;
+        for ent in rd {
+            let ent = ent.map_err(|e| format!("ext4-view read_dir {abs}: {e}"))?;
+            let name = ent
+                .file_name()
+                .as_str()
+                .map_err(|e| format!("non-UTF-8 name in {abs}: {e}"))?
+                .to_string();
+            if name == "." || name == ".." {
+                continue;
+            }
+            let path = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let ft = ent
+                .file_type()
+                .map_err(|e| format!("ext4-view stat /{path}: {e}"))?;
+            let p = format!("/{path}");
+            let found = if ft.is_dir() {
+                stack.push(path.clone());
+                Found::Dir
+            } else if ft.is_symlink() {
+                let t = fs
+                    .read_link(p.as_str())
+                    .map_err(|e| format!("ext4-view readlink {p}: {e}"))?;
+                Found::Symlink {
+                    target: t.to_str().map_err(|e| format!("{p}: {e}"))?.to_string(),
+                }
+            } else if ft.is_regular_file() {
+                let data = fs
+                    .read(p.as_str())
+                    .map_err(|e| format!("ext4-view read {p}: {e}"))?;
+                Found::File {
+                    size: data.len() as u64,
+                    sha256: vloop_guest::sha256_hex(&data),
+                }
+            } else {
+                Found::Other
+            };
+            out.insert(path, found);
+        }
+    }
+    Ok(out)
+}
+
+/// Runs `e2fsck -fn` on an image: Ok with its summary line when clean.
+pub fn e2fsck(image: &Path) -> Result<String, String> {
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(image)
+        .output()
+        .map_err(|e| format!("cannot run e2fsck ({e}); install e2fsprogs"))?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        Ok(text.lines().last().unwrap_or("").to_string())
+    } else {
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        Err(format!(
+            "e2fsck -fn found problems ({}): {}",
+            out.status,
+            lines[lines.len().saturating_sub(4)..].join(" | ")
+        ))
+    }
+}
+
+/// A sample tree for images built on the host: edge-case sizes, a multi-MiB file, long
+/// names, a deep directory chain, a wide directory, spaces, and symlinks. Returns the files
+/// (content from seeds) and the directory/symlink entries.
+pub fn sample_tree(big: u64) -> (Vec<FileSpec>, Vec<Entry>) {
+    let f = |path: &str, size: u64, seed: u64| FileSpec {
+        path: path.to_string(),
+        size,
+        seed,
+    };
+    let long = format!("{}.txt", "long-name-".repeat(15));
+    let deep = (1..=10)
+        .map(|i| format!("d{i}"))
+        .collect::<Vec<_>>()
+        .join("/");
+    let mut files = vec![
+        f("empty", 0, 1),
+        f("one.bin", 1, 2),
+        f("b4095.bin", 4095, 3),
+        f("b4096.bin", 4096, 4),
+        f("b4097.bin", 4097, 5),
+        f("big.bin", big, 6),
+        f(&long, 333, 7),
+        f(&format!("deep/{deep}/leaf.dat"), 5000, 8),
+        f("dir with spaces/file name.txt", 42, 9),
+    ];
+    for i in 0..40 {
+        files.push(f(&format!("wide/f{i:03}"), 100 + i, 100 + i));
+    }
+    let entries = vec![
+        Entry::Dir {
+            path: "emptydir".into(),
+        },
+        Entry::Symlink {
+            path: "link-to-big".into(),
+            target: "big.bin".into(),
+        },
+        Entry::Symlink {
+            path: "deep/d1/up".into(),
+            target: "../../one.bin".into(),
+        },
+    ];
+    (files, entries)
+}
+
+/// Writes a tree (files and dirs/symlinks) into `dir` on the host.
+pub fn write_tree(dir: &Path, files: &[FileSpec], entries: &[Entry]) -> std::io::Result<()> {
+    for f in files {
+        let p = dir.join(&f.path);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::write(&p, content(f.seed, f.size))?;
+    }
+    for e in entries {
+        let p = dir.join(e.path());
+        match e {
+            Entry::Dir { .. } => fs::create_dir_all(&p)?,
+            Entry::Symlink { target, .. } => {
+                if let Some(parent) = p.parent() {
+                    fs::create_dir_all(parent)?;
+                }
+                std::os::unix::fs::symlink(target, &p)?;
+            }
+            Entry::File { .. } => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found_from(entries: &[Entry]) -> BTreeMap<String, Found> {
+        entries
+            .iter()
+            .map(|e| {
+                let f = match e {
+                    Entry::File { size, sha256, .. } => Found::File {
+                        size: *size,
+                        sha256: sha256.clone(),
+                    },
+                    Entry::Dir { .. } => Found::Dir,
+                    Entry::Symlink { target, .. } => Found::Symlink {
+                        target: target.clone(),
+                    },
+                };
+                (e.path().to_string(), f)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn identical_trees_compare_clean() {
+        let (files, mut entries) = sample_tree(10_000);
+        entries.extend(file_entries(&files));
+        let mut found = found_from(&entries);
+        found.insert("deep".into(), Found::Dir);
+        found.insert("lost+found".into(), Found::Dir);
+        found.insert("lost+found/x".into(), Found::Other);
+        assert!(compare(&entries, &found, true, &["lost+found"]).is_empty());
+        assert!(!compare(&entries, &found, true, &[]).is_empty());
+    }
+
+    #[test]
+    fn finds_every_kind_of_difference() {
+        let files = vec![FileSpec {
+            path: "a/b".into(),
+            size: 10,
+            seed: 1,
+        }];
+        let mut entries = file_entries(&files);
+        entries.push(Entry::Symlink {
+            path: "l".into(),
+            target: "a/b".into(),
+        });
+        let good = found_from(&entries);
+
+        let mut wrong_content = good.clone();
+        wrong_content.insert(
+            "a/b".into(),
+            Found::File {
+                size: 10,
+                sha256: "00".into(),
+            },
+        );
+        assert!(summarise(&compare(&entries, &wrong_content, false, &[]), 3)
+            .contains("content differs"));
+
+        let mut short = good.clone();
+        short.insert(
+            "a/b".into(),
+            Found::File {
+                size: 9,
+                sha256: "00".into(),
+            },
+        );
+        assert!(compare(&entries, &short, false, &[])[0].contains("size 9"));
+
+        let mut missing = good.clone();
+        missing.remove("l");
+        assert!(compare(&entries, &missing, false, &[])[0].contains("missing"));
+
+        let mut relinked = good.clone();
+        relinked.insert("l".into(), Found::Symlink { target: "x".into() });
+        assert!(compare(&entries, &relinked, false, &[])[0].contains("link to x"));
+
+        let mut extra = good.clone();
+        extra.insert(
+            "stray".into(),
+            Found::File {
+                size: 0,
+                sha256: String::new(),
+            },
+        );
+        assert!(compare(&entries, &extra, false, &[]).is_empty());
+        assert!(compare(&entries, &extra, true, &[])[0].contains("stray: not in the manifest"));
+
+        let mut kind = good;
+        kind.insert("l".into(), Found::Dir);
+        assert_eq!(compare(&entries, &kind, false, &[]).len(), 1);
+    }
+
+    #[test]
+    fn scans_an_image_made_by_mke2fs_when_present() {
+        if Command::new("mke2fs").arg("-V").output().is_err() {
+            eprintln!("skipping: mke2fs not installed (e2fsprogs)");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        let (files, mut entries) = sample_tree(70_000);
+        write_tree(&src, &files, &entries).unwrap();
+        let img = t.path().join("a.img");
+        let st = Command::new("mke2fs")
+            .args(["-q", "-t", "ext2", "-F", "-d"])
+            .arg(&src)
+            .arg(&img)
+            .arg("8M")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        entries.extend(file_entries(&files));
+        let found = scan_ext2(&img).unwrap();
+        assert_eq!(
+            compare(&entries, &found, true, &["lost+found"]),
+            Vec::<String>::new()
+        );
+        e2fsck(&img).unwrap();
+    }
+}
