@@ -775,15 +775,14 @@ pub fn build_with_progress(
         img.write_at(u64::from(geo.block_bitmap(g)) * u64::from(bs), &bitmap)?;
 
         bitmap.fill(0);
-        let mut free_inodes = 0;
-        for i in 0..ipg {
-            let ino = g * ipg + i + 1;
-            let in_use = ino <= plan.inodes_used && (ino != FIRST_INO || plan.lpf_ours);
-            if in_use {
-                bitmap[(i / 8) as usize] |= 1 << (i % 8);
-            } else {
-                free_inodes += 1;
-            }
+        let first_ino = g * ipg + 1;
+        let used_inodes = (plan.inodes_used + 1).clamp(first_ino, first_ino + ipg) - first_ino;
+        set_bits(&mut bitmap, 0, used_inodes as usize);
+        let mut free_inodes = ipg - used_inodes;
+        if !plan.lpf_ours && (first_ino..first_ino + used_inodes).contains(&FIRST_INO) {
+            let i = (FIRST_INO - first_ino) as usize;
+            bitmap[i / 8] &= !(1 << (i % 8));
+            free_inodes += 1;
         }
         set_bits(&mut bitmap, ipg as usize, 8 * bsz);
         img.write_at(u64::from(geo.inode_bitmap(g)) * u64::from(bs), &bitmap)?;
@@ -848,7 +847,48 @@ pub fn build_with_progress(
 
 /// Sets bits `from..to` of a bitmap.
 fn set_bits(bitmap: &mut [u8], from: usize, to: usize) {
-    for i in from..to {
+    let mut i = from;
+    while i < to && i % 8 != 0 {
         bitmap[i / 8] |= 1 << (i % 8);
+        i += 1;
+    }
+    let whole = (to - i.min(to)) / 8;
+    bitmap[i / 8..i / 8 + whole].fill(0xFF);
+    i += whole * 8;
+    while i < to {
+        bitmap[i / 8] |= 1 << (i % 8);
+        i += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_bits_matches_bit_by_bit() {
+        for from in 0..20 {
+            for to in from..40 {
+                let mut fast = [0u8; 5];
+                set_bits(&mut fast, from, to);
+                let mut slow = [0u8; 5];
+                for i in from..to {
+                    slow[i / 8] |= 1 << (i % 8);
+                }
+                assert_eq!(fast, slow, "{from}..{to}");
+            }
+        }
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut b = vec![0u8; 4096];
+        assert!(is_zero(&b));
+        b[4095] = 1;
+        assert!(!is_zero(&b));
+        b[4095] = 0;
+        b[17] = 1;
+        assert!(!is_zero(&b));
+        assert!(!is_zero(&[0, 0, 3]));
     }
 }
