@@ -107,6 +107,8 @@ pub struct Summary {
     pub latency: Percentiles,
     /// Backend CPU per request over all rounds (microseconds).
     pub cpu_us_per_io: Option<f64>,
+    /// CPU of vloop-bench itself per request (frontend, or the raw engine) over all rounds.
+    pub client_cpu_us_per_io: Option<f64>,
     /// Kicks per request (frontend to backend notifications).
     pub kicks_per_io: f64,
     /// Sleeps on the call eventfd per request (backend to frontend notifications used).
@@ -121,6 +123,8 @@ pub struct Summary {
     mib_rounds: Vec<f64>,
     #[serde(skip)]
     cpu: Option<(f64, u64)>,
+    #[serde(skip)]
+    client_cpu: Option<(f64, u64)>,
     #[serde(skip)]
     kicks: u64,
     #[serde(skip)]
@@ -156,6 +160,11 @@ impl Summary {
             let (t, n) = self.cpu.unwrap_or((0.0, 0));
             self.cpu = Some((t + c * r.ios as f64, n + r.ios));
         }
+        if let Some(c) = r.client_cpu_us_per_io {
+            let (t, n) = self.client_cpu.unwrap_or((0.0, 0));
+            self.client_cpu = Some((t + c * r.ios as f64, n + r.ios));
+        }
+        self.client_cpu_us_per_io = self.client_cpu.map(|(t, n)| t / n.max(1) as f64);
         self.iops = median(&self.iops_rounds);
         self.mib_s = median(&self.mib_rounds);
         self.latency = self.hist.percentiles();
@@ -445,7 +454,7 @@ pub fn render(r: &Report) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "image {} ({} MiB, {}), {} rounds, medians of IOPS; latency p50/p99/p99.9 in us over all rounds",
+        "image {} ({} MiB, {}), {} rounds; IOPS are medians; latency p50/p99/p99.9 in us over all rounds;\nCPU/IO in us: v/q = backend process, r = the raw io_uring engine itself",
         r.image.display(),
         r.image_size >> 20,
         if r.direct { "O_DIRECT" } else { "page cache" },
@@ -453,7 +462,7 @@ pub fn render(r: &Report) -> String {
     );
     let _ = writeln!(
         o,
-        "{:<20} {:>9} {:>9} {:>9} {:>7} {:>7} {:>9} {:>9} {:>16} {:>16} {:>16} {:>7} {:>7}",
+        "{:<20} {:>9} {:>9} {:>9} {:>7} {:>7} {:>9} {:>9} {:>16} {:>16} {:>16} {:>7} {:>7} {:>7}",
         "workload",
         "vloop",
         "qsd",
@@ -466,12 +475,13 @@ pub fn render(r: &Report) -> String {
         "qsd lat",
         "raw lat",
         "vCPU/IO",
-        "qCPU/IO"
+        "qCPU/IO",
+        "rCPU/IO"
     );
     for row in &r.rows {
         let _ = writeln!(
             o,
-            "{:<20} {:>9} {:>9} {:>9} {:>7} {:>7} {:>9.1} {:>9.1} {:>16} {:>16} {:>16} {:>7} {:>7}",
+            "{:<20} {:>9} {:>9} {:>9} {:>7} {:>7} {:>9.1} {:>9.1} {:>16} {:>16} {:>16} {:>7} {:>7} {:>7}",
             row.name,
             num(&row.vloop),
             num(&row.qsd),
@@ -485,6 +495,9 @@ pub fn render(r: &Report) -> String {
             lat(&row.raw),
             cpu(&row.vloop),
             cpu(&row.qsd),
+            row.raw
+                .client_cpu_us_per_io
+                .map_or_else(|| "-".into(), |c| format!("{c:.1}")),
         );
     }
     let _ = writeln!(

@@ -219,6 +219,9 @@ pub struct RunResult {
     pub latency: Percentiles,
     /// Backend CPU time per request in microseconds, when the backend PID is known.
     pub backend_cpu_us_per_io: Option<f64>,
+    /// CPU time of this process (the frontend, or the raw io_uring engine) per request, in
+    /// microseconds.
+    pub client_cpu_us_per_io: Option<f64>,
     /// Frontend counters summed over the queues (zero for raw runs).
     pub frontend: QueueStats,
     /// The latency histogram.
@@ -232,6 +235,7 @@ impl RunResult {
         secs: f64,
         bs: u32,
         backend_cpu: Option<Duration>,
+        client_cpu: Option<Duration>,
         frontend: QueueStats,
     ) -> Self {
         let mut hist = LatencyHist::new();
@@ -252,6 +256,9 @@ impl RunResult {
             mib_s: bytes as f64 / secs / f64::from(1u32 << 20),
             latency: hist.percentiles(),
             backend_cpu_us_per_io: backend_cpu
+                .filter(|_| ios > 0)
+                .map(|c| c.as_secs_f64() * 1e6 / ios as f64),
+            client_cpu_us_per_io: client_cpu
                 .filter(|_| ios > 0)
                 .map(|c| c.as_secs_f64() * 1e6 / ios as f64),
             frontend,
@@ -377,6 +384,7 @@ pub fn run_vhost(
     w.check(capacity)?;
     let queues = client.take_queues();
     let cpu0 = backend_pid.and_then(|p| procfs::cpu_time(p).ok());
+    let me0 = procfs::cpu_time(std::process::id()).ok();
     let start = Instant::now();
     let end = start + w.runtime;
     let handles: Vec<_> = queues
@@ -395,6 +403,7 @@ pub fn run_vhost(
         parts.push(h.join().map_err(|_| LoadError::Thread)??);
     }
     let secs = start.elapsed().as_secs_f64();
+    let me = own_cpu_since(me0);
     let cpu = match (backend_pid, cpu0) {
         (Some(p), Some(c0)) => procfs::cpu_time(p).ok().map(|c1| c1.saturating_sub(c0)),
         _ => None,
@@ -407,7 +416,12 @@ pub fn run_vhost(
         stats.calls += p.stats.calls;
     }
     drop(client);
-    Ok(RunResult::build(parts, secs, w.bs, cpu, stats))
+    Ok(RunResult::build(parts, secs, w.bs, cpu, me, stats))
+}
+
+fn own_cpu_since(start: Option<Duration>) -> Option<Duration> {
+    let now = procfs::cpu_time(std::process::id()).ok()?;
+    Some(now.saturating_sub(start?))
 }
 
 fn drive_queue(
@@ -485,6 +499,7 @@ pub fn run_raw(image: &Path, w: &Workload, direct: bool) -> Result<RunResult, Lo
     let file = oo.open(image).map_err(open_err)?;
     let capacity = file.metadata().map_err(open_err)?.len();
     w.check(capacity)?;
+    let me0 = procfs::cpu_time(std::process::id()).ok();
     let start = Instant::now();
     let end = start + w.runtime;
     let handles: Vec<_> = (0..w.queues)
@@ -502,11 +517,13 @@ pub fn run_raw(image: &Path, w: &Workload, direct: bool) -> Result<RunResult, Lo
         parts.push(h.join().map_err(|_| LoadError::Thread)??);
     }
     let secs = start.elapsed().as_secs_f64();
+    let me = own_cpu_since(me0);
     Ok(RunResult::build(
         parts,
         secs,
         w.bs,
         None,
+        me,
         QueueStats::default(),
     ))
 }

@@ -131,6 +131,9 @@ fn print_run(w: &Workload, r: &RunResult) {
     if let Some(c) = r.backend_cpu_us_per_io {
         println!("backend CPU: {c:.2} us per I/O");
     }
+    if let Some(c) = r.client_cpu_us_per_io {
+        println!("this process's CPU: {c:.2} us per I/O");
+    }
     if r.frontend.submitted > 0 {
         let n = r.frontend.submitted as f64;
         println!(
