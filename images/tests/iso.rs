@@ -83,6 +83,12 @@ fn sample(root: &Path) {
         root.join("link-long-target"),
     )
     .unwrap();
+    // Latin-1, not UTF-8: Rock Ridge keeps the bytes, Joliet gets replacement characters.
+    fs::write(
+        root.join(std::ffi::OsStr::from_bytes(b"latin1-\xe9t\xe9.txt")),
+        b"latin1\n",
+    )
+    .unwrap();
     fs::create_dir(root.join("empty-dir")).unwrap();
     fs::set_permissions(root.join("one"), fs::Permissions::from_mode(0o4755)).unwrap();
     fs::set_permissions(root.join("empty"), fs::Permissions::from_mode(0o600)).unwrap();
@@ -200,14 +206,14 @@ fn check_joliet(img: &Path, tree: &Tree) {
         );
         assert!(seen.insert(path.clone()), "duplicate Joliet path {name}");
     }
-    // Names that fit are kept whole, and their content is the source's.
+    // UTF-8 names that fit are kept whole, and their content is the source's.
     for (path, id) in tree.walk() {
         let NodeKind::File { source, .. } = &tree.nodes[id].kind else {
             continue;
         };
         let fits = path
             .split(|&b| b == b'/')
-            .all(|c| String::from_utf8_lossy(c).encode_utf16().count() <= 64);
+            .all(|c| std::str::from_utf8(c).is_ok_and(|c| c.encode_utf16().count() <= 64));
         if !fits {
             continue;
         }
