@@ -88,7 +88,8 @@ pub enum Ext2Error {
     /// The requested size cannot hold the tree.
     #[error(
         "image size {given} bytes is too small for this tree: it needs at least {needed} bytes \
-         (pass --size auto or a size of at least {needed})"
+         ({:.1} MiB); pass --size auto or --size {needed} or more",
+        *needed as f64 / 1048576.0
     )]
     TooSmall {
         /// Bytes the tree needs.

@@ -428,3 +428,60 @@ fn timestamp_beyond_2038() {
     assert_eq!(secs, ts - 10, "{line}");
     assert!(line.contains("2096"), "{line}");
 }
+
+/// Data, inodes and directories spread over many block groups, with and without
+/// superblock backups (1024-byte blocks: 8 MiB groups).
+#[test]
+fn many_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    for i in 0..2500u32 {
+        let p = src.join(format!("d{}", i % 7)).join(format!("f{i}"));
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, pattern((i as usize * 37) % 3000, i)).unwrap();
+    }
+    fs::write(src.join("d3/big"), pattern(30 << 20, 5)).unwrap();
+    fs::write(src.join("d6/big2"), pattern(9 << 20, 6)).unwrap();
+    let img = dir.path().join("fs.img");
+    let opts = Ext2Options {
+        block_size: 1024,
+        ..Ext2Options::default()
+    };
+    let s = build_checked(&src, &img, &opts);
+    let groups = (s.blocks - 1).div_ceil(8192);
+    assert!(groups >= 7, "{s:?}");
+    if let Some(stat) = debugfs_stat(&img, "/d6/f2498") {
+        let ino = debugfs_field(&stat, "Inode:").unwrap();
+        assert!(ino > u64::from(s.inodes) / groups, "inode {ino} in group 0");
+    }
+}
+
+/// Explicit sizes: many empty groups, and a last group too small to keep.
+#[test]
+fn explicit_sizes_and_runt_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), pattern(100_000, 1)).unwrap();
+    let img = dir.path().join("fs.img");
+    for (block_size, size) in [
+        (4096, 1u64 << 30),
+        (1024, 3 * (8 << 20) + 20 * 1024),
+        (2048, (16 << 20) + 4096 + 512),
+    ] {
+        let opts = Ext2Options {
+            block_size,
+            size: Some(size),
+            ..Ext2Options::default()
+        };
+        let s = build(&tree_of(&src), &img, &opts).unwrap();
+        assert_eq!(s.size, size);
+        assert_eq!(fs::metadata(&img).unwrap().len(), size);
+        assert!(s.blocks * u64::from(block_size) <= size);
+        if block_size == 1024 {
+            assert_eq!(s.blocks, 1 + 3 * 8192, "the 19-block runt group is dropped");
+        }
+        assert_fsck_clean(&img);
+        assert_same_as_source(&img, &src, TS);
+    }
+}
