@@ -138,6 +138,8 @@ const BYTES_PER_INODE: u64 = 16384;
 const MIN_HEADROOM: u64 = 2 << 20;
 /// Output buffer for runs of consecutive blocks.
 const OUT_BUF: usize = 4 << 20;
+/// Bytes of file content between progress log lines.
+const LOG_EVERY: u64 = 1 << 30;
 /// Read buffer for source files (a multiple of every block size).
 const READ_BUF: usize = 1 << 20;
 
@@ -466,6 +468,7 @@ struct Writer<'a> {
     buf: Vec<u8>,
     done: u64,
     total: u64,
+    next_log: u64,
     progress: &'a mut dyn FnMut(u64, u64),
 }
 
@@ -541,6 +544,14 @@ impl Writer<'_> {
                 }
                 self.done += want as u64;
                 (self.progress)(self.done, self.total);
+                if self.done >= self.next_log {
+                    info!(
+                        copied = self.done,
+                        total = self.total,
+                        "copying file content"
+                    );
+                    self.next_log = self.done + LOG_EVERY;
+                }
             }
         }
         self.buf = buf;
@@ -644,6 +655,7 @@ pub fn build_with_progress(
         buf: vec![0u8; READ_BUF],
         done: 0,
         total: tree.file_bytes(),
+        next_log: LOG_EVERY,
         progress,
     };
     let mut inodes = vec![0u8; plan.inodes_used as usize * isz];
