@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use indicatif::ProgressBar;
 use serde::Serialize;
 use thiserror::Error;
+use tracing::debug;
 
 use crate::copy::{open_source, CopyError, Source};
 use crate::size::Size;
@@ -415,11 +416,11 @@ pub fn parse_gpt(header: &[u8], table: &[u8]) -> GptInfo {
 
 fn iso_details(r: &Reader<'_>) -> Result<IsoDetails, InfoError> {
     let mut file = r.file;
-    let probed = crate::iso::probe(&mut file).map_err(|source| InfoError::Read {
-        path: r.path.to_path_buf(),
-        offset: 32768,
-        source,
-    })?;
+    // A damaged image can make the full reader give up: fall back to the descriptors.
+    let probed = crate::iso::probe(&mut file).unwrap_or_else(|e| {
+        debug!("ISO 9660 probe failed, decoding the volume descriptors only: {e}");
+        None
+    });
     if let Some(p) = probed {
         return Ok(IsoDetails {
             volume_id: p.volume_id,

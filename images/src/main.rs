@@ -290,7 +290,16 @@ fn run_ext2(a: Ext2Args) -> Result<()> {
         uuid,
         ..Default::default()
     };
-    let s = ext2::build(&tree, &a.file, &opts)?;
+    let bar = progress_bar();
+    let s = ext2::build_with_progress(&tree, &a.file, &opts, &mut |done, total| {
+        if bar.length() != Some(total) {
+            bar.set_length(total);
+            bar.set_message("writing ext2");
+        }
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    let s = s?;
     println!(
         "wrote {}: ext2, {} ({} bytes), block size {}, {} blocks ({} free), {} inodes ({} free)",
         a.file.display(),
