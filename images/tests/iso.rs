@@ -835,3 +835,71 @@ proptest! {
         r.walk().unwrap();
     }
 }
+
+/// A small image built once, as bytes, for the corruption test.
+fn small_image() -> &'static [u8] {
+    static IMAGE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        let deep = src.join("a/b/c/d/e/f/g/h/i/j");
+        fs::create_dir_all(&deep).unwrap();
+        fs::write(deep.join("f"), b"deep").unwrap();
+        fs::write(src.join(LONG_RR), pattern(5000, 9)).unwrap();
+        symlink("x".repeat(300), src.join("l")).unwrap();
+        let img = d.path().join("s.iso");
+        iso::build(&scan(&src), &img, &IsoOptions::default()).unwrap();
+        fs::read(img).unwrap()
+    })
+}
+
+/// Everything the reader offers, on `bytes`; errors are fine, panics are not.
+fn read_everything(bytes: &[u8]) {
+    use std::io::Cursor;
+    let _ = iso::probe(&mut Cursor::new(bytes));
+    for ns in [Namespace::RockRidge, Namespace::Joliet, Namespace::Primary] {
+        let Ok(mut r) = IsoReader::open(Cursor::new(bytes), ns) else {
+            continue;
+        };
+        let _ = r.path_table(false);
+        let _ = r.path_table(true);
+        if let Ok(entries) = r.walk() {
+            for (_, e) in entries {
+                let _ = r.read_file(&e, &mut std::io::sink());
+                if e.kind == Kind::Dir {
+                    let _ = r.raw_names(&e);
+                }
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 500,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+    /// Corrupted images (bytes changed in the descriptors, path tables, directories and
+    /// continuation areas) never make the reader or `probe` panic.
+    #[test]
+    fn corrupted_images_never_panic(
+        edits in proptest::collection::vec((16 * 2048..60 * 2048usize, any::<u8>()), 1..40)
+    ) {
+        let mut bytes = small_image().to_vec();
+        for (at, value) in edits {
+            if let Some(b) = bytes.get_mut(at) {
+                *b = value;
+            }
+        }
+        read_everything(&bytes);
+    }
+}
+
+#[test]
+fn truncated_images_never_panic() {
+    let img = small_image();
+    for len in (0..img.len()).step_by(1021) {
+        read_everything(&img[..len]);
+    }
+}

@@ -435,6 +435,8 @@ pub struct IsoReader<R> {
     namespace: Namespace,
     /// SUSP skip count when Rock Ridge is read.
     skip: Option<u8>,
+    /// Image length in bytes: nothing is read past it.
+    len: u64,
 }
 
 impl<R: Read + Seek> IsoReader<R> {
@@ -452,12 +454,27 @@ impl<R: Read + Seek> IsoReader<R> {
             Namespace::RockRidge => rock_ridge_skip(&mut r, volume.root)?,
             _ => None,
         };
+        let len = r.seek(SeekFrom::End(0))?;
         Ok(Self {
             r,
             volume,
             namespace,
             skip,
+            len,
         })
+    }
+
+    /// Reads `len` bytes at block `block` (plus `offset`), refusing ranges past the
+    /// image's end before allocating.
+    fn read_at(&mut self, block: u32, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        let start = u64::from(block) * BLOCK + offset;
+        if start.saturating_add(len) > self.len {
+            return Err(bad("extent past the end of the image"));
+        }
+        let mut bytes = vec![0u8; len as usize];
+        self.r.seek(SeekFrom::Start(start))?;
+        self.r.read_exact(&mut bytes)?;
+        Ok(bytes)
     }
 
     /// The volume descriptors' contents.
@@ -506,11 +523,7 @@ impl<R: Read + Seek> IsoReader<R> {
             if hops > MAX_CONTINUATIONS || u64::from(offset) + u64::from(len) > BLOCK {
                 return Err(bad("Rock Ridge continuation area out of range"));
             }
-            let mut area = vec![0u8; len as usize];
-            self.r.seek(SeekFrom::Start(
-                u64::from(block) * BLOCK + u64::from(offset),
-            ))?;
-            self.r.read_exact(&mut area)?;
+            let area = self.read_at(block, u64::from(offset), u64::from(len))?;
             next = s.area(&area);
         }
         Ok(s)
@@ -589,9 +602,7 @@ impl<R: Read + Seek> IsoReader<R> {
         if u64::from(len) > MAX_DIR_BYTES {
             return Err(bad("directory too large"));
         }
-        let mut bytes = vec![0u8; len as usize];
-        self.r.seek(SeekFrom::Start(u64::from(block) * BLOCK))?;
-        self.r.read_exact(&mut bytes)?;
+        let bytes = self.read_at(block, 0, u64::from(len))?;
         let mut out: Vec<Entry> = Vec::new();
         // The entry whose last record said more extents follow.
         let mut open: Option<Entry> = None;
@@ -645,10 +656,8 @@ impl<R: Read + Seek> IsoReader<R> {
         if u64::from(size) > MAX_DIR_BYTES {
             return Err(bad("path table too large"));
         }
-        let mut bytes = vec![0u8; size as usize];
         let block = if big_endian { m } else { l };
-        self.r.seek(SeekFrom::Start(u64::from(block) * BLOCK))?;
-        self.r.read_exact(&mut bytes)?;
+        let bytes = self.read_at(block, 0, u64::from(size))?;
         let mut out = Vec::new();
         let mut pos = 0;
         while pos + 8 <= bytes.len() {
@@ -689,9 +698,7 @@ impl<R: Read + Seek> IsoReader<R> {
         if u64::from(len) > MAX_DIR_BYTES {
             return Err(bad("directory too large"));
         }
-        let mut bytes = vec![0u8; len as usize];
-        self.r.seek(SeekFrom::Start(u64::from(block) * BLOCK))?;
-        self.r.read_exact(&mut bytes)?;
+        let bytes = self.read_at(block, 0, u64::from(len))?;
         let mut out = Vec::new();
         let mut pos = 0usize;
         while pos < bytes.len() {
@@ -712,7 +719,11 @@ impl<R: Read + Seek> IsoReader<R> {
         let mut buf = vec![0u8; 64 << 10];
         let mut total = 0u64;
         for &(block, len) in &file.extents {
-            self.r.seek(SeekFrom::Start(u64::from(block) * BLOCK))?;
+            let start = u64::from(block) * BLOCK;
+            if start + u64::from(len) > self.len {
+                return Err(bad("file extent past the end of the image"));
+            }
+            self.r.seek(SeekFrom::Start(start))?;
             let mut left = u64::from(len);
             while left > 0 {
                 let n = left.min(buf.len() as u64) as usize;
