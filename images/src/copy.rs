@@ -15,6 +15,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
@@ -25,6 +26,14 @@ use tracing::debug;
 
 use crate::create::{CreateError, OutputFile};
 use crate::size::Size;
+
+static CANCELLED: AtomicBool = AtomicBool::new(false);
+
+/// Asks every copy and hash running in this process to stop at the next chunk, discarding
+/// its output ([`CopyError::Interrupted`]). Meant for a Ctrl-C handler: it cannot be undone.
+pub fn cancel() {
+    CANCELLED.store(true, Ordering::Relaxed);
+}
 
 /// Size of one read from the source.
 pub const CHUNK: usize = 1 << 20;
@@ -93,6 +102,9 @@ pub enum CopyError {
         /// The copy's hash when read back.
         dst_sha: String,
     },
+    /// The copy was stopped by [`cancel`] (Ctrl-C).
+    #[error("interrupted; the copy was discarded")]
+    Interrupted,
     /// The source changed while it was copied.
     #[error(
         "{src} changed while it was copied (SHA-256 {first} then {second}); the copy was discarded"
@@ -372,6 +384,9 @@ pub(crate) fn walk_data(
         source,
     };
     while off < len {
+        if CANCELLED.load(Ordering::Relaxed) {
+            return Err(CopyError::Interrupted);
+        }
         let (start, end) = src
             .data_region(off, len)
             .map_err(|e| read_err(off, e))?
@@ -387,6 +402,9 @@ pub(crate) fn walk_data(
         while off < end {
             let to_boundary = CHUNK as u64 - off % CHUNK as u64;
             let n = (end - off).min(to_boundary) as usize;
+            if CANCELLED.load(Ordering::Relaxed) {
+                return Err(CopyError::Interrupted);
+            }
             let chunk = &mut buf[..n];
             let mut got = 0;
             while got < n {

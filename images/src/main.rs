@@ -165,13 +165,46 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     init_tracing(cli.verbose);
+    watch_signals(matches!(cli.command, Command::Copy(_)));
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            if matches!(
+                e.downcast_ref::<copy::CopyError>(),
+                Some(copy::CopyError::Interrupted)
+            ) {
+                ExitCode::from(130)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
+}
+
+/// Handles Ctrl-C (and SIGTERM, SIGHUP) on a thread of its own. A copy is asked to stop
+/// (`cooperative`), so that it removes its unfinished output and reports; anything else
+/// ends at once with status 130.
+fn watch_signals(cooperative: bool) {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(sig);
+    }
+    // Blocked here, before any other thread exists, so only the waiting thread sees them.
+    if set.thread_block().is_err() {
+        return;
+    }
+    std::thread::spawn(move || {
+        if set.wait().is_ok() {
+            if cooperative {
+                copy::cancel();
+            } else {
+                eprintln!("error: interrupted");
+                std::process::exit(130);
+            }
+        }
+    });
 }
 
 fn init_tracing(verbose: u8) {
@@ -349,15 +382,18 @@ fn progress_bar() -> ProgressBar {
 }
 
 fn run_copy(a: CopyArgs) -> Result<()> {
+    let bar = progress_bar();
     let s = copy::copy(
         &a.src,
         &a.dst,
         &CopyOptions {
             verify: a.verify,
             force: a.force,
-            progress: progress_bar(),
+            progress: bar.clone(),
         },
-    )?;
+    );
+    bar.finish_and_clear();
+    let s = s?;
     println!(
         "{} -> {}: {}",
         a.src.display(),
