@@ -32,7 +32,7 @@ use hadris_fs::{Content, DateTime, Owner, Permissions, SetAttr};
 use hadris_iso::{IsoId, IsoLevel, Preserve, Relocation};
 use hadris_storage::host::FileDevice;
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::tree::{NodeKind, Tree};
 
@@ -192,8 +192,17 @@ pub fn build(tree: &Tree, out: &Path, opts: &IsoOptions) -> Result<IsoSummary, I
     let report = with_progress(&tmp.path, total, || {
         hadris_iso::sync::write(&mut dev, &input, &iso).map_err(IsoError::Write)
     })?;
+    // Relocated directories and shortened Joliet names are expected; list them at debug.
+    let changed = report.warnings().len();
     for warning in report.warnings() {
-        warn!("{warning}");
+        debug!("{warning}");
+    }
+    if changed > 0 {
+        info!(
+            changed,
+            "names or places adjusted to ISO 9660 limits (deep directories relocated, \
+             Joliet names shortened); -v lists them"
+        );
     }
     let file = dev.into_inner();
     let io_err = |source| IsoError::Io {
