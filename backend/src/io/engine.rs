@@ -40,6 +40,8 @@ pub struct RwOp {
     pub len: u64,
     /// Write with RWF_DSYNC (writethrough cache mode).
     pub dsync: bool,
+    /// `fd` goes through the page cache (not O_DIRECT): worth trying without blocking first.
+    pub buffered: bool,
     /// Outcome, filled in by the engine.
     pub result: Option<io::Result<()>>,
 }
@@ -47,7 +49,7 @@ pub struct RwOp {
 /// A read/write engine owned by one worker thread.
 pub enum Engine {
     /// io_uring with its rings.
-    Uring(Box<IoUring>),
+    Uring(Box<Uring>),
     /// Blocking syscalls.
     Blocking,
 }
@@ -65,10 +67,10 @@ impl Engine {
         match kind {
             EngineKind::Blocking => Ok(Engine::Blocking),
             EngineKind::IoUring => IoUring::new(entries)
-                .map(|r| Engine::Uring(Box::new(r)))
+                .map(|r| Engine::Uring(Box::new(Uring::new(r))))
                 .map_err(EngineError::Uring),
             EngineKind::Auto => match IoUring::new(entries) {
-                Ok(r) => Ok(Engine::Uring(Box::new(r))),
+                Ok(r) => Ok(Engine::Uring(Box::new(Uring::new(r)))),
                 Err(e) => {
                     warn!("io_uring is not available ({e}); using blocking preadv/pwritev");
                     Ok(Engine::Blocking)
@@ -93,7 +95,7 @@ impl Engine {
                     op.result = Some(finish_blocking(op, 0));
                 }
             }
-            Engine::Uring(ring) => run_uring(ring, ops),
+            Engine::Uring(u) => u.run(ops),
         }
     }
 }
@@ -162,6 +164,100 @@ fn rw_blocking(op: &RwOp, fd: RawFd, mut done: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// io_uring state of one worker thread.
+pub struct Uring {
+    ring: IoUring,
+    /// RWF_NOWAIT reads are supported on this image.
+    nowait_read: bool,
+    /// RWF_NOWAIT writes are supported on this image.
+    nowait_write: bool,
+}
+
+impl Uring {
+    fn new(ring: IoUring) -> Uring {
+        Uring {
+            ring,
+            nowait_read: true,
+            nowait_write: true,
+        }
+    }
+
+    /// Run a batch: buffered reads whose data is in the page cache complete inline with
+    /// RWF_NOWAIT (no io_uring round trip, no io-wq worker); buffered writes complete inline
+    /// too (with RWF_NOWAIT where the file system supports it, else with a plain pwritev2:
+    /// io_uring would hand them to an io-wq worker and the batch waits for them anyway, which
+    /// measured at about twice the CPU per write on ext4). Everything else (O_DIRECT, cache
+    /// misses, writethrough writes) goes to the ring, all at once.
+    fn run(&mut self, ops: &mut [RwOp]) {
+        for op in ops.iter_mut() {
+            self.try_inline(op);
+        }
+        run_uring(&mut self.ring, ops);
+    }
+
+    fn try_inline(&mut self, op: &mut RwOp) {
+        if !op.buffered || op.iov.len() > IOV_MAX || op.len == 0 {
+            return;
+        }
+        if op.write && op.dsync {
+            return;
+        }
+        if op.write && !self.nowait_write {
+            op.result = Some(finish_blocking(op, 0));
+            return;
+        }
+        if !op.write && !self.nowait_read {
+            return;
+        }
+        let Ok(off) = libc::off64_t::try_from(op.offset) else {
+            return;
+        };
+        // SAFETY: every iovec points into guest memory that the caller keeps mapped for the
+        // whole batch, with the length of the guest buffer it came from; the fd is open.
+        let n = unsafe {
+            if op.write {
+                libc::pwritev2(
+                    op.fd,
+                    op.iov.as_ptr(),
+                    op.iov.len() as libc::c_int,
+                    off,
+                    libc::RWF_NOWAIT,
+                )
+            } else {
+                libc::preadv2(
+                    op.fd,
+                    op.iov.as_ptr(),
+                    op.iov.len() as libc::c_int,
+                    off,
+                    libc::RWF_NOWAIT,
+                )
+            }
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error().raw_os_error();
+            if matches!(e, Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)) {
+                // Not supported here: stop trying for this direction.
+                if op.write {
+                    self.nowait_write = false;
+                    op.result = Some(finish_blocking(op, 0));
+                } else {
+                    self.nowait_read = false;
+                }
+            }
+            return;
+        }
+        let n = n as u64;
+        if n >= op.len {
+            op.result = Some(Ok(()));
+        } else if n > 0 {
+            // Partly cached: the ring does the rest.
+            op.iov = advance(&op.iov, n);
+            op.offset += n;
+            op.len -= n;
+        }
+    }
+}
+
 fn run_uring(ring: &mut IoUring, ops: &mut [RwOp]) {
     let n = ops.len();
     let mut next = 0usize;
@@ -172,6 +268,12 @@ fn run_uring(ring: &mut IoUring, ops: &mut [RwOp]) {
         {
             let mut sq = ring.submission();
             while next < n {
+                if ops[next].result.is_some() {
+                    // Completed inline.
+                    next += 1;
+                    completed += 1;
+                    continue;
+                }
                 if ops[next].iov.len() > IOV_MAX {
                     // Too many pieces for one syscall: the blocking path splits them.
                     ops[next].result = Some(finish_blocking(&ops[next], 0));
@@ -253,7 +355,7 @@ mod tests {
 
     use super::*;
 
-    fn roundtrip(kind: EngineKind) {
+    fn roundtrip(kind: EngineKind, buffered: bool) {
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(&[7u8; 8192]).unwrap();
         let mut engine = Engine::new(kind, 16).unwrap();
@@ -276,6 +378,7 @@ mod tests {
             ],
             len: 4096,
             dsync: false,
+            buffered,
             result: None,
         }];
         engine.run(&mut ops);
@@ -292,6 +395,7 @@ mod tests {
             }],
             len: 8192,
             dsync: false,
+            buffered,
             result: None,
         }];
         engine.run(&mut ops);
@@ -312,6 +416,7 @@ mod tests {
             }],
             len: 1024,
             dsync: false,
+            buffered,
             result: None,
         }];
         engine.run(&mut ops);
@@ -320,13 +425,17 @@ mod tests {
 
     #[test]
     fn blocking_roundtrip() {
-        roundtrip(EngineKind::Blocking);
+        roundtrip(EngineKind::Blocking, true);
     }
 
     #[test]
     fn uring_roundtrip() {
         match Engine::new(EngineKind::IoUring, 16) {
-            Ok(_) => roundtrip(EngineKind::IoUring),
+            Ok(_) => {
+                // Through the ring, and inline (page cache) first.
+                roundtrip(EngineKind::IoUring, false);
+                roundtrip(EngineKind::IoUring, true);
+            }
             Err(e) => eprintln!("SKIPPED: io_uring unavailable here: {e}"),
         }
     }

@@ -201,10 +201,11 @@ impl Executor {
             let aligned = iov
                 .iter()
                 .all(|v| (v.iov_base as usize) % 512 == 0 && v.iov_len % 512 == 0);
-            let fd = if self.disk.is_direct() && !aligned {
-                self.disk.buffered_fd()
-            } else {
+            let direct = self.disk.is_direct() && aligned;
+            let fd = if direct {
                 self.disk.fd()
+            } else {
+                self.disk.buffered_fd()
             };
             ops.push(RwOp {
                 write,
@@ -214,6 +215,7 @@ impl Executor {
                 iov,
                 len: slot.data_len,
                 dsync: write && dsync,
+                buffered: !direct,
                 result: None,
             });
             op_slots.push(i);
