@@ -383,6 +383,11 @@ fn run_one(
     w: &Workload,
     mem: Option<&mut Memory>,
 ) -> Result<RunResult, String> {
+    // Start every run with no dirty pages left over from the previous one, so writeback
+    // throttling hits the run that caused it.
+    if let Ok(f) = File::open(&opts.image) {
+        let _ = f.sync_all();
+    }
     let backend = match target {
         Target::Vloop => Backend::Vloop(opts.vloop_bin.clone()),
         Target::Qsd => Backend::Qsd,

@@ -42,7 +42,7 @@ struct Args {
     /// Queues, one thread each.
     #[arg(long, default_value_t = 1)]
     queues: u16,
-    /// Duration of each run ("5s", "500ms"; default 5s, 3s per run with --compare).
+    /// Duration of each run ("5s", "500ms"; default 5s, 2s per run with --compare).
     #[arg(long)]
     runtime: Option<String>,
     /// Open the image with O_DIRECT (raw runs and the backends --compare starts).
@@ -65,7 +65,7 @@ struct Args {
     #[arg(long)]
     vloop_bin: Option<PathBuf>,
     /// Rounds of --compare.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 4)]
     rounds: u32,
     /// Leave qemu-storage-daemon out of --compare.
     #[arg(long)]
@@ -122,26 +122,33 @@ fn workload(a: &Args, runtime: Duration) -> Result<Workload> {
     })
 }
 
-fn print_run(w: &Workload, r: &RunResult) {
+fn run_text(w: &Workload, r: &RunResult) -> String {
     let l = r.latency;
-    println!(
-        "{w}: {:.0} IOPS, {:.1} MiB/s, latency p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us ({} I/Os in {:.2} s, {} errors)",
+    let mut o = format!(
+        "{w}: {:.0} IOPS, {:.1} MiB/s, latency p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us ({} I/Os in {:.2} s, {} errors)\n",
         r.iops, r.mib_s, l.p50_us, l.p99_us, l.p999_us, r.ios, r.secs, r.errors
     );
     if let Some(c) = r.backend_cpu_us_per_io {
-        println!("backend CPU: {c:.2} us per I/O");
+        o += &format!("backend CPU: {c:.2} us per I/O\n");
     }
     if let Some(c) = r.client_cpu_us_per_io {
-        println!("this process's CPU: {c:.2} us per I/O");
+        o += &format!("this process's CPU: {c:.2} us per I/O\n");
     }
     if r.frontend.submitted > 0 {
         let n = r.frontend.submitted as f64;
-        println!(
-            "notifications: {:.3} kicks and {:.3} call waits per I/O",
+        o += &format!(
+            "notifications: {:.3} kicks and {:.3} call waits per I/O\n",
             r.frontend.kicks as f64 / n,
             r.frontend.waits as f64 / n
         );
     }
+    o
+}
+
+/// Prints to stdout; a closed stdout (`| head`) is not an error worth a panic.
+fn out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
 fn write_json<T: serde::Serialize>(path: &PathBuf, v: &T) -> Result<()> {
@@ -159,7 +166,7 @@ fn default_vloop_bin() -> PathBuf {
 
 fn run(a: Args) -> Result<()> {
     if a.compare {
-        let runtime = parse_duration(a.runtime.as_deref().unwrap_or("3s"))?;
+        let runtime = parse_duration(a.runtime.as_deref().unwrap_or("2s"))?;
         let workloads = if a.only {
             vec![workload(&a, runtime)?]
         } else {
@@ -186,7 +193,7 @@ fn run(a: Args) -> Result<()> {
             skip_qsd: a.no_qsd,
         };
         let report = compare::run(&opts)?;
-        print!("{}", compare::render(&report));
+        out(&compare::render(&report));
         if let Some(p) = &a.json {
             write_json(p, &report)?;
         }
@@ -203,7 +210,7 @@ fn run(a: Args) -> Result<()> {
     } else {
         bail!("nothing to do: pass --socket PATH, --raw FILE or --compare");
     };
-    print_run(&w, &result);
+    out(&run_text(&w, &result));
     if let Some(p) = &a.json {
         write_json(
             p,
