@@ -531,3 +531,24 @@ const GOLDEN: [&str; 2] = [
     "bd870384e8c9825f3c3c8cc1b3cd7e758c178c2d03c799d9efc05fe288763795",
     "5eb38961344054f3eb172440177388aebba592895e836326bcaa3ed962dc38e0",
 ];
+
+/// The Linux kernel mounts the image and sees the source tree (root only; skipped
+/// visibly elsewhere).
+#[test]
+fn kernel_mounts_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    populate(&src, true);
+    for block_size in [1024, 4096] {
+        let img = dir.path().join(format!("{block_size}.img"));
+        let opts = Ext2Options {
+            block_size,
+            ..Ext2Options::default()
+        };
+        build(&tree_of(&src), &img, &opts).unwrap();
+        let Some(m) = Mount::new(&img, &dir.path().join(format!("mnt{block_size}"))) else {
+            return;
+        };
+        assert_mount_matches(&m.dir, &src, TS);
+    }
+}

@@ -435,3 +435,117 @@ pub fn open_image(img: &Path) -> ext4_view::Ext4 {
 pub fn sha256_file(p: &Path) -> [u8; 32] {
     sha_host(p).1
 }
+
+/// A read-only loop mount of an image, unmounted on drop.
+pub struct Mount {
+    /// Where the image is mounted.
+    pub dir: PathBuf,
+}
+
+impl Mount {
+    /// Mounts `img` read-only at `dir`; `None` (with a visible message) where that is not
+    /// possible: not root, no loop devices, no mount command.
+    pub fn new(img: &Path, dir: &Path) -> Option<Self> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!(
+                "SKIPPED: not root; {} not mounted by the kernel",
+                img.display()
+            );
+            return None;
+        }
+        let mount = tool("mount")?;
+        fs::create_dir_all(dir).unwrap();
+        let out = run(
+            Command::new(mount)
+                .args(["-t", "ext2", "-o", "ro,loop"])
+                .arg(img)
+                .arg(dir),
+            Duration::from_secs(60),
+        );
+        if !out.status.success() {
+            eprintln!(
+                "SKIPPED: cannot loop-mount here ({}); {} not mounted by the kernel",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                img.display()
+            );
+            return None;
+        }
+        Some(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(umount) = tool("umount") {
+            let ok = Command::new(&umount)
+                .arg(&self.dir)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                let _ = Command::new(umount).arg("-l").arg(&self.dir).status();
+            }
+        }
+    }
+}
+
+/// Compares a mounted image with its source through the kernel: types, modes, mtimes,
+/// sizes, content, symlink targets, link counts and shared inodes of hard links.
+pub fn assert_mount_matches(mnt: &Path, src: &Path, timestamp: i64) {
+    let host = host_walk(src);
+    let image = host_walk(mnt);
+    let mut names: Vec<&Vec<u8>> = image.keys().collect();
+    names.retain(|n| n.as_slice() != b"/lost+found" || host.contains_key(*n));
+    assert_eq!(names, host.keys().collect::<Vec<_>>());
+    let mut inode_of = HashMap::new();
+    for (rel, m) in &host {
+        let what = String::from_utf8_lossy(rel).into_owned();
+        let im = &image[rel];
+        assert_eq!(im.mode(), m.mode(), "{what}: type and mode");
+        assert_eq!(im.mtime(), m.mtime().min(timestamp), "{what}: mtime");
+        if m.is_dir() {
+            // The kernel's view: 2 + subdirectories (+1 on the root for lost+found).
+            let subdirs = host
+                .keys()
+                .filter(|k| {
+                    k.len() > rel.len()
+                        && k.starts_with(rel)
+                        && k[rel.len()] == b'/'
+                        && !k[rel.len() + 1..].contains(&b'/')
+                        && host[*k].is_dir()
+                })
+                .count() as u64;
+            assert_eq!(im.nlink(), 2 + subdirs, "{what}: links");
+            continue;
+        }
+        assert_eq!(im.len(), m.len(), "{what}: size");
+        assert_eq!(im.nlink(), m.nlink(), "{what}: links");
+        let rel_os = std::ffi::OsStr::from_bytes(&rel[1..]);
+        if m.file_type().is_symlink() {
+            assert_eq!(
+                fs::read_link(mnt.join(rel_os)).unwrap(),
+                fs::read_link(src.join(rel_os)).unwrap(),
+                "{what}: target"
+            );
+        } else {
+            assert_eq!(
+                sha_host(&mnt.join(rel_os)),
+                sha_host(&src.join(rel_os)),
+                "{what}: content"
+            );
+            // Paths sharing an inode in the source share one in the image, and only those.
+            let prev = inode_of.insert(m.ino(), im.ino());
+            assert!(
+                prev.is_none_or(|p| p == im.ino()),
+                "{what}: hard link split"
+            );
+        }
+    }
+    let distinct: std::collections::HashSet<_> = inode_of.values().collect();
+    assert_eq!(
+        distinct.len(),
+        inode_of.len(),
+        "files merged into one inode"
+    );
+}
