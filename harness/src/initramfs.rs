@@ -67,7 +67,8 @@ fn own_target_dir() -> Option<PathBuf> {
 
 /// Finds the static guest agent: `explicit` (`--guest-bin` / `VLOOP_GUEST`), else builds it
 /// from the workspace source with cargo (a no-op when up to date) into the harness's own
-/// target dir under `x86_64-unknown-linux-gnu/release`, else uses a static build found there.
+/// target dir under `x86_64-unknown-linux-gnu/release` when the sources are newer than the
+/// build there, else uses that build.
 pub fn find_guest(explicit: Option<&Path>) -> Result<PathBuf, InitramfsError> {
     if let Some(p) = explicit {
         if !check_static(p) {
@@ -91,7 +92,7 @@ pub fn find_guest(explicit: Option<&Path>) -> Result<PathBuf, InitramfsError> {
         .join("release")
         .join("vloop-guest");
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/Cargo.toml");
-    if src.exists() {
+    if src.exists() && !up_to_date(&built, &src) {
         tracing::info!("building the static guest agent into {}", target.display());
         let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
             .args([
@@ -141,6 +142,23 @@ pub fn find_guest(explicit: Option<&Path>) -> Result<PathBuf, InitramfsError> {
             built.display()
         )))
     }
+}
+
+fn mtime(p: &Path) -> Option<std::time::SystemTime> {
+    fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+/// Whether the static build at `built` is newer than every source file of the guest crate.
+fn up_to_date(built: &Path, manifest: &Path) -> bool {
+    let Some(b) = mtime(built).filter(|_| check_static(built)) else {
+        return false;
+    };
+    let src = manifest.with_file_name("src");
+    let mut files = vec![manifest.to_path_buf()];
+    if let Ok(rd) = fs::read_dir(&src) {
+        files.extend(rd.flatten().map(|e| e.path()));
+    }
+    files.iter().all(|f| mtime(f).is_some_and(|m| m <= b))
 }
 
 /// Finds a statically linked busybox on PATH or in the usual places.

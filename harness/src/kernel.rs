@@ -119,21 +119,36 @@ pub fn resolve(kernel: Option<&Path>, modules: Option<&Path>) -> Result<Kernel, 
     }
     let os = fs::read_to_string("/etc/os-release").unwrap_or_default();
     let meta = meta_package(&os);
-    let deps = apt_depends(meta)?;
-    let Some(pkg) = depends_with_prefix(&deps, "linux-image-")
-        .into_iter()
-        .next()
-    else {
-        return Err(KernelError::NoKernel(format!(
-            "`apt-cache depends {meta}` names no linux-image package; install the package lists (`apt-get update`) or pass --kernel PATH"
-        )));
+    let kernels = cache_dir().join("kernels");
+    // The meta package's resolution is remembered for a day, so a warm run asks apt nothing.
+    let memo = kernels.join(format!("{meta}.resolved"));
+    let fresh = fs::metadata(&memo)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < std::time::Duration::from_secs(86_400));
+    let remembered = fs::read_to_string(&memo)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|p| fresh && !p.is_empty() && kernels.join(p).join(".complete").exists());
+    let pkg = match remembered {
+        Some(p) => p,
+        None => {
+            let deps = apt_depends(meta)?;
+            depends_with_prefix(&deps, "linux-image-").into_iter().next().ok_or_else(|| {
+                KernelError::NoKernel(format!(
+                    "`apt-cache depends {meta}` names no linux-image package; install the package lists (`apt-get update`) or pass --kernel PATH"
+                ))
+            })?
+        }
     };
-    let root = cache_dir().join("kernels").join(&pkg);
+    let root = kernels.join(&pkg);
     let done = root.join(".complete");
     if !done.exists() {
         fetch_into(&pkg, &root)?;
         fs::write(&done, b"").map_err(io_err(done.display().to_string()))?;
     }
+    let _ = fs::write(&memo, &pkg);
     let mut k = find_in_tree(&root, &pkg)?;
     if let Some(m) = modules {
         k.modules = Some(m.to_path_buf());

@@ -229,11 +229,26 @@ impl Ctx<'_> {
             b.stop(Duration::from_secs(5));
         }
         let events = parse_events(&std::fs::read_to_string(&cfg.results).unwrap_or_default());
+        if let Some(b) = events.iter().find_map(|e| match e {
+            Event::Start { uptime_s, .. } => Some(*uptime_s),
+            _ => None,
+        }) {
+            self.boot_s.get_or_insert(b);
+        }
+        self.note(format!(
+            "{label}: QEMU ran {:.1}s{}",
+            exit.elapsed.as_secs_f64(),
+            events
+                .iter()
+                .find_map(|e| match e {
+                    Event::Done { uptime_s, .. } =>
+                        Some(format!(", guest done at {uptime_s:.1}s uptime")),
+                    _ => None,
+                })
+                .unwrap_or_default()
+        ));
         match judge_events(&events, &exit, limit) {
-            Ok(b) => {
-                self.boot_s.get_or_insert(b);
-                Ok(())
-            }
+            Ok(_) => Ok(()),
             Err(e) => {
                 let q = tail(&qemu_log, 2);
                 let c = tail(&cfg.console_log, 3);
@@ -485,7 +500,8 @@ fn iso_steps(entries: &[Entry]) -> Vec<Step> {
             dir: MNT.into(),
             entries: entries.to_vec(),
             exact: true,
-            ignore: vec![],
+            // Where Rock Ridge relocates directories nested deeper than ISO 9660's 8 levels.
+            ignore: vec![".rr_moved".into(), "rr_moved".into()],
         },
         umount(),
         Step::WriteMustFail { dev: DEV.into() },

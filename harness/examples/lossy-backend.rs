@@ -1,0 +1,53 @@
+//! A deliberately broken vhost-user-blk backend, for proving that the harness fails when
+//! writes are lost: it takes `vloop-blk`'s command line (`--socket-path S --blk-file F
+//! [--read-only] [--num-queues N]`), copies F to a scratch file beside it (`F.lossy-scratch`), and
+//! becomes `qemu-storage-daemon` serving the scratch copy. Every write is acknowledged to the guest and none of them ever
+//! reaches F.
+//!
+//! Run the harness with `--backend-bin <this program>` (the vloop convention).
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+fn main() -> ExitCode {
+    let mut sock = None;
+    let mut file = None;
+    let mut queues = "1".to_string();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--socket-path" => sock = args.next(),
+            "--blk-file" => file = args.next(),
+            "--num-queues" => queues = args.next().unwrap_or_else(|| "1".into()),
+            "--read-only" => {}
+            other => {
+                eprintln!("error: lossy-backend: unknown argument {other}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let (Some(sock), Some(file)) = (sock, file) else {
+        eprintln!("error: lossy-backend needs --socket-path S --blk-file F");
+        return ExitCode::from(2);
+    };
+    let scratch = PathBuf::from(format!("{file}.lossy-scratch"));
+    if let Err(e) = std::fs::copy(&file, &scratch) {
+        eprintln!("error: lossy-backend: copy {file}: {e}");
+        return ExitCode::from(1);
+    }
+    eprintln!("lossy-backend: serving a scratch copy of {file}; writes never reach it");
+    let esc = |s: &str| s.replace(',', ",,");
+    // exec: the harness's SIGTERM (and Drop guard's SIGKILL) reach qemu-storage-daemon itself.
+    let e = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!("driver=file,node-name=f,filename={}", esc(&scratch.to_string_lossy())))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
+            esc(&sock)
+        ))
+        .exec();
+    eprintln!("error: lossy-backend: cannot run qemu-storage-daemon: {e}");
+    ExitCode::from(1)
+}
