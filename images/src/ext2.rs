@@ -9,9 +9,14 @@
 //! Building is one pass in tree order: directory blocks are packed in memory, file content
 //! is streamed from the source files into blocks allocated in increasing order (all-zero
 //! blocks become holes), then inode tables, bitmaps, group descriptors and superblocks are
-//! written. Nothing depends on the clock or on chance: the file system's times are the
-//! tree's timestamp and the UUID, unless given, is a SHA-256 of the options, the tree's
-//! metadata and every file's content.
+//! written. The image file is sparse: blocks nobody uses are never written. A file's
+//! indirect blocks always cover its whole length, holes included, because some readers
+//! (ext4-view 1.0) cannot follow a zero pointer in the upper levels of a block map.
+//!
+//! Nothing depends on the clock or on chance: the file system's times are the tree's
+//! timestamp, inode times the nodes' mtimes, and the UUID, unless given, is a SHA-256 of
+//! the options, the tree's metadata and every file's content (its non-zero blocks, so a
+//! sparse and a dense copy of a file hash alike). No blocks are reserved for root.
 
 mod layout;
 mod write;

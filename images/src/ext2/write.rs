@@ -160,9 +160,10 @@ struct Open {
     ptrs: Vec<u32>,
 }
 
-/// Builds one inode's block map while its blocks are written in logical order; holes
-/// (logical blocks never mapped) cost nothing. Indirect blocks are placed just before the
-/// first data block they point to, as the kernel's ext2 allocator does.
+/// Builds one inode's block map while its blocks are written in logical order. A hole
+/// costs no data block, but the indirect blocks above it are still allocated (see
+/// [`BlockMap::hole`]). Indirect blocks are placed just before the first block they
+/// point to, as the kernel's ext2 allocator does.
 pub struct BlockMap {
     block_size: u32,
     /// `i_block` pointers.
