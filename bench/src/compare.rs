@@ -188,10 +188,12 @@ pub struct Row {
     pub qsd: Summary,
     /// io_uring on the file.
     pub raw: Summary,
-    /// vloop IOPS / qsd IOPS.
+    /// vloop IOPS / qsd IOPS: median of the per-round ratios.
     pub vloop_over_qsd: Option<f64>,
-    /// vloop IOPS / raw IOPS.
+    /// vloop IOPS / raw IOPS: median of the per-round ratios.
     pub vloop_over_raw: Option<f64>,
+    /// qsd backend CPU per I/O / vloop backend CPU per I/O (efficiency; above 1 is better).
+    pub qsd_cpu_over_vloop_cpu: Option<f64>,
 }
 
 /// Memory of one backend.
@@ -287,6 +289,7 @@ pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
             raw: Summary::default(),
             vloop_over_qsd: None,
             vloop_over_raw: None,
+            qsd_cpu_over_vloop_cpu: None,
         })
         .collect();
     let mut vloop_mem = Memory::default();
@@ -342,12 +345,12 @@ pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
         }
     }
     for row in &mut rows {
-        let ratio = |a: &Summary, b: &Summary| {
-            (a.iops > 0.0 && b.iops > 0.0 && a.failure.is_none() && b.failure.is_none())
-                .then(|| a.iops / b.iops)
+        row.vloop_over_qsd = paired_ratio(&row.vloop, &row.qsd);
+        row.vloop_over_raw = paired_ratio(&row.vloop, &row.raw);
+        row.qsd_cpu_over_vloop_cpu = match (row.qsd.cpu_us_per_io, row.vloop.cpu_us_per_io) {
+            (Some(q), Some(v)) if v > 0.0 => Some(q / v),
+            _ => None,
         };
-        row.vloop_over_qsd = ratio(&row.vloop, &row.qsd);
-        row.vloop_over_raw = ratio(&row.vloop, &row.raw);
     }
     Ok(Report {
         image: opts.image.clone(),
@@ -360,6 +363,28 @@ pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
         qsd_memory: qsd_mem,
         wall_secs: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The median over rounds of a's IOPS / b's IOPS in the same round (the runs of one round
+/// are adjacent in time, so they share the machine's background load); when a round failed
+/// for either side, the ratio of the medians.
+fn paired_ratio(a: &Summary, b: &Summary) -> Option<f64> {
+    if a.iops <= 0.0 || b.iops <= 0.0 {
+        return None;
+    }
+    if a.failure.is_none() && b.failure.is_none() && a.iops_rounds.len() == b.iops_rounds.len() {
+        let r: Vec<f64> = a
+            .iops_rounds
+            .iter()
+            .zip(&b.iops_rounds)
+            .filter(|(_, y)| **y > 0.0)
+            .map(|(x, y)| x / y)
+            .collect();
+        if r.len() == a.iops_rounds.len() {
+            return Some(median(&r));
+        }
+    }
+    Some(a.iops / b.iops)
 }
 
 /// `e` and its sources, joined with ": ".
@@ -459,7 +484,7 @@ pub fn render(r: &Report) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "image {} ({} MiB, {}), {} rounds; IOPS are medians; latency p50/p99/p99.9 in us over all rounds;\nCPU/IO in us: v/q = backend process, r = the raw io_uring engine itself",
+        "image {} ({} MiB, {}), {} rounds; IOPS are medians; latency p50/p99/p99.9 in us over all rounds;\nv/qsd and v/raw are medians of per-round IOPS ratios; CPU/IO in us: v/q = backend process,\nr = the raw io_uring engine itself; q/vCPU = qsd CPU per I/O over vloop's (efficiency)",
         r.image.display(),
         r.image_size >> 20,
         if r.direct { "O_DIRECT" } else { "page cache" },
@@ -467,7 +492,7 @@ pub fn render(r: &Report) -> String {
     );
     let _ = writeln!(
         o,
-        "{:<20} {:>9} {:>9} {:>9} {:>7} {:>7} {:>9} {:>9} {:>16} {:>16} {:>16} {:>7} {:>7} {:>7}",
+        "{:<20} {:>9} {:>9} {:>9} {:>7} {:>7} {:>9} {:>9} {:>16} {:>16} {:>16} {:>7} {:>7} {:>7} {:>7}",
         "workload",
         "vloop",
         "qsd",
@@ -481,12 +506,13 @@ pub fn render(r: &Report) -> String {
         "raw lat",
         "vCPU/IO",
         "qCPU/IO",
-        "rCPU/IO"
+        "rCPU/IO",
+        "q/vCPU"
     );
     for row in &r.rows {
         let _ = writeln!(
             o,
-            "{:<20} {:>9} {:>9} {:>9} {:>7} {:>7} {:>9.1} {:>9.1} {:>16} {:>16} {:>16} {:>7} {:>7} {:>7}",
+            "{:<20} {:>9} {:>9} {:>9} {:>7} {:>7} {:>9.1} {:>9.1} {:>16} {:>16} {:>16} {:>7} {:>7} {:>7} {:>7}",
             row.name,
             num(&row.vloop),
             num(&row.qsd),
@@ -503,6 +529,7 @@ pub fn render(r: &Report) -> String {
             row.raw
                 .client_cpu_us_per_io
                 .map_or_else(|| "-".into(), |c| format!("{c:.1}")),
+            ratio(row.qsd_cpu_over_vloop_cpu),
         );
     }
     let _ = writeln!(
@@ -550,6 +577,24 @@ pub fn render(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ratios_pair_rounds() {
+        let s = |rounds: &[f64]| Summary {
+            iops: median(rounds),
+            iops_rounds: rounds.to_vec(),
+            ..Summary::default()
+        };
+        // Round by round: 2x, 2x, 1x -> median 2x (the ratio of medians would be 1.5x).
+        let a = s(&[200.0, 40.0, 30.0]);
+        let b = s(&[100.0, 20.0, 30.0]);
+        assert_eq!(paired_ratio(&a, &b), Some(2.0));
+        // Unpaired (a failed round): ratio of medians.
+        let mut c = s(&[200.0, 40.0]);
+        c.failure = Some("x".into());
+        assert_eq!(paired_ratio(&c, &b), Some(120.0 / 30.0));
+        assert_eq!(paired_ratio(&Summary::default(), &b), None);
+    }
 
     #[test]
     fn median_of_odd_and_even() {
