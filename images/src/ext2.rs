@@ -631,7 +631,7 @@ pub fn build_with_progress(
         .write(true)
         .create_new(true)
         .open(&tmp_path)
-        .map_err(io(&tmp_path, "create"))?;
+        .map_err(io(out, "create"))?;
     let mut tmp = TempImage {
         path: tmp_path.clone(),
         done: false,
@@ -654,7 +654,7 @@ pub fn build_with_progress(
     hash.update(opts.label.as_bytes());
     let mut w = Writer {
         bs,
-        out: Out::new(file, tmp_path.clone(), bs, OUT_BUF),
+        out: Out::new(file, out.to_path_buf(), bs, OUT_BUF),
         alloc: Alloc::new(&geo),
         hash,
         buf: vec![0u8; READ_BUF],
