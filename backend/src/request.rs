@@ -863,4 +863,107 @@ mod tests {
         ro.read_only = true;
         assert!(parse([d(0x1000, 16, 0), d(0x3000, 1, W)], &m, &ro).is_ok());
     }
+
+    #[test]
+    fn status_is_the_last_writable_byte_and_layout_checks() {
+        let m = mem();
+        let l = limits();
+        // A status descriptor longer than one byte: the status is its last byte.
+        header(&m, 0x1000, VIRTIO_BLK_T_FLUSH, 0);
+        let r = parse([d(0x1000, 16, 0), d(0x3000, 4, W)], &m, &l).unwrap();
+        assert_eq!(r.status, GuestAddress(0x3003));
+        // Zero-length writable descriptors are skipped when looking for the status.
+        let r = parse([d(0x1000, 16, 0), d(0x3000, 1, W), d(0x4000, 0, W)], &m, &l).unwrap();
+        assert_eq!(r.status, GuestAddress(0x3000));
+        // GET_ID with device-readable data: IOERR.
+        header(&m, 0x1000, VIRTIO_BLK_T_GET_ID, 0);
+        let r = err(
+            &[d(0x1000, 32, 0), d(0x2000, 20, W), d(0x3000, 1, W)],
+            &m,
+            &l,
+        );
+        assert_eq!(r.error, RequestError::WrongDirection(VIRTIO_BLK_T_GET_ID));
+        // A write with a device-writable data buffer: IOERR.
+        header(&m, 0x1000, VIRTIO_BLK_T_OUT, 0);
+        let r = err(
+            &[d(0x1000, 16, 0), d(0x2000, 512, W), d(0x3000, 1, W)],
+            &m,
+            &l,
+        );
+        assert_eq!(r.error, RequestError::WrongDirection(VIRTIO_BLK_T_OUT));
+        // A zero-length read is valid and does nothing.
+        header(&m, 0x1000, VIRTIO_BLK_T_IN, 3);
+        let r = parse([d(0x1000, 16, 0), d(0x3000, 1, W)], &m, &l).unwrap();
+        assert_eq!(r.data_len, 0);
+    }
+
+    mod props {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn arb_desc() -> impl Strategy<Value = (u64, u32, bool)> {
+            (
+                prop_oneof![0u64..0x11_0000, Just(u64::MAX - 8), 0x1000u64..0x1100],
+                prop_oneof![0u32..64, Just(16), Just(512), Just(1024), 0u32..0x2_0000],
+                any::<bool>(),
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Whatever the chain and the header, parsing never panics, and an accepted
+            /// request stays inside the disk and inside its own buffers.
+            #[test]
+            fn parse_is_total_and_accepted_requests_are_in_range(
+                descs in proptest::collection::vec(arb_desc(), 0..8),
+                t in prop_oneof![0u32..16, any::<u32>()],
+                sector in prop_oneof![0u64..40, any::<u64>()],
+                segs in proptest::collection::vec((0u64..40, 0u32..40, 0u32..4), 0..4),
+                capacity in 1u64..64,
+                ro in any::<bool>(),
+            ) {
+                let m = mem();
+                header(&m, 0x1000, t, sector);
+                for (i, (s, n, f)) in segs.iter().enumerate() {
+                    let mut raw = [0u8; 16];
+                    raw[0..8].copy_from_slice(&s.to_le_bytes());
+                    raw[8..12].copy_from_slice(&n.to_le_bytes());
+                    raw[12..16].copy_from_slice(&f.to_le_bytes());
+                    m.write_slice(&raw, GuestAddress(0x1010 + 16 * i as u64)).unwrap();
+                }
+                let mut l = Limits::for_capacity(capacity);
+                l.read_only = ro;
+                let chain: Vec<Descriptor> =
+                    descs.iter().map(|(a, n, w)| d(*a, *n, if *w { W } else { 0 })).collect();
+                match parse(chain, &m, &l) {
+                    Ok(r) => {
+                        let sum: u64 = r.data.iter().map(|g| u64::from(g.len)).sum();
+                        prop_assert_eq!(sum, r.data_len);
+                        match &r.kind {
+                            RequestKind::Read { sector } | RequestKind::Write { sector } => {
+                                prop_assert_eq!(r.data_len % 512, 0);
+                                prop_assert!(sector + r.data_len / 512 <= capacity);
+                                if matches!(r.kind, RequestKind::Write { .. }) {
+                                    prop_assert!(!ro);
+                                }
+                            }
+                            RequestKind::Discard(s) | RequestKind::WriteZeroes(s) => {
+                                prop_assert!(!ro);
+                                for seg in s {
+                                    prop_assert!(seg.sector + u64::from(seg.num_sectors) <= capacity);
+                                }
+                            }
+                            RequestKind::Flush | RequestKind::GetId => {}
+                        }
+                    }
+                    Err(rej) => {
+                        let st = rej.error.status();
+                        prop_assert!(st == 1 || st == 2);
+                    }
+                }
+            }
+        }
+    }
 }
