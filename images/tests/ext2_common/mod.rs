@@ -17,17 +17,18 @@ use sha2::{Digest, Sha256};
 /// Build timestamp used by the tests (in the past, so e2fsck sees no future times).
 pub const TS: i64 = 1_700_000_000;
 
-/// Deterministic, non-zero file content.
+/// Deterministic file content with no zero byte (so no block of it is a hole).
 pub fn pattern(len: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (x >> 24) as u8 | 1
-        })
-        .collect()
+    let mut x = u64::from(seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&(x | 0x0101_0101_0101_0101).to_le_bytes());
+    }
+    out.truncate(len);
+    out
 }
 
 fn write(p: &Path, data: &[u8]) {
