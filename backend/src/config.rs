@@ -125,7 +125,7 @@ impl Config {
             image: image.into(),
             read_only: false,
             num_queues: 1,
-            queue_size: 256,
+            queue_size: 1024,
             serial: None,
             logical_block_size: BlockSize::B512,
             direct: false,

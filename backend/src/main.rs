@@ -62,7 +62,7 @@ struct Args {
     #[arg(long, default_value_t = 1, value_name = "N")]
     num_queues: u16,
     /// Largest virtqueue size the frontend may use (power of two).
-    #[arg(long, default_value_t = 256, value_name = "N")]
+    #[arg(long, default_value_t = 1024, value_name = "N")]
     queue_size: u16,
     /// Serial number the guest reads with GET_ID (at most 20 bytes; default derived from the
     /// image path).
