@@ -235,6 +235,29 @@ pub fn bind(listen: &Listen) -> Result<BoundSocket, DaemonError> {
     }
 }
 
+/// A listener in a fresh directory only this user can enter, with one connection to it
+/// pending; the socket file and the directory are gone when this returns.
+fn private_pair() -> io::Result<(Listener, UnixStream)> {
+    use std::os::unix::fs::DirBuilderExt;
+    use std::sync::atomic::AtomicU32;
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "vloop-blk-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = fs::remove_dir_all(&dir);
+    fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let path = dir.join("relay.sock");
+    let pair = UnixListener::bind(&path).and_then(|l| {
+        let c = UnixStream::connect(&path)?;
+        Ok((Listener::from(l), c))
+    });
+    let _ = fs::remove_file(&path);
+    let _ = fs::remove_dir(&dir);
+    pair
+}
+
 /// Serves one image on one listening socket until stopped.
 #[derive(Debug)]
 pub struct Daemon {
@@ -315,18 +338,31 @@ impl Daemon {
         )?);
         let mut daemon = VhostUserDaemon::new("vloop-blk".into(), device.clone(), mem)
             .map_err(|e| DaemonError::Vhost(e.to_string()))?;
-        let dup = self
+        let (outer, _) = self
             .socket
             .listener
-            .try_clone()
+            .accept()
             .map_err(|source| DaemonError::Io {
-                what: "dup of the listening socket",
+                what: "accept",
                 source,
             })?;
-        let mut listener = Listener::from(dup);
+        // vhost-user-backend gets the other end of a private relay that adds inflight I/O
+        // tracking (crate::inflight).
+        let (mut listener, inner) = private_pair().map_err(|source| DaemonError::Io {
+            what: "creating the vhost-user relay socket",
+            source,
+        })?;
         daemon
             .start(&mut listener)
             .map_err(|e| DaemonError::Vhost(e.to_string()))?;
+        drop(listener);
+        let relay =
+            crate::inflight::relay(outer, inner, device.inflight().clone()).map_err(|source| {
+                DaemonError::Io {
+                    what: "starting the vhost-user relay",
+                    source,
+                }
+            })?;
         self.stop.set_current(daemon.shutdown_handle());
         if self.stop.stopped() {
             daemon.request_shutdown();
@@ -336,6 +372,9 @@ impl Daemon {
         self.stop.set_current(None);
         // Dropping the daemon stops the workers after their current batch.
         drop(daemon);
+        for t in relay {
+            let _ = t.join();
+        }
         let s = device.stats();
         match result {
             Ok(()) => info!("frontend disconnected"),

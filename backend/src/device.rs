@@ -23,6 +23,7 @@ use vmm_sys_util::event::{
 
 use crate::config::{Config, DiscardMode};
 use crate::disk::Disk;
+use crate::inflight::Inflight;
 use crate::io::{EngineError, Executor, GuestMem, RateLimiter, Stats};
 use crate::request::SECTOR_SHIFT;
 
@@ -64,6 +65,7 @@ pub struct BlkDevice {
     workers: Vec<Mutex<Executor>>,
     exits: Vec<(EventConsumer, EventNotifier)>,
     limiter: Mutex<RateLimiter>,
+    inflight: Arc<Inflight>,
 }
 
 impl std::fmt::Debug for BlkDevice {
@@ -152,7 +154,13 @@ impl BlkDevice {
             workers,
             exits,
             limiter: Mutex::new(RateLimiter::new(crate::io::WARNINGS_PER_SECOND)),
+            inflight: Arc::new(Inflight::new(config.num_queues)),
         })
+    }
+
+    /// The inflight tracking state of this connection (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD).
+    pub fn inflight(&self) -> &Arc<Inflight> {
+        &self.inflight
     }
 
     /// The disk served.
@@ -215,7 +223,22 @@ impl BlkDevice {
         worker: &mut Executor,
         mem: &GuestMem,
     ) -> io::Result<()> {
-        match worker.process_queue(state.get_queue_mut(), mem) {
+        let region = self.inflight.region();
+        let track = region.as_ref().and_then(|r| r.queue(worker.queue()));
+        let mut resubmitted = 0;
+        if let Some(t) = &track {
+            if self.inflight.take_recovery(worker.queue()) {
+                match crate::inflight::resubmit(state.get_queue_mut(), mem, worker, t) {
+                    Ok(n) => resubmitted = n,
+                    Err(e) => {
+                        self.warn_limited(format_args!("resubmitting in-flight requests: {e}"))
+                    }
+                }
+            }
+        }
+        let tracked = track.as_ref().map(|t| (t, &*self.inflight));
+        match worker.process_queue_tracked(state.get_queue_mut(), mem, tracked) {
+            Ok(false) if resubmitted > 0 => state.signal_used_queue(),
             Ok(true) => {
                 tracing::trace!("signal used queue");
                 state.signal_used_queue()

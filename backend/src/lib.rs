@@ -6,6 +6,7 @@
 //! - [`lock`]: QEMU-compatible image locking;
 //! - [`disk`]: the open image and its non-data operations (flush, discard, write zeroes);
 //! - [`io`]: the executor that runs batches of requests on io_uring (or blocking syscalls);
+//! - [`inflight`]: inflight I/O tracking, so a restarted backend resubmits what was in flight;
 //! - [`device`]: the vhost-user-backend device (features, config space, worker threads);
 //! - [`daemon`]: the listening socket, reconnection and clean shutdown.
 
@@ -13,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod device;
 pub mod disk;
+pub mod inflight;
 pub mod io;
 pub mod lock;
 pub mod request;

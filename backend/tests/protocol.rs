@@ -905,3 +905,44 @@ fn truncated_image_reads_fail_cleanly() {
         .unwrap();
     d.finish();
 }
+
+#[test]
+fn inflight_fd_is_offered_created_and_checked() {
+    use std::os::fd::AsRawFd;
+
+    use vhost::vhost_user::message::VhostUserInflight;
+    use vloop_blk::inflight::{queue_region_size, InflightRegion};
+    let s = setup();
+    let d = Vloop::start(&s.image, &s.socket, &[]);
+    {
+        let mut f = raw_frontend(&s.socket);
+        let features = f.get_features().unwrap();
+        let pf = f.get_protocol_features().unwrap();
+        assert!(
+            pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+            "INFLIGHT_SHMFD not offered: {pf:?}"
+        );
+        f.set_protocol_features(
+            pf & (VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+        )
+        .unwrap();
+        f.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+        f.set_features(features & ((1 << 32) | (1 << 30))).unwrap();
+        let (info, file) = f
+            .get_inflight_fd(&VhostUserInflight::new(0, 0, 1, 64))
+            .unwrap();
+        assert_eq!(info.mmap_size, queue_region_size(64));
+        assert_eq!(file.metadata().unwrap().len(), info.mmap_size);
+        // The region is initialised for the queue it was asked for.
+        let region = InflightRegion::open(&file, info.mmap_size, 0, 1, 64).unwrap();
+        assert!(region.queue(0).unwrap().recover(0).is_empty());
+        // Handing it back (as after a reconnect) is accepted...
+        f.set_inflight_fd(&info, file.as_raw_fd()).unwrap();
+        // ...a region too small for the queues it claims is not.
+        let bad = VhostUserInflight::new(64, 0, 4, 256);
+        assert!(f.set_inflight_fd(&bad, file.as_raw_fd()).is_err());
+    }
+    d.finish();
+}

@@ -26,6 +26,7 @@ pub use self::engine::{Engine, EngineError, RwOp, IOV_MAX};
 pub use self::ratelimit::RateLimiter;
 use crate::config::EngineKind;
 use crate::disk::Disk;
+use crate::inflight::{Inflight, QueueInflight};
 use crate::request::{parse, GuestRange, RequestKind, ID_BYTES, SECTOR_SIZE};
 
 /// Guest memory as the backend maps it (no dirty-page bitmap).
@@ -100,6 +101,11 @@ impl Executor {
         })
     }
 
+    /// The queue this executor serves.
+    pub fn queue(&self) -> u16 {
+        self.queue
+    }
+
     /// The engine in use.
     pub fn engine(&self) -> &Engine {
         &self.engine
@@ -129,13 +135,36 @@ impl Executor {
         queue: &mut Queue,
         mem: &GuestMem,
     ) -> Result<bool, virtio_queue::Error> {
+        self.process_queue_tracked(queue, mem, None)
+    }
+
+    /// [`Executor::process_queue`] with inflight tracking ([`crate::inflight`]): each chain is
+    /// recorded in `track` when taken and cleared once it is in the used ring.
+    pub fn process_queue_tracked(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMem,
+        track: Option<(&QueueInflight<'_>, &Inflight)>,
+    ) -> Result<bool, virtio_queue::Error> {
         let chains: Vec<_> = queue.iter(mem)?.map(|c| (c.head_index(), c)).collect();
         if chains.is_empty() {
             return Ok(false);
         }
+        if let Some((t, counter)) = track {
+            for (head, _) in &chains {
+                t.take(*head, counter.next_counter());
+            }
+        }
         let done = self.execute(mem, chains);
+        let heads: Vec<u16> = done.iter().map(|c| c.head).collect();
+        if let Some((t, _)) = track {
+            t.begin_batch(&heads);
+        }
         for c in &done {
             queue.add_used(mem, c.head, c.len)?;
+        }
+        if let Some((t, _)) = track {
+            t.end_batch(&heads, queue.next_used());
         }
         queue.needs_notification(mem)
     }
