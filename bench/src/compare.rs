@@ -73,6 +73,8 @@ pub struct CompareOptions {
     pub workloads: Vec<Workload>,
     /// Skip qemu-storage-daemon.
     pub skip_qsd: bool,
+    /// Extra command-line arguments for vloop-blk.
+    pub vloop_args: Vec<String>,
 }
 
 /// The default comparison set with `runtime` per run.
@@ -425,7 +427,11 @@ fn run_one(
         queues,
         direct: opts.direct,
         read_only: false,
-        extra_args: vec![],
+        extra_args: if target == Target::Vloop {
+            opts.vloop_args.clone()
+        } else {
+            Vec::new()
+        },
     };
     let mut d = Daemon::spawn(&spec, Duration::from_secs(10))
         .map_err(|e: DaemonError| format!("cannot start: {}", chain(&e)))?;

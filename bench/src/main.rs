@@ -67,6 +67,9 @@ struct Args {
     /// Rounds of --compare.
     #[arg(long, default_value_t = 4)]
     rounds: u32,
+    /// Extra argument for vloop-blk in --compare (repeatable, e.g. --vloop-arg=--queue-size=512).
+    #[arg(long = "vloop-arg", allow_hyphen_values = true)]
+    vloop_args: Vec<String>,
     /// Leave qemu-storage-daemon out of --compare.
     #[arg(long)]
     no_qsd: bool,
@@ -191,6 +194,7 @@ fn run(a: Args) -> Result<()> {
             direct: a.direct,
             workloads,
             skip_qsd: a.no_qsd,
+            vloop_args: a.vloop_args.clone(),
         };
         let report = compare::run(&opts)?;
         out(&compare::render(&report));
