@@ -75,6 +75,8 @@ pub struct CompareOptions {
     pub skip_qsd: bool,
     /// Extra command-line arguments for vloop-blk.
     pub vloop_args: Vec<String>,
+    /// Start no further round when it would end after this much wall time.
+    pub time_budget: Option<Duration>,
 }
 
 /// The default comparison set with `runtime` per run.
@@ -300,7 +302,18 @@ pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
     if opts.skip_qsd {
         targets.retain(|t| *t != Target::Qsd);
     }
+    let mut rounds_done = 0;
     for round in 0..opts.rounds {
+        if let Some(budget) = opts.time_budget {
+            let per_round = started.elapsed() / round.max(1);
+            if round > 0 && started.elapsed() + per_round > budget {
+                eprintln!(
+                    "stopping after {round} rounds: another would pass the {budget:?} time budget"
+                );
+                break;
+            }
+        }
+        rounds_done += 1;
         for (wi, row) in rows.iter_mut().enumerate() {
             // Rotate the order for every (round, workload) so drift (page cache, writeback,
             // other load on the machine) spreads evenly over the targets.
@@ -358,7 +371,7 @@ pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
         image: opts.image.clone(),
         image_size: opts.image_size,
         direct: opts.direct,
-        rounds: opts.rounds,
+        rounds: rounds_done,
         daemon_queues: queues,
         rows,
         vloop_memory: vloop_mem,

@@ -70,6 +70,9 @@ struct Args {
     /// Extra argument for vloop-blk in --compare (repeatable, e.g. --vloop-arg=--queue-size=512).
     #[arg(long = "vloop-arg", allow_hyphen_values = true)]
     vloop_args: Vec<String>,
+    /// --compare starts no round that would end after this much time.
+    #[arg(long, default_value = "280s")]
+    time_budget: String,
     /// Leave qemu-storage-daemon out of --compare.
     #[arg(long)]
     no_qsd: bool,
@@ -195,6 +198,7 @@ fn run(a: Args) -> Result<()> {
             workloads,
             skip_qsd: a.no_qsd,
             vloop_args: a.vloop_args.clone(),
+            time_budget: Some(parse_duration(&a.time_budget)?),
         };
         let report = compare::run(&opts)?;
         out(&compare::render(&report));

@@ -115,3 +115,38 @@ fn compare_prints_the_table_and_json() {
         assert!(stdout.contains("failed"), "{stdout}");
     }
 }
+
+#[test]
+fn compare_stops_rounds_at_the_time_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("c.json");
+    let out = Command::new(BIN)
+        .args(["--compare", "--only", "--no-qsd", "--runtime", "100ms"])
+        .args([
+            "--rounds",
+            "50",
+            "--time-budget",
+            "1s",
+            "--image-size",
+            "4M",
+        ])
+        .arg("--image")
+        .arg(dir.path().join("img"))
+        .arg("--vloop-bin")
+        .arg(dir.path().join("absent-vloop-blk"))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rounds = v["rounds"].as_u64().unwrap();
+    assert!((1..50).contains(&rounds), "{rounds} rounds");
+    let raw_rounds = v["rows"][0]["raw"]["iops_rounds"].as_array().unwrap().len() as u64;
+    assert_eq!(raw_rounds, rounds);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("time budget"));
+}
