@@ -23,4 +23,5 @@ against!(
     unknown_type_is_unsupported,
     reads_past_the_end_fail,
     second_client_after_disconnect,
+    works_without_event_idx_and_reply_ack,
 );
