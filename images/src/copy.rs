@@ -515,7 +515,7 @@ pub fn copy_into(
     Ok((sha, written))
 }
 
-/// A short line for humans: `copied 10 MiB (8 MiB in holes) in 0.1 s, 100 MiB/s`.
+/// A short line for humans: `copied 10 MiB (10485760 bytes, 8 MiB in holes) in 0.10 s, 100 MiB/s`.
 pub fn describe(s: &CopySummary) -> String {
     let secs = s.elapsed.as_secs_f64();
     let rate = if secs > 0.0 {
@@ -524,10 +524,15 @@ pub fn describe(s: &CopySummary) -> String {
         String::new()
     };
     format!(
-        "copied {} ({} bytes, {} in holes) in {secs:.2} s{rate}",
+        "copied {} ({} bytes, {} in holes) in {secs:.2} s{rate}{}",
         Size(s.bytes).human(),
         s.bytes,
         Size(s.holes_bytes).human(),
+        if s.verified {
+            " (copy and read-back of both)"
+        } else {
+            ""
+        },
     )
 }
 
