@@ -93,7 +93,10 @@ pub fn find_guest(explicit: Option<&Path>) -> Result<PathBuf, InitramfsError> {
         .join("vloop-guest");
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/Cargo.toml");
     if src.exists() && !up_to_date(&built, &src) {
-        tracing::info!("building the static guest agent into {}", target.display());
+        eprintln!(
+            "vloop-harness: building the static guest agent (only when its sources change) into {}",
+            target.join(GUEST_TARGET).display()
+        );
         let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
             .args([
                 "build",

@@ -16,6 +16,7 @@ pub mod initramfs;
 pub mod kernel;
 pub mod manifest;
 pub mod process;
+pub mod pvh;
 pub mod qemu;
 pub mod report;
 pub mod run;

@@ -83,6 +83,9 @@ struct RunArgs {
     /// Extra kernel command-line words.
     #[arg(long, default_value = "")]
     append: String,
+    /// Boot the bzImage through the firmware instead of the extracted vmlinux's PVH entry.
+    #[arg(long)]
+    no_pvh: bool,
 }
 
 fn main() -> ExitCode {
@@ -125,6 +128,7 @@ fn main() -> ExitCode {
         mem_mib: a.memory,
         timeout_s: a.timeout,
         append: a.append,
+        pvh: !a.no_pvh,
     };
     match vloop_harness::run(&opts) {
         Ok(outcomes) if outcomes.iter().all(|o| o.passed) => ExitCode::SUCCESS,

@@ -184,7 +184,24 @@ pub fn e2fsck(image: &Path) -> Result<String, String> {
     if out.status.success() {
         Ok(text.lines().last().unwrap_or("").to_string())
     } else {
-        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("e2fsck 1."))
+            .collect();
+        let own: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| l.starts_with("e2fsck: "))
+            .take(2)
+            .collect();
+        if !own.is_empty() {
+            return Err(format!(
+                "e2fsck -fn failed ({}): {}",
+                out.status,
+                own.join(" | ")
+            ));
+        }
         Err(format!(
             "e2fsck -fn found problems ({}): {}",
             out.status,

@@ -71,6 +71,8 @@ pub struct RunOptions {
     pub timeout_s: u64,
     /// Extra kernel command line.
     pub append: String,
+    /// Boot the extracted vmlinux through its PVH entry point (faster under TCG).
+    pub pvh: bool,
 }
 
 /// Parses `I/N` (1-based).
@@ -181,6 +183,11 @@ pub fn run(opts: &RunOptions) -> Result<Vec<Outcome>, RunError> {
             Vec::new()
         }
     };
+    let boot_kernel = if opts.pvh {
+        pvh_kernel(&k.image)
+    } else {
+        k.image.clone()
+    };
     let guest = initramfs::find_guest(opts.guest_bin.as_deref())?;
     let busybox = initramfs::find_busybox()?;
     let base = initramfs::base_archive(&guest, &busybox, &modules)?;
@@ -190,7 +197,7 @@ pub fn run(opts: &RunOptions) -> Result<Vec<Outcome>, RunError> {
     let env = Env {
         qemu,
         accel,
-        kernel: k.image.clone(),
+        kernel: boot_kernel.clone(),
         base_initrd: base_path,
         modules: initramfs::plan_module_names(&modules),
         backend: backend.clone(),
@@ -204,7 +211,7 @@ pub fn run(opts: &RunOptions) -> Result<Vec<Outcome>, RunError> {
         "vloop-harness: {} scenario(s), {jobs} job(s); accel {accel} ({why}); backend {}; kernel {} ({}); images: {}; set-up {:.1}s",
         names.len(),
         backend.bin.display(),
-        k.image.display(),
+        boot_kernel.display(),
         k.source,
         images.tool(),
         t0.elapsed().as_secs_f64()
@@ -213,7 +220,7 @@ pub fn run(opts: &RunOptions) -> Result<Vec<Outcome>, RunError> {
     let info = RunInfo {
         accel: format!("{accel} ({why})"),
         backend: format!("{:?} {}", backend.kind, backend.bin.display()).to_lowercase(),
-        kernel: format!("{} ({})", k.image.display(), k.source),
+        kernel: format!("{} ({})", boot_kernel.display(), k.source),
         images: images.tool().into(),
         wall_s: t0.elapsed().as_secs_f64(),
         jobs,
@@ -238,6 +245,31 @@ pub fn run(opts: &RunOptions) -> Result<Vec<Outcome>, RunError> {
         }
     }
     Ok(outcomes)
+}
+
+/// The PVH-bootable vmlinux of `image`, extracted into the cache; `image` itself when that
+/// is impossible.
+fn pvh_kernel(image: &Path) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(md) = std::fs::metadata(image) else {
+        return image.to_path_buf();
+    };
+    let name = image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dir = kernel::cache_dir().join("pvh");
+    let out = dir.join(format!("{name}-{}-{}.vmlinux", md.len(), md.mtime()));
+    let r = std::fs::create_dir_all(&dir)
+        .map_err(|e| crate::pvh::PvhError::Io(dir.clone(), e))
+        .and_then(|()| crate::pvh::extract(image, &out));
+    match r {
+        Ok(()) => out,
+        Err(e) => {
+            tracing::warn!("booting the bzImage as is: {e}");
+            image.to_path_buf()
+        }
+    }
 }
 
 fn run_parallel(

@@ -35,15 +35,30 @@ fn missing_prerequisite() -> Option<String> {
     None
 }
 
+/// The lossy backend example, built on demand (`cargo test --test guests` alone does not
+/// build examples).
 fn lossy_backend() -> PathBuf {
     // Test executables live in <target>/<profile>/deps; examples in <target>/<profile>/examples.
     let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("lossy-backend")
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let bin = profile_dir.join("examples").join("lossy-backend");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "-p", "vloop-harness", "--example", "lossy-backend"])
+        .env("CARGO_TARGET_DIR", profile_dir.parent().unwrap());
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let st = cmd
+        .status()
+        .expect("run cargo to build the lossy-backend example");
+    assert!(st.success(), "building the lossy-backend example failed");
+    assert!(
+        bin.is_file(),
+        "cargo built the lossy-backend example but {} is missing",
+        bin.display()
+    );
+    bin
 }
 
 fn options(results: &Path, backend: BackendKind, bin: Option<PathBuf>) -> RunOptions {
@@ -65,6 +80,7 @@ fn options(results: &Path, backend: BackendKind, bin: Option<PathBuf>) -> RunOpt
         mem_mib: 256,
         timeout_s: 12,
         append: String::new(),
+        pvh: true,
     }
 }
 
@@ -75,11 +91,6 @@ fn ext2_format_passes_on_a_healthy_backend_and_fails_when_writes_are_lost() {
         return;
     }
     let lossy = lossy_backend();
-    assert!(
-        lossy.is_file(),
-        "{} missing: cargo test builds examples",
-        lossy.display()
-    );
 
     // Control: the same scenario on qemu-storage-daemon passes, so a failure below is the
     // lost writes and not a broken set-up.
