@@ -418,7 +418,10 @@ pub(crate) fn walk_data(
                     }
                     Ok(k) => got += k,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(read_err(off + got as u64, e)),
+                    Err(e) => {
+                        let at = bad_sector(src, off + got as u64, off + n as u64);
+                        return Err(read_err(at, e));
+                    }
                 }
             }
             if !visit(off, chunk, false)? {
@@ -429,6 +432,23 @@ pub(crate) fn walk_data(
         }
     }
     Ok(())
+}
+
+/// The first 512-byte sector in `from..to` that cannot be read, found by reading the range
+/// sector by sector after a large read failed; `from` if every sector reads.
+fn bad_sector(src: &dyn Source, from: u64, to: u64) -> u64 {
+    let mut sector = [0u8; crate::size::SECTOR as usize];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(crate::size::SECTOR) as usize;
+        match src.read_at(&mut sector[..n], at) {
+            Ok(0) => break,
+            Ok(k) => at += k as u64,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return at,
+        }
+    }
+    from
 }
 
 /// [`walk_data`] with every byte hashed (holes as zeros), `data` called for data chunks.
@@ -589,8 +609,9 @@ mod tests {
             err.to_string(),
             "read error in /dev/sr0 at byte 3149824 (sector 6152); the copy was discarded"
         );
-        // Aligned 1 MiB reads: three full chunks, then a short read and the failing one.
-        assert_eq!(src.reads.get(), 5);
+        // Aligned 1 MiB reads: three full chunks, a short read, the failing one, then one
+        // sector read that finds the failing sector.
+        assert_eq!(src.reads.get(), 6);
     }
 
     /// A source that ends after `len` bytes.
@@ -602,6 +623,43 @@ mod tests {
             buf[..n].fill(1);
             Ok(n)
         }
+    }
+
+    /// A device with one bad sector: any read that covers it fails whole, as disks do.
+    struct BadSector(u64);
+
+    impl Source for BadSector {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            if (offset..offset + buf.len() as u64).contains(&self.0) {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            buf.fill(1);
+            Ok(buf.len())
+        }
+    }
+
+    #[test]
+    fn read_error_names_the_bad_sector() {
+        let d = tempfile::tempdir().unwrap();
+        let out = File::create(d.path().join("o")).unwrap();
+        let bad = (5 << 20) + 7 * 512 + 100;
+        let err = copy_into(
+            &BadSector(bad),
+            Path::new("/dev/sr0"),
+            8 << 20,
+            &out,
+            Path::new("o"),
+            &ProgressBar::hidden(),
+        )
+        .unwrap_err();
+        let sector_start = bad - bad % 512;
+        assert!(
+            matches!(err, CopyError::Read { offset, .. } if offset == sector_start),
+            "{err:?}"
+        );
+        assert!(err
+            .to_string()
+            .contains(&format!("sector {}", sector_start / 512)));
     }
 
     #[test]
