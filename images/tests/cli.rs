@@ -433,6 +433,15 @@ fn info_identifies_partition_tables() {
             let parts = j["content"]["partitions"].as_array().unwrap();
             assert_eq!(parts.len(), 2, "{j}");
             assert_eq!(parts[0]["number"], 1);
+            if label == "gpt" {
+                let mut c = Command::new("sfdisk");
+                c.arg("--disk-id").arg(&img);
+                let o = run_cmd(c);
+                let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+                assert_eq!(j["content"]["disk_guid"], id.as_str(), "{j}");
+                assert_eq!(parts[0]["first_lba"], 2048, "{j}");
+                assert_eq!(parts[0]["last_lba"], 2048 + 8192 - 1, "{j}");
+            }
         }
     }
 }
