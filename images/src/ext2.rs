@@ -511,11 +511,11 @@ impl Writer<'_> {
             // Skip what the source says is a hole.
             let data = seek(&f, l * bs, Whence::SeekData).unwrap_or(size);
             let first_data = (data / bs).clamp(l, nblocks);
+            self.done += (first_data * bs).min(size) - (l * bs).min(size);
             while l < first_data {
                 map.hole(l, &mut self.alloc, &mut self.out)?;
                 l += 1;
             }
-            self.done += (first_data * bs).min(size) - (l * bs).min(size);
             if l >= nblocks {
                 break;
             }

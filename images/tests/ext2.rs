@@ -113,6 +113,14 @@ fn triple_indirect_sparse_file() {
         block_size: 1024,
         ..Ext2Options::default()
     };
+    // Progress counts the holes too and ends at the total.
+    let mut last = (0, 0);
+    vloop_images::ext2::build_with_progress(&tree_of(&src), &img, &opts, &mut |d, t| {
+        assert!(d >= last.0 && d <= t);
+        last = (d, t);
+    })
+    .unwrap();
+    assert_eq!(last, (70 * 1048576 + 5001, 70 * 1048576 + 5001));
     build_checked(&src, &img, &opts);
     if let Some(stat) = debugfs_stat(&img, "/sparse") {
         assert!(stat.contains("(TIND)"), "no triple indirect block:\n{stat}");
