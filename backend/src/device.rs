@@ -66,6 +66,27 @@ pub struct BlkDevice {
     exits: Vec<(EventConsumer, EventNotifier)>,
     limiter: Mutex<RateLimiter>,
     inflight: Arc<Inflight>,
+    /// Exit-event consumers handed to vhost-user-backend. Its `VringEpollHandler` (0.24)
+    /// registers them with `into_raw_fd()` and never closes them, which would leak one
+    /// descriptor per queue per connection; the device closes them when it is dropped, which
+    /// is after every epoll handler that held it.
+    leaked_exit_fds: Mutex<Vec<std::os::fd::RawFd>>,
+}
+
+impl Drop for BlkDevice {
+    fn drop(&mut self) {
+        let fds = std::mem::take(
+            self.leaked_exit_fds
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for fd in fds {
+            // SAFETY: `fd` is a duplicate made by `exit_event` whose ownership vhost-user-backend
+            // took with `into_raw_fd()` and dropped without closing; the epoll handlers that
+            // used it are gone (each held this device), so nothing else owns it.
+            unsafe { libc::close(fd) };
+        }
+    }
 }
 
 impl std::fmt::Debug for BlkDevice {
@@ -155,6 +176,7 @@ impl BlkDevice {
             exits,
             limiter: Mutex::new(RateLimiter::new(crate::io::WARNINGS_PER_SECOND)),
             inflight: Arc::new(Inflight::new(config.num_queues)),
+            leaked_exit_fds: Mutex::new(Vec::new()),
         })
     }
 
@@ -336,7 +358,12 @@ impl VhostUserBackend for BlkDevice {
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         let (c, n) = self.exits.get(thread_index)?;
-        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+        let (c, n) = (c.try_clone().ok()?, n.try_clone().ok()?);
+        self.leaked_exit_fds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(std::os::fd::AsRawFd::as_raw_fd(&c));
+        Some((c, n))
     }
 
     fn handle_event(

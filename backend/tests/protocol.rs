@@ -946,3 +946,38 @@ fn inflight_fd_is_offered_created_and_checked() {
     }
     d.finish();
 }
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn connections_do_not_leak_descriptors() {
+    let s = setup();
+    let mut d = Vloop::start(&s.image, &s.socket, &["--num-queues", "2"]);
+    let pid = d.child.as_ref().unwrap().id();
+    // Warm up (lazy initialisation, thread stacks), then count.
+    for _ in 0..2 {
+        d.assert_serves();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let before = open_fds(pid);
+    for _ in 0..20 {
+        d.assert_serves();
+    }
+    // The last connection is torn down asynchronously.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut after = open_fds(pid);
+    while after > before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        after = open_fds(pid);
+    }
+    assert!(
+        after <= before,
+        "vloop-blk holds {} more descriptors after 20 connections ({before} -> {after})",
+        after - before
+    );
+    d.finish();
+}
