@@ -866,7 +866,7 @@ pub fn build_with_progress(
 /// Sets bits `from..to` of a bitmap.
 fn set_bits(bitmap: &mut [u8], from: usize, to: usize) {
     let mut i = from;
-    while i < to && i % 8 != 0 {
+    while i < to && !i.is_multiple_of(8) {
         bitmap[i / 8] |= 1 << (i % 8);
         i += 1;
     }

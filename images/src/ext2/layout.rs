@@ -78,7 +78,7 @@ pub enum GeometryError {
 /// True if group `g` holds a superblock copy under `sparse_super`.
 pub fn has_super(g: u32) -> bool {
     fn power_of(mut n: u32, b: u32) -> bool {
-        while n % b == 0 {
+        while n.is_multiple_of(b) {
             n /= b;
         }
         n == 1
