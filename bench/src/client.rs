@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_blk as vb;
@@ -126,6 +126,8 @@ pub struct ClientOptions {
     pub event_idx: bool,
     /// Ask for REPLY_ACK on every setting message when offered.
     pub reply_ack: bool,
+    /// Negotiate INFLIGHT_SHMFD when offered and share an inflight region, as QEMU does.
+    pub inflight: bool,
     /// Time-out of synchronous requests.
     pub timeout: Duration,
 }
@@ -140,6 +142,7 @@ impl Default for ClientOptions {
             scratch_size: 64 << 10,
             event_idx: true,
             reply_ack: true,
+            inflight: true,
             timeout: Duration::from_secs(10),
         }
     }
@@ -170,6 +173,7 @@ pub struct Client {
     protocol: VhostUserProtocolFeatures,
     max_queues: u64,
     queues: Vec<Option<Queue>>,
+    inflight: Option<std::fs::File>,
 }
 
 impl std::fmt::Debug for Client {
@@ -233,6 +237,9 @@ impl Client {
         if opts.reply_ack {
             want |= VhostUserProtocolFeatures::REPLY_ACK;
         }
+        if opts.inflight {
+            want |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        }
         let protocol = pf_offered & want;
         if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(ClientError::MissingFeature(
@@ -281,6 +288,17 @@ impl Client {
             }
             Some(n) => u64::from(n),
             None => device_queues,
+        };
+
+        // Like QEMU: get the backend's inflight region and hand it back before the rings start.
+        let inflight = if protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+            let ask = VhostUserInflight::new(0, 0, nq as u16, opts.queue_size);
+            let (region, file) = fe.get_inflight_fd(&ask).map_err(vh("GET_INFLIGHT_FD"))?;
+            fe.set_inflight_fd(&region, file.as_raw_fd())
+                .map_err(vh("SET_INFLIGHT_FD"))?;
+            Some(file)
+        } else {
+            None
         };
 
         let ring_len = RingLayout::new(opts.queue_size, 0)?
@@ -376,6 +394,7 @@ impl Client {
             protocol,
             max_queues,
             queues,
+            inflight,
         })
     }
 
@@ -407,6 +426,11 @@ impl Client {
     /// Queue count the backend announced with GET_QUEUE_NUM (1 without MQ).
     pub fn max_queues(&self) -> u64 {
         self.max_queues
+    }
+
+    /// The inflight region the backend shared (INFLIGHT_SHMFD), if negotiated.
+    pub fn inflight_file(&self) -> Option<&std::fs::File> {
+        self.inflight.as_ref()
     }
 
     /// Number of started queues.

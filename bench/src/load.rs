@@ -157,9 +157,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn size_name(b: u64) -> String {
-    if b >= 1 << 20 && b % (1 << 20) == 0 {
+    if b >= 1 << 20 && b.is_multiple_of(1 << 20) {
         format!("{}M", b >> 20)
-    } else if b >= 1 << 10 && b % (1 << 10) == 0 {
+    } else if b >= 1 << 10 && b.is_multiple_of(1 << 10) {
         format!("{}k", b >> 10)
     } else {
         b.to_string()

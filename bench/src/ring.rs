@@ -61,7 +61,7 @@ impl RingLayout {
         if size == 0 || !size.is_power_of_two() || size > MAX_QUEUE_SIZE {
             return Err(RingError::InvalidSize(size));
         }
-        if base % 16 != 0 {
+        if !base.is_multiple_of(16) {
             return Err(RingError::Misaligned(base));
         }
         let n = u64::from(size);

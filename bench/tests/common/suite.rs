@@ -16,6 +16,16 @@ pub fn config_reports_capacity_and_queues(b: Backend) {
     assert_eq!(c.config().capacity, IMAGE_SIZE / SECTOR_SIZE);
     assert_eq!(c.num_queues(), 2, "config: {:?}", c.config());
     assert!(c.has_feature(virtio_bindings::virtio_config::VIRTIO_F_VERSION_1));
+    let inflight = vhost::vhost_user::VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    eprintln!(
+        "protocol features {:?}, inflight region: {:?}",
+        c.protocol_features(),
+        c.inflight_file().map(|f| f.metadata().map(|m| m.len()))
+    );
+    assert_eq!(
+        c.protocol_features().contains(inflight),
+        c.inflight_file().is_some()
+    );
 }
 
 pub fn reads_return_image_data(b: Backend) {
