@@ -53,7 +53,7 @@ impl Size {
 
     /// True when the size is a whole number of 512-byte sectors.
     pub fn is_sector_aligned(self) -> bool {
-        self.0 % SECTOR == 0
+        self.0.is_multiple_of(SECTOR)
     }
 
     /// The size rounded up to a whole number of sectors (saturating at the largest one).
@@ -70,7 +70,7 @@ impl Size {
         for (unit, name) in units {
             if self.0 >= unit {
                 let v = self.0 as f64 / unit as f64;
-                return if self.0 % unit == 0 {
+                return if self.0.is_multiple_of(unit) {
                     format!("{} {name}", self.0 / unit)
                 } else {
                     format!("{v:.1} {name}")
@@ -91,7 +91,7 @@ impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let units = [(TIB, "TiB"), (GIB, "GiB"), (MIB, "MiB"), (KIB, "KiB")];
         for (unit, name) in units {
-            if self.0 != 0 && self.0 % unit == 0 {
+            if self.0 != 0 && self.0.is_multiple_of(unit) {
                 return write!(f, "{} {name}", self.0 / unit);
             }
         }
