@@ -372,7 +372,18 @@ pub fn run_vhost(
     w: &Workload,
     backend_pid: Option<u32>,
 ) -> Result<RunResult, LoadError> {
-    let opts = client_options(w);
+    run_vhost_with(socket, w, backend_pid, |_| {})
+}
+
+/// [`run_vhost`] with client options adjusted by `tweak` (e.g. no EVENT_IDX).
+pub fn run_vhost_with(
+    socket: &Path,
+    w: &Workload,
+    backend_pid: Option<u32>,
+    tweak: impl FnOnce(&mut ClientOptions),
+) -> Result<RunResult, LoadError> {
+    let mut opts = client_options(w);
+    tweak(&mut opts);
     if u32::from(w.iodepth) * 3 > 32768 {
         return Err(LoadError::Workload(format!(
             "iodepth {} needs more than 32768 descriptors",

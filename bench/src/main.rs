@@ -48,6 +48,12 @@ struct Args {
     /// Open the image with O_DIRECT (raw runs and the backends --compare starts).
     #[arg(long)]
     direct: bool,
+    /// Do not negotiate INFLIGHT_SHMFD (QEMU does).
+    #[arg(long)]
+    no_inflight: bool,
+    /// Do not negotiate VIRTIO_RING_F_EVENT_IDX.
+    #[arg(long)]
+    no_event_idx: bool,
     /// PID of the backend, for its CPU time per request.
     #[arg(long)]
     backend_pid: Option<u32>,
@@ -210,8 +216,11 @@ fn run(a: Args) -> Result<()> {
     let runtime = parse_duration(a.runtime.as_deref().unwrap_or("5s"))?;
     let w = workload(&a, runtime)?;
     let result = if let Some(sock) = &a.socket {
-        load::run_vhost(sock, &w, a.backend_pid)
-            .with_context(|| format!("running {w} against {}", sock.display()))?
+        load::run_vhost_with(sock, &w, a.backend_pid, |o| {
+            o.inflight &= !a.no_inflight;
+            o.event_idx &= !a.no_event_idx;
+        })
+        .with_context(|| format!("running {w} against {}", sock.display()))?
     } else if let Some(file) = &a.raw {
         load::run_raw(file, &w, a.direct)
             .with_context(|| format!("running {w} on {}", file.display()))?
