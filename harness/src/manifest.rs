@@ -182,7 +182,8 @@ pub fn e2fsck(image: &Path) -> Result<String, String> {
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     if out.status.success() {
-        Ok(text.lines().last().unwrap_or("").to_string())
+        let summary = String::from_utf8_lossy(&out.stdout);
+        Ok(summary.lines().last().unwrap_or("").trim().to_string())
     } else {
         let lines: Vec<&str> = text
             .lines()

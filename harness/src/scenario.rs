@@ -313,6 +313,14 @@ fn mount(fstype: &str, readonly: bool) -> Step {
     }
 }
 
+fn mkfs() -> Step {
+    Step::Mkfs {
+        dev: DEV.into(),
+        // 4 KiB blocks: busybox would pick 1 KiB for small disks, and formats 40% slower.
+        args: vec!["-b".into(), "4096".into()],
+    }
+}
+
 fn umount() -> Step {
     Step::Umount { dir: MNT.into() }
 }
@@ -366,8 +374,8 @@ fn edge_files(seed: u64) -> Vec<FileSpec> {
 
 fn ext2_format(c: &mut Ctx) -> Result<(), String> {
     let img = c.image("disk.img");
-    let tool = c.env.images.create(&img, 64 * MIB)?;
-    c.note(format!("blank 64 MiB image by {tool}"));
+    let tool = c.env.images.create(&img, 32 * MIB)?;
+    c.note(format!("blank 32 MiB image by {tool}"));
     let files = edge_files(1000);
     let entries = file_entries(&files);
     c.boot(
@@ -375,7 +383,7 @@ fn ext2_format(c: &mut Ctx) -> Result<(), String> {
         &[rw(img.clone())],
         1,
         vec![
-            Step::Mkfs { dev: DEV.into() },
+            mkfs(),
             mount("ext2", false),
             write(&files, 1),
             umount(),
@@ -452,12 +460,7 @@ fn persist(c: &mut Ctx) -> Result<(), String> {
         "boot1",
         &[rw(img.clone())],
         1,
-        vec![
-            Step::Mkfs { dev: DEV.into() },
-            mount("ext2", false),
-            write(&first, 1),
-            umount(),
-        ],
+        vec![mkfs(), mount("ext2", false), write(&first, 1), umount()],
     )?;
     c.boot(
         "boot2",
@@ -552,12 +555,7 @@ fn discard(c: &mut Ctx) -> Result<(), String> {
         "boot1",
         &[rw(img.clone())],
         1,
-        vec![
-            Step::Mkfs { dev: DEV.into() },
-            mount("ext2", false),
-            write(&big, 1),
-            umount(),
-        ],
+        vec![mkfs(), mount("ext2", false), write(&big, 1), umount()],
     )?;
     let full = allocated(&img)?;
     c.boot(
@@ -613,7 +611,7 @@ fn multiqueue(c: &mut Ctx) -> Result<(), String> {
         &[disk],
         2,
         vec![
-            Step::Mkfs { dev: DEV.into() },
+            mkfs(),
             mount("ext2", false),
             Step::Queues {
                 name: "vda".into(),

@@ -85,6 +85,9 @@ pub enum Step {
     Mkfs {
         /// Device path, e.g. `/dev/vda`.
         dev: String,
+        /// Extra mke2fs options (before the device).
+        #[serde(default)]
+        args: Vec<String>,
     },
     /// Mount a device.
     Mount {
@@ -344,6 +347,7 @@ mod tests {
             steps: vec![
                 Step::Mkfs {
                     dev: "/dev/vda".into(),
+                    args: vec![],
                 },
                 Step::Verify {
                     dir: "/mnt".into(),

@@ -218,9 +218,11 @@ fn wait_for_device(name: &str, limit: Duration) -> Res<()> {
 
 fn run_step(step: &Step) -> Res<String> {
     match step {
-        Step::Mkfs { dev } => {
+        Step::Mkfs { dev, args } => {
             let out = std::process::Command::new(BUSYBOX_PATH)
-                .args(["mke2fs", "-F", dev])
+                .args(["mke2fs", "-F"])
+                .args(args)
+                .arg(dev)
                 .output()
                 .map_err(|e| format!("run busybox mke2fs: {e}"))?;
             if !out.status.success() {
@@ -230,7 +232,7 @@ fn run_step(step: &Step) -> Res<String> {
                     String::from_utf8_lossy(&out.stderr).trim()
                 ));
             }
-            Ok(format!("mke2fs {dev}"))
+            Ok(format!("mke2fs {} {dev}", args.join(" ")))
         }
         Step::Mount {
             dev,
