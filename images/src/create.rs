@@ -44,7 +44,10 @@ pub enum CreateError {
     /// The size does not fit the platform's file offset type.
     #[error("{0} is too large for a file")]
     TooLarge(Size),
-    /// The folder for the target does not exist or cannot be written.
+    /// The folder for the target does not exist.
+    #[error("{0}: no such folder (create it first, or write the image somewhere else)")]
+    NoDir(PathBuf),
+    /// The folder for the target cannot be written.
     #[error("cannot create a file in {dir}")]
     Dir {
         /// The target's folder.
@@ -170,6 +173,9 @@ impl OutputFile {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        if !dir.is_dir() {
+            return Err(CreateError::NoDir(dir));
+        }
         let temp = tempfile::Builder::new()
             .prefix(&format!(".{name}."))
             .suffix(".partial")
@@ -222,10 +228,16 @@ impl OutputFile {
     }
 }
 
-/// Checks that `target` is absent, or, with `force`, a regular file nobody has locked.
+/// Checks that `target` is absent (in a folder that exists), or, with `force`, a regular
+/// file nobody has locked.
 pub fn check_target(target: &Path, force: bool) -> Result<(), CreateError> {
     match fs::symlink_metadata(target) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => match target.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+                Err(CreateError::NoDir(dir.to_path_buf()))
+            }
+            _ => Ok(()),
+        },
         Err(source) => Err(CreateError::Io {
             path: target.to_path_buf(),
             source,

@@ -176,7 +176,7 @@ fn main() -> ExitCode {
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             if matches!(
                 e.downcast_ref::<copy::CopyError>(),
                 Some(copy::CopyError::Interrupted)
@@ -187,6 +187,23 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The error and its causes on one line, `: `-separated, skipping a cause whose text an
+/// outer message already includes.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string().replace('\n', " ");
+        if text.is_empty() || msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
 }
 
 /// Handles Ctrl-C (and SIGTERM, SIGHUP) on a thread of its own. A copy is asked to stop

@@ -180,6 +180,17 @@ fn missing_from_folder_is_one_clear_line() {
         );
     }
     assert_eq!(fs::read_dir(d.path()).unwrap().count(), 0);
+    fs::create_dir(d.path().join("src")).unwrap();
+    fs::write(d.path().join("src/f"), b"data").unwrap();
+    for args in [
+        &["create", "no/x.img", "--size", "1M"][..],
+        &["ext2", "no/x.img", "--from", "src"],
+        &["iso", "no/x.iso", "--from", "src"],
+        &["copy", "src/f", "no/x.img"],
+    ] {
+        let line = fails(args, d.path(), 1);
+        assert!(line.contains("no: no such folder"), "{args:?}: {line}");
+    }
 }
 
 /// A 64 MiB sparse file with a few MiB of data at odd places.
