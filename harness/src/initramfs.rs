@@ -251,6 +251,56 @@ mod tests {
     use super::*;
 
     #[test]
+    fn base_archive_holds_init_busybox_console_and_modules_and_plan_is_appended() {
+        let t = tempfile::tempdir().unwrap();
+        let (guest, bb, m) = (
+            t.path().join("g"),
+            t.path().join("b"),
+            t.path().join("virtio_blk.ko"),
+        );
+        fs::write(&guest, b"agent").unwrap();
+        fs::write(&bb, b"busybox").unwrap();
+        fs::write(&m, b"module").unwrap();
+        let mods = vec![ModuleFile {
+            name: "virtio_blk".into(),
+            path: m,
+        }];
+        let a = base_archive(&guest, &bb, &mods).unwrap();
+        let bytes = a.to_bytes().unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        for name in [
+            "init\0",
+            "bin/busybox\0",
+            "dev/console\0",
+            "vloop/modules/virtio_blk.ko\0",
+        ] {
+            assert!(text.contains(name), "{name} missing");
+        }
+        let base = cached_base(&a, t.path()).unwrap();
+        assert_eq!(
+            cached_base(&a, t.path()).unwrap(),
+            base,
+            "same content, same cache file"
+        );
+        let plan = Plan {
+            scenario: "s".into(),
+            modules: plan_module_names(&mods),
+            devices: vec![],
+            steps: vec![],
+        };
+        let out = t.path().join("initrd");
+        write_initrd(&base, &plan, &out).unwrap();
+        let all = fs::read(&out).unwrap();
+        assert_eq!(&all[..bytes.len()], &bytes[..]);
+        let tail = String::from_utf8_lossy(&all[bytes.len()..]);
+        assert!(
+            tail.starts_with("070701")
+                && tail.contains("vloop/plan.json")
+                && tail.contains("virtio_blk.ko")
+        );
+    }
+
+    #[test]
     fn tells_static_from_dynamic() {
         let sh = fs::read("/bin/sh").unwrap();
         assert!(
