@@ -19,3 +19,4 @@ pub mod daemon;
 pub mod hist;
 pub mod load;
 pub mod procfs;
+pub mod verify;

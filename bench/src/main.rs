@@ -48,6 +48,10 @@ struct Args {
     /// Open the image with O_DIRECT (raw runs and the backends --compare starts).
     #[arg(long)]
     direct: bool,
+    /// With --socket: random reads and writes (half each) whose data is checked; fails on
+    /// any mismatch.
+    #[arg(long, requires = "socket")]
+    verify: bool,
     /// Do not negotiate INFLIGHT_SHMFD (QEMU does).
     #[arg(long)]
     no_inflight: bool,
@@ -215,6 +219,25 @@ fn run(a: Args) -> Result<()> {
     }
     let runtime = parse_duration(a.runtime.as_deref().unwrap_or("5s"))?;
     let w = workload(&a, runtime)?;
+    if let (true, Some(sock)) = (a.verify, &a.socket) {
+        let r = vloop_bench::verify::run_verify(sock, &w)
+            .with_context(|| format!("verifying {w} against {}", sock.display()))?;
+        out(&format!(
+            "verify {w}: {} writes, {} reads checked, {} mismatches, {} errors\n",
+            r.writes, r.verified_reads, r.mismatches, r.errors
+        ));
+        if let Some(p) = &a.json {
+            write_json(p, &r)?;
+        }
+        if r.mismatches > 0 || r.errors > 0 {
+            bail!(
+                "data verification failed: {} mismatches, {} failed requests",
+                r.mismatches,
+                r.errors
+            );
+        }
+        return Ok(());
+    }
     let result = if let Some(sock) = &a.socket {
         load::run_vhost_with(sock, &w, a.backend_pid, |o| {
             o.inflight &= !a.no_inflight;

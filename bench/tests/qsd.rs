@@ -24,4 +24,5 @@ against!(
     reads_past_the_end_fail,
     second_client_after_disconnect,
     works_without_event_idx_and_reply_ack,
+    verified_random_io_on_two_queues,
 );

@@ -209,3 +209,19 @@ pub fn works_without_event_idx_and_reply_ack(b: Backend) {
     }
     assert!(q.stats().kicks > 0);
 }
+
+pub fn verified_random_io_on_two_queues(b: Backend) {
+    let e = export(b, 2);
+    let w = vloop_bench::load::Workload {
+        pattern: vloop_bench::load::Pattern::Mixed { read_pct: 50 },
+        bs: 4096,
+        iodepth: 8,
+        queues: 2,
+        runtime: Duration::from_millis(700),
+    };
+    let r = vloop_bench::verify::run_verify(e.daemon.socket(), &w).unwrap();
+    eprintln!("{r:?}");
+    assert_eq!(r.mismatches, 0);
+    assert_eq!(r.errors, 0);
+    assert!(r.writes > 50 && r.verified_reads > 10, "{r:?}");
+}
