@@ -127,6 +127,10 @@ pub struct VmExit {
     pub timed_out: bool,
     /// Wall time from start to exit.
     pub elapsed: Duration,
+    /// Wall time from start until the agent reported it started.
+    pub agent_started: Option<Duration>,
+    /// Wall time from start until the agent reported done.
+    pub agent_done: Option<Duration>,
 }
 
 /// Runs QEMU to completion or time-out; QEMU's own stdout/stderr go to `qemu_log`.
@@ -145,24 +149,56 @@ pub fn run(cfg: &VmConfig, qemu_log: &Path, limit: Duration) -> Result<VmExit, Q
         .spawn()
         .map_err(|e| QemuError::Spawn(cfg.qemu.clone(), e))?;
     let mut g = ChildGuard::new(child, "qemu");
-    match g.wait_timeout(limit) {
-        Some(st) => Ok(VmExit {
-            status: Some(st.to_string()),
-            success: st.success(),
-            timed_out: false,
-            elapsed: t.elapsed(),
-        }),
-        None => {
-            g.kill();
-            Ok(VmExit {
-                status: None,
-                success: false,
-                timed_out: true,
-                elapsed: t.elapsed(),
-            })
+    let mut exit = VmExit {
+        status: None,
+        success: false,
+        timed_out: false,
+        elapsed: Duration::ZERO,
+        agent_started: None,
+        agent_done: None,
+    };
+    let mut seen_len = 0u64;
+    loop {
+        if let Some(st) = g.try_wait() {
+            exit.status = Some(st.to_string());
+            exit.success = st.success();
+            break;
         }
+        // Watch the results port: when the agent starts and when it is done.
+        let len = std::fs::metadata(&cfg.results).map_or(0, |m| m.len());
+        if len != seen_len {
+            seen_len = len;
+            let text = std::fs::read_to_string(&cfg.results).unwrap_or_default();
+            if exit.agent_started.is_none() && text.contains("\"event\":\"start\"") {
+                exit.agent_started = Some(t.elapsed());
+            }
+            if exit.agent_done.is_none() && text.contains("\"event\":\"done\"") {
+                exit.agent_done = Some(t.elapsed());
+            }
+        }
+        // The agent syncs before it reports done, and every write it made has been
+        // acknowledged by the backend: a guest slow to power off is stopped after a grace.
+        if let Some(done) = exit.agent_done {
+            if t.elapsed() > done + POWEROFF_GRACE {
+                g.kill();
+                exit.status = Some("killed after the agent reported done".into());
+                exit.success = true;
+                break;
+            }
+        }
+        if t.elapsed() >= limit {
+            g.kill();
+            exit.timed_out = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
+    exit.elapsed = t.elapsed();
+    Ok(exit)
 }
+
+/// How long a guest may take to power off after its agent reported done.
+const POWEROFF_GRACE: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {

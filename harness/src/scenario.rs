@@ -101,7 +101,7 @@ pub struct Outcome {
     pub reason: String,
     /// Accelerator used.
     pub accel: Accel,
-    /// Seconds from QEMU start until the agent began (first boot), if it reported.
+    /// Wall seconds from QEMU's start until the guest agent reported it started (first boot).
     pub boot_s: Option<f64>,
     /// Wall seconds for the whole scenario (images, boots, checks).
     pub total_s: f64,
@@ -229,23 +229,17 @@ impl Ctx<'_> {
             b.stop(Duration::from_secs(5));
         }
         let events = parse_events(&std::fs::read_to_string(&cfg.results).unwrap_or_default());
-        if let Some(b) = events.iter().find_map(|e| match e {
-            Event::Start { uptime_s, .. } => Some(*uptime_s),
-            _ => None,
-        }) {
-            self.boot_s.get_or_insert(b);
+        if let Some(b) = exit.agent_started {
+            self.boot_s.get_or_insert(b.as_secs_f64());
         }
+        let at = |d: Option<Duration>| {
+            d.map_or_else(|| "-".to_string(), |d| format!("{:.1}s", d.as_secs_f64()))
+        };
         self.note(format!(
-            "{label}: QEMU ran {:.1}s{}",
+            "{label}: agent started at {}, done at {}, QEMU exited at {:.1}s",
+            at(exit.agent_started),
+            at(exit.agent_done),
             exit.elapsed.as_secs_f64(),
-            events
-                .iter()
-                .find_map(|e| match e {
-                    Event::Done { uptime_s, .. } =>
-                        Some(format!(", guest done at {uptime_s:.1}s uptime")),
-                    _ => None,
-                })
-                .unwrap_or_default()
         ));
         match judge_events(&events, &exit, limit) {
             Ok(_) => Ok(()),
@@ -710,6 +704,8 @@ mod tests {
             success: !timed_out,
             timed_out,
             elapsed: Duration::from_secs(1),
+            agent_started: None,
+            agent_done: None,
         }
     }
 

@@ -105,27 +105,42 @@ fn uptime() -> f64 {
         .unwrap_or(-1.0)
 }
 
+/// The results port, opened once (reopening a tty re-initialises the UART).
+static PORT: std::sync::Mutex<Option<File>> = std::sync::Mutex::new(None);
+
 fn report_raw(ev: &Event) {
     let Ok(mut line) = serde_json::to_string(ev) else {
         return;
     };
     line.push('\n');
-    match OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NOCTTY)
-        .open(RESULTS_PORT)
-    {
-        Ok(mut f) => {
-            set_raw(&f);
-            let _ = f.write_all(line.as_bytes());
-            // SAFETY: tcdrain on a valid open fd only waits for output to drain.
-            unsafe { libc::tcdrain(f.as_raw_fd()) };
+    let Ok(mut port) = PORT.lock() else {
+        return;
+    };
+    if port.is_none() {
+        match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(RESULTS_PORT)
+        {
+            Ok(f) => {
+                set_raw(&f);
+                *port = Some(f);
+            }
+            Err(e) => {
+                eprintln!("vloop-guest: cannot open {RESULTS_PORT}: {e}; event: {line}");
+                return;
+            }
         }
-        Err(e) => eprintln!("vloop-guest: cannot open {RESULTS_PORT}: {e}; event: {line}"),
+    }
+    if let Some(f) = port.as_mut() {
+        let _ = f.write_all(line.as_bytes());
+        // SAFETY: tcdrain on a valid open fd only waits for output to drain.
+        unsafe { libc::tcdrain(f.as_raw_fd()) };
     }
 }
 
-/// Turns off output post-processing (no "\n" to "\r\n") on the results port.
+/// Raw output (no "\n" to "\r\n") at 115200 baud: QEMU's UART paces output by the baud
+/// rate, and the default 9600 costs about 1 ms per byte.
 fn set_raw(f: &File) {
     // SAFETY: termios is plain data; zeroed is a valid starting value for tcgetattr to fill.
     let mut t: libc::termios = unsafe { std::mem::zeroed() };
@@ -133,6 +148,7 @@ fn set_raw(f: &File) {
     unsafe {
         if libc::tcgetattr(f.as_raw_fd(), &mut t) == 0 {
             libc::cfmakeraw(&mut t);
+            t.c_cflag = (t.c_cflag & !libc::CBAUD) | libc::B115200;
             libc::tcsetattr(f.as_raw_fd(), libc::TCSANOW, &t);
         }
     }
