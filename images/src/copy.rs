@@ -346,8 +346,16 @@ pub fn copy(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<CopySummary, C
 
 /// SHA-256 of a file's or block device's content, lower-case hex, and its length.
 pub fn sha256_file(path: &Path) -> Result<(u64, String), CopyError> {
+    sha256_file_with_progress(path, &ProgressBar::hidden())
+}
+
+/// [`sha256_file`], advancing `progress` by the bytes hashed (holes included).
+pub fn sha256_file_with_progress(
+    path: &Path,
+    progress: &ProgressBar,
+) -> Result<(u64, String), CopyError> {
     let (source, len, _) = open_source(path)?;
-    let sha = hash_source(&source, path, len, &ProgressBar::hidden())?;
+    let sha = hash_source(&source, path, len, progress)?;
     Ok((len, sha))
 }
 

@@ -11,12 +11,17 @@
 //! `RENAME_NOREPLACE`), so two concurrent runs cannot overwrite each other either. With
 //! `--force` an existing regular file is replaced, unless another process holds a lock on it
 //! (QEMU and `vloop-blk` lock the images they serve).
+//!
+//! Every temporary output is also listed in a process-wide registry ([`Unfinished`]), so that
+//! a Ctrl-C handler that ends the process at once can first remove them all
+//! ([`remove_unfinished`]): destructors do not run on `exit`.
 
 use std::fs::{self, File, Permissions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde::Serialize;
 use thiserror::Error;
@@ -151,6 +156,72 @@ pub fn allocated_bytes(meta: &fs::Metadata) -> u64 {
     meta.blocks().saturating_mul(512)
 }
 
+/// Temporary outputs of this process that are not finished yet.
+static UNFINISHED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn unfinished() -> MutexGuard<'static, Vec<PathBuf>> {
+    UNFINISHED.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A temporary output listed in the process-wide registry until it is committed or
+/// dropped, so that [`remove_unfinished`] can delete it when the process is interrupted.
+///
+/// Dropping it only takes the path off the list; deleting the file on the normal error
+/// path stays the job of its owner.
+#[derive(Debug)]
+pub struct Unfinished {
+    path: PathBuf,
+}
+
+impl Unfinished {
+    /// Lists `path` (register it before creating the file, so that no moment is missed).
+    pub fn register(path: &Path) -> Self {
+        unfinished().push(path.to_path_buf());
+        Self {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Runs `finish` (the rename into place) with the registry locked, then takes the path
+    /// off the list: an interruption either removes the temporary file before the rename or
+    /// finds the output complete, never anything in between.
+    pub fn commit<T>(self, finish: impl FnOnce() -> T) -> T {
+        let mut list = unfinished();
+        let result = finish();
+        if let Some(i) = list.iter().position(|p| *p == self.path) {
+            list.swap_remove(i);
+        }
+        drop(list);
+        std::mem::forget(self);
+        result
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        let mut list = unfinished();
+        if let Some(i) = list.iter().position(|p| *p == self.path) {
+            list.swap_remove(i);
+        }
+    }
+}
+
+/// Deletes every unfinished temporary output of this process; returns how many it found.
+///
+/// Meant for a signal handler that ends the process right after: until the process
+/// exits, nothing can be committed (the registry stays locked), so call it last.
+pub fn remove_unfinished() -> usize {
+    let mut list = unfinished();
+    let n = list.len();
+    for path in list.drain(..) {
+        let _ = fs::remove_file(&path);
+    }
+    // Held until the process exits: a build that finishes meanwhile cannot rename its
+    // output into place.
+    std::mem::forget(list);
+    n
+}
+
 /// An output file under construction: a temporary file beside the target, removed if it is
 /// dropped before [`OutputFile::commit`].
 #[derive(Debug)]
@@ -158,6 +229,7 @@ pub struct OutputFile {
     temp: tempfile::NamedTempFile,
     target: PathBuf,
     force: bool,
+    listed: Unfinished,
 }
 
 impl OutputFile {
@@ -182,11 +254,14 @@ impl OutputFile {
             .permissions(Permissions::from_mode(0o666))
             .tempfile_in(&dir)
             .map_err(|source| CreateError::Dir { dir, source })?;
+        // Listed right after creation: the name is random, so it cannot be listed before.
+        let listed = Unfinished::register(temp.path());
         debug!(temp = %temp.path().display(), "writing to a temporary file");
         Ok(OutputFile {
             temp,
             target: target.to_path_buf(),
             force,
+            listed,
         })
     }
 
@@ -208,12 +283,13 @@ impl OutputFile {
     /// Moves the finished file to the target and returns it, still open.
     pub fn commit(self) -> Result<File, CreateError> {
         let target = self.target;
+        let temp = self.temp;
         let result = if self.force {
             // Checked again just before replacing: the lock may be new.
             check_target(&target, true)?;
-            self.temp.persist(&target)
+            self.listed.commit(|| temp.persist(&target))
         } else {
-            self.temp.persist_noclobber(&target)
+            self.listed.commit(|| temp.persist_noclobber(&target))
         };
         result.map_err(|e| {
             if e.error.kind() == io::ErrorKind::AlreadyExists {

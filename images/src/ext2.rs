@@ -39,6 +39,7 @@ use self::layout::{
     S_IFLNK, S_IFREG,
 };
 use self::write::{Alloc, BlockMap, Out};
+use crate::create::Unfinished;
 use crate::tree::{Node, NodeId, NodeKind, Tree, ROOT};
 
 /// How to lay out the file system.
@@ -627,6 +628,7 @@ pub fn build_with_progress(
     tmp_name.push(format!(".tmp-{}", std::process::id()));
     let tmp_path = dir.join(tmp_name);
     let _ = fs::remove_file(&tmp_path);
+    let listed = Unfinished::register(&tmp_path);
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -845,7 +847,7 @@ pub fn build_with_progress(
     }
     let file = img.finish(size)?;
     drop(file);
-    fs::rename(&tmp_path, out).map_err(io(out, "rename"))?;
+    listed.commit(|| fs::rename(&tmp_path, out).map_err(io(out, "rename")))?;
     tmp.done = true;
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();

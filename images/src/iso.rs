@@ -34,6 +34,7 @@ use hadris_storage::host::FileDevice;
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
+use crate::create::Unfinished;
 use crate::tree::{NodeKind, Tree};
 
 /// Options for [`build`].
@@ -66,6 +67,10 @@ pub struct IsoSummary {
     pub files: u64,
     /// Directories, the root included.
     pub directories: u64,
+    /// Names or places the writer adjusted to the format's limits: directories nested
+    /// deeper than 8 levels relocated, Joliet names cut to 64 characters or given a
+    /// suffix to stay unique (Rock Ridge keeps every original name and place).
+    pub adjusted: u64,
 }
 
 /// Errors from building an ISO 9660 image.
@@ -75,7 +80,7 @@ pub enum IsoError {
     #[error("volume id {0:?} is not valid: use 1 to 32 of A-Z, 0-9 and _")]
     BadVolumeId(String),
     /// Reading a source file or writing the image failed.
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io {
         /// The file involved.
         path: PathBuf,
@@ -111,7 +116,7 @@ pub enum IsoError {
     )]
     BadTimestamp(i64),
     /// The image writer refused the tree or failed while writing it.
-    #[error("cannot write the ISO image: {0}")]
+    #[error("cannot write the ISO image")]
     Write(#[source] hadris_fs::PathError),
 }
 
@@ -129,6 +134,7 @@ pub fn build(tree: &Tree, out: &Path, opts: &IsoOptions) -> Result<IsoSummary, I
         size: 0,
         files: 0,
         directories: 0,
+        adjusted: 0,
     };
     let mut largest = 0u64;
     for node in &tree.nodes {
@@ -215,6 +221,7 @@ pub fn build(tree: &Tree, out: &Path, opts: &IsoOptions) -> Result<IsoSummary, I
     drop(file);
     tmp.persist(out)?;
     summary.size = report.size();
+    summary.adjusted = changed as u64;
     Ok(summary)
 }
 
@@ -347,6 +354,7 @@ fn host_file(source: &Path, size: u64) -> Result<Content, IsoError> {
 struct TempFile {
     path: PathBuf,
     file: Option<File>,
+    listed: Option<Unfinished>,
 }
 
 impl TempFile {
@@ -359,6 +367,7 @@ impl TempFile {
         tmp_name.extend_from_slice(name.as_bytes());
         tmp_name.extend_from_slice(format!(".{}.tmp", std::process::id()).as_bytes());
         let path = out.with_file_name(std::ffi::OsStr::from_bytes(&tmp_name));
+        let listed = Unfinished::register(&path);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -372,6 +381,7 @@ impl TempFile {
         Ok(Self {
             path,
             file: Some(file),
+            listed: Some(listed),
         })
     }
 
@@ -392,10 +402,16 @@ impl TempFile {
 
     fn persist(mut self, out: &Path) -> Result<(), IsoError> {
         self.file = None;
-        fs::rename(&self.path, out).map_err(|source| IsoError::Io {
-            path: out.to_path_buf(),
-            source,
-        })?;
+        let rename = || {
+            fs::rename(&self.path, out).map_err(|source| IsoError::Io {
+                path: out.to_path_buf(),
+                source,
+            })
+        };
+        match self.listed.take() {
+            Some(listed) => listed.commit(rename)?,
+            None => rename()?,
+        }
         self.path = PathBuf::new();
         Ok(())
     }

@@ -94,6 +94,10 @@ struct TreeArgs {
     /// Replace FILE if it exists.
     #[arg(long, short)]
     force: bool,
+    /// Print the image's SHA-256 whatever its size. Without it the hash is printed for
+    /// images up to 4 GiB only: hashing reads every byte, holes included (about 1 s per GiB).
+    #[arg(long)]
+    sha256: bool,
 }
 
 #[derive(Debug, Args)]
@@ -176,7 +180,9 @@ fn main() -> ExitCode {
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
+            // `{:#}`: the message and its causes, `: `-separated, on one line (no message
+            // repeats its cause: a `#[source]` is never also part of the text).
+            eprintln!("error: {e:#}");
             if matches!(
                 e.downcast_ref::<copy::CopyError>(),
                 Some(copy::CopyError::Interrupted)
@@ -187,23 +193,6 @@ fn main() -> ExitCode {
             }
         }
     }
-}
-
-/// The error and its causes on one line, `: `-separated, skipping a cause whose text an
-/// outer message already includes.
-fn one_line(e: &anyhow::Error) -> String {
-    let mut msg = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string().replace('\n', " ");
-        if text.is_empty() || msg.contains(&text) {
-            continue;
-        }
-        if !msg.is_empty() {
-            msg.push_str(": ");
-        }
-        msg.push_str(&text);
-    }
-    msg
 }
 
 /// Handles Ctrl-C (and SIGTERM, SIGHUP) on a thread of its own. A copy is asked to stop
@@ -224,7 +213,14 @@ fn watch_signals(cooperative: bool) {
             if cooperative {
                 copy::cancel();
             } else {
-                eprintln!("error: interrupted");
+                // Exit at once, without the unfinished output: destructors do not run on
+                // exit, so the temporary files are removed here.
+                let removed = create::remove_unfinished();
+                if removed > 0 {
+                    eprintln!("error: interrupted; the unfinished image was removed");
+                } else {
+                    eprintln!("error: interrupted");
+                }
                 std::process::exit(130);
             }
         }
@@ -313,11 +309,25 @@ fn read_tree(out: &Path, t: &TreeArgs) -> Result<tree::Tree> {
     Ok(tree)
 }
 
-/// The summary's last lines: time taken and SHA-256 in `sha256sum` format.
-fn print_sha(out: &Path, start: Instant) -> Result<()> {
-    let elapsed = start.elapsed().as_secs_f64();
-    let (_, sha) = copy::sha256_file(out).context("hashing the image")?;
-    println!("built in {elapsed:.2} s");
+/// Images up to this size get their SHA-256 printed without `--sha256`.
+const AUTO_SHA256_MAX: u64 = 4 << 30;
+
+/// The summary's last lines: time taken, and the SHA-256 in `sha256sum` format when the
+/// image is small enough to hash quickly or `always` is set.
+fn print_sha(out: &Path, start: Instant, size: u64, always: bool) -> Result<()> {
+    println!("built in {:.2} s", start.elapsed().as_secs_f64());
+    if !always && size > AUTO_SHA256_MAX {
+        println!(
+            "note: SHA-256 not computed for an image over {} (pass --sha256, or run sha256sum)",
+            Size(AUTO_SHA256_MAX).human()
+        );
+        return Ok(());
+    }
+    let bar = progress_bar();
+    bar.set_length(size);
+    bar.set_message("hashing");
+    let (_, sha) = copy::sha256_file_with_progress(out, &bar).context("hashing the image")?;
+    bar.finish_and_clear();
     println!("sha256: {sha}  {}", out.display());
     Ok(())
 }
@@ -368,7 +378,7 @@ fn run_ext2(a: Ext2Args) -> Result<()> {
         s.inodes,
         s.free_inodes
     );
-    print_sha(&a.file, start)
+    print_sha(&a.file, start, s.size, a.tree.sha256)
 }
 
 fn run_iso(a: IsoArgs) -> Result<()> {
@@ -387,7 +397,15 @@ fn run_iso(a: IsoArgs) -> Result<()> {
         s.files,
         s.directories
     );
-    print_sha(&a.file, start)
+    if s.adjusted > 0 {
+        println!(
+            "note: {} names or places adjusted to ISO 9660 and Joliet limits (Joliet names \
+             cut to 64 characters, directories deeper than 8 levels relocated); Rock Ridge \
+             keeps the originals; -v lists them",
+            s.adjusted
+        );
+    }
+    print_sha(&a.file, start, s.size, a.tree.sha256)
 }
 
 fn progress_bar() -> ProgressBar {

@@ -632,3 +632,152 @@ fn interrupted_copy_leaves_nothing() {
     }
     assert!(!partial(), "temporary file left behind");
 }
+
+/// Ctrl-C while `ext2` or `iso` writes its image: exit 130, and neither the temporary
+/// file nor an output is left behind.
+#[test]
+fn interrupted_builds_leave_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    fs::create_dir(&src).unwrap();
+    // Dense, non-zero content, so that writing the image takes a while.
+    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8 + 1).collect();
+    let f = File::create(src.join("big.bin")).unwrap();
+    for i in 0..256u64 {
+        f.write_all_at(&chunk, i << 20).unwrap();
+    }
+    drop(f);
+    let hidden = || -> Vec<String> {
+        fs::read_dir(d.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect()
+    };
+    for (cmd, out) in [("ext2", "out.img"), ("iso", "out.iso")] {
+        let mut child = Command::new(BIN)
+            .args([cmd, out, "--from", "src"])
+            .current_dir(d.path())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait for the temporary output to appear, then press Ctrl-C.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while hidden().is_empty()
+            && Instant::now() < deadline
+            && child.try_wait().unwrap().is_none()
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{cmd} did not stop after SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert_eq!(hidden(), Vec::<String>::new(), "{cmd}: temporary file left");
+        if status.success() || err.trim() == "error: interrupted" {
+            // The build beat the signal (it came while hashing, or after): the image is
+            // then complete.
+            eprintln!("{cmd} finished writing before SIGINT arrived");
+            assert!(d.path().join(out).exists());
+            fs::remove_file(d.path().join(out)).unwrap();
+        } else {
+            assert_eq!(status.code(), Some(130), "{cmd}: {err}");
+            assert_eq!(
+                err.trim(),
+                "error: interrupted; the unfinished image was removed",
+                "{cmd}"
+            );
+            assert!(!d.path().join(out).exists(), "{cmd}");
+        }
+    }
+}
+
+/// A sparse image over 4 GiB is built without hashing all of it; `--sha256` asks for the
+/// hash of a small one explicitly, and it is the file's.
+#[test]
+fn large_images_are_not_hashed_unless_asked() {
+    let d = tempfile::tempdir().unwrap();
+    fs::create_dir(d.path().join("src")).unwrap();
+    fs::write(d.path().join("src/f"), b"data").unwrap();
+    let start = Instant::now();
+    let out = ok(
+        &["ext2", "big.img", "--from", "src", "--size", "6G"],
+        d.path(),
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(!out.contains("sha256: "), "{out}");
+    assert!(
+        out.contains("note: SHA-256 not computed for an image over 4 GiB (pass --sha256"),
+        "{out}"
+    );
+    assert_eq!(
+        fs::metadata(d.path().join("big.img")).unwrap().len(),
+        6 << 30
+    );
+    let out = ok(
+        &[
+            "ext2",
+            "small.img",
+            "--from",
+            "src",
+            "--size",
+            "8M",
+            "--sha256",
+        ],
+        d.path(),
+    );
+    assert_eq!(sha_line(&out), sha256(&d.path().join("small.img")));
+    let out = ok(&["iso", "small.iso", "--from", "src", "--sha256"], d.path());
+    assert_eq!(sha_line(&out), sha256(&d.path().join("small.iso")));
+}
+
+/// Many long names: one summary line on stdout, nothing on stderr.
+#[test]
+fn iso_long_names_give_one_summary_line() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    fs::create_dir(&src).unwrap();
+    for i in 0..50 {
+        fs::write(
+            src.join(format!("{}{i:02}.txt", "long-name-".repeat(10))),
+            b"x",
+        )
+        .unwrap();
+    }
+    let o = vloop(&["iso", "out.iso", "--from", "src"], d.path());
+    assert!(o.status.success());
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    let stderr = String::from_utf8(o.stderr).unwrap();
+    assert_eq!(stderr, "", "nothing on stderr");
+    let notes: Vec<&str> = stdout.lines().filter(|l| l.starts_with("note: ")).collect();
+    assert_eq!(notes.len(), 1, "{stdout}");
+    assert!(notes[0].contains("names or places adjusted"), "{stdout}");
+}
