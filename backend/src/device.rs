@@ -175,7 +175,7 @@ impl BlkDevice {
             workers,
             exits,
             limiter: Mutex::new(RateLimiter::new(crate::io::WARNINGS_PER_SECOND)),
-            inflight: Arc::new(Inflight::new(config.num_queues)),
+            inflight: Arc::new(Inflight::new(config.num_queues, config.queue_size)),
             leaked_exit_fds: Mutex::new(Vec::new()),
         })
     }

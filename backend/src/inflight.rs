@@ -430,12 +430,15 @@ pub struct Inflight {
     /// Per queue: the region came from a previous backend and is not recovered yet.
     recover: Vec<std::sync::atomic::AtomicBool>,
     counter: std::sync::atomic::AtomicU64,
+    /// Largest queue size the device accepts.
+    max_queue_size: u16,
 }
 
 impl Inflight {
-    /// No region yet, for a device with `num_queues` queues.
-    pub fn new(num_queues: u16) -> Inflight {
+    /// No region yet, for a device with `num_queues` queues of at most `max_queue_size`.
+    pub fn new(num_queues: u16, max_queue_size: u16) -> Inflight {
         Inflight {
+            max_queue_size,
             region: std::sync::Mutex::new(None),
             recover: (0..num_queues)
                 .map(|_| std::sync::atomic::AtomicBool::new(false))
@@ -642,7 +645,19 @@ impl Relay {
             match m.code() {
                 GET_INFLIGHT_FD => {
                     let (nq, qs) = (m.u16_at(16).unwrap_or(0), m.u16_at(18).unwrap_or(0));
-                    match InflightRegion::create(nq, qs) {
+                    // No bigger than the device: the frontend does not size our memory.
+                    let created = if usize::from(nq) > self.inflight.recover.len()
+                        || qs > self.inflight.max_queue_size
+                    {
+                        Err(InflightError::BadSize {
+                            size: 0,
+                            queues: nq,
+                            queue_size: qs,
+                        })
+                    } else {
+                        InflightRegion::create(nq, qs)
+                    };
+                    match created {
                         Ok((region, file)) => {
                             let size = queue_region_size(qs) * u64::from(nq);
                             self.inflight.install(region, false);
@@ -669,6 +684,12 @@ impl Relay {
                         m.fds.pop(),
                     );
                     let r = match parsed {
+                        (Some(_), Some(_), Some(nq), Some(qs), Some(_))
+                            if usize::from(nq) > self.inflight.recover.len()
+                                || qs > self.inflight.max_queue_size =>
+                        {
+                            Err(format!("{nq} queues of {qs} exceed the device"))
+                        }
                         (Some(size), Some(off), Some(nq), Some(qs), Some(fd)) => {
                             InflightRegion::open(&File::from(fd), size, off, nq, qs)
                                 .map_err(|e| e.to_string())

@@ -914,6 +914,20 @@ fn inflight_fd_is_offered_created_and_checked() {
     use vloop_blk::inflight::{queue_region_size, InflightRegion};
     let s = setup();
     let d = Vloop::start(&s.image, &s.socket, &[]);
+    // Bigger than the device (1 queue of at most 1024 by default): refused, and the
+    // connection ends.
+    for (nq, qs) in [(2u16, 64u16), (1, 4096), (20303, 20299)] {
+        let mut bad = raw_frontend(&s.socket);
+        bad.get_features().unwrap();
+        let pf = bad.get_protocol_features().unwrap();
+        bad.set_protocol_features(pf & VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+            .unwrap();
+        let r = bad.get_inflight_fd(&VhostUserInflight::new(0, 0, nq, qs));
+        assert!(
+            r.is_err(),
+            "inflight region for {nq} queues of {qs} created"
+        );
+    }
     {
         let mut f = raw_frontend(&s.socket);
         let features = f.get_features().unwrap();

@@ -113,7 +113,7 @@ fn requests_in_flight_at_a_crash_are_resubmitted_once_in_order() {
     let mem = mem();
     let mock = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
     let (region, file) = InflightRegion::create(1, QSIZE).unwrap();
-    let inflight = Inflight::new(1);
+    let inflight = Inflight::new(1, QSIZE);
 
     // The first backend completes request 0, then takes requests 1 and 2 and dies before
     // completing them (nothing reaches the image or the used ring).
