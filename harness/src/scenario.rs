@@ -446,7 +446,7 @@ fn ext2_image(c: &mut Ctx) -> Result<(), String> {
 
 fn persist(c: &mut Ctx) -> Result<(), String> {
     let img = c.image("disk.img");
-    c.env.images.create(&img, 64 * MIB)?;
+    c.env.images.create(&img, 32 * MIB)?;
     let first = edge_files(2000);
     let second = vec![spec("second/boot.bin", 300_000, 2100)];
     let mut entries = file_entries(&first);
@@ -584,7 +584,7 @@ fn discard(c: &mut Ctx) -> Result<(), String> {
 
 fn multiqueue(c: &mut Ctx) -> Result<(), String> {
     let img = c.image("disk.img");
-    c.env.images.create(&img, 64 * MIB)?;
+    c.env.images.create(&img, 32 * MIB)?;
     let files: Vec<FileSpec> = (0..16)
         .map(|i| {
             spec(
