@@ -349,16 +349,44 @@ fn too_big_fs(opts: &Ext2Options) -> Ext2Error {
 /// The fewest blocks that hold the tree (with headroom if asked).
 fn min_blocks(opts: &Ext2Options, plan: &Plan, headroom: bool) -> Result<u64, Ext2Error> {
     let target = wanted_blocks(plan, opts.block_size, headroom);
+    let fits_in =
+        |n: u64| geometry_for(n, opts, plan, headroom).is_ok_and(|g| fits(&g, plan, target));
+    // Steps up in strides until the tree fits, then narrows down to the fewest blocks
+    // between the last size that did not fit and the first that did.
+    let mut below = target;
     let mut n = target + 16;
     for _ in 0..100_000 {
         if n > u64::from(u32::MAX) {
             return Err(too_big_fs(opts));
         }
         match geometry_for(n, opts, plan, headroom) {
-            Ok(g) if fits(&g, plan, target) => return Ok(n),
-            Ok(g) => n += target.saturating_sub(g.data_capacity()).max(1) + 64,
-            Err(GeometryError::FewBlocks) => n += 64,
-            Err(GeometryError::ManyInodes) => n += u64::from(8 * opts.block_size),
+            // `--size auto` keeps the stride's answer (the image sizes it picks stay as
+            // they were); the smallest size, for the too-small message, is exact.
+            Ok(g) if fits(&g, plan, target) && headroom => return Ok(n),
+            Ok(g) if fits(&g, plan, target) => {
+                let mut fit = n;
+                while fit - below > 1 {
+                    let mid = below + (fit - below) / 2;
+                    if fits_in(mid) {
+                        fit = mid;
+                    } else {
+                        below = mid;
+                    }
+                }
+                return Ok(fit);
+            }
+            Ok(g) => {
+                below = n;
+                n += target.saturating_sub(g.data_capacity()).max(1) + 64;
+            }
+            Err(GeometryError::FewBlocks) => {
+                below = n;
+                n += 64;
+            }
+            Err(GeometryError::ManyInodes) => {
+                below = n;
+                n += u64::from(8 * opts.block_size);
+            }
             Err(GeometryError::ManyGroups) => return Err(too_big_fs(opts)),
         }
     }
@@ -382,6 +410,8 @@ fn choose(opts: &Ext2Options, plan: &Plan) -> Result<(Geometry, u64), Ext2Error>
             Ok((g, n * bs))
         }
         Some(size) => {
+            // A disk image is a whole number of 512-byte sectors, as `create` makes them.
+            let size = size.next_multiple_of(crate::size::SECTOR);
             let n = size / bs;
             if n > u64::from(u32::MAX) {
                 return Err(Ext2Error::TooBig(format!(
@@ -625,7 +655,7 @@ pub fn build_with_progress(
         .ok_or_else(|| Ext2Error::BadOption(format!("{} is not a file name", out.display())))?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(name);
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    tmp_name.push(format!(".{}.partial", std::process::id()));
     let tmp_path = dir.join(tmp_name);
     let _ = fs::remove_file(&tmp_path);
     let listed = Unfinished::register(&tmp_path);

@@ -365,7 +365,7 @@ impl TempFile {
         })?;
         let mut tmp_name = b".".to_vec();
         tmp_name.extend_from_slice(name.as_bytes());
-        tmp_name.extend_from_slice(format!(".{}.tmp", std::process::id()).as_bytes());
+        tmp_name.extend_from_slice(format!(".{}.partial", std::process::id()).as_bytes());
         let path = out.with_file_name(std::ffi::OsStr::from_bytes(&tmp_name));
         let listed = Unfinished::register(&path);
         let file = OpenOptions::new()

@@ -52,7 +52,7 @@ struct CreateArgs {
     /// The image file to create.
     file: PathBuf,
     /// Size, e.g. 10M, 1GiB, 20480s; rounded up to a multiple of 512 bytes.
-    #[arg(long, short)]
+    #[arg(long, short, allow_hyphen_values = true)]
     size: Size,
     /// Allocate every block now (posix_fallocate) instead of leaving the file sparse.
     #[arg(long)]
@@ -107,7 +107,8 @@ struct Ext2Args {
     #[command(flatten)]
     tree: TreeArgs,
     /// Image size, or `auto` for the tree's size plus headroom.
-    #[arg(long, short, default_value = "auto", value_parser = parse_fs_size)]
+    #[arg(long, short, default_value = "auto", value_parser = parse_fs_size,
+          allow_hyphen_values = true)]
     size: FsSize,
     /// Volume label (at most 16 bytes).
     #[arg(long, short = 'L', default_value = "")]
@@ -167,10 +168,13 @@ fn main() -> ExitCode {
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) if e.kind() == clap::error::ErrorKind::ValueValidation => {
-            // A bad value (a size, a block size): its one line is the whole story.
-            let text = e.render().to_string();
-            eprintln!("{}", text.lines().next().unwrap_or("error: bad value"));
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::ValueValidation | clap::error::ErrorKind::InvalidValue
+            ) =>
+        {
+            eprintln!("{}", value_error_line(&e.render().to_string()));
             return ExitCode::from(2);
         }
         Err(e) => e.exit(),
@@ -193,6 +197,18 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// A bad value (a size, a block size) on one line: clap's message with the accepted values
+/// when it lists them, without its tips and usage hints.
+fn value_error_line(rendered: &str) -> String {
+    rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Handles Ctrl-C (and SIGTERM, SIGHUP) on a thread of its own. A copy is asked to stop
@@ -294,8 +310,13 @@ fn read_tree(out: &Path, t: &TreeArgs) -> Result<tree::Tree> {
     create::check_target(out, t.force)?;
     if !t.from.is_dir() {
         bail!(
-            "--from {}: no such folder (give the folder whose files go into the image)",
-            t.from.display()
+            "--from {}: {} (give the folder whose files go into the image)",
+            t.from.display(),
+            if t.from.exists() {
+                "not a folder"
+            } else {
+                "no such folder"
+            }
         );
     }
     let timestamp = tree::resolve_timestamp(t.timestamp)?;
@@ -367,6 +388,15 @@ fn run_ext2(a: Ext2Args) -> Result<()> {
     });
     bar.finish_and_clear();
     let s = s?;
+    if let FsSize::Fixed(asked) = a.size {
+        if asked.bytes() != s.size {
+            println!(
+                "note: {} bytes rounded up to {} bytes, a whole number of 512-byte sectors",
+                asked.bytes(),
+                s.size
+            );
+        }
+    }
     println!(
         "wrote {}: ext2, {} ({} bytes), block size {}, {} blocks ({} free), {} inodes ({} free)",
         a.file.display(),
@@ -415,7 +445,7 @@ fn progress_bar() -> ProgressBar {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
-            "{msg:16} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            "{msg:16} [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
         )
         .expect("valid template")
         .progress_chars("=> "),

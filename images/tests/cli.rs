@@ -166,6 +166,23 @@ fn bad_size_is_one_line() {
         2,
     );
     assert!(line.contains("'big' is not a size"), "{line}");
+    let line = fails(&["create", "disk.img", "--size", "-5M"], d.path(), 2);
+    assert!(line.contains("'-5M' is not a size"), "{line}");
+    let line = fails(
+        &["ext2", "e.img", "--from", ".", "--size", "-1G"],
+        d.path(),
+        2,
+    );
+    assert!(line.contains("'-1G' is not a size"), "{line}");
+    let line = fails(
+        &["ext2", "e.img", "--from", ".", "--block-size", "512"],
+        d.path(),
+        2,
+    );
+    assert!(
+        line.contains("'512'") && line.contains("[possible values: 1024, 2048, 4096]"),
+        "{line}"
+    );
     assert!(!d.path().join("disk.img").exists());
 }
 
@@ -182,6 +199,10 @@ fn missing_from_folder_is_one_clear_line() {
     assert_eq!(fs::read_dir(d.path()).unwrap().count(), 0);
     fs::create_dir(d.path().join("src")).unwrap();
     fs::write(d.path().join("src/f"), b"data").unwrap();
+    for cmd in ["ext2", "iso"] {
+        let line = fails(&[cmd, "out.img", "--from", "src/f"], d.path(), 1);
+        assert!(line.contains("src/f: not a folder"), "{line}");
+    }
     for args in [
         &["create", "no/x.img", "--size", "1M"][..],
         &["ext2", "no/x.img", "--from", "src"],

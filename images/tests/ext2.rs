@@ -242,6 +242,32 @@ fn too_small_names_the_size_needed() {
     assert_eq!(s.size, needed);
     assert_fsck_clean(&img);
     assert_same_as_source(&img, &src, TS);
+    // And it is the least: one block fewer is refused, naming the same size.
+    let err = build(
+        &tree,
+        &img,
+        &Ext2Options {
+            size: Some(needed - 4096),
+            ..Ext2Options::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, Ext2Error::TooSmall { needed: n, .. } if n == needed),
+        "{err}"
+    );
+    // Sizes that are not whole sectors are rounded up to them.
+    let s = build(
+        &tree,
+        &img,
+        &Ext2Options {
+            size: Some(needed + 4096 + 100),
+            ..Ext2Options::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(s.size, needed + 4096 + 512);
+    assert_eq!(fs::metadata(&img).unwrap().len(), needed + 4096 + 512);
 }
 
 fn err_msg(needed: u64, given: u64) -> String {

@@ -283,7 +283,7 @@ fn summary_counts_nodes_and_the_temp_file_is_gone() {
     let leftovers: Vec<_> = fs::read_dir(d.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())
-        .filter(|n| n.as_bytes().ends_with(b".tmp"))
+        .filter(|n| n.as_bytes().ends_with(b".partial"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
