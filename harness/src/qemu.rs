@@ -127,6 +127,8 @@ pub struct VmExit {
     pub timed_out: bool,
     /// Wall time from start to exit.
     pub elapsed: Duration,
+    /// Why the run was cut short, when `abort` said so.
+    pub aborted: Option<String>,
     /// Wall time from start until the agent reported it started.
     pub agent_started: Option<Duration>,
     /// Wall time from start until the agent reported done.
@@ -134,7 +136,15 @@ pub struct VmExit {
 }
 
 /// Runs QEMU to completion or time-out; QEMU's own stdout/stderr go to `qemu_log`.
-pub fn run(cfg: &VmConfig, qemu_log: &Path, limit: Duration) -> Result<VmExit, QemuError> {
+///
+/// `abort` is polled while QEMU runs: when it returns a reason (e.g. a backend died), QEMU is
+/// killed and the reason recorded, instead of waiting for the time-out.
+pub fn run(
+    cfg: &VmConfig,
+    qemu_log: &Path,
+    limit: Duration,
+    abort: &mut dyn FnMut() -> Option<String>,
+) -> Result<VmExit, QemuError> {
     let f =
         std::fs::File::create(qemu_log).map_err(|e| QemuError::Log(qemu_log.to_path_buf(), e))?;
     let f2 = f
@@ -156,6 +166,7 @@ pub fn run(cfg: &VmConfig, qemu_log: &Path, limit: Duration) -> Result<VmExit, Q
         elapsed: Duration::ZERO,
         agent_started: None,
         agent_done: None,
+        aborted: None,
     };
     let mut seen_len = 0u64;
     loop {
@@ -190,6 +201,13 @@ pub fn run(cfg: &VmConfig, qemu_log: &Path, limit: Duration) -> Result<VmExit, Q
             g.kill();
             exit.timed_out = true;
             break;
+        }
+        if exit.agent_done.is_none() {
+            if let Some(why) = abort() {
+                g.kill();
+                exit.aborted = Some(why);
+                break;
+            }
         }
         std::thread::sleep(Duration::from_millis(5));
     }

@@ -159,7 +159,9 @@ pub fn judge_events(events: &[Event], exit: &qemu::VmExit, limit: Duration) -> R
             Event::Step { .. } => {}
         }
     }
-    let how = if exit.timed_out {
+    let how = if let Some(why) = &exit.aborted {
+        format!("was stopped: {why}")
+    } else if exit.timed_out {
         format!("did not finish within {limit:?} (killed)")
     } else {
         format!(
@@ -224,7 +226,14 @@ impl Ctx<'_> {
         };
         let limit = env.boot_timeout * env.accel.slowness();
         let qemu_log = self.dir.join(format!("{label}-qemu.log"));
-        let exit = qemu::run(&cfg, &qemu_log, limit).map_err(|e| e.to_string())?;
+        let mut backend_died = || {
+            backends.iter_mut().enumerate().find_map(|(i, b)| {
+                b.try_wait()
+                    .map(|st| format!("backend for disk {i} exited ({st}) while the guest ran"))
+            })
+        };
+        let exit =
+            qemu::run(&cfg, &qemu_log, limit, &mut backend_died).map_err(|e| e.to_string())?;
         for b in &mut backends {
             b.stop(Duration::from_secs(5));
         }
@@ -252,6 +261,14 @@ impl Ctx<'_> {
                 }
                 if !c.is_empty() && !msg.contains("step") {
                     msg.push_str(&format!("; console: {c}"));
+                }
+                if exit.aborted.is_some() {
+                    for i in 0..disks.len() {
+                        let b = tail(&self.dir.join(format!("{label}-backend{i}.log")), 2);
+                        if !b.is_empty() {
+                            msg.push_str(&format!("; backend{i}: {b}"));
+                        }
+                    }
                 }
                 Err(msg)
             }
@@ -706,6 +723,7 @@ mod tests {
             elapsed: Duration::from_secs(1),
             agent_started: None,
             agent_done: None,
+            aborted: None,
         }
     }
 
