@@ -491,7 +491,7 @@ where
             if out_len != 0 {
                 return Err(reject(RequestError::WrongDirection(req_type)));
             }
-            if in_len == 0 || in_len % SEGMENT_SIZE != 0 {
+            if in_len == 0 || !in_len.is_multiple_of(SEGMENT_SIZE) {
                 return Err(reject(RequestError::BadSegmentPayload(in_len)));
             }
             let count = in_len / SEGMENT_SIZE;
@@ -572,10 +572,10 @@ fn check_data_segments(data: &[GuestRange], limits: &Limits) -> Result<(), Reque
 /// Check that `len` bytes starting at `sector` are aligned and inside the disk.
 fn check_rw_range(sector: u64, len: u64, limits: &Limits) -> Result<(), RequestError> {
     let unit = u64::from(limits.logical_block_size).max(SECTOR_SIZE);
-    if len % unit != 0 {
+    if !len.is_multiple_of(unit) {
         return Err(RequestError::UnalignedLength { len, unit });
     }
-    if sector % limits.sectors_per_block() != 0 {
+    if !sector.is_multiple_of(limits.sectors_per_block()) {
         return Err(RequestError::UnalignedSector {
             sector,
             block: limits.logical_block_size,
