@@ -185,6 +185,14 @@ impl BlkDevice {
         &self.inflight
     }
 
+    /// The features each queue's executor works with (see [`Executor::set_features`]).
+    pub fn queue_features(&self) -> Vec<u64> {
+        self.workers
+            .iter()
+            .map(|w| w.lock().unwrap_or_else(|p| p.into_inner()).features())
+            .collect()
+    }
+
     /// The disk served.
     pub fn disk(&self) -> &Arc<Disk> {
         &self.disk
@@ -293,6 +301,11 @@ impl VhostUserBackend for BlkDevice {
 
     fn acked_features(&self, features: u64) {
         self.acked_features.store(features, Ordering::Relaxed);
+        for w in &self.workers {
+            w.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_features(features);
+        }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

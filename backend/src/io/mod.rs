@@ -17,7 +17,10 @@ mod tests;
 use std::sync::Arc;
 
 use tracing::warn;
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -27,7 +30,7 @@ pub use self::ratelimit::RateLimiter;
 use crate::config::EngineKind;
 use crate::disk::Disk;
 use crate::inflight::{Inflight, QueueInflight};
-use crate::request::{parse, GuestRange, RequestKind, ID_BYTES, SECTOR_SIZE};
+use crate::request::{parse, GuestRange, Limits, RequestKind, ID_BYTES, SECTOR_SIZE};
 
 /// Guest memory as the backend maps it (no dirty-page bitmap).
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -72,6 +75,7 @@ pub struct Executor {
     queue: u16,
     limiter: RateLimiter,
     stats: Stats,
+    features: u64,
 }
 
 struct Slot {
@@ -82,6 +86,7 @@ struct Slot {
     kind: Option<RequestKind>,
     data: Vec<GuestRange>,
     data_len: u64,
+    offset: u64,
 }
 
 impl Executor {
@@ -93,12 +98,49 @@ impl Executor {
         queue_size: u16,
     ) -> Result<Executor, EngineError> {
         Ok(Executor {
+            features: crate::device::device_features(&disk),
             disk,
             engine: Engine::new(kind, u32::from(queue_size))?,
             queue,
             limiter: RateLimiter::new(WARNINGS_PER_SECOND),
             stats: Stats::default(),
         })
+    }
+
+    /// Tell the executor which virtio features the driver negotiated (all offered ones until
+    /// this is called). `size_max` and `seg_max` bind only a driver that negotiated
+    /// VIRTIO_BLK_F_SIZE_MAX / VIRTIO_BLK_F_SEG_MAX (UEFI's VirtioBlkDxe negotiates neither
+    /// and puts a whole transfer in one descriptor), and a driver without VIRTIO_BLK_F_FLUSH
+    /// cannot ask for durability, so its writes are written through.
+    pub fn set_features(&mut self, features: u64) {
+        self.features = features;
+    }
+
+    /// The negotiated features in effect.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn negotiated(&self, bit: u32) -> bool {
+        self.features & (1 << bit) != 0
+    }
+
+    /// Whether writes are made durable before they complete: the guest turned the write cache
+    /// off, or it cannot flush.
+    pub fn write_through(&self) -> bool {
+        !self.disk.writeback() || !self.negotiated(VIRTIO_BLK_F_FLUSH)
+    }
+
+    /// The request limits for this driver: the disk's, minus those it did not negotiate.
+    pub fn limits(&self) -> Limits {
+        let mut limits = *self.disk.limits();
+        if !self.negotiated(VIRTIO_BLK_F_SIZE_MAX) {
+            limits.size_max = u32::MAX;
+        }
+        if !self.negotiated(VIRTIO_BLK_F_SEG_MAX) {
+            limits.seg_max = u32::MAX;
+        }
+        limits
     }
 
     /// The queue this executor serves.
@@ -176,7 +218,7 @@ impl Executor {
         I: IntoIterator<Item = (u16, D)>,
         D: IntoIterator<Item = Descriptor>,
     {
-        let limits = *self.disk.limits();
+        let limits = self.limits();
         let mut slots: Vec<Slot> = Vec::new();
         for (head, chain) in chains {
             match parse(chain, mem, &limits) {
@@ -185,6 +227,7 @@ impl Executor {
                     status_addr: Some(req.status),
                     status: STATUS_OK,
                     used: 1,
+                    offset: req.offset(),
                     kind: Some(req.kind),
                     data: req.data,
                     data_len: req.data_len,
@@ -196,6 +239,7 @@ impl Executor {
                         status_addr: rej.status,
                         status: rej.error.status(),
                         used: u32::from(rej.status.is_some()),
+                        offset: 0,
                         kind: None,
                         data: Vec::new(),
                         data_len: 0,
@@ -207,7 +251,7 @@ impl Executor {
         // Reads and writes: all at once on the engine.
         let mut ops = Vec::new();
         let mut op_slots = Vec::new();
-        let dsync = !self.disk.writeback();
+        let dsync = self.write_through();
         for (i, slot) in slots.iter_mut().enumerate() {
             let (write, sector) = match slot.kind {
                 Some(RequestKind::Read { sector }) => (false, sector),
@@ -227,9 +271,9 @@ impl Executor {
                 continue;
             };
             let offset = sector * SECTOR_SIZE;
-            let aligned = iov
-                .iter()
-                .all(|v| (v.iov_base as usize) % 512 == 0 && v.iov_len % 512 == 0);
+            let aligned = iov.iter().all(|v| {
+                (v.iov_base as usize).is_multiple_of(512) && v.iov_len.is_multiple_of(512)
+            });
             let direct = self.disk.is_direct() && aligned;
             let fd = if direct {
                 self.disk.fd()
@@ -253,14 +297,17 @@ impl Executor {
             self.engine.run(&mut ops);
         }
         for (op, &i) in ops.iter_mut().zip(&op_slots) {
+            // The engine may have advanced `op` past a part it served inline, so the request's
+            // own length is what was transferred.
+            let len = slots[i].data_len;
             match op.result.take() {
                 Some(Ok(())) => {
                     if op.write {
-                        self.stats.bytes_written += op.len;
+                        self.stats.bytes_written += len;
                     } else {
-                        self.stats.bytes_read += op.len;
+                        self.stats.bytes_read += len;
                         // The data length is below u32::MAX: the chain iterator caps it.
-                        slots[i].used = u32::try_from(op.len + 1).unwrap_or(u32::MAX);
+                        slots[i].used = u32::try_from(len + 1).unwrap_or(u32::MAX);
                     }
                 }
                 Some(Err(e)) => {
@@ -269,8 +316,8 @@ impl Executor {
                         queue = self.queue,
                         "{} of {} bytes at offset {} failed: {e}",
                         if op.write { "write" } else { "read" },
-                        op.len,
-                        op.offset
+                        len,
+                        slots[i].offset
                     );
                 }
                 None => slots[i].status = STATUS_IOERR,

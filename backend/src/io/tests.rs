@@ -734,3 +734,99 @@ fn direct_io_with_aligned_and_unaligned_buffers() {
     mem.read_slice(&mut b, GuestAddress(DATA + 0x3003)).unwrap();
     assert!(b.iter().all(|&x| x == 0x22));
 }
+
+#[test]
+fn size_max_and_seg_max_bind_only_a_driver_that_negotiated_them() {
+    // queue size 8: seg_max 6; size_max is 1 MiB.
+    let mut r = rig_with(4 * MIB, |c| c.queue_size = 8);
+    let mem = memory();
+    let big = (MIB + MIB / 2) as u32;
+    mem.write_slice(&vec![0x5au8; big as usize], GuestAddress(DATA))
+        .unwrap();
+    let seven: Vec<D> = (0..7).map(|i| (DATA + i * 4096, 512, false)).collect();
+    // Until the driver says otherwise, every offered feature binds it.
+    assert_eq!(
+        rw(&mut r, &mem, VIRTIO_BLK_T_OUT, 0, &[(DATA, big, false)]).0,
+        IOERR
+    );
+    assert_eq!(rw(&mut r, &mem, VIRTIO_BLK_T_OUT, 0, &seven).0, IOERR);
+    // A driver that negotiated neither (UEFI's VirtioBlkDxe puts a whole transfer in one
+    // descriptor) is served whatever the descriptor length and count.
+    let offered = r.ex.features();
+    r.ex.set_features(offered & !(1 << VIRTIO_BLK_F_SIZE_MAX) & !(1 << VIRTIO_BLK_F_SEG_MAX));
+    assert_eq!(
+        rw(&mut r, &mem, VIRTIO_BLK_T_OUT, 0, &[(DATA, big, false)]),
+        (OK, 1)
+    );
+    assert_file(&r.path, 0, big as usize, 0x5a);
+    mem.write_slice(&vec![0u8; big as usize], GuestAddress(DATA))
+        .unwrap();
+    assert_eq!(
+        rw(&mut r, &mem, VIRTIO_BLK_T_IN, 0, &[(DATA, big, true)]),
+        (OK, big + 1)
+    );
+    let mut back = vec![0u8; big as usize];
+    mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+    assert!(back.iter().all(|&b| b == 0x5a));
+    assert_eq!(rw(&mut r, &mem, VIRTIO_BLK_T_OUT, 0, &seven).0, OK);
+}
+
+#[test]
+fn read_partly_in_the_page_cache_reports_its_full_length() {
+    use std::os::unix::fs::FileExt;
+    let mut r = rig(4 * MIB);
+    let len = 256 * 1024u32;
+    // The data is on disk, out of the page cache, except for its first page: a non-blocking
+    // read copies that page and stops, the ring reads the rest.
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&r.path)
+        .unwrap();
+    f.write_all_at(&vec![0x42u8; len as usize], 0).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: posix_fadvise only takes an open fd and integers.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    // A whole-page write caches the first page without reading ahead.
+    f.write_all_at(&[0x42u8; 4096], 0).unwrap();
+    let mem = memory();
+    mem.write_slice(&vec![0xeeu8; len as usize], GuestAddress(DATA))
+        .unwrap();
+    assert_eq!(
+        rw(&mut r, &mem, VIRTIO_BLK_T_IN, 0, &[(DATA, len, true)]),
+        (OK, len + 1)
+    );
+    assert_eq!(r.ex.stats().bytes_read, u64::from(len));
+    let mut back = vec![0u8; len as usize];
+    mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+    assert!(back.iter().all(|&b| b == 0x42));
+}
+
+#[test]
+fn a_driver_without_flush_gets_write_through() {
+    let r = rig(MIB);
+    let dev = device(&r, |c| c.num_queues = 2);
+    let offered = dev.features();
+    let no_flush = offered & !(1 << VIRTIO_BLK_F_FLUSH);
+    dev.acked_features(no_flush);
+    assert_eq!(dev.queue_features(), vec![no_flush, no_flush]);
+
+    let mut r = rig(MIB);
+    assert!(!r.ex.write_through());
+    r.ex.set_features(no_flush);
+    assert!(r.ex.write_through());
+    // The guest's write cache setting stays what it was.
+    assert!(r.disk.writeback());
+    let mem = memory();
+    mem.write_slice(&[9u8; 512], GuestAddress(DATA)).unwrap();
+    assert_eq!(
+        rw(&mut r, &mem, VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, false)]).0,
+        OK
+    );
+    assert_file(&r.path, 0, 512, 9);
+    r.ex.set_features(offered);
+    assert!(!r.ex.write_through());
+    r.disk.set_writeback(false);
+    assert!(r.ex.write_through());
+}
