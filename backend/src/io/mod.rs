@@ -203,7 +203,11 @@ impl Executor {
             t.begin_batch(&heads);
         }
         for c in &done {
-            queue.add_used(mem, c.head, c.len)?;
+            // A head index past the ring (a broken or hostile driver) cannot be completed;
+            // the rest of the batch still is.
+            if let Err(e) = queue.add_used(mem, c.head, c.len) {
+                self.guest_warn(c.head, format_args!("cannot complete the request: {e}"));
+            }
         }
         if let Some((t, _)) = track {
             t.end_batch(&heads, queue.next_used());

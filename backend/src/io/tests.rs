@@ -830,3 +830,33 @@ fn a_driver_without_flush_gets_write_through() {
     r.disk.set_writeback(false);
     assert!(r.ex.write_through());
 }
+
+#[test]
+fn a_head_index_past_the_ring_does_not_lose_the_rest_of_the_batch() {
+    let mut r = rig(MIB);
+    let mem = memory();
+    header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
+    mem.write_obj(0xffu8, GuestAddress(ST)).unwrap();
+    let vq = MockSplitQueue::create(&mem, GuestAddress(0), 64);
+    let good = [
+        RawDescriptor::from(Descriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 1)),
+        RawDescriptor::from(Descriptor::new(
+            DATA,
+            512,
+            (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
+            2,
+        )),
+        RawDescriptor::from(Descriptor::new(ST, 1, VRING_DESC_F_WRITE as u16, 0)),
+    ];
+    vq.add_desc_chains(&good, 0).unwrap();
+    // Two requests offered: a head index past the 64-entry ring first, then the good chain.
+    vq.avail().ring().ref_at(0).unwrap().store(u16::to_le(200));
+    vq.avail().ring().ref_at(1).unwrap().store(u16::to_le(0));
+    vq.avail().idx().store(u16::to_le(2));
+    let mut q: Queue = vq.create_queue().unwrap();
+    r.ex.process_queue(&mut q, &mem).unwrap();
+    assert_eq!(vq.used().idx().load(), 1);
+    let e = vq.used().ring().ref_at(0).unwrap().load();
+    assert_eq!((e.id(), e.len()), (0, 513));
+    assert_eq!(status(&mem, ST), OK);
+}
