@@ -65,6 +65,14 @@ pub const SCENARIOS: &[ScenarioInfo] = &[
     },
 ];
 
+/// How many guests a scenario boots (a cost estimate for scheduling).
+pub fn boots(name: &str) -> u32 {
+    match name {
+        "persist" | "discard" => 2,
+        _ => 1,
+    }
+}
+
 /// What every scenario shares: the programs, the kernel, the initramfs.
 #[derive(Debug, Clone)]
 pub struct Env {
