@@ -102,6 +102,27 @@ fn apt_depends(pkg: &str) -> Result<String, KernelError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Follows meta packages (`linux-image-virtual` -> ... -> `linux-image-6.8.0-48-generic`)
+/// to the first `linux-image-*` package whose name carries a version number.
+fn versioned_image(meta: &str) -> Result<String, KernelError> {
+    let mut pkg = meta.to_string();
+    for _ in 0..4 {
+        let deps = apt_depends(&pkg)?;
+        let next = depends_with_prefix(&deps, "linux-image-").into_iter().next().ok_or_else(|| {
+            KernelError::NoKernel(format!(
+                "`apt-cache depends {pkg}` names no linux-image package; install the package lists (`apt-get update`) or pass --kernel PATH"
+            ))
+        })?;
+        if next.chars().any(|c| c.is_ascii_digit()) {
+            return Ok(next);
+        }
+        pkg = next;
+    }
+    Err(KernelError::NoKernel(format!(
+        "no versioned kernel package behind {meta}; pass --kernel PATH --modules DIR"
+    )))
+}
+
 /// Resolves a kernel: `--kernel` (+ `--modules`) if given, else the distribution package.
 pub fn resolve(kernel: Option<&Path>, modules: Option<&Path>) -> Result<Kernel, KernelError> {
     if let Some(k) = kernel {
@@ -133,14 +154,7 @@ pub fn resolve(kernel: Option<&Path>, modules: Option<&Path>) -> Result<Kernel, 
         .filter(|p| fresh && !p.is_empty() && kernels.join(p).join(".complete").exists());
     let pkg = match remembered {
         Some(p) => p,
-        None => {
-            let deps = apt_depends(meta)?;
-            depends_with_prefix(&deps, "linux-image-").into_iter().next().ok_or_else(|| {
-                KernelError::NoKernel(format!(
-                    "`apt-cache depends {meta}` names no linux-image package; install the package lists (`apt-get update`) or pass --kernel PATH"
-                ))
-            })?
-        }
+        None => versioned_image(meta)?,
     };
     let root = kernels.join(&pkg);
     let done = root.join(".complete");
@@ -210,8 +224,70 @@ fn fetch_into(pkg: &str, root: &Path) -> Result<(), KernelError> {
             }
         }
     }
+    // Ubuntu ships some of the guest's modules (isofs) in linux-modules-extra-<version>.
+    if !tree_has_module(&staging, "isofs") {
+        let extra = pkg.replacen("linux-image-", "linux-modules-extra-", 1);
+        if extra != pkg && download_and_unpack(&extra, &dl, &staging).is_ok() {
+            eprintln!("vloop-harness: unpacked {extra} for the isofs module");
+        }
+    }
     fs::rename(&staging, root).map_err(io_err(root.display().to_string()))?;
     let _ = fs::remove_dir_all(&dl);
+    Ok(())
+}
+
+fn tree_has_module(root: &Path, name: &str) -> bool {
+    let mut found = BTreeMap::new();
+    for base in [root.join("lib/modules"), root.join("usr/lib/modules")] {
+        walk_modules(&base, &mut found);
+    }
+    found.contains_key(name) || {
+        // Built in: listed in modules.builtin.
+        [root.join("lib/modules"), root.join("usr/lib/modules")]
+            .iter()
+            .any(|b| {
+                fs::read_dir(b).into_iter().flatten().flatten().any(|v| {
+                    fs::read_to_string(v.path().join("modules.builtin"))
+                        .is_ok_and(|t| parse_builtin(&t).contains(name))
+                })
+            })
+    }
+}
+
+/// `apt-get download pkg` into `dl`, then `dpkg-deb -x` it into `into`.
+fn download_and_unpack(pkg: &str, dl: &Path, into: &Path) -> Result<(), KernelError> {
+    let st = Command::new("apt-get")
+        .args(["download", pkg])
+        .current_dir(dl)
+        .output()
+        .map_err(|e| KernelError::NoKernel(format!("cannot run apt-get: {e}")))?;
+    if !st.status.success() {
+        return Err(KernelError::NoKernel(format!(
+            "`apt-get download {pkg}` failed"
+        )));
+    }
+    for e in fs::read_dir(dl)
+        .map_err(io_err(dl.display().to_string()))?
+        .flatten()
+    {
+        let p = e.path();
+        if p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(pkg))
+        {
+            let ok = Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(&p)
+                .arg(into)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                return Err(KernelError::NoKernel(format!(
+                    "`dpkg-deb -x {}` failed",
+                    p.display()
+                )));
+            }
+        }
+    }
     Ok(())
 }
 
