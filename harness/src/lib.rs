@@ -1,8 +1,9 @@
 //! vloop-harness: boots real QEMU guests against a vhost-user-blk backend and proves, inside
 //! the guest and again on the host, that the disks work.
 //!
-//! The pieces, in the order a run uses them: [`kernel`] finds or fetches a guest kernel and
-//! resolves its modules; [`initramfs`] packs the guest agent (crate `vloop-guest`), busybox
+//! The pieces, in the order a run uses them ([`mod@run`] drives them): [`kernel`] finds or
+//! fetches a guest kernel and resolves its modules, [`pvh`] extracts its vmlinux for a direct
+//! boot; [`initramfs`] packs the guest agent (crate `vloop-guest`), busybox
 //! and the modules into a reproducible [`cpio`] archive; [`accel`] picks KVM or TCG;
 //! [`scenario`] prepares images ([`images`]), starts one [`backend`] per disk, boots
 //! [`qemu`], reads the agent's results and checks the disks on the host ([`manifest`]);
