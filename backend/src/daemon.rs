@@ -5,7 +5,10 @@
 //! When the frontend goes away the workers finish their batch and exit, the image is flushed,
 //! and the daemon waits for the next connection, as qemu-storage-daemon does. A stop request
 //! (SIGINT/SIGTERM in the binary) closes the current connection, lets in-flight requests finish,
-//! flushes the image and returns.
+//! flushes the image and returns. A resize request (SIGHUP in the binary) re-reads the image
+//! size, serves it from then on and announces it to the frontend over the backend request
+//! channel (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG), so QEMU re-reads the capacity and tells the
+//! guest.
 
 use std::fs;
 use std::io;
@@ -25,6 +28,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config::{Config, Listen};
 use crate::device::{BlkDevice, DeviceError};
 use crate::disk::Disk;
+use crate::inflight::Inflight;
 
 /// Errors of the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +68,8 @@ pub enum DaemonError {
     Vhost(String),
 }
 
-/// Asks a running [`Daemon`] to stop; cheap to clone, safe to use from any thread.
+/// Asks a running [`Daemon`] to stop or to adopt a new image size; cheap to clone, safe to
+/// use from any thread.
 #[derive(Clone, Debug)]
 pub struct StopHandle {
     inner: Arc<StopInner>,
@@ -74,6 +79,10 @@ struct StopInner {
     stop: AtomicBool,
     wake: EventFd,
     current: Mutex<Option<ShutdownHandle>>,
+    /// The image served, once a daemon runs.
+    disk: Mutex<Option<Arc<Disk>>>,
+    /// The connection state (with its backend request channel) of the current frontend.
+    connection: Mutex<Option<Arc<Inflight>>>,
 }
 
 impl std::fmt::Debug for StopInner {
@@ -92,6 +101,8 @@ impl StopHandle {
                 stop: AtomicBool::new(false),
                 wake: EventFd::new(EFD_NONBLOCK)?,
                 current: Mutex::new(None),
+                disk: Mutex::new(None),
+                connection: Mutex::new(None),
             }),
         })
     }
@@ -120,20 +131,88 @@ impl StopHandle {
     fn set_current(&self, h: Option<ShutdownHandle>) {
         *self.inner.current.lock().unwrap_or_else(|p| p.into_inner()) = h;
     }
+
+    fn set_disk(&self, disk: Arc<Disk>) {
+        *self.inner.disk.lock().unwrap_or_else(|p| p.into_inner()) = Some(disk);
+    }
+
+    fn set_connection(&self, c: Option<Arc<Inflight>>) {
+        *self
+            .inner
+            .connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = c;
+    }
+
+    /// Re-read the image size and serve it from now on (requests past a smaller end fail
+    /// with IOERR), then announce the config change to the connected frontend, if it set up
+    /// a backend request channel. Errors are logged.
+    pub fn resize(&self) {
+        let disk = self
+            .inner
+            .disk
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(disk) = disk else {
+            warn!("resize requested before the image was opened");
+            return;
+        };
+        match disk.refresh_size() {
+            Ok(r) if r.changed() => info!(
+                "image size changed from {} to {} bytes ({} sectors)",
+                r.old,
+                r.new,
+                r.new >> crate::request::SECTOR_SHIFT
+            ),
+            Ok(r) => info!("image size unchanged ({} bytes)", r.new),
+            Err(e) => {
+                let cause = std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                warn!("{e}: {cause}");
+                return;
+            }
+        }
+        let connection = self
+            .inner
+            .connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(connection) = connection else {
+            info!("no frontend connected: the next one sees the new size");
+            return;
+        };
+        match connection.backend_channel().config_changed() {
+            Ok(true) => info!("config change announced to the frontend"),
+            Ok(false) => warn!(
+                "the frontend set up no backend request channel: the guest sees the new size \
+                 when it reconnects"
+            ),
+            Err(e) => warn!("announcing the config change to the frontend failed: {e}"),
+        }
+    }
 }
 
-/// Block SIGINT and SIGTERM in this thread (and every thread it creates later) and stop
-/// `handle` when one arrives. Call it before any other thread is spawned.
+/// Block SIGINT, SIGTERM and SIGHUP in this thread (and every thread it creates later); stop
+/// `handle` on SIGINT or SIGTERM, and on SIGHUP re-read the image size and announce it
+/// ([`StopHandle::resize`]). Call it before any other thread is spawned.
 pub fn stop_on_signals(handle: StopHandle) -> io::Result<()> {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
+    set.add(Signal::SIGHUP);
     set.thread_block().map_err(io::Error::from)?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
             match set.wait() {
+                Ok(Signal::SIGHUP) => {
+                    info!("SIGHUP received: re-reading the image size");
+                    handle.resize();
+                }
                 Ok(sig) => {
                     info!("{sig:?} received: finishing in-flight requests and exiting");
                     handle.stop();
@@ -281,6 +360,7 @@ fn is_disconnect(e: &vhost_user_backend::Error) -> bool {
 impl Daemon {
     /// A daemon serving `disk` on `socket`.
     pub fn new(config: Config, disk: Arc<Disk>, socket: BoundSocket, stop: StopHandle) -> Self {
+        stop.set_disk(disk.clone());
         Daemon {
             config,
             disk,
@@ -364,12 +444,14 @@ impl Daemon {
                 }
             })?;
         self.stop.set_current(daemon.shutdown_handle());
+        self.stop.set_connection(Some(device.inflight().clone()));
         if self.stop.stopped() {
             daemon.request_shutdown();
         }
         info!("frontend connected");
         let result = daemon.wait();
         self.stop.set_current(None);
+        self.stop.set_connection(None);
         // Dropping the daemon stops the workers after their current batch.
         drop(daemon);
         for t in relay {

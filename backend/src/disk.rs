@@ -6,10 +6,11 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::ops::Deref;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 use tracing::{info, warn};
 
@@ -74,6 +75,49 @@ pub enum DiskError {
     },
 }
 
+/// The size of the image behind `file`: (raw bytes, bytes rounded down to `block`).
+fn image_size(file: &File, block_device: bool, block: u64) -> io::Result<(u64, u64)> {
+    let raw = if block_device {
+        let mut size = 0u64;
+        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to a live
+        // local; the fd is open.
+        unsafe { blk_getsize64(file.as_raw_fd(), &mut size) }?;
+        size
+    } else {
+        file.metadata()?.len()
+    };
+    Ok((raw, raw - raw % block.max(1)))
+}
+
+/// The served size before and after [`Disk::refresh_size`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resize {
+    /// Bytes served before.
+    pub old: u64,
+    /// Bytes served from now on.
+    pub new: u64,
+}
+
+impl Resize {
+    /// True when the served size changed.
+    pub fn changed(&self) -> bool {
+        self.old != self.new
+    }
+}
+
+/// A copy of the request limits carrying the capacity of the moment it was taken; it
+/// dereferences to [`Limits`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CurrentLimits(Limits);
+
+impl Deref for CurrentLimits {
+    type Target = Limits;
+
+    fn deref(&self) -> &Limits {
+        &self.0
+    }
+}
+
 /// An open, locked image.
 #[derive(Debug)]
 pub struct Disk {
@@ -83,7 +127,10 @@ pub struct Disk {
     /// not aligned for it.
     buffered: Option<File>,
     block_device: bool,
-    size: u64,
+    /// Served size in bytes; changes when [`Disk::refresh_size`] adopts a new image size.
+    size: AtomicU64,
+    /// Logical block size in bytes: the served size is rounded down to a multiple of it.
+    block: u64,
     serial: [u8; SERIAL_LEN],
     limits: Limits,
     discard: DiscardMode,
@@ -172,20 +219,12 @@ impl Disk {
                 })
             }
         }
-        let raw_size = if block_device {
-            let mut size = 0u64;
-            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to a live
-            // local; the fd is open.
-            unsafe { blk_getsize64(file.as_raw_fd(), &mut size) }.map_err(|e| DiskError::Size {
-                path: path.clone(),
-                source: e.into(),
-            })?;
-            size
-        } else {
-            meta.len()
-        };
         let block = u64::from(config.logical_block_size.bytes());
-        let size = raw_size - raw_size % block;
+        let (raw_size, size) =
+            image_size(&file, block_device, block).map_err(|source| DiskError::Size {
+                path: path.clone(),
+                source,
+            })?;
         if size != raw_size {
             warn!(
                 "{}: size {raw_size} is not a multiple of {block}; the last {} bytes are not served",
@@ -240,7 +279,8 @@ impl Disk {
             file,
             buffered,
             block_device,
-            size,
+            size: AtomicU64::new(size),
+            block,
             serial,
             limits,
             discard: config.discard,
@@ -257,12 +297,35 @@ impl Disk {
 
     /// Served size in bytes.
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     /// Capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
-        self.size / SECTOR_SIZE
+        self.size() / SECTOR_SIZE
+    }
+
+    /// Re-read the size of the image (grown or shrunk by someone else, e.g. `truncate -s` or
+    /// `qemu-img resize`) and serve that size from now on: requests past the new end fail,
+    /// requests into grown space succeed. Returns the served sizes before and after.
+    pub fn refresh_size(&self) -> Result<Resize, DiskError> {
+        let (raw, size) =
+            image_size(&self.file, self.block_device, self.block).map_err(|source| {
+                DiskError::Size {
+                    path: self.path.clone(),
+                    source,
+                }
+            })?;
+        if size != raw {
+            warn!(
+                "{}: size {raw} is not a multiple of {}; the last {} bytes are not served",
+                self.path.display(),
+                self.block,
+                raw - size
+            );
+        }
+        let old = self.size.swap(size, Ordering::AcqRel);
+        Ok(Resize { old, new: size })
     }
 
     /// The GET_ID serial, NUL padded.
@@ -270,9 +333,11 @@ impl Disk {
         &self.serial
     }
 
-    /// Request validation limits.
-    pub fn limits(&self) -> &Limits {
-        &self.limits
+    /// Request validation limits, with the capacity of this moment.
+    pub fn limits(&self) -> CurrentLimits {
+        let mut l = self.limits;
+        l.capacity = self.capacity();
+        CurrentLimits(l)
     }
 
     /// DISCARD behaviour.

@@ -405,7 +405,9 @@ mod tests {
 // INFLIGHT_SHMFD), SET_PROTOCOL_FEATURES (INFLIGHT_SHMFD is recorded and stripped) and the two
 // inflight requests, which the relay answers itself. After SET_INFLIGHT_FD with a region from a
 // previous backend, SET_VRING_KICK is followed by one kick, so the queue's worker resubmits what
-// was in flight even if the guest never kicks again.
+// was in flight even if the guest never kicks again. SET_BACKEND_REQ_FD is answered here too:
+// the relay keeps the backend request channel ([`BackendChannel`]) to announce config changes,
+// which vhost-user-backend's `Backend` cannot send.
 
 const HDR_LEN: usize = 12;
 const MAX_BODY: usize = 1 << 16;
@@ -416,12 +418,84 @@ const FLAG_NEED_REPLY: u32 = 0x8;
 const GET_PROTOCOL_FEATURES: u32 = 15;
 const SET_PROTOCOL_FEATURES: u32 = 16;
 const SET_VRING_KICK: u32 = 12;
+const SET_BACKEND_REQ_FD: u32 = 21;
 const GET_INFLIGHT_FD: u32 = 31;
 const SET_INFLIGHT_FD: u32 = 32;
 /// `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`.
 pub const PROTOCOL_F_INFLIGHT_SHMFD: u64 = 1 << 12;
 const PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
 const VRING_NOFD: u64 = 1 << 8;
+/// `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` on the backend request channel.
+pub const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
+/// How long the frontend has to acknowledge a backend request.
+const BACKEND_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The backend request channel (`VHOST_USER_PROTOCOL_F_BACKEND_REQ`) of one connection, once
+/// the frontend has sent it with SET_BACKEND_REQ_FD.
+#[derive(Debug, Default)]
+pub struct BackendChannel {
+    /// The socket, and whether REPLY_ACK was negotiated when it arrived.
+    sock: std::sync::Mutex<Option<(std::os::unix::net::UnixStream, bool)>>,
+}
+
+impl BackendChannel {
+    fn set(&self, sock: std::os::unix::net::UnixStream, reply_ack: bool) {
+        *self.sock.lock().unwrap_or_else(|p| p.into_inner()) = Some((sock, reply_ack));
+    }
+
+    /// True once the frontend has set up the channel.
+    pub fn is_set(&self) -> bool {
+        self.sock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Tell the frontend the config space changed (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG); with
+    /// REPLY_ACK, wait (bounded) for its acknowledgement. Returns false when there is no
+    /// channel.
+    pub fn config_changed(&self) -> io::Result<bool> {
+        use std::io::Read;
+        let guard = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((sock, reply_ack)) = guard.as_ref() else {
+            return Ok(false);
+        };
+        let flags = FLAG_VERSION | if *reply_ack { FLAG_NEED_REPLY } else { 0 };
+        let mut hdr = [0u8; HDR_LEN];
+        hdr[0..4].copy_from_slice(&BACKEND_CONFIG_CHANGE_MSG.to_le_bytes());
+        hdr[4..8].copy_from_slice(&flags.to_le_bytes());
+        send(
+            sock,
+            &Msg {
+                hdr,
+                body: Vec::new(),
+                fds: Vec::new(),
+            },
+        )?;
+        if *reply_ack {
+            sock.set_read_timeout(Some(BACKEND_REPLY_TIMEOUT))?;
+            let mut r = [0u8; HDR_LEN + 8];
+            let mut s = sock;
+            s.read_exact(&mut r)?;
+            let code = u32::from_le_bytes([r[0], r[1], r[2], r[3]]);
+            let rflags = u32::from_le_bytes([r[4], r[5], r[6], r[7]]);
+            let value =
+                u64::from_le_bytes([r[12], r[13], r[14], r[15], r[16], r[17], r[18], r[19]]);
+            if code != BACKEND_CONFIG_CHANGE_MSG || rflags & FLAG_REPLY == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("unexpected reply {code} (flags {rflags:#x}) to CONFIG_CHANGE_MSG"),
+                ));
+            }
+            if value != 0 {
+                return Err(io::Error::other(format!(
+                    "the frontend failed CONFIG_CHANGE_MSG ({value})"
+                )));
+            }
+        }
+        Ok(true)
+    }
+}
 
 /// The inflight region of one connection, shared by the relay and the queue workers.
 #[derive(Debug)]
@@ -432,6 +506,8 @@ pub struct Inflight {
     counter: std::sync::atomic::AtomicU64,
     /// Largest queue size the device accepts.
     max_queue_size: u16,
+    /// The backend request channel the relay received.
+    channel: BackendChannel,
 }
 
 impl Inflight {
@@ -444,7 +520,13 @@ impl Inflight {
                 .map(|_| std::sync::atomic::AtomicBool::new(false))
                 .collect(),
             counter: std::sync::atomic::AtomicU64::new(0),
+            channel: BackendChannel::default(),
         }
+    }
+
+    /// The backend request channel of this connection.
+    pub fn backend_channel(&self) -> &BackendChannel {
+        &self.channel
     }
 
     /// The current region, if the frontend set one up.
@@ -709,6 +791,20 @@ impl Relay {
                         }
                     }
                 }
+                SET_BACKEND_REQ_FD => match m.fds.pop() {
+                    Some(fd) => {
+                        tracing::debug!("backend request channel set up");
+                        self.inflight.channel.set(
+                            fd.into(),
+                            self.reply_ack.load(std::sync::atomic::Ordering::Relaxed),
+                        );
+                        self.ack(&m, true)?;
+                    }
+                    None => {
+                        tracing::warn!("SET_BACKEND_REQ_FD without a descriptor");
+                        self.ack(&m, false)?;
+                    }
+                },
                 SET_PROTOCOL_FEATURES => {
                     let f = m.u64_at(0).unwrap_or(0);
                     self.reply_ack.store(

@@ -97,6 +97,7 @@ fn negotiate(f: &mut Frontend) -> u64 {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
     ));
     f.set_protocol_features(proto).unwrap();
     features
@@ -412,4 +413,112 @@ fn serves_an_inherited_listening_fd() {
     // A descriptor that is not a listening socket is refused.
     let o = run(&["--fd", "0", "--blk-file", "/dev/null"]);
     assert_eq!(o.status.code(), Some(1));
+}
+
+/// Read one CONFIG_CHANGE_MSG off the backend request channel and acknowledge it when asked.
+fn expect_config_change(chan: &mut std::os::unix::net::UnixStream) {
+    use std::io::{Read, Write};
+    let mut hdr = [0u8; 12];
+    chan.read_exact(&mut hdr)
+        .expect("no CONFIG_CHANGE_MSG on the backend request channel");
+    let code = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
+    let flags = u32::from_le_bytes(hdr[4..8].try_into().unwrap());
+    let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap());
+    assert_eq!(code, 2, "VHOST_USER_BACKEND_CONFIG_CHANGE_MSG");
+    assert_eq!(flags & 0x3, 1, "version 1");
+    assert_eq!(size, 0);
+    if flags & 0x8 != 0 {
+        let mut reply = Vec::new();
+        reply.extend_from_slice(&2u32.to_le_bytes());
+        reply.extend_from_slice(&(0x1u32 | 0x4).to_le_bytes());
+        reply.extend_from_slice(&8u32.to_le_bytes());
+        reply.extend_from_slice(&0u64.to_le_bytes());
+        chan.write_all(&reply).unwrap();
+    }
+}
+
+fn sighup(d: &Daemon) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.0.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+}
+
+/// Grow and shrink the image under a connected frontend; SIGHUP makes the daemon adopt the
+/// new size, announce it on the backend request channel, report it in GET_CONFIG and
+/// serve exactly the new range.
+fn resize_on_sighup(extra: &[&str]) {
+    use std::os::unix::fs::FileExt;
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 4 * MIB);
+    let sock = dir.path().join("blk.sock");
+    let mut d = Daemon::start(&sock, &img, extra);
+    let mut f = connect(&sock);
+    negotiate(&mut f);
+    let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    ours.set_read_timeout(Some(TIMEOUT)).unwrap();
+    f.set_backend_request_fd(&theirs).unwrap();
+    drop(theirs);
+    let mut g = Guest::attach(&mut f);
+    assert_eq!(capacity(&mut f), 4 * MIB / 512);
+    assert_eq!(g.request(0, 6 * MIB / 512, 512, true).0, 1, "past the end");
+
+    // Grow to 8 MiB with data in the new part.
+    let file = fs::OpenOptions::new().write(true).open(&img).unwrap();
+    file.set_len(8 * MIB).unwrap();
+    let pattern: Vec<u8> = (0..512u32).map(|i| (i % 251) as u8 + 1).collect();
+    file.write_all_at(&pattern, 6 * MIB).unwrap();
+    sighup(&d);
+    expect_config_change(&mut ours);
+    assert_eq!(capacity(&mut f), 8 * MIB / 512);
+    assert_eq!(
+        g.request(0, 6 * MIB / 512, 512, true),
+        (0, 513),
+        "read grown part"
+    );
+    let mut back = vec![0u8; 512];
+    g.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+    assert_eq!(back, pattern);
+
+    // Shrink to 2 MiB: past the new end fails cleanly, before it still works.
+    file.set_len(2 * MIB).unwrap();
+    sighup(&d);
+    expect_config_change(&mut ours);
+    assert_eq!(capacity(&mut f), 2 * MIB / 512);
+    assert_eq!(
+        g.request(0, 3 * MIB / 512, 512, true).0,
+        1,
+        "past the new end"
+    );
+    assert_eq!(
+        g.request(0, 2 * MIB / 512 - 1, 512, true).0,
+        0,
+        "last sector"
+    );
+
+    // SIGHUP with an unchanged size is harmless and still announced.
+    sighup(&d);
+    expect_config_change(&mut ours);
+    assert_eq!(capacity(&mut f), 2 * MIB / 512);
+
+    drop(g);
+    drop(f);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(d.wait_exit().success());
+}
+
+#[test]
+fn sighup_announces_a_resized_image() {
+    resize_on_sighup(&[]);
+}
+
+#[test]
+fn sighup_announces_a_resized_read_only_image() {
+    resize_on_sighup(&["--read-only"]);
 }
