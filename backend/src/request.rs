@@ -11,6 +11,7 @@
 //! the device-writable bytes form another whose last byte is the status. Descriptors may split
 //! these streams anywhere.
 
+use smallvec::SmallVec;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -89,6 +90,10 @@ pub struct GuestRange {
     pub len: u32,
 }
 
+/// Guest ranges with inline room for the usual chain (header, a few data buffers, status), so
+/// parsing a request does not allocate.
+pub type GuestRanges = SmallVec<[GuestRange; 4]>;
+
 /// One discard or write-zeroes segment, validated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
@@ -147,7 +152,7 @@ pub struct Request {
     pub kind: RequestKind,
     /// The data buffers in order (device-writable for reads and GET_ID, device-readable for
     /// writes; empty for the other kinds).
-    pub data: Vec<GuestRange>,
+    pub data: GuestRanges,
     /// Total length of `data` in bytes.
     pub data_len: u64,
     /// Guest address of the status byte.
@@ -290,9 +295,9 @@ pub struct Rejected {
 }
 
 /// A list of guest ranges seen as one byte stream.
-fn split_stream(ranges: &[GuestRange], at: u64) -> (Vec<GuestRange>, Vec<GuestRange>) {
-    let mut head = Vec::new();
-    let mut tail = Vec::new();
+fn split_stream(ranges: &[GuestRange], at: u64) -> (GuestRanges, GuestRanges) {
+    let mut head = GuestRanges::new();
+    let mut tail = GuestRanges::new();
     let mut pos = 0u64;
     for r in ranges {
         let len = u64::from(r.len);
@@ -354,8 +359,8 @@ where
     M: GuestMemory + ?Sized,
     I: IntoIterator<Item = Descriptor>,
 {
-    let mut readable: Vec<GuestRange> = Vec::new();
-    let mut writable: Vec<GuestRange> = Vec::new();
+    let mut readable = GuestRanges::new();
+    let mut writable = GuestRanges::new();
     let mut layout_error = None;
     for desc in descriptors {
         let range = GuestRange {
@@ -430,15 +435,15 @@ where
                 return Err(reject(RequestError::ReadOnly(req_type)));
             }
             let (data, wrong) = if write {
-                (&in_data, out_len)
+                (in_data, out_len)
             } else {
-                (&out_data, in_len)
+                (out_data, in_len)
             };
             if wrong != 0 {
                 return Err(reject(RequestError::WrongDirection(req_type)));
             }
-            check_data_segments(data, limits).map_err(reject)?;
-            let len = total_len(data);
+            check_data_segments(&data, limits).map_err(reject)?;
+            let len = total_len(&data);
             check_rw_range(sector, len, limits).map_err(reject)?;
             let kind = if write {
                 RequestKind::Write { sector }
@@ -447,7 +452,7 @@ where
             };
             return Ok(Request {
                 kind,
-                data: data.clone(),
+                data,
                 data_len: len,
                 status,
             });
@@ -546,7 +551,7 @@ where
     };
     Ok(Request {
         kind,
-        data: Vec::new(),
+        data: GuestRanges::new(),
         data_len: 0,
         status,
     })
@@ -649,8 +654,8 @@ mod tests {
         .unwrap();
         assert_eq!(r.kind, RequestKind::Read { sector: 1 });
         assert_eq!(
-            r.data,
-            vec![GuestRange {
+            r.data.as_slice(),
+            [GuestRange {
                 addr: GuestAddress(0x2000),
                 len: 512
             }]
@@ -665,8 +670,8 @@ mod tests {
         let r = parse([d(0x1000, 16 + 512, 0), d(0x3000, 1, W)], &m, &limits()).unwrap();
         assert_eq!(r.kind, RequestKind::Write { sector: 0 });
         assert_eq!(
-            r.data,
-            vec![GuestRange {
+            r.data.as_slice(),
+            [GuestRange {
                 addr: GuestAddress(0x1010),
                 len: 512
             }]

@@ -8,12 +8,16 @@ use std::io;
 use std::os::unix::io::RawFd;
 
 use io_uring::{opcode, types, IoUring};
+use smallvec::SmallVec;
 use tracing::{debug, warn};
 
 use crate::config::EngineKind;
 
 /// Most iovecs one preadv/pwritev takes (IOV_MAX on Linux).
 pub const IOV_MAX: usize = 1024;
+
+/// The iovecs of one request, inline for the usual few buffers so a request allocates nothing.
+pub type Iovecs = SmallVec<[libc::iovec; 4]>;
 
 /// Errors setting up an engine.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +39,7 @@ pub struct RwOp {
     /// Byte offset in the image.
     pub offset: u64,
     /// Buffers; each points into mapped guest memory that stays mapped until the batch ends.
-    pub iov: Vec<libc::iovec>,
+    pub iov: Iovecs,
     /// Sum of the iovec lengths.
     pub len: u64,
     /// Write with RWF_DSYNC (writethrough cache mode).
@@ -112,8 +116,8 @@ fn finish_blocking(op: &RwOp, done: u64) -> io::Result<()> {
 }
 
 /// The iovecs of `iov` after skipping `skip` bytes.
-fn advance(iov: &[libc::iovec], mut skip: u64) -> Vec<libc::iovec> {
-    let mut out = Vec::with_capacity(iov.len());
+fn advance(iov: &[libc::iovec], mut skip: u64) -> Iovecs {
+    let mut out = Iovecs::with_capacity(iov.len());
     for v in iov {
         let len = v.iov_len as u64;
         if skip >= len {
@@ -171,6 +175,8 @@ pub struct Uring {
     nowait_read: bool,
     /// RWF_NOWAIT writes are supported on this image.
     nowait_write: bool,
+    /// Completions of one wait (user data, result), kept to reuse its capacity.
+    cqes: Vec<(usize, i32)>,
 }
 
 impl Uring {
@@ -179,6 +185,7 @@ impl Uring {
             ring,
             nowait_read: true,
             nowait_write: true,
+            cqes: Vec::new(),
         }
     }
 
@@ -192,7 +199,7 @@ impl Uring {
         for op in ops.iter_mut() {
             self.try_inline(op);
         }
-        run_uring(&mut self.ring, ops);
+        run_uring(&mut self.ring, ops, &mut self.cqes);
     }
 
     fn try_inline(&mut self, op: &mut RwOp) {
@@ -258,7 +265,7 @@ impl Uring {
     }
 }
 
-fn run_uring(ring: &mut IoUring, ops: &mut [RwOp]) {
+fn run_uring(ring: &mut IoUring, ops: &mut [RwOp], cqes: &mut Vec<(usize, i32)>) {
     let n = ops.len();
     let mut next = 0usize;
     let mut in_flight = 0usize;
@@ -321,11 +328,12 @@ fn run_uring(ring: &mut IoUring, ops: &mut [RwOp]) {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }
-        let cqes: Vec<(usize, i32)> = ring
-            .completion()
-            .map(|c| (c.user_data() as usize, c.result()))
-            .collect();
-        for (i, res) in cqes {
+        cqes.clear();
+        cqes.extend(
+            ring.completion()
+                .map(|c| (c.user_data() as usize, c.result())),
+        );
+        for &(i, res) in cqes.iter() {
             let Some(op) = ops.get_mut(i) else { continue };
             in_flight -= 1;
             completed += 1;
@@ -366,7 +374,7 @@ mod tests {
             fd: f.as_raw_fd(),
             fallback_fd: f.as_raw_fd(),
             offset: 512,
-            iov: vec![
+            iov: smallvec::smallvec![
                 libc::iovec {
                     iov_base: a.as_mut_ptr().cast(),
                     iov_len: a.len(),
@@ -389,7 +397,7 @@ mod tests {
             fd: f.as_raw_fd(),
             fallback_fd: f.as_raw_fd(),
             offset: 0,
-            iov: vec![libc::iovec {
+            iov: smallvec::smallvec![libc::iovec {
                 iov_base: back.as_mut_ptr().cast(),
                 iov_len: back.len(),
             }],
@@ -410,7 +418,7 @@ mod tests {
             fd: f.as_raw_fd(),
             fallback_fd: f.as_raw_fd(),
             offset: 8192 - 512,
-            iov: vec![libc::iovec {
+            iov: smallvec::smallvec![libc::iovec {
                 iov_base: back.as_mut_ptr().cast(),
                 iov_len: 1024,
             }],

@@ -25,12 +25,12 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-pub use self::engine::{Engine, EngineError, RwOp, IOV_MAX};
+pub use self::engine::{Engine, EngineError, Iovecs, RwOp, IOV_MAX};
 pub use self::ratelimit::RateLimiter;
 use crate::config::EngineKind;
 use crate::disk::Disk;
 use crate::inflight::{Inflight, QueueInflight};
-use crate::request::{parse, GuestRange, Limits, RequestKind, ID_BYTES, SECTOR_SIZE};
+use crate::request::{parse, GuestRange, GuestRanges, Limits, RequestKind, ID_BYTES, SECTOR_SIZE};
 
 /// Guest memory as the backend maps it (no dirty-page bitmap).
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -76,15 +76,32 @@ pub struct Executor {
     limiter: RateLimiter,
     stats: Stats,
     features: u64,
+    /// Per-batch buffers, emptied after each batch and kept for their capacity, so a batch
+    /// allocates nothing once the first few have run.
+    slots: Vec<Slot>,
+    ops: OpBuf,
+    op_slots: Vec<usize>,
+    heads: Vec<u16>,
+    done: Vec<Completion>,
 }
 
+/// Reusable storage for a batch's [`RwOp`]s.
+#[derive(Debug, Default)]
+struct OpBuf(Vec<RwOp>);
+
+// SAFETY: the only thing that is not Send in an `RwOp` is the raw pointers of its iovecs, and
+// the executor empties this buffer before every batch returns: the iovecs never outlive the
+// batch and never reach another thread, only the allocation (capacity) does.
+unsafe impl Send for OpBuf {}
+
+#[derive(Debug)]
 struct Slot {
     head: u16,
     status_addr: Option<GuestAddress>,
     status: u8,
     used: u32,
     kind: Option<RequestKind>,
-    data: Vec<GuestRange>,
+    data: GuestRanges,
     data_len: u64,
     offset: u64,
 }
@@ -104,6 +121,11 @@ impl Executor {
             queue,
             limiter: RateLimiter::new(WARNINGS_PER_SECOND),
             stats: Stats::default(),
+            slots: Vec::new(),
+            ops: OpBuf::default(),
+            op_slots: Vec::new(),
+            heads: Vec::new(),
+            done: Vec::new(),
         })
     }
 
@@ -188,17 +210,22 @@ impl Executor {
         mem: &GuestMem,
         track: Option<(&QueueInflight<'_>, &Inflight)>,
     ) -> Result<bool, virtio_queue::Error> {
-        let chains: Vec<_> = queue.iter(mem)?.map(|c| (c.head_index(), c)).collect();
-        if chains.is_empty() {
+        // Every chain is popped (and recorded in `track`) while the batch is parsed, before any
+        // I/O starts.
+        let chains = queue.iter(mem)?.map(|c| {
+            let head = c.head_index();
+            if let Some((t, counter)) = track {
+                t.take(head, counter.next_counter());
+            }
+            (head, c)
+        });
+        if !self.run_batch(mem, chains) {
             return Ok(false);
         }
-        if let Some((t, counter)) = track {
-            for (head, _) in &chains {
-                t.take(*head, counter.next_counter());
-            }
-        }
-        let done = self.execute(mem, chains);
-        let heads: Vec<u16> = done.iter().map(|c| c.head).collect();
+        let done = std::mem::take(&mut self.done);
+        let mut heads = std::mem::take(&mut self.heads);
+        heads.clear();
+        heads.extend(done.iter().map(|c| c.head));
         if let Some((t, _)) = track {
             t.begin_batch(&heads);
         }
@@ -212,6 +239,8 @@ impl Executor {
         if let Some((t, _)) = track {
             t.end_batch(&heads, queue.next_used());
         }
+        self.done = done;
+        self.heads = heads;
         queue.needs_notification(mem)
     }
 
@@ -222,8 +251,23 @@ impl Executor {
         I: IntoIterator<Item = (u16, D)>,
         D: IntoIterator<Item = Descriptor>,
     {
+        if !self.run_batch(mem, chains) {
+            self.stats.batches += 1;
+        }
+        self.done.clone()
+    }
+
+    /// Execute a batch into `self.done`. Returns false (and counts no batch) when `chains` is
+    /// empty.
+    fn run_batch<I, D>(&mut self, mem: &GuestMem, chains: I) -> bool
+    where
+        I: IntoIterator<Item = (u16, D)>,
+        D: IntoIterator<Item = Descriptor>,
+    {
         let limits = self.limits();
-        let mut slots: Vec<Slot> = Vec::new();
+        let mut slots = std::mem::take(&mut self.slots);
+        slots.clear();
+        self.done.clear();
         for (head, chain) in chains {
             match parse(chain, mem, &limits) {
                 Ok(req) => slots.push(Slot {
@@ -245,7 +289,7 @@ impl Executor {
                         used: u32::from(rej.status.is_some()),
                         offset: 0,
                         kind: None,
-                        data: Vec::new(),
+                        data: GuestRanges::new(),
                         data_len: 0,
                     });
                 }
@@ -253,8 +297,14 @@ impl Executor {
         }
 
         // Reads and writes: all at once on the engine.
-        let mut ops = Vec::new();
-        let mut op_slots = Vec::new();
+        if slots.is_empty() {
+            self.slots = slots;
+            return false;
+        }
+        let mut ops = std::mem::take(&mut self.ops.0);
+        let mut op_slots = std::mem::take(&mut self.op_slots);
+        ops.clear();
+        op_slots.clear();
         let dsync = self.write_through();
         for (i, slot) in slots.iter_mut().enumerate() {
             let (write, sector) = match slot.kind {
@@ -327,6 +377,10 @@ impl Executor {
                 None => slots[i].status = STATUS_IOERR,
             }
         }
+        // The iovecs point into guest memory: none survives the batch.
+        ops.clear();
+        self.ops.0 = ops;
+        self.op_slots = op_slots;
 
         // Everything else, in order, after the batch's reads and writes completed.
         for slot in slots.iter_mut() {
@@ -362,36 +416,37 @@ impl Executor {
         }
 
         self.stats.batches += 1;
-        slots
-            .into_iter()
-            .map(|slot| {
-                let mut used = slot.used;
-                if let Some(addr) = slot.status_addr {
-                    if mem.write_obj(slot.status, addr).is_err() {
-                        used = 0;
-                    }
-                } else {
+        let mut done = std::mem::take(&mut self.done);
+        done.extend(slots.drain(..).map(|slot| {
+            let mut used = slot.used;
+            if let Some(addr) = slot.status_addr {
+                if mem.write_obj(slot.status, addr).is_err() {
                     used = 0;
                 }
-                if slot.status != STATUS_OK {
-                    used = used.min(1);
-                    self.stats.errors += 1;
-                }
-                self.stats.requests += 1;
-                Completion {
-                    head: slot.head,
-                    len: used,
-                    status: slot.status,
-                }
-            })
-            .collect()
+            } else {
+                used = 0;
+            }
+            if slot.status != STATUS_OK {
+                used = used.min(1);
+                self.stats.errors += 1;
+            }
+            self.stats.requests += 1;
+            Completion {
+                head: slot.head,
+                len: used,
+                status: slot.status,
+            }
+        }));
+        self.done = done;
+        self.slots = slots;
+        true
     }
 }
 
 /// iovecs covering `data`, split where guest memory regions end; `None` when any byte is not
 /// in guest memory.
-fn guest_iovecs(mem: &GuestMem, data: &[GuestRange]) -> Option<Vec<libc::iovec>> {
-    let mut iov = Vec::with_capacity(data.len());
+fn guest_iovecs(mem: &GuestMem, data: &[GuestRange]) -> Option<Iovecs> {
+    let mut iov = Iovecs::with_capacity(data.len());
     for r in data {
         for slice in mem.get_slices(r.addr, r.len as usize) {
             let slice = slice.ok()?;
