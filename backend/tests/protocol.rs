@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VringConfigData};
 use vloop_bench::blk::{header, S_IOERR, S_OK, S_UNSUPP};
 use vloop_bench::client::STATUS_UNSET;
 use vloop_bench::{Client, ClientOptions, Descriptor, GuestMem, Request, RequestType};
@@ -276,13 +276,7 @@ fn vring_addresses_outside_the_memory_table() {
     let s = setup();
     let d = Vloop::start(&s.image, &s.socket, &[]);
     let mem = GuestMem::new(64 << 10).unwrap();
-    let region = VhostUserMemoryRegionInfo {
-        guest_phys_addr: 0,
-        memory_size: mem.len(),
-        userspace_addr: mem.host_base() as u64,
-        mmap_offset: 0,
-        mmap_handle: mem.raw_fd(),
-    };
+    let region = mem.region_info();
     let base = mem.host_base() as u64;
     let cases = [
         // Descriptor table beyond the end of the only region.

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VringConfigData};
 use virtio_bindings::virtio_blk as vb;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -311,13 +311,7 @@ impl Client {
         let per_queue = ring_len + meta_len + slots * data_len + scratch_len;
         let mem = Arc::new(GuestMem::new(per_queue * nq)?);
 
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: mem.len(),
-            userspace_addr: mem.host_base() as u64,
-            mmap_offset: 0,
-            mmap_handle: mem.raw_fd(),
-        };
+        let region = mem.region_info();
         fe.set_mem_table(&[region]).map_err(vh("SET_MEM_TABLE"))?;
 
         let event_idx = acked & bit(VIRTIO_RING_F_EVENT_IDX) != 0;

@@ -7,6 +7,7 @@ use std::ptr::NonNull;
 
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+use vhost::VhostUserMemoryRegionInfo;
 
 /// Errors of the guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +102,17 @@ impl GuestMem {
     /// Host address of guest address 0.
     pub fn host_base(&self) -> *mut u8 {
         self.ptr.as_ptr()
+    }
+
+    /// The whole memfd as one memory region at guest address 0, for SET_MEM_TABLE.
+    pub fn region_info(&self) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: self.len(),
+            userspace_addr: self.host_base() as u64,
+            mmap_offset: 0,
+            mmap_handle: self.raw_fd(),
+        }
     }
 
     fn check(&self, gpa: u64, len: u64) -> Result<*mut u8, MemError> {
