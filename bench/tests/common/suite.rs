@@ -1,6 +1,32 @@
 //! The request-level checks every vhost-user-blk backend must pass; each test file runs
 //! them against one backend.
 
+/// One `#[test]` per case of this suite, run against the named backend
+/// (`common::backend(NAME)`; skipped with a message when it is absent).
+macro_rules! tests_against {
+    ($backend:literal) => {
+        tests_against!(@ $backend;
+            config_reports_capacity_and_queues,
+            reads_return_image_data,
+            write_read_back_flush_and_file_content,
+            many_requests_in_flight,
+            get_id_discard_write_zeroes,
+            unknown_type_is_unsupported,
+            reads_past_the_end_fail,
+            second_client_after_disconnect,
+            works_without_event_idx_and_reply_ack,
+            verified_random_io_on_two_queues,
+        );
+    };
+    (@ $backend:literal; $($name:ident),* $(,)?) => {$(
+        #[test]
+        fn $name() {
+            let Some(b) = common::backend($backend) else { return };
+            suite::$name(b);
+        }
+    )*};
+}
+
 use std::time::Duration;
 
 use vloop_bench::blk::{SECTOR_SIZE, S_OK, S_UNSUPP};
