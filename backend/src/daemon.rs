@@ -464,8 +464,8 @@ impl Daemon {
             Err(e) => warn!("connection ended: {e}"),
         }
         info!(
-            "{} requests ({} failed), {} bytes read, {} bytes written",
-            s.requests, s.errors, s.bytes_read, s.bytes_written
+            "{} requests ({} failed) in {} batches, {} bytes read, {} bytes written",
+            s.requests, s.errors, s.batches, s.bytes_read, s.bytes_written
         );
         if let Err(e) = self.disk.flush() {
             warn!("flushing the image after the connection failed: {e}");

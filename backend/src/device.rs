@@ -2,6 +2,7 @@
 //! thread per queue that runs that queue's [`Executor`].
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -153,9 +154,11 @@ impl BlkDevice {
     ) -> Result<BlkDevice, DeviceError> {
         let mut workers = Vec::new();
         let mut exits = Vec::new();
+        let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for q in 0..config.num_queues {
-            let ex = Executor::new(disk.clone(), q, config.engine, config.queue_size)
+            let mut ex = Executor::new(disk.clone(), q, config.engine, config.queue_size)
                 .map_err(|source| DeviceError::Engine { queue: q, source })?;
+            ex.count_load_in(busy.clone());
             if q == 0 {
                 debug!("I/O engine: {}", ex.engine().name());
             }
@@ -267,19 +270,30 @@ impl BlkDevice {
             }
         }
         let tracked = track.as_ref().map(|t| (t, &*self.inflight));
-        match worker.process_queue_tracked(state.get_queue_mut(), mem, tracked) {
-            Ok(false) if resubmitted > 0 => state.signal_used_queue(),
-            Ok(true) => {
-                tracing::trace!("signal used queue");
-                state.signal_used_queue()
+        // The call eventfd stays open while this thread holds the vring's lock (`state`).
+        let call = state.get_call().as_ref().map(|c| c.as_raw_fd());
+        let mut signalled = false;
+        let mut signal = || {
+            signalled = true;
+            tracing::trace!("signal used queue");
+            if let Some(fd) = call {
+                // SAFETY: `fd` is the vring's call eventfd, kept open by the vring state that
+                // is locked for this whole call.
+                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                if let Err(e) = nix::unistd::write(fd, &1u64.to_ne_bytes()) {
+                    self.warn_limited(format_args!("cannot notify the guest: {e}"));
+                }
             }
-            Ok(false) => Ok(()),
-            Err(e) => {
-                // A broken ring is the guest's problem; keep the thread alive.
-                self.warn_limited(format_args!("virtqueue error: {e}"));
-                Ok(())
-            }
+        };
+        let result = worker.process_queue_tracked(state.get_queue_mut(), mem, tracked, &mut signal);
+        if let Err(e) = result {
+            // A broken ring is the guest's problem; keep the thread alive.
+            self.warn_limited(format_args!("virtqueue error: {e}"));
         }
+        if resubmitted > 0 && !signalled {
+            state.signal_used_queue()?;
+        }
+        Ok(())
     }
 }
 

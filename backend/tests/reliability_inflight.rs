@@ -122,7 +122,7 @@ fn requests_in_flight_at_a_crash_are_resubmitted_once_in_order() {
     put_write(&mem, &mock, 0);
     let track = region.queue(0).unwrap();
     e.executor
-        .process_queue_tracked(&mut queue, &mem, Some((&track, &inflight)))
+        .process_queue_tracked(&mut queue, &mem, Some((&track, &inflight)), &mut || {})
         .unwrap();
     assert_eq!(mock.used().idx().load(), 1);
     let h1 = put_write(&mem, &mock, 1);
@@ -167,7 +167,7 @@ fn requests_in_flight_at_a_crash_are_resubmitted_once_in_order() {
     assert!(track.recover(3).is_empty());
     put_write(&mem, &mock, 3);
     e.executor
-        .process_queue_tracked(&mut queue, &mem, Some((&track, &inflight)))
+        .process_queue_tracked(&mut queue, &mem, Some((&track, &inflight)), &mut || {})
         .unwrap();
     assert_eq!(mock.used().idx().load(), 4);
     assert_eq!(sector(&e.image, 3), 4);

@@ -185,8 +185,10 @@ fn target(dir: &std::path::Path, name: &str, block: BlockSize, read_only: bool) 
     config.queue_size = 8;
     config.engine = EngineKind::Auto;
     let disk = Arc::new(Disk::open(&config).expect("open image"));
-    let executor =
+    let mut executor =
         Executor::new(disk.clone(), 0, config.engine, config.queue_size).expect("engine");
+    // Page-cache reads go to the engine's helper thread too, as on a saturated worker.
+    executor.always_share();
     Target {
         // A second descriptor to check and restore the content (the locks are advisory).
         file: std::fs::OpenOptions::new()

@@ -1,8 +1,9 @@
 //! Read/write engines: io_uring (the default) and blocking preadv/pwritev (the fallback when
 //! io_uring cannot be set up, e.g. on old kernels or under a seccomp policy that forbids it).
 //!
-//! Both take a batch of [`RwOp`]s whose iovecs point straight into guest memory and complete all
-//! of them before returning, so the caller may release the memory guard afterwards.
+//! An engine starts [`RwOp`]s whose iovecs point straight into guest memory and reports their
+//! completions by the caller's id, so a worker keeps popping and completing requests while
+//! others are in flight. [`Engine::run`] runs a set of ops to completion in one call.
 
 use std::io;
 use std::os::unix::io::RawFd;
@@ -18,6 +19,10 @@ pub const IOV_MAX: usize = 1024;
 
 /// The iovecs of one request, inline for the usual few buffers so a request allocates nothing.
 pub type Iovecs = SmallVec<[libc::iovec; 4]>;
+
+/// How long the helper ring's kernel thread keeps polling for work after its last request
+/// before it sleeps (io_uring counts this in milliseconds, rounded up to a scheduler tick).
+const HELPER_IDLE_MS: u32 = 1;
 
 /// Errors setting up an engine.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +43,7 @@ pub struct RwOp {
     pub fallback_fd: RawFd,
     /// Byte offset in the image.
     pub offset: u64,
-    /// Buffers; each points into mapped guest memory that stays mapped until the batch ends.
+    /// Buffers; each points into mapped guest memory that stays mapped until the op completes.
     pub iov: Iovecs,
     /// Sum of the iovec lengths.
     pub len: u64,
@@ -48,6 +53,17 @@ pub struct RwOp {
     pub buffered: bool,
     /// Outcome, filled in by the engine.
     pub result: Option<io::Result<()>>,
+}
+
+impl RwOp {
+    /// A buffered read that a page-cache copy on another CPU can serve.
+    pub fn shareable(&self) -> bool {
+        !self.write
+            && self.buffered
+            && self.result.is_none()
+            && self.len > 0
+            && self.iov.len() <= IOV_MAX
+    }
 }
 
 /// A read/write engine owned by one worker thread.
@@ -71,10 +87,10 @@ impl Engine {
         match kind {
             EngineKind::Blocking => Ok(Engine::Blocking),
             EngineKind::IoUring => IoUring::new(entries)
-                .map(|r| Engine::Uring(Box::new(Uring::new(r))))
+                .map(|r| Engine::Uring(Box::new(Uring::new(r, entries))))
                 .map_err(EngineError::Uring),
             EngineKind::Auto => match IoUring::new(entries) {
-                Ok(r) => Ok(Engine::Uring(Box::new(Uring::new(r)))),
+                Ok(r) => Ok(Engine::Uring(Box::new(Uring::new(r, entries)))),
                 Err(e) => {
                     warn!("io_uring is not available ({e}); using blocking preadv/pwritev");
                     Ok(Engine::Blocking)
@@ -91,15 +107,82 @@ impl Engine {
         }
     }
 
-    /// Run every op to completion; each op's `result` is set.
-    pub fn run(&mut self, ops: &mut [RwOp]) {
+    /// Whether [`Engine::start`] can give reads to a second CPU (the helper ring's kernel
+    /// thread). The helper is created on the first call.
+    pub fn can_share(&mut self) -> bool {
+        match self {
+            Engine::Uring(u) => u.helper().is_some(),
+            Engine::Blocking => false,
+        }
+    }
+
+    /// Start `op`, tagged `id`; with `share`, a [`RwOp::shareable`] read goes to the helper
+    /// ring. Returns true when the op completed already (its `result` is set); otherwise its
+    /// completion comes from [`Engine::reap`] once [`Engine::submit`] handed it to the kernel.
+    ///
+    /// # Safety
+    /// Until its completion is reaped, `op` must not move or be dropped, and the memory its
+    /// iovecs point to must stay mapped: the kernel reads and writes them asynchronously.
+    pub unsafe fn start(&mut self, id: usize, op: &mut RwOp, share: bool) -> bool {
         match self {
             Engine::Blocking => {
-                for op in ops.iter_mut() {
-                    op.result = Some(finish_blocking(op, 0));
+                op.result = Some(finish_blocking(op, 0));
+                true
+            }
+            // SAFETY: forwarded from this function's contract.
+            Engine::Uring(u) => unsafe { u.start(id, op, share) },
+        }
+    }
+
+    /// Hand every started op to the kernel.
+    pub fn submit(&mut self) {
+        if let Engine::Uring(u) = self {
+            u.submit();
+        }
+    }
+
+    /// Ops started and not reaped yet.
+    pub fn in_flight(&self) -> usize {
+        match self {
+            Engine::Uring(u) => u.pending + u.helper_pending,
+            Engine::Blocking => 0,
+        }
+    }
+
+    /// Ops given to the helper ring and not reaped yet.
+    pub fn helper_in_flight(&self) -> usize {
+        match self {
+            Engine::Uring(u) => u.helper_pending,
+            Engine::Blocking => 0,
+        }
+    }
+
+    /// Append the completions available now as (id, result of the ring entry) to `out`; the
+    /// caller passes each to [`complete`] with its op. With `wait`, block until there is at
+    /// least one (when anything is in flight).
+    pub fn reap(&mut self, out: &mut Vec<(usize, i32)>, wait: bool) {
+        if let Engine::Uring(u) = self {
+            u.reap(out, wait);
+        }
+    }
+
+    /// Run every op to completion; each op's `result` is set.
+    pub fn run(&mut self, ops: &mut [RwOp]) {
+        let mut cqes = Vec::new();
+        for (i, op) in ops.iter_mut().enumerate() {
+            // SAFETY: every op started here is reaped below before this function returns, and
+            // `ops` is borrowed for the whole call, so no op moves or is dropped meanwhile.
+            unsafe { self.start(i, op, false) };
+        }
+        self.submit();
+        while self.in_flight() > 0 {
+            cqes.clear();
+            self.reap(&mut cqes, true);
+            for &(i, res) in &cqes {
+                if let Some(op) = ops.get_mut(i) {
+                    complete(op, res);
                 }
             }
-            Engine::Uring(u) => u.run(ops),
         }
     }
 }
@@ -171,35 +254,186 @@ fn rw_blocking(op: &RwOp, fd: RawFd, mut done: u64) -> io::Result<()> {
 /// io_uring state of one worker thread.
 pub struct Uring {
     ring: IoUring,
+    /// A second ring with a kernel submission thread (SQPOLL), created when first asked for:
+    /// page-cache copies are CPU work, and with more than one CPU that thread copies the reads
+    /// given to it on another CPU while the worker copies others and completes requests.
+    helper: Helper,
     /// RWF_NOWAIT reads are supported on this image.
     nowait_read: bool,
     /// RWF_NOWAIT writes are supported on this image.
     nowait_write: bool,
-    /// Completions of one wait (user data, result), kept to reuse its capacity.
-    cqes: Vec<(usize, i32)>,
+    /// Ring size.
+    entries: u32,
+    /// Entries pushed on `ring` and not reaped yet.
+    pending: usize,
+    /// Entries pushed on the helper ring and not reaped yet.
+    helper_pending: usize,
+}
+
+/// The helper ring, once its creation was tried.
+enum Helper {
+    /// Not asked for yet.
+    Untried,
+    /// Polling ring.
+    Ready(Box<IoUring>),
+    /// One CPU only, or the kernel refused SQPOLL: every op stays on the worker's ring.
+    Unavailable,
 }
 
 impl Uring {
-    fn new(ring: IoUring) -> Uring {
+    fn new(ring: IoUring, entries: u32) -> Uring {
         Uring {
             ring,
+            helper: Helper::Untried,
             nowait_read: true,
             nowait_write: true,
-            cqes: Vec::new(),
+            entries,
+            pending: 0,
+            helper_pending: 0,
         }
     }
 
-    /// Run a batch: buffered reads whose data is in the page cache complete inline with
-    /// RWF_NOWAIT (no io_uring round trip, no io-wq worker); buffered writes complete inline
-    /// too (with RWF_NOWAIT where the file system supports it, else with a plain pwritev2:
-    /// io_uring would hand them to an io-wq worker and the batch waits for them anyway, which
-    /// measured at about twice the CPU per write on ext4). Everything else (O_DIRECT, cache
-    /// misses, writethrough writes) goes to the ring, all at once.
-    fn run(&mut self, ops: &mut [RwOp]) {
-        for op in ops.iter_mut() {
-            self.try_inline(op);
+    /// The helper ring, created on first use.
+    fn helper(&mut self) -> Option<&mut IoUring> {
+        if matches!(self.helper, Helper::Untried) {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            self.helper = if cpus < 2 {
+                Helper::Unavailable
+            } else {
+                match IoUring::builder()
+                    .setup_sqpoll(HELPER_IDLE_MS)
+                    .build(self.entries)
+                {
+                    Ok(r) => Helper::Ready(Box::new(r)),
+                    Err(e) => {
+                        debug!("no io_uring submission thread ({e}); reads stay on one CPU");
+                        Helper::Unavailable
+                    }
+                }
+            };
         }
-        run_uring(&mut self.ring, ops, &mut self.cqes);
+        match &mut self.helper {
+            Helper::Ready(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Start an op: shared reads go to the helper ring; buffered reads whose data is in the
+    /// page cache complete inline with RWF_NOWAIT (no io_uring round trip, no io-wq worker);
+    /// buffered writes complete inline too (with RWF_NOWAIT where the file system supports it,
+    /// else with a plain pwritev2: io_uring would hand them to an io-wq worker, which measured
+    /// at about twice the CPU per write on ext4). Everything else (O_DIRECT, cache misses,
+    /// writethrough writes) goes to the ring.
+    ///
+    /// # Safety
+    /// As [`Engine::start`].
+    unsafe fn start(&mut self, id: usize, op: &mut RwOp, share: bool) -> bool {
+        if share && op.shareable() {
+            let entry = readv_entry(op, id);
+            if let Some(helper) = self.helper() {
+                // SAFETY: the caller keeps the op and its buffers in place until it is reaped.
+                if unsafe { helper.submission().push(&entry) }.is_ok() {
+                    self.helper_pending += 1;
+                    return false;
+                }
+            }
+        }
+        self.try_inline(op);
+        if op.result.is_some() {
+            return true;
+        }
+        if op.iov.len() > IOV_MAX {
+            // Too many pieces for one syscall: the blocking path splits them.
+            op.result = Some(finish_blocking(op, 0));
+            return true;
+        }
+        let fd = types::Fd(op.fd);
+        let entry = if op.write {
+            opcode::Writev::new(fd, op.iov.as_ptr(), op.iov.len() as u32)
+                .offset(op.offset)
+                .rw_flags(if op.dsync { libc::RWF_DSYNC } else { 0 })
+                .build()
+                .user_data(id as u64)
+        } else {
+            readv_entry(op, id)
+        };
+        for _ in 0..2 {
+            // SAFETY: the caller keeps the op and its buffers in place until it is reaped.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                self.pending += 1;
+                return false;
+            }
+            // The submission queue is full: hand it to the kernel and try once more.
+            self.submit();
+        }
+        op.result = Some(finish_blocking(op, 0));
+        true
+    }
+
+    /// Hand pushed entries to the kernel (the helper's thread only needs a wake-up call when
+    /// it fell asleep).
+    fn submit(&mut self) {
+        if !self.ring.submission().is_empty() {
+            if let Err(e) = self.ring.submit() {
+                // Left in the queue: the next wait submits them again.
+                debug!("io_uring submit: {e}");
+            }
+        }
+        if let Helper::Ready(helper) = &mut self.helper {
+            if !helper.submission().is_empty() {
+                if let Err(e) = helper.submit() {
+                    // Its thread still takes what is in the queue.
+                    debug!("io_uring helper wake-up: {e}");
+                }
+            }
+        }
+    }
+
+    fn reap(&mut self, out: &mut Vec<(usize, i32)>, wait: bool) {
+        let before = out.len();
+        self.collect(out);
+        if !wait || out.len() > before || self.pending + self.helper_pending == 0 {
+            return;
+        }
+        // Wait where the quick completions are: the helper's page-cache copies finish within
+        // microseconds, the worker ring's ops may take a disk's time.
+        let ring = match &mut self.helper {
+            Helper::Ready(helper) if self.helper_pending > 0 => helper,
+            _ => &mut self.ring,
+        };
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+                ) => {}
+            Err(e) => {
+                // Entries already in the kernel must still be reaped; do not spin.
+                warn!("io_uring wait failed: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        self.collect(out);
+    }
+
+    fn collect(&mut self, out: &mut Vec<(usize, i32)>) {
+        let before = out.len();
+        out.extend(
+            self.ring
+                .completion()
+                .map(|c| (c.user_data() as usize, c.result())),
+        );
+        self.pending -= out.len() - before;
+        if let Helper::Ready(helper) = &mut self.helper {
+            let mid = out.len();
+            out.extend(
+                helper
+                    .completion()
+                    .map(|c| (c.user_data() as usize, c.result())),
+            );
+            self.helper_pending -= out.len() - mid;
+        }
     }
 
     fn try_inline(&mut self, op: &mut RwOp) {
@@ -265,95 +499,31 @@ impl Uring {
     }
 }
 
-fn run_uring(ring: &mut IoUring, ops: &mut [RwOp], cqes: &mut Vec<(usize, i32)>) {
-    let n = ops.len();
-    let mut next = 0usize;
-    let mut in_flight = 0usize;
-    let mut completed = 0usize;
-    while completed < n {
-        // Queue as many as fit.
-        {
-            let mut sq = ring.submission();
-            while next < n {
-                if ops[next].result.is_some() {
-                    // Completed inline.
-                    next += 1;
-                    completed += 1;
-                    continue;
-                }
-                if ops[next].iov.len() > IOV_MAX {
-                    // Too many pieces for one syscall: the blocking path splits them.
-                    ops[next].result = Some(finish_blocking(&ops[next], 0));
-                    next += 1;
-                    completed += 1;
-                    continue;
-                }
-                let op = &ops[next];
-                let fd = types::Fd(op.fd);
-                let cnt = op.iov.len() as u32;
-                let entry = if op.write {
-                    opcode::Writev::new(fd, op.iov.as_ptr(), cnt)
-                        .offset(op.offset)
-                        .rw_flags(if op.dsync { libc::RWF_DSYNC } else { 0 })
-                        .build()
-                } else {
-                    opcode::Readv::new(fd, op.iov.as_ptr(), cnt)
-                        .offset(op.offset)
-                        .build()
-                }
-                .user_data(next as u64);
-                // SAFETY: the iovec array and the guest buffers it points to live until this
-                // function returns, and it returns only after every submitted entry completed.
-                if unsafe { sq.push(&entry) }.is_err() {
-                    break;
-                }
-                next += 1;
-                in_flight += 1;
-            }
-        }
-        if in_flight == 0 {
-            continue;
-        }
-        match ring.submit_and_wait(1) {
-            Ok(_) => {}
+fn readv_entry(op: &RwOp, id: usize) -> io_uring::squeue::Entry {
+    opcode::Readv::new(types::Fd(op.fd), op.iov.as_ptr(), op.iov.len() as u32)
+        .offset(op.offset)
+        .build()
+        .user_data(id as u64)
+}
+
+/// Record the outcome `res` of a ring entry for `op`, finishing short or refused transfers
+/// with blocking syscalls.
+pub fn complete(op: &mut RwOp, res: i32) {
+    op.result = Some(if res < 0 {
+        let e = io::Error::from_raw_os_error(-res);
+        if -res == libc::EINVAL && op.fallback_fd != op.fd {
+            rw_blocking(op, op.fallback_fd, 0)
+        } else if -res == libc::EINTR || -res == libc::EAGAIN {
+            finish_blocking(op, 0)
+        } else {
             Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
-                ) => {}
-            Err(e) => {
-                // Entries already in the kernel must still be reaped before returning; keep
-                // trying, but do not spin.
-                warn!("io_uring submit failed: {e}");
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
         }
-        cqes.clear();
-        cqes.extend(
-            ring.completion()
-                .map(|c| (c.user_data() as usize, c.result())),
-        );
-        for &(i, res) in cqes.iter() {
-            let Some(op) = ops.get_mut(i) else { continue };
-            in_flight -= 1;
-            completed += 1;
-            op.result = Some(if res < 0 {
-                let e = io::Error::from_raw_os_error(-res);
-                if -res == libc::EINVAL && op.fallback_fd != op.fd {
-                    rw_blocking(op, op.fallback_fd, 0)
-                } else if -res == libc::EINTR || -res == libc::EAGAIN {
-                    finish_blocking(op, 0)
-                } else {
-                    Err(e)
-                }
-            } else if (res as u64) < op.len {
-                // Short transfer: finish the rest synchronously.
-                finish_blocking(op, res as u64)
-            } else {
-                Ok(())
-            });
-        }
-    }
+    } else if (res as u64) < op.len {
+        // Short transfer: finish the rest synchronously.
+        finish_blocking(op, res as u64)
+    } else {
+        Ok(())
+    });
 }
 
 #[cfg(test)]

@@ -1,20 +1,25 @@
-//! The request executor: turns a batch of descriptor chains into I/O on the image and
-//! completions for the used ring.
+//! The request executor: turns descriptor chains into I/O on the image and completions for
+//! the used ring.
 //!
-//! [`Executor::process_queue`] is the data path of one worker thread: it pops every available
-//! chain, parses each one ([`crate::request::parse`], pure), submits all reads and writes at
-//! once on the thread's engine with iovecs that point straight into guest memory, waits for all
-//! of them, runs flushes, discards and write-zeroes, writes the status bytes, adds everything
-//! to the used ring and tells the caller whether the guest needs a notification (EVENT_IDX
-//! honoured by `needs_notification`). [`Executor::execute`] does the same for any list of
-//! chains without a queue, which is what tests and fuzzers call.
+//! [`Executor::process_queue`] is the data path of one worker thread, a pipeline: it pops every
+//! available chain, parses it ([`crate::request::parse`], pure), starts its read or write on
+//! the thread's engine with iovecs that point straight into guest memory (page-cache hits
+//! complete at once; with several reads at hand, half of them go to a kernel thread that
+//! copies on another CPU), runs flushes, discards and write-zeroes at once, and puts every
+//! request in the used ring as soon as it completed, notifying the guest when it asks for it
+//! (EVENT_IDX honoured by `needs_notification`), so the guest queues new requests while others
+//! are still in flight. It keeps popping until the queue is empty and nothing is in flight.
+//! [`Executor::execute`] does the same for any list of chains without a queue, which is what
+//! tests, recovery and fuzzers call.
 
 mod engine;
 mod ratelimit;
 #[cfg(test)]
 mod tests;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tracing::warn;
 use virtio_bindings::virtio_blk::{
@@ -30,7 +35,7 @@ pub use self::ratelimit::RateLimiter;
 use crate::config::EngineKind;
 use crate::disk::Disk;
 use crate::inflight::{Inflight, QueueInflight};
-use crate::request::{parse, GuestRange, GuestRanges, Limits, RequestKind, ID_BYTES, SECTOR_SIZE};
+use crate::request::{parse, GuestRange, Limits, RequestKind, ID_BYTES};
 
 /// Guest memory as the backend maps it (no dirty-page bitmap).
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -67,6 +72,32 @@ pub struct Stats {
     pub bytes_written: u64,
 }
 
+/// Fewest reads started together that are worth sharing with the engine's second CPU.
+const SHARE_MIN: usize = 4;
+
+/// Bounds and start of the part of a batch's page-cache reads given to the engine's helper,
+/// in sixteenths; the part adapts to which of the two CPUs waits for the other.
+const SHARE_MAX: usize = 15;
+const SHARE_START: usize = 12;
+const SHARE_PROBE: usize = 4;
+
+/// Batches started without sharing before sharing is tried again.
+const PROBE_EVERY: usize = 256;
+
+/// Most waves (chains popped together) one `process_queue` call takes.
+const WAVES_PER_CALL: usize = 1024;
+
+/// Window over which a worker's busy time is measured.
+const LOAD_WINDOW: Duration = Duration::from_millis(20);
+
+/// Busy share of a window (in percent) from which a worker counts as saturated: below it, the
+/// worker keeps up alone and a helper's polling thread would spin for a trickle.
+const SATURATED_PERCENT: u32 = 75;
+
+/// Requests are kept in chunks of this many, so the store grows without moving a request
+/// whose iovecs the kernel holds.
+const CHUNK: usize = 32;
+
 /// Executes requests of one queue. Owned by that queue's worker thread.
 #[derive(Debug)]
 pub struct Executor {
@@ -76,34 +107,151 @@ pub struct Executor {
     limiter: RateLimiter,
     stats: Stats,
     features: u64,
-    /// Per-batch buffers, emptied after each batch and kept for their capacity, so a batch
-    /// allocates nothing once the first few have run.
-    slots: Vec<Slot>,
-    ops: OpBuf,
-    op_slots: Vec<usize>,
+    /// Requests started and not yet completed, by id.
+    reqs: Reqs,
+    /// Ids not in use.
+    free: Vec<u32>,
+    /// Most requests in flight at once (the queue size).
+    capacity: usize,
+    /// Completed requests not yet in the used ring, with their arrival position.
+    ready: Vec<(u32, Completion)>,
+    /// Reads and writes parsed since the engine was last given work.
+    fresh: Vec<u32>,
+    /// Sixteenths of the page-cache reads of a batch given to the engine's helper.
+    share: usize,
+    /// Batches started since sharing stopped.
+    probe: usize,
+    /// How busy this worker is, and how many workers of the device are.
+    load: Load,
+    /// Scratch buffers kept for their capacity, so the data path allocates nothing once the
+    /// first few requests have run.
     heads: Vec<u16>,
-    done: Vec<Completion>,
+    cqes: Vec<(usize, i32)>,
 }
 
-/// Reusable storage for a batch's [`RwOp`]s.
-#[derive(Debug, Default)]
-struct OpBuf(Vec<RwOp>);
-
-// SAFETY: the only thing that is not Send in an `RwOp` is the raw pointers of its iovecs, and
-// the executor empties this buffer before every batch returns: the iovecs never outlive the
-// batch and never reach another thread, only the allocation (capacity) does.
-unsafe impl Send for OpBuf {}
-
+/// One request from the time its chain is popped until it is completed.
 #[derive(Debug)]
-struct Slot {
+struct Req {
     head: u16,
+    /// Arrival position within one [`Executor::execute`] call.
+    pos: u32,
     status_addr: Option<GuestAddress>,
     status: u8,
     used: u32,
     kind: Option<RequestKind>,
-    data: GuestRanges,
     data_len: u64,
     offset: u64,
+    /// The read or write, until it completes.
+    op: Option<RwOp>,
+    /// `op` was given to the engine.
+    handed: bool,
+}
+
+/// Request store: boxed chunks that never move once allocated, because the kernel holds
+/// pointers to the iovecs of requests in flight.
+#[derive(Debug, Default)]
+struct Reqs(Vec<Box<[Option<Req>; CHUNK]>>);
+
+// SAFETY: the only thing that is not Send in a `Req` is the raw pointers of its iovecs, which
+// point into guest memory mapped for the whole process; every request is completed before the
+// worker's `process_queue`/`execute` call returns, so none is in flight when the executor
+// moves to another thread.
+unsafe impl Send for Reqs {}
+
+impl Reqs {
+    fn get_mut(&mut self, id: u32) -> Option<&mut Option<Req>> {
+        let id = id as usize;
+        self.0.get_mut(id / CHUNK).map(|c| &mut c[id % CHUNK])
+    }
+
+    fn op(&self, id: u32) -> Option<&RwOp> {
+        let id = id as usize;
+        self.0.get(id / CHUNK)?[id % CHUNK].as_ref()?.op.as_ref()
+    }
+
+    fn op_mut(&mut self, id: u32) -> Option<&mut RwOp> {
+        self.get_mut(id)?.as_mut()?.op.as_mut()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len() * CHUNK
+    }
+
+    /// Add a chunk; returns the ids it holds.
+    fn grow(&mut self) -> std::ops::Range<u32> {
+        let start = self.len() as u32;
+        self.0.push(Box::new(std::array::from_fn(|_| None)));
+        start..start + CHUNK as u32
+    }
+}
+
+/// Busy time of one worker, measured over [`LOAD_WINDOW`]s.
+#[derive(Debug)]
+struct Load {
+    window: Instant,
+    busy: Duration,
+    /// The last full window was busy for at least [`SATURATED_PERCENT`].
+    saturated: bool,
+    /// Saturated workers of the device, this one included while `saturated`.
+    counter: Arc<AtomicUsize>,
+    cpus: usize,
+    /// Share regardless of the load.
+    always: bool,
+}
+
+impl Load {
+    fn new(counter: Arc<AtomicUsize>) -> Load {
+        Load {
+            window: Instant::now(),
+            busy: Duration::ZERO,
+            saturated: false,
+            counter,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            always: false,
+        }
+    }
+
+    fn set_counter(&mut self, counter: Arc<AtomicUsize>) {
+        if self.saturated {
+            self.counter.fetch_sub(1, Ordering::Relaxed);
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        self.counter = counter;
+    }
+
+    /// Count the time since `since` as busy and close the window when it is full.
+    fn account(&mut self, since: Instant) {
+        let now = Instant::now();
+        self.busy += now.saturating_duration_since(since);
+        let span = now.saturating_duration_since(self.window);
+        if span < LOAD_WINDOW {
+            return;
+        }
+        let saturated = self.busy * 100 >= span * SATURATED_PERCENT;
+        if saturated != self.saturated {
+            if saturated {
+                self.counter.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.counter.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.saturated = saturated;
+        }
+        self.window = now;
+        self.busy = Duration::ZERO;
+    }
+
+    /// Whether every saturated worker of the device can have two CPUs.
+    fn may_share(&self) -> bool {
+        self.always || self.saturated && 2 * self.counter.load(Ordering::Relaxed) <= self.cpus
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        if self.saturated {
+            self.counter.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Executor {
@@ -121,11 +269,16 @@ impl Executor {
             queue,
             limiter: RateLimiter::new(WARNINGS_PER_SECOND),
             stats: Stats::default(),
-            slots: Vec::new(),
-            ops: OpBuf::default(),
-            op_slots: Vec::new(),
+            reqs: Reqs::default(),
+            free: Vec::new(),
+            capacity: usize::from(queue_size).clamp(1, 4096),
+            ready: Vec::new(),
+            fresh: Vec::new(),
+            share: SHARE_START,
+            probe: 0,
+            load: Load::new(Arc::new(AtomicUsize::new(0))),
             heads: Vec::new(),
-            done: Vec::new(),
+            cqes: Vec::new(),
         })
     }
 
@@ -136,6 +289,21 @@ impl Executor {
     /// cannot ask for durability, so its writes are written through.
     pub fn set_features(&mut self, features: u64) {
         self.features = features;
+    }
+
+    /// Share page-cache reads with the engine's helper whenever a batch has enough of them,
+    /// saturated or not (tests and fuzzing use this to exercise the helper path).
+    pub fn always_share(&mut self) {
+        self.load.always = true;
+    }
+
+    /// Count this executor's worker in `busy`, the number of the device's workers that are
+    /// saturated (a private counter by default). A saturated worker shares page-cache reads
+    /// with its engine's helper thread only while every saturated worker can have a CPU for
+    /// itself and one for its helper: otherwise a polling helper only takes CPU time from
+    /// the workers.
+    pub fn count_load_in(&mut self, busy: Arc<AtomicUsize>) {
+        self.load.set_counter(busy);
     }
 
     /// The negotiated features in effect.
@@ -192,46 +360,114 @@ impl Executor {
         }
     }
 
-    /// Pop every available chain of `queue`, execute them as one batch and put them in the
-    /// used ring. Returns whether the guest must be notified.
+    /// Serve `queue` until it is empty (or [`WAVES_PER_CALL`] waves were taken) and nothing is
+    /// in flight, putting requests in the used ring as they complete. Returns whether the
+    /// guest must be notified.
     pub fn process_queue(
         &mut self,
         queue: &mut Queue,
         mem: &GuestMem,
     ) -> Result<bool, virtio_queue::Error> {
-        self.process_queue_tracked(queue, mem, None)
+        let mut notify = false;
+        self.process_queue_tracked(queue, mem, None, &mut || notify = true)?;
+        Ok(notify)
     }
 
     /// [`Executor::process_queue`] with inflight tracking ([`crate::inflight`]): each chain is
-    /// recorded in `track` when taken and cleared once it is in the used ring.
+    /// recorded in `track` when taken and cleared once it is in the used ring. `notify` is
+    /// called each time the guest asks to be told about completed requests; every request
+    /// popped is completed when this returns, also when it returns an error.
     pub fn process_queue_tracked(
         &mut self,
         queue: &mut Queue,
         mem: &GuestMem,
         track: Option<(&QueueInflight<'_>, &Inflight)>,
-    ) -> Result<bool, virtio_queue::Error> {
-        // Every chain is popped (and recorded in `track`) while the batch is parsed, before any
-        // I/O starts.
-        let chains = queue.iter(mem)?.map(|c| {
-            let head = c.head_index();
-            if let Some((t, counter)) = track {
-                t.take(head, counter.next_counter());
+        notify: &mut dyn FnMut(),
+    ) -> Result<(), virtio_queue::Error> {
+        let mut broken = None;
+        let started = Instant::now();
+        let mut waves = 0;
+        loop {
+            let mut popped = 0;
+            // After WAVES_PER_CALL waves, stop taking requests and return once the ones in
+            // flight are done, so the caller gets to release the vring now and then.
+            if broken.is_none() && self.room() > 0 && waves < WAVES_PER_CALL {
+                match queue.iter(mem) {
+                    Ok(chains) => {
+                        // Taken for each wave, after the available index was read: the image
+                        // size (SIGHUP) and the write cache mode (a config write) may have
+                        // changed since the last one, before the guest queued these requests.
+                        let limits = self.limits();
+                        let dsync = self.write_through();
+                        for chain in chains {
+                            let head = chain.head_index();
+                            if let Some((t, counter)) = track {
+                                t.take(head, counter.next_counter());
+                            }
+                            self.start(mem, head, chain, 0, &limits, dsync);
+                            popped += 1;
+                            if self.room() == 0 {
+                                break;
+                            }
+                        }
+                    }
+                    Err(e) => broken = Some(e),
+                }
             }
-            (head, c)
-        });
-        if !self.run_batch(mem, chains) {
-            return Ok(false);
+            if popped > 0 {
+                waves += 1;
+                self.stats.batches += 1;
+                self.launch(mem);
+            }
+            let in_flight = self.engine.in_flight();
+            // Wait for the engine only when there is nothing else to do.
+            let wait = popped == 0 && self.ready.is_empty() && in_flight > 0;
+            if wait && self.engine.helper_in_flight() > 0 && self.share > 0 {
+                // This thread is idle while the helper still copies: give it less.
+                self.share -= 1;
+            }
+            self.collect(mem, wait);
+            if self.ready.is_empty() {
+                if popped == 0 && self.engine.in_flight() == 0 {
+                    self.load.account(started);
+                    return match broken {
+                        Some(e) => Err(e),
+                        None => Ok(()),
+                    };
+                }
+                continue;
+            }
+            self.publish(queue, mem, track);
+            match queue.needs_notification(mem) {
+                Ok(false) => {}
+                Ok(true) => notify(),
+                Err(e) => {
+                    // Requests may still be in flight: finish them before reporting it, and
+                    // notify, as the ring cannot say whether the guest wants it.
+                    notify();
+                    broken.get_or_insert(e);
+                }
+            }
         }
-        let done = std::mem::take(&mut self.done);
+    }
+
+    /// Put the completed requests in the used ring.
+    fn publish(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMem,
+        track: Option<(&QueueInflight<'_>, &Inflight)>,
+    ) {
         let mut heads = std::mem::take(&mut self.heads);
         heads.clear();
-        heads.extend(done.iter().map(|c| c.head));
+        heads.extend(self.ready.iter().map(|(_, c)| c.head));
         if let Some((t, _)) = track {
             t.begin_batch(&heads);
         }
-        for c in &done {
+        let ready = std::mem::take(&mut self.ready);
+        for (_, c) in &ready {
             // A head index past the ring (a broken or hostile driver) cannot be completed;
-            // the rest of the batch still is.
+            // the rest still are.
             if let Err(e) = queue.add_used(mem, c.head, c.len) {
                 self.guest_warn(c.head, format_args!("cannot complete the request: {e}"));
             }
@@ -239,9 +475,9 @@ impl Executor {
         if let Some((t, _)) = track {
             t.end_batch(&heads, queue.next_used());
         }
-        self.done = done;
+        self.ready = ready;
+        self.ready.clear();
         self.heads = heads;
-        queue.needs_notification(mem)
     }
 
     /// Execute a batch of chains (head index and descriptors) against `mem` and return their
@@ -251,195 +487,325 @@ impl Executor {
         I: IntoIterator<Item = (u16, D)>,
         D: IntoIterator<Item = Descriptor>,
     {
-        if !self.run_batch(mem, chains) {
-            self.stats.batches += 1;
+        let limits = self.limits();
+        let dsync = self.write_through();
+        let mut pos = 0u32;
+        for (head, chain) in chains {
+            while self.room() == 0 {
+                self.launch(mem);
+                self.collect(mem, true);
+            }
+            self.start(mem, head, chain, pos, &limits, dsync);
+            pos = pos.wrapping_add(1);
         }
-        self.done.clone()
+        self.launch(mem);
+        while self.engine.in_flight() > 0 {
+            self.collect(mem, true);
+        }
+        self.stats.batches += 1;
+        let mut ready = std::mem::take(&mut self.ready);
+        ready.sort_by_key(|(p, _)| *p);
+        ready.into_iter().map(|(_, c)| c).collect()
     }
 
-    /// Execute a batch into `self.done`. Returns false (and counts no batch) when `chains` is
-    /// empty.
-    fn run_batch<I, D>(&mut self, mem: &GuestMem, chains: I) -> bool
-    where
-        I: IntoIterator<Item = (u16, D)>,
+    /// How many more requests may start.
+    fn room(&self) -> usize {
+        self.capacity
+            .saturating_sub(self.reqs.len() - self.free.len())
+    }
+
+    /// Parse one chain and start it: reads and writes wait in `fresh` for [`Self::launch`];
+    /// everything else runs now and is ready at once.
+    fn start<D>(
+        &mut self,
+        mem: &GuestMem,
+        head: u16,
+        chain: D,
+        pos: u32,
+        limits: &Limits,
+        dsync: bool,
+    ) where
         D: IntoIterator<Item = Descriptor>,
     {
-        let limits = self.limits();
-        let mut slots = std::mem::take(&mut self.slots);
-        slots.clear();
-        self.done.clear();
-        for (head, chain) in chains {
-            match parse(chain, mem, &limits) {
-                Ok(req) => slots.push(Slot {
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None => {
+                let ids = self.reqs.grow();
+                let first = ids.start;
+                self.free.extend(ids.skip(1).rev());
+                first
+            }
+        };
+        let mut req = match parse(chain, mem, limits) {
+            Ok(r) => {
+                let mut req = Req {
                     head,
-                    status_addr: Some(req.status),
+                    pos,
+                    status_addr: Some(r.status),
                     status: STATUS_OK,
                     used: 1,
-                    offset: req.offset(),
-                    kind: Some(req.kind),
-                    data: req.data,
-                    data_len: req.data_len,
-                }),
-                Err(rej) => {
-                    self.guest_warn(head, format_args!("request rejected: {}", rej.error));
-                    slots.push(Slot {
-                        head,
-                        status_addr: rej.status,
-                        status: rej.error.status(),
-                        used: u32::from(rej.status.is_some()),
-                        offset: 0,
-                        kind: None,
-                        data: GuestRanges::new(),
-                        data_len: 0,
-                    });
+                    offset: r.offset(),
+                    kind: None,
+                    data_len: r.data_len,
+                    op: None,
+                    handed: false,
+                };
+                match r.kind {
+                    RequestKind::Read { .. } | RequestKind::Write { .. } if r.data_len > 0 => {
+                        let write = matches!(r.kind, RequestKind::Write { .. });
+                        match self.rw_op(mem, &r.data, write, req.offset, r.data_len, dsync) {
+                            Some(op) => req.op = Some(op),
+                            None => {
+                                req.status = STATUS_IOERR;
+                                self.guest_warn(
+                                    head,
+                                    format_args!("request buffers are not in guest memory"),
+                                );
+                            }
+                        }
+                    }
+                    RequestKind::GetId => req.used = self.write_id(mem, &r.data) + 1,
+                    _ => {}
+                }
+                req.kind = Some(r.kind);
+                req
+            }
+            Err(rej) => {
+                self.guest_warn(head, format_args!("request rejected: {}", rej.error));
+                Req {
+                    head,
+                    pos,
+                    status_addr: rej.status,
+                    status: rej.error.status(),
+                    used: u32::from(rej.status.is_some()),
+                    offset: 0,
+                    kind: None,
+                    data_len: 0,
+                    op: None,
+                    handed: false,
+                }
+            }
+        };
+        let has_op = req.op.is_some();
+        if !has_op {
+            self.run_other(&mut req);
+        }
+        if let Some(slot) = self.reqs.get_mut(id) {
+            *slot = Some(req);
+        }
+        if has_op {
+            self.fresh.push(id);
+        } else {
+            self.finish(mem, id);
+        }
+    }
+
+    /// The read or write of `data` at `offset`; `None` when a buffer is not in guest memory.
+    fn rw_op(
+        &self,
+        mem: &GuestMem,
+        data: &[GuestRange],
+        write: bool,
+        offset: u64,
+        len: u64,
+        dsync: bool,
+    ) -> Option<RwOp> {
+        let iov = guest_iovecs(mem, data)?;
+        let aligned = iov
+            .iter()
+            .all(|v| (v.iov_base as usize).is_multiple_of(512) && v.iov_len.is_multiple_of(512));
+        let direct = self.disk.is_direct() && aligned;
+        let fd = if direct {
+            self.disk.fd()
+        } else {
+            self.disk.buffered_fd()
+        };
+        Some(RwOp {
+            write,
+            fd,
+            fallback_fd: self.disk.buffered_fd(),
+            offset,
+            iov,
+            len,
+            dsync: write && dsync,
+            buffered: !direct,
+            result: None,
+        })
+    }
+
+    /// Write the device serial into `data`; returns the bytes written.
+    fn write_id(&self, mem: &GuestMem, data: &[GuestRange]) -> u32 {
+        let serial = *self.disk.serial();
+        let mut written = 0usize;
+        for r in data {
+            if written == ID_BYTES {
+                break;
+            }
+            let n = (r.len as usize).min(ID_BYTES - written);
+            if mem
+                .write_slice(&serial[written..written + n], r.addr)
+                .is_err()
+            {
+                break;
+            }
+            written += n;
+        }
+        written as u32
+    }
+
+    /// Run a request that has no read or write to start (flush, discard, write-zeroes, GET_ID,
+    /// empty transfers, refused requests): they complete at once. A flush makes durable every
+    /// write completed before it was popped, which is what the guest waited for before
+    /// sending it.
+    fn run_other(&mut self, req: &mut Req) {
+        if req.status != STATUS_OK {
+            return;
+        }
+        let result = match &req.kind {
+            Some(RequestKind::Flush) => self.disk.flush(),
+            Some(RequestKind::Discard(segs)) => self.disk.discard(segs),
+            Some(RequestKind::WriteZeroes(segs)) => self.disk.write_zeroes(segs),
+            _ => return,
+        };
+        if let Err(e) = result {
+            req.status = STATUS_IOERR;
+            warn!(queue = self.queue, "{:?} failed: {e}", req.kind);
+        }
+    }
+
+    /// Give the engine every read and write parsed since the last call. When this worker is
+    /// saturated and a CPU is free for the engine's helper, part of the page-cache reads (at
+    /// least [`SHARE_MIN`] of them) go to the helper first, taken from the end of the batch,
+    /// so its copies run while this thread copies the rest. The part adapts: one sixteenth
+    /// more each time the helper had caught up, one less each time this thread had to wait
+    /// for it, and after sharing stopped it is tried again every [`PROBE_EVERY`] batches.
+    fn launch(&mut self, mem: &GuestMem) {
+        if self.fresh.is_empty() {
+            return;
+        }
+        let mut fresh = std::mem::take(&mut self.fresh);
+        let shareable = fresh
+            .iter()
+            .filter(|&&id| self.reqs.op(id).is_some_and(RwOp::shareable))
+            .count();
+        let mut to_share = 0;
+        if self.load.may_share() && shareable >= SHARE_MIN && self.engine.can_share() {
+            if self.share == 0 {
+                // Sharing stopped paying: try again now and then.
+                self.probe += 1;
+                if self.probe == PROBE_EVERY {
+                    self.probe = 0;
+                    self.share = SHARE_PROBE;
+                }
+            } else if self.engine.helper_in_flight() == 0 && self.share < SHARE_MAX {
+                // The helper caught up with everything it was given: give it more.
+                self.share += 1;
+            }
+            to_share = shareable * self.share / 16;
+        }
+        for pass in [true, false] {
+            for i in 0..fresh.len() {
+                // Shared reads are taken from the end of the batch.
+                let id = if pass {
+                    fresh[fresh.len() - 1 - i]
+                } else {
+                    fresh[i]
+                };
+                let Some(req) = self.reqs.get_mut(id).and_then(Option::as_mut) else {
+                    continue;
+                };
+                if req.handed {
+                    continue;
+                }
+                let Some(op) = req.op.as_mut() else { continue };
+                if pass && (to_share == 0 || !op.shareable()) {
+                    continue;
+                }
+                if pass {
+                    to_share -= 1;
+                }
+                req.handed = true;
+                // SAFETY: the op lives in a boxed chunk of `reqs`, which never moves, and stays
+                // there until `collect` reaps its completion; every request is completed before
+                // `process_queue`/`execute` returns, while the caller's `mem` keeps guest
+                // memory mapped.
+                if unsafe { self.engine.start(id as usize, op, pass) } {
+                    self.finish(mem, id);
                 }
             }
         }
+        self.engine.submit();
+        fresh.clear();
+        self.fresh = fresh;
+    }
 
-        // Reads and writes: all at once on the engine.
-        if slots.is_empty() {
-            self.slots = slots;
-            return false;
-        }
-        let mut ops = std::mem::take(&mut self.ops.0);
-        let mut op_slots = std::mem::take(&mut self.op_slots);
-        ops.clear();
-        op_slots.clear();
-        let dsync = self.write_through();
-        for (i, slot) in slots.iter_mut().enumerate() {
-            let (write, sector) = match slot.kind {
-                Some(RequestKind::Read { sector }) => (false, sector),
-                Some(RequestKind::Write { sector }) => (true, sector),
-                _ => continue,
-            };
-            if slot.data_len == 0 {
-                continue;
-            }
-            let Some(iov) = guest_iovecs(mem, &slot.data) else {
-                slot.status = STATUS_IOERR;
-                let head = slot.head;
-                self.guest_warn(
-                    head,
-                    format_args!("request buffers are not in guest memory"),
-                );
+    /// Finish the requests whose I/O completed; with `wait`, block until at least one did.
+    fn collect(&mut self, mem: &GuestMem, wait: bool) {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.clear();
+        self.engine.reap(&mut cqes, wait);
+        for &(id, res) in &cqes {
+            let Ok(id) = u32::try_from(id) else { continue };
+            let Some(op) = self.reqs.op_mut(id) else {
                 continue;
             };
-            let offset = sector * SECTOR_SIZE;
-            let aligned = iov.iter().all(|v| {
-                (v.iov_base as usize).is_multiple_of(512) && v.iov_len.is_multiple_of(512)
-            });
-            let direct = self.disk.is_direct() && aligned;
-            let fd = if direct {
-                self.disk.fd()
-            } else {
-                self.disk.buffered_fd()
-            };
-            ops.push(RwOp {
-                write,
-                fd,
-                fallback_fd: self.disk.buffered_fd(),
-                offset,
-                iov,
-                len: slot.data_len,
-                dsync: write && dsync,
-                buffered: !direct,
-                result: None,
-            });
-            op_slots.push(i);
+            engine::complete(op, res);
+            self.finish(mem, id);
         }
-        if !ops.is_empty() {
-            self.engine.run(&mut ops);
-        }
-        for (op, &i) in ops.iter_mut().zip(&op_slots) {
+        self.cqes = cqes;
+    }
+
+    /// Turn request `id` into a completion: its I/O outcome, status byte, used length.
+    fn finish(&mut self, mem: &GuestMem, id: u32) {
+        let Some(mut req) = self.reqs.get_mut(id).and_then(Option::take) else {
+            return;
+        };
+        self.free.push(id);
+        if let Some(op) = req.op.take() {
             // The engine may have advanced `op` past a part it served inline, so the request's
             // own length is what was transferred.
-            let len = slots[i].data_len;
-            match op.result.take() {
+            let len = req.data_len;
+            match op.result {
                 Some(Ok(())) => {
                     if op.write {
                         self.stats.bytes_written += len;
                     } else {
                         self.stats.bytes_read += len;
                         // The data length is below u32::MAX: the chain iterator caps it.
-                        slots[i].used = u32::try_from(len + 1).unwrap_or(u32::MAX);
+                        req.used = u32::try_from(len + 1).unwrap_or(u32::MAX);
                     }
                 }
                 Some(Err(e)) => {
-                    slots[i].status = STATUS_IOERR;
+                    req.status = STATUS_IOERR;
                     warn!(
                         queue = self.queue,
                         "{} of {} bytes at offset {} failed: {e}",
                         if op.write { "write" } else { "read" },
                         len,
-                        slots[i].offset
+                        req.offset
                     );
                 }
-                None => slots[i].status = STATUS_IOERR,
+                None => req.status = STATUS_IOERR,
             }
         }
-        // The iovecs point into guest memory: none survives the batch.
-        ops.clear();
-        self.ops.0 = ops;
-        self.op_slots = op_slots;
-
-        // Everything else, in order, after the batch's reads and writes completed.
-        for slot in slots.iter_mut() {
-            let result = match &slot.kind {
-                Some(RequestKind::Flush) => self.disk.flush(),
-                Some(RequestKind::Discard(segs)) => self.disk.discard(segs),
-                Some(RequestKind::WriteZeroes(segs)) => self.disk.write_zeroes(segs),
-                Some(RequestKind::GetId) => {
-                    let serial = *self.disk.serial();
-                    let mut written = 0usize;
-                    for r in &slot.data {
-                        if written == ID_BYTES {
-                            break;
-                        }
-                        let n = (r.len as usize).min(ID_BYTES - written);
-                        if mem
-                            .write_slice(&serial[written..written + n], r.addr)
-                            .is_err()
-                        {
-                            break;
-                        }
-                        written += n;
-                    }
-                    slot.used = written as u32 + 1;
-                    Ok(())
-                }
-                _ => continue,
-            };
-            if let Err(e) = result {
-                slot.status = STATUS_IOERR;
-                warn!(queue = self.queue, "{:?} failed: {e}", slot.kind);
-            }
+        let mut used = req.used;
+        match req.status_addr {
+            Some(addr) if mem.write_obj(req.status, addr).is_ok() => {}
+            _ => used = 0,
         }
-
-        self.stats.batches += 1;
-        let mut done = std::mem::take(&mut self.done);
-        done.extend(slots.drain(..).map(|slot| {
-            let mut used = slot.used;
-            if let Some(addr) = slot.status_addr {
-                if mem.write_obj(slot.status, addr).is_err() {
-                    used = 0;
-                }
-            } else {
-                used = 0;
-            }
-            if slot.status != STATUS_OK {
-                used = used.min(1);
-                self.stats.errors += 1;
-            }
-            self.stats.requests += 1;
+        if req.status != STATUS_OK {
+            used = used.min(1);
+            self.stats.errors += 1;
+        }
+        self.stats.requests += 1;
+        self.ready.push((
+            req.pos,
             Completion {
-                head: slot.head,
+                head: req.head,
                 len: used,
-                status: slot.status,
-            }
-        }));
-        self.done = done;
-        self.slots = slots;
-        true
+                status: req.status,
+            },
+        ));
     }
 }
 
