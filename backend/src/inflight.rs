@@ -275,14 +275,16 @@ impl QueueInflight<'_> {
         self.set_inflight(head, true);
     }
 
-    /// Before the used ring is updated: link the batch's heads from `last_batch_head`.
+    /// Before the used ring is updated with `heads`, in that order: link them from
+    /// `last_batch_head` in the same order (each head's `next` is the one added after it), so
+    /// [`QueueInflight::recover`] can clear exactly the first n that reached the used ring.
     pub fn begin_batch(&self, heads: &[u16]) {
-        let mut last: u16 = self.s.read_obj(OFF_LAST_BATCH_HEAD).unwrap_or(0);
-        for &h in heads.iter().filter(|&&h| h < self.size) {
-            let _ = self.s.write_obj(last, desc_off(h) + DESC_OFF_NEXT);
-            last = h;
+        let mut next: u16 = self.s.read_obj(OFF_LAST_BATCH_HEAD).unwrap_or(0);
+        for &h in heads.iter().rev().filter(|&&h| h < self.size) {
+            let _ = self.s.write_obj(next, desc_off(h) + DESC_OFF_NEXT);
+            next = h;
         }
-        let _ = self.s.write_obj(last, OFF_LAST_BATCH_HEAD);
+        let _ = self.s.write_obj(next, OFF_LAST_BATCH_HEAD);
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
     }
 
@@ -367,6 +369,25 @@ mod tests {
         // Died after the used ring reached 2, before end_batch.
         assert_eq!(q.recover(2), vec![0]);
         assert_eq!(q.used_idx(), 2);
+        // Died after the first of the two reached the used ring: the second and the request
+        // taken later are still in flight.
+        let (r, _file) = InflightRegion::create(1, 4).unwrap();
+        let q = r.queue(0).unwrap();
+        q.take(1, 1);
+        q.take(3, 2);
+        q.take(0, 3);
+        q.begin_batch(&[1, 3]);
+        assert_eq!(q.recover(1), vec![3, 0]);
+        // A later batch after a completed one: only its own first head is cleared.
+        let (r, _file) = InflightRegion::create(1, 4).unwrap();
+        let q = r.queue(0).unwrap();
+        q.take(2, 1);
+        q.begin_batch(&[2]);
+        q.end_batch(&[2], 1);
+        q.take(0, 2);
+        q.take(1, 3);
+        q.begin_batch(&[0, 1]);
+        assert_eq!(q.recover(2), vec![1]);
         // Died before the used ring was updated: the whole batch is still in flight.
         let (r, _file) = InflightRegion::create(1, 4).unwrap();
         let q = r.queue(0).unwrap();

@@ -171,6 +171,16 @@ impl Engine {
         }
     }
 
+    /// Wait for every op in flight and drop their completions (for unwinding: the ops'
+    /// buffers are about to go away).
+    pub fn drain(&mut self) {
+        let mut cqes = Vec::new();
+        while self.in_flight() > 0 {
+            cqes.clear();
+            self.reap(&mut cqes, true);
+        }
+    }
+
     /// Run every op to completion; each op's `result` is set.
     pub fn run(&mut self, ops: &mut [RwOp]) {
         let mut cqes = Vec::new();
@@ -309,7 +319,14 @@ impl Uring {
                     .setup_sqpoll(HELPER_IDLE_MS)
                     .build(self.entries)
                 {
-                    Ok(r) => Helper::Ready(Box::new(r)),
+                    // Before Linux 5.11 an SQPOLL ring only takes registered files.
+                    Ok(r) if r.params().is_feature_sqpoll_nonfixed() => Helper::Ready(Box::new(r)),
+                    Ok(_) => {
+                        debug!(
+                            "io_uring SQPOLL needs registered files here; reads stay on one CPU"
+                        );
+                        Helper::Unavailable
+                    }
                     Err(e) => {
                         debug!("no io_uring submission thread ({e}); reads stay on one CPU");
                         Helper::Unavailable
@@ -522,7 +539,9 @@ pub fn complete(op: &mut RwOp, res: i32) {
         let e = io::Error::from_raw_os_error(-res);
         if -res == libc::EINVAL && op.fallback_fd != op.fd {
             rw_blocking(op, op.fallback_fd, 0)
-        } else if -res == libc::EINTR || -res == libc::EAGAIN {
+        } else if -res == libc::EINTR || -res == libc::EAGAIN || -res == libc::EBADF {
+            // EBADF: a polling ring refused the file (it only takes registered ones on some
+            // kernels); the fd itself is open.
             finish_blocking(op, 0)
         } else {
             Err(e)

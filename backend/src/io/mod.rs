@@ -190,6 +190,8 @@ impl Reqs {
 struct Load {
     window: Instant,
     busy: Duration,
+    /// Time blocked waiting for the engine in the current call.
+    blocked: Duration,
     /// The last full window was busy for at least [`SATURATED_PERCENT`].
     saturated: bool,
     /// Saturated workers of the device, this one included while `saturated`.
@@ -204,6 +206,7 @@ impl Load {
         Load {
             window: Instant::now(),
             busy: Duration::ZERO,
+            blocked: Duration::ZERO,
             saturated: false,
             counter,
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -219,10 +222,13 @@ impl Load {
         self.counter = counter;
     }
 
-    /// Count the time since `since` as busy and close the window when it is full.
+    /// Count the time since `since`, less the time blocked waiting for the engine, as busy
+    /// and close the window when it is full.
     fn account(&mut self, since: Instant) {
         let now = Instant::now();
-        self.busy += now.saturating_duration_since(since);
+        self.busy += now
+            .saturating_duration_since(since)
+            .saturating_sub(std::mem::take(&mut self.blocked));
         let span = now.saturating_duration_since(self.window);
         if span < LOAD_WINDOW {
             return;
@@ -384,6 +390,24 @@ impl Executor {
         track: Option<(&QueueInflight<'_>, &Inflight)>,
         notify: &mut dyn FnMut(),
     ) -> Result<(), virtio_queue::Error> {
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.serve(queue, mem, track, notify)
+        }));
+        served.unwrap_or_else(|panic| {
+            // The kernel may still write into guest memory that the caller unmaps once this
+            // returns: wait for it before unwinding further.
+            self.engine.drain();
+            std::panic::resume_unwind(panic)
+        })
+    }
+
+    fn serve(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMem,
+        track: Option<(&QueueInflight<'_>, &Inflight)>,
+        notify: &mut dyn FnMut(),
+    ) -> Result<(), virtio_queue::Error> {
         let mut broken = None;
         let started = Instant::now();
         let mut waves = 0;
@@ -483,6 +507,21 @@ impl Executor {
     /// Execute a batch of chains (head index and descriptors) against `mem` and return their
     /// completions, in the same order. Status bytes and read data are written to `mem`.
     pub fn execute<I, D>(&mut self, mem: &GuestMem, chains: I) -> Vec<Completion>
+    where
+        I: IntoIterator<Item = (u16, D)>,
+        D: IntoIterator<Item = Descriptor>,
+    {
+        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.execute_all(mem, chains)
+        }));
+        done.unwrap_or_else(|panic| {
+            // As in `process_queue_tracked`.
+            self.engine.drain();
+            std::panic::resume_unwind(panic)
+        })
+    }
+
+    fn execute_all<I, D>(&mut self, mem: &GuestMem, chains: I) -> Vec<Completion>
     where
         I: IntoIterator<Item = (u16, D)>,
         D: IntoIterator<Item = Descriptor>,
@@ -743,7 +782,13 @@ impl Executor {
     fn collect(&mut self, mem: &GuestMem, wait: bool) {
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.clear();
-        self.engine.reap(&mut cqes, wait);
+        if wait {
+            let t = Instant::now();
+            self.engine.reap(&mut cqes, true);
+            self.load.blocked += t.elapsed();
+        } else {
+            self.engine.reap(&mut cqes, false);
+        }
         for &(id, res) in &cqes {
             let Ok(id) = u32::try_from(id) else { continue };
             let Some(op) = self.reqs.op_mut(id) else {
