@@ -370,16 +370,7 @@ impl Uring {
             op.result = Some(finish_blocking(op, 0));
             return true;
         }
-        let fd = types::Fd(op.fd);
-        let entry = if op.write {
-            opcode::Writev::new(fd, op.iov.as_ptr(), op.iov.len() as u32)
-                .offset(op.offset)
-                .rw_flags(if op.dsync { libc::RWF_DSYNC } else { 0 })
-                .build()
-                .user_data(id as u64)
-        } else {
-            readv_entry(op, id)
-        };
+        let entry = rw_entry(op, id);
         for _ in 0..2 {
             // SAFETY: the caller keeps the op and its buffers in place until it is reaped.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
@@ -522,6 +513,19 @@ impl Uring {
             op.offset += n;
             op.len -= n;
         }
+    }
+}
+
+/// The ring entry for `op`, tagged `id`.
+fn rw_entry(op: &RwOp, id: usize) -> io_uring::squeue::Entry {
+    if op.write {
+        opcode::Writev::new(types::Fd(op.fd), op.iov.as_ptr(), op.iov.len() as u32)
+            .offset(op.offset)
+            .rw_flags(if op.dsync { libc::RWF_DSYNC } else { 0 })
+            .build()
+            .user_data(id as u64)
+    } else {
+        readv_entry(op, id)
     }
 }
 

@@ -390,12 +390,14 @@ impl Executor {
         track: Option<(&QueueInflight<'_>, &Inflight)>,
         notify: &mut dyn FnMut(),
     ) -> Result<(), virtio_queue::Error> {
-        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.serve(queue, mem, track, notify)
-        }));
-        served.unwrap_or_else(|panic| {
-            // The kernel may still write into guest memory that the caller unmaps once this
-            // returns: wait for it before unwinding further.
+        self.drained(|ex| ex.serve(queue, mem, track, notify))
+    }
+
+    /// Run `f`; if it panics, wait for the engine's ops in flight before unwinding further:
+    /// the kernel may still write into guest memory that the caller unmaps afterwards.
+    fn drained<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
+        done.unwrap_or_else(|panic| {
             self.engine.drain();
             std::panic::resume_unwind(panic)
         })
@@ -511,14 +513,7 @@ impl Executor {
         I: IntoIterator<Item = (u16, D)>,
         D: IntoIterator<Item = Descriptor>,
     {
-        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.execute_all(mem, chains)
-        }));
-        done.unwrap_or_else(|panic| {
-            // As in `process_queue_tracked`.
-            self.engine.drain();
-            std::panic::resume_unwind(panic)
-        })
+        self.drained(|ex| ex.execute_all(mem, chains))
     }
 
     fn execute_all<I, D>(&mut self, mem: &GuestMem, chains: I) -> Vec<Completion>
