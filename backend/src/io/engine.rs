@@ -25,6 +25,9 @@ pub type Iovecs = SmallVec<[libc::iovec; 4]>;
 /// copy, and the file system's write lock is handed from one write to the next without a gap.
 const INLINE_WRITE_MAX: u64 = 64 * 1024;
 
+/// Longest wait for the helper ring while the worker ring has ops in flight too.
+const HELPER_WAIT: std::time::Duration = std::time::Duration::from_micros(100);
+
 /// How long the helper ring's kernel thread keeps polling for work after its last request
 /// before it sleeps (io_uring counts this in milliseconds, rounded up to a scheduler tick).
 const HELPER_IDLE_MS: u32 = 1;
@@ -410,17 +413,25 @@ impl Uring {
             return;
         }
         // Wait where the quick completions are: the helper's page-cache copies finish within
-        // microseconds, the worker ring's ops may take a disk's time.
-        let ring = match &mut self.helper {
-            Helper::Ready(helper) if self.helper_pending > 0 => helper,
-            _ => &mut self.ring,
+        // microseconds, the worker ring's ops may take a disk's time. While both have ops,
+        // the wait on the helper is short, so a helper read that missed the cache does not
+        // hold up the worker ring's completions.
+        let waited = match &mut self.helper {
+            Helper::Ready(helper) if self.helper_pending > 0 && self.pending > 0 => {
+                let ts = types::Timespec::from(HELPER_WAIT);
+                helper
+                    .submitter()
+                    .submit_with_args(1, &types::SubmitArgs::new().timespec(&ts))
+            }
+            Helper::Ready(helper) if self.helper_pending > 0 => helper.submit_and_wait(1),
+            _ => self.ring.submit_and_wait(1),
         };
-        match ring.submit_and_wait(1) {
+        match waited {
             Ok(_) => {}
             Err(e)
                 if matches!(
                     e.raw_os_error(),
-                    Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+                    Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY) | Some(libc::ETIME)
                 ) => {}
             Err(e) => {
                 // Entries already in the kernel must still be reaped; do not spin.
