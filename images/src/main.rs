@@ -330,6 +330,15 @@ fn read_tree(out: &Path, t: &TreeArgs) -> Result<tree::Tree> {
     Ok(tree)
 }
 
+/// The summary's first line: the image written, its format, its size, then `details`.
+fn print_wrote(out: &Path, format: &str, size: u64, details: std::fmt::Arguments<'_>) {
+    println!(
+        "wrote {}: {format}, {} ({size} bytes), {details}",
+        out.display(),
+        Size(size).human()
+    );
+}
+
 /// Images up to this size get their SHA-256 printed without `--sha256`.
 const AUTO_SHA256_MAX: u64 = 4 << 30;
 
@@ -397,16 +406,14 @@ fn run_ext2(a: Ext2Args) -> Result<()> {
             );
         }
     }
-    println!(
-        "wrote {}: ext2, {} ({} bytes), block size {}, {} blocks ({} free), {} inodes ({} free)",
-        a.file.display(),
-        Size(s.size).human(),
+    print_wrote(
+        &a.file,
+        "ext2",
         s.size,
-        s.block_size,
-        s.blocks,
-        s.free_blocks,
-        s.inodes,
-        s.free_inodes
+        format_args!(
+            "block size {}, {} blocks ({} free), {} inodes ({} free)",
+            s.block_size, s.blocks, s.free_blocks, s.inodes, s.free_inodes
+        ),
     );
     print_sha(&a.file, start, s.size, a.tree.sha256)
 }
@@ -419,13 +426,11 @@ fn run_iso(a: IsoArgs) -> Result<()> {
         ..Default::default()
     };
     let s = iso::build(&tree, &a.file, &opts)?;
-    println!(
-        "wrote {}: ISO 9660, {} ({} bytes), {} files, {} directories",
-        a.file.display(),
-        Size(s.size).human(),
+    print_wrote(
+        &a.file,
+        "ISO 9660",
         s.size,
-        s.files,
-        s.directories
+        format_args!("{} files, {} directories", s.files, s.directories),
     );
     if s.adjusted > 0 {
         println!(
