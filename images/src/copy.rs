@@ -570,6 +570,21 @@ mod tests {
 
     use super::*;
 
+    /// Copies `len` bytes of `src` (named `name`) into a fresh file; the copy must fail.
+    fn copy_error(src: &dyn Source, name: &str, len: u64) -> CopyError {
+        let d = tempfile::tempdir().unwrap();
+        let out = File::create(d.path().join("o")).unwrap();
+        copy_into(
+            src,
+            Path::new(name),
+            len,
+            &out,
+            Path::new("o"),
+            &ProgressBar::hidden(),
+        )
+        .unwrap_err()
+    }
+
     /// A source of `len` bytes of a pattern that fails at `fail_at`.
     struct Failing {
         fail_at: u64,
@@ -594,21 +609,11 @@ mod tests {
 
     #[test]
     fn read_error_names_the_offset() {
-        let d = tempfile::tempdir().unwrap();
-        let out = File::create(d.path().join("o")).unwrap();
         let src = Failing {
             fail_at: 3 * 1024 * 1024 + 4096,
             reads: Cell::new(0),
         };
-        let err = copy_into(
-            &src,
-            Path::new("/dev/sr0"),
-            8 << 20,
-            &out,
-            Path::new("o"),
-            &ProgressBar::hidden(),
-        )
-        .unwrap_err();
+        let err = copy_error(&src, "/dev/sr0", 8 << 20);
         assert!(
             matches!(err, CopyError::Read { offset, .. } if offset == 3 * 1024 * 1024 + 4096),
             "{err:?}"
@@ -648,18 +653,8 @@ mod tests {
 
     #[test]
     fn read_error_names_the_bad_sector() {
-        let d = tempfile::tempdir().unwrap();
-        let out = File::create(d.path().join("o")).unwrap();
         let bad = (5 << 20) + 7 * 512 + 100;
-        let err = copy_into(
-            &BadSector(bad),
-            Path::new("/dev/sr0"),
-            8 << 20,
-            &out,
-            Path::new("o"),
-            &ProgressBar::hidden(),
-        )
-        .unwrap_err();
+        let err = copy_error(&BadSector(bad), "/dev/sr0", 8 << 20);
         let sector_start = bad - bad % 512;
         assert!(
             matches!(err, CopyError::Read { offset, .. } if offset == sector_start),
@@ -672,17 +667,7 @@ mod tests {
 
     #[test]
     fn short_source_is_an_error() {
-        let d = tempfile::tempdir().unwrap();
-        let out = File::create(d.path().join("o")).unwrap();
-        let err = copy_into(
-            &Truncated(1000),
-            Path::new("src"),
-            2000,
-            &out,
-            Path::new("o"),
-            &ProgressBar::hidden(),
-        )
-        .unwrap_err();
+        let err = copy_error(&Truncated(1000), "src", 2000);
         assert!(
             matches!(err, CopyError::Short { offset: 1000, .. }),
             "{err:?}"
