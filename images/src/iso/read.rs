@@ -138,6 +138,31 @@ fn u16_le(b: &[u8], at: usize) -> io::Result<u16> {
         .ok_or_else(|| bad("field past the end of its structure"))
 }
 
+/// The records of a directory's bytes in on-disk order, without `.` and `..`; zero padding
+/// up to the end of a block is skipped. Ends after the first record that does not parse.
+fn records(bytes: &[u8]) -> impl Iterator<Item = io::Result<Record<'_>>> {
+    let mut pos = 0usize;
+    std::iter::from_fn(move || {
+        while pos < bytes.len() {
+            match Record::parse(&bytes[pos..]) {
+                Err(e) => {
+                    pos = bytes.len();
+                    return Some(Err(e));
+                }
+                // Padding up to the next block.
+                Ok(None) => pos = (pos / BLOCK as usize + 1) * BLOCK as usize,
+                Ok(Some(rec)) => {
+                    pos += rec.len;
+                    if !rec.is_dot_or_dotdot() {
+                        return Some(Ok(rec));
+                    }
+                }
+            }
+        }
+        None
+    })
+}
+
 /// Reads the volume descriptors; `Ok(None)` when block 16 is not an ISO 9660 descriptor.
 pub fn volume(r: &mut (impl Read + Seek)) -> io::Result<Option<Volume>> {
     let mut primary = None;
@@ -595,28 +620,12 @@ impl<R: Read + Seek> IsoReader<R> {
         if dir.kind != Kind::Dir {
             return Err(bad("not a directory"));
         }
-        let &(block, len) = dir
-            .extents
-            .first()
-            .ok_or_else(|| bad("directory without extent"))?;
-        if u64::from(len) > MAX_DIR_BYTES {
-            return Err(bad("directory too large"));
-        }
-        let bytes = self.read_at(block, 0, u64::from(len))?;
+        let bytes = self.dir_bytes(dir)?;
         let mut out: Vec<Entry> = Vec::new();
         // The entry whose last record said more extents follow.
         let mut open: Option<Entry> = None;
-        let mut pos = 0usize;
-        while pos < bytes.len() {
-            let Some(rec) = Record::parse(&bytes[pos..])? else {
-                // Padding up to the next block.
-                pos = (pos / BLOCK as usize + 1) * BLOCK as usize;
-                continue;
-            };
-            pos += rec.len;
-            if rec.is_dot_or_dotdot() {
-                continue;
-            }
+        for rec in records(&bytes) {
+            let rec = rec?;
             if let Some(mut e) = open.take() {
                 e.extents.push((rec.extent, rec.size));
                 e.size += u64::from(rec.size);
@@ -691,6 +700,14 @@ impl<R: Read + Seek> IsoReader<R> {
     /// Raw identifiers of the records of directory `dir`, in on-disk order (without
     /// `.` and `..`), for checking the standard's sort order.
     pub fn raw_names(&mut self, dir: &Entry) -> io::Result<Vec<Vec<u8>>> {
+        let bytes = self.dir_bytes(dir)?;
+        records(&bytes)
+            .map(|rec| rec.map(|rec| rec.name.to_vec()))
+            .collect()
+    }
+
+    /// The bytes of directory `dir`'s first extent.
+    fn dir_bytes(&mut self, dir: &Entry) -> io::Result<Vec<u8>> {
         let &(block, len) = dir
             .extents
             .first()
@@ -698,20 +715,7 @@ impl<R: Read + Seek> IsoReader<R> {
         if u64::from(len) > MAX_DIR_BYTES {
             return Err(bad("directory too large"));
         }
-        let bytes = self.read_at(block, 0, u64::from(len))?;
-        let mut out = Vec::new();
-        let mut pos = 0usize;
-        while pos < bytes.len() {
-            let Some(rec) = Record::parse(&bytes[pos..])? else {
-                pos = (pos / BLOCK as usize + 1) * BLOCK as usize;
-                continue;
-            };
-            pos += rec.len;
-            if !rec.is_dot_or_dotdot() {
-                out.push(rec.name.to_vec());
-            }
-        }
-        Ok(out)
+        self.read_at(block, 0, u64::from(len))
     }
 
     /// Copies a file's content to `out`; returns the bytes copied.
