@@ -4,7 +4,7 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -588,35 +588,30 @@ fn iso_builds_are_reproducible_recognised_and_copied_exactly() {
     }
 }
 
-#[test]
-fn interrupted_copy_leaves_nothing() {
-    let d = tempfile::tempdir().unwrap();
-    let src = d.path().join("big.img");
-    // Dense, non-zero content: every chunk is read, hashed and written.
-    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 253) as u8 + 1).collect();
-    let f = File::create(&src).unwrap();
+/// Writes 256 MiB of dense, non-zero bytes to `path`: 1, 2, ... `period`, repeated in each MiB.
+fn write_dense(path: &Path, period: u32) {
+    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % period) as u8 + 1).collect();
+    let f = File::create(path).unwrap();
     for i in 0..256u64 {
         f.write_all_at(&chunk, i << 20).unwrap();
     }
-    drop(f);
+}
+
+/// Runs `vloop-image args` in `dir` and sends it SIGINT once `started()` holds (or it has
+/// exited, or 30 s have passed); returns its exit status and stderr once it stops.
+fn interrupt(args: &[&str], dir: &Path, started: impl Fn() -> bool) -> (ExitStatus, String) {
     let mut child = Command::new(BIN)
-        .args(["copy", "big.img", "out.img", "--verify"])
-        .current_dir(d.path())
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait for the temporary output to appear, then press Ctrl-C.
     let deadline = Instant::now() + Duration::from_secs(30);
-    let partial = || {
-        fs::read_dir(d.path())
-            .unwrap()
-            .filter_map(Result::ok)
-            .any(|e| e.file_name().to_string_lossy().ends_with(".partial"))
-    };
-    while !partial() && Instant::now() < deadline && child.try_wait().unwrap().is_none() {
-        std::thread::sleep(Duration::from_millis(5));
+    while !started() && Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_millis(2));
     }
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
@@ -631,7 +626,7 @@ fn interrupted_copy_leaves_nothing() {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("copy did not stop after SIGINT");
+            panic!("{args:?} did not stop after SIGINT");
         }
         std::thread::sleep(Duration::from_millis(10));
     };
@@ -642,6 +637,26 @@ fn interrupted_copy_leaves_nothing() {
         .unwrap()
         .read_to_string(&mut err)
         .unwrap();
+    (status, err)
+}
+
+#[test]
+fn interrupted_copy_leaves_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("big.img");
+    // Dense, non-zero content: every chunk is read, hashed and written.
+    write_dense(&src, 253);
+    let partial = || {
+        fs::read_dir(d.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+    };
+    let (status, err) = interrupt(
+        &["copy", "big.img", "out.img", "--verify"],
+        d.path(),
+        partial,
+    );
     if status.success() {
         // The whole copy and verification beat the signal: it must then be complete.
         eprintln!("copy finished before SIGINT arrived; checking the result instead");
@@ -662,12 +677,7 @@ fn interrupted_builds_leave_nothing() {
     let src = d.path().join("src");
     fs::create_dir(&src).unwrap();
     // Dense, non-zero content, so that writing the image takes a while.
-    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8 + 1).collect();
-    let f = File::create(src.join("big.bin")).unwrap();
-    for i in 0..256u64 {
-        f.write_all_at(&chunk, i << 20).unwrap();
-    }
-    drop(f);
+    write_dense(&src.join("big.bin"), 251);
     let hidden = || -> Vec<String> {
         fs::read_dir(d.path())
             .unwrap()
@@ -677,47 +687,9 @@ fn interrupted_builds_leave_nothing() {
             .collect()
     };
     for (cmd, out) in [("ext2", "out.img"), ("iso", "out.iso")] {
-        let mut child = Command::new(BIN)
-            .args([cmd, out, "--from", "src"])
-            .current_dir(d.path())
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Wait for the temporary output to appear, then press Ctrl-C.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while hidden().is_empty()
-            && Instant::now() < deadline
-            && child.try_wait().unwrap().is_none()
-        {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        )
-        .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{cmd} did not stop after SIGINT");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
+        let (status, err) = interrupt(&[cmd, out, "--from", "src"], d.path(), || {
+            !hidden().is_empty()
+        });
         assert_eq!(hidden(), Vec::<String>::new(), "{cmd}: temporary file left");
         if status.success() || err.trim() == "error: interrupted" {
             // The build beat the signal (it came while hashing, or after): the image is
