@@ -361,6 +361,19 @@ fn verify(entries: &[Entry]) -> Step {
     }
 }
 
+/// Writes `files` to the mounted ext2 file system with `writers` concurrent writers, unmounts,
+/// drops the page cache, mounts it again and verifies `entries`, then unmounts.
+fn write_remount_verify(files: &[FileSpec], writers: u32, entries: &[Entry]) -> [Step; 6] {
+    [
+        write(files, writers),
+        umount(),
+        Step::DropCaches,
+        mount("ext2", false),
+        verify(entries),
+        umount(),
+    ]
+}
+
 fn spec(path: &str, size: u64, seed: u64) -> FileSpec {
     FileSpec {
         path: path.into(),
@@ -401,16 +414,10 @@ fn ext2_format(c: &mut Ctx) -> Result<(), String> {
         "boot",
         &[rw(img.clone())],
         1,
-        vec![
-            mkfs(),
-            mount("ext2", false),
-            write(&files, 1),
-            umount(),
-            Step::DropCaches,
-            mount("ext2", false),
-            verify(&entries),
-            umount(),
-        ],
+        [mkfs(), mount("ext2", false)]
+            .into_iter()
+            .chain(write_remount_verify(&files, 1, &entries))
+            .collect(),
     )?;
     c.note(format!(
         "guest wrote and re-read {} files after remount",
@@ -629,20 +636,17 @@ fn multiqueue(c: &mut Ctx) -> Result<(), String> {
         "boot",
         &[disk],
         2,
-        vec![
+        [
             mkfs(),
             mount("ext2", false),
             Step::Queues {
                 name: "vda".into(),
                 min: 2,
             },
-            write(&files, 4),
-            umount(),
-            Step::DropCaches,
-            mount("ext2", false),
-            verify(&entries),
-            umount(),
-        ],
+        ]
+        .into_iter()
+        .chain(write_remount_verify(&files, 4, &entries))
+        .collect(),
     )?;
     c.note("2 queues, 4 concurrent writers");
     c.host_check_ext2(&img, &entries)
