@@ -127,6 +127,12 @@ fn rw(rig: &mut Rig, mem: &GuestMem, t: u32, sector: u64, data: &[D]) -> (u8, u3
     (status(mem, ST), used[0].1)
 }
 
+/// Writes one sector at `sector` filled with `val` from `DATA`; returns the status.
+fn write_sector(rig: &mut Rig, mem: &GuestMem, sector: u64, val: u8) -> u8 {
+    mem.write_slice(&[val; 512], GuestAddress(DATA)).unwrap();
+    rw(rig, mem, VIRTIO_BLK_T_OUT, sector, &[(DATA, 512, false)]).0
+}
+
 /// Assert that `len` bytes of the file at `off` all equal `val`, with a short message.
 fn assert_file(p: &Path, off: u64, len: usize, val: u8) {
     let b = file_bytes(p, off, len);
@@ -178,11 +184,7 @@ fn write_then_read_split_buffers() {
 fn blocking_engine_roundtrip() {
     let mut r = rig_with(MIB, |c| c.engine = crate::config::EngineKind::Blocking);
     let mem = memory();
-    mem.write_slice(&[9u8; 512], GuestAddress(DATA)).unwrap();
-    assert_eq!(
-        rw(&mut r, &mem, VIRTIO_BLK_T_OUT, 1, &[(DATA, 512, false)]).0,
-        OK
-    );
+    assert_eq!(write_sector(&mut r, &mem, 1, 9), OK);
     assert_file(&r.path, 512, 512, 9);
 }
 
@@ -222,27 +224,14 @@ fn last_sector_and_one_past() {
 fn read_only_export_refuses_writes() {
     let mut r = rig_with(MIB, |c| c.read_only = true);
     let mem = memory();
-    mem.write_slice(&[1u8; 512], GuestAddress(DATA)).unwrap();
-    assert_eq!(
-        rw(&mut r, &mem, VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, false)]).0,
-        IOERR
-    );
+    assert_eq!(write_sector(&mut r, &mem, 0, 1), IOERR);
     // Discard and write zeroes are not offered on a read-only disk.
-    mem.write_slice(&[0u8; 16], GuestAddress(DATA)).unwrap();
-    mem.write_obj(1u32.to_le(), GuestAddress(DATA + 8)).unwrap();
     assert_eq!(
-        rw(&mut r, &mem, VIRTIO_BLK_T_DISCARD, 0, &[(DATA, 16, false)]).0,
+        segment_request(&mut r, &mem, VIRTIO_BLK_T_DISCARD, &[(0, 1, 0)]).0,
         UNSUPP
     );
     assert_eq!(
-        rw(
-            &mut r,
-            &mem,
-            VIRTIO_BLK_T_WRITE_ZEROES,
-            0,
-            &[(DATA, 16, false)]
-        )
-        .0,
+        segment_request(&mut r, &mem, VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 1, 0)]).0,
         UNSUPP
     );
     assert_eq!(
@@ -262,24 +251,24 @@ fn flush_and_get_id() {
     let mut r = rig_with(MIB, |c| c.serial = Some("my-disk".into()));
     let mem = memory();
     assert_eq!(rw(&mut r, &mem, VIRTIO_BLK_T_FLUSH, 0, &[]), (OK, 1));
-    mem.write_slice(&[0xeeu8; 32], GuestAddress(DATA)).unwrap();
-    assert_eq!(
-        rw(&mut r, &mem, VIRTIO_BLK_T_GET_ID, 0, &[(DATA, 20, true)]),
-        (OK, 21)
-    );
-    let mut id = [0u8; 20];
-    mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    let (done, id) = get_id(&mut r, &mem, 20);
+    assert_eq!(done, (OK, 21));
     assert_eq!(&id[..7], b"my-disk");
-    assert!(id[7..].iter().all(|&b| b == 0));
+    assert!(id[7..20].iter().all(|&b| b == 0));
     // A shorter buffer gets a truncated serial.
-    mem.write_slice(&[0xeeu8; 32], GuestAddress(DATA)).unwrap();
-    assert_eq!(
-        rw(&mut r, &mem, VIRTIO_BLK_T_GET_ID, 0, &[(DATA, 4, true)]),
-        (OK, 5)
-    );
-    let mut id = [0u8; 5];
-    mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    let (done, id) = get_id(&mut r, &mem, 4);
+    assert_eq!(done, (OK, 5));
     assert_eq!(&id, b"my-d\xee");
+}
+
+/// Sends GET_ID with a `len`-byte buffer at `DATA`, which is first filled with 0xee; returns
+/// (status, used len) and the buffer followed by the byte after it.
+fn get_id(rig: &mut Rig, mem: &GuestMem, len: u32) -> ((u8, u32), Vec<u8>) {
+    mem.write_slice(&[0xeeu8; 32], GuestAddress(DATA)).unwrap();
+    let done = rw(rig, mem, VIRTIO_BLK_T_GET_ID, 0, &[(DATA, len, true)]);
+    let mut id = vec![0u8; len as usize + 1];
+    mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    (done, id)
 }
 
 #[test]
@@ -296,6 +285,15 @@ fn segment(mem: &GuestMem, at: u64, sector: u64, n: u32, flags: u32) {
     s[8..12].copy_from_slice(&n.to_le_bytes());
     s[12..16].copy_from_slice(&flags.to_le_bytes());
     mem.write_slice(&s, GuestAddress(at)).unwrap();
+}
+
+/// Sends a discard or write-zeroes request (`t`) whose segments, each (sector, sectors,
+/// flags), are laid out one after another from `DATA`; returns (status, used len).
+fn segment_request(rig: &mut Rig, mem: &GuestMem, t: u32, segs: &[(u64, u32, u32)]) -> (u8, u32) {
+    for (i, &(sector, n, flags)) in segs.iter().enumerate() {
+        segment(mem, DATA + 16 * i as u64, sector, n, flags);
+    }
+    rw(rig, mem, t, 0, &[(DATA, 16 * segs.len() as u32, false)])
 }
 
 /// True when [off, off+len) is a hole in the file (SEEK_DATA from `off` lands at or past the
@@ -334,19 +332,29 @@ fn punch_supported(p: &Path) -> bool {
     r == 0
 }
 
+/// A filled image, or `None` (reported as skipped) when the temp file system cannot punch
+/// holes.
+fn filled_punchable(size: u64) -> Option<Rig> {
+    let r = filled(size);
+    if punch_supported(&r.path) {
+        Some(r)
+    } else {
+        eprintln!("SKIPPED: the temp file system cannot punch holes");
+        None
+    }
+}
+
 #[test]
 fn discard_punches_holes() {
-    let mut r = filled(MIB);
-    if !punch_supported(&r.path) {
-        eprintln!("SKIPPED: the temp file system cannot punch holes");
+    let Some(mut r) = filled_punchable(MIB) else {
         return;
-    }
+    };
     let mem = memory();
     let blocks_before = fs::metadata(&r.path).unwrap().blocks();
-    segment(&mem, DATA, 256, 128, 0); // 64 KiB at 128 KiB
-    segment(&mem, DATA + 16, 1024, 128, 0); // 64 KiB at 512 KiB
+    // 64 KiB at 128 KiB and 64 KiB at 512 KiB.
+    let holes = [(256, 128, 0), (1024, 128, 0)];
     assert_eq!(
-        rw(&mut r, &mem, VIRTIO_BLK_T_DISCARD, 0, &[(DATA, 32, false)]),
+        segment_request(&mut r, &mem, VIRTIO_BLK_T_DISCARD, &holes),
         (OK, 1)
     );
     assert!(is_hole(&r.path, 128 * 1024, 64 * 1024));
@@ -363,9 +371,8 @@ fn discard_punches_holes() {
 fn discard_ignore_leaves_data() {
     let mut r = filled_with(MIB, |c| c.discard = crate::config::DiscardMode::Ignore);
     let mem = memory();
-    segment(&mem, DATA, 256, 128, 0);
     assert_eq!(
-        rw(&mut r, &mem, VIRTIO_BLK_T_DISCARD, 0, &[(DATA, 16, false)]),
+        segment_request(&mut r, &mem, VIRTIO_BLK_T_DISCARD, &[(256, 128, 0)]),
         (OK, 1)
     );
     assert!(!is_hole(&r.path, 128 * 1024, 64 * 1024));
@@ -374,65 +381,34 @@ fn discard_ignore_leaves_data() {
 
 #[test]
 fn write_zeroes_with_and_without_unmap() {
-    let mut r = filled(MIB);
-    if !punch_supported(&r.path) {
-        eprintln!("SKIPPED: the temp file system cannot punch holes");
+    let Some(mut r) = filled_punchable(MIB) else {
         return;
-    }
+    };
     let mem = memory();
     // Without UNMAP: zeroes, still allocated.
-    segment(&mem, DATA, 0, 128, 0);
     assert_eq!(
-        rw(
-            &mut r,
-            &mem,
-            VIRTIO_BLK_T_WRITE_ZEROES,
-            0,
-            &[(DATA, 16, false)]
-        ),
+        segment_request(&mut r, &mem, VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 128, 0)]),
         (OK, 1)
     );
     assert_file(&r.path, 0, 65536, 0);
     assert_file(&r.path, 65536, 512, 0x5a);
     // With UNMAP: zeroes and a hole.
-    segment(&mem, DATA, 256, 128, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+    let unmap = [(256, 128, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)];
     assert_eq!(
-        rw(
-            &mut r,
-            &mem,
-            VIRTIO_BLK_T_WRITE_ZEROES,
-            0,
-            &[(DATA, 16, false)]
-        ),
+        segment_request(&mut r, &mem, VIRTIO_BLK_T_WRITE_ZEROES, &unmap),
         (OK, 1)
     );
     assert_file(&r.path, 128 * 1024, 65536, 0);
     assert!(is_hole(&r.path, 128 * 1024, 64 * 1024));
     // Bad flag bits: UNSUPP and nothing changes.
-    segment(&mem, DATA, 512, 8, 0x80);
     assert_eq!(
-        rw(
-            &mut r,
-            &mem,
-            VIRTIO_BLK_T_WRITE_ZEROES,
-            0,
-            &[(DATA, 16, false)]
-        )
-        .0,
+        segment_request(&mut r, &mem, VIRTIO_BLK_T_WRITE_ZEROES, &[(512, 8, 0x80)]).0,
         UNSUPP
     );
     assert_file(&r.path, 256 * 1024, 4096, 0x5a);
     // Past the end: IOERR and nothing changes.
-    segment(&mem, DATA, 2036, 16, 0);
     assert_eq!(
-        rw(
-            &mut r,
-            &mem,
-            VIRTIO_BLK_T_WRITE_ZEROES,
-            0,
-            &[(DATA, 16, false)]
-        )
-        .0,
+        segment_request(&mut r, &mem, VIRTIO_BLK_T_WRITE_ZEROES, &[(2036, 16, 0)]).0,
         IOERR
     );
     assert_file(&r.path, 2036 * 512, 2048, 0x5a);
@@ -666,11 +642,7 @@ fn writethrough_writes_complete() {
     let mut r = rig(MIB);
     r.disk.set_writeback(false);
     let mem = memory();
-    mem.write_slice(&[3u8; 512], GuestAddress(DATA)).unwrap();
-    assert_eq!(
-        rw(&mut r, &mem, VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, false)]).0,
-        OK
-    );
+    assert_eq!(write_sector(&mut r, &mem, 0, 3), OK);
     assert_file(&r.path, 0, 512, 3);
 }
 
@@ -819,11 +791,7 @@ fn a_driver_without_flush_gets_write_through() {
     // The guest's write cache setting stays what it was.
     assert!(r.disk.writeback());
     let mem = memory();
-    mem.write_slice(&[9u8; 512], GuestAddress(DATA)).unwrap();
-    assert_eq!(
-        rw(&mut r, &mem, VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, false)]).0,
-        OK
-    );
+    assert_eq!(write_sector(&mut r, &mem, 0, 9), OK);
     assert_file(&r.path, 0, 512, 9);
     r.ex.set_features(offered);
     assert!(!r.ex.write_through());
