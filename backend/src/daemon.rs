@@ -29,6 +29,7 @@ use crate::config::{Config, Listen};
 use crate::device::{BlkDevice, DeviceError};
 use crate::disk::Disk;
 use crate::inflight::Inflight;
+use crate::LockUnpoisoned;
 
 /// Errors of the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -112,13 +113,7 @@ impl StopHandle {
     pub fn stop(&self) {
         self.inner.stop.store(true, Ordering::SeqCst);
         let _ = self.inner.wake.write(1);
-        if let Some(h) = self
-            .inner
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
+        if let Some(h) = self.inner.current.lock_unpoisoned().as_ref() {
             h.shutdown();
         }
     }
@@ -129,31 +124,22 @@ impl StopHandle {
     }
 
     fn set_current(&self, h: Option<ShutdownHandle>) {
-        *self.inner.current.lock().unwrap_or_else(|p| p.into_inner()) = h;
+        *self.inner.current.lock_unpoisoned() = h;
     }
 
     fn set_disk(&self, disk: Arc<Disk>) {
-        *self.inner.disk.lock().unwrap_or_else(|p| p.into_inner()) = Some(disk);
+        *self.inner.disk.lock_unpoisoned() = Some(disk);
     }
 
     fn set_connection(&self, c: Option<Arc<Inflight>>) {
-        *self
-            .inner
-            .connection
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = c;
+        *self.inner.connection.lock_unpoisoned() = c;
     }
 
     /// Re-read the image size and serve it from now on (requests past a smaller end fail
     /// with IOERR), then announce the config change to the connected frontend, if it set up
     /// a backend request channel. Errors are logged.
     pub fn resize(&self) {
-        let disk = self
-            .inner
-            .disk
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let disk = self.inner.disk.lock_unpoisoned().clone();
         let Some(disk) = disk else {
             warn!("resize requested before the image was opened");
             return;
@@ -174,12 +160,7 @@ impl StopHandle {
                 return;
             }
         }
-        let connection = self
-            .inner
-            .connection
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let connection = self.inner.connection.lock_unpoisoned().clone();
         let Some(connection) = connection else {
             info!("no frontend connected: the next one sees the new size");
             return;

@@ -27,6 +27,7 @@ use crate::disk::Disk;
 use crate::inflight::Inflight;
 use crate::io::{EngineError, Executor, GuestMem, RateLimiter, Stats};
 use crate::request::SECTOR_SHIFT;
+use crate::LockUnpoisoned;
 
 /// Size of the config space we define (up to and including `write_zeroes_may_unmap` and its
 /// padding, virtio 1.2 `struct virtio_blk_config` without the secure-erase and zoned parts).
@@ -192,7 +193,7 @@ impl BlkDevice {
     pub fn queue_features(&self) -> Vec<u64> {
         self.workers
             .iter()
-            .map(|w| w.lock().unwrap_or_else(|p| p.into_inner()).features())
+            .map(|w| w.lock_unpoisoned().features())
             .collect()
     }
 
@@ -205,7 +206,7 @@ impl BlkDevice {
     pub fn stats(&self) -> Stats {
         let mut s = Stats::default();
         for w in &self.workers {
-            let w = w.lock().unwrap_or_else(|p| p.into_inner()).stats();
+            let w = w.lock_unpoisoned().stats();
             s.requests += w.requests;
             s.errors += w.errors;
             s.batches += w.batches;
@@ -216,7 +217,7 @@ impl BlkDevice {
     }
 
     fn warn_limited(&self, msg: std::fmt::Arguments<'_>) {
-        let mut l = self.limiter.lock().unwrap_or_else(|p| p.into_inner());
+        let mut l = self.limiter.lock_unpoisoned();
         if l.allow().is_some() {
             warn!("{msg}");
         }
@@ -316,9 +317,7 @@ impl VhostUserBackend for BlkDevice {
     fn acked_features(&self, features: u64) {
         self.acked_features.store(features, Ordering::Relaxed);
         for w in &self.workers {
-            w.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .set_features(features);
+            w.lock_unpoisoned().set_features(features);
         }
     }
 
@@ -388,8 +387,7 @@ impl VhostUserBackend for BlkDevice {
         let (c, n) = self.exits.get(thread_index)?;
         let (c, n) = (c.try_clone().ok()?, n.try_clone().ok()?);
         self.leaked_exit_fds
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_unpoisoned()
             .push(std::os::fd::AsRawFd::as_raw_fd(&c));
         Some((c, n))
     }
@@ -411,7 +409,7 @@ impl VhostUserBackend for BlkDevice {
             return Ok(());
         };
         tracing::trace!(queue = thread_id, "kick");
-        let mut worker = worker.lock().unwrap_or_else(|p| p.into_inner());
+        let mut worker = worker.lock_unpoisoned();
         self.drain(vring, &mut worker)
     }
 }

@@ -36,6 +36,8 @@ use vm_memory::mmap::MmapRegion;
 use vm_memory::volatile_memory::VolatileSlice;
 use vm_memory::{Bytes, FileOffset, VolatileMemory};
 
+use crate::LockUnpoisoned;
+
 /// Region format version written in every queue header.
 pub const VERSION: u16 = 1;
 /// Bytes of one `DescStateSplit`.
@@ -461,15 +463,12 @@ pub struct BackendChannel {
 
 impl BackendChannel {
     fn set(&self, sock: std::os::unix::net::UnixStream, reply_ack: bool) {
-        *self.sock.lock().unwrap_or_else(|p| p.into_inner()) = Some((sock, reply_ack));
+        *self.sock.lock_unpoisoned() = Some((sock, reply_ack));
     }
 
     /// True once the frontend has set up the channel.
     pub fn is_set(&self) -> bool {
-        self.sock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        self.sock.lock_unpoisoned().is_some()
     }
 
     /// Tell the frontend the config space changed (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG); with
@@ -477,7 +476,7 @@ impl BackendChannel {
     /// channel.
     pub fn config_changed(&self) -> io::Result<bool> {
         use std::io::Read;
-        let guard = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self.sock.lock_unpoisoned();
         let Some((sock, reply_ack)) = guard.as_ref() else {
             return Ok(false);
         };
@@ -552,10 +551,7 @@ impl Inflight {
 
     /// The current region, if the frontend set one up.
     pub fn region(&self) -> Option<std::sync::Arc<InflightRegion>> {
-        self.region
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.region.lock_unpoisoned().clone()
     }
 
     fn install(&self, region: InflightRegion, recover: bool) {
@@ -571,7 +567,7 @@ impl Inflight {
                 std::sync::atomic::Ordering::Release,
             );
         }
-        *self.region.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::sync::Arc::new(region));
+        *self.region.lock_unpoisoned() = Some(std::sync::Arc::new(region));
     }
 
     /// The next request counter value.
@@ -728,7 +724,7 @@ struct Relay {
 
 impl Relay {
     fn to_frontend(&self, m: &Msg) -> io::Result<()> {
-        let _g = self.out_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = self.out_lock.lock_unpoisoned();
         send(&self.outer, m)
     }
 
@@ -889,29 +885,24 @@ pub fn relay(
         inflight,
         reply_ack: std::sync::atomic::AtomicBool::new(false),
     });
-    let end = |r: &Relay| {
-        let _ = r.outer.shutdown(std::net::Shutdown::Both);
-        let _ = r.inner.shutdown(std::net::Shutdown::Both);
+    // One thread per direction; when either ends, both sockets are shut down so the other
+    // ends too.
+    let spawn = |name: &str, what: &'static str, run: fn(&Relay) -> io::Result<()>| {
+        let r = r.clone();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                if let Err(e) = run(&r) {
+                    tracing::debug!("relay {what} ended: {e}");
+                }
+                let _ = r.outer.shutdown(std::net::Shutdown::Both);
+                let _ = r.inner.shutdown(std::net::Shutdown::Both);
+            })
     };
-    let a = r.clone();
-    let fwd = std::thread::Builder::new()
-        .name("vhost-relay-in".into())
-        .spawn(move || {
-            if let Err(e) = a.forward() {
-                tracing::debug!("relay from the frontend ended: {e}");
-            }
-            end(&a);
-        })?;
-    let b = r;
-    let back = std::thread::Builder::new()
-        .name("vhost-relay-out".into())
-        .spawn(move || {
-            if let Err(e) = b.backward() {
-                tracing::debug!("relay to the frontend ended: {e}");
-            }
-            end(&b);
-        })?;
-    Ok([fwd, back])
+    Ok([
+        spawn("vhost-relay-in", "from the frontend", Relay::forward)?,
+        spawn("vhost-relay-out", "to the frontend", Relay::backward)?,
+    ])
 }
 
 /// The descriptors of the chain whose head is `head`, read from the descriptor table the way

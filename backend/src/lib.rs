@@ -26,3 +26,17 @@ pub use self::disk::{Disk, DiskError};
 pub use self::io::{Completion, Executor, GuestMem, Stats};
 pub use self::lock::{lock_image, LockError, LockMode};
 pub use self::request::{parse, Limits, Rejected, Request, RequestError, RequestKind};
+
+/// Locking that survives a poisoned mutex: every mutex of the daemon guards plain state that
+/// stays consistent if a thread panicked while holding it, and one failed request must not
+/// stop the others.
+pub(crate) trait LockUnpoisoned<T: ?Sized> {
+    /// The guard, poisoned or not.
+    fn lock_unpoisoned(&self) -> std::sync::MutexGuard<'_, T>;
+}
+
+impl<T: ?Sized> LockUnpoisoned<T> for std::sync::Mutex<T> {
+    fn lock_unpoisoned(&self) -> std::sync::MutexGuard<'_, T> {
+        self.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
