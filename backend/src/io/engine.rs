@@ -3,7 +3,7 @@
 //!
 //! An engine starts [`RwOp`]s whose iovecs point straight into guest memory and reports their
 //! completions by the caller's id, so a worker keeps popping and completing requests while
-//! others are in flight. [`Engine::run`] runs a set of ops to completion in one call.
+//! others are in flight.
 
 use std::io;
 use std::os::unix::io::RawFd;
@@ -181,26 +181,6 @@ impl Engine {
         while self.in_flight() > 0 {
             cqes.clear();
             self.reap(&mut cqes, true);
-        }
-    }
-
-    /// Run every op to completion; each op's `result` is set.
-    pub fn run(&mut self, ops: &mut [RwOp]) {
-        let mut cqes = Vec::new();
-        for (i, op) in ops.iter_mut().enumerate() {
-            // SAFETY: every op started here is reaped below before this function returns, and
-            // `ops` is borrowed for the whole call, so no op moves or is dropped meanwhile.
-            unsafe { self.start(i, op, false) };
-        }
-        self.submit();
-        while self.in_flight() > 0 {
-            cqes.clear();
-            self.reap(&mut cqes, true);
-            for &(i, res) in &cqes {
-                if let Some(op) = ops.get_mut(i) {
-                    complete(op, res);
-                }
-            }
         }
     }
 }
@@ -575,6 +555,28 @@ mod tests {
     use std::os::unix::io::AsRawFd;
 
     use super::*;
+
+    impl Engine {
+        /// Run every op to completion; each op's `result` is set.
+        fn run(&mut self, ops: &mut [RwOp]) {
+            let mut cqes = Vec::new();
+            for (i, op) in ops.iter_mut().enumerate() {
+                // SAFETY: every op started here is reaped below before this function returns, and
+                // `ops` is borrowed for the whole call, so no op moves or is dropped meanwhile.
+                unsafe { self.start(i, op, false) };
+            }
+            self.submit();
+            while self.in_flight() > 0 {
+                cqes.clear();
+                self.reap(&mut cqes, true);
+                for &(i, res) in &cqes {
+                    if let Some(op) = ops.get_mut(i) {
+                        complete(op, res);
+                    }
+                }
+            }
+        }
+    }
 
     fn roundtrip(kind: EngineKind, buffered: bool) {
         let mut f = tempfile::tempfile().unwrap();
