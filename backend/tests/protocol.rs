@@ -1,5 +1,5 @@
 //! Protocol-level tests: a hostile or broken vhost-user frontend against the real `vloop-blk`
-//! binary, driven by the project's frontend client (`vloop_bench::client`).
+//! binary, driven by the project's frontend client (`vloop_frontend::client`).
 //!
 //! Every test ends the same way: the daemon still serves a new, well-behaved connection, its
 //! log shows no panic, and SIGTERM makes it exit 0.
@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VringConfigData};
-use vloop_bench::blk::{header, S_IOERR, S_OK, S_UNSUPP};
-use vloop_bench::client::STATUS_UNSET;
-use vloop_bench::{Client, ClientOptions, Descriptor, GuestMem, Request, RequestType};
+use vloop_frontend::blk::{header, S_IOERR, S_OK, S_UNSUPP};
+use vloop_frontend::client::STATUS_UNSET;
+use vloop_frontend::{Client, ClientOptions, Descriptor, GuestMem, Request, RequestType};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const IMAGE_SIZE: u64 = 4 << 20;
@@ -193,7 +193,7 @@ fn connect_retry(socket: &Path) -> Client {
 fn connect_timeout(
     socket: &Path,
     timeout: Duration,
-) -> Option<Result<Client, vloop_bench::ClientError>> {
+) -> Option<Result<Client, vloop_frontend::ClientError>> {
     let (tx, rx) = std::sync::mpsc::channel();
     let s = socket.to_owned();
     std::thread::spawn(move || {
@@ -468,7 +468,7 @@ fn client_disconnects_mid_request() {
 }
 
 /// Submits a raw chain from the scratch area and returns its status byte.
-fn raw_status(q: &mut vloop_bench::Queue, parts: &[(u64, u32, bool)], status_at: u64) -> u8 {
+fn raw_status(q: &mut vloop_frontend::Queue, parts: &[(u64, u32, bool)], status_at: u64) -> u8 {
     q.mem().write(status_at, &[STATUS_UNSET]).unwrap();
     let head = q.push_chain(q.raw_desc_base(), parts);
     q.kick().unwrap();
@@ -487,7 +487,7 @@ fn hostile_chains_get_the_right_status_and_the_queue_keeps_serving() {
     let hdr = scratch;
     let data = scratch + 4096;
     let st = scratch + 512;
-    let put = |q: &mut vloop_bench::Queue, kind, sector| {
+    let put = |q: &mut vloop_frontend::Queue, kind, sector| {
         q.mem().write(hdr, &header(kind, sector)).unwrap();
     };
     q.write(0, &pattern(9, 4096)).unwrap();
@@ -747,7 +747,8 @@ fn image_lock_holds_against_a_second_daemon() {
 
 #[test]
 fn image_lock_holds_against_qemu_tools() {
-    if !vloop_bench::daemon::on_path("qemu-io") || !vloop_bench::daemon::on_path("qemu-img") {
+    if !vloop_frontend::backend::on_path("qemu-io") || !vloop_frontend::backend::on_path("qemu-img")
+    {
         eprintln!("SKIPPED: qemu-io / qemu-img not installed (apt-get install qemu-utils)");
         return;
     }

@@ -8,10 +8,10 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::daemon::{Backend, Daemon, DaemonError, DaemonSpec};
 use crate::hist::{LatencyHist, Percentiles};
 use crate::load::{run_raw, run_vhost, LoadError, Pattern, RunResult, Workload};
 use crate::procfs;
+use vloop_frontend::backend::{BackendError, BackendProcess, BackendSpec, Export, Program};
 
 /// Errors of the comparison.
 #[derive(Debug, thiserror::Error)]
@@ -444,26 +444,29 @@ fn run_one(
     if let Ok(f) = File::open(&opts.image) {
         let _ = f.sync_all();
     }
-    let backend = match target {
-        Target::Vloop => Backend::Vloop(opts.vloop_bin.clone()),
-        Target::Qsd => Backend::Qsd,
+    let program = match target {
+        Target::Vloop => Program::Vloop(opts.vloop_bin.clone()),
+        Target::Qsd => Program::qsd(),
         Target::Raw => return run_raw(&opts.image, w, opts.direct).map_err(|e| chain(&e)),
     };
-    let spec = DaemonSpec {
-        backend,
-        image: opts.image.clone(),
-        socket: dir.join(format!("{}.sock", target.name())),
-        queues,
-        direct: opts.direct,
-        read_only: false,
-        extra_args: if target == Target::Vloop {
-            opts.vloop_args.clone()
-        } else {
-            Vec::new()
+    let socket = dir.join(format!("{}.sock", target.name()));
+    let mut spec = BackendSpec::new(
+        program,
+        Export {
+            queues,
+            direct: opts.direct,
+            ..Export::new(&opts.image, &socket)
         },
-    };
-    let mut d = Daemon::spawn(&spec, Duration::from_secs(10))
-        .map_err(|e: DaemonError| format!("cannot start: {}", chain(&e)))?;
+    );
+    if target == Target::Vloop {
+        spec.extra_args = opts.vloop_args.clone();
+    }
+    let mut d = BackendProcess::spawn(
+        &spec,
+        &socket.with_extension("log"),
+        Duration::from_secs(10),
+    )
+    .map_err(|e: BackendError| format!("cannot start: {}", chain(&e)))?;
     let mem = mem.ok_or_else(|| "no memory record".to_owned())?;
     if mem.idle_rss_kib.is_none() {
         // Let it settle before reading its idle footprint.
@@ -476,10 +479,10 @@ fn run_one(
         return Err(format!(
             "{} exited during the run; its log:\n{}",
             d.name(),
-            d.log_tail()
+            d.log_tail(20)
         ));
     }
-    d.stop();
+    d.kill();
     r
 }
 

@@ -1,21 +1,12 @@
-//! vloop-bench: a vhost-user-blk frontend (client) and load generator.
+//! vloop-bench: a load generator for vhost-user-blk backends, and a side-by-side comparison of
+//! vloop-blk, qemu-storage-daemon and raw io_uring on the same image.
 //!
-//! [`client`] connects to any vhost-user-blk backend the way QEMU and a guest driver would,
-//! and exposes a request API and a raw descriptor API; [`ring`] is its split virtqueue code;
-//! the load generator and the comparison against qemu-storage-daemon and raw io_uring build
-//! on it.
+//! It drives backends through the project's frontend client (crate `vloop-frontend`):
+//! [`load`] runs one workload against one export, [`verify`] checks data integrity under load,
+//! [`compare`] starts each backend in turn and tabulates the figures; [`hist`] and [`procfs`]
+//! measure latency and CPU time.
 
-pub mod blk;
-pub mod client;
-pub mod mem;
-pub mod ring;
-
-pub use blk::{BlkConfig, RequestType};
-pub use client::{Client, ClientError, ClientOptions, Completion, Queue, QueueStats, Request};
-pub use mem::GuestMem;
-pub use ring::{Descriptor, RingLayout, SplitRing, UsedElem};
 pub mod compare;
-pub mod daemon;
 pub mod hist;
 pub mod load;
 pub mod procfs;

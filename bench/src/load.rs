@@ -1,5 +1,5 @@
 //! The load generator: a workload (pattern, block size, depth, queues, duration) run either
-//! through a vhost-user-blk backend with [`crate::client`] or straight on the image file
+//! through a vhost-user-blk backend with `vloop_frontend::client` or straight on the image file
 //! with io_uring, one thread per queue, keeping `iodepth` requests in flight per queue.
 
 use std::fmt;
@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
 
-use crate::blk::{SECTOR_SIZE, S_OK};
-use crate::client::{Client, ClientError, ClientOptions, Queue, QueueStats, Request};
 use crate::hist::{LatencyHist, Percentiles};
-use crate::mem::{GuestMem, MemError};
 use crate::procfs;
+use vloop_frontend::blk::{SECTOR_SIZE, S_OK};
+use vloop_frontend::client::{Client, ClientError, ClientOptions, Queue, QueueStats, Request};
+use vloop_frontend::mem::{GuestMem, MemError};
 
 /// Errors of a load run.
 #[derive(Debug, thiserror::Error)]

@@ -195,7 +195,7 @@ fn run(a: Args) -> Result<()> {
                 vloop_bin.display()
             );
         }
-        if !a.no_qsd && !vloop_bench::daemon::on_path("qemu-storage-daemon") {
+        if !a.no_qsd && !vloop_frontend::backend::on_path("qemu-storage-daemon") {
             bail!("qemu-storage-daemon is not on PATH: install qemu-system-x86 (Debian) or pass --no-qsd");
         }
         let opts = CompareOptions {

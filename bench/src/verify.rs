@@ -7,9 +7,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::blk::{SECTOR_SIZE, S_OK};
-use crate::client::{Client, Queue, Request};
 use crate::load::{client_options, LoadError, Rng, Workload};
+use vloop_frontend::blk::{SECTOR_SIZE, S_OK};
+use vloop_frontend::client::{Client, Queue, Request};
 
 /// Outcome of a verifying run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]

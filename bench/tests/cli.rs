@@ -76,7 +76,7 @@ fn compare_prints_the_table_and_json() {
         return;
     };
     let vloop = match common::backend("vloop") {
-        Some(vloop_bench::daemon::Backend::Vloop(p)) => Some(p),
+        Some(vloop_frontend::backend::Program::Vloop(p)) => Some(p),
         _ => None,
     };
     let dir = tempfile::tempdir().unwrap();

@@ -5,10 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use vloop_bench::blk::{header, RequestType, S_OK};
-use vloop_bench::client::STATUS_UNSET;
-use vloop_bench::ring::{Descriptor, DESC_F_NEXT, DESC_F_WRITE};
-use vloop_bench::{Client, ClientOptions, Queue, Request};
+use vloop_frontend::blk::{header, RequestType, S_OK};
+use vloop_frontend::client::STATUS_UNSET;
+use vloop_frontend::ring::{Descriptor, DESC_F_NEXT, DESC_F_WRITE};
+use vloop_frontend::{Client, ClientOptions, Queue, Request};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -124,7 +124,7 @@ fn head_index_out_of_range_leaves_the_daemon_alive() {
     q.push_avail(size + 3);
     q.kick().unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    assert!(e.daemon.is_running(), "{}", e.daemon.log_tail());
+    assert!(e.daemon.is_running(), "{}", e.daemon.log_tail(20));
     drop(c);
     // A new frontend gets a working device.
     let mut c2 = reconnect(&e);
@@ -138,7 +138,7 @@ fn reconnect(e: &common::Export) -> Client {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("cannot reconnect; log:\n{}", e.daemon.log_tail());
+    panic!("cannot reconnect; log:\n{}", e.daemon.log_tail(20));
 }
 
 #[test]

@@ -16,7 +16,6 @@ pub mod images;
 pub mod initramfs;
 pub mod kernel;
 pub mod manifest;
-pub mod process;
 pub mod pvh;
 pub mod qemu;
 pub mod report;

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::accel::Accel;
-use crate::process::ChildGuard;
+use vloop_frontend::process::ChildGuard;
 
 /// Errors of running QEMU.
 #[derive(Debug, thiserror::Error)]

@@ -5,15 +5,18 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vloop_bench::daemon::{on_path, Backend, Daemon, DaemonSpec};
-use vloop_bench::{Client, ClientOptions};
+use vloop_frontend::backend::{
+    on_path, BackendProcess, BackendSpec, Export as ExportSpec, Program,
+};
+use vloop_frontend::skip::skip;
+use vloop_frontend::{Client, ClientOptions};
 
 /// Image size used by the tests.
 pub const IMAGE_SIZE: u64 = 16 << 20;
 
 /// A running export with its files; the daemon is killed when this is dropped.
 pub struct Export {
-    pub daemon: Daemon,
+    pub daemon: BackendProcess,
     pub image: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -23,11 +26,7 @@ pub fn vloop_bin() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("VLOOP_BLK_BIN") {
         return Some(PathBuf::from(p));
     }
-    // Test executables live in <target>/<profile>/deps/.
-    let exe = std::env::current_exe().ok()?;
-    let profile_dir = exe.parent()?.parent()?;
-    let p = profile_dir.join("vloop-blk");
-    p.is_file().then_some(p)
+    vloop_frontend::backend::sibling_binary("vloop-blk")
 }
 
 /// Whether `bin --print-capabilities` prints the vhost-user backend JSON.
@@ -64,29 +63,27 @@ fn prints_capabilities(bin: &Path) -> bool {
 }
 
 /// The backend to test, or None (with a visible message) when it is unavailable.
-pub fn backend(which: &str) -> Option<Backend> {
+pub fn backend(which: &str) -> Option<Program> {
     match which {
         "qsd" => {
             if on_path("qemu-storage-daemon") {
-                Some(Backend::Qsd)
+                Some(Program::qsd())
             } else {
-                eprintln!(
-                    "SKIP: qemu-storage-daemon is not installed (apt-get install qemu-system-x86)"
-                );
+                skip("qemu-storage-daemon is not installed (apt-get install qemu-system-x86)");
                 None
             }
         }
         _ => match vloop_bin() {
             Some(p) if !prints_capabilities(&p) => {
-                eprintln!(
-                    "SKIP: {} does not answer --print-capabilities (not a working vloop-blk build yet)",
+                skip(&format!(
+                    "{} does not answer --print-capabilities (not a working vloop-blk build yet)",
                     p.display()
-                );
+                ));
                 None
             }
-            Some(p) => Some(Backend::Vloop(p)),
+            Some(p) => Some(Program::Vloop(p)),
             None => {
-                eprintln!("SKIP: vloop-blk is not built in this target dir (cargo build -p vloop-blk) and VLOOP_BLK_BIN is unset");
+                skip("vloop-blk is not built in this target dir (cargo build -p vloop-blk) and VLOOP_BLK_BIN is unset");
                 None
             }
         },
@@ -94,7 +91,7 @@ pub fn backend(which: &str) -> Option<Backend> {
 }
 
 /// Creates an image whose sector n begins with the bytes of n, and exports it.
-pub fn export(backend: Backend, queues: u16) -> Export {
+pub fn export(backend: Program, queues: u16) -> Export {
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join("disk.img");
     let mut data = vec![0u8; IMAGE_SIZE as usize];
@@ -102,16 +99,16 @@ pub fn export(backend: Backend, queues: u16) -> Export {
         sector[..8].copy_from_slice(&(n as u64).to_le_bytes());
     }
     std::fs::write(&image, &data).expect("write image");
-    let spec = DaemonSpec {
+    let socket = dir.path().join("blk.sock");
+    let spec = BackendSpec::new(
         backend,
-        image: image.clone(),
-        socket: dir.path().join("blk.sock"),
-        queues,
-        direct: false,
-        read_only: false,
-        extra_args: vec![],
-    };
-    let daemon = Daemon::spawn(&spec, Duration::from_secs(10)).expect("start backend");
+        ExportSpec {
+            queues,
+            ..ExportSpec::new(&image, &socket)
+        },
+    );
+    let daemon = BackendProcess::spawn(&spec, &dir.path().join("blk.log"), Duration::from_secs(10))
+        .expect("start backend");
     Export {
         daemon,
         image,

@@ -29,10 +29,10 @@ macro_rules! tests_against {
 
 use std::time::Duration;
 
-use vloop_bench::blk::{SECTOR_SIZE, S_OK, S_UNSUPP};
-use vloop_bench::client::STATUS_UNSET;
-use vloop_bench::daemon::Backend;
-use vloop_bench::{Client, ClientOptions, Request};
+use vloop_frontend::backend::Program as Backend;
+use vloop_frontend::blk::{SECTOR_SIZE, S_OK, S_UNSUPP};
+use vloop_frontend::client::STATUS_UNSET;
+use vloop_frontend::{Client, ClientOptions, Request};
 
 use crate::common::{connect, export, pattern, IMAGE_SIZE};
 
@@ -153,7 +153,7 @@ pub fn unknown_type_is_unsupported(b: Backend) {
     let mut c = connect(e.daemon.socket(), None);
     let q = c.queue(0).unwrap();
     let (scratch, _) = q.scratch();
-    let hdr = vloop_bench::blk::header(vloop_bench::RequestType::Other(0x7777), 0);
+    let hdr = vloop_frontend::blk::header(vloop_frontend::RequestType::Other(0x7777), 0);
     q.mem().write(scratch, &hdr).unwrap();
     q.mem().write(scratch + 64, &[STATUS_UNSET]).unwrap();
     let first = q.raw_desc_base();
