@@ -84,6 +84,10 @@ pub enum EngineKind {
     IoUring,
     /// Blocking preadv/pwritev on the worker thread.
     Blocking,
+    /// No I/O at all: every request completes at once with OK and the image is never read
+    /// or written (reads leave the guest buffers as they were). Measures the cost of the
+    /// vhost-user hop itself, like qemu-storage-daemon's `null-co` driver.
+    Null,
 }
 
 /// Where the daemon listens for its frontend.

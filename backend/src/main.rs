@@ -27,6 +27,9 @@ enum EngineArg {
     IoUring,
     /// Blocking preadv/pwritev.
     Blocking,
+    /// No I/O: complete every request at once without touching the image (measures the
+    /// vhost-user hop alone).
+    Null,
 }
 
 /// Serve a disk image (file or block device) to a QEMU guest as a vhost-user-blk device.
@@ -116,6 +119,7 @@ impl TryFrom<Args> for Cli {
                 EngineArg::Auto => EngineKind::Auto,
                 EngineArg::IoUring => EngineKind::IoUring,
                 EngineArg::Blocking => EngineKind::Blocking,
+                EngineArg::Null => EngineKind::Null,
             },
         };
         config.validate()?;

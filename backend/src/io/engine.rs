@@ -80,6 +80,8 @@ pub enum Engine {
     Uring(Box<Uring>),
     /// Blocking syscalls.
     Blocking,
+    /// No I/O: every op succeeds at once.
+    Null,
 }
 
 impl std::fmt::Debug for Engine {
@@ -94,6 +96,7 @@ impl Engine {
         let entries = entries.clamp(8, 4096).next_power_of_two();
         match kind {
             EngineKind::Blocking => Ok(Engine::Blocking),
+            EngineKind::Null => Ok(Engine::Null),
             EngineKind::IoUring => IoUring::new(entries)
                 .map(|r| Engine::Uring(Box::new(Uring::new(r, entries))))
                 .map_err(EngineError::Uring),
@@ -112,6 +115,7 @@ impl Engine {
         match self {
             Engine::Uring(_) => "io_uring",
             Engine::Blocking => "blocking",
+            Engine::Null => "null",
         }
     }
 
@@ -120,7 +124,7 @@ impl Engine {
     pub fn can_share(&mut self) -> bool {
         match self {
             Engine::Uring(u) => u.helper().is_some(),
-            Engine::Blocking => false,
+            Engine::Blocking | Engine::Null => false,
         }
     }
 
@@ -137,9 +141,18 @@ impl Engine {
                 op.result = Some(finish_blocking(op, 0));
                 true
             }
+            Engine::Null => {
+                op.result = Some(Ok(()));
+                true
+            }
             // SAFETY: forwarded from this function's contract.
             Engine::Uring(u) => unsafe { u.start(id, op, share) },
         }
+    }
+
+    /// True for the engine that does no I/O.
+    pub fn is_null(&self) -> bool {
+        matches!(self, Engine::Null)
     }
 
     /// Hand every started op to the kernel.
@@ -153,7 +166,7 @@ impl Engine {
     pub fn in_flight(&self) -> usize {
         match self {
             Engine::Uring(u) => u.pending + u.helper_pending,
-            Engine::Blocking => 0,
+            Engine::Blocking | Engine::Null => 0,
         }
     }
 
@@ -161,7 +174,7 @@ impl Engine {
     pub fn helper_in_flight(&self) -> usize {
         match self {
             Engine::Uring(u) => u.helper_pending,
-            Engine::Blocking => 0,
+            Engine::Blocking | Engine::Null => 0,
         }
     }
 

@@ -692,7 +692,7 @@ impl Executor {
     /// write completed before it was popped, which is what the guest waited for before
     /// sending it.
     fn run_other(&mut self, req: &mut Req) {
-        if req.status != STATUS_OK {
+        if req.status != STATUS_OK || self.engine.is_null() {
             return;
         }
         let result = match &req.kind {

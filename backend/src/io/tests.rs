@@ -189,6 +189,21 @@ fn blocking_engine_roundtrip() {
 }
 
 #[test]
+fn null_engine_completes_without_touching_the_image() {
+    let mut r = rig_with(MIB, |c| c.engine = crate::config::EngineKind::Null);
+    let mem = memory();
+    assert_eq!(r.ex.engine().name(), "null");
+    assert_eq!(write_sector(&mut r, &mem, 1, 9), OK);
+    assert_file(&r.path, 512, 512, 0);
+    mem.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
+    let (s, used) = rw(&mut r, &mem, VIRTIO_BLK_T_IN, 1, &[(DATA, 512, true)]);
+    assert_eq!((s, used), (OK, 513));
+    // The guest buffer is left as it was.
+    assert_eq!(status(&mem, DATA), 0x5a);
+    assert_eq!(rw(&mut r, &mem, VIRTIO_BLK_T_FLUSH, 0, &[]).0, OK);
+}
+
+#[test]
 fn last_sector_and_one_past() {
     let mut r = rig(64 * 1024);
     let mem = memory();
