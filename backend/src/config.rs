@@ -90,6 +90,17 @@ pub enum EngineKind {
     Null,
 }
 
+/// Whether the image is locked against other users (QEMU's `locking=` option of the file
+/// driver).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Locking {
+    /// Take QEMU-compatible OFD locks; an image whose file system cannot lock is refused.
+    #[default]
+    On,
+    /// Take no locks (the user guarantees nobody else writes the image).
+    Off,
+}
+
 /// Where the daemon listens for its frontend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Listen {
@@ -120,6 +131,8 @@ pub struct Config {
     pub discard: DiscardMode,
     /// I/O engine.
     pub engine: EngineKind,
+    /// Image locking.
+    pub locking: Locking,
 }
 
 impl Config {
@@ -135,6 +148,7 @@ impl Config {
             direct: false,
             discard: DiscardMode::Unmap,
             engine: EngineKind::Auto,
+            locking: Locking::On,
         }
     }
 

@@ -1,14 +1,14 @@
 //! The daemon: a listening socket, one frontend at a time, and a clean exit on request.
 //!
-//! For every connection a fresh [`BlkDevice`] and `VhostUserDaemon` are built (new vrings, new
-//! worker threads, new I/O engines), so nothing from a previous frontend leaks into the next.
-//! When the frontend goes away the workers finish their batch and exit, the image is flushed,
-//! and the daemon waits for the next connection, as qemu-storage-daemon does. A stop request
-//! (SIGINT/SIGTERM in the binary) closes the current connection, lets in-flight requests finish,
-//! flushes the image and returns. A resize request (SIGHUP in the binary) re-reads the image
-//! size, serves it from then on and announces it to the frontend over the backend request
-//! channel (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG), so QEMU re-reads the capacity and tells the
-//! guest.
+//! Each accepted frontend is served by a new [`Connection`]; when it disconnects the workers
+//! finish their pass, the image is flushed, and the daemon waits for the next frontend, as
+//! qemu-storage-daemon does. A failure that belongs to one connection (accept running out of
+//! descriptors, an I/O engine or relay that cannot be set up) ends that connection only. A stop
+//! request (SIGINT/SIGTERM in the binary) ends the current connection whatever its frontend
+//! does, lets in-flight requests finish, flushes the image and returns. A resize request
+//! (SIGHUP in the binary) re-reads the image size, serves it from then on and announces it to
+//! the frontend over the backend request channel (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG), so
+//! QEMU re-reads the capacity and tells the guest.
 
 use std::fs;
 use std::io;
@@ -18,18 +18,19 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tracing::{info, warn};
-use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{Config, Listen};
-use crate::device::{BlkDevice, DeviceError};
+use crate::connection::{Connection, StopConnection};
 use crate::disk::Disk;
-use crate::inflight::Inflight;
+use crate::protocol::BackendChannel;
 use crate::LockUnpoisoned;
+
+/// Pause after a failed accept (e.g. out of descriptors), so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Errors of the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,18 @@ pub enum DaemonError {
     /// The socket path exists and is not a socket.
     #[error("{0} exists and is not a socket: remove it or choose another --socket-path")]
     NotASocket(PathBuf),
+    /// A socket exists at the path and its state cannot be known.
+    #[error(
+        "{path} is a socket whose backend cannot be probed: remove it if no backend uses it, \
+         or choose another --socket-path"
+    )]
+    Unprobeable {
+        /// Socket path.
+        path: PathBuf,
+        /// The connect error.
+        #[source]
+        source: io::Error,
+    },
     /// Binding the socket failed.
     #[error("cannot listen on {path}")]
     Bind {
@@ -61,12 +74,6 @@ pub enum DaemonError {
         #[source]
         source: io::Error,
     },
-    /// The device could not be created.
-    #[error(transparent)]
-    Device(#[from] DeviceError),
-    /// vhost-user-backend refused to start.
-    #[error("vhost-user daemon: {0}")]
-    Vhost(String),
 }
 
 /// Asks a running [`Daemon`] to stop or to adopt a new image size; cheap to clone, safe to
@@ -76,22 +83,20 @@ pub struct StopHandle {
     inner: Arc<StopInner>,
 }
 
+#[derive(Debug)]
 struct StopInner {
     stop: AtomicBool,
     wake: EventFd,
-    current: Mutex<Option<ShutdownHandle>>,
+    /// The connection being served.
+    current: Mutex<Option<Current>>,
     /// The image served, once a daemon runs.
     disk: Mutex<Option<Arc<Disk>>>,
-    /// The connection state (with its backend request channel) of the current frontend.
-    connection: Mutex<Option<Arc<Inflight>>>,
 }
 
-impl std::fmt::Debug for StopInner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StopInner")
-            .field("stop", &self.stop)
-            .finish()
-    }
+#[derive(Debug)]
+struct Current {
+    stop: StopConnection,
+    channel: Arc<BackendChannel>,
 }
 
 impl StopHandle {
@@ -103,18 +108,17 @@ impl StopHandle {
                 wake: EventFd::new(EFD_NONBLOCK)?,
                 current: Mutex::new(None),
                 disk: Mutex::new(None),
-                connection: Mutex::new(None),
             }),
         })
     }
 
-    /// Ask the daemon to stop: the current connection is closed after its in-flight requests,
-    /// the image is flushed and [`Daemon::run`] returns.
+    /// Ask the daemon to stop: the current connection ends after its in-flight requests
+    /// whatever its frontend does, the image is flushed and [`Daemon::run`] returns.
     pub fn stop(&self) {
         self.inner.stop.store(true, Ordering::SeqCst);
         let _ = self.inner.wake.write(1);
-        if let Some(h) = self.inner.current.lock_unpoisoned().as_ref() {
-            h.shutdown();
+        if let Some(c) = self.inner.current.lock_unpoisoned().as_ref() {
+            c.stop.stop();
         }
     }
 
@@ -123,16 +127,17 @@ impl StopHandle {
         self.inner.stop.load(Ordering::SeqCst)
     }
 
-    fn set_current(&self, h: Option<ShutdownHandle>) {
-        *self.inner.current.lock_unpoisoned() = h;
+    fn set_current(&self, c: Option<Current>) {
+        *self.inner.current.lock_unpoisoned() = c;
+        if self.stopped() {
+            if let Some(c) = self.inner.current.lock_unpoisoned().as_ref() {
+                c.stop.stop();
+            }
+        }
     }
 
     fn set_disk(&self, disk: Arc<Disk>) {
         *self.inner.disk.lock_unpoisoned() = Some(disk);
-    }
-
-    fn set_connection(&self, c: Option<Arc<Inflight>>) {
-        *self.inner.connection.lock_unpoisoned() = c;
     }
 
     /// Re-read the image size and serve it from now on (requests past a smaller end fail
@@ -160,12 +165,17 @@ impl StopHandle {
                 return;
             }
         }
-        let connection = self.inner.connection.lock_unpoisoned().clone();
-        let Some(connection) = connection else {
+        let channel = self
+            .inner
+            .current
+            .lock_unpoisoned()
+            .as_ref()
+            .map(|c| c.channel.clone());
+        let Some(channel) = channel else {
             info!("no frontend connected: the next one sees the new size");
             return;
         };
-        match connection.backend_channel().config_changed() {
+        match channel.config_changed() {
             Ok(true) => info!("config change announced to the frontend"),
             Ok(false) => warn!(
                 "the frontend set up no backend request channel: the guest sees the new size \
@@ -192,7 +202,12 @@ pub fn stop_on_signals(handle: StopHandle) -> io::Result<()> {
             match set.wait() {
                 Ok(Signal::SIGHUP) => {
                     info!("SIGHUP received: re-reading the image size");
-                    handle.resize();
+                    // The announcement may wait for the frontend: not on this thread, which
+                    // must stay free for SIGTERM.
+                    let h = handle.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("resize".into())
+                        .spawn(move || h.resize());
                 }
                 Ok(sig) => {
                     info!("{sig:?} received: finishing in-flight requests and exiting");
@@ -229,42 +244,56 @@ impl Drop for BoundSocket {
     }
 }
 
+/// Whether the socket at `path` is stale (nobody listens). Only a refused connection says so:
+/// any other error (a socket we may not connect to, say) leaves its state unknown.
+fn check_existing(path: &Path) -> Result<(), DaemonError> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
+            Ok(_) => Err(DaemonError::SocketInUse(path.to_path_buf())),
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                warn!("replacing stale socket {}", path.display());
+                Ok(())
+            }
+            Err(source) => Err(DaemonError::Unprobeable {
+                path: path.to_path_buf(),
+                source,
+            }),
+        },
+        Ok(_) => Err(DaemonError::NotASocket(path.to_path_buf())),
+        Err(_) => Ok(()),
+    }
+}
+
 /// Bind the listening socket described by `listen`.
 ///
-/// A socket path that exists is replaced when it is a stale socket (nobody accepts on it) and
-/// refused when a process still listens there. The new socket is made mode 0600.
+/// A socket path that exists is replaced when it is a stale socket (a connection to it is
+/// refused) and refused otherwise. The socket is created mode 0600 in a private directory
+/// beside the path and renamed into place, so it never exists with a looser mode.
 pub fn bind(listen: &Listen) -> Result<BoundSocket, DaemonError> {
     match listen {
         Listen::SocketPath(path) => {
-            match fs::symlink_metadata(path) {
-                Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
-                    Ok(_) => return Err(DaemonError::SocketInUse(path.clone())),
-                    Err(_) => {
-                        warn!("replacing stale socket {}", path.display());
-                        fs::remove_file(path).map_err(|source| DaemonError::Bind {
-                            path: path.clone(),
-                            source,
-                        })?;
-                    }
-                },
-                Ok(_) => return Err(DaemonError::NotASocket(path.clone())),
-                Err(_) => {}
-            }
-            let listener = UnixListener::bind(path).map_err(|source| DaemonError::Bind {
+            let bind_err = |source| DaemonError::Bind {
                 path: path.clone(),
                 source,
-            })?;
-            let bound = BoundSocket {
+            };
+            check_existing(path)?;
+            let parent = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            let dir = tempfile::Builder::new()
+                .prefix(".vloop-blk-")
+                .tempdir_in(&parent)
+                .map_err(bind_err)?;
+            let tmp = dir.path().join("s");
+            let listener = UnixListener::bind(&tmp).map_err(bind_err)?;
+            // The private directory is ours alone: no symlink can stand in for `tmp`.
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+            fs::rename(&tmp, path).map_err(bind_err)?;
+            Ok(BoundSocket {
                 listener,
                 path: Some(path.clone()),
-            };
-            fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|source| {
-                DaemonError::Bind {
-                    path: path.clone(),
-                    source,
-                }
-            })?;
-            Ok(bound)
+            })
         }
         Listen::Fd(fd) => {
             let fd = *fd;
@@ -295,29 +324,6 @@ pub fn bind(listen: &Listen) -> Result<BoundSocket, DaemonError> {
     }
 }
 
-/// A listener in a fresh directory only this user can enter, with one connection to it
-/// pending; the socket file and the directory are gone when this returns.
-fn private_pair() -> io::Result<(Listener, UnixStream)> {
-    use std::os::unix::fs::DirBuilderExt;
-    use std::sync::atomic::AtomicU32;
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "vloop-blk-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = fs::remove_dir_all(&dir);
-    fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    let path = dir.join("relay.sock");
-    let pair = UnixListener::bind(&path).and_then(|l| {
-        let c = UnixStream::connect(&path)?;
-        Ok((Listener::from(l), c))
-    });
-    let _ = fs::remove_file(&path);
-    let _ = fs::remove_dir(&dir);
-    pair
-}
-
 /// Serves one image on one listening socket until stopped.
 #[derive(Debug)]
 pub struct Daemon {
@@ -325,17 +331,6 @@ pub struct Daemon {
     disk: Arc<Disk>,
     socket: BoundSocket,
     stop: StopHandle,
-}
-
-fn is_disconnect(e: &vhost_user_backend::Error) -> bool {
-    matches!(
-        e,
-        vhost_user_backend::Error::HandleRequest(
-            VhostUserError::Disconnected
-                | VhostUserError::PartialMessage
-                | VhostUserError::SocketBroken(_)
-        )
-    )
 }
 
 impl Daemon {
@@ -389,61 +384,42 @@ impl Daemon {
         }
     }
 
-    /// Serve one connection from accept to disconnect.
-    fn serve_one(&self) -> Result<(), DaemonError> {
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let device = Arc::new(BlkDevice::new(
-            self.disk.clone(),
-            &self.config,
-            mem.clone(),
-        )?);
-        let mut daemon = VhostUserDaemon::new("vloop-blk".into(), device.clone(), mem)
-            .map_err(|e| DaemonError::Vhost(e.to_string()))?;
-        let (outer, _) = self
-            .socket
-            .listener
-            .accept()
-            .map_err(|source| DaemonError::Io {
-                what: "accept",
-                source,
-            })?;
-        // vhost-user-backend gets the other end of a private relay that adds inflight I/O
-        // tracking (crate::inflight).
-        let (mut listener, inner) = private_pair().map_err(|source| DaemonError::Io {
-            what: "creating the vhost-user relay socket",
-            source,
-        })?;
-        daemon
-            .start(&mut listener)
-            .map_err(|e| DaemonError::Vhost(e.to_string()))?;
-        drop(listener);
-        let relay =
-            crate::inflight::relay(outer, inner, device.inflight().clone()).map_err(|source| {
-                DaemonError::Io {
-                    what: "starting the vhost-user relay",
-                    source,
-                }
-            })?;
-        self.stop.set_current(daemon.shutdown_handle());
-        self.stop.set_connection(Some(device.inflight().clone()));
-        if self.stop.stopped() {
-            daemon.request_shutdown();
+    /// Accept and serve one connection until it ends; a failure is that connection's only.
+    fn serve_one(&self) {
+        let stream = match self.socket.listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                warn!("accepting a frontend failed: {e}");
+                std::thread::sleep(ACCEPT_BACKOFF);
+                return;
+            }
+        };
+        let conn = match Connection::start(stream, self.disk.clone(), &self.config) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("cannot serve the frontend: {e:#}");
+                std::thread::sleep(ACCEPT_BACKOFF);
+                return;
+            }
+        };
+        match conn.stopper() {
+            Ok(stop) => self.stop.set_current(Some(Current {
+                stop,
+                channel: conn.backend_channel().clone(),
+            })),
+            Err(e) => {
+                warn!("cannot serve the frontend: {e}");
+                return;
+            }
         }
         info!("frontend connected");
-        let result = daemon.wait();
+        let ended = conn.wait();
         self.stop.set_current(None);
-        self.stop.set_connection(None);
-        // Dropping the daemon stops the workers after their current batch.
-        drop(daemon);
-        for t in relay {
-            let _ = t.join();
+        match ended.error {
+            None => info!("frontend disconnected"),
+            Some(e) => warn!("connection ended: {e}"),
         }
-        let s = device.stats();
-        match result {
-            Ok(()) => info!("frontend disconnected"),
-            Err(e) if is_disconnect(&e) => info!("frontend disconnected"),
-            Err(e) => warn!("connection ended: {e}"),
-        }
+        let s = ended.stats;
         info!(
             "{} requests ({} failed) in {} batches, {} bytes read, {} bytes written",
             s.requests, s.errors, s.batches, s.bytes_read, s.bytes_written
@@ -451,7 +427,6 @@ impl Daemon {
         if let Err(e) = self.disk.flush() {
             warn!("flushing the image after the connection failed: {e}");
         }
-        Ok(())
     }
 
     /// Serve frontends one after another until stopped; then flush the image.
@@ -461,7 +436,7 @@ impl Daemon {
             None => info!("listening on the socket passed as --fd"),
         }
         while self.wait_for_connection()? {
-            self.serve_one()?;
+            self.serve_one();
         }
         self.disk.flush().map_err(|source| DaemonError::Io {
             what: "flushing the image on exit",

@@ -1,22 +1,26 @@
-//! The virtio-blk device as vhost-user-backend sees it: features, config space, and one worker
-//! thread per queue that runs that queue's [`Executor`].
+//! The virtio-blk device as vhost-user-backend sees it, for one frontend connection: features
+//! and config space ([`crate::virtio_blk`]), and one worker thread per queue that runs that
+//! queue's [`Executor`] whenever the queue is kicked.
+//!
+//! State that belongs to the connection lives here and starts afresh with each frontend: the
+//! driver's write-cache setting, the negotiated features, the inflight region, which queues a
+//! broken ring stopped. A queue whose ring is broken (an available index far ahead of the used
+//! one, rings outside guest memory) stops, as the specification's DEVICE_NEEDS_RESET would have
+//! it, with one log line; the other queues and the daemon go on. Guest memory is seen through
+//! the device's own map, swapped in only after its ranges are guarded ([`crate::fault`]); a
+//! fault in it ends the connection.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tracing::{debug, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringMutex, VringState, VringT};
-use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
-    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
-    VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
-};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -24,18 +28,15 @@ use vmm_sys_util::event::{
 
 use crate::config::{Config, DiscardMode};
 use crate::disk::Disk;
-use crate::inflight::Inflight;
-use crate::io::{EngineError, Executor, GuestMem, RateLimiter, Stats};
-use crate::request::SECTOR_SHIFT;
+use crate::fault;
+use crate::inflight::{resubmit, Inflight};
+use crate::io::{EngineError, Executor, GuestMem, RateLimiter, Stats, Tracker};
+use crate::virtio_blk::{self, Offer};
 use crate::LockUnpoisoned;
 
-/// Size of the config space we define (up to and including `write_zeroes_may_unmap` and its
-/// padding, virtio 1.2 `struct virtio_blk_config` without the secure-erase and zoned parts).
-pub const CONFIG_LEN: usize = 60;
-/// Offset of the `wce` (writeback) byte in the config space.
-pub const CONFIG_WCE_OFFSET: usize = 32;
-/// The vhost-user config window: GET_CONFIG ranges must end inside it.
-pub const VHOST_USER_CONFIG_SIZE: u32 = 0x1000;
+/// Times in a row the available ring may report new requests that a pass then does not find
+/// before the queue counts as broken (a ring whose indices contradict each other).
+const EMPTY_PASSES_MAX: u32 = 64;
 
 /// Errors creating a device.
 #[derive(Debug, thiserror::Error)]
@@ -56,18 +57,38 @@ pub enum DeviceError {
 
 type Vring = VringMutex<GuestMemoryAtomic<GuestMem>>;
 
+/// A guest memory map and the fault guard of its ranges, which lives as long as the map.
+struct GuardedMem {
+    mem: GuestMem,
+    _guard: Option<fault::Registration>,
+}
+
+/// Called when the connection must end (guest memory faulted).
+pub type Hangup = Box<dyn Fn() + Send + Sync>;
+
 /// A vhost-user-blk device serving one [`Disk`] for one frontend connection.
 pub struct BlkDevice {
     disk: Arc<Disk>,
     num_queues: u16,
     queue_size: u16,
-    mem: GuestMemoryAtomic<GuestMem>,
+    /// Guest memory as the workers see it: swapped after its ranges are guarded, and guarded
+    /// as long as a worker holds it.
+    mem: Mutex<Arc<GuardedMem>>,
     event_idx: AtomicBool,
     acked_features: AtomicU64,
+    /// The driver's write cache mode (`wce`), shared by this connection's executors.
+    writeback: Arc<AtomicBool>,
     workers: Vec<Mutex<Executor>>,
+    /// Per queue: a broken ring stopped it.
+    broken: Vec<AtomicBool>,
     exits: Vec<(EventConsumer, EventNotifier)>,
     limiter: Mutex<RateLimiter>,
     inflight: Arc<Inflight>,
+    memory_owner: fault::Owner,
+    memory_faulted: AtomicBool,
+    /// The connection is ending: workers return after their current pass.
+    stopping: AtomicBool,
+    hangup: Mutex<Option<Hangup>>,
     /// Exit-event consumers handed to vhost-user-backend. Its `VringEpollHandler` (0.24)
     /// registers them with `into_raw_fd()` and never closes them, which would leak one
     /// descriptor per queue per connection; the device closes them when it is dropped, which
@@ -100,66 +121,23 @@ impl std::fmt::Debug for BlkDevice {
     }
 }
 
-/// The virtio and vhost-user feature bits offered for `disk`.
-pub fn device_features(disk: &Disk) -> u64 {
-    let mut f = 1u64 << VIRTIO_F_VERSION_1
-        | 1 << VIRTIO_RING_F_EVENT_IDX
-        | 1 << VIRTIO_RING_F_INDIRECT_DESC
-        | 1 << VIRTIO_BLK_F_SIZE_MAX
-        | 1 << VIRTIO_BLK_F_SEG_MAX
-        | 1 << VIRTIO_BLK_F_BLK_SIZE
-        | 1 << VIRTIO_BLK_F_TOPOLOGY
-        | 1 << VIRTIO_BLK_F_FLUSH
-        | 1 << VIRTIO_BLK_F_CONFIG_WCE
-        | 1 << VIRTIO_BLK_F_MQ
-        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-    if disk.limits().read_only {
-        f |= 1 << VIRTIO_BLK_F_RO;
-    } else {
-        f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
-    }
-    f
-}
-
-/// The config space (`struct virtio_blk_config`, little endian) for `disk` with `num_queues`.
-pub fn config_space(disk: &Disk, num_queues: u16) -> [u8; CONFIG_LEN] {
-    let l = disk.limits();
-    let mut c = [0u8; CONFIG_LEN];
-    let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
-    put(0, &l.capacity.to_le_bytes());
-    put(8, &l.size_max.to_le_bytes());
-    put(12, &l.seg_max.to_le_bytes());
-    // 16..20: geometry, not offered.
-    put(20, &l.logical_block_size.to_le_bytes());
-    // 24 physical_block_exp = 0, 25 alignment_offset = 0.
-    put(26, &1u16.to_le_bytes()); // min_io_size: one logical block.
-                                  // 28..32 opt_io_size = 0.
-    put(CONFIG_WCE_OFFSET, &[u8::from(disk.writeback())]);
-    put(34, &num_queues.to_le_bytes());
-    let align = (l.logical_block_size >> SECTOR_SHIFT).max(1);
-    put(36, &l.max_discard_sectors.to_le_bytes());
-    put(40, &l.max_discard_seg.to_le_bytes());
-    put(44, &align.to_le_bytes());
-    put(48, &l.max_write_zeroes_sectors.to_le_bytes());
-    put(52, &l.max_write_zeroes_seg.to_le_bytes());
-    put(56, &[u8::from(disk.discard_mode() == DiscardMode::Unmap)]);
-    c
-}
-
 impl BlkDevice {
-    /// A device for one connection: one executor (and I/O engine) per queue.
+    /// A device for one connection: one executor (and I/O engine) per queue, reporting to
+    /// `inflight`.
     pub fn new(
         disk: Arc<Disk>,
         config: &Config,
-        mem: GuestMemoryAtomic<GuestMem>,
+        inflight: Arc<Inflight>,
     ) -> Result<BlkDevice, DeviceError> {
         let mut workers = Vec::new();
         let mut exits = Vec::new();
         let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let writeback = Arc::new(AtomicBool::new(true));
         for q in 0..config.num_queues {
             let mut ex = Executor::new(disk.clone(), q, config.engine, config.queue_size)
                 .map_err(|source| DeviceError::Engine { queue: q, source })?;
             ex.count_load_in(busy.clone());
+            ex.share_write_cache(writeback.clone());
             if q == 0 {
                 debug!("I/O engine: {}", ex.engine().name());
             }
@@ -173,18 +151,40 @@ impl BlkDevice {
             disk,
             num_queues: config.num_queues,
             queue_size: config.queue_size,
-            mem,
+            mem: Mutex::new(Arc::new(GuardedMem {
+                mem: GuestMem::new(),
+                _guard: None,
+            })),
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
+            writeback,
             workers,
+            broken: (0..config.num_queues)
+                .map(|_| AtomicBool::new(false))
+                .collect(),
             exits,
             limiter: Mutex::new(RateLimiter::new(crate::io::WARNINGS_PER_SECOND)),
-            inflight: Arc::new(Inflight::new(config.num_queues, config.queue_size)),
+            inflight,
+            memory_owner: fault::Owner::default(),
+            memory_faulted: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            hangup: Mutex::new(None),
             leaked_exit_fds: Mutex::new(Vec::new()),
         })
     }
 
-    /// The inflight tracking state of this connection (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD).
+    /// The connection is ending: every worker returns after its current pass and takes no
+    /// more requests.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// What to call when the connection must end because guest memory faulted.
+    pub fn set_hangup(&self, hangup: Hangup) {
+        *self.hangup.lock_unpoisoned() = Some(hangup);
+    }
+
+    /// The inflight tracking state of this connection.
     pub fn inflight(&self) -> &Arc<Inflight> {
         &self.inflight
     }
@@ -202,50 +202,114 @@ impl BlkDevice {
         &self.disk
     }
 
+    /// The driver's write cache mode: true for writeback.
+    pub fn writeback(&self) -> bool {
+        self.writeback.load(Ordering::Relaxed)
+    }
+
+    /// Whether a broken ring stopped queue `queue`.
+    pub fn is_stopped(&self, queue: u16) -> bool {
+        self.broken
+            .get(usize::from(queue))
+            .is_some_and(|b| b.load(Ordering::Relaxed))
+    }
+
     /// Counters summed over all queues.
     pub fn stats(&self) -> Stats {
         let mut s = Stats::default();
         for w in &self.workers {
-            let w = w.lock_unpoisoned().stats();
-            s.requests += w.requests;
-            s.errors += w.errors;
-            s.batches += w.batches;
-            s.bytes_read += w.bytes_read;
-            s.bytes_written += w.bytes_written;
+            s += w.lock_unpoisoned().stats();
         }
         s
     }
 
     fn warn_limited(&self, msg: std::fmt::Arguments<'_>) {
         let mut l = self.limiter.lock_unpoisoned();
-        if l.allow().is_some() {
+        if let Some(suppressed) = l.allow() {
+            if suppressed > 0 {
+                warn!("{suppressed} similar messages suppressed");
+            }
             warn!("{msg}");
         }
     }
 
-    /// Drain one vring: batches until the queue is empty (with EVENT_IDX, until no new request
-    /// arrived while notifications were off).
-    fn drain(&self, vring: &Vring, worker: &mut Executor) -> io::Result<()> {
-        let mem = self.mem.memory();
+    /// Stop `queue` for good: its ring cannot be trusted.
+    fn stop_queue(&self, queue: u16, why: std::fmt::Arguments<'_>) {
+        if let Some(b) = self.broken.get(usize::from(queue)) {
+            if !b.swap(true, Ordering::Relaxed) {
+                warn!("queue {queue} stopped (the driver must reset the device): {why}");
+            }
+        }
+    }
+
+    /// Guest memory faulted: end the connection (once).
+    fn memory_fault(&self) {
+        if self.memory_faulted.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        warn!(
+            "guest memory shrank under the mapping (the frontend truncated its memory file): \
+             closing the connection"
+        );
+        for q in 0..self.num_queues {
+            if let Some(b) = self.broken.get(usize::from(q)) {
+                b.store(true, Ordering::Relaxed);
+            }
+        }
+        if let Some(h) = self.hangup.lock_unpoisoned().as_ref() {
+            h();
+        }
+    }
+
+    /// Drain one vring: passes until the queue is empty (with EVENT_IDX, until no new request
+    /// arrived while notifications were off). A ring error stops the queue.
+    fn drain(&self, vring: &Vring, worker: &mut Executor) {
+        let queue = worker.queue();
+        if self.is_stopped(queue) || self.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let guarded = self.mem.lock_unpoisoned().clone();
+        let mem = &guarded.mem;
         let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let mut empty_passes = 0;
         loop {
             let mut state = vring.get_mut();
             if event_idx {
-                if let Err(e) = state.disable_notification() {
-                    self.warn_limited(format_args!("cannot disable notifications: {e}"));
-                    return Ok(());
+                if let Err(e) = state.get_queue_mut().disable_notification(mem) {
+                    self.stop_queue(queue, format_args!("cannot disable notifications: {e}"));
+                    return;
                 }
             }
-            self.process(&mut state, worker, &mem)?;
-            if !event_idx {
-                return Ok(());
+            let before = worker.stats().requests;
+            if let Err(e) = self.process(&mut state, worker, mem) {
+                self.stop_queue(queue, format_args!("{e}"));
+                return;
             }
-            match state.enable_notification() {
+            if self.memory_owner.faulted() {
+                self.memory_fault();
+                return;
+            }
+            if !event_idx || self.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            empty_passes = if worker.stats().requests == before {
+                empty_passes + 1
+            } else {
+                0
+            };
+            match state.get_queue_mut().enable_notification(mem) {
+                Ok(true) if empty_passes >= EMPTY_PASSES_MAX => {
+                    self.stop_queue(
+                        queue,
+                        format_args!("the available ring announces requests it does not hold"),
+                    );
+                    return;
+                }
                 Ok(true) => continue,
-                Ok(false) => return Ok(()),
+                Ok(false) => return,
                 Err(e) => {
-                    self.warn_limited(format_args!("cannot enable notifications: {e}"));
-                    return Ok(());
+                    self.stop_queue(queue, format_args!("cannot enable notifications: {e}"));
+                    return;
                 }
             }
         }
@@ -256,45 +320,39 @@ impl BlkDevice {
         state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
         worker: &mut Executor,
         mem: &GuestMem,
-    ) -> io::Result<()> {
-        let region = self.inflight.region();
-        let track = region.as_ref().and_then(|r| r.queue(worker.queue()));
-        let mut resubmitted = 0;
-        if let Some(t) = &track {
-            if self.inflight.take_recovery(worker.queue()) {
-                match crate::inflight::resubmit(state.get_queue_mut(), mem, worker, t) {
-                    Ok(n) => resubmitted = n,
-                    Err(e) => {
-                        self.warn_limited(format_args!("resubmitting in-flight requests: {e}"))
-                    }
-                }
-            }
-        }
-        let tracked = track.as_ref().map(|t| (t, &*self.inflight));
-        // The call eventfd stays open while this thread holds the vring's lock (`state`).
+    ) -> Result<(), virtio_queue::Error> {
+        let tracker = self.inflight.tracker(worker.queue());
+        // The call eventfd stays open while this thread holds the vring's lock (`state`); the
+        // relay made it non-blocking.
         let call = state.get_call().as_ref().map(|c| c.as_raw_fd());
-        let mut signalled = false;
-        let mut signal = || {
-            signalled = true;
+        let signal = |warn: &dyn Fn(std::fmt::Arguments<'_>)| {
             tracing::trace!("signal used queue");
             if let Some(fd) = call {
                 // SAFETY: `fd` is the vring's call eventfd, kept open by the vring state that
                 // is locked for this whole call.
-                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-                if let Err(e) = nix::unistd::write(fd, &1u64.to_ne_bytes()) {
-                    self.warn_limited(format_args!("cannot notify the guest: {e}"));
+                let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+                match nix::unistd::write(fd, &1u64.to_ne_bytes()) {
+                    // A counter at its maximum is signalled already.
+                    Ok(_) | Err(nix::errno::Errno::EAGAIN) => {}
+                    Err(e) => warn(format_args!("cannot notify the guest: {e}")),
                 }
             }
         };
-        let result = worker.process_queue_tracked(state.get_queue_mut(), mem, tracked, &mut signal);
-        if let Err(e) = result {
-            // A broken ring is the guest's problem; keep the thread alive.
-            self.warn_limited(format_args!("virtqueue error: {e}"));
+        let warn = |m: std::fmt::Arguments<'_>| self.warn_limited(m);
+        if let Some(t) = &tracker {
+            if self.inflight.take_recovery(worker.queue()) {
+                if let Some(q) = t.state() {
+                    if let Err(e) = resubmit(state.get_queue_mut(), mem, worker, &q) {
+                        self.warn_limited(format_args!("resubmitting in-flight requests: {e}"));
+                    }
+                }
+                // Whatever the previous backend completed, and what was resubmitted now,
+                // reaches the guest.
+                signal(&warn);
+            }
         }
-        if resubmitted > 0 && !signalled {
-            state.signal_used_queue()?;
-        }
-        Ok(())
+        let tracker = tracker.as_ref().map(|t| t as &dyn Tracker);
+        worker.process_queue_tracked(state.get_queue_mut(), mem, tracker, &mut || signal(&warn))
     }
 }
 
@@ -311,7 +369,7 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn features(&self) -> u64 {
-        device_features(&self.disk)
+        virtio_blk::features(&self.disk.limits())
     }
 
     fn acked_features(&self, features: u64) {
@@ -333,39 +391,27 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let Some(end) = offset.checked_add(size) else {
-            return Vec::new();
+        let offer = Offer {
+            num_queues: self.num_queues,
+            writeback: self.writeback(),
+            may_unmap: self.disk.discard_mode() == DiscardMode::Unmap,
         };
-        if end > VHOST_USER_CONFIG_SIZE {
-            return Vec::new();
-        }
-        let cfg = config_space(&self.disk, self.num_queues);
-        // Bytes past the fields we define read as zero, like reserved config fields.
-        let mut out = vec![0u8; size as usize];
-        let start = offset as usize;
-        if start < CONFIG_LEN {
-            let n = (CONFIG_LEN - start).min(out.len());
-            out[..n].copy_from_slice(&cfg[start..start + n]);
-        }
-        out
+        let space = virtio_blk::config_space(&self.disk.limits(), &offer);
+        virtio_blk::read_config(&space, offset, size).unwrap_or_default()
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        let start = offset as usize;
-        let end = start
-            .checked_add(buf.len())
-            .filter(|e| *e <= VHOST_USER_CONFIG_SIZE as usize)
-            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let wce = virtio_blk::written_wce(offset, buf)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         // Only `wce` is writable, and only when CONFIG_WCE was negotiated.
         let wce_acked =
             self.acked_features.load(Ordering::Relaxed) & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0;
-        if (start..end).contains(&CONFIG_WCE_OFFSET) && wce_acked {
-            let on = buf[CONFIG_WCE_OFFSET - start] != 0;
+        if let (Some(on), true) = (wce, wce_acked) {
             debug!(
                 "guest set the write cache to {}",
                 if on { "writeback" } else { "writethrough" }
             );
-            self.disk.set_writeback(on);
+            self.writeback.store(on, Ordering::Relaxed);
             if !on {
                 // Everything written so far becomes durable now.
                 self.disk.flush()?;
@@ -374,8 +420,18 @@ impl VhostUserBackend for BlkDevice {
         Ok(())
     }
 
-    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
-        // The daemon shares `self.mem` with the handler, which has already swapped the map.
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
+        let snapshot: GuestMem = (*mem.memory()).clone();
+        let ranges: Vec<(usize, usize)> = snapshot
+            .iter()
+            .map(|r| (r.as_ptr() as usize, r.len() as usize))
+            .collect();
+        // Guarded first, seen by the workers second.
+        let guard = self.memory_owner.register(ranges);
+        *self.mem.lock_unpoisoned() = Arc::new(GuardedMem {
+            mem: snapshot,
+            _guard: Some(guard),
+        });
         Ok(())
     }
 
@@ -410,6 +466,139 @@ impl VhostUserBackend for BlkDevice {
         };
         tracing::trace!(queue = thread_id, "kick");
         let mut worker = worker.lock_unpoisoned();
-        self.drain(vring, &mut worker)
+        self.drain(vring, &mut worker);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::RawFd;
+
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_RO};
+
+    use super::*;
+    use crate::virtio_blk::CONFIG_LEN;
+
+    const MIB: u64 = 1 << 20;
+
+    fn device(size: u64, tweak: impl FnOnce(&mut Config)) -> (tempfile::TempDir, BlkDevice) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+        let mut cfg = Config::new(&path);
+        tweak(&mut cfg);
+        let disk = Arc::new(Disk::open(&cfg).unwrap());
+        let inflight = Arc::new(Inflight::new(cfg.num_queues, cfg.queue_size));
+        let dev = BlkDevice::new(disk, &cfg, inflight).unwrap();
+        (dir, dev)
+    }
+
+    #[test]
+    fn get_config_honours_offset_and_size() {
+        let (_d, dev) = device(8 * MIB, |c| c.num_queues = 4);
+        let all = dev.get_config(0, CONFIG_LEN as u32);
+        assert_eq!(all.len(), CONFIG_LEN);
+        assert_eq!(
+            u64::from_le_bytes(all[0..8].try_into().unwrap()),
+            8 * MIB / 512
+        );
+        assert_eq!(u32::from_le_bytes(all[20..24].try_into().unwrap()), 512);
+        assert_eq!(u16::from_le_bytes(all[34..36].try_into().unwrap()), 4);
+        assert_eq!(all[32], 1, "writeback by default");
+        assert_eq!(
+            u32::from_le_bytes(all[40..44].try_into().unwrap()),
+            1,
+            "one segment"
+        );
+        assert_eq!(all[56], 1, "write zeroes may unmap");
+        for (off, len) in [(1u32, 7u32), (3, 1), (34, 2), (59, 1), (13, 40)] {
+            let part = dev.get_config(off, len);
+            assert_eq!(
+                part,
+                all[off as usize..(off + len) as usize],
+                "offset {off} size {len}"
+            );
+        }
+        // Past our fields: zeroes; past the vhost-user window or overflowing: empty.
+        let tail = dev.get_config(50, 20);
+        assert_eq!(&tail[..10], &all[50..60]);
+        assert!(tail[10..].iter().all(|&b| b == 0));
+        assert_eq!(dev.get_config(200, 8), vec![0u8; 8]);
+        assert!(dev.get_config(0xfff, 2).is_empty());
+        assert!(dev.get_config(u32::MAX, 2).is_empty());
+        assert!(dev.get_config(2, u32::MAX).is_empty());
+        assert_eq!(dev.get_config(7, 0), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn features_and_a_write_cache_of_the_connection() {
+        let (_d, dev) = device(MIB, |_| {});
+        let f = dev.features();
+        assert_ne!(f & (1 << VIRTIO_BLK_F_DISCARD), 0);
+        assert_eq!(f & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_eq!(dev.queues_per_thread(), vec![1]);
+        // wce is ignored until CONFIG_WCE is negotiated, then switches to writethrough.
+        dev.set_config(32, &[0]).unwrap();
+        assert!(dev.writeback());
+        dev.acked_features(1 << VIRTIO_BLK_F_CONFIG_WCE);
+        dev.set_config(32, &[0]).unwrap();
+        assert!(!dev.writeback());
+        assert_eq!(dev.get_config(32, 1), vec![0]);
+        assert!(dev
+            .workers
+            .iter()
+            .all(|w| w.lock_unpoisoned().write_through()));
+        dev.set_config(30, &[0, 0, 1]).unwrap();
+        assert!(dev.writeback());
+        assert!(dev.set_config(0xfff, &[0, 0]).is_err());
+        // The next connection's device starts with the default again, on the same disk.
+        dev.set_config(32, &[0]).unwrap();
+        let cfg = Config::new(dev.disk().path());
+        let next = BlkDevice::new(
+            dev.disk().clone(),
+            &cfg,
+            Arc::new(Inflight::new(1, cfg.queue_size)),
+        )
+        .unwrap();
+        assert!(next.writeback());
+        assert_eq!(next.get_config(32, 1), vec![1]);
+
+        let (_d, ro) = device(MIB, |c| c.read_only = true);
+        let f = ro.features();
+        assert_ne!(f & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_eq!(f & (1 << VIRTIO_BLK_F_DISCARD), 0);
+        let (_d, dev16) = device(MIB, |c| c.num_queues = 16);
+        assert_eq!(dev16.num_queues(), 16);
+        assert_eq!(dev16.queues_per_thread().len(), 16);
+    }
+
+    fn is_open(fd: RawFd) -> bool {
+        // SAFETY: F_GETFD only asks about the descriptor number.
+        unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+    }
+
+    /// vhost-user-backend 0.24 takes the exit-event consumers with `into_raw_fd()` and never
+    /// closes them; the device closes them itself when it is dropped. This test fails when an
+    /// upgrade of the library stops leaking them, so that the device's workaround (which
+    /// would then close descriptors it no longer owns) is removed with the upgrade.
+    #[test]
+    fn the_library_still_leaks_exit_events_and_the_device_closes_them() {
+        let (_d, dev) = device(MIB, |c| c.num_queues = 2);
+        let dev = Arc::new(dev);
+        let mem = GuestMemoryAtomic::new(GuestMem::new());
+        let daemon =
+            vhost_user_backend::VhostUserDaemon::new("t".into(), dev.clone(), mem).unwrap();
+        let fds = dev.leaked_exit_fds.lock_unpoisoned().clone();
+        assert_eq!(fds.len(), 2, "one exit event registered per worker thread");
+        drop(daemon);
+        assert!(
+            fds.iter().all(|&fd| is_open(fd)),
+            "vhost-user-backend now closes its exit-event descriptors: remove the device's \
+             leaked_exit_fds workaround"
+        );
+        // Their closing, at the device's drop, is checked by the daemon tests that count a
+        // process's descriptors across connections (numbers are reused across threads here).
+        assert_eq!(Arc::strong_count(&dev), 1);
     }
 }

@@ -1,8 +1,8 @@
-//! The served image: an open, locked file or block device with its size, serial and the
-//! operations that are not plain reads and writes (flush, discard, write zeroes).
+//! The served image: an open, locked file or block device with its size, serial, request
+//! limits and flush state.
 //!
 //! One [`Disk`] is shared by every worker thread and every frontend connection; it holds no
-//! lock on the data path (all operations are positional syscalls on a shared fd).
+//! lock on the data path (the I/O layer issues positional operations on its fds).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -10,23 +10,16 @@ use std::ops::Deref;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use tracing::{info, warn};
 
-use crate::config::{Config, DiscardMode, SERIAL_LEN};
+use crate::config::{Config, DiscardMode, Locking, SERIAL_LEN};
 use crate::lock::{lock_image, LockError, LockMode};
-use crate::request::{Limits, Segment, SECTOR_SHIFT, SECTOR_SIZE};
-
-/// Largest length of one data descriptor (`size_max`).
-pub const SIZE_MAX: u32 = 1 << 20;
-/// Largest sectors per discard / write-zeroes segment (2 GiB, a multiple of every block size).
-pub const MAX_DWZ_SECTORS: u32 = 1 << 22;
-/// Largest discard / write-zeroes segments per request.
-pub const MAX_DWZ_SEG: u32 = 64;
+use crate::request::{Limits, SECTOR_SHIFT, SECTOR_SIZE};
+use crate::virtio_blk::{MAX_DWZ_SECTORS, MAX_DWZ_SEG, SIZE_MAX};
 
 nix::ioctl_read!(blk_getsize64, 0x12, 114, u64);
-nix::ioctl_write_ptr_bad!(blk_discard, nix::request_code_none!(0x12, 119), [u64; 2]);
 
 /// Errors opening an image.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +57,12 @@ pub enum DiskError {
         /// Logical block size.
         block: u32,
     },
+    /// The file system cannot lock the image.
+    #[error(
+        "cannot lock {0}: its file system does not support OFD locks; serve it with \
+         --locking off if nothing else can write it"
+    )]
+    LockUnsupported(PathBuf),
     /// The image is in use.
     #[error("cannot lock {path}")]
     Lock {
@@ -135,8 +134,6 @@ pub struct Disk {
     limits: Limits,
     discard: DiscardMode,
     direct: bool,
-    /// Write cache enabled (writeback); when false every write is O_DSYNC.
-    writeback: AtomicBool,
     /// errno of a failed fdatasync on a buffered image: after one, every flush fails (the page
     /// cache may have dropped dirty pages, so nothing is known to be on disk any more).
     flush_poisoned: AtomicI32,
@@ -206,18 +203,22 @@ impl Disk {
         } else {
             LockMode::ReadWrite
         };
-        match lock_image(&file, mode) {
-            Ok(true) => {}
-            Ok(false) => warn!(
-                "{}: the file system does not support OFD locks; serving the image unlocked",
+        match config.locking {
+            Locking::On => match lock_image(&file, mode) {
+                Ok(true) => {}
+                Ok(false) => return Err(DiskError::LockUnsupported(path)),
+                Err(source) => {
+                    return Err(DiskError::Lock {
+                        path: path.clone(),
+                        source,
+                    })
+                }
+            },
+            Locking::Off => warn!(
+                "{}: serving without image locks (--locking off): nothing stops another \
+                 process from writing it",
                 path.display()
             ),
-            Err(source) => {
-                return Err(DiskError::Lock {
-                    path: path.clone(),
-                    source,
-                })
-            }
         }
         let block = u64::from(config.logical_block_size.bytes());
         let (raw_size, size) =
@@ -285,7 +286,6 @@ impl Disk {
             limits,
             discard: config.discard,
             direct: config.direct,
-            writeback: AtomicBool::new(true),
             flush_poisoned: AtomicI32::new(0),
         })
     }
@@ -366,138 +366,35 @@ impl Disk {
         self.buffered.as_ref().unwrap_or(&self.file).as_raw_fd()
     }
 
-    /// Write cache mode: true for writeback (the default), false for writethrough.
-    pub fn writeback(&self) -> bool {
-        self.writeback.load(Ordering::Relaxed)
-    }
-
-    /// Set the write cache mode (the guest's `wce` config byte).
-    pub fn set_writeback(&self, on: bool) {
-        self.writeback.store(on, Ordering::Relaxed);
-    }
-
     /// Make every completed write durable (fdatasync). A failure is reported, and on a
     /// buffered image every later flush fails too.
     pub fn flush(&self) -> io::Result<()> {
-        let poisoned = self.flush_poisoned.load(Ordering::Relaxed);
-        if poisoned != 0 {
-            return Err(io::Error::from_raw_os_error(poisoned));
-        }
+        self.flush_poisoned()?;
         if self.limits.read_only {
             return Ok(());
         }
-        // SAFETY: fdatasync on an fd owned by self.
-        let r = unsafe { libc::fdatasync(self.file.as_raw_fd()) };
-        if r == -1 {
-            let e = io::Error::last_os_error();
-            if !self.direct {
-                self.flush_poisoned
-                    .store(e.raw_os_error().unwrap_or(libc::EIO), Ordering::Relaxed);
-            }
-            return Err(e);
-        }
-        Ok(())
+        // File::sync_data is fdatasync, retried on EINTR.
+        self.file.sync_data().inspect_err(|e| self.poison_flush(e))
     }
 
-    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-        let off = libc::off64_t::try_from(offset)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let l =
-            libc::off64_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        loop {
-            // SAFETY: fallocate on an fd owned by self with plain integer arguments.
-            let r = unsafe { libc::fallocate64(self.file.as_raw_fd(), mode, off, l) };
-            if r == 0 {
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
+    /// An error when an earlier flush of this buffered image failed: the page cache may have
+    /// dropped the dirty pages, so no later flush can say the data is on disk.
+    pub fn flush_poisoned(&self) -> io::Result<()> {
+        match self.flush_poisoned.load(Ordering::Relaxed) {
+            0 => Ok(()),
+            errno => Err(io::Error::from_raw_os_error(errno)),
         }
     }
 
-    /// Deallocate the segments (DISCARD). Unsupported deallocation is not an error: discard is
-    /// a hint.
-    pub fn discard(&self, segments: &[Segment]) -> io::Result<()> {
-        if self.discard == DiscardMode::Ignore {
-            return Ok(());
+    /// Record that a flush failed with `e` (only a buffered image is poisoned by it).
+    pub fn poison_flush(&self, e: &io::Error) {
+        if !self.direct {
+            let _ = self.flush_poisoned.compare_exchange(
+                0,
+                e.raw_os_error().unwrap_or(libc::EIO),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
         }
-        for s in segments.iter().filter(|s| !s.is_empty()) {
-            let r = if self.block_device {
-                let range = [s.offset(), s.len()];
-                // SAFETY: BLKDISCARD reads two u64 through the pointer, which points to a live
-                // local; the fd is open.
-                unsafe { blk_discard(self.file.as_raw_fd(), &range) }
-                    .map(|_| ())
-                    .map_err(io::Error::from)
-            } else {
-                self.fallocate(
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    s.offset(),
-                    s.len(),
-                )
-            };
-            match r {
-                Ok(()) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY)
-                    ) =>
-                {
-                    return Ok(())
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        if !self.writeback() {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    /// Make the segments read as zeroes (WRITE_ZEROES); with UNMAP and `--discard unmap` the
-    /// range is deallocated.
-    pub fn write_zeroes(&self, segments: &[Segment]) -> io::Result<()> {
-        for s in segments.iter().filter(|s| !s.is_empty()) {
-            let punch = s.unmap && self.discard == DiscardMode::Unmap;
-            let mode = if punch {
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-            } else {
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-            };
-            match self.fallocate(mode, s.offset(), s.len()) {
-                Ok(()) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENODEV)
-                    ) =>
-                {
-                    self.write_zero_buffers(s.offset(), s.len())?
-                }
-                Err(e) => return Err(e),
-            }
-            if !self.writeback() {
-                self.flush()?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Fallback for file systems without FALLOC_FL_ZERO_RANGE: write zero-filled buffers.
-    fn write_zero_buffers(&self, offset: u64, len: u64) -> io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        const CHUNK: u64 = 1 << 20;
-        let f = self.buffered.as_ref().unwrap_or(&self.file);
-        let zeroes = vec![0u8; CHUNK.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(CHUNK) as usize;
-            f.write_all_at(&zeroes[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
     }
 }

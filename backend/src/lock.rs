@@ -117,8 +117,8 @@ fn unsupported(e: &io::Error) -> bool {
 /// Lock `file` as QEMU would for `mode`. The locks live as long as the open file description
 /// (closing the file releases them).
 ///
-/// Returns `Ok(false)` when the file system does not support OFD locks (the image is then
-/// served unlocked, as QEMU does with `locking=auto`).
+/// Returns `Ok(false)` when the file system does not support OFD locks (EINVAL, ENOTSUP,
+/// ENOLCK, ENOSYS): the caller decides whether to serve the image unlocked.
 pub fn lock_image(file: &File, mode: LockMode) -> Result<bool, LockError> {
     let r = try_lock(file, mode);
     if matches!(r, Err(_) | Ok(false)) {

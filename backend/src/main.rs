@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 use vloop_blk::config::capabilities_json;
-use vloop_blk::{BlockSize, Config, DiscardMode, EngineKind, Listen, StopHandle};
+use vloop_blk::{BlockSize, Config, DiscardMode, EngineKind, Listen, Locking, StopHandle};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum DiscardArg {
@@ -17,6 +17,14 @@ enum DiscardArg {
     Unmap,
     /// Accept DISCARD and do nothing.
     Ignore,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LockingArg {
+    /// Lock the image as QEMU does; refuse an image that cannot be locked.
+    On,
+    /// Take no locks.
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -83,6 +91,10 @@ struct Args {
     /// I/O engine for reads and writes.
     #[arg(long, value_enum, default_value = "auto")]
     io_engine: EngineArg,
+    /// Lock the image against other writers with QEMU-compatible OFD locks (`off`: take none,
+    /// for file systems that cannot lock).
+    #[arg(long, value_enum, default_value = "on")]
+    locking: LockingArg,
     /// More logging (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -120,6 +132,10 @@ impl TryFrom<Args> for Cli {
                 EngineArg::IoUring => EngineKind::IoUring,
                 EngineArg::Blocking => EngineKind::Blocking,
                 EngineArg::Null => EngineKind::Null,
+            },
+            locking: match a.locking {
+                LockingArg::On => Locking::On,
+                LockingArg::Off => Locking::Off,
             },
         };
         config.validate()?;

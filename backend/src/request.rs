@@ -59,23 +59,6 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// Limits for a small read-write test disk with every feature on.
-    pub fn for_capacity(capacity: u64) -> Self {
-        Limits {
-            capacity,
-            logical_block_size: 512,
-            read_only: false,
-            seg_max: 254,
-            size_max: 1 << 20,
-            discard: true,
-            write_zeroes: true,
-            max_discard_sectors: 1 << 22,
-            max_discard_seg: 64,
-            max_write_zeroes_sectors: 1 << 22,
-            max_write_zeroes_seg: 64,
-        }
-    }
-
     fn sectors_per_block(&self) -> u64 {
         (u64::from(self.logical_block_size) >> SECTOR_SHIFT).max(1)
     }
@@ -93,6 +76,10 @@ pub struct GuestRange {
 /// Guest ranges with inline room for the usual chain (header, a few data buffers, status), so
 /// parsing a request does not allocate.
 pub type GuestRanges = SmallVec<[GuestRange; 4]>;
+
+/// The segments of one discard or write-zeroes request, inline for the one segment a device
+/// usually accepts.
+pub type Segments = SmallVec<[Segment; 1]>;
 
 /// One discard or write-zeroes segment, validated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,9 +127,9 @@ pub enum RequestKind {
     /// Write the device serial into `data` (at most 20 bytes).
     GetId,
     /// Deallocate the segments.
-    Discard(Vec<Segment>),
+    Discard(Segments),
     /// Make the segments read as zeroes.
-    WriteZeroes(Vec<Segment>),
+    WriteZeroes(Segments),
 }
 
 /// A validated request.
@@ -169,7 +156,8 @@ impl Request {
     }
 }
 
-/// Why a request is refused.
+/// Why a request is refused. Each maps to the status QEMU's virtio-blk device gives for it
+/// ([`RequestError::status`]).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
     /// The chain has no device-writable byte for the status.
@@ -252,7 +240,7 @@ pub enum RequestError {
     /// Discard / write-zeroes payload is empty or not a whole number of segments.
     #[error("discard/write-zeroes payload of {0} bytes is not a non-zero multiple of 16")]
     BadSegmentPayload(u64),
-    /// Discard / write-zeroes with more segments than advertised.
+    /// Discard / write-zeroes with more segments than advertised (UNSUPP, as QEMU gives).
     #[error("{count} discard/write-zeroes segments exceed the maximum {max}")]
     TooManyDwzSegments {
         /// Segments in the request.
@@ -277,7 +265,9 @@ impl RequestError {
     /// The `VIRTIO_BLK_S_*` status the guest gets for this error.
     pub fn status(&self) -> u8 {
         let s = match self {
-            RequestError::Unsupported(_) | RequestError::UnsupportedFlags(_) => VIRTIO_BLK_S_UNSUPP,
+            RequestError::Unsupported(_)
+            | RequestError::UnsupportedFlags(_)
+            | RequestError::TooManyDwzSegments { .. } => VIRTIO_BLK_S_UNSUPP,
             _ => VIRTIO_BLK_S_IOERR,
         };
         // The status constants are 0..=2 and fit a byte.
@@ -496,37 +486,31 @@ where
             if out_len != 0 {
                 return Err(reject(RequestError::WrongDirection(req_type)));
             }
-            if in_len == 0 || !in_len.is_multiple_of(SEGMENT_SIZE) {
-                return Err(reject(RequestError::BadSegmentPayload(in_len)));
-            }
-            let count = in_len / SEGMENT_SIZE;
-            if count > u64::from(max_seg) {
+            // More payload than the advertised segments is UNSUPP (QEMU: "unsupported if
+            // the request contains more than one segment"), a partial segment IOERR.
+            if in_len > u64::from(max_seg) * SEGMENT_SIZE {
                 return Err(reject(RequestError::TooManyDwzSegments {
-                    count,
+                    count: in_len.div_ceil(SEGMENT_SIZE),
                     max: max_seg,
                 }));
+            }
+            if in_len == 0 || !in_len.is_multiple_of(SEGMENT_SIZE) {
+                return Err(reject(RequestError::BadSegmentPayload(in_len)));
             }
             // count <= max_seg (a u32), so the payload is small.
             let mut payload = vec![0u8; in_len as usize];
             read_stream(mem, &in_data, &mut payload).map_err(reject)?;
-            let mut segs = Vec::with_capacity(count as usize);
+            let mut segs = Segments::new();
             for raw in payload.chunks_exact(SEGMENT_SIZE as usize) {
                 let mut s = [0u8; 8];
                 s.copy_from_slice(&raw[0..8]);
                 let seg_sector = u64::from_le_bytes(s);
                 let num_sectors = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
                 let flags = u32::from_le_bytes([raw[12], raw[13], raw[14], raw[15]]);
-                // "The device MUST set the status byte to VIRTIO_BLK_S_UNSUPP for discard and
-                // write zeroes commands if any unknown flag is set", and for discard commands
-                // if the unmap flag is set.
-                let allowed = if discard {
-                    0
-                } else {
-                    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
-                };
-                if flags & !allowed != 0 {
-                    return Err(reject(RequestError::UnsupportedFlags(flags)));
-                }
+                // In QEMU's order: the size, then the range (IOERR), then the flags: "The
+                // device MUST set the status byte to VIRTIO_BLK_S_UNSUPP for discard and write
+                // zeroes commands if any unknown flag is set", and for discard commands if the
+                // unmap flag is set.
                 if num_sectors > max_sectors {
                     return Err(reject(RequestError::DwzSegmentTooLarge {
                         count: num_sectors,
@@ -535,6 +519,14 @@ where
                 }
                 check_rw_range(seg_sector, u64::from(num_sectors) << SECTOR_SHIFT, limits)
                     .map_err(reject)?;
+                let allowed = if discard {
+                    0
+                } else {
+                    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+                };
+                if flags & !allowed != 0 {
+                    return Err(reject(RequestError::UnsupportedFlags(flags)));
+                }
                 segs.push(Segment {
                     sector: seg_sector,
                     num_sectors,
@@ -598,13 +590,15 @@ fn check_rw_range(sector: u64, len: u64, limits: &Limits) -> Result<(), RequestE
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
     use super::*;
 
     const W: u16 = VRING_DESC_F_WRITE as u16;
+    const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+    const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
@@ -621,8 +615,26 @@ mod tests {
         Descriptor::new(addr, len, flags, 0)
     }
 
+    /// Limits of a small read-write test disk with every feature on, one discard /
+    /// write-zeroes segment per request, as the device advertises.
+    pub(crate) fn limits_for(capacity: u64) -> Limits {
+        Limits {
+            capacity,
+            logical_block_size: 512,
+            read_only: false,
+            seg_max: 254,
+            size_max: 1 << 20,
+            discard: true,
+            write_zeroes: true,
+            max_discard_sectors: 1 << 22,
+            max_discard_seg: 1,
+            max_write_zeroes_sectors: 1 << 22,
+            max_write_zeroes_seg: 1,
+        }
+    }
+
     fn limits() -> Limits {
-        Limits::for_capacity(16)
+        limits_for(16)
     }
 
     #[test]
@@ -786,64 +798,95 @@ mod tests {
         let m = mem();
         let l = limits();
         let st = d(0x3000, 1, W);
+        let one = [d(0x1000, 16, 0), d(0x2000, 16, 0), st];
         header(&m, 0x1000, VIRTIO_BLK_T_DISCARD, 0);
         seg(&m, 0x2000, 2, 4, 0);
-        seg(&m, 0x2010, 8, 8, 0);
-        let r = parse([d(0x1000, 16, 0), d(0x2000, 32, 0), st], &m, &l).unwrap();
+        let r = parse(one, &m, &l).unwrap();
         assert_eq!(
             r.kind,
-            RequestKind::Discard(vec![
-                Segment {
-                    sector: 2,
-                    num_sectors: 4,
-                    unmap: false
-                },
-                Segment {
-                    sector: 8,
-                    num_sectors: 8,
-                    unmap: false
-                }
-            ])
+            RequestKind::Discard(smallvec::smallvec![Segment {
+                sector: 2,
+                num_sectors: 4,
+                unmap: false
+            }])
         );
-        // UNMAP on discard: UNSUPP.
-        seg(&m, 0x2000, 2, 4, 1);
-        let r = err(&[d(0x1000, 16, 0), d(0x2000, 16, 0), st], &m, &l);
-        assert_eq!(r.error, RequestError::UnsupportedFlags(1));
-        assert_eq!(r.error.status(), VIRTIO_BLK_S_UNSUPP as u8);
-        // UNMAP on write zeroes: fine; a reserved bit: UNSUPP.
+        // Segments split over two descriptors are one stream.
+        let r = parse(
+            [d(0x1000, 16, 0), d(0x2000, 5, 0), d(0x2005, 11, 0), st],
+            &m,
+            &l,
+        );
+        assert!(r.is_ok());
+        // UNMAP on write zeroes: fine.
         header(&m, 0x1000, VIRTIO_BLK_T_WRITE_ZEROES, 0);
-        let r = parse([d(0x1000, 16, 0), d(0x2000, 16, 0), st], &m, &l).unwrap();
+        seg(&m, 0x2000, 2, 4, 1);
+        let r = parse(one, &m, &l).unwrap();
         assert!(matches!(&r.kind, RequestKind::WriteZeroes(s) if s[0].unmap));
-        seg(&m, 0x2000, 2, 4, 2);
-        let r = err(&[d(0x1000, 16, 0), d(0x2000, 16, 0), st], &m, &l);
-        assert_eq!(r.error, RequestError::UnsupportedFlags(2));
-        // Past the end.
-        seg(&m, 0x2000, 12, 5, 0);
-        let r = err(&[d(0x1000, 16, 0), d(0x2000, 16, 0), st], &m, &l);
-        assert!(matches!(r.error, RequestError::OutOfRange { .. }));
-        // Payload not a multiple of 16, or empty.
-        let r = err(&[d(0x1000, 16, 0), d(0x2000, 15, 0), st], &m, &l);
-        assert_eq!(r.error, RequestError::BadSegmentPayload(15));
-        let r = err(&[d(0x1000, 16, 0), st], &m, &l);
-        assert_eq!(r.error, RequestError::BadSegmentPayload(0));
-        // Too many segments, too many sectors.
-        let mut l2 = l;
-        l2.max_write_zeroes_seg = 1;
-        l2.max_write_zeroes_sectors = 2;
-        seg(&m, 0x2000, 0, 4, 0);
-        let r = err(&[d(0x1000, 16, 0), d(0x2000, 32, 0), st], &m, &l2);
-        assert!(matches!(r.error, RequestError::TooManyDwzSegments { .. }));
-        let r = err(&[d(0x1000, 16, 0), d(0x2000, 16, 0), st], &m, &l2);
-        assert!(matches!(r.error, RequestError::DwzSegmentTooLarge { .. }));
-        // Not offered: UNSUPP; read-only: IOERR.
-        let mut l3 = l;
-        l3.write_zeroes = false;
-        let r = err(&[d(0x1000, 16, 0), d(0x2000, 16, 0), st], &m, &l3);
-        assert_eq!(r.error.status(), VIRTIO_BLK_S_UNSUPP as u8);
-        let mut l4 = l;
-        l4.read_only = true;
-        let r = err(&[d(0x1000, 16, 0), d(0x2000, 16, 0), st], &m, &l4);
-        assert_eq!(r.error.status(), VIRTIO_BLK_S_IOERR as u8);
+        for t in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+            let status = |descs: &[Descriptor], l: &Limits| err(descs, &m, l).error.status();
+            header(&m, 0x1000, t, 0);
+            // More than the one advertised segment, or more payload than one: UNSUPP.
+            seg(&m, 0x2000, 0, 1, 0);
+            seg(&m, 0x2010, 1, 1, 0);
+            let two = [d(0x1000, 16, 0), d(0x2000, 32, 0), st];
+            assert_eq!(status(&two, &l), UNSUPP, "type {t}, two segments");
+            assert!(matches!(
+                err(&two, &m, &l).error,
+                RequestError::TooManyDwzSegments { count: 2, max: 1 }
+            ));
+            assert_eq!(
+                status(&[d(0x1000, 16, 0), d(0x2000, 20, 0), st], &l),
+                UNSUPP
+            );
+            // A partial segment or none: IOERR.
+            let r = err(&[d(0x1000, 16, 0), d(0x2000, 15, 0), st], &m, &l);
+            assert_eq!(r.error, RequestError::BadSegmentPayload(15));
+            assert_eq!(r.error.status(), IOERR);
+            let r = err(&[d(0x1000, 16, 0), st], &m, &l);
+            assert_eq!(r.error, RequestError::BadSegmentPayload(0));
+            // A sector count over the maximum: IOERR.
+            seg(&m, 0x2000, 0, u32::MAX, 0);
+            assert!(matches!(
+                err(&one, &m, &l).error,
+                RequestError::DwzSegmentTooLarge { .. }
+            ));
+            assert_eq!(status(&one, &l), IOERR);
+            // Past the capacity: IOERR.
+            seg(&m, 0x2000, 12, 5, 0);
+            assert!(matches!(
+                err(&one, &m, &l).error,
+                RequestError::OutOfRange { .. }
+            ));
+            seg(&m, 0x2000, 17, 1, 0);
+            assert_eq!(status(&one, &l), IOERR);
+            // Unknown flags: UNSUPP.
+            seg(&m, 0x2000, 2, 4, !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+            assert_eq!(
+                err(&one, &m, &l).error,
+                RequestError::UnsupportedFlags(!VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)
+            );
+            assert_eq!(status(&one, &l), UNSUPP);
+            // Not offered: UNSUPP; read-only: IOERR.
+            seg(&m, 0x2000, 2, 4, 0);
+            let mut off = l;
+            off.discard = false;
+            off.write_zeroes = false;
+            assert_eq!(status(&one, &off), UNSUPP);
+            let mut ro = l;
+            ro.read_only = true;
+            assert_eq!(status(&one, &ro), IOERR);
+        }
+        // UNMAP on discard: UNSUPP.
+        header(&m, 0x1000, VIRTIO_BLK_T_DISCARD, 0);
+        seg(&m, 0x2000, 2, 4, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+        let r = err(&one, &m, &l);
+        assert_eq!(r.error, RequestError::UnsupportedFlags(1));
+        assert_eq!(r.error.status(), UNSUPP);
+        // A sector count at the maximum is fine when it fits the disk.
+        let mut big = limits_for(u64::from(l.max_discard_sectors) + 8);
+        big.max_discard_seg = 1;
+        seg(&m, 0x2000, 8, big.max_discard_sectors, 0);
+        assert!(parse(one, &m, &big).is_ok());
     }
 
     #[test]
@@ -938,7 +981,7 @@ mod tests {
                     raw[12..16].copy_from_slice(&f.to_le_bytes());
                     m.write_slice(&raw, GuestAddress(0x1010 + 16 * i as u64)).unwrap();
                 }
-                let mut l = Limits::for_capacity(capacity);
+                let mut l = limits_for(capacity);
                 l.read_only = ro;
                 let chain: Vec<Descriptor> =
                     descs.iter().map(|(a, n, w)| d(*a, *n, if *w { W } else { 0 })).collect();

@@ -215,9 +215,21 @@ impl Guest {
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         m.write_obj(self.next, GuestAddress(AVAIL + 2)).unwrap();
         self.kick.write(1).unwrap();
-        wait_readable(&self.call);
-        let used_idx: u16 = m.read_obj(GuestAddress(USED + 2)).unwrap();
-        assert_eq!(used_idx, self.next);
+        // A notification may come before this request completed (the backend signals a call
+        // eventfd as soon as it is set): wait until the used index says it did.
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            wait_readable(&self.call);
+            let used_idx: u16 = m.read_obj(GuestAddress(USED + 2)).unwrap();
+            if used_idx == self.next {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "used index {used_idx}, expected {}",
+                self.next
+            );
+        }
         let used_len: u32 = m.read_obj(GuestAddress(USED + 4 + 8 * slot + 4)).unwrap();
         (m.read_obj(GuestAddress(STATUS)).unwrap(), used_len)
     }

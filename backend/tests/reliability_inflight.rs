@@ -114,17 +114,19 @@ fn requests_in_flight_at_a_crash_are_resubmitted_once_in_order() {
     let mock = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
     let (region, file) = InflightRegion::create(1, QSIZE).unwrap();
     let inflight = Inflight::new(1, QSIZE);
+    inflight.install(region, false);
 
     // The first backend completes request 0, then takes requests 1 and 2 and dies before
     // completing them (nothing reaches the image or the used ring).
     let mut e = env();
     let mut queue: Queue = mock.create_queue().unwrap();
     put_write(&mem, &mock, 0);
-    let track = region.queue(0).unwrap();
+    let tracker = inflight.tracker(0).unwrap();
     e.executor
-        .process_queue_tracked(&mut queue, &mem, Some((&track, &inflight)), &mut || {})
+        .process_queue_tracked(&mut queue, &mem, Some(&tracker), &mut || {})
         .unwrap();
     assert_eq!(mock.used().idx().load(), 1);
+    let track = tracker.state().unwrap();
     let h1 = put_write(&mem, &mock, 1);
     let h2 = put_write(&mem, &mock, 2);
     {
@@ -136,13 +138,18 @@ fn requests_in_flight_at_a_crash_are_resubmitted_once_in_order() {
     }
     assert_eq!(sector(&e.image, 1), 0);
     // The first backend's mapping goes away with it.
-    drop(region);
+    let _ = track;
+    drop(tracker);
+    drop(inflight);
 
     // The frontend keeps the region, restarts the ring at the used index (what QEMU does when
     // the backend vanished) and a new backend opens the region.
     let size = file.metadata().unwrap().len();
     let region = InflightRegion::open(&file, size, 0, 1, QSIZE).unwrap();
-    let track = region.queue(0).unwrap();
+    let inflight = Inflight::new(1, QSIZE);
+    inflight.install(region, true);
+    let tracker = inflight.tracker(0).unwrap();
+    let track = tracker.state().unwrap();
     let mut e = restart(e);
     let mut queue: Queue = mock.create_queue().unwrap();
     queue.set_next_avail(1);
@@ -167,7 +174,7 @@ fn requests_in_flight_at_a_crash_are_resubmitted_once_in_order() {
     assert!(track.recover(3).is_empty());
     put_write(&mem, &mock, 3);
     e.executor
-        .process_queue_tracked(&mut queue, &mem, Some((&track, &inflight)), &mut || {})
+        .process_queue_tracked(&mut queue, &mem, Some(&tracker), &mut || {})
         .unwrap();
     assert_eq!(mock.used().idx().load(), 4);
     assert_eq!(sector(&e.image, 3), 4);

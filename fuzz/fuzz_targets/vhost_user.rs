@@ -1,9 +1,9 @@
 //! vhost-user message sequences from a hostile frontend, into the daemon's connection handling.
 //!
-//! Every run builds what the daemon builds for one connection (a `BlkDevice`, a
-//! `VhostUserDaemon` over vhost-user-backend's request handler, and the inflight relay in
-//! front of it, which answers GET/SET_INFLIGHT_FD itself), connects a unix socket to it
-//! and writes the messages the input describes: any request code, flags and body, with memfds
+//! Every run serves one connection as the daemon does (`vloop_blk::Connection`: a
+//! `BlkDevice`, vhost-user-backend's request handler, and the relay in front of it, which
+//! answers GET/SET_INFLIGHT_FD itself and checks every descriptor), connects a unix socket to
+//! it and writes the messages the input describes: any request code, flags and body, with memfds
 //! and eventfds attached where the input says so. An optional well-formed start-up (features,
 //! memory table, one started vring) comes first so that later messages reach deeper states, and
 //! the vring is kicked at the end so the worker thread reads whatever rings the input left in
@@ -21,10 +21,7 @@ use std::time::Duration;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
-use vloop_blk::{BlkDevice, Config, Disk, EngineKind, GuestMem};
-use vm_memory::GuestMemoryAtomic;
+use vloop_blk::{Config, Connection, Disk, EngineKind};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -194,8 +191,6 @@ struct State {
     _dir: tempfile::TempDir,
     path: PathBuf,
     listener: UnixListener,
-    inner_path: PathBuf,
-    inner_listener: UnixListener,
     disk: Arc<Disk>,
     config: Config,
     lock: Mutex<()>,
@@ -209,8 +204,6 @@ fn state() -> &'static State {
         std::fs::write(&image, vec![0u8; 1 << 20]).expect("image");
         let path = dir.path().join("sock");
         let listener = UnixListener::bind(&path).expect("bind");
-        let inner_path = dir.path().join("inner");
-        let inner_listener = UnixListener::bind(&inner_path).expect("bind");
         let mut config = Config::new(&image);
         config.num_queues = 2;
         config.queue_size = 64;
@@ -220,8 +213,6 @@ fn state() -> &'static State {
             _dir: dir,
             path,
             listener,
-            inner_path,
-            inner_listener,
             disk,
             config,
             lock: Mutex::new(()),
@@ -437,19 +428,9 @@ fn run(input: Input) {
     let st = state();
     let _one = st.lock.lock().unwrap_or_else(|p| p.into_inner());
     let before = open_fds();
-    let mem = GuestMemoryAtomic::new(GuestMem::new());
-    let device =
-        Arc::new(BlkDevice::new(st.disk.clone(), &st.config, mem.clone()).expect("device"));
-    let mut daemon =
-        VhostUserDaemon::new("vloop-fuzz".into(), device.clone(), mem).expect("daemon");
-    // As the daemon does: the frontend's connection goes through the inflight relay to
-    // vhost-user-backend's end.
     let sock = UnixStream::connect(&st.path).expect("connect");
     let (outer, _) = st.listener.accept().expect("accept");
-    let inner = UnixStream::connect(&st.inner_path).expect("connect inner");
-    let mut listener = Listener::from(st.inner_listener.try_clone().expect("dup listener"));
-    daemon.start(&mut listener).expect("accept inner");
-    let relay = vloop_blk::inflight::relay(outer, inner, device.inflight().clone()).expect("relay");
+    let conn = Connection::start(outer, st.disk.clone(), &st.config).expect("connection");
     sock.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
     sock.set_write_timeout(Some(Duration::from_secs(5)))
@@ -483,13 +464,8 @@ fn run(input: Input) {
     // Replies until the daemon closes the connection.
     let mut buf = [0u8; 4096];
     while matches!(c.sock.read(&mut buf), Ok(n) if n > 0) {}
-    let _ = daemon.wait();
-    // Dropping the daemon stops its worker threads.
-    drop(daemon);
-    for t in relay {
-        t.join().expect("relay thread");
-    }
-    drop((c, device, listener, kick));
+    let _ = conn.wait();
+    drop((c, kick));
     // Everything the connection opened is closed again (a leak per connection lets any
     // client that can connect exhaust the daemon's descriptors).
     // The first connections open descriptors that stay (lazily created process state).

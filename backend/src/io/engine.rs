@@ -1,36 +1,36 @@
-//! Read/write engines: io_uring (the default) and blocking preadv/pwritev (the fallback when
-//! io_uring cannot be set up, e.g. on old kernels or under a seccomp policy that forbids it).
+//! I/O engines: io_uring (the default), blocking syscalls (the fallback when io_uring cannot
+//! be set up, e.g. on old kernels or under a seccomp policy that forbids it), and a null engine
+//! that does no I/O at all (to measure the vhost-user hop itself).
 //!
-//! An engine starts [`RwOp`]s whose iovecs point straight into guest memory and reports their
-//! completions by the caller's id, so a worker keeps popping and completing requests while
-//! others are in flight.
+//! An engine runs [`Op`]s: vectored reads and writes whose iovecs point straight into guest
+//! memory, data syncs and fallocate calls. [`Engine::start`] says what happened to an op: it
+//! completed at once ([`Started::Done`]), went to the kernel ([`Started::Queued`]), or partly
+//! completed with the rest queued ([`Started::Partly`]); queued ops complete through
+//! [`Engine::reap`] and [`finish`], tagged with the caller's id, so a worker keeps popping and
+//! completing requests while others are in flight.
 
 use std::io;
 use std::os::unix::io::RawFd;
 
-use io_uring::{opcode, types, IoUring};
 use smallvec::SmallVec;
 use tracing::{debug, warn};
 
+use super::uring::Uring;
 use crate::config::EngineKind;
 
 /// Most iovecs one preadv/pwritev takes (IOV_MAX on Linux).
 pub const IOV_MAX: usize = 1024;
 
+/// Largest io_uring submission queue an engine asks for (a queue never has more requests in
+/// flight than its size, and the kernel caps rings at 32768 entries).
+pub const MAX_RING_ENTRIES: u32 = 4096;
+
 /// The iovecs of one request, inline for the usual few buffers so a request allocates nothing.
 pub type Iovecs = SmallVec<[libc::iovec; 4]>;
 
-/// Largest buffered write done inline. A larger one goes to the ring (an io-wq worker copies
-/// it): the worker keeps serving its other requests meanwhile instead of waiting for a long
-/// copy, and the file system's write lock is handed from one write to the next without a gap.
-const INLINE_WRITE_MAX: u64 = 64 * 1024;
-
-/// Longest wait for the helper ring while the worker ring has ops in flight too.
-const HELPER_WAIT: std::time::Duration = std::time::Duration::from_micros(100);
-
-/// How long the helper ring's kernel thread keeps polling for work after its last request
-/// before it sleeps (io_uring counts this in milliseconds, rounded up to a scheduler tick).
-const HELPER_IDLE_MS: u32 = 1;
+/// `FALLOC_FL_NO_HIDE_STALE`: with PUNCH_HOLE and KEEP_SIZE, a block device discards the range
+/// (BLKDISCARD) instead of zeroing it.
+pub const FALLOC_FL_NO_HIDE_STALE: libc::c_int = 0x04;
 
 /// Errors setting up an engine.
 #[derive(Debug, thiserror::Error)]
@@ -40,38 +40,101 @@ pub enum EngineError {
     Uring(#[source] io::Error),
 }
 
-/// One vectored read or write.
+/// What an op does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    /// Vectored read into the iovecs.
+    Read,
+    /// Vectored write from the iovecs; `dsync`: durable before it completes (RWF_DSYNC).
+    Write {
+        /// Write through (RWF_DSYNC).
+        dsync: bool,
+    },
+    /// fdatasync of the image.
+    Sync,
+    /// `fallocate(fd, mode, offset, len)`; with `sync`, an fdatasync after it succeeded.
+    Fallocate {
+        /// fallocate mode bits.
+        mode: libc::c_int,
+        /// Make it durable before it completes.
+        sync: bool,
+        /// What to do where the file system refuses the mode.
+        unsupported: Unsupported,
+    },
+}
+
+/// What a fallocate that the file system or device does not support turns into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unsupported {
+    /// Success: the op was a hint (DISCARD).
+    Ignore,
+    /// Write zero-filled buffers over the range (WRITE_ZEROES).
+    WriteZeroes,
+}
+
+/// One I/O operation on the image.
 #[derive(Debug)]
-pub struct RwOp {
-    /// Write (true) or read.
-    pub write: bool,
+pub struct Op {
+    /// What it does.
+    pub kind: OpKind,
     /// fd to use.
     pub fd: RawFd,
-    /// Buffered fd to retry on when an O_DIRECT request is refused with EINVAL.
+    /// Buffered fd to retry on when an O_DIRECT request is refused with EINVAL, and for the
+    /// zero-buffer fallback of write-zeroes.
     pub fallback_fd: RawFd,
     /// Byte offset in the image.
     pub offset: u64,
-    /// Buffers; each points into mapped guest memory that stays mapped until the op completes.
-    pub iov: Iovecs,
-    /// Sum of the iovec lengths.
+    /// Bytes: the sum of the iovec lengths for reads and writes, the range for fallocate.
     pub len: u64,
-    /// Write with RWF_DSYNC (writethrough cache mode).
-    pub dsync: bool,
+    /// Buffers of a read or write; each points into mapped guest memory that stays mapped
+    /// until the op completes. Empty for the other kinds.
+    pub iov: Iovecs,
     /// `fd` goes through the page cache (not O_DIRECT): worth trying without blocking first.
     pub buffered: bool,
-    /// Outcome, filled in by the engine.
-    pub result: Option<io::Result<()>>,
 }
 
-impl RwOp {
+impl Op {
+    /// A sync (fdatasync) of `fd`.
+    pub fn sync(fd: RawFd) -> Op {
+        Op {
+            kind: OpKind::Sync,
+            fd,
+            fallback_fd: fd,
+            offset: 0,
+            len: 0,
+            iov: Iovecs::new(),
+            buffered: false,
+        }
+    }
+
+    /// True for a read or write.
+    pub fn is_rw(&self) -> bool {
+        matches!(self.kind, OpKind::Read | OpKind::Write { .. })
+    }
+
+    /// True for a write.
+    pub fn is_write(&self) -> bool {
+        matches!(self.kind, OpKind::Write { .. })
+    }
+
     /// A buffered read that a page-cache copy on another CPU can serve.
     pub fn shareable(&self) -> bool {
-        !self.write
-            && self.buffered
-            && self.result.is_none()
-            && self.len > 0
-            && self.iov.len() <= IOV_MAX
+        self.kind == OpKind::Read && self.buffered && self.len > 0 && self.iov.len() <= IOV_MAX
     }
+}
+
+/// What [`Engine::start`] did with an op.
+#[derive(Debug)]
+pub enum Started {
+    /// It completed; the result is final.
+    Done(io::Result<()>),
+    /// It is in the kernel; its completion comes from [`Engine::reap`].
+    Queued,
+    /// `done` bytes completed at once; the rest is in the kernel (the op now describes it).
+    Partly {
+        /// Bytes transferred before the op was queued.
+        done: u64,
+    },
 }
 
 /// A read/write engine owned by one worker thread.
@@ -93,15 +156,15 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// Create the engine `kind` asks for, with room for `entries` requests in flight.
     pub fn new(kind: EngineKind, entries: u32) -> Result<Engine, EngineError> {
-        let entries = entries.clamp(8, 4096).next_power_of_two();
+        let entries = entries.clamp(8, MAX_RING_ENTRIES).next_power_of_two();
         match kind {
             EngineKind::Blocking => Ok(Engine::Blocking),
             EngineKind::Null => Ok(Engine::Null),
-            EngineKind::IoUring => IoUring::new(entries)
-                .map(|r| Engine::Uring(Box::new(Uring::new(r, entries))))
+            EngineKind::IoUring => Uring::new(entries)
+                .map(|u| Engine::Uring(Box::new(u)))
                 .map_err(EngineError::Uring),
-            EngineKind::Auto => match IoUring::new(entries) {
-                Ok(r) => Ok(Engine::Uring(Box::new(Uring::new(r, entries)))),
+            EngineKind::Auto => match Uring::new(entries) {
+                Ok(u) => Ok(Engine::Uring(Box::new(u))),
                 Err(e) => {
                     warn!("io_uring is not available ({e}); using blocking preadv/pwritev");
                     Ok(Engine::Blocking)
@@ -119,40 +182,34 @@ impl Engine {
         }
     }
 
+    /// True for the engine that does no I/O.
+    pub fn is_null(&self) -> bool {
+        matches!(self, Engine::Null)
+    }
+
     /// Whether [`Engine::start`] can give reads to a second CPU (the helper ring's kernel
     /// thread). The helper is created on the first call.
     pub fn can_share(&mut self) -> bool {
         match self {
-            Engine::Uring(u) => u.helper().is_some(),
+            Engine::Uring(u) => u.helper_ready(),
             Engine::Blocking | Engine::Null => false,
         }
     }
 
-    /// Start `op`, tagged `id`; with `share`, a [`RwOp::shareable`] read goes to the helper
-    /// ring. Returns true when the op completed already (its `result` is set); otherwise its
-    /// completion comes from [`Engine::reap`] once [`Engine::submit`] handed it to the kernel.
+    /// Start `op`, tagged `id`; with `share`, a [`Op::shareable`] read goes to the helper
+    /// ring.
     ///
     /// # Safety
-    /// Until its completion is reaped, `op` must not move or be dropped, and the memory its
-    /// iovecs point to must stay mapped: the kernel reads and writes them asynchronously.
-    pub unsafe fn start(&mut self, id: usize, op: &mut RwOp, share: bool) -> bool {
+    /// Unless the op completed ([`Started::Done`]), until its completion is reaped the op must
+    /// not move or be dropped, and the memory its iovecs point to must stay mapped: the kernel
+    /// reads and writes them asynchronously.
+    pub unsafe fn start(&mut self, id: usize, op: &mut Op, share: bool) -> Started {
         match self {
-            Engine::Blocking => {
-                op.result = Some(finish_blocking(op, 0));
-                true
-            }
-            Engine::Null => {
-                op.result = Some(Ok(()));
-                true
-            }
+            Engine::Blocking => Started::Done(run_blocking(op, 0)),
+            Engine::Null => Started::Done(Ok(())),
             // SAFETY: forwarded from this function's contract.
             Engine::Uring(u) => unsafe { u.start(id, op, share) },
         }
-    }
-
-    /// True for the engine that does no I/O.
-    pub fn is_null(&self) -> bool {
-        matches!(self, Engine::Null)
     }
 
     /// Hand every started op to the kernel.
@@ -165,7 +222,7 @@ impl Engine {
     /// Ops started and not reaped yet.
     pub fn in_flight(&self) -> usize {
         match self {
-            Engine::Uring(u) => u.pending + u.helper_pending,
+            Engine::Uring(u) => u.in_flight(),
             Engine::Blocking | Engine::Null => 0,
         }
     }
@@ -173,13 +230,13 @@ impl Engine {
     /// Ops given to the helper ring and not reaped yet.
     pub fn helper_in_flight(&self) -> usize {
         match self {
-            Engine::Uring(u) => u.helper_pending,
+            Engine::Uring(u) => u.helper_in_flight(),
             Engine::Blocking | Engine::Null => 0,
         }
     }
 
     /// Append the completions available now as (id, result of the ring entry) to `out`; the
-    /// caller passes each to [`complete`] with its op. With `wait`, block until there is at
+    /// caller passes each to [`finish`] with its op. With `wait`, block until there is at
     /// least one (when anything is in flight).
     pub fn reap(&mut self, out: &mut Vec<(usize, i32)>, wait: bool) {
         if let Engine::Uring(u) = self {
@@ -198,19 +255,162 @@ impl Engine {
     }
 }
 
-/// Complete `op` with blocking syscalls, `done` bytes being already transferred.
-fn finish_blocking(op: &RwOp, done: u64) -> io::Result<()> {
-    match rw_blocking(op, op.fd, done) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) && op.fallback_fd != op.fd => {
-            debug!("O_DIRECT refused a request ({e}); retrying buffered");
-            rw_blocking(op, op.fallback_fd, done)
+/// What a reaped ring entry means for its op.
+#[derive(Debug)]
+pub enum Reaped {
+    /// The op is complete.
+    Done(io::Result<()>),
+    /// The op needs a second step in the ring (the sync after a fallocate): start it again.
+    Again,
+}
+
+/// The outcome `res` of the ring entry of `op`: short or refused transfers are finished with
+/// blocking syscalls; a successful fallocate that must be durable becomes a sync (the caller
+/// starts it again).
+pub fn finish(op: &mut Op, res: i32) -> Reaped {
+    if res < 0 {
+        let err = -res;
+        return Reaped::Done(match op.kind {
+            _ if op.is_rw() && err == libc::EINVAL && op.fallback_fd != op.fd => {
+                rw_blocking(op, op.fallback_fd, 0)
+            }
+            // EBADF: a polling ring refused the file (it only takes registered ones on some
+            // kernels); the fd itself is open.
+            _ if matches!(err, libc::EINTR | libc::EAGAIN | libc::EBADF) => run_blocking(op, 0),
+            OpKind::Fallocate { .. } => fallocate_refused(op, io::Error::from_raw_os_error(err)),
+            _ => Err(io::Error::from_raw_os_error(err)),
+        });
+    }
+    match op.kind {
+        OpKind::Read | OpKind::Write { .. } if (res as u64) < op.len => {
+            // Short transfer: finish the rest synchronously.
+            Reaped::Done(run_blocking(op, res as u64))
         }
-        r => r,
+        OpKind::Fallocate { sync: true, .. } => {
+            *op = Op::sync(op.fd);
+            Reaped::Again
+        }
+        _ => Reaped::Done(Ok(())),
     }
 }
 
+/// Complete `op` with blocking syscalls, `done` bytes of a read or write being already
+/// transferred.
+pub fn run_blocking(op: &Op, done: u64) -> io::Result<()> {
+    match op.kind {
+        OpKind::Read | OpKind::Write { .. } => match rw_blocking(op, op.fd, done) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && op.fallback_fd != op.fd => {
+                debug!("O_DIRECT refused a request ({e}); retrying buffered");
+                rw_blocking(op, op.fallback_fd, done)
+            }
+            r => r,
+        },
+        OpKind::Sync => fdatasync(op.fd),
+        OpKind::Fallocate { mode, sync, .. } => {
+            match fallocate(op.fd, mode, op.offset, op.len) {
+                Ok(()) => {}
+                Err(e) => fallocate_refused(op, e)?,
+            }
+            if sync {
+                fdatasync(op.fd)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A fallocate failed with `e`: a mode the file system or device does not support becomes
+/// what the op asks for; anything else stays an error.
+fn fallocate_refused(op: &Op, e: io::Error) -> io::Result<()> {
+    let OpKind::Fallocate {
+        mode,
+        sync,
+        unsupported,
+    } = op.kind
+    else {
+        return Err(e);
+    };
+    let refused = matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL) | Some(libc::ENODEV)
+    );
+    if !refused {
+        return Err(e);
+    }
+    match unsupported {
+        Unsupported::Ignore => {
+            // A block device before fallocate support (Linux 4.9) still takes BLKDISCARD.
+            if mode & FALLOC_FL_NO_HIDE_STALE != 0 {
+                let range = [op.offset, op.len];
+                // SAFETY: BLKDISCARD reads two u64 through the pointer, which points to a live
+                // local; the fd is open. Failure is ignored: a discard is a hint.
+                let _ = unsafe { blk_discard(op.fd, &range) };
+            }
+            Ok(())
+        }
+        Unsupported::WriteZeroes => {
+            write_zero_buffers(op.fallback_fd, op.offset, op.len)?;
+            if sync {
+                fdatasync(op.fallback_fd)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+nix::ioctl_write_ptr_bad!(blk_discard, nix::request_code_none!(0x12, 119), [u64; 2]);
+
+/// fdatasync, retried on EINTR.
+pub fn fdatasync(fd: RawFd) -> io::Result<()> {
+    loop {
+        // SAFETY: fdatasync on an fd the caller keeps open.
+        if unsafe { libc::fdatasync(fd) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn fallocate(fd: RawFd, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let off =
+        libc::off64_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let l = libc::off64_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    loop {
+        // SAFETY: fallocate on an fd the caller keeps open, with plain integer arguments.
+        if unsafe { libc::fallocate64(fd, mode, off, l) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Write zero-filled buffers over `len` bytes at `offset` (file systems without
+/// FALLOC_FL_ZERO_RANGE).
+fn write_zero_buffers(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: u64 = 1 << 20;
+    // SAFETY: the fd is open for this call; ManuallyDrop keeps the File from closing it.
+    let f = std::mem::ManuallyDrop::new(unsafe {
+        <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+    });
+    let zeroes = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(CHUNK) as usize;
+        f.write_all_at(&zeroes[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
 /// The iovecs of `iov` after skipping `skip` bytes.
-fn advance(iov: &[libc::iovec], mut skip: u64) -> Iovecs {
+pub fn advance(iov: &[libc::iovec], mut skip: u64) -> Iovecs {
     let mut out = Iovecs::with_capacity(iov.len());
     for v in iov {
         let len = v.iov_len as u64;
@@ -228,17 +428,21 @@ fn advance(iov: &[libc::iovec], mut skip: u64) -> Iovecs {
     out
 }
 
-fn rw_blocking(op: &RwOp, fd: RawFd, mut done: u64) -> io::Result<()> {
+fn rw_blocking(op: &Op, fd: RawFd, mut done: u64) -> io::Result<()> {
+    let (write, dsync) = match op.kind {
+        OpKind::Write { dsync } => (true, dsync),
+        _ => (false, false),
+    };
     while done < op.len {
         let iov = advance(&op.iov, done);
         let cnt = iov.len().min(IOV_MAX) as libc::c_int;
         let off = libc::off64_t::try_from(op.offset + done)
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let flags = if op.dsync { libc::RWF_DSYNC } else { 0 };
-        // SAFETY: every iovec points into guest memory that the caller keeps mapped for the
-        // whole batch, with the length of the guest buffer it came from; the fd is open.
+        let flags = if dsync { libc::RWF_DSYNC } else { 0 };
+        // SAFETY: every iovec points into guest memory that the caller keeps mapped until the
+        // op completes, with the length of the guest buffer it came from; the fd is open.
         let n = unsafe {
-            if op.write {
+            if write {
                 libc::pwritev2(fd, iov.as_ptr(), cnt, off, flags)
             } else {
                 libc::preadv2(fd, iov.as_ptr(), cnt, off, 0)
@@ -262,306 +466,6 @@ fn rw_blocking(op: &RwOp, fd: RawFd, mut done: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// io_uring state of one worker thread.
-pub struct Uring {
-    ring: IoUring,
-    /// A second ring with a kernel submission thread (SQPOLL), created when first asked for:
-    /// page-cache copies are CPU work, and with more than one CPU that thread copies the reads
-    /// given to it on another CPU while the worker copies others and completes requests.
-    helper: Helper,
-    /// RWF_NOWAIT reads are supported on this image.
-    nowait_read: bool,
-    /// RWF_NOWAIT writes are supported on this image.
-    nowait_write: bool,
-    /// Ring size.
-    entries: u32,
-    /// Entries pushed on `ring` and not reaped yet.
-    pending: usize,
-    /// Entries pushed on the helper ring and not reaped yet.
-    helper_pending: usize,
-}
-
-/// The helper ring, once its creation was tried.
-enum Helper {
-    /// Not asked for yet.
-    Untried,
-    /// Polling ring.
-    Ready(Box<IoUring>),
-    /// One CPU only, or the kernel refused SQPOLL: every op stays on the worker's ring.
-    Unavailable,
-}
-
-impl Uring {
-    fn new(ring: IoUring, entries: u32) -> Uring {
-        Uring {
-            ring,
-            helper: Helper::Untried,
-            nowait_read: true,
-            nowait_write: true,
-            entries,
-            pending: 0,
-            helper_pending: 0,
-        }
-    }
-
-    /// The helper ring, created on first use.
-    fn helper(&mut self) -> Option<&mut IoUring> {
-        if matches!(self.helper, Helper::Untried) {
-            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-            self.helper = if cpus < 2 {
-                Helper::Unavailable
-            } else {
-                match IoUring::builder()
-                    .setup_sqpoll(HELPER_IDLE_MS)
-                    .build(self.entries)
-                {
-                    // Before Linux 5.11 an SQPOLL ring only takes registered files.
-                    Ok(r) if r.params().is_feature_sqpoll_nonfixed() => Helper::Ready(Box::new(r)),
-                    Ok(_) => {
-                        debug!(
-                            "io_uring SQPOLL needs registered files here; reads stay on one CPU"
-                        );
-                        Helper::Unavailable
-                    }
-                    Err(e) => {
-                        debug!("no io_uring submission thread ({e}); reads stay on one CPU");
-                        Helper::Unavailable
-                    }
-                }
-            };
-        }
-        match &mut self.helper {
-            Helper::Ready(r) => Some(r),
-            _ => None,
-        }
-    }
-
-    /// Start an op: shared reads go to the helper ring; buffered reads whose data is in the
-    /// page cache complete inline with RWF_NOWAIT (no io_uring round trip, no io-wq worker);
-    /// buffered writes up to [`INLINE_WRITE_MAX`] complete inline too (with RWF_NOWAIT where
-    /// the file system supports it, else with a plain pwritev2: io_uring would hand them to an
-    /// io-wq worker, which measured at about twice the CPU per 4 KiB write on ext4).
-    /// Everything else (O_DIRECT, cache misses, larger writes, writethrough writes) goes to
-    /// the ring.
-    ///
-    /// # Safety
-    /// As [`Engine::start`].
-    unsafe fn start(&mut self, id: usize, op: &mut RwOp, share: bool) -> bool {
-        if share && op.shareable() {
-            let entry = readv_entry(op, id);
-            if let Some(helper) = self.helper() {
-                // SAFETY: the caller keeps the op and its buffers in place until it is reaped.
-                if unsafe { helper.submission().push(&entry) }.is_ok() {
-                    self.helper_pending += 1;
-                    return false;
-                }
-            }
-        }
-        self.try_inline(op);
-        if op.result.is_some() {
-            return true;
-        }
-        if op.iov.len() > IOV_MAX {
-            // Too many pieces for one syscall: the blocking path splits them.
-            op.result = Some(finish_blocking(op, 0));
-            return true;
-        }
-        let entry = rw_entry(op, id);
-        for _ in 0..2 {
-            // SAFETY: the caller keeps the op and its buffers in place until it is reaped.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-                self.pending += 1;
-                return false;
-            }
-            // The submission queue is full: hand it to the kernel and try once more.
-            self.submit();
-        }
-        op.result = Some(finish_blocking(op, 0));
-        true
-    }
-
-    /// Hand pushed entries to the kernel (the helper's thread only needs a wake-up call when
-    /// it fell asleep).
-    fn submit(&mut self) {
-        if !self.ring.submission().is_empty() {
-            if let Err(e) = self.ring.submit() {
-                // Left in the queue: the next wait submits them again.
-                debug!("io_uring submit: {e}");
-            }
-        }
-        if let Helper::Ready(helper) = &mut self.helper {
-            if !helper.submission().is_empty() {
-                if let Err(e) = helper.submit() {
-                    // Its thread still takes what is in the queue.
-                    debug!("io_uring helper wake-up: {e}");
-                }
-            }
-        }
-    }
-
-    fn reap(&mut self, out: &mut Vec<(usize, i32)>, wait: bool) {
-        let before = out.len();
-        self.collect(out);
-        if !wait || out.len() > before || self.pending + self.helper_pending == 0 {
-            return;
-        }
-        // Wait where the quick completions are: the helper's page-cache copies finish within
-        // microseconds, the worker ring's ops may take a disk's time. While both have ops,
-        // the wait on the helper is short, so a helper read that missed the cache does not
-        // hold up the worker ring's completions.
-        let waited = match &mut self.helper {
-            Helper::Ready(helper) if self.helper_pending > 0 && self.pending > 0 => {
-                let ts = types::Timespec::from(HELPER_WAIT);
-                helper
-                    .submitter()
-                    .submit_with_args(1, &types::SubmitArgs::new().timespec(&ts))
-            }
-            Helper::Ready(helper) if self.helper_pending > 0 => helper.submit_and_wait(1),
-            _ => self.ring.submit_and_wait(1),
-        };
-        match waited {
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY) | Some(libc::ETIME)
-                ) => {}
-            Err(e) => {
-                // Entries already in the kernel must still be reaped; do not spin.
-                warn!("io_uring wait failed: {e}");
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-        }
-        self.collect(out);
-    }
-
-    fn collect(&mut self, out: &mut Vec<(usize, i32)>) {
-        let before = out.len();
-        out.extend(
-            self.ring
-                .completion()
-                .map(|c| (c.user_data() as usize, c.result())),
-        );
-        self.pending -= out.len() - before;
-        if let Helper::Ready(helper) = &mut self.helper {
-            let mid = out.len();
-            out.extend(
-                helper
-                    .completion()
-                    .map(|c| (c.user_data() as usize, c.result())),
-            );
-            self.helper_pending -= out.len() - mid;
-        }
-    }
-
-    fn try_inline(&mut self, op: &mut RwOp) {
-        if !op.buffered || op.iov.len() > IOV_MAX || op.len == 0 {
-            return;
-        }
-        if op.write && op.dsync {
-            return;
-        }
-        if op.write && op.len > INLINE_WRITE_MAX {
-            return;
-        }
-        if op.write && !self.nowait_write {
-            op.result = Some(finish_blocking(op, 0));
-            return;
-        }
-        if !op.write && !self.nowait_read {
-            return;
-        }
-        let Ok(off) = libc::off64_t::try_from(op.offset) else {
-            return;
-        };
-        // SAFETY: every iovec points into guest memory that the caller keeps mapped for the
-        // whole batch, with the length of the guest buffer it came from; the fd is open.
-        let n = unsafe {
-            if op.write {
-                libc::pwritev2(
-                    op.fd,
-                    op.iov.as_ptr(),
-                    op.iov.len() as libc::c_int,
-                    off,
-                    libc::RWF_NOWAIT,
-                )
-            } else {
-                libc::preadv2(
-                    op.fd,
-                    op.iov.as_ptr(),
-                    op.iov.len() as libc::c_int,
-                    off,
-                    libc::RWF_NOWAIT,
-                )
-            }
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error().raw_os_error();
-            if matches!(e, Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)) {
-                // Not supported here: stop trying for this direction.
-                if op.write {
-                    self.nowait_write = false;
-                    op.result = Some(finish_blocking(op, 0));
-                } else {
-                    self.nowait_read = false;
-                }
-            }
-            return;
-        }
-        let n = n as u64;
-        if n >= op.len {
-            op.result = Some(Ok(()));
-        } else if n > 0 {
-            // Partly cached: the ring does the rest.
-            op.iov = advance(&op.iov, n);
-            op.offset += n;
-            op.len -= n;
-        }
-    }
-}
-
-/// The ring entry for `op`, tagged `id`.
-fn rw_entry(op: &RwOp, id: usize) -> io_uring::squeue::Entry {
-    if op.write {
-        opcode::Writev::new(types::Fd(op.fd), op.iov.as_ptr(), op.iov.len() as u32)
-            .offset(op.offset)
-            .rw_flags(if op.dsync { libc::RWF_DSYNC } else { 0 })
-            .build()
-            .user_data(id as u64)
-    } else {
-        readv_entry(op, id)
-    }
-}
-
-fn readv_entry(op: &RwOp, id: usize) -> io_uring::squeue::Entry {
-    opcode::Readv::new(types::Fd(op.fd), op.iov.as_ptr(), op.iov.len() as u32)
-        .offset(op.offset)
-        .build()
-        .user_data(id as u64)
-}
-
-/// Record the outcome `res` of a ring entry for `op`, finishing short or refused transfers
-/// with blocking syscalls.
-pub fn complete(op: &mut RwOp, res: i32) {
-    op.result = Some(if res < 0 {
-        let e = io::Error::from_raw_os_error(-res);
-        if -res == libc::EINVAL && op.fallback_fd != op.fd {
-            rw_blocking(op, op.fallback_fd, 0)
-        } else if -res == libc::EINTR || -res == libc::EAGAIN || -res == libc::EBADF {
-            // EBADF: a polling ring refused the file (it only takes registered ones on some
-            // kernels); the fd itself is open.
-            finish_blocking(op, 0)
-        } else {
-            Err(e)
-        }
-    } else if (res as u64) < op.len {
-        // Short transfer: finish the rest synchronously.
-        finish_blocking(op, res as u64)
-    } else {
-        Ok(())
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::Write;
@@ -570,93 +474,119 @@ mod tests {
     use super::*;
 
     impl Engine {
-        /// Run every op to completion; each op's `result` is set.
-        fn run(&mut self, ops: &mut [RwOp]) {
+        /// Run every op to completion and return their results.
+        fn run(&mut self, ops: &mut [Op]) -> Vec<io::Result<()>> {
+            let mut results: Vec<Option<io::Result<()>>> = ops.iter().map(|_| None).collect();
             let mut cqes = Vec::new();
             for (i, op) in ops.iter_mut().enumerate() {
-                // SAFETY: every op started here is reaped below before this function returns, and
-                // `ops` is borrowed for the whole call, so no op moves or is dropped meanwhile.
-                unsafe { self.start(i, op, false) };
+                // SAFETY: every op started here is reaped below before this function returns,
+                // and `ops` is borrowed for the whole call, so no op moves or is dropped.
+                if let Started::Done(r) = unsafe { self.start(i, op, false) } {
+                    results[i] = Some(r);
+                }
             }
             self.submit();
             while self.in_flight() > 0 {
                 cqes.clear();
                 self.reap(&mut cqes, true);
                 for &(i, res) in &cqes {
-                    if let Some(op) = ops.get_mut(i) {
-                        complete(op, res);
+                    match finish(&mut ops[i], res) {
+                        Reaped::Done(r) => results[i] = Some(r),
+                        // SAFETY: as above.
+                        Reaped::Again => match unsafe { self.start(i, &mut ops[i], false) } {
+                            Started::Done(r) => results[i] = Some(r),
+                            _ => self.submit(),
+                        },
                     }
                 }
             }
+            results.into_iter().map(Option::unwrap).collect()
+        }
+    }
+
+    fn rw(fd: RawFd, write: bool, offset: u64, iov: Iovecs, buffered: bool) -> Op {
+        let len = iov.iter().map(|v| v.iov_len as u64).sum();
+        Op {
+            kind: if write {
+                OpKind::Write { dsync: false }
+            } else {
+                OpKind::Read
+            },
+            fd,
+            fallback_fd: fd,
+            offset,
+            len,
+            iov,
+            buffered,
         }
     }
 
     fn roundtrip(kind: EngineKind, buffered: bool) {
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(&[7u8; 8192]).unwrap();
+        let fd = f.as_raw_fd();
         let mut engine = Engine::new(kind, 16).unwrap();
         let mut a = vec![1u8; 1000];
         let mut b = vec![2u8; 3096];
-        let mut ops = vec![RwOp {
-            write: true,
-            fd: f.as_raw_fd(),
-            fallback_fd: f.as_raw_fd(),
-            offset: 512,
-            iov: smallvec::smallvec![
-                libc::iovec {
-                    iov_base: a.as_mut_ptr().cast(),
-                    iov_len: a.len(),
-                },
-                libc::iovec {
-                    iov_base: b.as_mut_ptr().cast(),
-                    iov_len: b.len(),
-                },
-            ],
-            len: 4096,
-            dsync: false,
-            buffered,
-            result: None,
-        }];
-        engine.run(&mut ops);
-        ops[0].result.take().unwrap().unwrap();
+        let iov = smallvec::smallvec![
+            libc::iovec {
+                iov_base: a.as_mut_ptr().cast(),
+                iov_len: a.len(),
+            },
+            libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            },
+        ];
+        let r = engine.run(&mut [rw(fd, true, 512, iov, buffered)]);
+        r.into_iter().next().unwrap().unwrap();
         let mut back = vec![0u8; 8192];
-        let mut ops = vec![RwOp {
-            write: false,
-            fd: f.as_raw_fd(),
-            fallback_fd: f.as_raw_fd(),
-            offset: 0,
-            iov: smallvec::smallvec![libc::iovec {
-                iov_base: back.as_mut_ptr().cast(),
-                iov_len: back.len(),
-            }],
-            len: 8192,
-            dsync: false,
-            buffered,
-            result: None,
+        let iov = smallvec::smallvec![libc::iovec {
+            iov_base: back.as_mut_ptr().cast(),
+            iov_len: back.len(),
         }];
-        engine.run(&mut ops);
-        ops[0].result.take().unwrap().unwrap();
+        let r = engine.run(&mut [rw(fd, false, 0, iov, buffered), Op::sync(fd)]);
+        assert!(r.iter().all(Result::is_ok), "{r:?}");
         assert!(back[..512].iter().all(|&x| x == 7));
         assert!(back[512..1512].iter().all(|&x| x == 1));
         assert!(back[1512..4608].iter().all(|&x| x == 2));
         assert!(back[4608..].iter().all(|&x| x == 7));
         // Reading past the end is an error, not a hang.
-        let mut ops = vec![RwOp {
-            write: false,
-            fd: f.as_raw_fd(),
-            fallback_fd: f.as_raw_fd(),
-            offset: 8192 - 512,
-            iov: smallvec::smallvec![libc::iovec {
-                iov_base: back.as_mut_ptr().cast(),
-                iov_len: 1024,
-            }],
-            len: 1024,
-            dsync: false,
-            buffered,
-            result: None,
+        let iov = smallvec::smallvec![libc::iovec {
+            iov_base: back.as_mut_ptr().cast(),
+            iov_len: 1024,
         }];
-        engine.run(&mut ops);
-        assert!(ops[0].result.take().unwrap().is_err());
+        let r = engine.run(&mut [rw(fd, false, 8192 - 512, iov, buffered)]);
+        assert!(r[0].is_err());
+        // Zero a range (and sync it), punch a hole: both read back as zeroes.
+        let fall = |mode, offset, unsupported| Op {
+            kind: OpKind::Fallocate {
+                mode,
+                sync: true,
+                unsupported,
+            },
+            offset,
+            len: 1024,
+            ..Op::sync(fd)
+        };
+        let r = engine.run(&mut [
+            fall(
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                Unsupported::WriteZeroes,
+            ),
+            fall(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                4096,
+                Unsupported::Ignore,
+            ),
+        ]);
+        assert!(r.iter().all(Result::is_ok), "{r:?}");
+        let mut all = vec![0u8; 8192];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut all, 0).unwrap();
+        assert!(all[..1024].iter().all(|&x| x == 0));
+        assert!(all[4096..5120].iter().all(|&x| x == 0));
+        assert!(all[5120..].iter().all(|&x| x == 7));
     }
 
     #[test]
@@ -672,8 +602,40 @@ mod tests {
                 roundtrip(EngineKind::IoUring, false);
                 roundtrip(EngineKind::IoUring, true);
             }
-            Err(e) => eprintln!("SKIPPED: io_uring unavailable here: {e}"),
+            Err(e) => vloop_frontend::skip::skip(&format!("io_uring unavailable here: {e}")),
         }
+    }
+
+    #[test]
+    fn zero_range_refused_falls_back_to_zero_buffers() {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&[7u8; 4096]).unwrap();
+        let op = Op {
+            kind: OpKind::Fallocate {
+                mode: libc::FALLOC_FL_ZERO_RANGE,
+                sync: false,
+                unsupported: Unsupported::WriteZeroes,
+            },
+            offset: 512,
+            len: 1024,
+            ..Op::sync(f.as_raw_fd())
+        };
+        fallocate_refused(&op, io::Error::from_raw_os_error(libc::EOPNOTSUPP)).unwrap();
+        let mut all = vec![0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut all, 0).unwrap();
+        assert!(all[512..1536].iter().all(|&x| x == 0));
+        assert!(all[..512].iter().chain(&all[1536..]).all(|&x| x == 7));
+        // Other errors stay errors; a refused discard is a success.
+        assert!(fallocate_refused(&op, io::Error::from_raw_os_error(libc::EIO)).is_err());
+        let discard = Op {
+            kind: OpKind::Fallocate {
+                mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                sync: false,
+                unsupported: Unsupported::Ignore,
+            },
+            ..op
+        };
+        assert!(fallocate_refused(&discard, io::Error::from_raw_os_error(libc::ENOTTY)).is_ok());
     }
 
     #[test]

@@ -1,0 +1,207 @@
+//! Guest memory that disappears under the daemon.
+//!
+//! Guest RAM is a file the frontend shares and the daemon maps. A memfd is sealed against
+//! shrinking before it is mapped ([`crate::protocol::fds`]), but a file that cannot be sealed
+//! (`memory-backend-file` on tmpfs or hugetlbfs, a memfd created without sealing) can be
+//! truncated by the frontend at any time, and the daemon's next access to a page past the new
+//! end raises SIGBUS, which would kill it. The kernel's own accesses (the I/O engine's reads
+//! and writes into guest buffers) fail with EFAULT instead, which the executor reports as
+//! IOERR; the daemon's accesses (rings, headers, status bytes) are covered here.
+//!
+//! Each connection registers the host ranges of its guest memory. A SIGBUS inside a registered
+//! range maps an anonymous page over the faulting one, so the access completes (reading zeroes,
+//! writing into memory nobody sees), and marks the range as faulted; the connection's workers
+//! see it after their batch and end the connection. A SIGBUS anywhere else gets the default
+//! action, as if no handler were installed.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Once;
+
+/// Most ranges registered at once (a connection registers one per memory region).
+const SLOTS: usize = 512;
+
+struct Slot {
+    start: AtomicUsize,
+    end: AtomicUsize,
+    /// The registering owner (0: free).
+    owner: AtomicU64,
+    faulted: AtomicBool,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const FREE: Slot = Slot {
+    start: AtomicUsize::new(0),
+    end: AtomicUsize::new(0),
+    owner: AtomicU64::new(0),
+    faulted: AtomicBool::new(false),
+};
+
+static TABLE: [Slot; SLOTS] = [FREE; SLOTS];
+static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
+static INSTALL: Once = Once::new();
+
+/// Install the SIGBUS handler (once per process).
+pub fn install() -> io::Result<()> {
+    let mut result = Ok(());
+    INSTALL.call_once(|| {
+        // SAFETY: sigaction with a zeroed struct, a handler with the SA_SIGINFO signature and
+        // an empty mask; the handler only touches atomics and calls mmap/signal.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_sigbus as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()) != 0 {
+                result = Err(io::Error::last_os_error());
+            }
+        }
+    });
+    result
+}
+
+/// Page sizes tried, smallest first: a hugetlbfs mapping can only be replaced whole pages at
+/// a time.
+const PAGES: [usize; 3] = [4096, 2 << 20, 1 << 30];
+
+extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    for slot in &TABLE {
+        let start = slot.start.load(Ordering::Acquire);
+        let end = slot.end.load(Ordering::Acquire);
+        if slot.owner.load(Ordering::Acquire) == 0 || addr < start || addr >= end {
+            continue;
+        }
+        for page in PAGES {
+            let base = addr & !(page - 1);
+            // SAFETY: the range is inside guest memory this process mapped (registered by its
+            // owner until it unmaps it); replacing it with anonymous memory only changes what
+            // the daemon reads there. mmap is a plain system call.
+            let r = unsafe {
+                libc::mmap(
+                    base as *mut libc::c_void,
+                    page,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if r != libc::MAP_FAILED {
+                slot.faulted.store(true, Ordering::Release);
+                return;
+            }
+        }
+    }
+    // Not guest memory: the default action, when the access runs again.
+    // SAFETY: signal() with SIG_DFL is async-signal-safe.
+    unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+}
+
+/// The ranges one owner (a connection) registered; unregistered when dropped.
+#[derive(Debug)]
+pub struct Registration {
+    owner: u64,
+    slots: Vec<usize>,
+}
+
+/// An owner of guest memory ranges.
+#[derive(Debug)]
+pub struct Owner(u64);
+
+impl Default for Owner {
+    fn default() -> Self {
+        Owner(NEXT_OWNER.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl Owner {
+    /// Register `ranges` (host address, length) as guest memory of this owner. Ranges that
+    /// find no free slot stay unprotected (a warning is logged).
+    pub fn register(&self, ranges: impl IntoIterator<Item = (usize, usize)>) -> Registration {
+        let mut slots = Vec::new();
+        for (start, len) in ranges {
+            let Some(i) = TABLE.iter().position(|s| {
+                s.owner
+                    .compare_exchange(0, u64::MAX, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            }) else {
+                tracing::warn!("no room to guard a guest memory range against truncation");
+                continue;
+            };
+            let s = &TABLE[i];
+            s.faulted.store(false, Ordering::Relaxed);
+            s.start.store(start, Ordering::Relaxed);
+            s.end.store(start.saturating_add(len), Ordering::Relaxed);
+            s.owner.store(self.0, Ordering::Release);
+            slots.push(i);
+        }
+        Registration {
+            owner: self.0,
+            slots,
+        }
+    }
+
+    /// Whether an access to this owner's memory faulted since it was registered.
+    pub fn faulted(&self) -> bool {
+        TABLE
+            .iter()
+            .any(|s| s.owner.load(Ordering::Acquire) == self.0 && s.faulted.load(Ordering::Acquire))
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        for &i in &self.slots {
+            let s = &TABLE[i];
+            if s.owner.load(Ordering::Acquire) == self.owner {
+                s.end.store(0, Ordering::Release);
+                s.start.store(0, Ordering::Release);
+                s.owner.store(0, Ordering::Release);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+
+    #[test]
+    fn a_truncated_mapping_reads_zeroes_and_is_reported() {
+        install().unwrap();
+        let f: File = tempfile::tempfile().unwrap();
+        f.set_len(8192).unwrap();
+        // SAFETY: a fresh shared mapping of a file this test owns, unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                8192,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let owner = Owner::default();
+        let reg = owner.register([(p as usize, 8192)]);
+        // SAFETY: inside the mapping.
+        unsafe { std::ptr::write_volatile(p.cast::<u8>().add(4096), 7) };
+        f.set_len(0).unwrap();
+        // The page is gone: this access would raise SIGBUS.
+        // SAFETY: inside the mapping, which the guard repairs.
+        let v = unsafe { std::ptr::read_volatile(p.cast::<u8>().add(4096)) };
+        assert_eq!(v, 0);
+        assert!(owner.faulted());
+        assert!(!Owner::default().faulted());
+        drop(reg);
+        assert!(!owner.faulted());
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(p, 8192) };
+    }
+}

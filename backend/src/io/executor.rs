@@ -1,0 +1,732 @@
+//! The executor of one queue: descriptor chains in, I/O on the image, completions out.
+//!
+//! [`Executor::process_queue`] is the data path of one worker thread, a pipeline: it pops every
+//! available chain, parses it ([`crate::request::parse`], pure), turns it into an [`Op`] (a
+//! read or write whose iovecs point straight into guest memory, a data sync, a fallocate) and
+//! starts it on the thread's engine, and puts every request in the used ring as soon as it
+//! completed, notifying the guest when it asks for it (EVENT_IDX honoured by
+//! `needs_notification`), so the guest queues new requests while others are still in flight.
+//! It keeps popping until the queue is empty and nothing is in flight. Part of the page-cache
+//! reads of a saturated worker go to the engine's helper CPU ([`super::share`]).
+//! [`Executor::execute`] does the same for any list of chains without a queue, which is what
+//! tests, recovery and fuzzers call.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::warn;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::engine::{self, Engine, EngineError, Iovecs, Op, OpKind, Reaped, Started, Unsupported};
+use super::ratelimit::RateLimiter;
+use super::share::SharePolicy;
+use super::store::{Req, Stage, Store};
+use super::{Completion, GuestMem, Stats, Tracker, WARNINGS_PER_SECOND};
+use crate::config::{DiscardMode, EngineKind};
+use crate::disk::Disk;
+use crate::request::{parse, GuestRange, Limits, Request, RequestKind, Segment, ID_BYTES};
+
+const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
+const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+
+/// Most waves (chains popped together) one `process_queue` call takes, so the caller gets to
+/// release the vring now and then.
+const WAVES_PER_CALL: usize = 1024;
+
+/// Executes requests of one queue. Owned by that queue's worker thread.
+#[derive(Debug)]
+pub struct Executor {
+    disk: Arc<Disk>,
+    engine: Engine,
+    queue: u16,
+    limiter: RateLimiter,
+    stats: Stats,
+    features: u64,
+    /// The write cache mode of the connection (the driver's `wce`): true for writeback.
+    writeback: Arc<AtomicBool>,
+    /// Requests started and not yet completed.
+    store: Store,
+    /// Completed requests not yet in the used ring, with their arrival position.
+    ready: Vec<(u32, Completion)>,
+    /// Requests parsed since the engine was last given work.
+    fresh: Vec<u32>,
+    share: SharePolicy,
+    /// Scratch buffers kept for their capacity, so the data path allocates nothing once the
+    /// first few requests have run.
+    heads: Vec<u16>,
+    cqes: Vec<(usize, i32)>,
+}
+
+/// What starting a chain led to.
+enum Parsed {
+    /// An op to give the engine.
+    Op(Req),
+    /// Completed at once (refused, GET_ID, empty transfers, nothing to do).
+    Done(Completion),
+}
+
+impl Executor {
+    /// An executor for queue `queue` with an engine of `kind`, sized for `queue_size`.
+    pub fn new(
+        disk: Arc<Disk>,
+        queue: u16,
+        kind: EngineKind,
+        queue_size: u16,
+    ) -> Result<Executor, EngineError> {
+        let capacity = usize::from(queue_size).min(engine::MAX_RING_ENTRIES as usize);
+        Ok(Executor {
+            features: crate::virtio_blk::features(&disk.limits()),
+            disk,
+            engine: Engine::new(kind, u32::from(queue_size))?,
+            queue,
+            limiter: RateLimiter::new(WARNINGS_PER_SECOND),
+            stats: Stats::default(),
+            writeback: Arc::new(AtomicBool::new(true)),
+            store: Store::new(capacity),
+            ready: Vec::new(),
+            fresh: Vec::new(),
+            share: SharePolicy::default(),
+            heads: Vec::new(),
+            cqes: Vec::new(),
+        })
+    }
+
+    /// Tell the executor which virtio features the driver negotiated (all offered ones until
+    /// this is called). `size_max` and `seg_max` bind only a driver that negotiated
+    /// VIRTIO_BLK_F_SIZE_MAX / VIRTIO_BLK_F_SEG_MAX (UEFI's VirtioBlkDxe negotiates neither
+    /// and puts a whole transfer in one descriptor), and a driver without VIRTIO_BLK_F_FLUSH
+    /// cannot ask for durability, so its writes are written through.
+    pub fn set_features(&mut self, features: u64) {
+        self.features = features;
+    }
+
+    /// Read the write cache mode from `writeback` (shared by the queues of one connection, set
+    /// by the driver's config writes) instead of this executor's own flag.
+    pub fn share_write_cache(&mut self, writeback: Arc<AtomicBool>) {
+        self.writeback = writeback;
+    }
+
+    /// Share page-cache reads with the engine's helper whenever a launch has enough of them,
+    /// saturated or not (tests and fuzzing use this to exercise the helper path).
+    pub fn always_share(&mut self) {
+        self.share.always();
+    }
+
+    /// Count this executor's worker in `busy`, the number of the device's workers that are
+    /// saturated (see [`super::share`]).
+    pub fn count_load_in(&mut self, busy: Arc<AtomicUsize>) {
+        self.share.set_counter(busy);
+    }
+
+    /// The negotiated features in effect.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn negotiated(&self, bit: u32) -> bool {
+        self.features & (1 << bit) != 0
+    }
+
+    /// Whether writes, discards and write-zeroes are made durable before they complete: the
+    /// driver turned the write cache off, or it cannot flush.
+    pub fn write_through(&self) -> bool {
+        !self.writeback.load(Ordering::Relaxed) || !self.negotiated(VIRTIO_BLK_F_FLUSH)
+    }
+
+    /// The request limits for this driver: the disk's, minus those it did not negotiate.
+    pub fn limits(&self) -> Limits {
+        let mut limits = *self.disk.limits();
+        if !self.negotiated(VIRTIO_BLK_F_SIZE_MAX) {
+            limits.size_max = u32::MAX;
+        }
+        if !self.negotiated(VIRTIO_BLK_F_SEG_MAX) {
+            limits.seg_max = u32::MAX;
+        }
+        limits
+    }
+
+    /// The queue this executor serves.
+    pub fn queue(&self) -> u16 {
+        self.queue
+    }
+
+    /// The engine in use.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    fn guest_warn(&mut self, head: u16, what: std::fmt::Arguments<'_>) {
+        if let Some(suppressed) = self.limiter.allow() {
+            if suppressed > 0 {
+                warn!(
+                    queue = self.queue,
+                    "{suppressed} similar messages suppressed"
+                );
+            }
+            warn!(queue = self.queue, head, "{what}");
+        }
+    }
+
+    /// Serve `queue` until it is empty (or [`WAVES_PER_CALL`] waves were taken) and nothing is
+    /// in flight, putting requests in the used ring as they complete. Returns whether the
+    /// guest must be notified.
+    pub fn process_queue(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMem,
+    ) -> Result<bool, virtio_queue::Error> {
+        let mut notify = false;
+        self.process_queue_tracked(queue, mem, None, &mut || notify = true)?;
+        Ok(notify)
+    }
+
+    /// [`Executor::process_queue`] with a [`Tracker`] told of every chain taken and returned.
+    /// `notify` is called each time the guest asks to be told about completed requests; every
+    /// request popped is completed when this returns, also when it returns an error.
+    pub fn process_queue_tracked(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMem,
+        tracker: Option<&dyn Tracker>,
+        notify: &mut dyn FnMut(),
+    ) -> Result<(), virtio_queue::Error> {
+        self.drained(|ex| ex.serve(queue, mem, tracker, notify))
+    }
+
+    /// Run `f`; if it panics, wait for the engine's ops in flight before unwinding further:
+    /// the kernel may still write into guest memory that the caller unmaps afterwards.
+    fn drained<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
+        done.unwrap_or_else(|panic| {
+            self.engine.drain();
+            std::panic::resume_unwind(panic)
+        })
+    }
+
+    fn serve(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMem,
+        tracker: Option<&dyn Tracker>,
+        notify: &mut dyn FnMut(),
+    ) -> Result<(), virtio_queue::Error> {
+        let mut broken = None;
+        let started = Instant::now();
+        let mut waves = 0;
+        loop {
+            let mut popped = 0;
+            if broken.is_none() && self.store.room() > 0 && waves < WAVES_PER_CALL {
+                match queue.iter(mem) {
+                    Ok(chains) => {
+                        // Taken for each wave, after the available index was read: the image
+                        // size (SIGHUP) and the write cache mode (a config write) may have
+                        // changed since the last one, before the guest queued these requests.
+                        let limits = self.limits();
+                        let write_through = self.write_through();
+                        for chain in chains {
+                            let head = chain.head_index();
+                            if let Some(t) = tracker {
+                                t.taken(head);
+                            }
+                            self.start(mem, head, chain, 0, &limits, write_through);
+                            popped += 1;
+                            if self.store.room() == 0 {
+                                break;
+                            }
+                        }
+                    }
+                    Err(e) => broken = Some(e),
+                }
+            }
+            if popped > 0 {
+                waves += 1;
+                self.stats.batches += 1;
+                self.launch(mem);
+            }
+            // Wait for the engine only when there is nothing else to do.
+            let wait = popped == 0 && self.ready.is_empty() && self.engine.in_flight() > 0;
+            if wait && self.engine.helper_in_flight() > 0 {
+                self.share.worker_waits();
+            }
+            self.collect(mem, wait);
+            if self.ready.is_empty() {
+                if popped == 0 && self.engine.in_flight() == 0 {
+                    self.share.account(started);
+                    return match broken {
+                        Some(e) => Err(e),
+                        None => Ok(()),
+                    };
+                }
+                continue;
+            }
+            self.publish(queue, mem, tracker);
+            match queue.needs_notification(mem) {
+                Ok(false) => {}
+                Ok(true) => notify(),
+                Err(e) => {
+                    // Requests may still be in flight: finish them before reporting it, and
+                    // notify, as the ring cannot say whether the guest wants it.
+                    notify();
+                    broken.get_or_insert(e);
+                }
+            }
+        }
+    }
+
+    /// Put the completed requests in the used ring.
+    fn publish(&mut self, queue: &mut Queue, mem: &GuestMem, tracker: Option<&dyn Tracker>) {
+        let mut heads = std::mem::take(&mut self.heads);
+        heads.clear();
+        heads.extend(self.ready.iter().map(|(_, c)| c.head));
+        if let Some(t) = tracker {
+            t.completing(&heads);
+        }
+        let ready = std::mem::take(&mut self.ready);
+        for (_, c) in &ready {
+            // A head index past the ring (a broken or hostile driver) cannot be completed;
+            // the rest still are.
+            if let Err(e) = queue.add_used(mem, c.head, c.len) {
+                self.guest_warn(c.head, format_args!("cannot complete the request: {e}"));
+            }
+        }
+        if let Some(t) = tracker {
+            t.completed(&heads, queue.next_used());
+        }
+        self.ready = ready;
+        self.ready.clear();
+        self.heads = heads;
+    }
+
+    /// Execute a batch of chains (head index and descriptors) against `mem` and return their
+    /// completions, in the same order. Status bytes and read data are written to `mem`.
+    pub fn execute<I, D>(&mut self, mem: &GuestMem, chains: I) -> Vec<Completion>
+    where
+        I: IntoIterator<Item = (u16, D)>,
+        D: IntoIterator<Item = Descriptor>,
+    {
+        self.drained(|ex| ex.execute_all(mem, chains))
+    }
+
+    fn execute_all<I, D>(&mut self, mem: &GuestMem, chains: I) -> Vec<Completion>
+    where
+        I: IntoIterator<Item = (u16, D)>,
+        D: IntoIterator<Item = Descriptor>,
+    {
+        let limits = self.limits();
+        let write_through = self.write_through();
+        let mut pos = 0u32;
+        for (head, chain) in chains {
+            while self.store.room() == 0 {
+                self.launch(mem);
+                self.collect(mem, true);
+            }
+            self.start(mem, head, chain, pos, &limits, write_through);
+            pos = pos.wrapping_add(1);
+        }
+        self.launch(mem);
+        while self.engine.in_flight() > 0 {
+            self.collect(mem, true);
+        }
+        self.stats.batches += 1;
+        let mut ready = std::mem::take(&mut self.ready);
+        ready.sort_by_key(|(p, _)| *p);
+        ready.into_iter().map(|(_, c)| c).collect()
+    }
+
+    /// Parse one chain and start it: ops wait in `fresh` for [`Self::launch`]; everything else
+    /// is ready at once.
+    fn start<D>(
+        &mut self,
+        mem: &GuestMem,
+        head: u16,
+        chain: D,
+        pos: u32,
+        limits: &Limits,
+        write_through: bool,
+    ) where
+        D: IntoIterator<Item = Descriptor>,
+    {
+        let parsed = match parse(chain, mem, limits) {
+            Ok(r) => self.plan(mem, head, pos, r, write_through),
+            Err(rej) => {
+                self.guest_warn(head, format_args!("request rejected: {}", rej.error));
+                let status = rej.error.status();
+                Parsed::Done(self.complete(mem, head, rej.status, status, 1))
+            }
+        };
+        match parsed {
+            Parsed::Op(req) => {
+                let id = self.store.insert(req);
+                self.fresh.push(id);
+            }
+            Parsed::Done(c) => self.ready.push((pos, c)),
+        }
+    }
+
+    /// What a valid request turns into.
+    fn plan(
+        &mut self,
+        mem: &GuestMem,
+        head: u16,
+        pos: u32,
+        r: Request,
+        write_through: bool,
+    ) -> Parsed {
+        let null = self.engine.is_null();
+        let offset = r.offset();
+        let op = match &r.kind {
+            RequestKind::Read { .. } | RequestKind::Write { .. } if r.data_len == 0 => None,
+            RequestKind::Read { .. } | RequestKind::Write { .. } => {
+                let write = matches!(r.kind, RequestKind::Write { .. });
+                match self.rw_op(mem, &r.data, write, offset, r.data_len, write_through) {
+                    Some(op) => Some(op),
+                    None => {
+                        self.guest_warn(
+                            head,
+                            format_args!("request buffers are not in guest memory"),
+                        );
+                        return self.done(mem, head, r.status, STATUS_IOERR, 1);
+                    }
+                }
+            }
+            RequestKind::GetId => {
+                let used = self.write_id(mem, &r.data) + 1;
+                return self.done(mem, head, r.status, STATUS_OK, used);
+            }
+            RequestKind::Flush if null || self.disk.limits().read_only => None,
+            RequestKind::Flush => {
+                if let Err(e) = self.disk.flush_poisoned() {
+                    warn!(queue = self.queue, "flush refused: {e}");
+                    return self.done(mem, head, r.status, STATUS_IOERR, 1);
+                }
+                Some(Op::sync(self.disk.fd()))
+            }
+            RequestKind::Discard(segs) | RequestKind::WriteZeroes(segs) => {
+                let discard = matches!(r.kind, RequestKind::Discard(_));
+                match segs.as_slice() {
+                    [] => None,
+                    [s] if s.is_empty() || null => None,
+                    [_] if discard && self.disk.discard_mode() == DiscardMode::Ignore => None,
+                    [s] => Some(self.fallocate_op(s, discard, write_through)),
+                    _ => {
+                        // The device advertises one segment, and parse refuses more.
+                        warn!(queue = self.queue, "{} segments in one request", segs.len());
+                        return self.done(mem, head, r.status, STATUS_IOERR, 1);
+                    }
+                }
+            }
+        };
+        match op {
+            None => self.done(mem, head, r.status, STATUS_OK, 1),
+            Some(op) => Parsed::Op(Req {
+                head,
+                pos,
+                status: r.status,
+                data_len: if op.is_rw() { r.data_len } else { 0 },
+                offset,
+                stage: Stage::Parsed(op),
+            }),
+        }
+    }
+
+    fn done(
+        &mut self,
+        mem: &GuestMem,
+        head: u16,
+        status_addr: GuestAddress,
+        status: u8,
+        used: u32,
+    ) -> Parsed {
+        Parsed::Done(self.complete(mem, head, Some(status_addr), status, used))
+    }
+
+    /// The read or write of `data` at `offset`; `None` when a buffer is not in guest memory.
+    fn rw_op(
+        &self,
+        mem: &GuestMem,
+        data: &[GuestRange],
+        write: bool,
+        offset: u64,
+        len: u64,
+        write_through: bool,
+    ) -> Option<Op> {
+        let iov = guest_iovecs(mem, data)?;
+        let aligned = iov
+            .iter()
+            .all(|v| (v.iov_base as usize).is_multiple_of(512) && v.iov_len.is_multiple_of(512));
+        let direct = self.disk.is_direct() && aligned;
+        let fd = if direct {
+            self.disk.fd()
+        } else {
+            self.disk.buffered_fd()
+        };
+        Some(Op {
+            kind: if write {
+                OpKind::Write {
+                    dsync: write_through,
+                }
+            } else {
+                OpKind::Read
+            },
+            fd,
+            fallback_fd: self.disk.buffered_fd(),
+            offset,
+            iov,
+            len,
+            buffered: !direct,
+        })
+    }
+
+    /// The fallocate of a discard or write-zeroes segment: a discard punches a hole (on a
+    /// block device: discards the range), a write-zeroes zeroes the range, or punches a hole
+    /// when the driver allows unmapping and discards are not ignored. Written through like
+    /// writes.
+    fn fallocate_op(&self, s: &Segment, discard: bool, write_through: bool) -> Op {
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        let (mode, unsupported) = if discard {
+            let mode = if self.disk.is_block_device() {
+                punch | engine::FALLOC_FL_NO_HIDE_STALE
+            } else {
+                punch
+            };
+            (mode, Unsupported::Ignore)
+        } else if s.unmap && self.disk.discard_mode() == DiscardMode::Unmap {
+            (punch, Unsupported::WriteZeroes)
+        } else {
+            (
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                Unsupported::WriteZeroes,
+            )
+        };
+        Op {
+            kind: OpKind::Fallocate {
+                mode,
+                sync: write_through,
+                unsupported,
+            },
+            fd: self.disk.fd(),
+            fallback_fd: self.disk.buffered_fd(),
+            offset: s.offset(),
+            len: s.len(),
+            iov: Iovecs::new(),
+            buffered: false,
+        }
+    }
+
+    /// The op of a one-block discard, as `plan` builds it (tests check its durability flag).
+    #[cfg(test)]
+    pub(super) fn fallocate_op_for_test(&self, write_through: bool) -> Op {
+        let s = Segment {
+            sector: 0,
+            num_sectors: 1,
+            unmap: false,
+        };
+        self.fallocate_op(&s, true, write_through)
+    }
+
+    /// Write the device serial into `data`; returns the bytes written.
+    fn write_id(&self, mem: &GuestMem, data: &[GuestRange]) -> u32 {
+        let serial = *self.disk.serial();
+        let mut written = 0usize;
+        for r in data {
+            if written == ID_BYTES {
+                break;
+            }
+            let n = (r.len as usize).min(ID_BYTES - written);
+            if mem
+                .write_slice(&serial[written..written + n], r.addr)
+                .is_err()
+            {
+                break;
+            }
+            written += n;
+        }
+        written as u32
+    }
+
+    /// Give the engine every op parsed since the last call; part of the page-cache reads go
+    /// to the helper first (taken from the end of the launch), as the share policy says.
+    fn launch(&mut self, mem: &GuestMem) {
+        if self.fresh.is_empty() {
+            return;
+        }
+        let mut fresh = std::mem::take(&mut self.fresh);
+        let shareable = fresh
+            .iter()
+            .filter(|&&id| self.store.get(id).is_some_and(|r| r.stage.op().shareable()))
+            .count();
+        let portion = self
+            .share
+            .portion(shareable, self.engine.helper_in_flight() == 0);
+        let mut to_share = if portion > 0 && self.engine.can_share() {
+            portion
+        } else {
+            0
+        };
+        for pass in [true, false] {
+            for i in 0..fresh.len() {
+                let id = if pass {
+                    fresh[fresh.len() - 1 - i]
+                } else {
+                    fresh[i]
+                };
+                let Some(req) = self.store.get_mut(id) else {
+                    continue;
+                };
+                let Stage::Parsed(op) = &req.stage else {
+                    continue;
+                };
+                let share = pass && to_share > 0 && op.shareable();
+                if pass && !share {
+                    continue;
+                }
+                if share {
+                    to_share -= 1;
+                }
+                let op = req.stage.enter_engine();
+                // SAFETY: the op lives in a boxed chunk of the store, which never moves, and
+                // stays there (in its `InEngine` stage) until `collect` reaps its completion;
+                // every request is completed before `process_queue`/`execute` returns, while
+                // the caller's `mem` keeps guest memory mapped.
+                if let Started::Done(result) = unsafe { self.engine.start(id as usize, op, share) }
+                {
+                    self.finish(mem, id, result);
+                }
+            }
+        }
+        self.engine.submit();
+        fresh.clear();
+        self.fresh = fresh;
+    }
+
+    /// Finish the requests whose I/O completed; with `wait`, block until at least one did.
+    fn collect(&mut self, mem: &GuestMem, wait: bool) {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.clear();
+        if wait {
+            let t = Instant::now();
+            self.engine.reap(&mut cqes, true);
+            self.share.blocked(t.elapsed());
+        } else {
+            self.engine.reap(&mut cqes, false);
+        }
+        let mut again = false;
+        for &(id, res) in &cqes {
+            let Ok(id) = u32::try_from(id) else { continue };
+            let Some(req) = self.store.get_mut(id) else {
+                continue;
+            };
+            let op = req.stage.op_mut();
+            match engine::finish(op, res) {
+                Reaped::Done(result) => self.finish(mem, id, result),
+                // SAFETY: as in `launch`: the op stays in the store until reaped.
+                Reaped::Again => match unsafe { self.engine.start(id as usize, op, false) } {
+                    Started::Done(result) => self.finish(mem, id, result),
+                    Started::Queued | Started::Partly { .. } => again = true,
+                },
+            }
+        }
+        if again {
+            self.engine.submit();
+        }
+        self.cqes = cqes;
+    }
+
+    /// Request `id`'s op completed with `result`: turn it into a completion.
+    fn finish(&mut self, mem: &GuestMem, id: u32, result: std::io::Result<()>) {
+        let Some(req) = self.store.remove(id) else {
+            return;
+        };
+        let op = req.stage.op();
+        let (status, used) = match result {
+            Ok(()) => {
+                match op.kind {
+                    OpKind::Write { .. } => self.stats.bytes_written += req.data_len,
+                    OpKind::Read => self.stats.bytes_read += req.data_len,
+                    _ => {}
+                }
+                // The data length is below u32::MAX: the chain iterator caps it.
+                let used = if op.kind == OpKind::Read {
+                    u32::try_from(req.data_len + 1).unwrap_or(u32::MAX)
+                } else {
+                    1
+                };
+                (STATUS_OK, used)
+            }
+            Err(e) => {
+                if op.kind == OpKind::Sync {
+                    self.disk.poison_flush(&e);
+                }
+                warn!(
+                    queue = self.queue,
+                    "{} of {} bytes at offset {} failed: {e}",
+                    op_name(&op.kind),
+                    if op.is_rw() { req.data_len } else { op.len },
+                    req.offset
+                );
+                (STATUS_IOERR, 1)
+            }
+        };
+        let c = self.complete(mem, req.head, Some(req.status), status, used);
+        self.ready.push((req.pos, c));
+    }
+
+    /// Write the status byte and count the request; the completion for the used ring. A chain
+    /// without a usable status byte is returned with nothing written.
+    fn complete(
+        &mut self,
+        mem: &GuestMem,
+        head: u16,
+        status_addr: Option<GuestAddress>,
+        status: u8,
+        used: u32,
+    ) -> Completion {
+        let mut len = match status_addr {
+            Some(addr) if mem.write_obj(status, addr).is_ok() => used,
+            _ => 0,
+        };
+        if status != STATUS_OK {
+            len = len.min(1);
+            self.stats.errors += 1;
+        }
+        self.stats.requests += 1;
+        Completion { head, len, status }
+    }
+}
+
+fn op_name(kind: &OpKind) -> &'static str {
+    match kind {
+        OpKind::Read => "read",
+        OpKind::Write { .. } => "write",
+        OpKind::Sync => "flush",
+        OpKind::Fallocate { .. } => "discard/write-zeroes",
+    }
+}
+
+/// iovecs covering `data`, split where guest memory regions end; `None` when any byte is not
+/// in guest memory.
+fn guest_iovecs(mem: &GuestMem, data: &[GuestRange]) -> Option<Iovecs> {
+    let mut iov = Iovecs::with_capacity(data.len());
+    for r in data {
+        for slice in mem.get_slices(r.addr, r.len as usize) {
+            let slice = slice.ok()?;
+            iov.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+        }
+    }
+    Some(iov)
+}

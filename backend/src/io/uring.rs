@@ -1,0 +1,336 @@
+//! The io_uring engine of one worker thread: its ring, and a second ring with a kernel
+//! submission thread (SQPOLL) that copies page-cache reads on another CPU while the worker
+//! copies others and completes requests.
+//!
+//! Buffered reads whose data is in the page cache and small buffered writes complete inline
+//! (RWF_NOWAIT: no ring round trip, no io-wq worker); everything else (O_DIRECT, cache misses,
+//! large and write-through writes, syncs, fallocate) goes to the ring.
+
+use std::io;
+
+use io_uring::{opcode, types, IoUring};
+use tracing::{debug, warn};
+
+use super::engine::{advance, run_blocking, Op, OpKind, Started, IOV_MAX};
+
+/// Largest buffered write done inline. A larger one goes to the ring (an io-wq worker copies
+/// it): the worker keeps serving its other requests meanwhile instead of waiting for a long
+/// copy, and the file system's write lock is handed from one write to the next without a gap.
+const INLINE_WRITE_MAX: u64 = 64 * 1024;
+
+/// Longest wait for the helper ring while the worker ring has ops in flight too.
+const HELPER_WAIT: std::time::Duration = std::time::Duration::from_micros(100);
+
+/// How long the helper ring's kernel thread keeps polling for work after its last request
+/// before it sleeps (io_uring counts this in milliseconds, rounded up to a scheduler tick).
+const HELPER_IDLE_MS: u32 = 1;
+
+/// io_uring state of one worker thread.
+pub struct Uring {
+    ring: IoUring,
+    /// The helper ring, created when first asked for: page-cache copies are CPU work, and with
+    /// more than one CPU its kernel thread copies the reads given to it on another CPU.
+    helper: Helper,
+    /// RWF_NOWAIT reads are supported on this image.
+    nowait_read: bool,
+    /// RWF_NOWAIT writes are supported on this image.
+    nowait_write: bool,
+    /// Ring size.
+    entries: u32,
+    /// Entries pushed on `ring` and not reaped yet.
+    pending: usize,
+    /// Entries pushed on the helper ring and not reaped yet.
+    helper_pending: usize,
+}
+
+/// The helper ring, once its creation was tried.
+enum Helper {
+    /// Not asked for yet.
+    Untried,
+    /// Polling ring.
+    Ready(Box<IoUring>),
+    /// One CPU only, or the kernel refused SQPOLL: every op stays on the worker's ring.
+    Unavailable,
+}
+
+impl Uring {
+    /// A ring of `entries` entries.
+    pub fn new(entries: u32) -> io::Result<Uring> {
+        Ok(Uring {
+            ring: IoUring::new(entries)?,
+            helper: Helper::Untried,
+            nowait_read: true,
+            nowait_write: true,
+            entries,
+            pending: 0,
+            helper_pending: 0,
+        })
+    }
+
+    /// Entries in flight on both rings.
+    pub fn in_flight(&self) -> usize {
+        self.pending + self.helper_pending
+    }
+
+    /// Entries in flight on the helper ring.
+    pub fn helper_in_flight(&self) -> usize {
+        self.helper_pending
+    }
+
+    /// Whether the helper ring exists (creating it on the first call).
+    pub fn helper_ready(&mut self) -> bool {
+        self.helper().is_some()
+    }
+
+    fn helper(&mut self) -> Option<&mut IoUring> {
+        if matches!(self.helper, Helper::Untried) {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            self.helper = if cpus < 2 {
+                Helper::Unavailable
+            } else {
+                match IoUring::builder()
+                    .setup_sqpoll(HELPER_IDLE_MS)
+                    .build(self.entries)
+                {
+                    // Before Linux 5.11 an SQPOLL ring only takes registered files.
+                    Ok(r) if r.params().is_feature_sqpoll_nonfixed() => Helper::Ready(Box::new(r)),
+                    Ok(_) => {
+                        debug!(
+                            "io_uring SQPOLL needs registered files here; reads stay on one CPU"
+                        );
+                        Helper::Unavailable
+                    }
+                    Err(e) => {
+                        debug!("no io_uring submission thread ({e}); reads stay on one CPU");
+                        Helper::Unavailable
+                    }
+                }
+            };
+        }
+        match &mut self.helper {
+            Helper::Ready(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Start an op: shared reads go to the helper ring; page-cache hits and small buffered
+    /// writes complete inline; everything else goes to the ring.
+    ///
+    /// # Safety
+    /// As [`super::Engine::start`].
+    pub unsafe fn start(&mut self, id: usize, op: &mut Op, share: bool) -> Started {
+        if share && op.shareable() {
+            let entry = entry(op, id);
+            if let Some(helper) = self.helper() {
+                // SAFETY: the caller keeps the op and its buffers in place until it is reaped.
+                if unsafe { helper.submission().push(&entry) }.is_ok() {
+                    self.helper_pending += 1;
+                    return Started::Queued;
+                }
+            }
+        }
+        let done = match self.try_inline(op) {
+            Inline::Done(r) => return Started::Done(r),
+            Inline::Partly(n) => n,
+            Inline::No => 0,
+        };
+        if op.iov.len() > IOV_MAX {
+            // Too many pieces for one syscall: the blocking path splits them.
+            return Started::Done(run_blocking(op, 0));
+        }
+        let entry = entry(op, id);
+        for _ in 0..2 {
+            // SAFETY: the caller keeps the op and its buffers in place until it is reaped.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                self.pending += 1;
+                return if done > 0 {
+                    Started::Partly { done }
+                } else {
+                    Started::Queued
+                };
+            }
+            // The submission queue is full: hand it to the kernel and try once more.
+            self.submit();
+        }
+        Started::Done(run_blocking(op, 0))
+    }
+
+    /// Hand pushed entries to the kernel (the helper's thread only needs a wake-up call when
+    /// it fell asleep).
+    pub fn submit(&mut self) {
+        if !self.ring.submission().is_empty() {
+            if let Err(e) = self.ring.submit() {
+                // Left in the queue: the next wait submits them again.
+                debug!("io_uring submit: {e}");
+            }
+        }
+        if let Helper::Ready(helper) = &mut self.helper {
+            if !helper.submission().is_empty() {
+                if let Err(e) = helper.submit() {
+                    // Its thread still takes what is in the queue.
+                    debug!("io_uring helper wake-up: {e}");
+                }
+            }
+        }
+    }
+
+    /// Append the available completions to `out`; with `wait`, block for at least one.
+    pub fn reap(&mut self, out: &mut Vec<(usize, i32)>, wait: bool) {
+        let before = out.len();
+        self.collect(out);
+        if !wait || out.len() > before || self.in_flight() == 0 {
+            return;
+        }
+        // Wait where the quick completions are: the helper's page-cache copies finish within
+        // microseconds, the worker ring's ops may take a disk's time. While both have ops,
+        // the wait on the helper is short, so a helper read that missed the cache does not
+        // hold up the worker ring's completions.
+        let waited = match &mut self.helper {
+            Helper::Ready(helper) if self.helper_pending > 0 && self.pending > 0 => {
+                let ts = types::Timespec::from(HELPER_WAIT);
+                helper
+                    .submitter()
+                    .submit_with_args(1, &types::SubmitArgs::new().timespec(&ts))
+            }
+            Helper::Ready(helper) if self.helper_pending > 0 => helper.submit_and_wait(1),
+            _ => self.ring.submit_and_wait(1),
+        };
+        match waited {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY) | Some(libc::ETIME)
+                ) => {}
+            Err(e) => {
+                // Entries already in the kernel must still be reaped; do not spin.
+                warn!("io_uring wait failed: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        self.collect(out);
+    }
+
+    fn collect(&mut self, out: &mut Vec<(usize, i32)>) {
+        let before = out.len();
+        out.extend(
+            self.ring
+                .completion()
+                .map(|c| (c.user_data() as usize, c.result())),
+        );
+        self.pending -= out.len() - before;
+        if let Helper::Ready(helper) = &mut self.helper {
+            let mid = out.len();
+            out.extend(
+                helper
+                    .completion()
+                    .map(|c| (c.user_data() as usize, c.result())),
+            );
+            self.helper_pending -= out.len() - mid;
+        }
+    }
+
+    /// Try a buffered read or write without the ring: reads with RWF_NOWAIT (served only from
+    /// the page cache), writes up to [`INLINE_WRITE_MAX`] with RWF_NOWAIT where the file
+    /// system supports it, else with a plain pwritev2 (io_uring would hand them to an io-wq
+    /// worker, which measured at about twice the CPU per 4 KiB write on ext4).
+    fn try_inline(&mut self, op: &mut Op) -> Inline {
+        let write = match op.kind {
+            OpKind::Read => false,
+            OpKind::Write { dsync: false } => true,
+            _ => return Inline::No,
+        };
+        if !op.buffered || op.iov.len() > IOV_MAX || op.len == 0 {
+            return Inline::No;
+        }
+        if write && op.len > INLINE_WRITE_MAX {
+            return Inline::No;
+        }
+        if write && !self.nowait_write {
+            return Inline::Done(run_blocking(op, 0));
+        }
+        if !write && !self.nowait_read {
+            return Inline::No;
+        }
+        let Ok(off) = libc::off64_t::try_from(op.offset) else {
+            return Inline::No;
+        };
+        // SAFETY: every iovec points into guest memory that the caller keeps mapped until the
+        // op completes, with the length of the guest buffer it came from; the fd is open.
+        let n = unsafe {
+            if write {
+                libc::pwritev2(
+                    op.fd,
+                    op.iov.as_ptr(),
+                    op.iov.len() as libc::c_int,
+                    off,
+                    libc::RWF_NOWAIT,
+                )
+            } else {
+                libc::preadv2(
+                    op.fd,
+                    op.iov.as_ptr(),
+                    op.iov.len() as libc::c_int,
+                    off,
+                    libc::RWF_NOWAIT,
+                )
+            }
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error().raw_os_error();
+            if matches!(e, Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)) {
+                // Not supported here: stop trying for this direction.
+                if write {
+                    self.nowait_write = false;
+                    return Inline::Done(run_blocking(op, 0));
+                }
+                self.nowait_read = false;
+            }
+            return Inline::No;
+        }
+        let n = n as u64;
+        if n >= op.len {
+            Inline::Done(Ok(()))
+        } else if n > 0 {
+            // Partly cached: the ring does the rest.
+            op.iov = advance(&op.iov, n);
+            op.offset += n;
+            op.len -= n;
+            Inline::Partly(n)
+        } else {
+            Inline::No
+        }
+    }
+}
+
+/// What an inline attempt did.
+enum Inline {
+    /// Completed (or failed for good).
+    Done(io::Result<()>),
+    /// This many bytes done; the op now describes the rest.
+    Partly(u64),
+    /// Nothing done: use the ring.
+    No,
+}
+
+/// The ring entry for `op`, tagged `id`.
+fn entry(op: &Op, id: usize) -> io_uring::squeue::Entry {
+    let fd = types::Fd(op.fd);
+    let e = match op.kind {
+        OpKind::Read => opcode::Readv::new(fd, op.iov.as_ptr(), op.iov.len() as u32)
+            .offset(op.offset)
+            .build(),
+        OpKind::Write { dsync } => opcode::Writev::new(fd, op.iov.as_ptr(), op.iov.len() as u32)
+            .offset(op.offset)
+            .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
+            .build(),
+        OpKind::Sync => opcode::Fsync::new(fd)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build(),
+        OpKind::Fallocate { mode, .. } => opcode::Fallocate::new(fd, op.len)
+            .offset(op.offset)
+            .mode(mode)
+            .build(),
+    };
+    e.user_data(id as u64)
+}

@@ -1,0 +1,432 @@
+//! The relay between a frontend and vhost-user-backend's request handler.
+//!
+//! vhost-user-backend 0.24 answers GET_INFLIGHT_FD and SET_INFLIGHT_FD with an error and offers
+//! no hook for them, cannot send backend requests, and maps or polls whatever descriptors a
+//! frontend sends. So every message of a connection passes through this relay, which:
+//!
+//! - answers GET_INFLIGHT_FD and SET_INFLIGHT_FD itself (installing regions in the
+//!   connection's [`Inflight`]), adds INFLIGHT_SHMFD to the GET_PROTOCOL_FEATURES reply and
+//!   strips it from SET_PROTOCOL_FEATURES;
+//! - keeps the backend request channel (SET_BACKEND_REQ_FD) for config-change announcements;
+//! - checks every descriptor before the library sees it ([`super::fds`]): eventfds for kick,
+//!   call and error (made non-blocking), guest memory that covers its regions and cannot
+//!   shrink, a unix stream socket for the backend channel; descriptors on messages that take
+//!   none, ADD_MEM_REG/REM_MEM_REG (CONFIGURE_MEM_SLOTS is not offered) and the dirty-log
+//!   messages (LOG_SHMFD is not offered) end the connection;
+//! - signals a queue's call eventfd when it is set (as libvhost-user does, so a completion a
+//!   previous backend wrote before it died reaches the guest), and kicks a queue once when its
+//!   kick eventfd is set on a recovered inflight region, so its worker resubmits what was in
+//!   flight even if the guest never kicks again.
+//!
+//! Either direction ending (a closed socket, a refused message, a send that timed out because
+//! the frontend stopped reading) shuts both sockets, which ends the connection.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tracing::{debug, warn};
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserInflight, VhostUserMemory, VhostUserMemoryRegion,
+    VhostUserProtocolFeatures,
+};
+use vm_memory::ByteValued;
+
+use super::backend_channel::BackendChannel;
+use super::fds;
+use super::wire::{self, Message, WireError};
+use crate::inflight::{queue_region_size, Inflight, InflightError, InflightRegion};
+use crate::io::RateLimiter;
+use crate::LockUnpoisoned;
+
+/// `VHOST_USER_VRING_NOFD_MASK`: the vring message carries no descriptor.
+const VRING_NOFD: u64 = 1 << 8;
+/// `VHOST_USER_VRING_IDX_MASK`.
+const VRING_IDX: u64 = 0xff;
+/// How long a send to the frontend may block before the frontend counts as gone (it stopped
+/// reading its socket).
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the relay ended a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// A socket failed or closed mid-message.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// A send failed.
+    #[error("sending to the {0} failed")]
+    Send(&'static str, #[source] io::Error),
+    /// A message was refused.
+    #[error("{request:?} refused: {why}")]
+    Refused {
+        /// The request.
+        request: u32,
+        /// Why.
+        why: String,
+    },
+}
+
+fn refused(m: &Message, why: impl std::fmt::Display) -> RelayError {
+    RelayError::Refused {
+        request: m.header.request,
+        why: why.to_string(),
+    }
+}
+
+/// What the relay remembers of one connection.
+struct Relay {
+    outer: UnixStream,
+    inner: UnixStream,
+    /// Writes to the frontend come from both directions' threads.
+    out_lock: Mutex<()>,
+    inflight: Arc<Inflight>,
+    channel: Arc<BackendChannel>,
+    reply_ack: AtomicBool,
+}
+
+/// A running relay: its threads and the sockets to shut down to end it.
+#[derive(Debug)]
+pub struct RelayHandle {
+    threads: Vec<JoinHandle<()>>,
+    outer: UnixStream,
+    inner: UnixStream,
+}
+
+impl RelayHandle {
+    /// End the connection now: both sockets are shut down, which unblocks any thread reading
+    /// or writing them.
+    pub fn shutdown(&self) {
+        let _ = self.outer.shutdown(std::net::Shutdown::Both);
+        let _ = self.inner.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// A second handle on the sockets, to shut them down from another thread.
+    pub fn shutdown_handle(&self) -> io::Result<RelayShutdown> {
+        Ok(RelayShutdown {
+            outer: self.outer.try_clone()?,
+            inner: self.inner.try_clone()?,
+        })
+    }
+
+    /// Wait for both directions to end.
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Shuts a relay's sockets down from any thread.
+#[derive(Debug)]
+pub struct RelayShutdown {
+    outer: UnixStream,
+    inner: UnixStream,
+}
+
+impl RelayShutdown {
+    /// End the connection now.
+    pub fn shutdown(&self) {
+        let _ = self.outer.shutdown(std::net::Shutdown::Both);
+        let _ = self.inner.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Relay `outer` (the frontend) to `inner` (vhost-user-backend's end) until either side
+/// closes; both sockets are shut down when it ends.
+pub fn start(
+    outer: UnixStream,
+    inner: UnixStream,
+    inflight: Arc<Inflight>,
+    channel: Arc<BackendChannel>,
+) -> io::Result<RelayHandle> {
+    outer.set_write_timeout(Some(SEND_TIMEOUT))?;
+    let handle_outer = outer.try_clone()?;
+    let handle_inner = inner.try_clone()?;
+    let r = Arc::new(Relay {
+        outer,
+        inner,
+        out_lock: Mutex::new(()),
+        inflight,
+        channel,
+        reply_ack: AtomicBool::new(false),
+    });
+    // One thread per direction; when either ends, both sockets are shut down so the other
+    // ends too.
+    let spawn = |name: &str, run: fn(&Relay) -> Result<(), RelayError>| {
+        let r = r.clone();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                if let Err(e) = run(&r) {
+                    match e {
+                        RelayError::Refused { .. } => refusal_warn(&e),
+                        _ => debug!("relay ended: {e}"),
+                    }
+                }
+                let _ = r.outer.shutdown(std::net::Shutdown::Both);
+                let _ = r.inner.shutdown(std::net::Shutdown::Both);
+            })
+    };
+    let threads = vec![
+        spawn("vhost-relay-in", Relay::forward)?,
+        spawn("vhost-relay-out", Relay::backward)?,
+    ];
+    Ok(RelayHandle {
+        threads,
+        outer: handle_outer,
+        inner: handle_inner,
+    })
+}
+
+/// Refusals are logged with a budget shared by all connections: a frontend that reconnects
+/// and misbehaves in a loop cannot flood the log.
+fn refusal_warn(e: &RelayError) {
+    static LIMITER: Mutex<Option<RateLimiter>> = Mutex::new(None);
+    let mut l = LIMITER.lock_unpoisoned();
+    let allowed = l
+        .get_or_insert_with(|| RateLimiter::new(crate::io::WARNINGS_PER_SECOND))
+        .allow();
+    if let Some(suppressed) = allowed {
+        if suppressed > 0 {
+            warn!("{suppressed} similar messages suppressed");
+        }
+        warn!("connection closed: {e}");
+    }
+}
+
+/// Write 1 to an eventfd (non-blocking: a counter at its maximum is already signalled).
+fn signal(fd: &OwnedFd) {
+    let _ = nix::unistd::write(fd.as_fd(), &1u64.to_ne_bytes());
+}
+
+impl Relay {
+    fn to_frontend(&self, m: &Message) -> Result<(), RelayError> {
+        let _g = self.out_lock.lock_unpoisoned();
+        wire::send(&self.outer, m).map_err(|e| RelayError::Send("frontend", e))
+    }
+
+    fn to_library(&self, m: &Message) -> Result<(), RelayError> {
+        wire::send(&self.inner, m).map_err(|e| RelayError::Send("library", e))
+    }
+
+    fn ack(&self, req: &Message, ok: bool) -> Result<(), RelayError> {
+        if req.header.needs_reply() && self.reply_ack.load(Ordering::Relaxed) {
+            self.to_frontend(&Message::ack(req.header.request, ok))?;
+        }
+        Ok(())
+    }
+
+    /// Frontend to library.
+    fn forward(&self) -> Result<(), RelayError> {
+        while let Some(m) = wire::recv(&self.outer)? {
+            let Some(req) = m.header.frontend_req() else {
+                // Unknown code: the library answers it (it fails the connection).
+                if !m.fds.is_empty() {
+                    return Err(refused(&m, "descriptors on an unknown request"));
+                }
+                self.to_library(&m)?;
+                continue;
+            };
+            match req {
+                FrontendReq::GET_INFLIGHT_FD => self.get_inflight(&m)?,
+                FrontendReq::SET_INFLIGHT_FD => self.set_inflight(m)?,
+                FrontendReq::SET_BACKEND_REQ_FD => self.set_backend_req(m)?,
+                FrontendReq::SET_PROTOCOL_FEATURES => self.set_protocol_features(m)?,
+                FrontendReq::SET_VRING_KICK
+                | FrontendReq::SET_VRING_CALL
+                | FrontendReq::SET_VRING_ERR => self.vring_fd(req, m)?,
+                FrontendReq::SET_MEM_TABLE => self.mem_table(m)?,
+                FrontendReq::ADD_MEM_REG | FrontendReq::REM_MEM_REG => {
+                    return Err(refused(&m, "CONFIGURE_MEM_SLOTS was not negotiated"))
+                }
+                FrontendReq::SET_LOG_BASE | FrontendReq::SET_LOG_FD => {
+                    return Err(refused(&m, "dirty-page logging is not offered"))
+                }
+                _ if !m.fds.is_empty() => {
+                    return Err(refused(&m, "descriptors on a request that takes none"))
+                }
+                _ => self.to_library(&m)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Library to frontend; GET_PROTOCOL_FEATURES replies gain INFLIGHT_SHMFD.
+    fn backward(&self) -> Result<(), RelayError> {
+        while let Some(mut m) = wire::recv(&self.inner)? {
+            if m.header.frontend_req() == Some(FrontendReq::GET_PROTOCOL_FEATURES)
+                && m.header.is_reply()
+            {
+                if let Some(f) = m.u64_body() {
+                    let f = f | VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits();
+                    m.set_body(f.to_le_bytes().to_vec());
+                }
+            }
+            self.to_frontend(&m)?;
+        }
+        Ok(())
+    }
+
+    fn set_protocol_features(&self, mut m: Message) -> Result<(), RelayError> {
+        let f = m.u64_body().unwrap_or(0);
+        self.reply_ack.store(
+            f & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0,
+            Ordering::Relaxed,
+        );
+        if m.body.len() >= 8 {
+            let stripped = f & !VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits();
+            let mut b = m.body.clone();
+            b[..8].copy_from_slice(&stripped.to_le_bytes());
+            m.set_body(b);
+        }
+        self.to_library(&m)
+    }
+
+    fn get_inflight(&self, m: &Message) -> Result<(), RelayError> {
+        let ask: VhostUserInflight = m
+            .body_as()
+            .ok_or_else(|| refused(m, "GET_INFLIGHT_FD without a body"))?;
+        let (nq, qs) = (ask.num_queues, ask.queue_size);
+        if !self.inflight.fits(nq, qs) {
+            return Err(refused(m, format!("{nq} queues of {qs} exceed the device")));
+        }
+        let (region, file) = InflightRegion::create(nq, qs).map_err(|e| refused(m, e))?;
+        let size = queue_region_size(qs) * u64::from(nq);
+        self.inflight.install(region, false);
+        let reply = VhostUserInflight::new(size, 0, nq, qs);
+        self.to_frontend(&Message::reply(
+            m.header.request,
+            reply.as_slice().to_vec(),
+            vec![file.into()],
+        ))
+    }
+
+    fn set_inflight(&self, mut m: Message) -> Result<(), RelayError> {
+        let region: Option<VhostUserInflight> = m.body_as();
+        let opened = match (region, m.fds.pop(), m.fds.is_empty()) {
+            (Some(r), Some(fd), true) => {
+                let (nq, qs) = (r.num_queues, r.queue_size);
+                if self.inflight.fits(nq, qs) {
+                    InflightRegion::open(&File::from(fd), r.mmap_size, r.mmap_offset, nq, qs)
+                } else {
+                    Err(InflightError::BadSize {
+                        size: r.mmap_size,
+                        queues: nq,
+                        queue_size: qs,
+                    })
+                }
+            }
+            _ => {
+                return Err(refused(
+                    &m,
+                    "SET_INFLIGHT_FD needs a region and one descriptor",
+                ))
+            }
+        };
+        match opened {
+            Ok(region) => {
+                debug!("inflight region installed");
+                self.inflight.install(region, true);
+                self.ack(&m, true)
+            }
+            Err(e) => {
+                self.ack(&m, false)?;
+                Err(refused(&m, e))
+            }
+        }
+    }
+
+    fn set_backend_req(&self, mut m: Message) -> Result<(), RelayError> {
+        let (Some(fd), true) = (m.fds.pop(), m.fds.is_empty()) else {
+            return Err(refused(&m, "SET_BACKEND_REQ_FD needs one descriptor"));
+        };
+        if let Err(e) = fds::unix_stream(fd.as_fd()) {
+            self.ack(&m, false)?;
+            return Err(refused(&m, e));
+        }
+        let reply_ack = self.reply_ack.load(Ordering::Relaxed);
+        match self.channel.set(UnixStream::from(fd), reply_ack) {
+            Ok(()) => {
+                debug!("backend request channel set up");
+                self.ack(&m, true)
+            }
+            Err(e) => {
+                self.ack(&m, false)?;
+                Err(refused(&m, e))
+            }
+        }
+    }
+
+    /// SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR: an eventfd, or none with the NOFD flag.
+    fn vring_fd(&self, req: FrontendReq, m: Message) -> Result<(), RelayError> {
+        let v = m.u64_body().ok_or_else(|| refused(&m, "no vring index"))?;
+        let queue = (v & VRING_IDX) as u16;
+        let what = match req {
+            FrontendReq::SET_VRING_KICK => "kick",
+            FrontendReq::SET_VRING_CALL => "call",
+            _ => "error",
+        };
+        let fd = match (v & VRING_NOFD != 0, m.fds.len()) {
+            (true, 0) => None,
+            (false, 1) => Some(&m.fds[0]),
+            (nofd, n) => {
+                return Err(refused(
+                    &m,
+                    format!(
+                        "{n} descriptors with the NOFD flag {}",
+                        if nofd { "set" } else { "clear" }
+                    ),
+                ))
+            }
+        };
+        let kept = match fd {
+            Some(fd) => {
+                fds::eventfd(fd.as_fd(), what).map_err(|e| refused(&m, e))?;
+                fd.try_clone().ok()
+            }
+            None => None,
+        };
+        self.to_library(&m)?;
+        match (req, kept) {
+            // As libvhost-user: in case of an I/O hang after reconnecting, a completion the
+            // previous backend wrote before it died reaches the guest now.
+            (FrontendReq::SET_VRING_CALL, Some(call)) => signal(&call),
+            // The worker recovers the queue on its first event.
+            (FrontendReq::SET_VRING_KICK, Some(kick)) if self.inflight.needs_recovery(queue) => {
+                signal(&kick)
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// SET_MEM_TABLE: one descriptor per region, each able to back its region.
+    fn mem_table(&self, m: Message) -> Result<(), RelayError> {
+        let hdr: VhostUserMemory = m.body_as().ok_or_else(|| refused(&m, "no memory table"))?;
+        let n = hdr.num_regions as usize;
+        let size = std::mem::size_of::<VhostUserMemoryRegion>();
+        let start = std::mem::size_of::<VhostUserMemory>();
+        if n == 0 || n > wire::MAX_FDS || m.fds.len() != n || m.body.len() != start + n * size {
+            return Err(refused(
+                &m,
+                format!("{n} regions with {} descriptors", m.fds.len()),
+            ));
+        }
+        for (i, fd) in m.fds.iter().enumerate() {
+            let off = start + i * size;
+            let r = VhostUserMemoryRegion::from_slice(&m.body[off..off + size])
+                .copied()
+                .ok_or_else(|| refused(&m, "short region"))?;
+            // A descriptor borrowed as a File, without taking it from the message.
+            let file = File::from(fd.try_clone().map_err(|e| refused(&m, e))?);
+            fds::guest_memory(&file, r.mmap_offset, r.memory_size)
+                .map_err(|e| refused(&m, format!("region {i}: {e}")))?;
+        }
+        self.to_library(&m)
+    }
+}

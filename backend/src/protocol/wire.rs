@@ -1,0 +1,328 @@
+//! vhost-user message framing on a unix stream socket: a 12-byte header (request, flags, body
+//! size), the body, and the file descriptors sent with the header as SCM_RIGHTS.
+//!
+//! Request codes and header flags are the `vhost` crate's ([`FrontendReq`], [`BackendReq`],
+//! [`VhostUserHeaderFlag`]) and bodies are its message structs read as [`ByteValued`]; the
+//! crate keeps its header type and socket endpoint private, so the framing itself is here.
+//! Every descriptor the kernel hands over is owned from the moment it arrives, so a message
+//! that is refused (too many descriptors, a truncated control message, a body too large)
+//! closes them instead of leaking them.
+
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use vhost::vhost_user::message::{
+    BackendReq, FrontendReq, VhostUserHeaderFlag, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
+};
+use vm_memory::ByteValued;
+
+/// Bytes of a message header.
+pub const HEADER_SIZE: usize = std::mem::size_of::<Header>();
+/// Most descriptors one message may carry.
+pub const MAX_FDS: usize = MAX_ATTACHED_FD_ENTRIES;
+/// Most descriptors the kernel passes in one SCM_RIGHTS message (`SCM_MAX_FD`): the control
+/// buffer has room for all of them, so they are always received (and closed when refused).
+const SCM_MAX_FD: usize = 253;
+/// The protocol version in every header's flags.
+const VERSION: u32 = 0x1;
+
+/// Errors reading a message.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The socket failed.
+    #[error("vhost-user socket error")]
+    Io(#[from] io::Error),
+    /// The peer closed the connection in the middle of a message.
+    #[error("the peer closed the connection in the middle of a message")]
+    Partial,
+    /// A message carried more descriptors than any request takes.
+    #[error("a message carried {0} file descriptors (at most {MAX_FDS} are allowed)")]
+    TooManyFds(usize),
+    /// The kernel truncated the control data (descriptors were lost on the way).
+    #[error("the control data of a message was truncated")]
+    Truncated,
+    /// The header announced a body larger than the protocol allows.
+    #[error("a message announced a body of {0} bytes (at most {MAX_MSG_SIZE})")]
+    TooLarge(u32),
+}
+
+/// A message header.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Header {
+    /// Request code.
+    pub request: u32,
+    /// Flags: version, REPLY, NEED_REPLY.
+    pub flags: u32,
+    /// Body size in bytes.
+    pub size: u32,
+}
+
+// SAFETY: three u32 fields, no padding: every byte pattern is a valid value.
+unsafe impl ByteValued for Header {}
+
+impl Header {
+    /// A request header for `code` with `flags` (the version is added).
+    pub fn request(code: u32, flags: VhostUserHeaderFlag, size: u32) -> Header {
+        Header {
+            request: code,
+            flags: VERSION | flags.bits(),
+            size,
+        }
+    }
+
+    /// The frontend request this header carries, when the code is one the protocol knows.
+    pub fn frontend_req(&self) -> Option<FrontendReq> {
+        FrontendReq::try_from(self.request).ok()
+    }
+
+    /// True when it is a reply.
+    pub fn is_reply(&self) -> bool {
+        self.flags & VhostUserHeaderFlag::REPLY.bits() != 0
+    }
+
+    /// True when the sender asked for a reply (REPLY_ACK).
+    pub fn needs_reply(&self) -> bool {
+        self.flags & VhostUserHeaderFlag::NEED_REPLY.bits() != 0
+    }
+}
+
+/// One message.
+#[derive(Debug)]
+pub struct Message {
+    /// Its header (the size always matches the body).
+    pub header: Header,
+    /// Its body.
+    pub body: Vec<u8>,
+    /// The descriptors sent with it.
+    pub fds: Vec<OwnedFd>,
+}
+
+impl Message {
+    /// A message with `header.size` set to the body's length.
+    pub fn new(mut header: Header, body: Vec<u8>, fds: Vec<OwnedFd>) -> Message {
+        header.size = body.len() as u32;
+        Message { header, body, fds }
+    }
+
+    /// The reply to request `code` with `body`.
+    pub fn reply(code: u32, body: Vec<u8>, fds: Vec<OwnedFd>) -> Message {
+        Message::new(
+            Header::request(code, VhostUserHeaderFlag::REPLY, 0),
+            body,
+            fds,
+        )
+    }
+
+    /// A REPLY_ACK answer to request `code` (0 for success).
+    pub fn ack(code: u32, ok: bool) -> Message {
+        Message::reply(code, u64::from(!ok).to_le_bytes().to_vec(), Vec::new())
+    }
+
+    /// The body read as `T` (from its first bytes), when it is long enough.
+    pub fn body_as<T: ByteValued>(&self) -> Option<T> {
+        T::from_slice(self.body.get(..std::mem::size_of::<T>())?).copied()
+    }
+
+    /// The body's first 8 bytes as a little-endian u64 (VhostUserU64 bodies).
+    pub fn u64_body(&self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.body.get(..8)?.try_into().ok()?))
+    }
+
+    /// Replace the body, keeping the header's size right.
+    pub fn set_body(&mut self, body: Vec<u8>) {
+        self.header.size = body.len() as u32;
+        self.body = body;
+    }
+}
+
+/// The request code of a backend request (for the backend request channel).
+pub fn backend_code(req: BackendReq) -> u32 {
+    req.into()
+}
+
+/// Receive one message; `None` when the peer closed the connection between messages.
+pub fn recv(sock: &UnixStream) -> Result<Option<Message>, WireError> {
+    let mut header = Header::default();
+    let (got, fds, truncated) = {
+        let buf = header.as_mut_slice();
+        recv_with_fds(sock.as_raw_fd(), buf)?
+    };
+    // The descriptors are owned now: every return below closes them.
+    if truncated {
+        return Err(WireError::Truncated);
+    }
+    if fds.len() > MAX_FDS {
+        return Err(WireError::TooManyFds(fds.len()));
+    }
+    if got == 0 {
+        return Ok(None);
+    }
+    let mut s = sock;
+    if got < HEADER_SIZE {
+        read_exact(&mut s, &mut header.as_mut_slice()[got..])?;
+    }
+    if header.size as usize > MAX_MSG_SIZE {
+        return Err(WireError::TooLarge(header.size));
+    }
+    let mut body = vec![0u8; header.size as usize];
+    read_exact(&mut s, &mut body)?;
+    Ok(Some(Message { header, body, fds }))
+}
+
+fn read_exact(s: &mut &UnixStream, buf: &mut [u8]) -> Result<(), WireError> {
+    s.read_exact(buf).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => WireError::Partial,
+        _ => WireError::Io(e),
+    })
+}
+
+/// One recvmsg into `buf`: bytes received, the descriptors, and whether the control data was
+/// truncated.
+fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>, bool)> {
+    // Room for SCM_MAX_FD descriptors, aligned for cmsghdr.
+    let mut control = [0u64; (SCM_MAX_FD * 4 + 64) / 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    loop {
+        // SAFETY: msghdr is a plain C struct for which all-zero bytes are valid.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        // SAFETY: `msg` points to a live iovec over `buf` and to `control`, both valid for the
+        // lengths given, for the duration of the call.
+        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let mut fds = Vec::new();
+        // SAFETY: the CMSG_* macros walk the control buffer the kernel filled, within
+        // `msg_controllen`; SCM_RIGHTS data is an array of ints, each a new descriptor of this
+        // process that nobody else owns.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(c);
+                    let len = (*c).cmsg_len as usize - (data as usize - c as usize);
+                    for i in 0..len / std::mem::size_of::<libc::c_int>() {
+                        let raw = std::ptr::read_unaligned(data.cast::<libc::c_int>().add(i));
+                        fds.push(OwnedFd::from_raw_fd(raw));
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        return Ok((n as usize, fds, msg.msg_flags & libc::MSG_CTRUNC != 0));
+    }
+}
+
+/// Send `msg` (header, body, and its descriptors with the first bytes).
+pub fn send(sock: &UnixStream, msg: &Message) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let mut buf = Vec::with_capacity(HEADER_SIZE + msg.body.len());
+    buf.extend_from_slice(msg.header.as_slice());
+    buf.extend_from_slice(&msg.body);
+    let raw: Vec<RawFd> = msg.fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let mut sent = 0;
+    while sent < buf.len() {
+        let iov = [io::IoSlice::new(&buf[sent..])];
+        let c: &[ControlMessage] = if sent == 0 && !raw.is_empty() {
+            &cmsg
+        } else {
+            &[]
+        };
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, c, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(n) => sent += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    fn fds_open() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    #[test]
+    fn messages_round_trip_with_their_descriptors() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let f = tempfile::tempfile().unwrap();
+        let m = Message::new(
+            Header::request(
+                FrontendReq::SET_VRING_KICK.into(),
+                VhostUserHeaderFlag::NEED_REPLY,
+                0,
+            ),
+            7u64.to_le_bytes().to_vec(),
+            vec![f.as_fd().try_clone_to_owned().unwrap()],
+        );
+        send(&a, &m).unwrap();
+        let r = recv(&b).unwrap().unwrap();
+        assert_eq!(r.header, m.header);
+        assert_eq!(r.header.frontend_req(), Some(FrontendReq::SET_VRING_KICK));
+        assert!(r.header.needs_reply() && !r.header.is_reply());
+        assert_eq!(r.u64_body(), Some(7));
+        assert_eq!(r.fds.len(), 1);
+        drop(a);
+        assert!(recv(&b).unwrap().is_none());
+    }
+
+    #[test]
+    fn too_many_descriptors_are_closed_not_leaked() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let files: Vec<std::fs::File> = (0..40).map(|_| tempfile::tempfile().unwrap()).collect();
+        let raw: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+        let before = fds_open();
+        let hdr = Header::request(1, VhostUserHeaderFlag::empty(), 0);
+        nix::sys::socket::sendmsg::<()>(
+            a.as_raw_fd(),
+            &[io::IoSlice::new(hdr.as_slice())],
+            &[nix::sys::socket::ControlMessage::ScmRights(&raw)],
+            nix::sys::socket::MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        assert!(matches!(recv(&b), Err(WireError::TooManyFds(40))));
+        assert_eq!(fds_open(), before);
+    }
+
+    #[test]
+    fn oversized_and_partial_messages_are_errors() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut hdr = Header::request(1, VhostUserHeaderFlag::empty(), 0);
+        hdr.size = 1 << 20;
+        send(
+            &a,
+            &Message {
+                header: hdr,
+                body: Vec::new(),
+                fds: Vec::new(),
+            },
+        )
+        .unwrap();
+        assert!(matches!(recv(&b), Err(WireError::TooLarge(_))));
+        let (a, b) = UnixStream::pair().unwrap();
+        use std::io::Write;
+        (&a).write_all(&[1, 0, 0, 0, 1]).unwrap();
+        drop(a);
+        assert!(matches!(recv(&b), Err(WireError::Partial)));
+    }
+}
