@@ -3,11 +3,12 @@
 //!
 //! It drives backends through the project's frontend client (crate `vloop-frontend`):
 //! [`load`] runs one workload against one export, [`verify`] checks data integrity under load,
-//! [`compare`] starts each backend in turn and tabulates the figures; [`hist`] and [`procfs`]
-//! measure latency and CPU time.
+//! [`compare`] starts each backend in turn and tabulates the figures; [`hist`], [`procfs`] and
+//! [`machine`] measure latency, CPU time and memory, and the machine the figures come from.
 
 pub mod compare;
 pub mod hist;
 pub mod load;
+pub mod machine;
 pub mod procfs;
 pub mod verify;
