@@ -1,13 +1,16 @@
 //! vloop-bench: a load generator for vhost-user-blk backends, and a side-by-side comparison of
-//! vloop-blk, qemu-storage-daemon and raw io_uring on the same image.
+//! vloop-blk, qemu-storage-daemon (main loop and iothread) and raw io_uring on the same image.
 //!
 //! It drives backends through the project's frontend client (crate `vloop-frontend`):
 //! [`load`] runs one workload against one export, [`verify`] checks data integrity under load,
-//! [`compare`] starts each backend in turn and tabulates the figures; [`hist`] and [`procfs`]
-//! measure latency and CPU time.
+//! [`compare`] starts each backend in turn and tabulates the figures, [`plot`] draws them as
+//! SVG; [`hist`], [`procfs`] and [`machine`] measure latency, CPU time and memory, and the
+//! machine the figures come from.
 
 pub mod compare;
 pub mod hist;
 pub mod load;
+pub mod machine;
+pub mod plot;
 pub mod procfs;
 pub mod verify;

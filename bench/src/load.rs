@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, types, IoUring};
 
 use crate::hist::{LatencyHist, Percentiles};
-use crate::procfs;
+use crate::procfs::{self, ThreadShare};
 use vloop_frontend::blk::{SECTOR_SIZE, S_OK};
 use vloop_frontend::client::{Client, ClientError, ClientOptions, Queue, QueueStats, Request};
 use vloop_frontend::mem::{GuestMem, MemError};
@@ -222,6 +222,10 @@ pub struct RunResult {
     /// CPU time of this process (the frontend, or the raw io_uring engine) per request, in
     /// microseconds.
     pub client_cpu_us_per_io: Option<f64>,
+    /// Backend CPU time per request in microseconds by thread name (digits dropped, so the
+    /// kernel's `iou-sqp-` and `iou-wrk-` threads of io_uring are one entry each), largest
+    /// first; threads that exited before the end of the run are left out.
+    pub backend_threads: Vec<ThreadShare>,
     /// Frontend counters summed over the queues (zero for raw runs).
     pub frontend: QueueStats,
     /// The latency histogram.
@@ -230,14 +234,7 @@ pub struct RunResult {
 }
 
 impl RunResult {
-    fn build(
-        parts: Vec<Part>,
-        secs: f64,
-        bs: u32,
-        backend_cpu: Option<Duration>,
-        client_cpu: Option<Duration>,
-        frontend: QueueStats,
-    ) -> Self {
+    fn build(parts: Vec<Part>, secs: f64, bs: u32, cpu: CpuUse, frontend: QueueStats) -> Self {
         let mut hist = LatencyHist::new();
         let (mut ios, mut errors) = (0, 0);
         for p in &parts {
@@ -255,16 +252,38 @@ impl RunResult {
             iops: ios as f64 / secs,
             mib_s: bytes as f64 / secs / f64::from(1u32 << 20),
             latency: hist.percentiles(),
-            backend_cpu_us_per_io: backend_cpu
+            backend_cpu_us_per_io: cpu
+                .backend
                 .filter(|_| ios > 0)
                 .map(|c| c.as_secs_f64() * 1e6 / ios as f64),
-            client_cpu_us_per_io: client_cpu
+            client_cpu_us_per_io: cpu
+                .client
                 .filter(|_| ios > 0)
                 .map(|c| c.as_secs_f64() * 1e6 / ios as f64),
+            backend_threads: cpu
+                .backend_threads
+                .into_iter()
+                .filter(|_| ios > 0)
+                .map(|(thread, ns)| ThreadShare {
+                    thread,
+                    value: ns as f64 / 1e3 / ios as f64,
+                })
+                .collect(),
             frontend,
             hist,
         }
     }
+}
+
+/// CPU time used during a run, where it was measured.
+#[derive(Debug, Default)]
+struct CpuUse {
+    /// The backend process, all threads.
+    backend: Option<Duration>,
+    /// This process.
+    client: Option<Duration>,
+    /// The backend's live threads, nanoseconds by name.
+    backend_threads: Vec<(String, u64)>,
 }
 
 /// One thread's share of a run.
@@ -395,6 +414,7 @@ pub fn run_vhost_with(
     w.check(capacity)?;
     let queues = client.take_queues();
     let cpu0 = backend_pid.and_then(|p| procfs::cpu_time(p).ok());
+    let threads0 = backend_pid.and_then(|p| procfs::threads(p).ok());
     let me0 = procfs::cpu_time(std::process::id()).ok();
     let start = Instant::now();
     let end = start + w.runtime;
@@ -419,6 +439,12 @@ pub fn run_vhost_with(
         (Some(p), Some(c0)) => procfs::cpu_time(p).ok().map(|c1| c1.saturating_sub(c0)),
         _ => None,
     };
+    let backend_threads = match (backend_pid, threads0) {
+        (Some(p), Some(t0)) => procfs::threads(p)
+            .map(|t1| procfs::thread_cpu_delta(&t0, &t1))
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
     let mut stats = QueueStats::default();
     for p in &parts {
         stats.submitted += p.stats.submitted;
@@ -427,7 +453,12 @@ pub fn run_vhost_with(
         stats.calls += p.stats.calls;
     }
     drop(client);
-    Ok(RunResult::build(parts, secs, w.bs, cpu, me, stats))
+    let cpu = CpuUse {
+        backend: cpu,
+        client: me,
+        backend_threads,
+    };
+    Ok(RunResult::build(parts, secs, w.bs, cpu, stats))
 }
 
 fn own_cpu_since(start: Option<Duration>) -> Option<Duration> {
@@ -529,12 +560,15 @@ pub fn run_raw(image: &Path, w: &Workload, direct: bool) -> Result<RunResult, Lo
     }
     let secs = start.elapsed().as_secs_f64();
     let me = own_cpu_since(me0);
+    let cpu = CpuUse {
+        client: me,
+        ..CpuUse::default()
+    };
     Ok(RunResult::build(
         parts,
         secs,
         w.bs,
-        None,
-        me,
+        cpu,
         QueueStats::default(),
     ))
 }

@@ -1,5 +1,5 @@
 //! vloop-bench: drive a vhost-user-blk backend (or a raw file) with a workload, or compare
-//! vloop-blk with qemu-storage-daemon and raw io_uring.
+//! vloop-blk with qemu-storage-daemon (main loop and iothread) and raw io_uring.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use vloop_bench::compare::{self, CompareOptions};
+use vloop_bench::compare::{self, CompareOptions, Mode};
 use vloop_bench::load::{self, parse_size, Pattern, RunResult, Workload};
 
 /// A vhost-user-blk frontend load generator.
 ///
 /// One workload against a backend socket (--socket), or on a file with io_uring (--raw),
-/// or the full comparison of vloop-blk, qemu-storage-daemon and raw io_uring (--compare).
+/// or the full comparison of vloop-blk, qemu-storage-daemon (main loop and iothread) and raw
+/// io_uring (--compare).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
@@ -23,9 +24,14 @@ struct Args {
     /// Run the workload directly on this file with io_uring.
     #[arg(long, conflicts_with = "compare")]
     raw: Option<PathBuf>,
-    /// Compare vloop-blk, qemu-storage-daemon and raw io_uring on one image.
+    /// Compare vloop-blk, qemu-storage-daemon (main loop and iothread) and raw io_uring on one
+    /// image, in the same cache mode on every side.
     #[arg(long)]
     compare: bool,
+    /// With --compare: vloop-blk's null engine against qemu-storage-daemon's null-co driver
+    /// (no image I/O, no raw column): what the vhost-user hop itself costs.
+    #[arg(long, requires = "compare", conflicts_with = "direct")]
+    null: bool,
 
     /// read, write, randread, randwrite or mixed.
     #[arg(short, long, default_value = "randread")]
@@ -74,14 +80,21 @@ struct Args {
     /// vloop-blk binary for --compare (default: beside this program).
     #[arg(long)]
     vloop_bin: Option<PathBuf>,
-    /// Rounds of --compare.
+    /// Rounds of --compare (interleaved: each round runs every workload on every target).
     #[arg(long, default_value_t = 4)]
     rounds: u32,
+    /// With --compare: measure each backend's CPU for this long with a frontend connected and
+    /// its queues set up but no I/O ("0" skips it).
+    #[arg(long, default_value = "10s")]
+    idle: String,
+    /// qemu-storage-daemon binary for --compare.
+    #[arg(long, default_value = "qemu-storage-daemon")]
+    qsd_bin: PathBuf,
     /// Extra argument for vloop-blk in --compare (repeatable, e.g. --vloop-arg=--queue-size=512).
     #[arg(long = "vloop-arg", allow_hyphen_values = true)]
     vloop_args: Vec<String>,
     /// --compare starts no round that would end after this much time.
-    #[arg(long, default_value = "280s")]
+    #[arg(long, default_value = "900s")]
     time_budget: String,
     /// Leave qemu-storage-daemon out of --compare.
     #[arg(long)]
@@ -93,6 +106,9 @@ struct Args {
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// With --compare: draw IOPS and p50 latency per workload and target into this SVG file.
+    #[arg(long, requires = "compare")]
+    plot: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration> {
@@ -112,6 +128,14 @@ fn parse_duration(s: &str) -> Result<Duration> {
         .filter(|v: &f64| v.is_finite() && *v > 0.0)
         .with_context(|| format!("bad duration '{s}': use e.g. 5s, 500ms or 1m"))?;
     Ok(Duration::from_secs_f64(v * unit))
+}
+
+/// An optional duration: "0" (or "0s") is none.
+fn parse_optional_duration(s: &str) -> Result<Option<Duration>> {
+    match s.trim() {
+        "0" | "0s" | "0ms" => Ok(None),
+        t => parse_duration(t).map(Some),
+    }
 }
 
 fn workload(a: &Args, runtime: Duration) -> Result<Workload> {
@@ -195,25 +219,44 @@ fn run(a: Args) -> Result<()> {
                 vloop_bin.display()
             );
         }
-        if !a.no_qsd && !vloop_frontend::backend::on_path("qemu-storage-daemon") {
-            bail!("qemu-storage-daemon is not on PATH: install qemu-system-x86 (Debian) or pass --no-qsd");
+        let qsd_found = a.qsd_bin.components().count() > 1 && a.qsd_bin.is_file()
+            || vloop_frontend::backend::on_path(&a.qsd_bin.to_string_lossy());
+        if !a.no_qsd && !qsd_found {
+            bail!(
+                "{} is not on PATH: install qemu-system-x86 (Debian), pass --qsd-bin or --no-qsd",
+                a.qsd_bin.display()
+            );
         }
+        let mode = if a.null {
+            Mode::Null
+        } else if a.direct {
+            Mode::Direct
+        } else {
+            Mode::PageCache
+        };
         let opts = CompareOptions {
             image: a.image.clone(),
             image_size: parse_size(&a.image_size).map_err(anyhow::Error::msg)?,
             fresh_image: a.fresh_image,
             vloop_bin,
+            qsd_bin: a.qsd_bin.clone(),
             rounds: a.rounds.max(1),
-            direct: a.direct,
+            mode,
             workloads,
             skip_qsd: a.no_qsd,
             vloop_args: a.vloop_args.clone(),
             time_budget: Some(parse_duration(&a.time_budget)?),
+            idle: parse_optional_duration(&a.idle)?,
         };
         let report = compare::run(&opts)?;
         out(&compare::render(&report));
         if let Some(p) = &a.json {
             write_json(p, &report)?;
+        }
+        if let Some(p) = &a.plot {
+            let svg = vloop_bench::plot::svg(&report)?;
+            std::fs::write(p, svg)
+                .with_context(|| format!("cannot write the chart to {}", p.display()))?;
         }
         return Ok(());
     }
@@ -289,5 +332,11 @@ mod tests {
         assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("fast").is_err());
+        assert_eq!(parse_optional_duration("0").unwrap(), None);
+        assert_eq!(
+            parse_optional_duration("10s").unwrap(),
+            Some(Duration::from_secs(10))
+        );
+        assert!(parse_optional_duration("-1s").is_err());
     }
 }

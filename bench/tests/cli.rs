@@ -1,5 +1,6 @@
-//! The vloop-bench binary: a short run against qemu-storage-daemon, JSON output, and the
-//! error line for a missing socket.
+//! The vloop-bench binary: a short run against qemu-storage-daemon, JSON output, the error
+//! line for a missing socket, and short `--compare` runs in each mode (both qemu-storage-daemon
+//! configurations, idle CPU, memory, load, the chart; the null mode).
 
 mod common;
 
@@ -84,6 +85,7 @@ fn compare_prints_the_table_and_json() {
     let mut cmd = Command::new(BIN);
     cmd.args(["--compare", "--only", "-w", "randread", "--iodepth", "4"])
         .args(["--runtime", "200ms", "--rounds", "2", "--image-size", "16M"])
+        .args(["--idle", "0"])
         .arg("--image")
         .arg(dir.path().join("img"))
         .arg("--vloop-bin")
@@ -102,14 +104,17 @@ fn compare_prints_the_table_and_json() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("4k randread QD4"), "{stdout}");
-    assert!(stdout.contains("idle RSS per export"), "{stdout}");
+    assert!(stdout.contains("peak RSS"), "{stdout}");
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let row = &v["rows"][0];
     assert_eq!(row["qsd"]["iops_rounds"].as_array().unwrap().len(), 2);
-    assert!(row["raw"]["iops"].as_f64().unwrap() > 0.0);
-    assert!(v["qsd_memory"]["idle_rss_kib"].as_u64().unwrap() > 0);
+    assert!(row["raw"]["iops"]["median"].as_f64().unwrap() > 0.0);
+    assert!(backend(&v, "qsd")["idle_rss_kib"].as_u64().unwrap() > 0);
     if vloop.is_some() {
-        assert!(row["vloop"]["iops"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(
+            row["vloop"]["iops"]["median"].as_f64().unwrap() > 0.0,
+            "{row}"
+        );
         assert!(row["vloop_over_qsd"].as_f64().unwrap() > 0.0);
     } else {
         assert!(stdout.contains("failed"), "{stdout}");
@@ -121,7 +126,15 @@ fn compare_stops_rounds_at_the_time_budget() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("c.json");
     let out = Command::new(BIN)
-        .args(["--compare", "--only", "--no-qsd", "--runtime", "100ms"])
+        .args([
+            "--compare",
+            "--only",
+            "--no-qsd",
+            "--runtime",
+            "100ms",
+            "--idle",
+            "0",
+        ])
         .args([
             "--rounds",
             "50",
@@ -149,4 +162,239 @@ fn compare_stops_rounds_at_the_time_budget() {
     let raw_rounds = v["rows"][0]["raw"]["iops_rounds"].as_array().unwrap().len() as u64;
     assert_eq!(raw_rounds, rounds);
     assert!(String::from_utf8_lossy(&out.stderr).contains("time budget"));
+}
+
+/// The entry of backend `name` in a comparison's JSON.
+fn backend<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    v["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["target"] == name)
+        .unwrap_or_else(|| panic!("no backend {name} in {}", v["backends"]))
+}
+
+/// The vloop-blk and qemu-storage-daemon a `--compare` test needs (None: skipped).
+fn both_backends() -> Option<std::path::PathBuf> {
+    let vloop = match common::backend("vloop")? {
+        vloop_frontend::backend::Program::Vloop(p) => p,
+        _ => return None,
+    };
+    common::backend("qsd")?;
+    Some(vloop)
+}
+
+/// Runs `vloop-bench --compare --only` with `args` on a small image in `dir`; returns stdout and
+/// the JSON report.
+fn compare(
+    dir: &std::path::Path,
+    vloop: &std::path::Path,
+    args: &[&str],
+) -> (String, serde_json::Value) {
+    let json = dir.join("c.json");
+    let out = Command::new(BIN)
+        .args(["--compare", "--only", "-w", "randread", "--iodepth", "4"])
+        .args(["--runtime", "200ms", "--image-size", "16M"])
+        .args(args)
+        .arg("--image")
+        .arg(dir.join("img"))
+        .arg("--vloop-bin")
+        .arg(vloop)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    (stdout, v)
+}
+
+#[test]
+fn compare_reports_both_qsd_configurations_idle_cpu_memory_load_and_a_chart() {
+    let Some(vloop) = both_backends() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("c.svg");
+    let (stdout, v) = compare(
+        dir.path(),
+        &vloop,
+        &[
+            "--rounds",
+            "2",
+            "--idle",
+            "1s",
+            "--plot",
+            svg.to_str().unwrap(),
+        ],
+    );
+    // Header: machine and load, before and after, in the table and the JSON.
+    assert!(stdout.contains("; machine: "), "{stdout}");
+    assert!(
+        v["started"].as_str().unwrap().ends_with('Z'),
+        "{}",
+        v["started"]
+    );
+    assert!(
+        stdout.contains("load average (1/5/15 min): before "),
+        "{stdout}"
+    );
+    assert!(v["machine"]["cpus"].as_u64().unwrap() >= 1);
+    assert!(v["machine"]["kernel"]
+        .as_str()
+        .is_some_and(|k| !k.is_empty()));
+    for at in ["before", "after"] {
+        assert!(
+            v["load"][at]["one"].as_f64().unwrap() >= 0.0,
+            "{}",
+            v["load"]
+        );
+    }
+    let busy = v["load"]["busy"].as_bool().unwrap();
+    assert_eq!(
+        stdout.contains("WARNING: the 1-minute load average"),
+        busy,
+        "{stdout}"
+    );
+    assert_eq!(v["mode"], "page-cache");
+    assert_eq!(
+        v["targets"],
+        serde_json::json!(["vloop", "qsd", "qsd-iothread", "raw"])
+    );
+    // Every target measured in both rounds, with the per-row figures.
+    let row = &v["rows"][0];
+    for t in ["vloop", "qsd", "qsd_iothread", "raw"] {
+        let s = &row[t];
+        assert_eq!(s["rounds"].as_array().unwrap().len(), 2, "{t}: {s}");
+        for f in [
+            "iops",
+            "mib_s",
+            "p50_us",
+            "p99_us",
+            "p999_us",
+            "frontend_cpu_us_per_io",
+        ] {
+            let st = &s[f];
+            assert!(st["median"].as_f64().unwrap() > 0.0, "{t} {f}: {st}");
+            assert!(st["min"].as_f64().unwrap() <= st["max"].as_f64().unwrap());
+        }
+        let r0 = &s["rounds"][0];
+        assert!(r0["load_before"].as_f64().is_some(), "{r0}");
+        if t != "raw" {
+            assert!(
+                s["backend_cpu_us_per_io"]["median"].as_f64().unwrap() > 0.0,
+                "{t}: {s}"
+            );
+            assert!(s["peak_rss_kib"].as_u64().unwrap() > 0, "{t}: {s}");
+            assert!(
+                !r0["backend_threads"].as_array().unwrap().is_empty(),
+                "{r0}"
+            );
+        }
+    }
+    // Ratios against the better qsd, which is named and has the higher median IOPS.
+    let best = row["best_qsd"].as_str().unwrap();
+    let key = best.replace('-', "_");
+    let other = if best == "qsd" { "qsd_iothread" } else { "qsd" };
+    assert!(row[&key]["iops"]["median"].as_f64() >= row[other]["iops"]["median"].as_f64());
+    for r in [
+        "vloop_over_qsd",
+        "vloop_p50_over_qsd",
+        "vloop_cpu_over_qsd",
+        "vloop_over_raw",
+    ] {
+        assert!(row[r].as_f64().unwrap() > 0.0, "{r}: {row}");
+    }
+    assert!(
+        stdout.contains(&format!("{:<22} {best}", row["name"].as_str().unwrap())),
+        "{stdout}"
+    );
+    // Idle CPU and memory per backend: the iothread's command line serves from it.
+    for name in ["vloop", "qsd", "qsd-iothread"] {
+        let b = backend(&v, name);
+        let idle = &b["idle"];
+        assert!(idle["failure"].is_null(), "{name}: {idle}");
+        assert!(idle["cpu_pct"].as_f64().unwrap() >= 0.0, "{name}: {idle}");
+        assert!(
+            (0.9..5.0).contains(&idle["secs"].as_f64().unwrap()),
+            "{idle}"
+        );
+        assert_eq!(idle["queues"], 1);
+        assert!(b["idle_rss_kib"].as_u64().unwrap() > 0);
+        assert!(
+            b["peak_rss_kib"].as_u64() >= b["idle_rss_kib"].as_u64(),
+            "{b}"
+        );
+    }
+    let cmd = backend(&v, "qsd-iothread")["command"].to_string();
+    assert!(
+        cmd.contains("iothread,id=iothread0") && cmd.contains(",iothread=iothread0"),
+        "{cmd}"
+    );
+    assert!(!backend(&v, "qsd")["command"]
+        .to_string()
+        .contains("iothread"));
+    // The chart: an SVG document naming the workload and every target.
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    let doc = roxmltree::Document::parse(&svg).unwrap();
+    let texts: Vec<&str> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("text"))
+        .filter_map(|n| n.text())
+        .map(str::trim)
+        .collect();
+    for want in ["4k randread QD4", "vloop", "qsd", "qsd-iothread", "raw"] {
+        assert!(texts.contains(&want), "no '{want}' in {texts:?}");
+    }
+}
+
+#[test]
+fn compare_null_mode_has_no_raw_column_and_serves_no_image() {
+    let Some(vloop) = both_backends() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (stdout, v) = compare(
+        dir.path(),
+        &vloop,
+        &["--null", "--rounds", "1", "--idle", "0"],
+    );
+    assert!(stdout.contains("null (no image I/O)"), "{stdout}");
+    assert_eq!(v["mode"], "null");
+    assert_eq!(
+        v["targets"],
+        serde_json::json!(["vloop", "qsd", "qsd-iothread"])
+    );
+    let row = &v["rows"][0];
+    assert!(row["raw"].is_null(), "{row}");
+    assert!(row["vloop_over_raw"].is_null());
+    for t in ["vloop", "qsd", "qsd_iothread"] {
+        assert!(
+            row[t]["iops"]["median"].as_f64().unwrap() > 0.0,
+            "{t}: {row}"
+        );
+        assert_eq!(row[t]["errors"], 0, "{t}");
+    }
+    assert!(row["vloop_over_qsd"].as_f64().unwrap() > 0.0);
+    let vcmd = backend(&v, "vloop")["command"].to_string();
+    assert!(vcmd.contains(r#""--io-engine","null""#), "{vcmd}");
+    for q in ["qsd", "qsd-iothread"] {
+        let c = backend(&v, q)["command"].to_string();
+        assert!(
+            c.contains("driver=null-co,") && c.contains("read-zeroes=off"),
+            "{c}"
+        );
+        assert!(!c.contains("filename="), "{c}");
+    }
+    // --null measures the hop, not a cache mode: it cannot be combined with --direct.
+    let out = Command::new(BIN)
+        .args(["--compare", "--null", "--direct"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
 }

@@ -61,7 +61,7 @@ pub enum BackendError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Program {
     /// `vloop-blk` at this path: `--socket-path S --blk-file F [--read-only] [--num-queues N]
-    /// [--direct]`.
+    /// [--direct] [--io-engine null]`.
     Vloop(PathBuf),
     /// `qemu-storage-daemon` at this path (`--blockdev driver=file,... --export
     /// type=vhost-user-blk,...`, `aio=io_uring`, discards passed down), serving from its main
@@ -108,6 +108,12 @@ pub struct Export {
     pub read_only: bool,
     /// Open the image with O_DIRECT (qemu-storage-daemon: `cache.direct=on`).
     pub direct: bool,
+    /// Serve a null device of this many bytes (give the image's size): every request
+    /// completes without touching the image, so a run measures the vhost-user hop alone.
+    /// vloop-blk: `--io-engine null` (it still opens and locks the image and takes its size
+    /// from it); qemu-storage-daemon: `--blockdev driver=null-co,size=N,read-zeroes=off` (the
+    /// image is not opened).
+    pub null: Option<u64>,
 }
 
 impl Export {
@@ -119,6 +125,7 @@ impl Export {
             queues: 1,
             read_only: false,
             direct: false,
+            null: None,
         }
     }
 }
@@ -175,6 +182,10 @@ impl BackendSpec {
                 if e.direct {
                     a.push("--direct".into());
                 }
+                if e.null.is_some() {
+                    a.push("--io-engine".into());
+                    a.push("null".into());
+                }
                 a
             }
             Program::Qsd { iothread, .. } => {
@@ -183,13 +194,18 @@ impl BackendSpec {
                     a.push("--object".to_string());
                     a.push("iothread,id=iothread0".to_string());
                 }
+                let read_only = if e.read_only { ",read-only=on" } else { "" };
                 a.push("--blockdev".into());
-                a.push(format!(
-                    "driver=file,node-name=f,filename={},aio=io_uring,cache.direct={},discard=unmap{}",
-                    qemu_escape(&img),
-                    if e.direct { "on" } else { "off" },
-                    if e.read_only { ",read-only=on" } else { "" }
-                ));
+                a.push(match e.null {
+                    Some(size) => {
+                        format!("driver=null-co,node-name=f,size={size},read-zeroes=off{read_only}")
+                    }
+                    None => format!(
+                        "driver=file,node-name=f,filename={},aio=io_uring,cache.direct={},discard=unmap{read_only}",
+                        qemu_escape(&img),
+                        if e.direct { "on" } else { "off" },
+                    ),
+                });
                 a.push("--export".into());
                 a.push(format!(
                     "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable={},num-queues={}{}",
@@ -378,6 +394,7 @@ mod tests {
             queues: 2,
             read_only: false,
             direct: true,
+            null: None,
         }
     }
 
@@ -416,6 +433,28 @@ mod tests {
         let a = BackendSpec::new(p, export()).args();
         assert_eq!(a[..2], ["--object", "iothread,id=iothread0"]);
         assert!(a[5].ends_with(",iothread=iothread0"), "{}", a[5]);
+    }
+
+    #[test]
+    fn null_exports_complete_without_the_image() {
+        let e = Export {
+            null: Some(16 << 20),
+            direct: false,
+            ..export()
+        };
+        let a = BackendSpec::new(Program::qsd(), e.clone()).args();
+        assert_eq!(
+            a[1],
+            "driver=null-co,node-name=f,size=16777216,read-zeroes=off"
+        );
+        assert!(
+            a[3].starts_with("type=vhost-user-blk,id=e,node-name=f,"),
+            "{}",
+            a[3]
+        );
+        let a = BackendSpec::new(Program::Vloop("/bin/vloop-blk".into()), e).args();
+        assert_eq!(a[a.len() - 2..], ["--io-engine", "null"]);
+        assert!(a.contains(&"--blk-file".to_string()));
     }
 
     #[test]

@@ -1,0 +1,285 @@
+//! The text report of a comparison: a header with the machine and its load, one block of rows
+//! per workload (a line per target), the ratios against the better qemu-storage-daemon, and
+//! each backend's idle CPU and memory.
+
+use std::fmt::Write as _;
+
+use super::stats::{Stat, Summary, Target};
+use super::{Report, Row};
+
+/// A count in a short form: 9876, 17.1k, 347k, 1.89M.
+pub fn count(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.2}M", x / 1e6)
+    } else if x >= 1e5 {
+        format!("{:.0}k", x / 1e3)
+    } else if x >= 1e4 {
+        format!("{:.1}k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+/// Microseconds (or any small figure): one decimal below 100, none above.
+fn small(x: f64) -> String {
+    if x < 100.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+fn with_range(s: Option<Stat>, f: fn(f64) -> String) -> String {
+    match s {
+        None => "-".into(),
+        Some(s) if s.min == s.max => f(s.median),
+        Some(s) => format!("{} ({}-{})", f(s.median), f(s.min), f(s.max)),
+    }
+}
+
+fn median_or_dash(s: Option<Stat>) -> String {
+    s.map_or_else(|| "-".into(), |s| small(s.median))
+}
+
+fn ratio(r: Option<f64>) -> String {
+    r.map_or_else(|| "-".into(), |r| format!("{r:.2}x"))
+}
+
+fn mib(k: Option<u64>) -> String {
+    k.map_or_else(|| "-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+}
+
+fn target_line(o: &mut String, name: &str, t: Target, s: &Summary) {
+    if !s.measured() {
+        let why = s.failure.as_deref().unwrap_or("not measured");
+        let first = why.lines().next().unwrap_or(why);
+        let _ = writeln!(o, "{name:<22} {:<13} failed: {first}", t.name());
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "{name:<22} {:<13} {:<24} {:>8} {:<20} {:>7} {:>7} {:>7} {:>7}",
+        t.name(),
+        with_range(s.iops, count),
+        median_or_dash(s.mib_s),
+        with_range(s.p50_us, small),
+        median_or_dash(s.p99_us),
+        median_or_dash(s.p999_us),
+        median_or_dash(s.backend_cpu_us_per_io),
+        median_or_dash(s.frontend_cpu_us_per_io),
+    );
+}
+
+fn rows_table(o: &mut String, r: &Report) {
+    let _ = writeln!(
+        o,
+        "{:<22} {:<13} {:<24} {:>8} {:<20} {:>7} {:>7} {:>7} {:>7}",
+        "workload",
+        "target",
+        "IOPS (min-max)",
+        "MiB/s",
+        "p50 us (min-max)",
+        "p99 us",
+        "p99.9",
+        "bCPU/IO",
+        "fCPU/IO"
+    );
+    for row in &r.rows {
+        let mut name = row.name.as_str();
+        for &t in &r.targets {
+            if let Some(s) = row.get(t) {
+                target_line(o, name, t, s);
+                name = "";
+            }
+        }
+    }
+}
+
+fn ratios_table(o: &mut String, rows: &[Row], has_raw: bool) {
+    let _ = writeln!(
+        o,
+        "vloop against the better qemu-storage-daemon of each row (higher median IOPS), medians of\n\
+         per-round ratios: IOPS above 1 and p50 and backend CPU/IO below 1 favour vloop:"
+    );
+    let _ = writeln!(
+        o,
+        "{:<22} {:<13} {:>7} {:>7} {:>7}{}",
+        "workload",
+        "best qsd",
+        "IOPS",
+        "p50",
+        "CPU/IO",
+        if has_raw { "  IOPS vs raw" } else { "" }
+    );
+    for row in rows {
+        let x = &row.ratios;
+        let _ = writeln!(
+            o,
+            "{:<22} {:<13} {:>7} {:>7} {:>7}{}",
+            row.name,
+            x.best_qsd.map_or("-", Target::name),
+            ratio(x.vloop_over_qsd),
+            ratio(x.vloop_p50_over_qsd),
+            ratio(x.vloop_cpu_over_qsd),
+            if has_raw {
+                format!("  {:>11}", ratio(x.vloop_over_raw))
+            } else {
+                String::new()
+            }
+        );
+    }
+}
+
+fn backends_table(o: &mut String, r: &Report) {
+    let _ = writeln!(
+        o,
+        "{:<13} {:<44} {:>9} {:>9} {:>9} {:>9}",
+        "backend",
+        "idle CPU, % of one CPU (connected, no I/O)",
+        "RSS",
+        "conn RSS",
+        "peak RSS",
+        "anon RSS"
+    );
+    for b in &r.backends {
+        let idle = match &b.idle {
+            None => "not measured".to_string(),
+            Some(i) => match (&i.failure, i.cpu_pct) {
+                (Some(f), _) => format!("failed: {}", f.lines().next().unwrap_or("")),
+                (None, Some(p)) => {
+                    let top = i
+                        .threads
+                        .first()
+                        .filter(|t| t.value > 0.0)
+                        .map(|t| format!(", most: {} {:.3}%", t.thread, t.value))
+                        .unwrap_or_default();
+                    format!("{p:.3}% over {:.0} s, {}q{top}", i.secs, i.queues)
+                }
+                (None, None) => "unreadable".into(),
+            },
+        };
+        let _ = writeln!(
+            o,
+            "{:<13} {:<44} {:>9} {:>9} {:>9} {:>9}",
+            b.target.name(),
+            idle,
+            mib(b.idle_rss_kib),
+            mib(b.idle.as_ref().and_then(|i| i.rss_kib)),
+            mib(b.peak_rss_kib),
+            mib(b.anon_rss_kib),
+        );
+    }
+    let _ = writeln!(
+        o,
+        "RSS: after start-up, no frontend; conn RSS: idle with a frontend connected; peak RSS:\n\
+         VmHWM over all runs of one export (it counts the guest memory pages the backend\n\
+         touched); anon RSS: the greatest RssAnon at the end of a run (the backend's own memory)"
+    );
+}
+
+/// The human report.
+pub fn render(r: &Report) -> String {
+    let mut o = String::new();
+    let runtime = r
+        .rows
+        .first()
+        .map_or(0.0, |row| row.workload.runtime.as_secs_f64());
+    let _ = writeln!(
+        o,
+        "vloop-bench --compare: {}, image {} ({} MiB), {} of {} rounds, {:.1} s per run",
+        r.mode.name(),
+        r.image.display(),
+        r.image_size >> 20,
+        r.rounds,
+        r.rounds_requested,
+        runtime
+    );
+    let _ = writeln!(
+        o,
+        "started {}; machine: {}",
+        r.started,
+        r.machine.describe()
+    );
+    let _ = writeln!(
+        o,
+        "load average (1/5/15 min): before {}, after {}",
+        r.load.before, r.load.after
+    );
+    if let Some(w) = r.load.warning() {
+        let _ = writeln!(o, "{w}");
+    }
+    let _ = writeln!(
+        o,
+        "\nIOPS and p50: median of the rounds (least-greatest); MiB/s, p99, p99.9 and CPU/IO: medians;\n\
+         latency in us; CPU/IO in us of CPU per request: b = the backend process (user+sys, all\n\
+         threads), f = vloop-bench itself (the frontend, or for raw the io_uring engine)\n"
+    );
+    rows_table(&mut o, r);
+    let _ = writeln!(o);
+    ratios_table(&mut o, &r.rows, r.targets.contains(&Target::Raw));
+    let _ = writeln!(o);
+    backends_table(&mut o, r);
+    let _ = writeln!(o);
+    let _ = writeln!(o, "notifications per I/O (kicks / call waits):");
+    for row in &r.rows {
+        let parts: Vec<String> = r
+            .targets
+            .iter()
+            .filter(|t| t.is_backend())
+            .filter_map(|&t| {
+                let s = row.get(t).filter(|s| s.measured())?;
+                Some(format!(
+                    "{} {:.2}/{:.2}",
+                    t.name(),
+                    s.kicks_per_io,
+                    s.waits_per_io
+                ))
+            })
+            .collect();
+        let _ = writeln!(o, "  {:<22} {}", row.name, parts.join("  "));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for row in &r.rows {
+        for &t in &r.targets {
+            let Some(s) = row.get(t) else { continue };
+            if let Some(f) = &s.failure {
+                if seen.insert((t, f.clone())) {
+                    let _ = writeln!(
+                        o,
+                        "{} failed in round(s) {:?} of {} (maybe others): {f}",
+                        t.name(),
+                        s.failed_rounds,
+                        row.name
+                    );
+                }
+            }
+            if s.errors > 0 {
+                let _ = writeln!(o, "{} {}: {} requests failed", t.name(), row.name, s.errors);
+            }
+        }
+    }
+    let _ = writeln!(o, "wall time {:.0} s", r.wall_secs);
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_short() {
+        assert_eq!(count(9876.4), "9876");
+        assert_eq!(count(17_140.0), "17.1k");
+        assert_eq!(count(347_400.0), "347k");
+        assert_eq!(count(1_887_000.0), "1.89M");
+        assert_eq!(small(53.24), "53.2");
+        assert_eq!(small(1234.4), "1234");
+        let s = Stat {
+            median: 2.0,
+            min: 1.0,
+            max: 3.0,
+        };
+        assert_eq!(with_range(Some(s), small), "2.0 (1.0-3.0)");
+        assert_eq!(with_range(None, small), "-");
+    }
+}

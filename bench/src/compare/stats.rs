@@ -1,0 +1,431 @@
+//! The figures of a comparison, round by round and summarised (median, least, greatest), and
+//! the ratios between backends: pure code over measured runs, no I/O.
+
+use crate::hist::{LatencyHist, Percentiles};
+use crate::load::RunResult;
+use crate::procfs::ThreadShare;
+
+/// What is measured in a comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    /// vloop-blk.
+    Vloop,
+    /// qemu-storage-daemon serving the export from its main loop.
+    Qsd,
+    /// qemu-storage-daemon serving the export from an iothread.
+    QsdIothread,
+    /// io_uring straight on the image file, in this process.
+    Raw,
+}
+
+impl Target {
+    /// Every target, in table order.
+    pub const ALL: [Target; 4] = [Self::Vloop, Self::Qsd, Self::QsdIothread, Self::Raw];
+
+    /// Name in tables, JSON and charts.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Vloop => "vloop",
+            Self::Qsd => "qsd",
+            Self::QsdIothread => "qsd-iothread",
+            Self::Raw => "raw",
+        }
+    }
+
+    /// Whether it is a backend process (not the raw engine).
+    pub fn is_backend(self) -> bool {
+        self != Self::Raw
+    }
+
+    /// Whether it is one of the qemu-storage-daemon configurations.
+    pub fn is_qsd(self) -> bool {
+        matches!(self, Self::Qsd | Self::QsdIothread)
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The median, least and greatest of one figure over rounds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Stat {
+    /// Median (the mean of the middle two for an even count).
+    pub median: f64,
+    /// Least value.
+    pub min: f64,
+    /// Greatest value.
+    pub max: f64,
+}
+
+impl Stat {
+    /// The summary of `values`, or `None` when there are none.
+    pub fn of(values: &[f64]) -> Option<Stat> {
+        if values.is_empty() {
+            return None;
+        }
+        let mut s = values.to_vec();
+        s.sort_by(f64::total_cmp);
+        Some(Stat {
+            median: median_sorted(&s),
+            min: s[0],
+            max: s[s.len() - 1],
+        })
+    }
+}
+
+fn median_sorted(s: &[f64]) -> f64 {
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+/// The median of `v` (0 when empty).
+pub fn median(v: &[f64]) -> f64 {
+    Stat::of(v).map_or(0.0, |s| s.median)
+}
+
+/// One run of one target on one workload.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Round {
+    /// Round number, from 1.
+    pub round: u32,
+    /// The 1-minute load average when the run started.
+    pub load_before: Option<f64>,
+    /// Completed requests per second.
+    pub iops: f64,
+    /// MiB per second.
+    pub mib_s: f64,
+    /// Latency percentiles of this run.
+    pub latency: Percentiles,
+    /// Backend CPU (user + system, all threads) per request, in microseconds.
+    pub backend_cpu_us_per_io: Option<f64>,
+    /// CPU of vloop-bench itself (the frontend, or the raw io_uring engine) per request, in
+    /// microseconds.
+    pub frontend_cpu_us_per_io: Option<f64>,
+    /// Backend CPU per request in microseconds by thread name.
+    pub backend_threads: Vec<ThreadShare>,
+    /// Kicks (frontend to backend notifications) per request.
+    pub kicks_per_io: f64,
+    /// Sleeps on the call eventfd (backend to frontend notifications waited for) per request.
+    pub waits_per_io: f64,
+    /// Completed requests.
+    pub ios: u64,
+    /// Requests that failed.
+    pub errors: u64,
+    /// Measured seconds.
+    pub secs: f64,
+    /// The backend's memory at the end of the run.
+    #[serde(flatten)]
+    pub memory: Footprint,
+}
+
+/// A backend process's memory, read from /proc/PID/status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Footprint {
+    /// Peak resident set (VmHWM) in KiB. It counts the pages of guest memory (the frontend's
+    /// shared memfd) the backend touched, as QEMU's backends do alike.
+    pub peak_rss_kib: Option<u64>,
+    /// Anonymous resident memory (RssAnon) in KiB: the backend's own heap and stacks, without
+    /// the guest memory it maps.
+    pub anon_rss_kib: Option<u64>,
+}
+
+impl Round {
+    /// The round record of run `r`.
+    pub fn new(round: u32, load_before: Option<f64>, r: &RunResult, memory: Footprint) -> Self {
+        let n = r.frontend.submitted.max(1) as f64;
+        Round {
+            round,
+            load_before,
+            iops: r.iops,
+            mib_s: r.mib_s,
+            latency: r.latency,
+            backend_cpu_us_per_io: r.backend_cpu_us_per_io,
+            frontend_cpu_us_per_io: r.client_cpu_us_per_io,
+            backend_threads: r.backend_threads.clone(),
+            kicks_per_io: r.frontend.kicks as f64 / n,
+            waits_per_io: r.frontend.waits as f64 / n,
+            ios: r.ios,
+            errors: r.errors,
+            secs: r.secs,
+            memory,
+        }
+    }
+}
+
+/// One target's figures on one workload, over all rounds.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Summary {
+    /// Every successful round.
+    pub rounds: Vec<Round>,
+    /// IOPS of each successful round, in order.
+    pub iops_rounds: Vec<f64>,
+    /// IOPS over rounds.
+    pub iops: Option<Stat>,
+    /// MiB/s over rounds.
+    pub mib_s: Option<Stat>,
+    /// Median latency (microseconds) over rounds.
+    pub p50_us: Option<Stat>,
+    /// 99th percentile latency (microseconds) over rounds.
+    pub p99_us: Option<Stat>,
+    /// 99.9th percentile latency (microseconds) over rounds.
+    pub p999_us: Option<Stat>,
+    /// Backend CPU per request (microseconds) over rounds.
+    pub backend_cpu_us_per_io: Option<Stat>,
+    /// vloop-bench's own CPU per request (microseconds) over rounds.
+    pub frontend_cpu_us_per_io: Option<Stat>,
+    /// Latency percentiles of all rounds' requests together.
+    pub latency_all_rounds: Percentiles,
+    /// Kicks per request over all rounds.
+    pub kicks_per_io: f64,
+    /// Call waits per request over all rounds.
+    pub waits_per_io: f64,
+    /// Failed requests over all rounds.
+    pub errors: u64,
+    /// Greatest peak resident set (VmHWM, KiB) of the backend after a run.
+    pub peak_rss_kib: Option<u64>,
+    /// Greatest anonymous resident memory (RssAnon, KiB) of the backend after a run.
+    pub anon_rss_kib: Option<u64>,
+    /// Why a run failed, if one did (the first failure).
+    pub failure: Option<String>,
+    /// Rounds that failed.
+    pub failed_rounds: Vec<u32>,
+    #[serde(skip)]
+    hist: LatencyHist,
+    #[serde(skip)]
+    kicks: f64,
+    #[serde(skip)]
+    waits: f64,
+    #[serde(skip)]
+    submitted: f64,
+}
+
+fn stat_of(rounds: &[Round], f: impl Fn(&Round) -> Option<f64>) -> Option<Stat> {
+    let v: Vec<f64> = rounds.iter().filter_map(f).collect();
+    Stat::of(&v)
+}
+
+impl Summary {
+    /// Adds a successful run (its histogram joins the all-rounds latency).
+    pub fn add(&mut self, round: Round, hist: &LatencyHist) {
+        self.hist.merge(hist);
+        let n = (round.ios as f64).max(1.0);
+        self.kicks += round.kicks_per_io * n;
+        self.waits += round.waits_per_io * n;
+        self.submitted += n;
+        self.errors += round.errors;
+        self.peak_rss_kib = self.peak_rss_kib.max(round.memory.peak_rss_kib);
+        self.anon_rss_kib = self.anon_rss_kib.max(round.memory.anon_rss_kib);
+        self.iops_rounds.push(round.iops);
+        self.rounds.push(round);
+        let r = &self.rounds;
+        self.iops = stat_of(r, |x| Some(x.iops));
+        self.mib_s = stat_of(r, |x| Some(x.mib_s));
+        self.p50_us = stat_of(r, |x| Some(x.latency.p50_us));
+        self.p99_us = stat_of(r, |x| Some(x.latency.p99_us));
+        self.p999_us = stat_of(r, |x| Some(x.latency.p999_us));
+        self.backend_cpu_us_per_io = stat_of(r, |x| x.backend_cpu_us_per_io);
+        self.frontend_cpu_us_per_io = stat_of(r, |x| x.frontend_cpu_us_per_io);
+        self.latency_all_rounds = self.hist.percentiles();
+        self.kicks_per_io = self.kicks / self.submitted.max(1.0);
+        self.waits_per_io = self.waits / self.submitted.max(1.0);
+    }
+
+    /// Records a failed run.
+    pub fn fail(&mut self, round: u32, why: String) {
+        self.failed_rounds.push(round);
+        self.failure.get_or_insert(why);
+    }
+
+    /// Median IOPS (0 with no successful round).
+    pub fn median_iops(&self) -> f64 {
+        self.iops.map_or(0.0, |s| s.median)
+    }
+
+    /// Whether at least one round succeeded.
+    pub fn measured(&self) -> bool {
+        !self.rounds.is_empty()
+    }
+}
+
+/// Of the qemu-storage-daemon configurations measured on a row, the one with the higher median
+/// IOPS (the earlier one on a tie); configurations with no successful round do not count.
+pub fn best_of<'a>(candidates: &[(Target, Option<&'a Summary>)]) -> Option<(Target, &'a Summary)> {
+    let mut best: Option<(Target, &Summary)> = None;
+    for (t, s) in candidates {
+        let Some(s) = s.filter(|s| s.measured() && s.median_iops() > 0.0) else {
+            continue;
+        };
+        if best.is_none_or(|(_, b)| s.median_iops() > b.median_iops()) {
+            best = Some((*t, s));
+        }
+    }
+    best
+}
+
+/// a's figure over b's: the median of the per-round ratios over the rounds both measured (runs
+/// of one round are adjacent in time, so they share the machine's background load); with no
+/// such round, the ratio of the medians. `None` when either side has no figure or b's is 0.
+pub fn paired_ratio(
+    a: &Summary,
+    b: &Summary,
+    figure: impl Fn(&Round) -> Option<f64>,
+) -> Option<f64> {
+    let per_round: Vec<f64> = a
+        .rounds
+        .iter()
+        .filter_map(|x| {
+            let y = b.rounds.iter().find(|y| y.round == x.round)?;
+            let (fx, fy) = (figure(x)?, figure(y)?);
+            (fy > 0.0).then(|| fx / fy)
+        })
+        .collect();
+    if !per_round.is_empty() {
+        return Some(median(&per_round));
+    }
+    let ma = stat_of(&a.rounds, &figure)?.median;
+    let mb = stat_of(&b.rounds, &figure)?.median;
+    (mb > 0.0).then(|| ma / mb)
+}
+
+/// The ratios of a row: vloop-blk against the better qemu-storage-daemon configuration and
+/// against raw io_uring.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Ratios {
+    /// The qemu-storage-daemon configuration the ratios are taken against.
+    pub best_qsd: Option<Target>,
+    /// vloop IOPS / best qsd IOPS (above 1: vloop is faster).
+    pub vloop_over_qsd: Option<f64>,
+    /// vloop p50 latency / best qsd p50 latency (below 1: vloop is faster).
+    pub vloop_p50_over_qsd: Option<f64>,
+    /// vloop backend CPU per request / best qsd's (below 1: vloop uses less).
+    pub vloop_cpu_over_qsd: Option<f64>,
+    /// vloop IOPS / raw io_uring IOPS.
+    pub vloop_over_raw: Option<f64>,
+}
+
+impl Ratios {
+    /// The ratios of vloop's summary against those of the qsd configurations and raw.
+    pub fn of(
+        vloop: &Summary,
+        qsd: Option<&Summary>,
+        qsd_iothread: Option<&Summary>,
+        raw: Option<&Summary>,
+    ) -> Ratios {
+        let best = best_of(&[(Target::Qsd, qsd), (Target::QsdIothread, qsd_iothread)]);
+        let against =
+            |f: fn(&Round) -> Option<f64>| best.and_then(|(_, b)| paired_ratio(vloop, b, f));
+        Ratios {
+            best_qsd: best.map(|(t, _)| t),
+            vloop_over_qsd: against(|r| Some(r.iops)),
+            vloop_p50_over_qsd: against(|r| Some(r.latency.p50_us)),
+            vloop_cpu_over_qsd: against(|r| r.backend_cpu_us_per_io),
+            vloop_over_raw: raw.and_then(|r| paired_ratio(vloop, r, |x| Some(x.iops))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(iops: &[f64], cpu: &[f64]) -> Summary {
+        let mut s = Summary::default();
+        for (i, (&x, &c)) in iops.iter().zip(cpu).enumerate() {
+            let r = Round {
+                round: i as u32 + 1,
+                iops: x,
+                backend_cpu_us_per_io: Some(c),
+                latency: Percentiles {
+                    p50_us: 1e6 / x,
+                    ..Percentiles::default()
+                },
+                ios: 100,
+                ..Round::default()
+            };
+            s.add(r, &LatencyHist::new());
+        }
+        s
+    }
+
+    #[test]
+    fn stats_are_median_min_max() {
+        let s = Stat::of(&[3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        assert_eq!(Stat::of(&[4.0, 1.0, 2.0, 3.0]).unwrap().median, 2.5);
+        assert_eq!(Stat::of(&[]), None);
+        assert_eq!(median(&[]), 0.0);
+    }
+
+    #[test]
+    fn ratios_pair_rounds() {
+        // Round by round: 2x, 2x, 1x -> median 2x (the ratio of medians would be 1.5x).
+        let a = summary(&[200.0, 40.0, 30.0], &[1.0, 1.0, 1.0]);
+        let b = summary(&[100.0, 20.0, 30.0], &[2.0, 4.0, 1.0]);
+        assert_eq!(paired_ratio(&a, &b, |r| Some(r.iops)), Some(2.0));
+        assert_eq!(paired_ratio(&a, &b, |r| r.backend_cpu_us_per_io), Some(0.5));
+        // Round 1 of b failed: rounds 2 and 3 pair (2x and 1x).
+        let mut c = summary(&[20.0, 30.0], &[1.0, 1.0]);
+        for (i, r) in c.rounds.iter_mut().enumerate() {
+            r.round = i as u32 + 2;
+        }
+        assert_eq!(paired_ratio(&a, &c, |r| Some(r.iops)), Some(1.5));
+        // No common round: the ratio of medians.
+        let mut d = summary(&[10.0], &[1.0]);
+        d.rounds[0].round = 9;
+        assert_eq!(paired_ratio(&a, &d, |r| Some(r.iops)), Some(4.0));
+        assert_eq!(
+            paired_ratio(&Summary::default(), &b, |r| Some(r.iops)),
+            None
+        );
+        assert_eq!(paired_ratio(&a, &b, |_| None), None);
+    }
+
+    #[test]
+    fn the_better_qsd_is_chosen_and_named() {
+        let vloop = summary(&[300.0, 300.0], &[1.0, 1.0]);
+        let main = summary(&[100.0, 120.0], &[2.0, 2.0]);
+        let iot = summary(&[150.0, 150.0], &[3.0, 3.0]);
+        let r = Ratios::of(&vloop, Some(&main), Some(&iot), None);
+        assert_eq!(r.best_qsd, Some(Target::QsdIothread));
+        assert_eq!(r.vloop_over_qsd, Some(2.0));
+        assert_eq!(r.vloop_p50_over_qsd, Some(0.5));
+        assert_eq!(r.vloop_cpu_over_qsd, Some(1.0 / 3.0));
+        assert_eq!(r.vloop_over_raw, None);
+        // The main loop wins when it is faster; a configuration that failed does not count.
+        let slow = summary(&[50.0], &[1.0]);
+        let r = Ratios::of(&vloop, Some(&main), Some(&slow), Some(&main));
+        assert_eq!(r.best_qsd, Some(Target::Qsd));
+        assert_eq!(r.vloop_over_raw, Some(2.75));
+        let mut failed = Summary::default();
+        failed.fail(1, "no".into());
+        let r = Ratios::of(&vloop, Some(&failed), Some(&slow), None);
+        assert_eq!(r.best_qsd, Some(Target::QsdIothread));
+        assert_eq!(r.vloop_over_qsd, Some(6.0));
+        // A tie goes to the first (main loop); with no qsd at all there is no ratio.
+        let r = Ratios::of(&vloop, Some(&main), Some(&main.clone()), None);
+        assert_eq!(r.best_qsd, Some(Target::Qsd));
+        assert_eq!(Ratios::of(&vloop, None, None, None), Ratios::default());
+    }
+
+    #[test]
+    fn summaries_track_rounds_and_failures() {
+        let mut s = summary(&[10.0, 30.0, 20.0], &[5.0, 1.0, 3.0]);
+        s.fail(4, "crashed".into());
+        s.fail(5, "again".into());
+        assert_eq!(s.iops.unwrap().median, 20.0);
+        assert_eq!(s.iops_rounds, [10.0, 30.0, 20.0]);
+        assert_eq!(s.backend_cpu_us_per_io.unwrap().min, 1.0);
+        assert_eq!(s.failure.as_deref(), Some("crashed"));
+        assert_eq!(s.failed_rounds, [4, 5]);
+        assert!(s.measured());
+        assert!(!Summary::default().measured());
+    }
+}

@@ -1,0 +1,414 @@
+//! `--plot FILE.svg`: a comparison drawn as an SVG chart a README can show: IOPS (top) and p50
+//! latency (bottom) per workload, a bar per target at its median with a whisker from the least
+//! to the greatest round. Drawn with plotters' SVG backend alone: text is SVG `<text>`, laid
+//! out by the viewer, so no font file is read here.
+
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+use crate::compare::render::count;
+use crate::compare::{Report, Stat, Summary, Target};
+
+/// Errors of drawing the chart.
+#[derive(Debug, thiserror::Error)]
+pub enum PlotError {
+    /// No target has a measured figure to draw.
+    #[error("nothing to plot: no run succeeded")]
+    NoData,
+    /// plotters failed to draw.
+    #[error("cannot draw the chart: {0}")]
+    Draw(String),
+}
+
+/// Chart size in pixels.
+const SIZE: (u32, u32) = (1200, 820);
+
+/// Width of one workload's group of bars on the x axis (integer coordinates: plotters formats
+/// the labels of custom key points on integer axes only).
+const GROUP: i32 = 1000;
+
+fn color(t: Target) -> RGBColor {
+    match t {
+        Target::Vloop => RGBColor(31, 119, 180),
+        Target::Qsd => RGBColor(255, 127, 14),
+        Target::QsdIothread => RGBColor(44, 160, 44),
+        Target::Raw => RGBColor(127, 127, 127),
+    }
+}
+
+/// One panel's figure of a summary.
+type Figure = fn(&Summary) -> Option<Stat>;
+
+/// A latency in microseconds: one decimal below 100 (two below 1), none above.
+fn micros(v: f64) -> String {
+    if v < 1.0 {
+        format!("{v:.2}")
+    } else if v < 100.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+/// What one panel shows.
+struct Panel<'a> {
+    title: &'a str,
+    unit: &'a str,
+    figure: Figure,
+    format: fn(f64) -> String,
+}
+
+/// The log-scale range that holds every value of `figure` with some room: from a power of 10
+/// below the least to one above the greatest.
+fn range(r: &Report, figure: Figure) -> Option<(f64, f64)> {
+    let mut lo = f64::INFINITY;
+    let mut hi = 0f64;
+    for row in &r.rows {
+        for &t in &r.targets {
+            if let Some(s) = row.get(t).and_then(figure).filter(|s| s.min > 0.0) {
+                lo = lo.min(s.min);
+                hi = hi.max(s.max);
+            }
+        }
+    }
+    (hi > 0.0).then(|| {
+        (
+            10f64.powf(lo.log10().floor()),
+            10f64.powf((hi * 1.5).log10().ceil()),
+        )
+    })
+}
+
+fn draw_err<E: std::fmt::Debug>(e: E) -> PlotError {
+    PlotError::Draw(format!("{e:?}"))
+}
+
+fn panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    r: &Report,
+    p: &Panel<'_>,
+) -> Result<(), PlotError> {
+    let Panel {
+        title,
+        unit,
+        figure,
+        format,
+    } = *p;
+    let (lo, hi) = range(r, figure).ok_or(PlotError::NoData)?;
+    let n = i32::try_from(r.rows.len())
+        .ok()
+        .filter(|n| n.checked_mul(GROUP).is_some())
+        .ok_or_else(|| PlotError::Draw(format!("too many rows: {}", r.rows.len())))?;
+    let centers: Vec<i32> = (0..n).map(|i| i * GROUP + GROUP / 2).collect();
+    let names: Vec<String> = r.rows.iter().map(|row| row.name.clone()).collect();
+    let label = move |x: &i32| {
+        if x.rem_euclid(GROUP) == GROUP / 2 {
+            let i = usize::try_from(x / GROUP).unwrap_or(usize::MAX);
+            names.get(i).cloned().unwrap_or_default()
+        } else {
+            String::new()
+        }
+    };
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(70)
+        .build_cartesian_2d(
+            (0..n * GROUP).with_key_points(centers),
+            (lo..hi).log_scale(),
+        )
+        .map_err(draw_err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_label_formatter(&label)
+        .x_label_style(("sans-serif", 15))
+        .y_label_formatter(&|v| format(*v))
+        .y_label_style(("sans-serif", 14))
+        .y_desc(unit)
+        .axis_desc_style(("sans-serif", 15))
+        .draw()
+        .map_err(draw_err)?;
+    let targets = &r.targets;
+    let slots = i32::try_from(targets.len()).unwrap_or(1).max(1);
+    // Bars fill 84% of a group, each bar 90% of its slot.
+    let slot = GROUP * 84 / 100 / slots;
+    let bar = slot * 9 / 10;
+    for (j, &t) in (0..).zip(targets) {
+        let c = color(t);
+        let bars: Vec<(i32, Stat)> = (0..)
+            .zip(&r.rows)
+            .filter_map(|(i, row)| {
+                let s = row.get(t).and_then(figure).filter(|s| s.median > 0.0)?;
+                Some((i * GROUP + GROUP * 8 / 100 + j * slot, s))
+            })
+            .collect();
+        chart
+            .draw_series(
+                bars.iter()
+                    .map(|&(x, s)| Rectangle::new([(x, lo), (x + bar, s.median)], c.filled())),
+            )
+            .map_err(draw_err)?;
+        // Whiskers from the least to the greatest round, with caps.
+        let (mid, cap) = (bar / 2, bar / 5);
+        chart
+            .draw_series(
+                bars.iter()
+                    .filter(|(_, s)| s.max > s.min)
+                    .flat_map(|&(x, s)| {
+                        [
+                            vec![(x + mid, s.min), (x + mid, s.max)],
+                            vec![(x + mid - cap, s.min), (x + mid + cap, s.min)],
+                            vec![(x + mid - cap, s.max), (x + mid + cap, s.max)],
+                        ]
+                        .map(|points| PathElement::new(points, BLACK.stroke_width(1)))
+                    }),
+            )
+            .map_err(draw_err)?;
+        let above = ("sans-serif", 11)
+            .into_font()
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Center, VPos::Bottom));
+        chart
+            .draw_series(bars.iter().map(|&(x, s)| {
+                Text::new(format(s.median), (x + bar / 2, s.max * 1.12), above.clone())
+            }))
+            .map_err(draw_err)?;
+    }
+    Ok(())
+}
+
+/// A row of colour swatches naming the targets, centred in `area`.
+fn legend<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    targets: &[Target],
+) -> Result<(), PlotError> {
+    const ENTRY: i32 = 150;
+    let width = i32::try_from(area.dim_in_pixel().0).unwrap_or(i32::MAX);
+    let count = i32::try_from(targets.len()).unwrap_or(0);
+    let mut x = (width - count * ENTRY) / 2;
+    let font = ("sans-serif", 15)
+        .into_font()
+        .color(&BLACK)
+        .pos(Pos::new(HPos::Left, VPos::Center));
+    for &t in targets {
+        area.draw(&Rectangle::new([(x, 9), (x + 16, 23)], color(t).filled()))
+            .map_err(draw_err)?;
+        area.draw(&Text::new(t.name(), (x + 22, 16), font.clone()))
+            .map_err(draw_err)?;
+        x += ENTRY;
+    }
+    Ok(())
+}
+
+/// The chart of `r` as an SVG document.
+pub fn svg(r: &Report) -> Result<String, PlotError> {
+    let mut out = String::new();
+    {
+        let root = SVGBackend::with_string(&mut out, SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(draw_err)?;
+        let title = format!(
+            "vloop-bench --compare, {}, {}: {} rounds of {:.1} s; {} CPUs, {}; load {:.2} before, {:.2} after",
+            r.started.split('T').next().unwrap_or(""),
+            r.mode.name(),
+            r.rounds,
+            r.rows
+                .first()
+                .map_or(0.0, |row| row.workload.runtime.as_secs_f64()),
+            r.machine.cpus,
+            r.machine
+                .kernel
+                .as_deref()
+                .map_or_else(|| "Linux".to_string(), |k| format!("Linux {k}")),
+            r.load.before.one,
+            r.load.after.one,
+        );
+        let root = root.titled(&title, ("sans-serif", 18)).map_err(draw_err)?;
+        let (strip, panels) = root.split_vertically(30);
+        legend(&strip, &r.targets)?;
+        let (top, bottom) = panels.split_vertically((SIZE.1 - 30) / 2 - 20);
+        panel(
+            &top,
+            r,
+            &Panel {
+                title: "IOPS (median; whiskers: least to greatest round)",
+                unit: "IOPS",
+                figure: |s| s.iops,
+                format: count,
+            },
+        )?;
+        panel(
+            &bottom,
+            r,
+            &Panel {
+                title: "p50 latency (median of rounds; whiskers: least to greatest)",
+                unit: "microseconds",
+                figure: |s| s.p50_us,
+                format: micros,
+            },
+        )?;
+        root.present().map_err(draw_err)?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compare::{Mode, Round, Row};
+    use crate::hist::{LatencyHist, Percentiles};
+    use crate::load::{Pattern, Workload};
+    use crate::machine::{LoadAvg, LoadSpan, Machine};
+    use std::time::Duration;
+
+    fn summary(iops: &[f64]) -> Summary {
+        let mut s = Summary::default();
+        for (i, &x) in iops.iter().enumerate() {
+            let r = Round {
+                round: i as u32 + 1,
+                iops: x,
+                latency: Percentiles {
+                    p50_us: 1e6 / x,
+                    ..Percentiles::default()
+                },
+                ios: 10,
+                ..Round::default()
+            };
+            s.add(r, &LatencyHist::new());
+        }
+        s
+    }
+
+    pub(crate) fn report(targets: Vec<Target>) -> Report {
+        let with_raw = targets.contains(&Target::Raw);
+        let w = |iodepth, queues| Workload {
+            pattern: Pattern::RandRead,
+            bs: 4096,
+            iodepth,
+            queues,
+            runtime: Duration::from_secs(2),
+        };
+        let row = |w: Workload, base: f64| Row {
+            name: w.to_string(),
+            workload: w,
+            vloop: summary(&[base, base * 1.1, base * 0.9]),
+            qsd: Some(summary(&[base * 0.8, base * 0.7])),
+            qsd_iothread: Some(Summary::default()),
+            raw: with_raw.then(|| summary(&[base * 20.0])),
+            ratios: Default::default(),
+        };
+        let load = LoadAvg {
+            one: 0.25,
+            five: 0.5,
+            fifteen: 0.75,
+        };
+        Report {
+            started: "2026-12-01T09:00:00Z".into(),
+            mode: Mode::PageCache,
+            direct: false,
+            machine: Machine {
+                cpus: 2,
+                cpus_online: 2,
+                cpu_model: Some("Test CPU".into()),
+                kernel: Some("6.1.0".into()),
+                qsd_version: None,
+            },
+            load: LoadSpan::new(load, load),
+            image: "/tmp/i.img".into(),
+            image_size: 1 << 30,
+            rounds: 3,
+            rounds_requested: 3,
+            targets,
+            rows: vec![row(w(1, 1), 17_000.0), row(w(32, 2), 900_000.0)],
+            backends: Vec::new(),
+            wall_secs: 10.0,
+        }
+    }
+
+    #[test]
+    fn the_chart_is_svg_with_text_bars_and_a_legend() {
+        let r = report(vec![
+            Target::Vloop,
+            Target::Qsd,
+            Target::QsdIothread,
+            Target::Raw,
+        ]);
+        let text = svg(&r).unwrap();
+        let doc = roxmltree::Document::parse(&text).expect("well-formed SVG");
+        let root = doc.root_element();
+        assert_eq!(root.tag_name().name(), "svg");
+        assert_eq!(root.attribute("width"), Some("1200"));
+        let texts: Vec<&str> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("text"))
+            .filter_map(|n| n.text())
+            .map(str::trim)
+            .collect();
+        for want in [
+            "4k randread QD1",
+            "4k randread QD32 x2q",
+            "vloop",
+            "qsd",
+            "raw",
+            "IOPS",
+        ] {
+            assert!(texts.contains(&want), "no text '{want}' in {texts:?}");
+        }
+        // Values above the bars: vloop's median of the first row, raw's of the second.
+        assert!(texts.contains(&"17.0k"), "{texts:?}");
+        assert!(texts.contains(&"18.00M"), "{texts:?}");
+        assert!(texts
+            .iter()
+            .any(|t| t.contains("2026-12-01, page cache") && t.contains("load 0.25 before")));
+        // Text is laid out by the viewer: every label names a generic family, no font file.
+        assert!(doc
+            .descendants()
+            .filter(|n| n.has_tag_name("text"))
+            .all(|n| n.attribute("font-family") == Some("sans-serif")));
+        assert!(!text.contains(".ttf") && !text.contains("@font-face"));
+        // Bars: per panel, vloop, qsd and raw on both rows (qsd-iothread has no figure), plus
+        // the legend's 4 swatches... at least 12 filled rectangles in the targets' colours.
+        let vloop_fill = "#1F77B4";
+        let bars = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("rect"))
+            .filter(|n| n.attribute("fill") == Some(vloop_fill))
+            .count();
+        assert_eq!(
+            bars,
+            2 * 2 + 1,
+            "vloop bars in both panels plus its legend swatch"
+        );
+        // Whiskers (a line and two caps): vloop's three rounds and qsd's two differ, raw has
+        // one round; the same chart with one round everywhere has none.
+        let polylines = |svg: &str| svg.matches("<polyline").count();
+        let mut flat = r.clone();
+        for row in &mut flat.rows {
+            row.vloop = summary(&row.vloop.iops_rounds[..1]);
+            row.qsd = Some(summary(&row.qsd.as_ref().unwrap().iops_rounds[..1]));
+        }
+        let whiskers = polylines(&text) - polylines(&svg(&flat).unwrap());
+        assert_eq!(
+            whiskers,
+            2 * 2 * 2 * 3,
+            "2 targets x 2 rows x 2 panels x 3 lines"
+        );
+    }
+
+    #[test]
+    fn latency_labels_keep_small_values_readable() {
+        assert_eq!(micros(0.5), "0.50");
+        assert_eq!(micros(52.94), "52.9");
+        assert_eq!(micros(1234.4), "1234");
+    }
+
+    #[test]
+    fn a_report_with_no_figures_is_an_error() {
+        let mut r = report(vec![Target::Vloop]);
+        for row in &mut r.rows {
+            row.vloop = Summary::default();
+        }
+        assert!(matches!(svg(&r), Err(PlotError::NoData)));
+    }
+}
