@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserInflight, VhostUserMemory, VhostUserMemoryRegion,
     VhostUserProtocolFeatures,
@@ -249,6 +249,18 @@ impl Relay {
                 }
                 _ if !m.fds.is_empty() => {
                     return Err(refused(&m, "descriptors on a request that takes none"))
+                }
+                FrontendReq::SET_VRING_ENABLE => {
+                    self.to_library(&m)?;
+                    // The last step of QEMU's device start: from here on the frontend
+                    // serves the guest through this backend (crash tests wait for it).
+                    if let Some(v) = m.body_as::<vhost::vhost_user::message::VhostUserVringState>()
+                    {
+                        let (index, num) = (v.index, v.num);
+                        if num == 1 {
+                            info!("frontend enabled queue {index}");
+                        }
+                    }
                 }
                 _ => self.to_library(&m)?,
             }
