@@ -4,6 +4,7 @@
 
 use std::os::unix::io::RawFd;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Largest number of queues: one worker thread per queue, and the queue-to-thread mask of
 /// vhost-user-backend is 64 bits wide.
@@ -133,7 +134,13 @@ pub struct Config {
     pub engine: EngineKind,
     /// Image locking.
     pub locking: Locking,
+    /// Largest window a worker polls its available ring for between requests (zero: never
+    /// poll); see `crate::poll`.
+    pub poll_max: Duration,
 }
+
+/// Default largest polling window, as QEMU's iothread `poll-max-ns` default.
+pub const DEFAULT_POLL_MAX: Duration = Duration::from_micros(32);
 
 impl Config {
     /// A configuration with the defaults for everything but the image.
@@ -149,6 +156,7 @@ impl Config {
             discard: DiscardMode::Unmap,
             engine: EngineKind::Auto,
             locking: Locking::On,
+            poll_max: DEFAULT_POLL_MAX,
         }
     }
 

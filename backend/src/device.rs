@@ -20,7 +20,10 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringMutex, VringState, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryRegion,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -31,6 +34,7 @@ use crate::disk::Disk;
 use crate::fault;
 use crate::inflight::{resubmit, Inflight};
 use crate::io::{EngineError, Executor, GuestMem, RateLimiter, Stats, Tracker};
+use crate::poll::{PollBudget, Polled, Poller};
 use crate::virtio_blk::{self, Offer};
 use crate::LockUnpoisoned;
 
@@ -57,6 +61,13 @@ pub enum DeviceError {
 
 type Vring = VringMutex<GuestMemoryAtomic<GuestMem>>;
 
+/// What one queue's thread owns: its executor and its polling state.
+#[derive(Debug)]
+struct Worker {
+    ex: Executor,
+    poll: Poller,
+}
+
 /// A guest memory map and the fault guard of its ranges, which lives as long as the map.
 struct GuardedMem {
     mem: GuestMem,
@@ -78,7 +89,7 @@ pub struct BlkDevice {
     acked_features: AtomicU64,
     /// The driver's write cache mode (`wce`), shared by this connection's executors.
     writeback: Arc<AtomicBool>,
-    workers: Vec<Mutex<Executor>>,
+    workers: Vec<Mutex<Worker>>,
     /// Per queue: a broken ring stopped it.
     broken: Vec<AtomicBool>,
     exits: Vec<(EventConsumer, EventNotifier)>,
@@ -133,6 +144,7 @@ impl BlkDevice {
         let mut exits = Vec::new();
         let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let writeback = Arc::new(AtomicBool::new(true));
+        let budget = PollBudget::for_this_machine();
         for q in 0..config.num_queues {
             let mut ex = Executor::new(disk.clone(), q, config.engine, config.queue_size)
                 .map_err(|source| DeviceError::Engine { queue: q, source })?;
@@ -141,7 +153,10 @@ impl BlkDevice {
             if q == 0 {
                 debug!("I/O engine: {}", ex.engine().name());
             }
-            workers.push(Mutex::new(ex));
+            workers.push(Mutex::new(Worker {
+                ex,
+                poll: Poller::new(config.poll_max, budget.clone()),
+            }));
             exits.push(
                 new_event_consumer_and_notifier(EventFlag::NONBLOCK)
                     .map_err(DeviceError::EventFd)?,
@@ -193,7 +208,7 @@ impl BlkDevice {
     pub fn queue_features(&self) -> Vec<u64> {
         self.workers
             .iter()
-            .map(|w| w.lock_unpoisoned().features())
+            .map(|w| w.lock_unpoisoned().ex.features())
             .collect()
     }
 
@@ -218,7 +233,7 @@ impl BlkDevice {
     pub fn stats(&self) -> Stats {
         let mut s = Stats::default();
         for w in &self.workers {
-            s += w.lock_unpoisoned().stats();
+            s += w.lock_unpoisoned().ex.stats();
         }
         s
     }
@@ -261,27 +276,26 @@ impl BlkDevice {
         }
     }
 
-    /// Drain one vring: passes until the queue is empty (with EVENT_IDX, until no new request
-    /// arrived while notifications were off). A ring error stops the queue.
-    fn drain(&self, vring: &Vring, worker: &mut Executor) {
-        let queue = worker.queue();
+    /// Drain one vring: passes until the queue is empty and nothing arrived while
+    /// notifications were off, with polls of the available ring between passes
+    /// ([`crate::poll`]). A ring error stops the queue.
+    fn drain(&self, vring: &Vring, w: &mut Worker) {
+        let queue = w.ex.queue();
         if self.is_stopped(queue) || self.stopping.load(Ordering::Relaxed) {
             return;
         }
+        w.poll.woke();
         let guarded = self.mem.lock_unpoisoned().clone();
         let mem = &guarded.mem;
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mut empty_passes = 0;
         loop {
             let mut state = vring.get_mut();
-            if event_idx {
-                if let Err(e) = state.get_queue_mut().disable_notification(mem) {
-                    self.stop_queue(queue, format_args!("cannot disable notifications: {e}"));
-                    return;
-                }
+            if let Err(e) = state.get_queue_mut().disable_notification(mem) {
+                self.stop_queue(queue, format_args!("cannot disable notifications: {e}"));
+                return;
             }
-            let before = worker.stats().requests;
-            if let Err(e) = self.process(&mut state, worker, mem) {
+            let before = w.ex.stats().requests;
+            if let Err(e) = self.process(&mut state, &mut w.ex, mem) {
                 self.stop_queue(queue, format_args!("{e}"));
                 return;
             }
@@ -289,14 +303,29 @@ impl BlkDevice {
                 self.memory_fault();
                 return;
             }
-            if !event_idx || self.stopping.load(Ordering::Relaxed) {
+            if self.stopping.load(Ordering::Relaxed) {
                 return;
             }
-            empty_passes = if worker.stats().requests == before {
+            empty_passes = if w.ex.stats().requests == before {
                 empty_passes + 1
             } else {
                 0
             };
+            // Watch the available ring with notifications still off and the vring unlocked,
+            // so the library's handler is not held up.
+            let next = state.get_queue().next_avail();
+            let avail_idx = GuestAddress(state.get_queue().avail_ring()).checked_add(2);
+            drop(state);
+            if let Some(at) = avail_idx {
+                let arrived = || {
+                    mem.read_obj::<u16>(at)
+                        .is_ok_and(|i| u16::from_le(i) != next)
+                };
+                if w.poll.poll(arrived) == Polled::Found {
+                    continue;
+                }
+            }
+            let mut state = vring.get_mut();
             match state.get_queue_mut().enable_notification(mem) {
                 Ok(true) if empty_passes >= EMPTY_PASSES_MAX => {
                     self.stop_queue(
@@ -306,7 +335,10 @@ impl BlkDevice {
                     return;
                 }
                 Ok(true) => continue,
-                Ok(false) => return,
+                Ok(false) => {
+                    w.poll.sleeping();
+                    return;
+                }
                 Err(e) => {
                     self.stop_queue(queue, format_args!("cannot enable notifications: {e}"));
                     return;
@@ -375,7 +407,7 @@ impl VhostUserBackend for BlkDevice {
     fn acked_features(&self, features: u64) {
         self.acked_features.store(features, Ordering::Relaxed);
         for w in &self.workers {
-            w.lock_unpoisoned().set_features(features);
+            w.lock_unpoisoned().ex.set_features(features);
         }
     }
 
@@ -548,7 +580,7 @@ mod tests {
         assert!(dev
             .workers
             .iter()
-            .all(|w| w.lock_unpoisoned().write_through()));
+            .all(|w| w.lock_unpoisoned().ex.write_through()));
         dev.set_config(30, &[0, 0, 1]).unwrap();
         assert!(dev.writeback());
         assert!(dev.set_config(0xfff, &[0, 0]).is_err());

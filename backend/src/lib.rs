@@ -8,6 +8,7 @@
 //! - [`lock`]: QEMU-compatible image locking;
 //! - [`disk`]: the open image: size, serial, limits, flush state;
 //! - [`io`]: the executor that runs a queue's requests on io_uring (or blocking syscalls);
+//! - [`poll`]: adaptive polling of a queue's available ring between requests;
 //! - [`inflight`]: inflight I/O tracking, so a restarted backend resubmits what was in flight;
 //! - [`fault`]: recovery from guest memory that shrinks under the daemon (SIGBUS);
 //! - [`protocol`]: vhost-user framing, descriptor checks, the backend request channel and the
@@ -25,6 +26,7 @@ pub mod fault;
 pub mod inflight;
 pub mod io;
 pub mod lock;
+pub mod poll;
 pub mod protocol;
 pub mod request;
 pub mod virtio_blk;

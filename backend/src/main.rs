@@ -95,6 +95,10 @@ struct Args {
     /// for file systems that cannot lock).
     #[arg(long, value_enum, default_value = "on")]
     locking: LockingArg,
+    /// Longest a queue's thread polls for the guest's next request before it sleeps, in
+    /// microseconds (adaptive, up to this; 0: never poll).
+    #[arg(long, default_value_t = 32, value_name = "US")]
+    poll_max_us: u64,
     /// More logging (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -133,6 +137,7 @@ impl TryFrom<Args> for Cli {
                 EngineArg::Blocking => EngineKind::Blocking,
                 EngineArg::Null => EngineKind::Null,
             },
+            poll_max: std::time::Duration::from_micros(a.poll_max_us),
             locking: match a.locking {
                 LockingArg::On => Locking::On,
                 LockingArg::Off => Locking::Off,
