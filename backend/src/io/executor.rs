@@ -255,10 +255,15 @@ impl Executor {
                 self.stats.batches += 1;
                 self.launch(mem);
             }
-            // Wait for the engine only when there is nothing else to do.
+            // Wait for the engine only when there is nothing else to do; the wait hands the
+            // ops just started to the kernel in the same system call. When completed requests
+            // are to be published first, the ops start now.
             let wait = popped == 0 && self.ready.is_empty() && self.engine.in_flight() > 0;
             if wait && self.engine.helper_in_flight() > 0 {
                 self.share.worker_waits();
+            }
+            if !self.ready.is_empty() {
+                self.engine.submit();
             }
             self.collect(mem, wait);
             if self.ready.is_empty() {
@@ -557,7 +562,8 @@ impl Executor {
     }
 
     /// Give the engine every op parsed since the last call; part of the page-cache reads go
-    /// to the helper first (taken from the end of the launch), as the share policy says.
+    /// to the helper first (taken from the end of the launch), as the share policy says. The
+    /// ring's entries reach the kernel with the next submit or wait.
     fn launch(&mut self, mem: &GuestMem) {
         if self.fresh.is_empty() {
             return;
@@ -606,7 +612,6 @@ impl Executor {
                 }
             }
         }
-        self.engine.submit();
         fresh.clear();
         self.fresh = fresh;
     }

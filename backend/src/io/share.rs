@@ -6,9 +6,9 @@
 //! the worker copies the rest. The part, in sixteenths, starts at [`SHARE_START`] and adapts:
 //! one more each time the helper had caught up, one less each time the worker had to wait for
 //! it; after it reached zero it is tried again every [`PROBE_EVERY`] launches. Sharing only
-//! happens while every saturated worker of the device can have two CPUs, so an idle or
-//! lightly loaded export never wakes a polling thread, and two saturated queues on two CPUs
-//! do not give a third thread their CPU time.
+//! happens while every saturated worker of the device can have two CPUs and the frontend one
+//! more, so an idle or lightly loaded export never wakes a polling thread, and on two CPUs
+//! the helper never takes the CPU the frontend submits on.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -86,9 +86,12 @@ impl SharePolicy {
         self.always = true;
     }
 
-    /// Whether every saturated worker of the device can have two CPUs.
+    /// Whether every saturated worker of the device can have two CPUs while the frontend
+    /// keeps one (it needs a CPU to submit requests on, or the helper only moves work from
+    /// it to the backend).
     fn may_share(&self) -> bool {
-        self.always || self.saturated && 2 * self.counter.load(Ordering::Relaxed) <= self.cpus
+        self.always
+            || self.saturated && 2 * self.counter.load(Ordering::Relaxed) < self.cpus
     }
 
     /// How many of a launch's `shareable` reads go to the helper, given whether the helper
@@ -158,6 +161,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn two_cpus_leave_no_room_for_a_helper() {
+        let mut p = SharePolicy::default();
+        p.cpus = 2;
+        p.window -= LOAD_WINDOW;
+        p.account(Instant::now() - LOAD_WINDOW);
+        assert!(p.saturated);
+        assert_eq!(p.portion(16, true), 0);
+    }
+
+    #[test]
     fn an_idle_worker_never_shares() {
         let mut p = SharePolicy::default();
         assert_eq!(p.portion(32, true), 0);
@@ -169,7 +182,7 @@ mod tests {
     fn a_saturated_worker_shares_and_adapts() {
         let counter = Arc::new(AtomicUsize::new(0));
         let mut p = SharePolicy::new(counter.clone());
-        p.cpus = 2;
+        p.cpus = 3;
         // A window that was busy all the time.
         p.window -= LOAD_WINDOW;
         p.account(Instant::now() - LOAD_WINDOW);
@@ -186,7 +199,7 @@ mod tests {
             assert_eq!(p.portion(16, true), 0);
         }
         assert_eq!(p.portion(16, true), SHARE_PROBE);
-        // A second saturated worker on two CPUs: no CPU left for a helper.
+        // A second saturated worker on three CPUs: no CPU left for a helper.
         counter.fetch_add(1, Ordering::Relaxed);
         assert_eq!(p.portion(16, true), 0);
         counter.fetch_sub(1, Ordering::Relaxed);

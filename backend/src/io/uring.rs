@@ -184,7 +184,13 @@ impl Uring {
         // Wait where the quick completions are: the helper's page-cache copies finish within
         // microseconds, the worker ring's ops may take a disk's time. While both have ops,
         // the wait on the helper is short, so a helper read that missed the cache does not
-        // hold up the worker ring's completions.
+        // hold up the worker ring's completions. The worker ring's entries not yet handed to
+        // the kernel go with the wait on it, or before the wait on the helper.
+        if self.helper_pending > 0 && !self.ring.submission().is_empty() {
+            if let Err(e) = self.ring.submit() {
+                debug!("io_uring submit: {e}");
+            }
+        }
         let waited = match &mut self.helper {
             Helper::Ready(helper) if self.helper_pending > 0 && self.pending > 0 => {
                 let ts = types::Timespec::from(HELPER_WAIT);
