@@ -173,7 +173,8 @@ pub struct Client {
     protocol: VhostUserProtocolFeatures,
     max_queues: u64,
     queues: Vec<Option<Queue>>,
-    inflight: Option<std::fs::File>,
+    inflight: Option<(VhostUserInflight, std::fs::File)>,
+    opts: ClientOptions,
 }
 
 impl std::fmt::Debug for Client {
@@ -296,7 +297,7 @@ impl Client {
             let (region, file) = fe.get_inflight_fd(&ask).map_err(vh("GET_INFLIGHT_FD"))?;
             fe.set_inflight_fd(&region, file.as_raw_fd())
                 .map_err(vh("SET_INFLIGHT_FD"))?;
-            Some(file)
+            Some((region, file))
         } else {
             None
         };
@@ -389,7 +390,90 @@ impl Client {
             max_queues,
             queues,
             inflight,
+            opts: opts.clone(),
         })
+    }
+
+    /// Connect again to a backend at `path` (a restarted one) and resume the device as QEMU
+    /// does after a backend crash (`-chardev socket,reconnect=...`): the same features, the
+    /// inflight region kept from the first connection, the same guest memory, and every
+    /// ring resumed at its used index with the same kick and call eventfds. Nothing is
+    /// kicked: what was pending reaches the backend through the inflight region and the
+    /// available ring. Every queue must still be in the client (not taken).
+    pub fn reconnect(&mut self, path: &Path) -> Result<(), ClientError> {
+        let mut fe = Frontend::connect(path, 1).map_err(|e| match e {
+            vhost::Error::VhostUserProtocol(source) => ClientError::Connect {
+                path: path.to_owned(),
+                source,
+            },
+            other => ClientError::Vhost {
+                op: "connect",
+                source: other,
+            },
+        })?;
+        fe.set_owner().map_err(vh("SET_OWNER"))?;
+        let offered = fe.get_features().map_err(vh("GET_FEATURES"))?;
+        if offered & self.acked != self.acked {
+            return Err(ClientError::MissingFeature(
+                "a feature the first backend offered (the restarted backend offers fewer)",
+            ));
+        }
+        let pf = fe
+            .get_protocol_features()
+            .map_err(vh("GET_PROTOCOL_FEATURES"))?;
+        if !pf.contains(self.protocol) {
+            return Err(ClientError::MissingFeature(
+                "a protocol feature the first backend offered",
+            ));
+        }
+        fe.set_protocol_features(self.protocol)
+            .map_err(vh("SET_PROTOCOL_FEATURES"))?;
+        if self.protocol.contains(VhostUserProtocolFeatures::MQ) {
+            fe.get_queue_num().map_err(vh("GET_QUEUE_NUM"))?;
+        }
+        if self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        fe.set_features(self.acked).map_err(vh("SET_FEATURES"))?;
+        if let Some((region, file)) = &self.inflight {
+            fe.set_inflight_fd(region, file.as_raw_fd())
+                .map_err(vh("SET_INFLIGHT_FD"))?;
+        }
+        fe.set_mem_table(&[self.mem.region_info()])
+            .map_err(vh("SET_MEM_TABLE"))?;
+        let size = self.opts.queue_size;
+        for q in self.queues.iter() {
+            let q = q.as_ref().ok_or_else(|| {
+                ClientError::Options("a queue was taken out of the client".into())
+            })?;
+            let i = q.index;
+            let layout = q.ring.layout();
+            let host_addr = |gpa: u64| self.mem.host_base() as u64 + gpa;
+            fe.set_vring_num(i, size).map_err(vh("SET_VRING_NUM"))?;
+            fe.set_vring_base(i, q.ring.used_idx())
+                .map_err(vh("SET_VRING_BASE"))?;
+            fe.set_vring_addr(
+                i,
+                &VringConfigData {
+                    queue_max_size: size,
+                    queue_size: size,
+                    flags: 0,
+                    desc_table_addr: host_addr(layout.desc),
+                    used_ring_addr: host_addr(layout.used),
+                    avail_ring_addr: host_addr(layout.avail),
+                    log_addr: None,
+                },
+            )
+            .map_err(vh("SET_VRING_ADDR"))?;
+            fe.set_vring_call(i, &q.call)
+                .map_err(vh("SET_VRING_CALL"))?;
+            fe.set_vring_kick(i, &q.kick)
+                .map_err(vh("SET_VRING_KICK"))?;
+            fe.set_vring_enable(i, true)
+                .map_err(vh("SET_VRING_ENABLE"))?;
+        }
+        self.frontend = fe;
+        Ok(())
     }
 
     /// The block config space read at start-up.
@@ -424,7 +508,7 @@ impl Client {
 
     /// The inflight region the backend shared (INFLIGHT_SHMFD), if negotiated.
     pub fn inflight_file(&self) -> Option<&std::fs::File> {
-        self.inflight.as_ref()
+        self.inflight.as_ref().map(|(_, f)| f)
     }
 
     /// Number of started queues.
@@ -739,6 +823,26 @@ impl Queue {
         self.ring.push(head);
         self.stats.submitted += 1;
         Ok(())
+    }
+
+    /// Used elements the device returned that are not reaped yet.
+    pub fn ring_pending(&self) -> u16 {
+        self.ring.pending_used()
+    }
+
+    /// Makes queued requests visible to the device without kicking it.
+    pub fn publish(&mut self) {
+        self.ring.publish();
+    }
+
+    /// The queue's kick eventfd (the driver writes it).
+    pub fn kick_fd(&self) -> &EventFd {
+        &self.kick
+    }
+
+    /// The queue's call eventfd (the device writes it).
+    pub fn call_fd(&self) -> &EventFd {
+        &self.call
     }
 
     /// Makes queued requests visible and kicks the device if it asks for it.

@@ -261,6 +261,11 @@ impl SplitRing {
         Some(UsedElem { id, len })
     }
 
+    /// The device's used index.
+    pub fn used_idx(&self) -> u16 {
+        self.u16_at(self.layout.used + 2).load(Ordering::Acquire)
+    }
+
     /// Used elements the device has returned and the driver has not consumed.
     pub fn pending_used(&self) -> u16 {
         self.u16_at(self.layout.used + 2)

@@ -90,8 +90,7 @@ impl SharePolicy {
     /// keeps one (it needs a CPU to submit requests on, or the helper only moves work from
     /// it to the backend).
     fn may_share(&self) -> bool {
-        self.always
-            || self.saturated && 2 * self.counter.load(Ordering::Relaxed) < self.cpus
+        self.always || self.saturated && 2 * self.counter.load(Ordering::Relaxed) < self.cpus
     }
 
     /// How many of a launch's `shareable` reads go to the helper, given whether the helper
