@@ -236,7 +236,7 @@ mod tests {
     #[test]
     fn qemu_sees_our_lock_and_we_see_qemus() {
         if !have("qemu-io") {
-            eprintln!("SKIPPED: qemu-io is not installed");
+            vloop_frontend::skip::skip("qemu-io is not installed (apt-get install qemu-utils)");
             return;
         }
         let f = tempfile::NamedTempFile::new().unwrap();

@@ -4,8 +4,8 @@
 
 use std::fs::{self, File};
 use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
@@ -17,59 +17,10 @@ use vmm_sys_util::eventfd::EventFd;
 const BIN: &str = env!("CARGO_BIN_EXE_vloop-blk");
 const TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Kills the daemon when a test ends, even by panic.
-struct Daemon(Child);
+mod common;
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Daemon {
-    fn start(socket: &Path, image: &Path, extra: &[&str]) -> Daemon {
-        let child = Command::new(BIN)
-            .arg("--socket-path")
-            .arg(socket)
-            .arg("--blk-file")
-            .arg(image)
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let d = Daemon(child);
-        let deadline = Instant::now() + TIMEOUT;
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "the daemon never created its socket"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(s) = self.0.try_wait().unwrap() {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "the daemon did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-fn image(dir: &Path, size: u64) -> PathBuf {
-    let p = dir.join("disk.img");
-    File::create(&p).unwrap().set_len(size).unwrap();
-    p
-}
-
+use common::{image, start, wait_exit};
+use vloop_frontend::blk::CONFIG_LEN;
 fn connect(socket: &Path) -> Frontend {
     let deadline = Instant::now() + TIMEOUT;
     loop {
@@ -105,7 +56,12 @@ fn negotiate(f: &mut Frontend) -> u64 {
 
 fn capacity(f: &mut Frontend) -> u64 {
     let (_, cfg) = f
-        .get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60])
+        .get_config(
+            0,
+            CONFIG_LEN,
+            VhostUserConfigFlags::WRITABLE,
+            &[0u8; CONFIG_LEN as usize],
+        )
         .unwrap();
     u64::from_le_bytes(cfg[0..8].try_into().unwrap())
 }
@@ -240,7 +196,7 @@ fn serves_io_and_reconnects() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path(), 4 << 20);
     let sock = dir.path().join("blk.sock");
-    let mut d = Daemon::start(&sock, &img, &["--num-queues", "2"]);
+    let mut d = start(&img, &sock, &["--num-queues", "2"]);
     let mode = fs::metadata(&sock).unwrap().permissions();
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
@@ -284,11 +240,11 @@ fn serves_io_and_reconnects() {
 
     // SIGTERM: clean exit, socket removed.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(d.0.id() as i32),
+        nix::unistd::Pid::from_raw(d.pid() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let status = d.wait_exit();
+    let status = wait_exit(&mut d);
     assert!(status.success(), "exit status {status}");
     assert!(!sock.exists());
 }
@@ -359,7 +315,7 @@ fn command_line_errors_are_one_clear_line() {
     assert_eq!(o.status.code(), Some(1));
 
     // A served image cannot be served twice; a live socket is not stolen.
-    let _first = Daemon::start(&sock, &img, &[]);
+    let _first = start(&img, &sock, &[]);
     let sock2 = d.join("other.sock");
     let o = run(&["--socket-path", sock2.to_str().unwrap(), "--blk-file", imgs]);
     assert_eq!(o.status.code(), Some(1));
@@ -382,7 +338,7 @@ fn stale_socket_is_replaced() {
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     assert!(sock.exists());
     let img = image(dir.path(), 1 << 20);
-    let _d = Daemon::start(&sock, &img, &[]);
+    let _d = start(&img, &sock, &[]);
     let mut f = connect(&sock);
     negotiate(&mut f);
     assert_eq!(capacity(&mut f), 2048);
@@ -416,7 +372,7 @@ fn serves_an_inherited_listening_fd() {
             Ok(())
         });
     }
-    let _d = Daemon(cmd.spawn().unwrap());
+    let _d = vloop_frontend::process::ChildGuard::new(cmd.spawn().unwrap(), "vloop-blk");
     // The daemon owns the socket now; our copy only keeps the path alive.
     let mut f = connect(&sock);
     negotiate(&mut f);
@@ -449,9 +405,9 @@ fn expect_config_change(chan: &mut std::os::unix::net::UnixStream) {
     }
 }
 
-fn sighup(d: &Daemon) {
+fn sighup(d: &vloop_frontend::backend::BackendProcess) {
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(d.0.id() as i32),
+        nix::unistd::Pid::from_raw(d.pid() as i32),
         nix::sys::signal::Signal::SIGHUP,
     )
     .unwrap();
@@ -466,7 +422,7 @@ fn resize_on_sighup(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path(), 4 * MIB);
     let sock = dir.path().join("blk.sock");
-    let mut d = Daemon::start(&sock, &img, extra);
+    let mut d = start(&img, &sock, extra);
     let mut f = connect(&sock);
     negotiate(&mut f);
     let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
@@ -518,11 +474,11 @@ fn resize_on_sighup(extra: &[&str]) {
     drop(g);
     drop(f);
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(d.0.id() as i32),
+        nix::unistd::Pid::from_raw(d.pid() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    assert!(d.wait_exit().success());
+    assert!(wait_exit(&mut d).success());
 }
 
 #[test]

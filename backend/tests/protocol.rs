@@ -44,20 +44,16 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// A running `vloop-blk`; killed (SIGKILL) on drop unless it was stopped with SIGTERM.
-struct Vloop {
-    child: Option<Child>,
-    socket: PathBuf,
-    log: PathBuf,
-}
+mod common;
+
+use vloop_frontend::backend::BackendProcess;
+
+/// A running `vloop-blk` (killed on drop), with the checks every test ends with.
+struct Vloop(BackendProcess);
 
 impl Vloop {
-    fn bin() -> &'static str {
-        env!("CARGO_BIN_EXE_vloop-blk")
-    }
-
     fn command(image: &Path, socket: &Path, extra: &[&str]) -> Command {
-        let mut c = Command::new(Self::bin());
+        let mut c = Command::new(common::bin());
         c.arg("--socket-path")
             .arg(socket)
             .arg("--blk-file")
@@ -71,23 +67,9 @@ impl Vloop {
 
     /// Starts the daemon and waits until it accepts connections.
     fn start(image: &Path, socket: &Path, extra: &[&str]) -> Vloop {
-        let log = socket.with_extension(format!("{}.log", std::process::id()));
-        let log = unique(log);
-        let err = File::create(&log).unwrap();
-        let child = Self::command(image, socket, extra)
-            .stderr(Stdio::from(err))
-            .spawn()
-            .unwrap();
-        let mut v = Vloop {
-            child: Some(child),
-            socket: socket.to_owned(),
-            log,
-        };
+        let v = Vloop(common::start(image, socket, extra));
         let deadline = Instant::now() + WAIT;
         loop {
-            if let Ok(Some(st)) = v.child.as_mut().unwrap().try_wait() {
-                panic!("vloop-blk exited early with {st}:\n{}", v.log());
-            }
             let is_socket = std::fs::symlink_metadata(socket)
                 .map(|m| m.file_type().is_socket())
                 .unwrap_or(false);
@@ -106,17 +88,17 @@ impl Vloop {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        common::log(&self.0)
     }
 
     fn running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+        self.0.is_running()
     }
 
     /// A new, well-behaved connection: write, read back, flush.
     fn assert_serves(&mut self) {
         assert!(self.running(), "vloop-blk died:\n{}", self.log());
-        let mut c = connect_retry(&self.socket);
+        let mut c = connect_retry(self.0.socket());
         let q = c.queue(0).unwrap();
         let data = pattern(0x5a, 4096);
         q.write(8, &data).unwrap();
@@ -127,40 +109,11 @@ impl Vloop {
     /// SIGTERM; the daemon must exit 0 within the time-out, with no panic in its log.
     fn finish(mut self) {
         self.assert_serves();
-        let status = self.terminate();
+        let status = common::terminate(&mut self.0);
         let log = self.log();
         assert!(!log.contains("panicked"), "vloop-blk panicked:\n{log}");
         assert!(status.success(), "vloop-blk exited with {status}:\n{log}");
     }
-
-    fn terminate(&mut self) -> ExitStatus {
-        let mut child = self.child.take().unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        wait_exit(&mut child, WAIT).unwrap_or_else(|| {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("vloop-blk ignored SIGTERM for {WAIT:?}:\n{}", self.log());
-        })
-    }
-}
-
-impl Drop for Vloop {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn unique(p: PathBuf) -> PathBuf {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    p.with_extension(format!("{n}.log"))
 }
 
 fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
@@ -749,7 +702,7 @@ fn image_lock_holds_against_a_second_daemon() {
 fn image_lock_holds_against_qemu_tools() {
     if !vloop_frontend::backend::on_path("qemu-io") || !vloop_frontend::backend::on_path("qemu-img")
     {
-        eprintln!("SKIPPED: qemu-io / qemu-img not installed (apt-get install qemu-utils)");
+        vloop_frontend::skip::skip("qemu-io / qemu-img not installed (apt-get install qemu-utils)");
         return;
     }
     let s = setup();
@@ -801,7 +754,7 @@ impl Drop for Tmpfs {
 #[test]
 fn full_disk_gives_ioerr_and_recovers() {
     if !is_root() {
-        eprintln!("SKIPPED: mounting a tmpfs needs root");
+        vloop_frontend::skip::skip("mounting a tmpfs needs root");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -813,7 +766,7 @@ fn full_disk_gives_ioerr_and_recovers() {
         .status()
         .unwrap();
     if !st.success() {
-        eprintln!("SKIPPED: cannot mount a tmpfs here");
+        vloop_frontend::skip::skip("cannot mount a tmpfs here");
         return;
     }
     let _guard = Tmpfs(mnt.clone());
@@ -966,7 +919,7 @@ fn open_fds(pid: u32) -> usize {
 fn connections_do_not_leak_descriptors() {
     let s = setup();
     let mut d = Vloop::start(&s.image, &s.socket, &["--num-queues", "2"]);
-    let pid = d.child.as_ref().unwrap().id();
+    let pid = d.0.pid();
     // Warm up (lazy initialisation, thread stacks), then count.
     for _ in 0..2 {
         d.assert_serves();

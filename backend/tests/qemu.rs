@@ -4,11 +4,11 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_vloop-blk");
+mod common;
+
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 struct Kill(Child);
@@ -20,18 +20,6 @@ impl Drop for Kill {
     }
 }
 
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn qemu_handshake_and_firmware_read() {
     if Command::new("qemu-system-x86_64")
@@ -39,26 +27,15 @@ fn qemu_handshake_and_firmware_read() {
         .output()
         .is_err()
     {
-        eprintln!("SKIPPED: qemu-system-x86_64 is not installed");
+        vloop_frontend::skip::skip("qemu-system-x86_64 is not installed (ci/setup installs it)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
     File::create(&img).unwrap().set_len(16 << 20).unwrap();
     let sock = dir.path().join("blk.sock");
-    let log = dir.path().join("vloop.log");
-    let daemon = Kill(
-        Command::new(BIN)
-            .arg("--socket-path")
-            .arg(&sock)
-            .arg("--blk-file")
-            .arg(&img)
-            .env("RUST_LOG", "info")
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for(&sock);
+    let mut daemon = common::start(&img, &sock, &[]);
+    let log = daemon.log().to_path_buf();
 
     let mut qemu = Kill(
         Command::new("qemu-system-x86_64")
@@ -126,9 +103,5 @@ fn qemu_handshake_and_firmware_read() {
         "the firmware read nothing:\n{text}"
     );
     assert!(!text.contains("panicked"), "{text}");
-    let mut daemon = daemon;
-    assert!(
-        daemon.0.try_wait().unwrap().is_none(),
-        "the daemon exited:\n{text}"
-    );
+    assert!(daemon.is_running(), "the daemon exited:\n{text}");
 }

@@ -1,14 +1,17 @@
 //! virtio-blk wire formats the frontend needs: the config space, the request header, the
 //! discard/write-zeroes segment, request types and status codes (virtio 1.2, section 5.2).
 
+use std::mem::offset_of;
+
 use virtio_bindings::virtio_blk as vb;
 
 /// Bytes per sector on the wire (always 512, whatever the logical block size).
 pub const SECTOR_SIZE: u64 = 512;
 /// Length of the GET_ID reply (the serial number).
 pub const ID_LEN: u32 = 20;
-/// Bytes of the config space read by the frontend (up to `write_zeroes_may_unmap` + padding).
-pub const CONFIG_LEN: u32 = 60;
+/// Bytes of the config space read by the frontend: `struct virtio_blk_config` up to and
+/// including `write_zeroes_may_unmap` and its padding.
+pub const CONFIG_LEN: u32 = offset_of!(vb::virtio_blk_config, max_secure_erase_sectors) as u32;
 /// Size of the request header (`type`, `reserved`, `sector`).
 pub const HEADER_LEN: u32 = 16;
 /// Size of one discard / write-zeroes segment.
@@ -121,22 +124,23 @@ impl BlkConfig {
         let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
         let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
         let u64_at = |o: usize| u64::from(u32_at(o)) | (u64::from(u32_at(o + 4)) << 32);
+        type C = vb::virtio_blk_config;
         Self {
-            capacity: u64_at(0),
-            size_max: u32_at(8),
-            seg_max: u32_at(12),
-            blk_size: u32_at(20),
-            physical_block_exp: b[24],
-            min_io_size: u16_at(26),
-            opt_io_size: u32_at(28),
-            writeback: b[32],
-            num_queues: u16_at(34),
-            max_discard_sectors: u32_at(36),
-            max_discard_seg: u32_at(40),
-            discard_sector_alignment: u32_at(44),
-            max_write_zeroes_sectors: u32_at(48),
-            max_write_zeroes_seg: u32_at(52),
-            write_zeroes_may_unmap: b[56],
+            capacity: u64_at(offset_of!(C, capacity)),
+            size_max: u32_at(offset_of!(C, size_max)),
+            seg_max: u32_at(offset_of!(C, seg_max)),
+            blk_size: u32_at(offset_of!(C, blk_size)),
+            physical_block_exp: b[offset_of!(C, physical_block_exp)],
+            min_io_size: u16_at(offset_of!(C, min_io_size)),
+            opt_io_size: u32_at(offset_of!(C, opt_io_size)),
+            writeback: b[offset_of!(C, wce)],
+            num_queues: u16_at(offset_of!(C, num_queues)),
+            max_discard_sectors: u32_at(offset_of!(C, max_discard_sectors)),
+            max_discard_seg: u32_at(offset_of!(C, max_discard_seg)),
+            discard_sector_alignment: u32_at(offset_of!(C, discard_sector_alignment)),
+            max_write_zeroes_sectors: u32_at(offset_of!(C, max_write_zeroes_sectors)),
+            max_write_zeroes_seg: u32_at(offset_of!(C, max_write_zeroes_seg)),
+            write_zeroes_may_unmap: b[offset_of!(C, write_zeroes_may_unmap)],
         }
     }
 
@@ -166,7 +170,8 @@ mod tests {
 
     #[test]
     fn config_parse_reads_the_spec_offsets() {
-        let mut raw = vec![0u8; 60];
+        let mut raw = vec![0u8; CONFIG_LEN as usize];
+        assert_eq!(CONFIG_LEN, 60);
         raw[0..8].copy_from_slice(&2048u64.to_le_bytes());
         raw[12..16].copy_from_slice(&126u32.to_le_bytes());
         raw[20..24].copy_from_slice(&4096u32.to_le_bytes());

@@ -1,0 +1,76 @@
+//! What the vloop-blk integration tests share: the daemon under test, started through the
+//! project's one backend process spec (`vloop_frontend::backend`), killed when a test ends.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use vloop_frontend::backend::{BackendProcess, BackendSpec, Export, Program};
+
+/// How long a test waits for the daemon to start, answer or exit.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// The vloop-blk binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vloop-blk"))
+}
+
+/// A running `vloop-blk` serving `image` on `socket` with `extra` arguments, logging at info
+/// level to a file beside the socket.
+pub fn start(image: &Path, socket: &Path, extra: &[&str]) -> BackendProcess {
+    let mut spec = BackendSpec::new(Program::Vloop(bin()), Export::new(image, socket));
+    spec.extra_args = extra.iter().map(|s| s.to_string()).collect();
+    spec.env.push(("RUST_LOG".into(), "info".into()));
+    let log = unique_log(socket);
+    BackendProcess::spawn(&spec, &log, WAIT)
+        .unwrap_or_else(|e| panic!("vloop-blk did not start: {e}"))
+}
+
+fn unique_log(socket: &Path) -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    socket.with_extension(format!("{}.{n}.log", std::process::id()))
+}
+
+/// The whole log of `p`.
+pub fn log(p: &BackendProcess) -> String {
+    std::fs::read_to_string(p.log()).unwrap_or_default()
+}
+
+/// Send `sig` to `p`.
+pub fn signal(p: &BackendProcess, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid() as i32), sig).unwrap();
+}
+
+/// SIGTERM, then the exit status within [`WAIT`] (the daemon is killed if it ignores it).
+pub fn terminate(p: &mut BackendProcess) -> ExitStatus {
+    signal(p, nix::sys::signal::Signal::SIGTERM);
+    match p.wait_timeout(WAIT) {
+        Some(s) => s,
+        None => {
+            let _ = p.kill();
+            panic!("vloop-blk ignored SIGTERM for {WAIT:?}:\n{}", log(p));
+        }
+    }
+}
+
+/// Wait until `p` exits on its own.
+pub fn wait_exit(p: &mut BackendProcess) -> ExitStatus {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(s) = p.try_wait() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "the daemon did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A sparse image of `size` bytes at `dir/disk.img`.
+pub fn image(dir: &Path, size: u64) -> PathBuf {
+    let p = dir.join("disk.img");
+    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+    p
+}
