@@ -402,6 +402,7 @@ mod tests {
     use std::cell::Cell;
 
     use super::*;
+    use crate::input::sparse_file;
 
     /// Copies `len` bytes of `src` (named `name`) into a fresh file; the copy must fail.
     fn copy_error(src: &dyn Source, name: &str, len: u64) -> CopyError {
@@ -512,11 +513,11 @@ mod tests {
     fn holes_and_data_hash_like_the_plain_bytes() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("src");
-        let f = File::create(&p).unwrap();
-        f.set_len(5 << 20).unwrap();
-        f.write_all_at(b"middle", 2 << 20).unwrap();
-        f.write_all_at(&[9u8; 5000], (5 << 20) - 5000).unwrap();
-        drop(f);
+        sparse_file(
+            &p,
+            5 << 20,
+            &[(2 << 20, b"middle"), ((5 << 20) - 5000, &[9u8; 5000])],
+        );
         let bytes = std::fs::read(&p).unwrap();
         let want = hex::encode(Sha256::digest(&bytes));
         assert_eq!(sha256_file(&p).unwrap(), (5 << 20, want));

@@ -129,19 +129,19 @@ pub fn ext2(
     build: &BuildOptions,
     opts: &Ext2Options,
 ) -> Result<Built<Ext2Summary>, FolderError> {
-    let start = Instant::now();
-    let tree = read(from, out, build)?;
-    let bar = &build.progress;
-    let image = ext2::write(&tree, &output(out, build), opts, &mut |done, total| {
-        if bar.length() != Some(total) {
-            bar.set_length(total);
-            bar.set_message("writing ext2");
-        }
-        bar.set_position(done);
-    });
-    bar.finish_and_clear();
-    let image = image?;
-    finish(out, build, &tree, start, image.size, image)
+    from_folder(from, out, build, |tree, output| {
+        let bar = &build.progress;
+        let image = ext2::write(tree, output, opts, &mut |done, total| {
+            if bar.length() != Some(total) {
+                bar.set_length(total);
+                bar.set_message("writing ext2");
+            }
+            bar.set_position(done);
+        });
+        bar.finish_and_clear();
+        let image = image?;
+        Ok((image.size, image))
+    })
 }
 
 /// Builds an ISO 9660 image of the folder `from` at `out`.
@@ -151,48 +151,28 @@ pub fn iso(
     build: &BuildOptions,
     opts: &IsoOptions,
 ) -> Result<Built<IsoSummary>, FolderError> {
+    from_folder(from, out, build, |tree, output| {
+        let image = iso::write(tree, output, opts)?;
+        Ok((image.size, image))
+    })
+}
+
+/// Reads the folder, lets `write` put the image in place (it returns the image's size and
+/// summary), then hashes the image if asked.
+fn from_folder<S>(
+    from: &Path,
+    out: &Path,
+    build: &BuildOptions,
+    write: impl FnOnce(&Tree, &Output<'_>) -> Result<(u64, S), FolderError>,
+) -> Result<Built<S>, FolderError> {
     let start = Instant::now();
     let tree = read(from, out, build)?;
-    let image = iso::write(&tree, &output(out, build), opts)?;
-    finish(out, build, &tree, start, image.size, image)
-}
-
-/// Checks the output path, then reads the folder.
-fn read(from: &Path, out: &Path, build: &BuildOptions) -> Result<Tree, FolderError> {
-    check_target(out, build.force)?;
-    if !from.is_dir() {
-        return Err(FolderError::NoFolder {
-            path: from.to_path_buf(),
-            exists: from.exists(),
-        });
-    }
-    let timestamp = tree::resolve_timestamp(build.timestamp)?;
-    Ok(tree::scan(
-        from,
-        &TreeOptions {
-            keep_owners: build.keep_owners,
-            timestamp,
-        },
-    )?)
-}
-
-fn output<'a>(out: &'a Path, build: &'a BuildOptions) -> Output<'a> {
-    Output {
+    let output = Output {
         path: out,
         force: build.force,
         unfinished: build.unfinished.as_ref(),
-    }
-}
-
-/// Hashes the image at `out` (`size` bytes) if asked, and sums up.
-fn finish<S>(
-    out: &Path,
-    build: &BuildOptions,
-    tree: &Tree,
-    start: Instant,
-    size: u64,
-    image: S,
-) -> Result<Built<S>, FolderError> {
+    };
+    let (size, image) = write(&tree, &output)?;
     let build_time = start.elapsed();
     let sha256 = if build.sha256.covers(size) {
         let bar = &build.progress;
@@ -212,6 +192,25 @@ fn finish<S>(
         sha256,
         build_time,
     })
+}
+
+/// Checks the output path, then reads the folder.
+fn read(from: &Path, out: &Path, build: &BuildOptions) -> Result<Tree, FolderError> {
+    check_target(out, build.force)?;
+    if !from.is_dir() {
+        return Err(FolderError::NoFolder {
+            path: from.to_path_buf(),
+            exists: from.exists(),
+        });
+    }
+    let timestamp = tree::resolve_timestamp(build.timestamp)?;
+    Ok(tree::scan(
+        from,
+        &TreeOptions {
+            keep_owners: build.keep_owners,
+            timestamp,
+        },
+    )?)
 }
 
 #[cfg(test)]

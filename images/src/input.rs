@@ -290,6 +290,16 @@ pub fn is_zero(block: &[u8]) -> bool {
     head.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
+/// Creates `path` as a sparse file of `len` bytes holding each `(offset, bytes)` of `data`.
+#[cfg(test)]
+pub(crate) fn sparse_file(path: &Path, len: u64, data: &[(u64, &[u8])]) {
+    let f = File::create(path).unwrap();
+    f.set_len(len).unwrap();
+    for (offset, bytes) in data {
+        f.write_all_at(bytes, *offset).unwrap();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,10 +347,7 @@ mod tests {
     fn walk_skips_holes_and_covers_every_byte() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("sparse");
-        let f = File::create(&p).unwrap();
-        f.set_len(5 << 20).unwrap();
-        f.write_all_at(b"x", (2 << 20) + 10).unwrap();
-        drop(f);
+        sparse_file(&p, 5 << 20, &[((2 << 20) + 10, b"x")]);
         let (src, len, kind) = open_source(&p).unwrap();
         assert_eq!((len, kind), (5 << 20, KIND_FILE));
         let mut chunks = Vec::new();
