@@ -269,6 +269,17 @@ mod tests {
     }
 
     #[test]
+    fn results_cross_threads() {
+        fn send_sync<T: Send + Sync + 'static>() {}
+        send_sync::<FolderError>();
+        send_sync::<Built<Ext2Summary>>();
+        send_sync::<Built<IsoSummary>>();
+        send_sync::<crate::create::CreateError>();
+        send_sync::<CopyError>();
+        send_sync::<BuildOptions>();
+    }
+
+    #[test]
     fn a_missing_folder_says_so() {
         let d = tempfile::tempdir().unwrap();
         let err = iso(
