@@ -6,16 +6,20 @@
 //!   every all-zero 4 KiB block is left as a hole in the copy, so sparse stays sparse;
 //! - the SHA-256 of the whole content (holes included, as zeros) is computed on the way;
 //! - the copy is written to a temporary file beside the target and renamed into place only
-//!   when it is complete (see [`crate::create::OutputFile`]): a failed copy leaves nothing
-//!   that looks like an image; a read error names the byte offset and sector it failed at;
-//! - `verify` drops both files from the page cache and reads them again, comparing hashes.
+//!   when it is complete (see [`crate::output`]): a failed copy leaves nothing that looks
+//!   like an image; a read error names the byte offset and sector it failed at;
+//! - `verify` drops both files from the page cache and reads them again, comparing hashes;
+//! - [`CopyOptions::cancel`] stops it at the next chunk (a Ctrl-C handler raises it), and
+//!   the unfinished copy is removed.
+//!
+//! Hashing an image ([`sha256_file`]) is the same walk without the writes. The reading
+//! itself (holes, chunks, bad sectors) is [`crate::input`]'s.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
@@ -24,37 +28,22 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tracing::debug;
 
-use crate::create::{CreateError, OutputFile};
+use crate::input::{
+    allocated_bytes, is_zero, open_source, walk_data, Cancel, FileSource, InputError, ReadFailure,
+    Source, KIND_FILE,
+};
+use crate::output::{Output, OutputError, OutputFile};
 use crate::size::Size;
 
-static CANCELLED: AtomicBool = AtomicBool::new(false);
-
-/// Asks every copy and hash running in this process to stop at the next chunk, discarding
-/// its output ([`CopyError::Interrupted`]). Meant for a Ctrl-C handler: it cannot be undone.
-pub fn cancel() {
-    CANCELLED.store(true, Ordering::Relaxed);
-}
-
-/// Size of one read from the source.
-pub const CHUNK: usize = 1 << 20;
 /// Granularity of hole detection in the copy: an all-zero block of this size is not written.
 pub const ZERO_BLOCK: usize = 4096;
 
 /// Errors from copying or hashing an image.
 #[derive(Debug, Error)]
 pub enum CopyError {
-    /// The source cannot be opened or examined.
-    #[error("cannot open {path}")]
-    Open {
-        /// The source.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// The source is neither a regular file nor a block device.
-    #[error("{0} is not a file or a block device (copy reads image files and disks)")]
-    NotCopyable(PathBuf),
+    /// The source cannot be opened, or is not a file or block device.
+    #[error(transparent)]
+    Input(#[from] InputError),
     /// Reading the source failed at an offset.
     #[error("read error in {path} at byte {offset} (sector {}); the copy was discarded", offset / 512)]
     Read {
@@ -102,7 +91,7 @@ pub enum CopyError {
         /// The copy's hash when read back.
         dst_sha: String,
     },
-    /// The copy was stopped by [`cancel`] (Ctrl-C).
+    /// The copy was stopped by its [`CopyOptions::cancel`] flag (Ctrl-C).
     #[error("interrupted; the copy was discarded")]
     Interrupted,
     /// The source changed while it was copied.
@@ -119,7 +108,25 @@ pub enum CopyError {
     },
     /// Preparing or committing the output file failed.
     #[error(transparent)]
-    Output(#[from] CreateError),
+    Output(#[from] OutputError),
+}
+
+impl ReadFailure for CopyError {
+    fn read(path: &Path, offset: u64, source: io::Error) -> Self {
+        CopyError::Read {
+            path: path.to_path_buf(),
+            offset,
+            source,
+        }
+    }
+
+    fn short(path: &Path, offset: u64, size: u64) -> Self {
+        CopyError::Short {
+            path: path.to_path_buf(),
+            offset,
+            size,
+        }
+    }
 }
 
 /// Options for [`copy`].
@@ -131,6 +138,8 @@ pub struct CopyOptions {
     pub force: bool,
     /// Advanced by the number of bytes processed; hidden by default.
     pub progress: ProgressBar,
+    /// Stops the copy at the next chunk when raised ([`CopyError::Interrupted`]).
+    pub cancel: Cancel,
 }
 
 impl Default for CopyOptions {
@@ -139,6 +148,7 @@ impl Default for CopyOptions {
             verify: false,
             force: false,
             progress: ProgressBar::hidden(),
+            cancel: Cancel::new(),
         }
     }
 }
@@ -171,112 +181,29 @@ fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error>
     s.serialize_f64(d.as_secs_f64())
 }
 
-/// Something to copy from: positioned reads and, where known, where the data is.
-pub trait Source {
-    /// Reads at `offset`, like `pread`.
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
-    /// The data region containing or following `offset`: `Some((start, end))`, or `None`
-    /// when only holes follow. The default says everything is data.
-    fn data_region(&self, offset: u64, len: u64) -> io::Result<Option<(u64, u64)>> {
-        Ok((offset < len).then_some((offset, len)))
-    }
-}
-
-/// A regular file or block device opened for copying.
-#[derive(Debug)]
-pub struct FileSource {
-    file: File,
-    /// Regular files can report their holes; block devices cannot.
-    seekable_holes: bool,
-}
-
-impl Source for FileSource {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.file.read_at(buf, offset)
-    }
-
-    fn data_region(&self, offset: u64, len: u64) -> io::Result<Option<(u64, u64)>> {
-        if offset >= len {
-            return Ok(None);
-        }
-        if !self.seekable_holes {
-            return Ok(Some((offset, len)));
-        }
-        let fd = self.file.as_raw_fd();
-        let seek = |off: u64, whence| -> io::Result<Option<u64>> {
-            let off =
-                i64::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-            match nix::unistd::lseek(fd, off, whence) {
-                Ok(v) => Ok(Some(v as u64)),
-                Err(nix::errno::Errno::ENXIO) => Ok(None),
-                // File systems without SEEK_DATA support: everything is data.
-                Err(nix::errno::Errno::EINVAL) => Ok(Some(off as u64)),
-                Err(e) => Err(e.into()),
-            }
-        };
-        let Some(start) = seek(offset, nix::unistd::Whence::SeekData)? else {
-            return Ok(None);
-        };
-        if start >= len {
-            return Ok(None);
-        }
-        let end = seek(start, nix::unistd::Whence::SeekHole)?
-            .unwrap_or(len)
-            .clamp(start + 1, len);
-        Ok(Some((start, end)))
-    }
-}
-
-nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
-
-/// Opens `path` for copying: its size, whether it is a block device, and a [`FileSource`].
-pub fn open_source(path: &Path) -> Result<(FileSource, u64, &'static str), CopyError> {
-    let open_err = |source| CopyError::Open {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = File::open(path).map_err(open_err)?;
-    let meta = file.metadata().map_err(open_err)?;
-    let ft = meta.file_type();
-    if ft.is_file() {
-        Ok((
-            FileSource {
-                file,
-                seekable_holes: true,
-            },
-            meta.len(),
-            "file",
-        ))
-    } else if ft.is_block_device() {
-        let mut size = 0u64;
-        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to `size`,
-        // alive for the call; the fd is open for the duration of the call.
-        unsafe { blk_get_size64(file.as_raw_fd(), &mut size) }
-            .map_err(|e| open_err(io::Error::from(e)))?;
-        Ok((
-            FileSource {
-                file,
-                seekable_holes: false,
-            },
-            size,
-            "block device",
-        ))
-    } else {
-        Err(CopyError::NotCopyable(path.to_path_buf()))
-    }
-}
-
 /// Copies `src` (file or block device) to the image file `dst`.
 pub fn copy(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<CopySummary, CopyError> {
     let start = Instant::now();
     let (source, len, source_kind) = open_source(src)?;
-    let out = OutputFile::new(dst, opts.force)?;
+    let out = OutputFile::create(&Output {
+        path: dst,
+        force: opts.force,
+        unfinished: None,
+    })?;
     opts.progress.set_length(len);
     opts.progress.set_message("copying");
-    let sha_bytes = copy_into(&source, src, len, out.file(), dst, &opts.progress)?;
-    if source_kind == "file" {
+    let sha_bytes = copy_into(
+        &source,
+        src,
+        len,
+        out.file(),
+        dst,
+        &opts.progress,
+        &opts.cancel,
+    )?;
+    if source_kind == KIND_FILE {
         // A file that shrank while being copied reads as holes past its new end: catch it.
-        let now = source.file.metadata().map(|m| m.len()).unwrap_or(len);
+        let now = source.file().metadata().map(|m| m.len()).unwrap_or(len);
         if now != len {
             return Err(CopyError::Short {
                 path: src.to_path_buf(),
@@ -297,18 +224,16 @@ pub fn copy(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<CopySummary, C
         opts.progress.set_message("verifying copy");
         drop_cache(out.file());
         let dst_sha = hash_source(
-            &FileSource {
-                file: out.file().try_clone().map_err(write_err)?,
-                seekable_holes: true,
-            },
+            &FileSource::regular(out.file().try_clone().map_err(write_err)?),
             out.temp_path(),
             len,
             &opts.progress,
+            &opts.cancel,
         )?;
         opts.progress.reset();
         opts.progress.set_message("verifying source");
-        drop_cache(&source.file);
-        let src_sha = hash_source(&source, src, len, &opts.progress)?;
+        drop_cache(source.file());
+        let src_sha = hash_source(&source, src, len, &opts.progress, &opts.cancel)?;
         if src_sha != sha256 {
             return Err(CopyError::SourceChanged {
                 src: src.to_path_buf(),
@@ -326,10 +251,7 @@ pub fn copy(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<CopySummary, C
     }
     let file = out.commit()?;
     opts.progress.finish_and_clear();
-    let allocated = file
-        .metadata()
-        .map(|m| crate::create::allocated_bytes(&m))
-        .unwrap_or(0);
+    let allocated = file.metadata().map(|m| allocated_bytes(&m)).unwrap_or(0);
     debug!(allocated, "copy committed");
     Ok(CopySummary {
         src: src.to_path_buf(),
@@ -355,7 +277,7 @@ pub fn sha256_file_with_progress(
     progress: &ProgressBar,
 ) -> Result<(u64, String), CopyError> {
     let (source, len, _) = open_source(path)?;
-    let sha = hash_source(&source, path, len, progress)?;
+    let sha = hash_source(&source, path, len, progress, &Cancel::new())?;
     Ok((len, sha))
 }
 
@@ -372,103 +294,21 @@ fn drop_cache(file: &File) {
     }
 }
 
-static ZEROS: [u8; CHUNK] = [0; CHUNK];
-
-/// Walks `src` region by region, calling `visit(offset, bytes, is_hole)` for every chunk:
-/// data chunks are read (at most [`CHUNK`] bytes, aligned to [`CHUNK`]), holes are passed as
-/// zeros without reading. `visit` returns `false` to stop early.
-pub(crate) fn walk_data(
-    src: &dyn Source,
-    name: &Path,
-    len: u64,
-    progress: &ProgressBar,
-    mut visit: impl FnMut(u64, &[u8], bool) -> Result<bool, CopyError>,
-) -> Result<(), CopyError> {
-    let mut buf = vec![0u8; CHUNK];
-    let mut off = 0u64;
-    let read_err = |offset, source| CopyError::Read {
-        path: name.to_path_buf(),
-        offset,
-        source,
-    };
-    while off < len {
-        if CANCELLED.load(Ordering::Relaxed) {
-            return Err(CopyError::Interrupted);
-        }
-        let (start, end) = src
-            .data_region(off, len)
-            .map_err(|e| read_err(off, e))?
-            .unwrap_or((len, len));
-        while off < start {
-            let n = (start - off).min(CHUNK as u64) as usize;
-            if !visit(off, &ZEROS[..n], true)? {
-                return Ok(());
-            }
-            off += n as u64;
-            progress.inc(n as u64);
-        }
-        while off < end {
-            let to_boundary = CHUNK as u64 - off % CHUNK as u64;
-            let n = (end - off).min(to_boundary) as usize;
-            if CANCELLED.load(Ordering::Relaxed) {
-                return Err(CopyError::Interrupted);
-            }
-            let chunk = &mut buf[..n];
-            let mut got = 0;
-            while got < n {
-                match src.read_at(&mut chunk[got..], off + got as u64) {
-                    Ok(0) => {
-                        return Err(CopyError::Short {
-                            path: name.to_path_buf(),
-                            offset: off + got as u64,
-                            size: len,
-                        })
-                    }
-                    Ok(k) => got += k,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        let at = bad_sector(src, off + got as u64, off + n as u64);
-                        return Err(read_err(at, e));
-                    }
-                }
-            }
-            if !visit(off, chunk, false)? {
-                return Ok(());
-            }
-            off += n as u64;
-            progress.inc(n as u64);
-        }
-    }
-    Ok(())
-}
-
-/// The first 512-byte sector in `from..to` that cannot be read, found by reading the range
-/// sector by sector after a large read failed; `from` if every sector reads.
-fn bad_sector(src: &dyn Source, from: u64, to: u64) -> u64 {
-    let mut sector = [0u8; crate::size::SECTOR as usize];
-    let mut at = from;
-    while at < to {
-        let n = (to - at).min(crate::size::SECTOR) as usize;
-        match src.read_at(&mut sector[..n], at) {
-            Ok(0) => break,
-            Ok(k) => at += k as u64,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return at,
-        }
-    }
-    from
-}
-
-/// [`walk_data`] with every byte hashed (holes as zeros), `data` called for data chunks.
+/// [`walk_data`] with every byte hashed (holes as zeros), `data` called for data chunks;
+/// stops with [`CopyError::Interrupted`] once `cancel` is raised.
 fn walk(
     src: &dyn Source,
     name: &Path,
     len: u64,
     progress: &ProgressBar,
+    cancel: &Cancel,
     mut data: impl FnMut(u64, &[u8]) -> Result<(), CopyError>,
 ) -> Result<[u8; 32], CopyError> {
     let mut hasher = Sha256::new();
     walk_data(src, name, len, progress, |off, bytes, hole| {
+        if cancel.is_cancelled() {
+            return Err(CopyError::Interrupted);
+        }
         hasher.update(bytes);
         if !hole {
             data(off, bytes)?;
@@ -484,17 +324,9 @@ pub fn hash_source(
     name: &Path,
     len: u64,
     progress: &ProgressBar,
+    cancel: &Cancel,
 ) -> Result<String, CopyError> {
-    walk(src, name, len, progress, |_, _| Ok(())).map(hex::encode)
-}
-
-pub(crate) fn is_zero(block: &[u8]) -> bool {
-    let (head, mid, tail) = {
-        // SAFETY: every bit pattern is a valid u128, and `align_to` only yields the aligned,
-        // in-bounds middle part of the slice as u128s.
-        unsafe { block.align_to::<u128>() }
-    };
-    head.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+    walk(src, name, len, progress, cancel, |_, _| Ok(())).map(hex::encode)
 }
 
 /// Copies `len` bytes of `src` into `out` (a fresh, empty file), leaving all-zero
@@ -506,9 +338,10 @@ pub fn copy_into(
     out: &File,
     out_name: &Path,
     progress: &ProgressBar,
+    cancel: &Cancel,
 ) -> Result<([u8; 32], u64), CopyError> {
     let mut written = 0u64;
-    let sha = walk(src, src_name, len, progress, |off, chunk| {
+    let sha = walk(src, src_name, len, progress, cancel, |off, chunk| {
         // Write each run of non-zero blocks with one pwrite.
         let mut run: Option<usize> = None;
         let blocks = chunk.len().div_ceil(ZERO_BLOCK);
@@ -569,6 +402,7 @@ mod tests {
     use std::cell::Cell;
 
     use super::*;
+    use crate::input::sparse_file;
 
     /// Copies `len` bytes of `src` (named `name`) into a fresh file; the copy must fail.
     fn copy_error(src: &dyn Source, name: &str, len: u64) -> CopyError {
@@ -581,6 +415,7 @@ mod tests {
             &out,
             Path::new("o"),
             &ProgressBar::hidden(),
+            &Cancel::new(),
         )
         .unwrap_err()
     }
@@ -675,26 +510,14 @@ mod tests {
     }
 
     #[test]
-    fn zero_detection() {
-        assert!(is_zero(&[0u8; 4096]));
-        for i in [0, 1, 17, 2048, 4095] {
-            let mut b = [0u8; 4096];
-            b[i] = 1;
-            assert!(!is_zero(&b), "{i}");
-            assert!(!is_zero(&b[i..]), "{i}");
-        }
-        assert!(is_zero(&[]));
-    }
-
-    #[test]
     fn holes_and_data_hash_like_the_plain_bytes() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("src");
-        let f = File::create(&p).unwrap();
-        f.set_len(5 << 20).unwrap();
-        f.write_all_at(b"middle", 2 << 20).unwrap();
-        f.write_all_at(&[9u8; 5000], (5 << 20) - 5000).unwrap();
-        drop(f);
+        sparse_file(
+            &p,
+            5 << 20,
+            &[(2 << 20, b"middle"), ((5 << 20) - 5000, &[9u8; 5000])],
+        );
         let bytes = std::fs::read(&p).unwrap();
         let want = hex::encode(Sha256::digest(&bytes));
         assert_eq!(sha256_file(&p).unwrap(), (5 << 20, want));

@@ -1,66 +1,31 @@
-//! Blank raw images, and the safe way every command writes an output file.
+//! Blank raw images: `vloop-image create FILE --size SIZE`.
 //!
-//! `vloop-image create FILE --size SIZE` makes a file of SIZE zero bytes: sparse by default
-//! (`set_len`, no blocks allocated), fully allocated with `--preallocate`
-//! (`posix_fallocate`). The size is rounded up to a whole number of 512-byte sectors, since
-//! a block device cannot end in a partial sector; the summary says so when it happens.
-//!
-//! Output files are never half-written in place: the content goes to a hidden temporary file
-//! beside the target (`.NAME.XXXXXX.partial`), which is renamed over the target only when it
-//! is complete. Without `--force` the rename refuses to replace anything (`renameat2` with
-//! `RENAME_NOREPLACE`), so two concurrent runs cannot overwrite each other either. With
-//! `--force` an existing regular file is replaced, unless another process holds a lock on it
-//! (QEMU and `vloop-blk` lock the images they serve).
-//!
-//! Every temporary output is also listed in a process-wide registry ([`Unfinished`]), so that
-//! a Ctrl-C handler that ends the process at once can first remove them all
-//! ([`remove_unfinished`]): destructors do not run on `exit`.
+//! The image is SIZE zero bytes: sparse by default (`set_len`, no blocks allocated), fully
+//! allocated with `preallocate` (`posix_fallocate`). The size is rounded up to a whole number
+//! of 512-byte sectors, since a block device cannot end in a partial sector; the summary
+//! says so when it happens. The file is written through [`crate::output`], like every output.
 
-use std::fs::{self, File, Permissions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde::Serialize;
 use thiserror::Error;
 use tracing::debug;
 
+use crate::input::allocated_bytes;
+use crate::output::{Output, OutputError, OutputFile, Unfinished};
 use crate::size::Size;
 
-/// Errors from creating an image or preparing an output file.
+/// Errors from creating a blank image.
 #[derive(Debug, Error)]
 pub enum CreateError {
-    /// The target exists and `--force` was not given.
-    #[error("{0} already exists (use --force to replace it)")]
-    Exists(PathBuf),
-    /// The target exists but is not a regular file (a directory, a device...).
-    #[error("{0} exists and is not a regular file: refusing to replace it (choose another path)")]
-    NotAFile(PathBuf),
-    /// Another process holds a lock on the target (QEMU or vloop-blk serving it).
-    #[error(
-        "{0} is in use: another process holds a lock on it (stop the VM or backend using it first)"
-    )]
-    InUse(PathBuf),
     /// A size of zero bytes was asked for.
     #[error("the size must be larger than 0 (e.g. --size 10M)")]
     ZeroSize,
     /// The size does not fit the platform's file offset type.
     #[error("{0} is too large for a file")]
     TooLarge(Size),
-    /// The folder for the target does not exist.
-    #[error("{0}: no such folder (create it first, or write the image somewhere else)")]
-    NoDir(PathBuf),
-    /// The folder for the target cannot be written.
-    #[error("cannot create a file in {dir}")]
-    Dir {
-        /// The target's folder.
-        dir: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
     /// Sizing or allocating the file failed (disk full, quota...).
     #[error("cannot make {path} {size} long")]
     Allocate {
@@ -72,28 +37,13 @@ pub enum CreateError {
         #[source]
         source: io::Error,
     },
-    /// Moving the finished file into place failed.
-    #[error("cannot move the finished file to {path}")]
-    Persist {
-        /// The target.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// Another I/O error on the target.
-    #[error("{path}")]
-    Io {
-        /// The file concerned.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
+    /// Preparing or committing the output file failed.
+    #[error(transparent)]
+    Output(#[from] OutputError),
 }
 
 /// Options for [`create`].
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct CreateOptions {
     /// Size of the image; rounded up to a multiple of 512 bytes.
     pub size: Size,
@@ -101,6 +51,8 @@ pub struct CreateOptions {
     pub preallocate: bool,
     /// Replace an existing file.
     pub force: bool,
+    /// Lists the temporary file while it is written (see [`Unfinished`]).
+    pub unfinished: Option<Unfinished>,
 }
 
 /// What [`create`] made.
@@ -123,7 +75,11 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<CreateSummary, Create
     }
     let size = opts.size.round_up_to_sector();
     let len = i64::try_from(size.bytes()).map_err(|_| CreateError::TooLarge(size))?;
-    let out = OutputFile::new(path, opts.force)?;
+    let out = OutputFile::create(&Output {
+        path,
+        force: opts.force,
+        unfinished: opts.unfinished.as_ref(),
+    })?;
     let alloc_err = |source| CreateError::Allocate {
         path: path.to_path_buf(),
         size,
@@ -137,7 +93,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<CreateSummary, Create
     }
     out.file().sync_all().map_err(alloc_err)?;
     let file = out.commit()?;
-    let allocated = allocated_bytes(&file.metadata().map_err(|source| CreateError::Io {
+    let allocated = allocated_bytes(&file.metadata().map_err(|source| OutputError::Io {
         path: path.to_path_buf(),
         source,
     })?);
@@ -150,209 +106,13 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<CreateSummary, Create
     })
 }
 
-/// Bytes a file occupies on disk.
-pub fn allocated_bytes(meta: &fs::Metadata) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    meta.blocks().saturating_mul(512)
-}
-
-/// Temporary outputs of this process that are not finished yet.
-static UNFINISHED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
-
-fn unfinished() -> MutexGuard<'static, Vec<PathBuf>> {
-    UNFINISHED.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// A temporary output listed in the process-wide registry until it is committed or
-/// dropped, so that [`remove_unfinished`] can delete it when the process is interrupted.
-///
-/// Dropping it only takes the path off the list; deleting the file on the normal error
-/// path stays the job of its owner.
-#[derive(Debug)]
-pub struct Unfinished {
-    path: PathBuf,
-}
-
-impl Unfinished {
-    /// Lists `path` (register it before creating the file, so that no moment is missed).
-    pub fn register(path: &Path) -> Self {
-        unfinished().push(path.to_path_buf());
-        Self {
-            path: path.to_path_buf(),
-        }
-    }
-
-    /// Runs `finish` (the rename into place) with the registry locked, then takes the path
-    /// off the list: an interruption either removes the temporary file before the rename or
-    /// finds the output complete, never anything in between.
-    pub fn commit<T>(self, finish: impl FnOnce() -> T) -> T {
-        let mut list = unfinished();
-        let result = finish();
-        if let Some(i) = list.iter().position(|p| *p == self.path) {
-            list.swap_remove(i);
-        }
-        drop(list);
-        std::mem::forget(self);
-        result
-    }
-}
-
-impl Drop for Unfinished {
-    fn drop(&mut self) {
-        let mut list = unfinished();
-        if let Some(i) = list.iter().position(|p| *p == self.path) {
-            list.swap_remove(i);
-        }
-    }
-}
-
-/// Deletes every unfinished temporary output of this process; returns how many it found.
-///
-/// Meant for a signal handler that ends the process right after: until the process
-/// exits, nothing can be committed (the registry stays locked), so call it last.
-pub fn remove_unfinished() -> usize {
-    let mut list = unfinished();
-    let n = list.len();
-    for path in list.drain(..) {
-        let _ = fs::remove_file(&path);
-    }
-    // Held until the process exits: a build that finishes meanwhile cannot rename its
-    // output into place.
-    std::mem::forget(list);
-    n
-}
-
-/// An output file under construction: a temporary file beside the target, removed if it is
-/// dropped before [`OutputFile::commit`].
-#[derive(Debug)]
-pub struct OutputFile {
-    temp: tempfile::NamedTempFile,
-    target: PathBuf,
-    force: bool,
-    listed: Unfinished,
-}
-
-impl OutputFile {
-    /// Checks that `target` may be written (absent, or a regular file nobody has locked when
-    /// `force` is set) and opens a temporary file beside it.
-    pub fn new(target: &Path, force: bool) -> Result<Self, CreateError> {
-        check_target(target, force)?;
-        let dir = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if !dir.is_dir() {
-            return Err(CreateError::NoDir(dir));
-        }
-        let temp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".partial")
-            .permissions(Permissions::from_mode(0o666))
-            .tempfile_in(&dir)
-            .map_err(|source| CreateError::Dir { dir, source })?;
-        // Listed right after creation: the name is random, so it cannot be listed before.
-        let listed = Unfinished::register(temp.path());
-        debug!(temp = %temp.path().display(), "writing to a temporary file");
-        Ok(OutputFile {
-            temp,
-            target: target.to_path_buf(),
-            force,
-            listed,
-        })
-    }
-
-    /// The temporary file, open for reading and writing.
-    pub fn file(&self) -> &File {
-        self.temp.as_file()
-    }
-
-    /// Where the temporary file is.
-    pub fn temp_path(&self) -> &Path {
-        self.temp.path()
-    }
-
-    /// The target path.
-    pub fn target(&self) -> &Path {
-        &self.target
-    }
-
-    /// Moves the finished file to the target and returns it, still open.
-    pub fn commit(self) -> Result<File, CreateError> {
-        let target = self.target;
-        let temp = self.temp;
-        let result = if self.force {
-            // Checked again just before replacing: the lock may be new.
-            check_target(&target, true)?;
-            self.listed.commit(|| temp.persist(&target))
-        } else {
-            self.listed.commit(|| temp.persist_noclobber(&target))
-        };
-        result.map_err(|e| {
-            if e.error.kind() == io::ErrorKind::AlreadyExists {
-                CreateError::Exists(target.clone())
-            } else {
-                CreateError::Persist {
-                    path: target.clone(),
-                    source: e.error,
-                }
-            }
-        })
-    }
-}
-
-/// Checks that `target` is absent (in a folder that exists), or, with `force`, a regular
-/// file nobody has locked.
-pub fn check_target(target: &Path, force: bool) -> Result<(), CreateError> {
-    match fs::symlink_metadata(target) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => match target.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
-                Err(CreateError::NoDir(dir.to_path_buf()))
-            }
-            _ => Ok(()),
-        },
-        Err(source) => Err(CreateError::Io {
-            path: target.to_path_buf(),
-            source,
-        }),
-        Ok(_) if !force => Err(CreateError::Exists(target.to_path_buf())),
-        Ok(m) if !m.is_file() => Err(CreateError::NotAFile(target.to_path_buf())),
-        Ok(_) => {
-            if is_locked(target).map_err(|source| CreateError::Io {
-                path: target.to_path_buf(),
-                source,
-            })? {
-                Err(CreateError::InUse(target.to_path_buf()))
-            } else {
-                Ok(())
-            }
-        }
-    }
-}
-
-/// True when another open file description holds a lock (OFD or POSIX record lock) on any
-/// byte of `path`, as QEMU and `vloop-blk` do on the images they serve.
-pub fn is_locked(path: &Path) -> io::Result<bool> {
-    let file = File::open(path)?;
-    // SAFETY: `flock` is a plain C struct for which all-zero bytes are a valid value.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = 0;
-    fl.l_len = 0;
-    nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_OFD_GETLK(&mut fl))
-        .map_err(io::Error::from)?;
-    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::fs;
     use std::os::unix::fs::MetadataExt;
 
     use super::*;
+    use crate::output::{hold_lock, is_locked};
 
     #[test]
     fn sparse_by_default_and_rounded_to_sectors() {
@@ -383,7 +143,7 @@ mod tests {
             &CreateOptions {
                 size: Size(1 << 20),
                 preallocate: true,
-                force: false,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -401,7 +161,10 @@ mod tests {
             ..Default::default()
         };
         let err = create(&p, &opts).unwrap_err();
-        assert!(matches!(err, CreateError::Exists(_)), "{err}");
+        assert!(
+            matches!(err, CreateError::Output(OutputError::Exists(_))),
+            "{err}"
+        );
         assert_eq!(fs::read(&p).unwrap(), b"keep me");
         create(
             &p,
@@ -415,66 +178,37 @@ mod tests {
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1, "no temp left");
     }
 
-    #[test]
-    fn unfinished_output_is_removed() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("img");
-        let out = OutputFile::new(&p, false).unwrap();
-        out.file().set_len(4096).unwrap();
-        let temp = out.temp_path().to_path_buf();
-        assert!(temp.exists());
-        assert!(temp
-            .file_name()
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .starts_with(".img."));
-        drop(out);
-        assert!(!temp.exists());
-        assert!(!p.exists());
-        // Another process created the target meanwhile: the commit refuses to replace it.
-        let out = OutputFile::new(&p, false).unwrap();
-        fs::write(&p, b"theirs").unwrap();
-        let err = out.commit().unwrap_err();
-        assert!(matches!(err, CreateError::Exists(_)), "{err}");
-        assert_eq!(fs::read(&p).unwrap(), b"theirs");
-        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    /// Creates a 4 KiB image at `path`, replacing what is there.
+    fn create_forced(path: &Path) -> Result<CreateSummary, CreateError> {
+        create(
+            path,
+            &CreateOptions {
+                size: Size(4096),
+                force: true,
+                ..Default::default()
+            },
+        )
     }
 
     #[test]
     fn refuses_directories_zero_and_locked_files() {
         let d = tempfile::tempdir().unwrap();
-        let err = create(
-            d.path(),
-            &CreateOptions {
-                size: Size(4096),
-                force: true,
-                ..Default::default()
-            },
-        )
-        .unwrap_err();
-        assert!(matches!(err, CreateError::NotAFile(_)), "{err}");
+        let err = create_forced(d.path()).unwrap_err();
+        assert!(
+            matches!(err, CreateError::Output(OutputError::NotAFile(_))),
+            "{err}"
+        );
         let p = d.path().join("img");
         let err = create(&p, &CreateOptions::default()).unwrap_err();
         assert!(matches!(err, CreateError::ZeroSize), "{err}");
 
         fs::write(&p, b"served").unwrap();
-        let holder = File::options().read(true).write(true).open(&p).unwrap();
-        // SAFETY: all-zero bytes are a valid `flock`.
-        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-        fl.l_type = libc::F_WRLCK as libc::c_short;
-        fl.l_whence = libc::SEEK_SET as libc::c_short;
-        nix::fcntl::fcntl(holder.as_raw_fd(), nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)).unwrap();
-        let err = create(
-            &p,
-            &CreateOptions {
-                size: Size(4096),
-                force: true,
-                ..Default::default()
-            },
-        )
-        .unwrap_err();
-        assert!(matches!(err, CreateError::InUse(_)), "{err}");
+        let holder = hold_lock(&p);
+        let err = create_forced(&p).unwrap_err();
+        assert!(
+            matches!(err, CreateError::Output(OutputError::InUse(_))),
+            "{err}"
+        );
         drop(holder);
         assert!(!is_locked(&p).unwrap());
     }

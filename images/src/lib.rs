@@ -1,12 +1,29 @@
 //! vloop-images: create, build, copy and inspect disk images.
 //!
-//! Every builder is reproducible: the same tree and timestamp give the same bytes.
+//! Every builder is reproducible: the same tree and timestamp give the same bytes. Every
+//! output goes through one path ([`output`]): a temporary file beside the target, renamed
+//! into place when complete, never over an existing file unless asked.
+//!
+//! The modules, bottom up; each imports only from those above it in this list:
+//! - [`size`]: sizes as users type them (`10M`, `20480s`), the workspace's one size grammar;
+//! - [`tree`]: a source folder read into memory, sorted and clamped for reproducible builds;
+//! - [`input`]: reading image files, block devices and source files, holes skipped;
+//! - [`output`]: writing an output file safely, and the registry of unfinished ones;
+//! - [`create`]: blank raw images;
+//! - [`copy`]: a device or image copied to an image file, and SHA-256 of images;
+//! - [`ext2`]: the ext2 builder (plan, writing pass, on-disk layout);
+//! - [`iso`]: the ISO 9660 builder and a reader of ISO 9660 images;
+//! - [`info`]: what an image holds;
+//! - [`folder`]: an ext2 or ISO 9660 image of a folder, the whole command as one call.
 
 pub mod copy;
 pub mod create;
 pub mod ext2;
+pub mod folder;
 pub mod info;
+pub mod input;
 pub mod iso;
+pub mod output;
 pub mod size;
 pub mod tree;
 
@@ -44,10 +61,9 @@ mod error_display_tests {
         let path = || PathBuf::from("/x/img");
         use crate::copy::CopyError;
         use crate::create::CreateError;
-        check(&CopyError::Open {
-            path: path(),
-            source: cause(),
-        });
+        use crate::folder::FolderError;
+        use crate::input::InputError;
+        use crate::output::OutputError;
         check(&CopyError::Read {
             path: path(),
             offset: 512,
@@ -58,23 +74,42 @@ mod error_display_tests {
             offset: 512,
             source: cause(),
         });
-        check(&CopyError::from(CreateError::Io {
+        check(&CopyError::from(OutputError::Io {
             path: path(),
             source: cause(),
         }));
-        check(&CreateError::Dir {
+        check(&CopyError::from(InputError::Open {
+            path: path(),
+            source: cause(),
+        }));
+        check(&OutputError::Dir {
             dir: path(),
             source: cause(),
         });
+        check(&CreateError::from(OutputError::Persist {
+            path: path(),
+            source: cause(),
+        }));
         check(&CreateError::Allocate {
             path: path(),
             size: Size(4096),
             source: cause(),
         });
-        check(&CreateError::Persist {
+        check(&crate::info::InfoError::from(InputError::Open {
             path: path(),
             source: cause(),
-        });
+        }));
+        check(&FolderError::Hash(CopyError::Read {
+            path: path(),
+            offset: 512,
+            source: cause(),
+        }));
+        check(&FolderError::from(crate::ext2::Ext2Error::from(
+            OutputError::Io {
+                path: path(),
+                source: cause(),
+            },
+        )));
         check(&crate::ext2::Ext2Error::Io {
             path: path(),
             op: "write",

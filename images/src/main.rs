@@ -6,17 +6,19 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing_subscriber::EnvFilter;
 use vloop_images::copy::{self, CopyOptions};
 use vloop_images::create::{self, CreateOptions};
+use vloop_images::folder::{self, BuildOptions, Hashing};
+use vloop_images::input::Cancel;
+use vloop_images::output::Unfinished;
 use vloop_images::size::Size;
-use vloop_images::tree::{self, TreeOptions};
 use vloop_images::{ext2, info, iso};
 
 /// Create, build, copy and inspect raw disk images.
@@ -180,8 +182,9 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     init_tracing(cli.verbose);
-    watch_signals(matches!(cli.command, Command::Copy(_)));
-    match run(cli.command) {
+    let stop = Stop::default();
+    watch_signals(matches!(cli.command, Command::Copy(_)), stop.clone());
+    match run(cli.command, &stop) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // `{:#}`: the message and its causes, `: `-separated, on one line (no message
@@ -211,10 +214,18 @@ fn value_error_line(rendered: &str) -> String {
         .join(" ")
 }
 
+/// How the signal thread stops the running command: a copy through its cancel flag, any
+/// other command by removing the temporary files listed in `unfinished` and exiting.
+#[derive(Debug, Clone, Default)]
+struct Stop {
+    cancel: Cancel,
+    unfinished: Unfinished,
+}
+
 /// Handles Ctrl-C (and SIGTERM, SIGHUP) on a thread of its own. A copy is asked to stop
 /// (`cooperative`), so that it removes its unfinished output and reports; anything else
 /// ends at once with status 130.
-fn watch_signals(cooperative: bool) {
+fn watch_signals(cooperative: bool, stop: Stop) {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
     for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
@@ -227,11 +238,11 @@ fn watch_signals(cooperative: bool) {
     std::thread::spawn(move || {
         if set.wait().is_ok() {
             if cooperative {
-                copy::cancel();
+                stop.cancel.cancel();
             } else {
                 // Exit at once, without the unfinished output: destructors do not run on
                 // exit, so the temporary files are removed here.
-                let removed = create::remove_unfinished();
+                let removed = stop.unfinished.remove_all();
                 if removed > 0 {
                     eprintln!("error: interrupted; the unfinished image was removed");
                 } else {
@@ -262,17 +273,17 @@ fn init_tracing(verbose: u8) {
     }
 }
 
-fn run(command: Command) -> Result<()> {
+fn run(command: Command, stop: &Stop) -> Result<()> {
     match command {
-        Command::Create(a) => run_create(a),
-        Command::Ext2(a) => run_ext2(a),
-        Command::Iso(a) => run_iso(a),
-        Command::Copy(a) => run_copy(a),
+        Command::Create(a) => run_create(a, stop),
+        Command::Ext2(a) => run_ext2(a, stop),
+        Command::Iso(a) => run_iso(a, stop),
+        Command::Copy(a) => run_copy(a, stop),
         Command::Info(a) => run_info(a),
     }
 }
 
-fn run_create(a: CreateArgs) -> Result<()> {
+fn run_create(a: CreateArgs, stop: &Stop) -> Result<()> {
     let start = Instant::now();
     let s = create::create(
         &a.file,
@@ -280,6 +291,7 @@ fn run_create(a: CreateArgs) -> Result<()> {
             size: a.size,
             preallocate: a.preallocate,
             force: a.force,
+            unfinished: Some(stop.unfinished.clone()),
         },
     )?;
     if let Some(asked) = s.rounded_from {
@@ -305,29 +317,20 @@ fn run_create(a: CreateArgs) -> Result<()> {
     Ok(())
 }
 
-/// Reads the source folder and checks the output path before a builder runs.
-fn read_tree(out: &Path, t: &TreeArgs) -> Result<tree::Tree> {
-    create::check_target(out, t.force)?;
-    if !t.from.is_dir() {
-        bail!(
-            "--from {}: {} (give the folder whose files go into the image)",
-            t.from.display(),
-            if t.from.exists() {
-                "not a folder"
-            } else {
-                "no such folder"
-            }
-        );
-    }
-    let timestamp = tree::resolve_timestamp(t.timestamp)?;
-    let tree = tree::scan(
-        &t.from,
-        &TreeOptions {
-            keep_owners: t.keep_owners,
-            timestamp,
+/// How the builders read `t`'s folder, write the image and hash it.
+fn build_options(t: &TreeArgs, stop: &Stop) -> BuildOptions {
+    BuildOptions {
+        timestamp: t.timestamp,
+        keep_owners: t.keep_owners,
+        force: t.force,
+        sha256: if t.sha256 {
+            Hashing::Always
+        } else {
+            Hashing::UpTo(AUTO_SHA256_MAX)
         },
-    )?;
-    Ok(tree)
+        progress: progress_bar(),
+        unfinished: Some(stop.unfinished.clone()),
+    }
 }
 
 /// The summary's first line: the image written, its format, its size, then `details`.
@@ -342,24 +345,17 @@ fn print_wrote(out: &Path, format: &str, size: u64, details: std::fmt::Arguments
 /// Images up to this size get their SHA-256 printed without `--sha256`.
 const AUTO_SHA256_MAX: u64 = 4 << 30;
 
-/// The summary's last lines: time taken, and the SHA-256 in `sha256sum` format when the
-/// image is small enough to hash quickly or `always` is set.
-fn print_sha(out: &Path, start: Instant, size: u64, always: bool) -> Result<()> {
-    println!("built in {:.2} s", start.elapsed().as_secs_f64());
-    if !always && size > AUTO_SHA256_MAX {
-        println!(
+/// The summary's last lines: time taken, and the SHA-256 in `sha256sum` format, or why it
+/// was not computed.
+fn print_sha(out: &Path, build_time: Duration, sha256: Option<&str>) {
+    println!("built in {:.2} s", build_time.as_secs_f64());
+    match sha256 {
+        Some(sha) => println!("sha256: {sha}  {}", out.display()),
+        None => println!(
             "note: SHA-256 not computed for an image over {} (pass --sha256, or run sha256sum)",
             Size(AUTO_SHA256_MAX).human()
-        );
-        return Ok(());
+        ),
     }
-    let bar = progress_bar();
-    bar.set_length(size);
-    bar.set_message("hashing");
-    let (_, sha) = copy::sha256_file_with_progress(out, &bar).context("hashing the image")?;
-    bar.finish_and_clear();
-    println!("sha256: {sha}  {}", out.display());
-    Ok(())
 }
 
 fn parse_uuid(s: &str) -> Result<[u8; 16]> {
@@ -373,10 +369,8 @@ fn parse_uuid(s: &str) -> Result<[u8; 16]> {
     }
 }
 
-fn run_ext2(a: Ext2Args) -> Result<()> {
-    let start = Instant::now();
+fn run_ext2(a: Ext2Args, stop: &Stop) -> Result<()> {
     let uuid = a.uuid.as_deref().map(parse_uuid).transpose()?;
-    let tree = read_tree(&a.file, &a.tree)?;
     let opts = ext2::Ext2Options {
         size: match a.size {
             FsSize::Auto => None,
@@ -387,16 +381,8 @@ fn run_ext2(a: Ext2Args) -> Result<()> {
         uuid,
         ..Default::default()
     };
-    let bar = progress_bar();
-    let s = ext2::build_with_progress(&tree, &a.file, &opts, &mut |done, total| {
-        if bar.length() != Some(total) {
-            bar.set_length(total);
-            bar.set_message("writing ext2");
-        }
-        bar.set_position(done);
-    });
-    bar.finish_and_clear();
-    let s = s?;
+    let b = folder::ext2(&a.tree.from, &a.file, &build_options(&a.tree, stop), &opts)?;
+    let s = &b.image;
     if let FsSize::Fixed(asked) = a.size {
         if asked.bytes() != s.size {
             println!(
@@ -415,17 +401,17 @@ fn run_ext2(a: Ext2Args) -> Result<()> {
             s.block_size, s.blocks, s.free_blocks, s.inodes, s.free_inodes
         ),
     );
-    print_sha(&a.file, start, s.size, a.tree.sha256)
+    print_sha(&a.file, b.build_time, b.sha256.as_deref());
+    Ok(())
 }
 
-fn run_iso(a: IsoArgs) -> Result<()> {
-    let start = Instant::now();
-    let tree = read_tree(&a.file, &a.tree)?;
+fn run_iso(a: IsoArgs, stop: &Stop) -> Result<()> {
     let opts = iso::IsoOptions {
         volume_id: a.volume_id,
         ..Default::default()
     };
-    let s = iso::build(&tree, &a.file, &opts)?;
+    let b = folder::iso(&a.tree.from, &a.file, &build_options(&a.tree, stop), &opts)?;
+    let s = &b.image;
     print_wrote(
         &a.file,
         "ISO 9660",
@@ -440,7 +426,8 @@ fn run_iso(a: IsoArgs) -> Result<()> {
             s.adjusted
         );
     }
-    print_sha(&a.file, start, s.size, a.tree.sha256)
+    print_sha(&a.file, b.build_time, b.sha256.as_deref());
+    Ok(())
 }
 
 fn progress_bar() -> ProgressBar {
@@ -458,7 +445,7 @@ fn progress_bar() -> ProgressBar {
     bar
 }
 
-fn run_copy(a: CopyArgs) -> Result<()> {
+fn run_copy(a: CopyArgs, stop: &Stop) -> Result<()> {
     let bar = progress_bar();
     let s = copy::copy(
         &a.src,
@@ -467,6 +454,7 @@ fn run_copy(a: CopyArgs) -> Result<()> {
             verify: a.verify,
             force: a.force,
             progress: bar.clone(),
+            cancel: stop.cancel.clone(),
         },
     );
     bar.finish_and_clear();

@@ -5,6 +5,10 @@
 //! as in coreutils. `s` counts 512-byte sectors (`20480s` is what `dd count=20480` makes),
 //! `B` or no suffix counts bytes. A fraction is accepted when it comes to a whole number of
 //! bytes (`1.5G` yes, `1.3K` no). Whitespace between the number and the unit is allowed.
+//!
+//! This is the one size grammar of the workspace: every command-line option that takes a
+//! size parses it with [`parse`] (into a [`Size`]) or [`parse_bytes`] (into bytes), so
+//! `4k`, `1M` and `20480s` mean the same in every vloop program.
 
 use std::fmt;
 use std::str::FromStr;
@@ -176,6 +180,13 @@ pub fn parse(text: &str) -> Result<Size, SizeError> {
         .map_err(|_| too_large())
 }
 
+/// Parses a size as described in the [module docs](self), in bytes.
+///
+/// Its signature fits clap's `value_parser`: `#[arg(value_parser = parse_bytes)]`.
+pub fn parse_bytes(text: &str) -> Result<u64, SizeError> {
+    parse(text).map(Size::bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -236,6 +247,24 @@ mod tests {
         assert_eq!(parse("18446744073709551615"), Ok(Size(u64::MAX)));
         assert!(matches!(
             parse("18446744073709551616"),
+            Err(SizeError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn bytes_for_other_crates() {
+        assert_eq!(parse_bytes("4k"), Ok(4096));
+        assert_eq!(parse_bytes("1M"), Ok(1 << 20));
+        assert_eq!(parse_bytes(" 2G "), Ok(2 << 30));
+        assert_eq!(parse_bytes("512"), Ok(512));
+        for bad in ["4x", "k", ""] {
+            assert!(
+                matches!(parse_bytes(bad), Err(SizeError::Syntax(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse_bytes("99999999999T"),
             Err(SizeError::TooLarge(_))
         ));
     }

@@ -5,18 +5,22 @@
 //! bounds-checked: malformed input gives an [`io::ErrorKind::InvalidData`] error, never a
 //! panic. It understands what Linux isofs reads: Rock Ridge `SP`/`CE`/`NM`/`SL`/`PX`/`TF`
 //! and relocated directories (`CL`/`RE`), multi-extent files, and Joliet names.
+//!
+//! Layers, bottom up: `record` (fields, directory records, dates), `susp` (Rock Ridge
+//! entries), `volume` (volume descriptors, [`probe`]), then [`IsoReader`] here.
+
+mod record;
+mod susp;
+mod volume;
 
 use std::collections::HashSet;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
-/// ISO 9660 logical block size (the only one in use).
-pub const BLOCK: u64 = 2048;
-
-/// The first volume descriptor's block.
-const FIRST_DESCRIPTOR: u64 = 16;
-
-/// Most descriptors read before giving up on finding the terminator.
-const MAX_DESCRIPTORS: u64 = 64;
+pub use self::record::BLOCK;
+use self::record::{bad, date7, records, strip_version, Record};
+use self::susp::Susp;
+use self::volume::rock_ridge_skip;
+pub use self::volume::{probe, volume, IsoInfo, Volume};
 
 /// Largest directory read (a directory of 1000 long-named entries takes well under 1 MiB).
 const MAX_DIR_BYTES: u64 = 64 << 20;
@@ -74,25 +78,6 @@ pub struct Entry {
     pub mtime: Option<i64>,
 }
 
-/// What the volume descriptors say.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Volume {
-    /// Primary volume identifier, trailing spaces removed.
-    pub volume_id: String,
-    /// Volume space size in logical blocks.
-    pub blocks: u32,
-    /// Logical block size.
-    pub block_size: u16,
-    /// Root directory `(block, length)` of the primary tree.
-    root: (u32, u32),
-    /// Root directory `(block, length)` of the Joliet tree.
-    joliet_root: Option<(u32, u32)>,
-    /// Primary path tables: `(L block, M block, size)`.
-    path_tables: (u32, u32, u32),
-    /// Joliet path tables: `(L block, M block, size)`.
-    joliet_path_tables: Option<(u32, u32, u32)>,
-}
-
 /// One path table record (ECMA-119 9.4).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathRecord {
@@ -102,355 +87,6 @@ pub struct PathRecord {
     pub extent: u32,
     /// Number (1-based) of the parent directory's record.
     pub parent: u16,
-}
-
-impl Volume {
-    /// Whether a Joliet supplementary volume descriptor is present.
-    pub fn joliet(&self) -> bool {
-        self.joliet_root.is_some()
-    }
-}
-
-fn bad(msg: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("ISO 9660: {msg}"))
-}
-
-fn u32_le(b: &[u8], at: usize) -> io::Result<u32> {
-    b.get(at..at + 4)
-        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-        .ok_or_else(|| bad("field past the end of its structure"))
-}
-
-fn u32_be(b: &[u8], at: usize) -> io::Result<u32> {
-    b.get(at..at + 4)
-        .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
-        .ok_or_else(|| bad("field past the end of its structure"))
-}
-
-/// Path table locations of a volume descriptor: `(L block, M block, size)`.
-fn path_tables(d: &[u8]) -> io::Result<(u32, u32, u32)> {
-    Ok((u32_le(d, 140)?, u32_be(d, 148)?, u32_le(d, 132)?))
-}
-
-fn u16_le(b: &[u8], at: usize) -> io::Result<u16> {
-    b.get(at..at + 2)
-        .map(|s| u16::from_le_bytes([s[0], s[1]]))
-        .ok_or_else(|| bad("field past the end of its structure"))
-}
-
-/// The records of a directory's bytes in on-disk order, without `.` and `..`; zero padding
-/// up to the end of a block is skipped. Ends after the first record that does not parse.
-fn records(bytes: &[u8]) -> impl Iterator<Item = io::Result<Record<'_>>> {
-    let mut pos = 0usize;
-    std::iter::from_fn(move || {
-        while pos < bytes.len() {
-            match Record::parse(&bytes[pos..]) {
-                Err(e) => {
-                    pos = bytes.len();
-                    return Some(Err(e));
-                }
-                // Padding up to the next block.
-                Ok(None) => pos = (pos / BLOCK as usize + 1) * BLOCK as usize,
-                Ok(Some(rec)) => {
-                    pos += rec.len;
-                    if !rec.is_dot_or_dotdot() {
-                        return Some(Ok(rec));
-                    }
-                }
-            }
-        }
-        None
-    })
-}
-
-/// Reads the volume descriptors; `Ok(None)` when block 16 is not an ISO 9660 descriptor.
-pub fn volume(r: &mut (impl Read + Seek)) -> io::Result<Option<Volume>> {
-    let mut primary = None;
-    let mut joliet_root = None;
-    let mut joliet_path_tables = None;
-    let mut sector = [0u8; BLOCK as usize];
-    for n in 0..MAX_DESCRIPTORS {
-        r.seek(SeekFrom::Start((FIRST_DESCRIPTOR + n) * BLOCK))?;
-        if let Err(e) = r.read_exact(&mut sector) {
-            if e.kind() == io::ErrorKind::UnexpectedEof && n == 0 {
-                return Ok(None);
-            }
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                break;
-            }
-            return Err(e);
-        }
-        if &sector[1..6] != b"CD001" {
-            if n == 0 {
-                return Ok(None);
-            }
-            break;
-        }
-        match sector[0] {
-            1 if primary.is_none() => {
-                let volume_id = String::from_utf8_lossy(&sector[40..72])
-                    .trim_end_matches([' ', '\0'])
-                    .to_owned();
-                let blocks = u32_le(&sector, 80)?;
-                let block_size = u16_le(&sector, 128)?;
-                let root = (u32_le(&sector, 156 + 2)?, u32_le(&sector, 156 + 10)?);
-                primary = Some(Volume {
-                    volume_id,
-                    blocks,
-                    block_size,
-                    root,
-                    joliet_root: None,
-                    path_tables: path_tables(&sector)?,
-                    joliet_path_tables: None,
-                });
-            }
-            2 if joliet_root.is_none() => {
-                let esc = &sector[88..91];
-                if esc == b"%/@" || esc == b"%/C" || esc == b"%/E" {
-                    joliet_root = Some((u32_le(&sector, 156 + 2)?, u32_le(&sector, 156 + 10)?));
-                    joliet_path_tables = Some(path_tables(&sector)?);
-                }
-            }
-            255 => break,
-            _ => {}
-        }
-    }
-    Ok(primary.map(|v| Volume {
-        joliet_root,
-        joliet_path_tables,
-        ..v
-    }))
-}
-
-/// What [`super::probe`] returns.
-pub fn probe(r: &mut (impl Read + Seek)) -> io::Result<Option<super::IsoInfo>> {
-    let Some(vol) = volume(r)? else {
-        return Ok(None);
-    };
-    // A damaged root directory still leaves a recognisable image.
-    let rock_ridge = rock_ridge_skip(r, vol.root).unwrap_or(None).is_some();
-    Ok(Some(super::IsoInfo {
-        volume_id: vol.volume_id.clone(),
-        volume_size: u64::from(vol.blocks) * u64::from(vol.block_size),
-        rock_ridge,
-        joliet: vol.joliet(),
-    }))
-}
-
-/// The SUSP `SP` entry's skip count if the root's `.` record starts with one.
-fn rock_ridge_skip(r: &mut (impl Read + Seek), root: (u32, u32)) -> io::Result<Option<u8>> {
-    let mut sector = [0u8; BLOCK as usize];
-    r.seek(SeekFrom::Start(u64::from(root.0) * BLOCK))?;
-    r.read_exact(&mut sector)?;
-    let rec = Record::parse(&sector)?.ok_or_else(|| bad("empty root directory"))?;
-    let su = rec.system_use;
-    // SUSP 5.3: "SP" at the start of the root's "." system use area.
-    if su.len() >= 7 && &su[0..2] == b"SP" && su[2] == 7 && su[4] == 0xBE && su[5] == 0xEF {
-        Ok(Some(su[6]))
-    } else {
-        Ok(None)
-    }
-}
-
-/// One directory record, borrowed from its directory's bytes.
-struct Record<'a> {
-    len: usize,
-    extent: u32,
-    size: u32,
-    date: &'a [u8],
-    flags: u8,
-    name: &'a [u8],
-    system_use: &'a [u8],
-}
-
-impl<'a> Record<'a> {
-    /// The record at the start of `b`; `None` for a zero length byte (padding to the
-    /// end of a block).
-    fn parse(b: &'a [u8]) -> io::Result<Option<Self>> {
-        let Some(&len) = b.first() else {
-            return Ok(None);
-        };
-        let len = usize::from(len);
-        if len == 0 {
-            return Ok(None);
-        }
-        if len < 34 || len > b.len() {
-            return Err(bad("directory record length out of range"));
-        }
-        let b = &b[..len];
-        let name_len = usize::from(b[32]);
-        let name_end = 33 + name_len;
-        if name_end > len {
-            return Err(bad("directory record name past its end"));
-        }
-        let su_start = (name_end + usize::from(name_len % 2 == 0)).min(len);
-        Ok(Some(Self {
-            len,
-            extent: u32_le(b, 2)?,
-            size: u32_le(b, 10)?,
-            date: &b[18..25],
-            flags: b[25],
-            name: &b[33..name_end],
-            system_use: &b[su_start..],
-        }))
-    }
-
-    fn is_dir(&self) -> bool {
-        self.flags & 0x02 != 0
-    }
-
-    fn more_extents(&self) -> bool {
-        self.flags & 0x80 != 0
-    }
-
-    fn is_dot_or_dotdot(&self) -> bool {
-        self.name == [0] || self.name == [1]
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date.
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// A 7-byte directory record date (ECMA-119 9.1.5) as Unix seconds.
-fn date7(b: &[u8]) -> Option<i64> {
-    let [y, mo, d, h, mi, s, off] = *b else {
-        return None;
-    };
-    if mo == 0 {
-        return None;
-    }
-    let days = days_from_civil(1900 + i64::from(y), i64::from(mo), i64::from(d));
-    let local = days * 86_400 + i64::from(h) * 3600 + i64::from(mi) * 60 + i64::from(s);
-    Some(local - i64::from(off as i8) * 15 * 60)
-}
-
-/// A 17-byte volume descriptor date (ECMA-119 8.4.26.1) as Unix seconds.
-fn date17(b: &[u8]) -> Option<i64> {
-    if b.len() != 17 {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        std::str::from_utf8(&b[r]).ok()?.parse().ok()
-    };
-    let (y, mo, d) = (num(0..4)?, num(4..6)?, num(6..8)?);
-    if y == 0 || mo == 0 {
-        return None;
-    }
-    let (h, mi, s) = (num(8..10)?, num(10..12)?, num(12..14)?);
-    let local = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + s;
-    Some(local - i64::from(b[16] as i8) * 15 * 60)
-}
-
-/// Rock Ridge fields collected from one record's system use entries.
-#[derive(Default)]
-struct Susp {
-    name: Option<Vec<u8>>,
-    symlink: Option<Vec<u8>>,
-    /// The symlink's last component continues in the next `SL` entry.
-    sl_continues: bool,
-    /// A separator is due before the next symlink component.
-    sl_separator: bool,
-    px: Option<[u32; 4]>,
-    ino: Option<u32>,
-    mtime: Option<i64>,
-    child_link: Option<u32>,
-    relocated: bool,
-}
-
-impl Susp {
-    /// Reads one system use area; returns the continuation area `(block, offset, len)`.
-    fn area(&mut self, mut a: &[u8]) -> Option<(u32, u32, u32)> {
-        let mut next = None;
-        while a.len() >= 4 {
-            let len = usize::from(a[2]);
-            if len < 4 || len > a.len() {
-                break;
-            }
-            let (sig, data) = (&a[0..2], &a[4..len]);
-            match sig {
-                b"CE" if data.len() >= 24 => {
-                    let f = |at| u32_le(data, at).unwrap_or(0);
-                    next = Some((f(0), f(8), f(16)));
-                }
-                b"NM" if !data.is_empty() => {
-                    let name = self.name.get_or_insert_with(Vec::new);
-                    match data[0] {
-                        f if f & 0x02 != 0 => name.push(b'.'),
-                        f if f & 0x04 != 0 => name.extend_from_slice(b".."),
-                        _ => name.extend_from_slice(&data[1..]),
-                    }
-                }
-                b"SL" if !data.is_empty() => self.symlink_entry(&data[1..]),
-                b"PX" if data.len() >= 32 => {
-                    let f = |at| u32_le(data, at).unwrap_or(0);
-                    self.px = Some([f(0), f(8), f(16), f(24)]);
-                    if data.len() >= 40 {
-                        self.ino = Some(f(32));
-                    }
-                }
-                b"TF" if !data.is_empty() => self.timestamps(data),
-                b"CL" if data.len() >= 8 => self.child_link = u32_le(data, 0).ok(),
-                b"RE" => self.relocated = true,
-                b"ST" => break,
-                _ => {}
-            }
-            a = &a[len..];
-        }
-        next
-    }
-
-    fn symlink_entry(&mut self, mut comps: &[u8]) {
-        let target = self.symlink.get_or_insert_with(Vec::new);
-        while comps.len() >= 2 {
-            let (flags, len) = (comps[0], usize::from(comps[1]));
-            let Some(content) = comps.get(2..2 + len) else {
-                break;
-            };
-            if self.sl_separator && !self.sl_continues {
-                target.push(b'/');
-            }
-            match flags {
-                f if f & 0x02 != 0 => target.push(b'.'),
-                f if f & 0x04 != 0 => target.extend_from_slice(b".."),
-                f if f & 0x08 != 0 => target.push(b'/'),
-                _ => target.extend_from_slice(content),
-            }
-            self.sl_continues = flags & 0x01 != 0;
-            self.sl_separator = flags & 0x08 == 0;
-            comps = &comps[2 + len..];
-        }
-    }
-
-    fn timestamps(&mut self, data: &[u8]) {
-        let flags = data[0];
-        let size = if flags & 0x80 != 0 { 17 } else { 7 };
-        let mut at = 1;
-        // Order: creation, modify, access, attributes, backup, expiration, effective.
-        for bit in 0..7 {
-            if flags & (1 << bit) == 0 {
-                continue;
-            }
-            let Some(stamp) = data.get(at..at + size) else {
-                return;
-            };
-            if bit == 1 {
-                self.mtime = if size == 7 {
-                    date7(stamp)
-                } else {
-                    date17(stamp)
-                };
-            }
-            at += size;
-        }
-    }
 }
 
 /// A reader over an image.
@@ -782,38 +418,11 @@ impl<R: Read + Seek> IsoReader<R> {
     }
 }
 
-/// `name` without its `;version` suffix.
-fn strip_version(name: &[u8]) -> &[u8] {
-    match name.iter().rposition(|&b| b == b';') {
-        Some(i) => &name[..i],
-        None => name,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::Cursor;
 
     use super::*;
-
-    #[test]
-    fn dates_decode() {
-        // 2023-11-14 22:13:20 UTC = 1_700_000_000.
-        assert_eq!(date7(&[123, 11, 14, 22, 13, 20, 0]), Some(1_700_000_000));
-        // The same instant written at UTC+1 (offset 4 × 15 min).
-        assert_eq!(date7(&[123, 11, 14, 23, 13, 20, 4]), Some(1_700_000_000));
-        assert_eq!(date17(b"2023111422132000\0"), Some(1_700_000_000));
-        assert_eq!(date7(&[0; 7]), None);
-    }
-
-    #[test]
-    fn symlink_components_join() {
-        let mut s = Susp::default();
-        // Root, "usr", "li" continued by "b" in a second entry, "..".
-        s.symlink_entry(&[0x08, 0, 0, 3, b'u', b's', b'r', 0x01, 2, b'l', b'i']);
-        s.symlink_entry(&[0, 1, b'b', 0x04, 0]);
-        assert_eq!(s.symlink.as_deref(), Some(&b"/usr/lib/.."[..]));
-    }
 
     #[test]
     fn garbage_is_not_an_image_and_never_panics() {
@@ -827,18 +436,5 @@ mod tests {
         let info = probe(&mut Cursor::new(img.clone())).unwrap().unwrap();
         assert!(!info.rock_ridge);
         assert!(IsoReader::open(Cursor::new(img), Namespace::RockRidge).is_err());
-    }
-
-    #[test]
-    fn records_out_of_bounds_are_errors() {
-        let mut rec = [0u8; 40];
-        rec[0] = 80; // longer than the buffer
-        assert!(Record::parse(&rec).is_err());
-        rec[0] = 34;
-        rec[32] = 10; // name past the end
-        assert!(Record::parse(&rec).is_err());
-        rec[32] = 1;
-        let r = Record::parse(&rec).unwrap().unwrap();
-        assert_eq!(r.system_use.len(), 0);
     }
 }

@@ -1,11 +1,12 @@
-//! Block allocation, block maps and buffered positional output for the ext2 writer.
+//! Block allocation, block maps and buffered positional output: the tools the ext2 writing
+//! pass (`build`) places blocks with.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::Path;
 
 use super::layout::{block_path, Geometry};
-use super::Ext2Error;
+use super::options::Ext2Error;
 
 /// Hands out data blocks in increasing order, skipping each group's metadata.
 ///
@@ -64,9 +65,9 @@ impl<'g> Alloc<'g> {
 
 /// Writes blocks at their positions, gathering runs of consecutive blocks into large
 /// writes. Blocks never written stay holes in the image file.
-pub struct Out {
-    file: File,
-    path: PathBuf,
+pub struct Out<'f> {
+    file: &'f File,
+    path: &'f Path,
     block_size: u64,
     buf: Vec<u8>,
     /// Block number of `buf[0]`.
@@ -74,9 +75,9 @@ pub struct Out {
     cap: usize,
 }
 
-impl Out {
-    /// Output to `file` (at `path`, for messages), buffering up to `cap` bytes.
-    pub fn new(file: File, path: PathBuf, block_size: u32, cap: usize) -> Self {
+impl<'f> Out<'f> {
+    /// Output to `file` (named `path` in messages), buffering up to `cap` bytes.
+    pub fn new(file: &'f File, path: &'f Path, block_size: u32, cap: usize) -> Self {
         Self {
             file,
             path,
@@ -88,11 +89,7 @@ impl Out {
     }
 
     fn io_err(&self, op: &'static str) -> impl FnOnce(std::io::Error) -> Ext2Error + '_ {
-        move |source| Ext2Error::Io {
-            path: self.path.clone(),
-            op,
-            source,
-        }
+        Ext2Error::io(self.path, op)
     }
 
     fn buffered_blocks(&self) -> u64 {
@@ -142,12 +139,12 @@ impl Out {
         Ok(())
     }
 
-    /// Flushes, sizes the file to `len` bytes, syncs it and hands it back.
-    pub fn finish(mut self, len: u64) -> Result<File, Ext2Error> {
+    /// Flushes, sizes the file to `len` bytes and syncs it.
+    pub fn finish(mut self, len: u64) -> Result<(), Ext2Error> {
         self.flush()?;
         self.file.set_len(len).map_err(self.io_err("resize"))?;
         self.file.sync_all().map_err(self.io_err("sync"))?;
-        Ok(self.file)
+        Ok(())
     }
 }
 

@@ -3,8 +3,8 @@
 //! The layout and encoding are done by the `hadris-iso` crate, which reads no clock and
 //! writes the same bytes for the same input. This module turns a [`Tree`] into its input,
 //! pins every date to the tree (`tree.timestamp` for the volume, each node's mtime for its
-//! records) and writes through a temporary file that is renamed into place only when the
-//! image is complete.
+//! records) and writes through [`crate::output`], like every output: a temporary file
+//! renamed into place only when the image is complete.
 //!
 //! What the images hold:
 //! - Primary volume descriptor, ISO 9660 level 2 names (up to 30 characters, `;1`,
@@ -23,9 +23,8 @@
 
 pub mod read;
 
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use hadris_fs::{Content, DateTime, Owner, Permissions, SetAttr};
@@ -34,7 +33,8 @@ use hadris_storage::host::FileDevice;
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-use crate::create::Unfinished;
+pub use self::read::{probe, IsoInfo};
+use crate::output::{Output, OutputError, OutputFile};
 use crate::tree::{NodeKind, Tree};
 
 /// Options for [`build`].
@@ -79,7 +79,7 @@ pub enum IsoError {
     /// The volume id is empty, longer than 32, or has characters outside `A-Z 0-9 _`.
     #[error("volume id {0:?} is not valid: use 1 to 32 of A-Z, 0-9 and _")]
     BadVolumeId(String),
-    /// Reading a source file or writing the image failed.
+    /// Reading a source file, or preparing, writing or committing the image, failed.
     #[error("{}", path.display())]
     Io {
         /// The file involved.
@@ -123,11 +123,37 @@ pub enum IsoError {
 /// Largest image: ISO 9660 counts 2048-byte blocks in 32 bits.
 const MAX_IMAGE: u64 = (u32::MAX as u64) * 2048;
 
-/// Writes `tree` as an ISO 9660 image to `out` (via a temporary file renamed at the end).
+impl IsoError {
+    /// The error for an output `path` that cannot be prepared or committed: an [`IsoError::Io`]
+    /// naming the image, caused by what [`crate::output`] found.
+    fn output(path: &Path, e: OutputError) -> Self {
+        let kind = match &e {
+            OutputError::Exists(_) => io::ErrorKind::AlreadyExists,
+            OutputError::NoDir(_) => io::ErrorKind::NotFound,
+            OutputError::InUse(_) => io::ErrorKind::ResourceBusy,
+            OutputError::NotAFile(_) => io::ErrorKind::InvalidInput,
+            OutputError::Dir { source, .. }
+            | OutputError::Persist { source, .. }
+            | OutputError::Io { source, .. } => source.kind(),
+        };
+        IsoError::Io {
+            path: path.to_path_buf(),
+            source: io::Error::new(kind, e),
+        }
+    }
+}
+
+/// Writes `tree` as an ISO 9660 image to `out`, replacing a regular file there.
 ///
 /// The bytes depend only on the tree (names, content, modes, owners, mtimes, hard links,
 /// `tree.timestamp`) and `opts`.
 pub fn build(tree: &Tree, out: &Path, opts: &IsoOptions) -> Result<IsoSummary, IsoError> {
+    write(tree, &Output::replace(out), opts)
+}
+
+/// [`build`] to `out`, which says whether an existing file may be replaced and where the
+/// temporary file is listed.
+pub fn write(tree: &Tree, out: &Output<'_>, opts: &IsoOptions) -> Result<IsoSummary, IsoError> {
     validate_volume_id(&opts.volume_id)?;
     let time = date(tree.timestamp)?;
     let mut summary = IsoSummary {
@@ -181,21 +207,21 @@ pub fn build(tree: &Tree, out: &Path, opts: &IsoOptions) -> Result<IsoSummary, I
         });
     }
     info!(
-        out = %out.display(),
+        out = %out.path.display(),
         size = planned.size(),
         files = summary.files,
         directories = summary.directories,
         "writing ISO 9660 image"
     );
 
-    let tmp = TempFile::create(out)?;
-    let file = tmp.file()?;
-    let mut dev = FileDevice::new(file).map_err(|source| IsoError::Io {
-        path: tmp.path.clone(),
+    let tmp = OutputFile::create(out).map_err(|e| IsoError::output(out.path, e))?;
+    let io_err = |source| IsoError::Io {
+        path: tmp.temp_path().to_path_buf(),
         source,
-    })?;
+    };
+    let mut dev = FileDevice::new(tmp.file().try_clone().map_err(io_err)?).map_err(io_err)?;
     let total = planned.size();
-    let report = with_progress(&tmp.path, total, || {
+    let report = with_progress(tmp.temp_path(), total, || {
         hadris_iso::sync::write(&mut dev, &input, &iso).map_err(IsoError::Write)
     })?;
     // Relocated directories and shortened Joliet names are expected; list them at debug.
@@ -211,15 +237,11 @@ pub fn build(tree: &Tree, out: &Path, opts: &IsoOptions) -> Result<IsoSummary, I
         );
     }
     let file = dev.into_inner();
-    let io_err = |source| IsoError::Io {
-        path: tmp.path.clone(),
-        source,
-    };
     // Trim anything past the image (none is expected) and make it durable before the rename.
     file.set_len(report.size()).map_err(io_err)?;
     file.sync_all().map_err(io_err)?;
     drop(file);
-    tmp.persist(out)?;
+    tmp.commit().map_err(|e| IsoError::output(out.path, e))?;
     summary.size = report.size();
     summary.adjusted = changed as u64;
     Ok(summary)
@@ -350,98 +372,43 @@ fn host_file(source: &Path, size: u64) -> Result<Content, IsoError> {
     hadris_fs::host::file(source).map_err(IsoError::Write)
 }
 
-/// A temporary file next to the output, removed unless persisted.
-struct TempFile {
-    path: PathBuf,
-    file: Option<File>,
-    listed: Option<Unfinished>,
-}
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
 
-impl TempFile {
-    fn create(out: &Path) -> Result<Self, IsoError> {
-        let name = out.file_name().ok_or_else(|| IsoError::Io {
-            path: out.to_path_buf(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, "not a file name"),
-        })?;
-        let mut tmp_name = b".".to_vec();
-        tmp_name.extend_from_slice(name.as_bytes());
-        tmp_name.extend_from_slice(format!(".{}.partial", std::process::id()).as_bytes());
-        let path = out.with_file_name(std::ffi::OsStr::from_bytes(&tmp_name));
-        let listed = Unfinished::register(&path);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(|source| IsoError::Io {
-                path: out.to_path_buf(),
-                source,
-            })?;
-        Ok(Self {
-            path,
-            file: Some(file),
-            listed: Some(listed),
-        })
-    }
+    use super::*;
 
-    /// The open file (taken once).
-    fn file(&self) -> Result<File, IsoError> {
-        self.file
-            .as_ref()
-            .ok_or_else(|| IsoError::Io {
-                path: self.path.clone(),
-                source: io::Error::other("temporary file already taken"),
-            })?
-            .try_clone()
-            .map_err(|source| IsoError::Io {
-                path: self.path.clone(),
-                source,
-            })
-    }
-
-    fn persist(mut self, out: &Path) -> Result<(), IsoError> {
-        self.file = None;
-        let rename = || {
-            fs::rename(&self.path, out).map_err(|source| IsoError::Io {
-                path: out.to_path_buf(),
-                source,
-            })
+    #[test]
+    fn output_errors_name_the_image_and_keep_their_cause() {
+        let e = IsoError::output(
+            Path::new("/x/a.iso"),
+            OutputError::Dir {
+                dir: PathBuf::from("/x"),
+                source: io::Error::from(io::ErrorKind::PermissionDenied),
+            },
+        );
+        let IsoError::Io { path, source } = &e else {
+            panic!("{e:?}")
         };
-        match self.listed.take() {
-            Some(listed) => listed.commit(rename)?,
-            None => rename()?,
+        assert_eq!(path, Path::new("/x/a.iso"));
+        assert_eq!(source.kind(), io::ErrorKind::PermissionDenied);
+        let mut chain = vec![e.to_string()];
+        let mut next = e.source();
+        while let Some(err) = next {
+            chain.push(err.to_string());
+            next = err.source();
         }
-        self.path = PathBuf::new();
-        Ok(())
+        assert_eq!(
+            chain,
+            [
+                "/x/a.iso",
+                "cannot create a file in /x",
+                &io::Error::from(io::ErrorKind::PermissionDenied).to_string()
+            ]
+        );
+        let e = IsoError::output(Path::new("a.iso"), OutputError::NoDir(PathBuf::from("no")));
+        assert!(
+            matches!(&e, IsoError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
+        );
     }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if !self.path.as_os_str().is_empty() {
-            let _ = fs::remove_file(&self.path);
-        }
-    }
-}
-
-/// What `vloop-image info` shows about an ISO 9660 image.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IsoInfo {
-    /// Volume identifier from the primary volume descriptor.
-    pub volume_id: String,
-    /// Volume size in bytes (logical blocks × block size).
-    pub volume_size: u64,
-    /// Rock Ridge extensions are present.
-    pub rock_ridge: bool,
-    /// A Joliet supplementary volume descriptor is present.
-    pub joliet: bool,
-}
-
-/// Looks for an ISO 9660 file system in `image`; `Ok(None)` when there is none.
-///
-/// Never panics on malformed input; a truncated or inconsistent image that still has a
-/// primary volume descriptor is reported with what could be read.
-pub fn probe(image: &mut (impl io::Read + io::Seek)) -> io::Result<Option<IsoInfo>> {
-    read::probe(image)
 }
