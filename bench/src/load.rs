@@ -133,29 +133,6 @@ fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error>
     s.serialize_f64(d.as_secs_f64())
 }
 
-/// "4k", "1M", "1G", "4096": a byte size with an optional binary suffix.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mul) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let mul = match c.to_ascii_lowercase() {
-                'k' => 1u64 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                't' => 1 << 40,
-                _ => return Err(format!("bad size suffix in '{s}': use k, M, G or T")),
-            };
-            (&t[..i], mul)
-        }
-        _ => (t, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("bad size '{s}': expected a number with an optional k/M/G suffix"))?;
-    n.checked_mul(mul)
-        .ok_or_else(|| format!("size '{s}' is too large"))
-}
-
 fn size_name(b: u64) -> String {
     if b >= 1 << 20 && b.is_multiple_of(1 << 20) {
         format!("{}M", b >> 20)
@@ -638,17 +615,6 @@ fn drive_uring(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_with_suffixes() {
-        assert_eq!(parse_size("4k"), Ok(4096));
-        assert_eq!(parse_size("1M"), Ok(1 << 20));
-        assert_eq!(parse_size("2G"), Ok(2 << 30));
-        assert_eq!(parse_size("512"), Ok(512));
-        assert!(parse_size("4x").is_err());
-        assert!(parse_size("k").is_err());
-        assert!(parse_size("99999999999T").is_err());
-    }
 
     fn wl(pattern: Pattern, queues: u16) -> Workload {
         Workload {

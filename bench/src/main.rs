@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use vloop_bench::compare::{self, CompareOptions, Mode};
-use vloop_bench::load::{self, parse_size, Pattern, RunResult, Workload};
+use vloop_bench::load::{self, Pattern, RunResult, Workload};
+use vloop_images::size::parse_bytes;
 
 /// A vhost-user-blk frontend load generator.
 ///
@@ -143,7 +144,7 @@ fn workload(a: &Args, runtime: Duration) -> Result<Workload> {
     if let Pattern::Mixed { read_pct } = &mut pattern {
         *read_pct = a.rwmixread;
     }
-    let bs = parse_size(&a.bs).map_err(anyhow::Error::msg)?;
+    let bs = parse_bytes(&a.bs)?;
     if bs == 0 || bs % 512 != 0 || bs > 64 << 20 {
         bail!("--bs {} must be a multiple of 512 up to 64M", a.bs);
     }
@@ -236,7 +237,7 @@ fn run(a: Args) -> Result<()> {
         };
         let opts = CompareOptions {
             image: a.image.clone(),
-            image_size: parse_size(&a.image_size).map_err(anyhow::Error::msg)?,
+            image_size: parse_bytes(&a.image_size)?,
             fresh_image: a.fresh_image,
             vloop_bin,
             qsd_bin: a.qsd_bin.clone(),
