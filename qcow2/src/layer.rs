@@ -3,8 +3,8 @@
 //! [`Qcow2`] knows nothing of backing files or locks; [`crate::chain`] keeps one per qcow2
 //! layer behind the chain's metadata lock and does the data I/O. This module owns the
 //! metadata write order that makes the image crash safe (the scheme is described in the crate
-//! docs): clusters are reserved in batches whose refcounts are written and synced before any
-//! of them is used; L2 and L1 changes stay in memory until [`Qcow2::flush_plan`] and friends
+//! docs): clusters are reserved in batches whose refcounts are written before any of them is
+//! used (and durable before any L2 entry naming them is written); L2 and L1 changes stay in memory until [`Qcow2::flush_plan`] and friends
 //! write them after the data they point to is durable; refcount decrements wait until the L2
 //! entries that dropped the reference are durable, and freed clusters then sit in a
 //! quarantine until the caller says no I/O mapped before the free is still in flight.
@@ -607,8 +607,8 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Hands out `n` clusters whose refcount is one on disk, reserving a new batch (and
-    /// syncing once) when the reserve runs out.
+    /// Hands out `n` clusters whose refcount of one is written, reserving a new batch when
+    /// the reserve runs out.
     pub fn take(&mut self, st: &dyn Storage, n: usize) -> Result<Vec<Fresh>> {
         if self.rc.is_none() {
             return Err(LayerError::ReadOnly);
@@ -643,7 +643,7 @@ impl Qcow2 {
         }
     }
 
-    /// Reserves `n` free clusters: refcounts set to one, written and synced.
+    /// Reserves `n` free clusters: refcounts set to one and written.
     fn reserve(&mut self, st: &dyn Storage, n: u64) -> Result<()> {
         let bits = self.geo.cluster_bits;
         let cs = self.geo.cluster_size();
@@ -690,7 +690,8 @@ impl Qcow2 {
                 .map_err(io_err("extending the image", new_end))?;
             self.file_len = new_end;
         }
-        st.sync().map_err(io_err("sync", 0))?;
+        // No sync here: no L2 entry names these clusters on disk before the flush, whose
+        // first sync makes these refcounts durable.
         if let Some(rc) = self.rc.as_mut() {
             rc.free_hint = c;
             rc.reserved.extend(picked);

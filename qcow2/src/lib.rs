@@ -35,12 +35,13 @@
 //! successful [`Chain::flush`]. The ordering, with fdatasync (`sync` below) where an order
 //! between writes must survive a power cut:
 //! 1. **Refcounts before use.** Clusters are reserved in batches (1 MiB at first, doubling up to
-//!    64 MiB): their refcounts are set to one, written and synced once per batch, before any of
-//!    them is named by an L2 or L1 entry. A crash leaves unused reserved clusters as leaks. A
-//!    new refcount block is written and synced before the refcount table entry that points to
-//!    it; a grown refcount table (and its blocks) is written and synced before the header
-//!    points to it (a 12-byte write of one sector), and that is synced before the old table is
-//!    freed.
+//!    64 MiB): their refcounts are set to one and written when the batch is reserved, before
+//!    any of them is used. No L2 entry naming them reaches the disk before the next flush,
+//!    whose first sync makes those refcounts durable, so a batch costs no sync of its own. A
+//!    crash leaves unused reserved clusters as leaks. A new refcount block is written and
+//!    synced before the refcount table entry that points to it; a grown refcount table (and
+//!    its blocks) is written and synced before the header points to it (a 12-byte write inside
+//!    one sector), and that is synced before the old table is freed.
 //! 2. **Data before the L2 entry.** New L2 entries stay in memory (write-back) until a flush:
 //!    the flush first syncs the data (including the copy-on-write copies and zero fill of
 //!    partly written clusters), then writes the dirty L2 tables, then syncs. So an L2 entry on
