@@ -39,6 +39,8 @@ pub const MAX_CHAIN: usize = 64;
 /// Default byte budget of each qcow2 layer's L2 table cache: with 64 KiB clusters one table
 /// maps 512 MiB, so 64 MiB holds every table of a 512 GiB image.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+/// Default size of the first cluster reservation.
+pub const DEFAULT_RESERVE_BYTES: u64 = 1 << 20;
 
 /// Index of a layer in the chain: 0 is the top image, 1 its backing file, and so on.
 pub type LayerId = usize;
@@ -121,6 +123,9 @@ pub struct OpenOptions {
     pub backing: Backing,
     /// L2 cache budget per qcow2 layer, bytes.
     pub cache_bytes: usize,
+    /// Bytes of clusters the first allocation reserves; each later reservation doubles, up to
+    /// 64 MiB. Unused reserved clusters are what a crash leaks.
+    pub reserve_bytes: u64,
 }
 
 impl Default for OpenOptions {
@@ -130,6 +135,7 @@ impl Default for OpenOptions {
             read_only: false,
             backing: Backing::FromImage,
             cache_bytes: DEFAULT_CACHE_BYTES,
+            reserve_bytes: DEFAULT_RESERVE_BYTES,
         }
     }
 }
@@ -560,8 +566,9 @@ impl Chain {
                     (len, None)
                 }
                 Format::Qcow2 => {
-                    let q = Qcow2::open(st.as_ref(), writable, opts.cache_bytes)
-                        .map_err(layer_err(&path))?;
+                    let q =
+                        Qcow2::open(st.as_ref(), writable, opts.cache_bytes, opts.reserve_bytes)
+                            .map_err(layer_err(&path))?;
                     let size = q.header.size;
                     let named = match q.header.backing_file.as_deref() {
                         None => None,

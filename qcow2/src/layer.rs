@@ -154,8 +154,6 @@ struct Refcounts {
 
 /// Most clusters reserved at once.
 const MAX_BATCH_BYTES: u64 = 64 << 20;
-/// First reservation.
-const FIRST_BATCH_BYTES: u64 = 1 << 20;
 /// Refcount blocks kept in memory.
 const REFBLOCK_CACHE_BYTES: usize = 8 << 20;
 
@@ -211,8 +209,14 @@ fn sector_span(entries: &[u64], a: usize, b: usize) -> (usize, Vec<u8>) {
 
 impl Qcow2 {
     /// Reads the header and tables of the image in `st`. `writable`: checks the features for a
-    /// read-write open, loads the refcount table and clears autoclear bits.
-    pub fn open(st: &dyn Storage, writable: bool, l2_budget: usize) -> Result<Qcow2> {
+    /// read-write open, loads the refcount table and clears autoclear bits. `first_batch`: bytes
+    /// of clusters reserved at the first allocation (later batches double).
+    pub fn open(
+        st: &dyn Storage,
+        writable: bool,
+        l2_budget: usize,
+        first_batch: u64,
+    ) -> Result<Qcow2> {
         let file_len = st.file_size().map_err(io_err("size of the image", 0))?;
         let mut first = vec![0u8; 4096.min(file_len as usize)];
         let n = st.read_at(&mut first, 0).map_err(io_err("header", 0))?;
@@ -300,7 +304,7 @@ impl Qcow2 {
                 dirty_blocks: BTreeMap::new(),
                 free_hint: 0,
                 reserved: VecDeque::new(),
-                batch: (FIRST_BATCH_BYTES >> bits).max(16),
+                batch: (first_batch >> bits).max(1),
                 pending: BTreeMap::new(),
                 quarantine: BTreeMap::new(),
             });

@@ -72,7 +72,7 @@ pub mod table;
 
 pub use chain::{
     resolve_backing, Backing, Chain, Error, Extent, FreeMark, Info, LayerId, LayerInfo,
-    OpenOptions, Opener, WritePath, DEFAULT_CACHE_BYTES, MAX_CHAIN,
+    OpenOptions, Opener, WritePath, DEFAULT_CACHE_BYTES, DEFAULT_RESERVE_BYTES, MAX_CHAIN,
 };
 pub use create::{create, CreateError, CreateOptions};
 pub use format::{probe, probed_raw_write, Format, ProbeError, ProbedRawWriteError};

@@ -383,3 +383,64 @@ fn created_overlay_over_a_relative_backing_file() {
     assert_eq!(qemu_raw(&img), want);
     assert_clean(&img);
 }
+
+#[test]
+fn freed_clusters_wait_for_reclaim_before_reuse() {
+    if !have_qemu("freed_clusters_wait_for_reclaim_before_reuse") {
+        return;
+    }
+    let dir = tempdir();
+    let img = path_in(&dir, "q.qcow2");
+    let cs = 65536u64;
+    run("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "16M"]);
+    let chain = try_open_with(&img, false, vloop_qcow2::Backing::None, 8 * cs).unwrap();
+    write_mapped(&chain, 0, &pattern(1, (8 * cs) as usize));
+    let mut before = Vec::new();
+    chain.map_write(0, 8 * cs, &mut before).unwrap();
+    let Extent::Data { host: old_host, .. } = before[0] else {
+        panic!("{before:?}")
+    };
+    // A mark taken before the discard does not release its clusters.
+    let early = chain.free_mark();
+    chain.discard(0, 8 * cs).unwrap();
+    assert_eq!(chain.quarantined(), 0, "frees wait for the flush");
+    chain.flush().unwrap();
+    assert_eq!(chain.quarantined(), 8);
+    chain.reclaim_freed(early);
+    assert_eq!(chain.quarantined(), 8);
+    // Not reused while quarantined: new data goes elsewhere.
+    write_mapped(&chain, 4 << 20, &pattern(2, (8 * cs) as usize));
+    let mut ext = Vec::new();
+    chain.map_write(4 << 20, 8 * cs, &mut ext).unwrap();
+    let Extent::Data { host, .. } = ext[0] else {
+        panic!("{ext:?}")
+    };
+    assert!(
+        host >= old_host + 8 * cs || host + 8 * cs <= old_host,
+        "reused a quarantined cluster"
+    );
+    // After the reclaim they are reused.
+    chain.reclaim_freed(chain.free_mark());
+    assert_eq!(chain.quarantined(), 0);
+    write_mapped(&chain, 8 << 20, &pattern(3, (24 * cs) as usize));
+    let mut hosts = Vec::new();
+    chain.map_read(8 << 20, 24 * cs, &mut ext).unwrap();
+    for e in &ext {
+        if let Extent::Data { host, len, .. } = *e {
+            hosts.push((host, len));
+        }
+    }
+    assert!(
+        hosts
+            .iter()
+            .any(|&(h, l)| h <= old_host && old_host < h + l),
+        "{hosts:?} does not reuse {old_host:#x}"
+    );
+    chain.close().unwrap();
+    drop(chain);
+    assert_clean(&img);
+    let got = qemu_raw(&img);
+    assert!(got[..(8 * cs) as usize].iter().all(|&b| b == 0));
+    assert!(got[4 << 20..(4 << 20) + (8 * cs) as usize] == pattern(2, (8 * cs) as usize)[..]);
+    assert!(got[8 << 20..(8 << 20) + (24 * cs) as usize] == pattern(3, (24 * cs) as usize)[..]);
+}

@@ -118,6 +118,15 @@ pub fn try_open(
     read_only: bool,
     backing: Backing,
 ) -> vloop_qcow2::chain::Result<Chain> {
+    try_open_with(path, read_only, backing, vloop_qcow2::DEFAULT_RESERVE_BYTES)
+}
+
+pub fn try_open_with(
+    path: &Path,
+    read_only: bool,
+    backing: Backing,
+    reserve_bytes: u64,
+) -> vloop_qcow2::chain::Result<Chain> {
     let f = FsOpen::new()
         .read(true)
         .write(!read_only)
@@ -127,6 +136,7 @@ pub fn try_open(
         format: None,
         read_only,
         backing,
+        reserve_bytes,
         ..OpenOptions::default()
     };
     Chain::open(f, path, &opts, &mut ro_opener)
