@@ -758,6 +758,14 @@ impl Chain {
                 }
                 L2Entry::Zero { .. } => push_piece(out, Piece::Zero { len: n }),
                 L2Entry::Normal { host, .. } => {
+                    if host >= file_len {
+                        return Err(self.layer_err(k)(LayerError::PastEnd {
+                            what: "data cluster",
+                            offset: host,
+                            len: cs,
+                            file_len,
+                        }));
+                    }
                     let h = host + in_c;
                     // Bytes past the end of the file read as zeroes, as in QEMU.
                     let data = n.min(file_len.saturating_sub(h));
