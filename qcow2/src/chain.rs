@@ -329,6 +329,67 @@ fn push_piece(out: &mut Vec<Piece>, p: Piece) {
     out.push(p);
 }
 
+/// Receives the pieces of a mapping in order.
+trait Sink {
+    fn put(&mut self, p: Piece);
+}
+
+impl Sink for Vec<Piece> {
+    fn put(&mut self, p: Piece) {
+        push_piece(self, p);
+    }
+}
+
+/// Turns pieces straight into [`Extent`]s, merged, so that mapping allocates nothing beyond
+/// the caller's vector.
+struct Extents<'a> {
+    out: &'a mut Vec<Extent>,
+    files: &'a [LayerFile],
+}
+
+impl Sink for Extents<'_> {
+    fn put(&mut self, p: Piece) {
+        if p.len() == 0 {
+            return;
+        }
+        let e = match p {
+            Piece::Data { layer, host, len } => Extent::Data {
+                layer,
+                fd: self.files[layer].fd,
+                host,
+                len,
+            },
+            Piece::Zero { len } => Extent::Zero { len },
+            Piece::Compressed { len, .. } => Extent::Slow { len },
+        };
+        if let Some(last) = self.out.last_mut() {
+            match (last, e) {
+                (
+                    Extent::Data {
+                        layer, host, len, ..
+                    },
+                    Extent::Data {
+                        layer: l2,
+                        host: h2,
+                        len: n2,
+                        ..
+                    },
+                ) if *layer == l2 && *host + *len == h2 => {
+                    *len += n2;
+                    return;
+                }
+                (Extent::Zero { len }, Extent::Zero { len: n2 })
+                | (Extent::Slow { len }, Extent::Slow { len: n2 }) => {
+                    *len += n2;
+                    return;
+                }
+                _ => {}
+            }
+        }
+        self.out.push(e);
+    }
+}
+
 /// Where the rest of a partly written cluster comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fill {
@@ -697,29 +758,26 @@ impl Chain {
         k: LayerId,
         off: u64,
         len: u64,
-        out: &mut Vec<Piece>,
+        out: &mut dyn Sink,
     ) -> Result<()> {
         let Some(file) = self.files.get(k) else {
-            push_piece(out, Piece::Zero { len });
+            out.put(Piece::Zero { len });
             return Ok(());
         };
         let inside = len.min(file.size.saturating_sub(off));
         let past = len - inside;
         if inside > 0 {
             match meta.q[k].as_mut() {
-                None => push_piece(
-                    out,
-                    Piece::Data {
-                        layer: k,
-                        host: off,
-                        len: inside,
-                    },
-                ),
+                None => out.put(Piece::Data {
+                    layer: k,
+                    host: off,
+                    len: inside,
+                }),
                 Some(_) => self.map_qcow2(meta, k, off, inside, out)?,
             }
         }
         if past > 0 {
-            push_piece(out, Piece::Zero { len: past });
+            out.put(Piece::Zero { len: past });
         }
         Ok(())
     }
@@ -730,7 +788,7 @@ impl Chain {
         k: LayerId,
         off: u64,
         len: u64,
-        out: &mut Vec<Piece>,
+        out: &mut dyn Sink,
     ) -> Result<()> {
         let st = self.files[k].st.as_ref();
         let end = off + len;
@@ -756,7 +814,7 @@ impl Chain {
                         None => Some((at, n)),
                     };
                 }
-                L2Entry::Zero { .. } => push_piece(out, Piece::Zero { len: n }),
+                L2Entry::Zero { .. } => out.put(Piece::Zero { len: n }),
                 L2Entry::Normal { host, .. } => {
                     if host >= file_len {
                         return Err(self.layer_err(k)(LayerError::PastEnd {
@@ -769,26 +827,20 @@ impl Chain {
                     let h = host + in_c;
                     // Bytes past the end of the file read as zeroes, as in QEMU.
                     let data = n.min(file_len.saturating_sub(h));
-                    push_piece(
-                        out,
-                        Piece::Data {
-                            layer: k,
-                            host: h,
-                            len: data,
-                        },
-                    );
-                    push_piece(out, Piece::Zero { len: n - data });
-                }
-                L2Entry::Compressed { host, len: clen } => push_piece(
-                    out,
-                    Piece::Compressed {
+                    out.put(Piece::Data {
                         layer: k,
-                        host,
-                        clen,
-                        skip: in_c,
-                        len: n,
-                    },
-                ),
+                        host: h,
+                        len: data,
+                    });
+                    out.put(Piece::Zero { len: n - data });
+                }
+                L2Entry::Compressed { host, len: clen } => out.put(Piece::Compressed {
+                    layer: k,
+                    host,
+                    clen,
+                    skip: in_c,
+                    len: n,
+                }),
             }
             at += n;
         }
@@ -810,28 +862,12 @@ impl Chain {
     pub fn map_read(&self, off: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
         self.check_range(off, len)?;
         out.clear();
-        let mut pieces = Vec::new();
-        {
-            let mut meta = lock(&self.meta);
-            self.map_layer(&mut meta, 0, off, len, &mut pieces)?;
-        }
-        for p in pieces {
-            let e = match p {
-                Piece::Data { layer, host, len } => Extent::Data {
-                    layer,
-                    fd: self.files[layer].fd,
-                    host,
-                    len,
-                },
-                Piece::Zero { len } => Extent::Zero { len },
-                Piece::Compressed { len, .. } => Extent::Slow { len },
-            };
-            match (out.last_mut(), e) {
-                (Some(Extent::Slow { len }), Extent::Slow { len: n }) => *len += n,
-                _ => out.push(e),
-            }
-        }
-        Ok(())
+        let mut sink = Extents {
+            out,
+            files: &self.files,
+        };
+        let mut meta = lock(&self.meta);
+        self.map_layer(&mut meta, 0, off, len, &mut sink)
     }
 
     /// Maps a write of `len` bytes at `off`: [`WritePath::Direct`] with `out` holding data

@@ -444,3 +444,40 @@ fn freed_clusters_wait_for_reclaim_before_reuse() {
     assert!(got[4 << 20..(4 << 20) + (8 * cs) as usize] == pattern(2, (8 * cs) as usize)[..]);
     assert!(got[8 << 20..(8 << 20) + (24 * cs) as usize] == pattern(3, (24 * cs) as usize)[..]);
 }
+
+#[test]
+fn buffered_writes_keep_zero_clusters_as_holes() {
+    if !have_qemu("buffered_writes_keep_zero_clusters_as_holes") {
+        return;
+    }
+    let dir = tempdir();
+    for compat in ["0.10", "1.1"] {
+        let img = path_in(&dir, &format!("holes-{compat}.qcow2"));
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("compat={compat}"),
+                p(&img),
+                "1M",
+            ],
+        );
+        let chain = open_chain(&img, false);
+        let mut data = vec![0u8; 1 << 20];
+        data[100..200].fill(1);
+        data[(5 << 16) + 7] = 2;
+        data[(15 << 16)..].fill(3);
+        chain.write_at(&data, 0).unwrap();
+        assert_eq!(chain.info().unwrap().allocated_clusters, Some(3));
+        chain.close().unwrap();
+        drop(chain);
+        assert_clean(&img);
+        assert_eq!(qemu_raw(&img), data);
+        let map = run("qemu-img", &["map", "--output=json", p(&img)]);
+        assert_eq!(map.matches("\"data\": true").count(), 3, "{map}");
+    }
+}
