@@ -1155,7 +1155,7 @@ impl Chain {
                     .map_err(self.layer_err(0))?;
             }
         }
-        let too_dirty = q.dirty_bytes() > DEFAULT_CACHE_BYTES / 2;
+        let too_dirty = q.dirty_bytes() > q.dirty_limit();
         drop(meta);
         if too_dirty {
             self.flush_locked()?;
@@ -1324,9 +1324,17 @@ impl Chain {
                 c += cs;
             }
         }
-        for c in write_real {
-            let n = (c + cs).min(size) - c;
-            self.write_zero_bytes(c, n)?;
+        // Runs of clusters that need real zeroes, written as ranges.
+        let mut i = 0;
+        while i < write_real.len() {
+            let mut j = i + 1;
+            while j < write_real.len() && write_real[j] == write_real[j - 1] + cs {
+                j += 1;
+            }
+            let start = write_real[i];
+            let end = (write_real[j - 1] + cs).min(size);
+            self.write_zero_bytes(start, end - start)?;
+            i = j;
         }
         if mode != ZeroMode::Discard {
             for (o, l) in partial {

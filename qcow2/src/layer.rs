@@ -404,6 +404,12 @@ impl Qcow2 {
         n * self.geo.cluster_size() as usize
     }
 
+    /// Dirty L2 bytes beyond which a slow write flushes: half the cache budget (dirty tables
+    /// cannot be evicted), at least one table.
+    pub fn dirty_limit(&self) -> usize {
+        (self.l2_budget / 2).max(self.geo.cluster_size() as usize)
+    }
+
     /// Whether flushing has anything to write besides syncing data.
     pub fn is_dirty(&self) -> bool {
         self.l1_dirty.0.is_some()

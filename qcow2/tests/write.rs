@@ -296,7 +296,17 @@ fn small_clusters_grow_the_refcount_table() {
             "24M",
         ],
     );
-    let chain = open_chain(&img, false);
+    // A cache of four L2 tables: constant eviction, and flushes forced by dirty tables.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let opts = vloop_qcow2::OpenOptions {
+        cache_bytes: 2048,
+        ..vloop_qcow2::OpenOptions::default()
+    };
+    let chain = Chain::open(f, &img, &opts, &mut ro_opener).unwrap();
     let mut model = vec![0u8; 24 << 20];
     for i in 0..20u64 {
         let d = pattern(i, 1 << 20);
@@ -306,6 +316,7 @@ fn small_clusters_grow_the_refcount_table() {
             chain.flush().unwrap();
         }
     }
+    assert!(read_all(&chain, 100_000) == model);
     chain.close().unwrap();
     drop(chain);
     assert_clean(&img);
