@@ -21,7 +21,6 @@ use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use thiserror::Error;
@@ -490,7 +489,6 @@ pub struct Chain {
     alloc: Mutex<()>,
     read_only: bool,
     probed_raw: bool,
-    closed: AtomicBool,
 }
 
 /// Inspection results, from [`Chain::info`].
@@ -687,7 +685,6 @@ impl Chain {
             alloc: Mutex::new(()),
             read_only: opts.read_only,
             probed_raw,
-            closed: AtomicBool::new(false),
         })
     }
 
@@ -1178,8 +1175,16 @@ impl Chain {
                     Fill::Nothing | Fill::Zeroes => {}
                     Fill::Backing => self.read_layer(1, t.cluster, &mut buf[..vend])?,
                     Fill::Copy(h) => {
-                        st.read_at(&mut buf, h)
-                            .map_err(self.io_err(0, "copying a cluster", h))?;
+                        // Only the part inside the file is read; the rest reads as zeroes.
+                        let file_len =
+                            st.file_size()
+                                .map_err(self.io_err(0, "size of the image", 0))?;
+                        let n = (cs.min(file_len.saturating_sub(h))) as usize;
+                        st.read_at(&mut buf[..n], h).map_err(self.io_err(
+                            0,
+                            "copying a cluster",
+                            h,
+                        ))?;
                     }
                     Fill::Compressed(h, l) => self.decompress(0, h, l, &mut buf)?,
                 }
@@ -1280,7 +1285,14 @@ impl Chain {
                 return Ok(());
             };
             let mut c = first;
+            let l2_span = q.geo.cluster_size() * q.geo.l2_entries();
             while c < last {
+                // Without a backing file, a range with no L2 table already reads as zeroes
+                // and nothing in it is freed: skip the whole table's range.
+                if !has_backing && !q.has_l2(c) {
+                    c = ((c / l2_span + 1) * l2_span).min(last);
+                    continue;
+                }
                 let raw = q.raw_entry(st, c).map_err(self.layer_err(0))?;
                 let old = q.geo.decode(raw).map_err(|e| self.layer_err(0)(e.into()))?;
                 let target = if version >= 3 {
@@ -1446,7 +1458,8 @@ impl Chain {
     }
 
     /// Flushes, returns unused reserved clusters and trims the file: the image is then free
-    /// of leaks. Later writes reserve clusters again.
+    /// of leaks. Later writes reserve clusters again; dropping a writable chain closes it
+    /// (ignoring errors), so call this to see them.
     pub fn close(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
@@ -1458,7 +1471,6 @@ impl Chain {
         if let Some(q) = meta.q[0].as_mut() {
             q.release_reserve(st).map_err(self.layer_err(0))?;
         }
-        self.closed.store(true, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1580,7 +1592,7 @@ impl Chain {
 
 impl Drop for Chain {
     fn drop(&mut self) {
-        if !self.read_only && !self.closed.load(Ordering::Relaxed) {
+        if !self.read_only {
             // Best effort: a failure leaves leaked clusters at worst.
             let _ = self.close();
         }

@@ -684,7 +684,8 @@ impl Qcow2 {
                 .rc
                 .as_ref()
                 .is_some_and(|r| r.quarantine.contains_key(&c));
-            if !quarantined && self.refcount(st, c)? == 0 {
+            // A metadata cluster whose refcount is wrongly zero is never handed out.
+            if !quarantined && !self.meta.contains(&c) && self.refcount(st, c)? == 0 {
                 self.set_refcount(st, c, 1)?;
                 picked.push(Fresh {
                     host: c << bits,

@@ -79,3 +79,53 @@ pub use format::{probe, probed_raw_write, Format, ProbeError, ProbedRawWriteErro
 pub use header::{Compression, HeaderError};
 pub use layer::LayerError;
 pub use storage::Storage;
+
+#[cfg(test)]
+mod error_display_tests {
+    //! Every error that carries a cause in `#[source]` leaves it out of its own message, so
+    //! that printing the chain of causes says everything exactly once.
+
+    use std::io;
+    use std::path::PathBuf;
+
+    use crate::{CreateError, Error, LayerError};
+
+    const CAUSE: &str = "a very particular cause";
+
+    fn check(e: &(dyn std::error::Error + 'static)) {
+        let mut chain = String::new();
+        let mut next = Some(e);
+        while let Some(err) = next {
+            chain.push_str(&err.to_string());
+            chain.push_str(": ");
+            next = err.source();
+        }
+        assert_eq!(chain.matches(CAUSE).count(), 1, "{chain}");
+    }
+
+    #[test]
+    fn causes_are_not_repeated() {
+        let cause = || io::Error::other(CAUSE);
+        let path = || PathBuf::from("/x/img.qcow2");
+        check(&Error::Io {
+            what: "reading data",
+            path: path(),
+            offset: 512,
+            source: cause(),
+        });
+        check(&Error::OpenBacking {
+            path: path(),
+            by: path(),
+            source: cause(),
+        });
+        check(&Error::Layer {
+            path: path(),
+            source: LayerError::Io {
+                what: "L2 table",
+                offset: 65536,
+                source: cause(),
+            },
+        });
+        check(&CreateError::Io(cause()));
+    }
+}
