@@ -492,3 +492,48 @@ fn buffered_writes_keep_zero_clusters_as_holes() {
         assert_eq!(map.matches("\"data\": true").count(), 3, "{map}");
     }
 }
+
+#[test]
+fn every_refcount_width_and_lazy_refcounts() {
+    if !have_qemu("every_refcount_width_and_lazy_refcounts") {
+        return;
+    }
+    let dir = tempdir();
+    for opts in [
+        "refcount_bits=1",
+        "refcount_bits=2",
+        "refcount_bits=4",
+        "refcount_bits=8",
+        "refcount_bits=32",
+        "refcount_bits=64",
+        "lazy_refcounts=on",
+    ] {
+        let img = path_in(&dir, &format!("{opts}.qcow2"));
+        let o = format!("cluster_size=4096,{opts}");
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", &o, p(&img), "4M"],
+        );
+        qemu_io(&img, "qcow2", &["write -P 0x61 0 64k"]);
+        let mut model = qemu_raw(&img);
+        let chain = try_open_with(&img, false, vloop_qcow2::Backing::FromImage, 16 << 10).unwrap();
+        for i in 0..40u64 {
+            let off = (i * 37 % 1000) * 4096;
+            let d = pattern(i, 6000);
+            write_mapped(&chain, off, &d);
+            model[off as usize..off as usize + 6000].copy_from_slice(&d);
+            if i % 9 == 0 {
+                chain.discard(off, 8192).unwrap();
+                model[off as usize..off as usize + 8192].fill(0);
+                chain.flush().unwrap();
+                chain.reclaim_freed(chain.free_mark());
+            }
+        }
+        chain.close().unwrap();
+        drop(chain);
+        assert_clean(&img);
+        let raw = path_in(&dir, "m.raw");
+        std::fs::write(&raw, &model).unwrap();
+        assert_same_as_raw(&img, &raw);
+    }
+}
