@@ -1,0 +1,190 @@
+//! The files under a chain: positioned reads and writes, sync, size, and the descriptor that
+//! mapped extents name.
+//!
+//! Every byte this crate reads or writes goes through [`Storage`], implemented for
+//! [`std::fs::File`]. Tests put a recording layer in between to replay what a power cut could
+//! leave on disk (see `tests/crash.rs`); the daemon's own zero-copy I/O uses [`Storage::fd`].
+
+use std::fs::File;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+use nix::fcntl::{fallocate, FallocateFlags};
+
+/// A file of an image chain.
+pub trait Storage: Send + Sync {
+    /// Reads at `off` until `buf` is full or the file ends; returns the bytes read.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize>;
+    /// Reads at `off` into `bufs` in order until they are full or the file ends; returns the
+    /// bytes read.
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], off: u64) -> io::Result<usize> {
+        let mut done = 0u64;
+        for b in bufs.iter_mut() {
+            let n = self.read_at(b, off + done)?;
+            done += n as u64;
+            if n < b.len() {
+                break;
+            }
+        }
+        Ok(done as usize)
+    }
+    /// Writes all of `buf` at `off`.
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
+    /// Writes all of `bufs`, in order, at `off`.
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], off: u64) -> io::Result<()> {
+        let mut at = off;
+        for b in bufs {
+            self.write_at(b, at)?;
+            at += b.len() as u64;
+        }
+        Ok(())
+    }
+    /// Makes every completed write durable (fdatasync).
+    fn sync(&self) -> io::Result<()>;
+    /// The file's length.
+    fn file_size(&self) -> io::Result<u64>;
+    /// Sets the file's length (new bytes read as zeroes).
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes `len` bytes at `off` read as zeroes; `unmap` may free their blocks.
+    fn zero_range(&self, off: u64, len: u64, unmap: bool) -> io::Result<()> {
+        let _ = unmap;
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut at = off;
+        let end = off + len;
+        while at < end {
+            let n = (end - at).min(zeros.len() as u64) as usize;
+            self.write_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+    /// The descriptor extents name; valid as long as the storage lives.
+    fn fd(&self) -> RawFd;
+    /// Device and inode, to detect a backing chain that loops.
+    fn identity(&self) -> io::Result<(u64, u64)>;
+}
+
+fn off_t(off: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+impl Storage for File {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            match FileExt::read_at(self, &mut buf[done..], off + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], off: u64) -> io::Result<usize> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let n = loop {
+            match nix::sys::uio::preadv(self.as_fd(), bufs, off_t(off)?) {
+                Ok(n) => break n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if n == total || n == 0 {
+            return Ok(n);
+        }
+        // A short read: finish it buffer by buffer.
+        let mut skip = n;
+        let mut done = n;
+        for b in bufs.iter_mut() {
+            if skip >= b.len() {
+                skip -= b.len();
+                continue;
+            }
+            let r = Storage::read_at(self, &mut b[skip..], off + done as u64)?;
+            done += r;
+            if r < b.len() - skip {
+                break;
+            }
+            skip = 0;
+        }
+        Ok(done)
+    }
+
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        FileExt::write_all_at(self, buf, off)
+    }
+
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], off: u64) -> io::Result<()> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let n = loop {
+            match nix::sys::uio::pwritev(self.as_fd(), bufs, off_t(off)?) {
+                Ok(n) => break n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if n == total {
+            return Ok(());
+        }
+        // A short write: finish it buffer by buffer.
+        let mut skip = n;
+        let mut at = off + n as u64;
+        for b in bufs {
+            if skip >= b.len() {
+                skip -= b.len();
+                continue;
+            }
+            FileExt::write_all_at(self, &b[skip..], at)?;
+            at += (b.len() - skip) as u64;
+            skip = 0;
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.sync_data()
+    }
+
+    fn file_size(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        File::set_len(self, len)
+    }
+
+    fn zero_range(&self, off: u64, len: u64, unmap: bool) -> io::Result<()> {
+        let flags = if unmap {
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE
+        } else {
+            FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE
+        };
+        match fallocate(self.as_raw_fd(), flags, off_t(off)?, off_t(len)?) {
+            Ok(()) => Ok(()),
+            // The file system cannot: write zeroes.
+            Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENOSYS) => {
+                let zeros = vec![0u8; len.min(1 << 20) as usize];
+                let mut at = off;
+                while at < off + len {
+                    let n = (off + len - at).min(zeros.len() as u64) as usize;
+                    FileExt::write_all_at(self, &zeros[..n], at)?;
+                    at += n as u64;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        self.as_raw_fd()
+    }
+
+    fn identity(&self) -> io::Result<(u64, u64)> {
+        let m = self.metadata()?;
+        Ok((m.dev(), m.ino()))
+    }
+}

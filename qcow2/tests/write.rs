@@ -1,0 +1,539 @@
+//! Writes of every shape give an image that `qemu-img check` finds clean and
+//! `qemu-img compare` finds equal to a raw copy that received the same writes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use vloop_qcow2::{Chain, Extent, WritePath};
+
+/// The raw copy and the rules by which discard changes it.
+struct Model {
+    data: Vec<u8>,
+    cluster: u64,
+    /// Discard keeps the data (version 2 with a backing file).
+    discard_keeps: bool,
+}
+
+impl Model {
+    fn write(&mut self, chain: &Chain, off: u64, data: &[u8]) {
+        write_mapped(chain, off, data);
+        self.data[off as usize..off as usize + data.len()].copy_from_slice(data);
+    }
+
+    fn discard(&mut self, chain: &Chain, off: u64, len: u64) {
+        chain.discard(off, len).unwrap();
+        if self.discard_keeps {
+            return;
+        }
+        let size = self.data.len() as u64;
+        let cs = self.cluster;
+        let end = off + len;
+        let mut c = off.div_ceil(cs) * cs;
+        while c < end {
+            let ce = (c + cs).min(size);
+            if ce <= end {
+                self.data[c as usize..ce as usize].fill(0);
+            }
+            c += cs;
+        }
+    }
+
+    fn zeroes(&mut self, chain: &Chain, off: u64, len: u64, unmap: bool) {
+        chain.write_zeroes(off, len, unmap).unwrap();
+        self.data[off as usize..(off + len) as usize].fill(0);
+    }
+
+    fn verify(&self, chain: &Chain, what: &str) {
+        let got = read_all(chain, 1 << 20);
+        assert!(
+            got == self.data,
+            "{what}: first difference at {:?}",
+            first_diff(&got, &self.data)
+        );
+    }
+
+    fn verify_with_qemu(&self, img: &Path, what: &str) {
+        assert_clean(img);
+        let raw = img.with_extension("model.raw");
+        std::fs::write(&raw, &self.data).unwrap();
+        assert_same_as_raw(img, &raw);
+        std::fs::remove_file(&raw).unwrap();
+        let chain = open_chain(img, true);
+        self.verify(&chain, what);
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Empty,
+    Backed,
+    Compressed,
+}
+
+/// Makes an image of `kind` whose size ends in a partial cluster, with zero clusters at
+/// clusters 20..22 (version 3; version 2 gets real zeroes there).
+fn make_image(dir: &tempfile::TempDir, kind: Kind, compat: &str, cs: u64) -> (PathBuf, u64) {
+    let size = cs * 64 + 1536;
+    let img = path_in(dir, &format!("{kind:?}-{compat}-{cs}.qcow2"));
+    let opts = format!("cluster_size={cs},compat={compat}");
+    match kind {
+        Kind::Empty => run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &opts,
+                p(&img),
+                &size.to_string(),
+            ],
+        ),
+        Kind::Backed => {
+            let base = path_in(dir, &format!("base-{compat}-{cs}.raw"));
+            std::fs::write(&base, pattern(cs, size as usize - 4096)).unwrap();
+            run(
+                "qemu-img",
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    &opts,
+                    "-b",
+                    p(&base),
+                    "-F",
+                    "raw",
+                    p(&img),
+                    &size.to_string(),
+                ],
+            )
+        }
+        Kind::Compressed => {
+            let src = path_in(dir, &format!("src-{compat}-{cs}.raw"));
+            let mut d = pattern(cs + 1, size as usize);
+            for (i, b) in d.iter_mut().enumerate() {
+                if (i / 3000) % 2 == 0 {
+                    *b = (i % 7) as u8;
+                }
+            }
+            std::fs::write(&src, d).unwrap();
+            run(
+                "qemu-img",
+                &[
+                    "convert",
+                    "-q",
+                    "-c",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "qcow2",
+                    "-o",
+                    &opts,
+                    p(&src),
+                    p(&img),
+                ],
+            )
+        }
+    };
+    qemu_io(
+        &img,
+        "qcow2",
+        &[&format!("write -z {} {}", 20 * cs, 2 * cs)],
+    );
+    (img, size)
+}
+
+fn shapes(kind: Kind, compat: &str, cs: u64) {
+    let dir = tempdir();
+    let (img, size) = make_image(&dir, kind, compat, cs);
+    let what = format!("{kind:?} compat={compat} cluster={cs}");
+    let mut m = Model {
+        data: qemu_raw(&img),
+        cluster: cs,
+        discard_keeps: compat == "0.10" && matches!(kind, Kind::Backed),
+    };
+    let chain = open_chain(&img, false);
+    m.verify(&chain, &what);
+    let mut ext = Vec::new();
+    chain.map_read(14 * cs, cs, &mut ext).unwrap();
+    let compressed = matches!(ext[..], [Extent::Slow { .. }]);
+    assert_eq!(
+        compressed,
+        matches!(kind, Kind::Compressed),
+        "{what}: {ext:?}"
+    );
+    // Inside one cluster, then the same bytes again in place.
+    m.write(&chain, 3 * cs + 512, &pattern(1, 1024));
+    let again = pattern(2, 1024);
+    assert_eq!(
+        write_mapped(&chain, 3 * cs + 512, &again),
+        WritePath::Direct,
+        "{what}"
+    );
+    m.data[(3 * cs + 512) as usize..(3 * cs + 1536) as usize].copy_from_slice(&again);
+    // Unaligned, inside one cluster.
+    m.write(&chain, 4 * cs + 7, &pattern(3, 100));
+    // Across clusters, partial head and tail.
+    m.write(&chain, 5 * cs - 1024, &pattern(4, (2 * cs + 2048) as usize));
+    // Partial clusters over the backing file (or compressed data).
+    m.write(&chain, 10 * cs + 512, &pattern(5, 1024));
+    m.write(&chain, 12 * cs - 512, &pattern(6, 1024));
+    // Into compressed clusters: a whole one and part of one.
+    m.write(&chain, cs, &pattern(7, cs as usize));
+    m.write(&chain, 14 * cs + 4096.min(cs / 2), &pattern(8, 512));
+    // Into a zero cluster: part of it, then all of the next.
+    m.write(&chain, 20 * cs + 512, &pattern(9, 512));
+    m.write(&chain, 21 * cs, &pattern(10, cs as usize));
+    m.verify(&chain, &what);
+    chain.flush().unwrap();
+    // Discard with partial head and tail; write-zeroes with and without unmap.
+    m.discard(&chain, 30 * cs - 512, 3 * cs + 1024);
+    m.zeroes(&chain, 40 * cs + 512, 3 * cs, true);
+    m.zeroes(&chain, 50 * cs, 2 * cs + 1000, false);
+    m.zeroes(&chain, 3 * cs, cs, false);
+    m.zeroes(&chain, 4 * cs, cs, true);
+    m.verify(&chain, &what);
+    // Discarded and zeroed clusters are written again.
+    m.write(&chain, 31 * cs + 512, &pattern(11, 512));
+    m.write(&chain, 3 * cs, &pattern(12, 512));
+    // The last, partial cluster of the disk.
+    m.write(&chain, size - 1024, &pattern(13, 1024));
+    m.discard(&chain, size - 1536, 1536);
+    m.write(&chain, size - 512, &pattern(14, 512));
+    // A long write: allocated by the slow path, then one direct extent when contiguous.
+    let long = pattern(15, (8 * cs) as usize);
+    m.write(&chain, 56 * cs, &long);
+    let mut ext = Vec::new();
+    assert_eq!(
+        chain.map_write(56 * cs, 8 * cs, &mut ext).unwrap(),
+        WritePath::Direct
+    );
+    assert_eq!(ext.len(), 1, "{what}: {ext:?}");
+    assert!(matches!(ext[0], Extent::Data { len, .. } if len == 8 * cs));
+    m.verify(&chain, &what);
+    chain.close().unwrap();
+    drop(chain);
+    m.verify_with_qemu(&img, &what);
+}
+
+#[test]
+fn every_shape_on_empty_images() {
+    if !have_qemu("every_shape_on_empty_images") {
+        return;
+    }
+    for compat in ["0.10", "1.1"] {
+        for cs in [4096, 65536] {
+            shapes(Kind::Empty, compat, cs);
+        }
+    }
+}
+
+#[test]
+fn every_shape_over_a_backing_file() {
+    if !have_qemu("every_shape_over_a_backing_file") {
+        return;
+    }
+    for compat in ["0.10", "1.1"] {
+        for cs in [4096, 65536] {
+            shapes(Kind::Backed, compat, cs);
+        }
+    }
+}
+
+#[test]
+fn every_shape_on_compressed_images() {
+    if !have_qemu("every_shape_on_compressed_images") {
+        return;
+    }
+    for compat in ["0.10", "1.1"] {
+        shapes(Kind::Compressed, compat, 65536);
+    }
+    shapes(Kind::Compressed, "1.1", 4096);
+}
+
+#[test]
+fn discard_over_a_backing_file_never_shows_backing_data() {
+    if !have_qemu("discard_over_a_backing_file_never_shows_backing_data") {
+        return;
+    }
+    let dir = tempdir();
+    let (img, _) = make_image(&dir, Kind::Backed, "1.1", 65536);
+    let chain = open_chain(&img, false);
+    write_mapped(&chain, 0, &vec![0x42; 4 << 16]);
+    chain.discard(0, 4 << 16).unwrap();
+    assert!(read_mapped(&chain, 0, 4 << 16).iter().all(|&b| b == 0));
+    let mut ext = Vec::new();
+    chain.map_read(0, 4 << 16, &mut ext).unwrap();
+    assert_eq!(ext, vec![Extent::Zero { len: 4 << 16 }]);
+    chain.close().unwrap();
+    assert_clean(&img);
+    assert!(qemu_raw(&img)[..4 << 16].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn small_clusters_grow_the_refcount_table() {
+    if !have_qemu("small_clusters_grow_the_refcount_table") {
+        return;
+    }
+    // 512-byte clusters: one refcount table cluster covers 8 MiB of file.
+    let dir = tempdir();
+    let img = path_in(&dir, "small.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            p(&img),
+            "24M",
+        ],
+    );
+    // A cache of four L2 tables: constant eviction, and flushes forced by dirty tables.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let opts = vloop_qcow2::OpenOptions {
+        cache_bytes: 2048,
+        ..vloop_qcow2::OpenOptions::default()
+    };
+    let chain = Chain::open(f, &img, &opts, &mut ro_opener).unwrap();
+    let mut model = vec![0u8; 24 << 20];
+    for i in 0..20u64 {
+        let d = pattern(i, 1 << 20);
+        write_mapped(&chain, i << 20, &d);
+        model[(i << 20) as usize..((i + 1) << 20) as usize].copy_from_slice(&d);
+        if i % 7 == 0 {
+            chain.flush().unwrap();
+        }
+    }
+    assert!(read_all(&chain, 100_000) == model);
+    chain.close().unwrap();
+    drop(chain);
+    assert_clean(&img);
+    let header = std::fs::read(&img).unwrap();
+    let table = u64::from_be_bytes(header[48..56].try_into().unwrap());
+    let clusters = u32::from_be_bytes(header[56..60].try_into().unwrap());
+    assert!(
+        table != 512 && clusters > 1,
+        "the refcount table did not move: {table} {clusters}"
+    );
+    let raw = path_in(&dir, "small.raw");
+    std::fs::write(&raw, &model).unwrap();
+    assert_same_as_raw(&img, &raw);
+}
+
+#[test]
+fn created_images_are_clean_and_writable() {
+    if !have_qemu("created_images_are_clean_and_writable") {
+        return;
+    }
+    let dir = tempdir();
+    for (cs, version, size) in [
+        (65536u64, 3u32, 1u64 << 30),
+        (512, 2, 64 << 20),
+        (2 << 20, 3, 100 << 20),
+        (4096, 3, 200 << 30),
+    ] {
+        let img = path_in(&dir, &format!("new-{cs}-{version}.qcow2"));
+        let f = std::fs::File::create(&img).unwrap();
+        let mut o = vloop_qcow2::CreateOptions::new(size);
+        o.cluster_size = cs;
+        o.version = version;
+        vloop_qcow2::create(&f, &o).unwrap();
+        drop(f);
+        assert_clean(&img);
+        let info = run("qemu-img", &["info", "--output=json", p(&img)]);
+        assert!(
+            info.contains(&format!("\"virtual-size\": {size}")),
+            "{info}"
+        );
+        assert!(info.contains(&format!("\"cluster-size\": {cs}")), "{info}");
+        let chain = open_chain(&img, false);
+        write_mapped(&chain, size / 2, &pattern(1, 8192));
+        chain.close().unwrap();
+        drop(chain);
+        assert_clean(&img);
+        let got = read_mapped(&open_chain(&img, true), size / 2, 8192);
+        assert_eq!(got, pattern(1, 8192));
+    }
+}
+
+#[test]
+fn created_overlay_over_a_relative_backing_file() {
+    if !have_qemu("created_overlay_over_a_relative_backing_file") {
+        return;
+    }
+    let dir = tempdir();
+    let base = path_in(&dir, "base.raw");
+    std::fs::write(&base, pattern(9, 1 << 20)).unwrap();
+    let img = path_in(&dir, "top.qcow2");
+    let f = std::fs::File::create(&img).unwrap();
+    let mut o = vloop_qcow2::CreateOptions::new(2 << 20);
+    o.backing = Some(("base.raw".into(), vloop_qcow2::Format::Raw));
+    vloop_qcow2::create(&f, &o).unwrap();
+    drop(f);
+    assert_clean(&img);
+    let chain = open_chain(&img, false);
+    assert_eq!(chain.layers(), 2);
+    write_mapped(&chain, 4096, &[0xee; 512]);
+    chain.close().unwrap();
+    drop(chain);
+    let mut want = pattern(9, 1 << 20);
+    want.resize(2 << 20, 0);
+    want[4096..4608].fill(0xee);
+    assert_eq!(qemu_raw(&img), want);
+    assert_clean(&img);
+}
+
+#[test]
+fn freed_clusters_wait_for_reclaim_before_reuse() {
+    if !have_qemu("freed_clusters_wait_for_reclaim_before_reuse") {
+        return;
+    }
+    let dir = tempdir();
+    let img = path_in(&dir, "q.qcow2");
+    let cs = 65536u64;
+    run("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "16M"]);
+    let chain = try_open_with(&img, false, vloop_qcow2::Backing::None, 8 * cs).unwrap();
+    write_mapped(&chain, 0, &pattern(1, (8 * cs) as usize));
+    let mut before = Vec::new();
+    chain.map_write(0, 8 * cs, &mut before).unwrap();
+    let Extent::Data { host: old_host, .. } = before[0] else {
+        panic!("{before:?}")
+    };
+    // A mark taken before the discard does not release its clusters.
+    let early = chain.free_mark();
+    chain.discard(0, 8 * cs).unwrap();
+    assert_eq!(chain.quarantined(), 0, "frees wait for the flush");
+    chain.flush().unwrap();
+    assert_eq!(chain.quarantined(), 8);
+    chain.reclaim_freed(early);
+    assert_eq!(chain.quarantined(), 8);
+    // Not reused while quarantined: new data goes elsewhere.
+    write_mapped(&chain, 4 << 20, &pattern(2, (8 * cs) as usize));
+    let mut ext = Vec::new();
+    chain.map_write(4 << 20, 8 * cs, &mut ext).unwrap();
+    let Extent::Data { host, .. } = ext[0] else {
+        panic!("{ext:?}")
+    };
+    assert!(
+        host >= old_host + 8 * cs || host + 8 * cs <= old_host,
+        "reused a quarantined cluster"
+    );
+    // After the reclaim they are reused.
+    chain.reclaim_freed(chain.free_mark());
+    assert_eq!(chain.quarantined(), 0);
+    write_mapped(&chain, 8 << 20, &pattern(3, (24 * cs) as usize));
+    let mut hosts = Vec::new();
+    chain.map_read(8 << 20, 24 * cs, &mut ext).unwrap();
+    for e in &ext {
+        if let Extent::Data { host, len, .. } = *e {
+            hosts.push((host, len));
+        }
+    }
+    assert!(
+        hosts
+            .iter()
+            .any(|&(h, l)| h <= old_host && old_host < h + l),
+        "{hosts:?} does not reuse {old_host:#x}"
+    );
+    chain.close().unwrap();
+    drop(chain);
+    assert_clean(&img);
+    let got = qemu_raw(&img);
+    assert!(got[..(8 * cs) as usize].iter().all(|&b| b == 0));
+    assert!(got[4 << 20..(4 << 20) + (8 * cs) as usize] == pattern(2, (8 * cs) as usize)[..]);
+    assert!(got[8 << 20..(8 << 20) + (24 * cs) as usize] == pattern(3, (24 * cs) as usize)[..]);
+}
+
+#[test]
+fn buffered_writes_keep_zero_clusters_as_holes() {
+    if !have_qemu("buffered_writes_keep_zero_clusters_as_holes") {
+        return;
+    }
+    let dir = tempdir();
+    for compat in ["0.10", "1.1"] {
+        let img = path_in(&dir, &format!("holes-{compat}.qcow2"));
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("compat={compat}"),
+                p(&img),
+                "1M",
+            ],
+        );
+        let chain = open_chain(&img, false);
+        let mut data = vec![0u8; 1 << 20];
+        data[100..200].fill(1);
+        data[(5 << 16) + 7] = 2;
+        data[(15 << 16)..].fill(3);
+        chain.write_at(&data, 0).unwrap();
+        assert_eq!(chain.info().unwrap().allocated_clusters, Some(3));
+        chain.close().unwrap();
+        drop(chain);
+        assert_clean(&img);
+        assert_eq!(qemu_raw(&img), data);
+        let map = run("qemu-img", &["map", "--output=json", p(&img)]);
+        assert_eq!(map.matches("\"data\": true").count(), 3, "{map}");
+    }
+}
+
+#[test]
+fn every_refcount_width_and_lazy_refcounts() {
+    if !have_qemu("every_refcount_width_and_lazy_refcounts") {
+        return;
+    }
+    let dir = tempdir();
+    for opts in [
+        "refcount_bits=1",
+        "refcount_bits=2",
+        "refcount_bits=4",
+        "refcount_bits=8",
+        "refcount_bits=32",
+        "refcount_bits=64",
+        "lazy_refcounts=on",
+    ] {
+        let img = path_in(&dir, &format!("{opts}.qcow2"));
+        let o = format!("cluster_size=4096,{opts}");
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", &o, p(&img), "4M"],
+        );
+        qemu_io(&img, "qcow2", &["write -P 0x61 0 64k"]);
+        let mut model = qemu_raw(&img);
+        let chain = try_open_with(&img, false, vloop_qcow2::Backing::FromImage, 16 << 10).unwrap();
+        for i in 0..40u64 {
+            let off = (i * 37 % 1000) * 4096;
+            let d = pattern(i, 6000);
+            write_mapped(&chain, off, &d);
+            model[off as usize..off as usize + 6000].copy_from_slice(&d);
+            if i % 9 == 0 {
+                chain.discard(off, 8192).unwrap();
+                model[off as usize..off as usize + 8192].fill(0);
+                chain.flush().unwrap();
+                chain.reclaim_freed(chain.free_mark());
+            }
+        }
+        chain.close().unwrap();
+        drop(chain);
+        assert_clean(&img);
+        let raw = path_in(&dir, "m.raw");
+        std::fs::write(&raw, &model).unwrap();
+        assert_same_as_raw(&img, &raw);
+    }
+}
