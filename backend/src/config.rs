@@ -102,6 +102,33 @@ pub enum Locking {
     Off,
 }
 
+/// The image format (QEMU's `driver=` of the format layer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ImageFormat {
+    /// Decided without reinterpreting anyone's data: a file named `*.qcow2` must be qcow2,
+    /// any other must not look like another format (the daemon refuses it, asking for an
+    /// explicit format); a guest may not make a raw image decided this way look like another
+    /// format (see `crate::disk`).
+    #[default]
+    Auto,
+    /// The file is the disk, byte for byte.
+    Raw,
+    /// A qcow2 image (v2 or v3) with its backing chain.
+    Qcow2,
+}
+
+/// The backing file of a qcow2 image.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum BackingChoice {
+    /// The one the image names.
+    #[default]
+    FromImage,
+    /// None: clusters the image does not hold read as zeroes.
+    None,
+    /// This file, in this format (`None`: the same rule as the top image's `Auto`).
+    Path(PathBuf, Option<ImageFormat>),
+}
+
 /// Where the daemon listens for its frontend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Listen {
@@ -134,6 +161,10 @@ pub struct Config {
     pub engine: EngineKind,
     /// Image locking.
     pub locking: Locking,
+    /// Image format.
+    pub format: ImageFormat,
+    /// Backing file of a qcow2 image.
+    pub backing: BackingChoice,
     /// Largest window a worker polls its available ring for between requests (zero: never
     /// poll); see `crate::poll`.
     pub poll_max: Duration,
@@ -156,6 +187,8 @@ impl Config {
             discard: DiscardMode::Unmap,
             engine: EngineKind::Auto,
             locking: Locking::On,
+            format: ImageFormat::Auto,
+            backing: BackingChoice::FromImage,
             poll_max: DEFAULT_POLL_MAX,
         }
     }

@@ -438,7 +438,7 @@ impl Daemon {
         while self.wait_for_connection()? {
             self.serve_one();
         }
-        self.disk.flush().map_err(|source| DaemonError::Io {
+        self.disk.close().map_err(|source| DaemonError::Io {
             what: "flushing the image on exit",
             source,
         })?;

@@ -61,6 +61,47 @@ pub enum DeviceError {
 
 type Vring = VringMutex<GuestMemoryAtomic<GuestMem>>;
 
+/// When clusters a qcow2 image freed (discard, write-zeroes) may be reused: only once no
+/// request mapped before the free can still be in flight. A queue's requests are all mapped
+/// and completed within one pass ([`Executor::process_queue_tracked`]), so each queue records
+/// the chain's free mark when its pass starts; clusters freed before the oldest mark of the
+/// passes running (or, with none running, all of them) can be reused.
+struct Reclaim {
+    chain: Arc<vloop_qcow2::Chain>,
+    running: Vec<Mutex<Option<vloop_qcow2::FreeMark>>>,
+}
+
+impl std::fmt::Debug for Reclaim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reclaim").finish_non_exhaustive()
+    }
+}
+
+impl Reclaim {
+    fn pass_starts(&self, queue: u16) {
+        if let Some(m) = self.running.get(usize::from(queue)) {
+            *m.lock_unpoisoned() = Some(self.chain.free_mark());
+        }
+    }
+
+    fn pass_ends(&self, queue: u16) {
+        if let Some(m) = self.running.get(usize::from(queue)) {
+            *m.lock_unpoisoned() = None;
+        }
+        if self.chain.quarantined() == 0 {
+            return;
+        }
+        let now = self.chain.free_mark();
+        let oldest = self
+            .running
+            .iter()
+            .filter_map(|m| *m.lock_unpoisoned())
+            .min()
+            .map_or(now, |m| m.min(now));
+        self.chain.reclaim_freed(oldest);
+    }
+}
+
 /// What one queue's thread owns: its executor and its polling state.
 #[derive(Debug)]
 struct Worker {
@@ -97,6 +138,8 @@ pub struct BlkDevice {
     inflight: Arc<Inflight>,
     memory_owner: fault::Owner,
     memory_faulted: AtomicBool,
+    /// qcow2 images: when freed clusters may be reused.
+    reclaim: Option<Reclaim>,
     /// The connection is ending: workers return after their current pass.
     stopping: AtomicBool,
     hangup: Mutex<Option<Hangup>>,
@@ -162,6 +205,13 @@ impl BlkDevice {
                     .map_err(DeviceError::EventFd)?,
             );
         }
+        let reclaim = match disk.layout() {
+            crate::disk::Layout::Qcow2(q) => Some(Reclaim {
+                chain: q.chain.clone(),
+                running: (0..config.num_queues).map(|_| Mutex::new(None)).collect(),
+            }),
+            crate::disk::Layout::Raw { .. } => None,
+        };
         Ok(BlkDevice {
             disk,
             num_queues: config.num_queues,
@@ -181,6 +231,7 @@ impl BlkDevice {
             limiter: Mutex::new(RateLimiter::new(crate::io::WARNINGS_PER_SECOND)),
             inflight,
             memory_owner: fault::Owner::default(),
+            reclaim,
             memory_faulted: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             hangup: Mutex::new(None),
@@ -384,7 +435,16 @@ impl BlkDevice {
             }
         }
         let tracker = tracker.as_ref().map(|t| t as &dyn Tracker);
-        worker.process_queue_tracked(state.get_queue_mut(), mem, tracker, &mut || signal(&warn))
+        let queue = worker.queue();
+        if let Some(r) = &self.reclaim {
+            r.pass_starts(queue);
+        }
+        let result = worker
+            .process_queue_tracked(state.get_queue_mut(), mem, tracker, &mut || signal(&warn));
+        if let Some(r) = &self.reclaim {
+            r.pass_ends(queue);
+        }
+        result
     }
 }
 

@@ -1,8 +1,19 @@
-//! The served image: an open, locked file or block device with its size, serial, request
-//! limits and flush state.
+//! The served image: an open, locked file or block device, its format (raw, or a qcow2 image
+//! with its backing chain), size, serial, request limits and flush state.
 //!
 //! One [`Disk`] is shared by every worker thread and every frontend connection; it holds no
-//! lock on the data path (the I/O layer issues positional operations on its fds).
+//! lock on the data path (the I/O layer issues positional operations on its fds, and asks a
+//! qcow2 chain for mappings).
+//!
+//! The format is never guessed from data a guest could have written (the CVE-2008-2004 class
+//! of attacks, where a guest writes a qcow2 header into its raw disk so that a later open
+//! reads a host file as the "backing file"). With `--format auto`, the default, a file named
+//! `*.qcow2` must be qcow2; any other file must not look like another format, or it is refused
+//! with a message asking for `--format raw` or `--format qcow2`; and a guest may not write a
+//! first sector that would make a raw image decided this way look like another format (the
+//! write fails with IOERR, as QEMU does for probed raw images). Backing files whose format the
+//! naming image does not record follow the same rule. An explicit `--format raw` serves any
+//! bytes as they are.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -14,7 +25,9 @@ use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use tracing::{info, warn};
 
-use crate::config::{Config, DiscardMode, Locking, SERIAL_LEN};
+use vloop_qcow2::{Backing, Chain, Format};
+
+use crate::config::{BackingChoice, Config, DiscardMode, ImageFormat, Locking, SERIAL_LEN};
 use crate::lock::{lock_image, LockError, LockMode};
 use crate::request::{Limits, SECTOR_SHIFT, SECTOR_SIZE};
 use crate::virtio_blk::{MAX_DWZ_SECTORS, MAX_DWZ_SEG, SIZE_MAX};
@@ -72,6 +85,93 @@ pub enum DiskError {
         #[source]
         source: LockError,
     },
+    /// The image's content does not match what `--format auto` expects of its name.
+    #[error("{path}: {why}; name the format with --format raw (the bytes as they are) or --format qcow2")]
+    Format {
+        /// Image path.
+        path: PathBuf,
+        /// What was found.
+        why: String,
+    },
+    /// The qcow2 chain cannot be opened.
+    #[error("cannot open the qcow2 image {path}")]
+    Qcow2 {
+        /// Image path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: vloop_qcow2::Error,
+    },
+}
+
+/// Whether `path` is named like a qcow2 image.
+fn named_qcow2(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("qcow2"))
+}
+
+/// The format `--format auto` serves a file named `path` whose first bytes are `first` in, or
+/// why it refuses to decide (see the module docs).
+pub fn decide_format(path: &Path, first: &[u8]) -> Result<Format, String> {
+    let probed = vloop_qcow2::probe(first).map_err(|e| e.to_string());
+    match (named_qcow2(path), probed) {
+        (true, Ok(Format::Qcow2)) => Ok(Format::Qcow2),
+        (true, Ok(Format::Raw)) => Err("named .qcow2 but holds no qcow2 header".into()),
+        (false, Ok(Format::Raw)) => Ok(Format::Raw),
+        (false, Ok(Format::Qcow2)) => {
+            Err("holds a qcow2 header but is not named .qcow2 (a guest may have written it)".into())
+        }
+        (_, Err(e)) => Err(e),
+    }
+}
+
+fn read_first(file: &File) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut first = vec![0u8; vloop_qcow2::format::PROBE_BYTES];
+    let mut got = 0;
+    while got < first.len() {
+        match file.read_at(&mut first[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    first.truncate(got);
+    Ok(first)
+}
+
+/// How the guest's bytes map to files.
+#[derive(Debug)]
+pub enum Layout {
+    /// The image file itself; `probed`: decided by `--format auto` (guest writes to its first
+    /// sector are checked).
+    Raw {
+        /// Decided by `--format auto`.
+        probed: bool,
+    },
+    /// A qcow2 image and its backing chain.
+    Qcow2(Qcow2Files),
+}
+
+/// A qcow2 chain and the descriptors its data goes through.
+pub struct Qcow2Files {
+    /// The chain (metadata, mappings, slow paths).
+    pub chain: std::sync::Arc<Chain>,
+    /// Per layer, top first: the descriptor data I/O uses (O_DIRECT with `--direct`).
+    pub data_fds: Vec<RawFd>,
+    /// Per layer: a buffered descriptor for buffers O_DIRECT refuses.
+    pub buffered_fds: Vec<RawFd>,
+    /// The O_DIRECT descriptors behind `data_fds`, kept open.
+    _direct: Vec<File>,
+}
+
+impl std::fmt::Debug for Qcow2Files {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Files")
+            .field("layers", &self.data_fds.len())
+            .finish()
+    }
 }
 
 /// The size of the image behind `file`: (raw bytes, bytes rounded down to `block`).
@@ -134,6 +234,7 @@ pub struct Disk {
     limits: Limits,
     discard: DiscardMode,
     direct: bool,
+    layout: Layout,
     /// errno of a failed fdatasync on a buffered image: after one, every flush fails (the page
     /// cache may have dropped dirty pages, so nothing is known to be on disk any more).
     flush_poisoned: AtomicI32,
@@ -156,6 +257,100 @@ fn serial_bytes(s: &str) -> [u8; SERIAL_LEN] {
     let n = b.len().min(SERIAL_LEN);
     out[..n].copy_from_slice(&b[..n]);
     out
+}
+
+/// Open the qcow2 chain of the top image `file` (open and locked) at `path`: backing files are
+/// opened read-only with the shared lock, their format decided as `--format auto` decides when
+/// the naming image does not record it; with `--direct`, each layer also gets an O_DIRECT
+/// descriptor for data.
+fn open_chain(config: &Config, path: &Path, file: &File) -> Result<Qcow2Files, DiskError> {
+    let qcow_err = |source| DiskError::Qcow2 {
+        path: path.to_path_buf(),
+        source,
+    };
+    // Metadata goes through a buffered descriptor of its own (`file` may be O_DIRECT); the
+    // locks are `file`'s.
+    let _ = file;
+    let top = OpenOptions::new()
+        .read(true)
+        .write(!config.read_only)
+        .open(path)
+        .map_err(|source| DiskError::Open {
+            path: path.to_path_buf(),
+            hint: "",
+            source,
+        })?;
+    let mut paths = vec![path.to_path_buf()];
+    let locking = config.locking;
+    let mut opener = |p: &Path, fmt: Option<Format>| -> io::Result<File> {
+        let f = OpenOptions::new().read(true).open(p)?;
+        if locking == Locking::On {
+            match lock_image(&f, LockMode::ReadOnly) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(io::Error::other(
+                        "its file system does not support OFD locks (--locking off)",
+                    ))
+                }
+                Err(e) => return Err(io::Error::other(e)),
+            }
+        }
+        if fmt.is_none() {
+            let first = read_first(&f)?;
+            decide_format(p, &first).map_err(|why| {
+                io::Error::other(format!(
+                    "its format is not recorded and {why}: record it with `qemu-img rebase                      -u -F FORMAT -b BACKING IMAGE`"
+                ))
+            })?;
+        }
+        paths.push(p.to_path_buf());
+        Ok(f)
+    };
+    let backing = match &config.backing {
+        BackingChoice::FromImage => Backing::FromImage,
+        BackingChoice::None => Backing::None,
+        BackingChoice::Path(p, f) => Backing::Path(
+            p.clone(),
+            match f {
+                Some(ImageFormat::Raw) => Some(Format::Raw),
+                Some(ImageFormat::Qcow2) => Some(Format::Qcow2),
+                _ => None,
+            },
+        ),
+    };
+    let opts = vloop_qcow2::OpenOptions {
+        format: Some(Format::Qcow2),
+        read_only: config.read_only,
+        backing,
+        ..vloop_qcow2::OpenOptions::default()
+    };
+    let chain = Chain::open(top, path, &opts, &mut opener).map_err(qcow_err)?;
+    let buffered_fds = chain.fds();
+    let mut direct = Vec::new();
+    let data_fds = if config.direct {
+        for (i, p) in paths.iter().enumerate() {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(i == 0 && !config.read_only)
+                .custom_flags(libc::O_DIRECT)
+                .open(p)
+                .map_err(|source| DiskError::Open {
+                    path: p.clone(),
+                    hint: ": the file system does not support O_DIRECT (drop --direct)",
+                    source,
+                })?;
+            direct.push(f);
+        }
+        direct.iter().map(AsRawFd::as_raw_fd).collect()
+    } else {
+        buffered_fds.clone()
+    };
+    Ok(Qcow2Files {
+        chain: std::sync::Arc::new(chain),
+        data_fds,
+        buffered_fds,
+        _direct: direct,
+    })
 }
 
 impl Disk {
@@ -221,11 +416,38 @@ impl Disk {
             ),
         }
         let block = u64::from(config.logical_block_size.bytes());
-        let (raw_size, size) =
-            image_size(&file, block_device, block).map_err(|source| DiskError::Size {
-                path: path.clone(),
-                source,
-            })?;
+        let format = match config.format {
+            ImageFormat::Raw => Format::Raw,
+            ImageFormat::Qcow2 => Format::Qcow2,
+            ImageFormat::Auto => {
+                let first = read_first(&file).map_err(|source| DiskError::Size {
+                    path: path.clone(),
+                    source,
+                })?;
+                decide_format(&path, &first).map_err(|why| DiskError::Format {
+                    path: path.clone(),
+                    why,
+                })?
+            }
+        };
+        let layout = match format {
+            Format::Raw => Layout::Raw {
+                probed: config.format == ImageFormat::Auto,
+            },
+            Format::Qcow2 => Layout::Qcow2(open_chain(config, &path, &file)?),
+        };
+        let (raw_size, size) = match &layout {
+            Layout::Raw { .. } => {
+                image_size(&file, block_device, block).map_err(|source| DiskError::Size {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            Layout::Qcow2(q) => {
+                let v = q.chain.size();
+                (v, v - v % block.max(1))
+            }
+        };
         if size != raw_size {
             warn!(
                 "{}: size {raw_size} is not a multiple of {block}; the last {} bytes are not served",
@@ -268,8 +490,15 @@ impl Disk {
             max_write_zeroes_seg: MAX_DWZ_SEG,
         };
         info!(
-            "serving {} ({} bytes, {} sectors{}{})",
+            "serving {} ({}, {} bytes, {} sectors{}{})",
             path.display(),
+            match &layout {
+                Layout::Raw { .. } => "raw".to_string(),
+                Layout::Qcow2(q) if q.chain.layers() > 1 => {
+                    format!("qcow2 over {} backing files", q.chain.layers() - 1)
+                }
+                Layout::Qcow2(_) => "qcow2".to_string(),
+            },
             size,
             limits.capacity,
             if config.read_only { ", read-only" } else { "" },
@@ -286,6 +515,7 @@ impl Disk {
             limits,
             discard: config.discard,
             direct: config.direct,
+            layout,
             flush_poisoned: AtomicI32::new(0),
         })
     }
@@ -309,6 +539,16 @@ impl Disk {
     /// `qemu-img resize`) and serve that size from now on: requests past the new end fail,
     /// requests into grown space succeed. Returns the served sizes before and after.
     pub fn refresh_size(&self) -> Result<Resize, DiskError> {
+        if let Layout::Qcow2(q) = &self.layout {
+            // The virtual size lives in the header, which nobody else may change while the
+            // image is locked.
+            let size = self.size();
+            let _ = q;
+            return Ok(Resize {
+                old: size,
+                new: size,
+            });
+        }
         let (raw, size) =
             image_size(&self.file, self.block_device, self.block).map_err(|source| {
                 DiskError::Size {
@@ -373,8 +613,29 @@ impl Disk {
         if self.limits.read_only {
             return Ok(());
         }
+        if let Layout::Qcow2(q) = &self.layout {
+            return q
+                .chain
+                .flush()
+                .map_err(io::Error::other)
+                .inspect_err(|e| self.poison_flush(e));
+        }
         // File::sync_data is fdatasync, retried on EINTR.
         self.file.sync_data().inspect_err(|e| self.poison_flush(e))
+    }
+
+    /// How the guest's bytes map to files.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Close a qcow2 chain cleanly (flush, return unused reserved clusters, trim the file):
+    /// the daemon's last step.
+    pub fn close(&self) -> io::Result<()> {
+        match &self.layout {
+            Layout::Qcow2(q) if !self.limits.read_only => q.chain.close().map_err(io::Error::other),
+            _ => self.flush(),
+        }
     }
 
     /// An error when an earlier flush of this buffered image failed: the page cache may have

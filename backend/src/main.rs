@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 use vloop_blk::config::capabilities_json;
+use vloop_blk::config::{BackingChoice, ImageFormat};
 use vloop_blk::{BlockSize, Config, DiscardMode, EngineKind, Listen, Locking, StopHandle};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -17,6 +18,16 @@ enum DiscardArg {
     Unmap,
     /// Accept DISCARD and do nothing.
     Ignore,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FormatArg {
+    /// A file named *.qcow2 must be qcow2, any other must not look like another format.
+    Auto,
+    /// The bytes of the file as they are.
+    Raw,
+    /// A qcow2 image with its backing chain.
+    Qcow2,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -69,6 +80,18 @@ struct Args {
     /// Serve the image read-only (the guest sees a read-only disk).
     #[arg(long)]
     read_only: bool,
+    /// Image format: auto (a file named *.qcow2 must be qcow2, any other must not look like
+    /// another format: the daemon never reinterprets data a guest may have written), raw or
+    /// qcow2.
+    #[arg(long, value_enum, default_value = "auto")]
+    format: FormatArg,
+    /// qcow2: use this backing file instead of the one the image names (`none`: no backing
+    /// file; clusters the image does not hold read as zeroes).
+    #[arg(long, value_name = "PATH|none")]
+    backing: Option<PathBuf>,
+    /// Format of --backing (default: decided as --format auto decides).
+    #[arg(long, value_enum, requires = "backing")]
+    backing_format: Option<FormatArg>,
     /// Number of virtqueues, each served by its own thread (1 to 64).
     #[arg(long, default_value_t = 1, value_name = "N")]
     num_queues: u16,
@@ -119,8 +142,20 @@ impl TryFrom<Args> for Cli {
             (None, Some(fd)) => Listen::Fd(fd),
             _ => anyhow::bail!("give exactly one of --socket-path PATH or --fd FD"),
         };
+        let fmt = |f: FormatArg| match f {
+            FormatArg::Auto => ImageFormat::Auto,
+            FormatArg::Raw => ImageFormat::Raw,
+            FormatArg::Qcow2 => ImageFormat::Qcow2,
+        };
+        let backing = match a.backing {
+            None => BackingChoice::FromImage,
+            Some(p) if p.as_os_str() == "none" => BackingChoice::None,
+            Some(p) => BackingChoice::Path(p, a.backing_format.map(fmt)),
+        };
         let config = Config {
             image,
+            format: fmt(a.format),
+            backing,
             read_only: a.read_only,
             num_queues: a.num_queues,
             queue_size: a.queue_size,

@@ -28,6 +28,9 @@ pub const MAX_RING_ENTRIES: u32 = 4096;
 /// The iovecs of one request, inline for the usual few buffers so a request allocates nothing.
 pub type Iovecs = SmallVec<[libc::iovec; 4]>;
 
+/// The id [`Engine::reap`] reports for the completion of a [`Engine::watch`].
+pub const WATCH_ID: usize = usize::MAX;
+
 /// `FALLOC_FL_NO_HIDE_STALE`: with PUNCH_HOLE and KEEP_SIZE, a block device discards the range
 /// (BLKDISCARD) instead of zeroing it.
 pub const FALLOC_FL_NO_HIDE_STALE: libc::c_int = 0x04;
@@ -209,6 +212,16 @@ impl Engine {
             Engine::Null => Started::Done(Ok(())),
             // SAFETY: forwarded from this function's contract.
             Engine::Uring(u) => unsafe { u.start(id, op, share) },
+        }
+    }
+
+    /// Make the next [`Engine::reap`] with `wait` also return (with [`WATCH_ID`]) when `fd`
+    /// becomes readable; false when this engine cannot wait on other descriptors (the caller
+    /// then waits on them itself).
+    pub fn watch(&mut self, fd: RawFd) -> bool {
+        match self {
+            Engine::Uring(u) => u.watch(fd),
+            Engine::Blocking | Engine::Null => false,
         }
     }
 

@@ -24,14 +24,21 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::engine::{self, Engine, EngineError, Iovecs, Op, OpKind, Reaped, Started, Unsupported};
+use super::engine::{
+    self, Engine, EngineError, Iovecs, Op, OpKind, Reaped, Started, Unsupported, WATCH_ID,
+};
 use super::ratelimit::RateLimiter;
 use super::share::SharePolicy;
-use super::store::{Req, Stage, Store};
+use super::slow::{GuestBuffers, SlowPath, Work};
+use super::store::{Ops, Req, Stage, Store, Transfer};
 use super::{Completion, GuestMem, Stats, Tracker, WARNINGS_PER_SECOND};
 use crate::config::{DiscardMode, EngineKind};
-use crate::disk::Disk;
+use crate::disk::{Disk, Layout, Qcow2Files};
 use crate::request::{parse, GuestRange, Limits, Request, RequestKind, Segment, ID_BYTES};
+
+/// Most ops one request fans out to (extents of a qcow2 mapping); a request mapped to more
+/// takes the slow path. Engine ids are `request id * MAX_OPS + op index`.
+const MAX_OPS: usize = 16;
 
 const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
 const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
@@ -58,6 +65,12 @@ pub struct Executor {
     /// Requests parsed since the engine was last given work.
     fresh: Vec<u32>,
     share: SharePolicy,
+    /// The thread of this queue's slow requests.
+    slow: SlowPath,
+    /// Mapping scratch (qcow2 extents), kept for its capacity.
+    extents: Vec<vloop_qcow2::Extent>,
+    /// Slow-path completions scratch.
+    slow_done: Vec<(u32, std::io::Result<()>)>,
     /// Scratch buffers kept for their capacity, so the data path allocates nothing once the
     /// first few requests have run.
     heads: Vec<u16>,
@@ -66,8 +79,10 @@ pub struct Executor {
 
 /// What starting a chain led to.
 enum Parsed {
-    /// An op to give the engine.
+    /// Ops to give the engine.
     Op(Req),
+    /// Work for the slow path.
+    Slow(Req, Work),
     /// Completed at once (refused, GET_ID, empty transfers, nothing to do).
     Done(Completion),
 }
@@ -93,6 +108,9 @@ impl Executor {
             ready: Vec::new(),
             fresh: Vec::new(),
             share: SharePolicy::default(),
+            slow: SlowPath::new(queue).map_err(EngineError::Uring)?,
+            extents: Vec::new(),
+            slow_done: Vec::new(),
             heads: Vec::new(),
             cqes: Vec::new(),
         })
@@ -138,6 +156,11 @@ impl Executor {
     /// driver turned the write cache off, or it cannot flush.
     pub fn write_through(&self) -> bool {
         !self.writeback.load(Ordering::Relaxed) || !self.negotiated(VIRTIO_BLK_F_FLUSH)
+    }
+
+    /// Ops in the engine and work on the slow path.
+    fn in_flight(&self) -> usize {
+        self.engine.in_flight() + self.slow.in_flight()
     }
 
     /// The request limits for this driver: the disk's, minus those it did not negotiate.
@@ -258,7 +281,7 @@ impl Executor {
             // Wait for the engine only when there is nothing else to do; the wait hands the
             // ops just started to the kernel in the same system call. When completed requests
             // are to be published first, the ops start now.
-            let wait = popped == 0 && self.ready.is_empty() && self.engine.in_flight() > 0;
+            let wait = popped == 0 && self.ready.is_empty() && self.in_flight() > 0;
             if wait && self.engine.helper_in_flight() > 0 {
                 self.share.worker_waits();
             }
@@ -267,7 +290,7 @@ impl Executor {
             }
             self.collect(mem, wait);
             if self.ready.is_empty() {
-                if popped == 0 && self.engine.in_flight() == 0 {
+                if popped == 0 && self.in_flight() == 0 {
                     self.share.account(started);
                     return match broken {
                         Some(e) => Err(e),
@@ -341,7 +364,7 @@ impl Executor {
             pos = pos.wrapping_add(1);
         }
         self.launch(mem);
-        while self.engine.in_flight() > 0 {
+        while self.in_flight() > 0 {
             self.collect(mem, true);
         }
         self.stats.batches += 1;
@@ -376,6 +399,12 @@ impl Executor {
                 let id = self.store.insert(req);
                 self.fresh.push(id);
             }
+            Parsed::Slow(req, work) => {
+                let id = self.store.insert(req);
+                if let Err(e) = self.slow.submit(id, work) {
+                    self.finish(mem, id, Err(e));
+                }
+            }
             Parsed::Done(c) => self.ready.push((pos, c)),
         }
     }
@@ -391,18 +420,105 @@ impl Executor {
     ) -> Parsed {
         let null = self.engine.is_null();
         let offset = r.offset();
-        let op = match &r.kind {
-            RequestKind::Read { .. } | RequestKind::Write { .. } if r.data_len == 0 => None,
+        let req = |stage| Req {
+            head,
+            pos,
+            status: r.status,
+            data_len: 0,
+            transfer: Transfer::None,
+            offset,
+            stage,
+        };
+        let disk = self.disk.clone();
+        let qcow = match disk.layout() {
+            Layout::Qcow2(q) => Some(q),
+            Layout::Raw { .. } => None,
+        };
+        let probed_raw = matches!(disk.layout(), Layout::Raw { probed: true });
+        let ops: Ops = match &r.kind {
+            RequestKind::Read { .. } | RequestKind::Write { .. } if r.data_len == 0 || null => {
+                Ops::new()
+            }
             RequestKind::Read { .. } | RequestKind::Write { .. } => {
                 let write = matches!(r.kind, RequestKind::Write { .. });
-                match self.rw_op(mem, &r.data, write, offset, r.data_len, write_through) {
-                    Some(op) => Some(op),
+                let Some(iov) = guest_iovecs(mem, &r.data) else {
+                    self.guest_warn(
+                        head,
+                        format_args!("request buffers are not in guest memory"),
+                    );
+                    return self.done(mem, head, r.status, STATUS_IOERR, 1);
+                };
+                let mut req = req(Stage::Slow);
+                req.data_len = r.data_len;
+                req.transfer = if write {
+                    Transfer::Write
+                } else {
+                    Transfer::Read
+                };
+                if write && probed_raw && offset < vloop_qcow2::format::PROBE_BYTES as u64 {
+                    return self.guarded_first_sector(mem, head, req, iov, write_through);
+                }
+                match qcow {
                     None => {
-                        self.guest_warn(
-                            head,
-                            format_args!("request buffers are not in guest memory"),
-                        );
-                        return self.done(mem, head, r.status, STATUS_IOERR, 1);
+                        req.stage = Stage::Parsed(smallvec::smallvec![self.rw_op(
+                            iov,
+                            write,
+                            offset,
+                            r.data_len,
+                            write_through
+                        )]);
+                        return Parsed::Op(req);
+                    }
+                    Some(q) => {
+                        match self.qcow2_ops(q, iov, write, offset, r.data_len, write_through) {
+                            Ok(Mapped::Ops(ops)) => {
+                                req.stage = Stage::Parsed(ops);
+                                return Parsed::Op(req);
+                            }
+                            Ok(Mapped::Done) => {
+                                return self.done(
+                                    mem,
+                                    head,
+                                    r.status,
+                                    STATUS_OK,
+                                    used_len(write, r.data_len),
+                                );
+                            }
+                            Ok(Mapped::Slow(iov)) => {
+                                let chain = q.chain.clone();
+                                let mut bufs = GuestBuffers(iov);
+                                let work: Work = if write {
+                                    Box::new(move || {
+                                        // SAFETY: the request is in flight until this work's
+                                        // completion is collected; only this thread uses them.
+                                        let s = unsafe { bufs.as_slices() };
+                                        chain
+                                            .write_slow(offset, &s)
+                                            .map_err(std::io::Error::other)?;
+                                        if write_through {
+                                            chain.flush().map_err(std::io::Error::other)?;
+                                        }
+                                        Ok(())
+                                    })
+                                } else {
+                                    Box::new(move || {
+                                        // SAFETY: as above.
+                                        let mut s = unsafe { bufs.as_mut_slices() };
+                                        chain
+                                            .read_slow(offset, &mut s)
+                                            .map_err(std::io::Error::other)
+                                    })
+                                };
+                                return Parsed::Slow(req, work);
+                            }
+                            Err(e) => {
+                                warn!(
+                                    queue = self.queue,
+                                    "mapping {} bytes at {offset} failed: {e}", r.data_len
+                                );
+                                return self.done(mem, head, r.status, STATUS_IOERR, 1);
+                            }
+                        }
                     }
                 }
             }
@@ -410,21 +526,45 @@ impl Executor {
                 let used = self.write_id(mem, &r.data) + 1;
                 return self.done(mem, head, r.status, STATUS_OK, used);
             }
-            RequestKind::Flush if null || self.disk.limits().read_only => None,
+            RequestKind::Flush if null || disk.limits().read_only => Ops::new(),
             RequestKind::Flush => {
-                if let Err(e) = self.disk.flush_poisoned() {
+                if let Err(e) = disk.flush_poisoned() {
                     warn!(queue = self.queue, "flush refused: {e}");
                     return self.done(mem, head, r.status, STATUS_IOERR, 1);
                 }
-                Some(Op::sync(self.disk.fd()))
+                if qcow.is_some() {
+                    let d = disk.clone();
+                    return Parsed::Slow(req(Stage::Slow), Box::new(move || d.flush()));
+                }
+                smallvec::smallvec![Op::sync(disk.fd())]
             }
             RequestKind::Discard(segs) | RequestKind::WriteZeroes(segs) => {
                 let discard = matches!(r.kind, RequestKind::Discard(_));
                 match segs.as_slice() {
-                    [] => None,
-                    [s] if s.is_empty() || null => None,
-                    [_] if discard && self.disk.discard_mode() == DiscardMode::Ignore => None,
-                    [s] => Some(self.fallocate_op(s, discard, write_through)),
+                    [] => Ops::new(),
+                    [s] if s.is_empty() || null => Ops::new(),
+                    [_] if discard && disk.discard_mode() == DiscardMode::Ignore => Ops::new(),
+                    [s] => match qcow {
+                        None => smallvec::smallvec![self.fallocate_op(s, discard, write_through)],
+                        Some(q) => {
+                            let chain = q.chain.clone();
+                            let (off, len) = (s.offset(), s.len());
+                            let unmap = s.unmap && disk.discard_mode() == DiscardMode::Unmap;
+                            let work: Work = Box::new(move || {
+                                if discard {
+                                    chain.discard(off, len)
+                                } else {
+                                    chain.write_zeroes(off, len, unmap)
+                                }
+                                .map_err(std::io::Error::other)?;
+                                if write_through {
+                                    chain.flush().map_err(std::io::Error::other)?;
+                                }
+                                Ok(())
+                            });
+                            return Parsed::Slow(req(Stage::Slow), work);
+                        }
+                    },
                     _ => {
                         // The device advertises one segment, and parse refuses more.
                         warn!(queue = self.queue, "{} segments in one request", segs.len());
@@ -433,17 +573,140 @@ impl Executor {
                 }
             }
         };
-        match op {
-            None => self.done(mem, head, r.status, STATUS_OK, 1),
-            Some(op) => Parsed::Op(Req {
-                head,
-                pos,
-                status: r.status,
-                data_len: if op.is_rw() { r.data_len } else { 0 },
-                offset,
-                stage: Stage::Parsed(op),
-            }),
+        if ops.is_empty() {
+            let write = matches!(r.kind, RequestKind::Write { .. });
+            let used = match r.kind {
+                RequestKind::Read { .. } | RequestKind::Write { .. } => used_len(write, r.data_len),
+                _ => 1,
+            };
+            return self.done(mem, head, r.status, STATUS_OK, used);
         }
+        Parsed::Op(req(Stage::Parsed(ops)))
+    }
+
+    /// A write into the first sector of a raw image whose format `--format auto` decided: it
+    /// may not make the image look like another format. The data is copied first and the copy
+    /// checked and written, so the guest cannot change it between the check and the write.
+    fn guarded_first_sector(
+        &mut self,
+        mem: &GuestMem,
+        head: u16,
+        req: Req,
+        iov: Iovecs,
+        write_through: bool,
+    ) -> Parsed {
+        let mut data = vec![0u8; req.data_len as usize];
+        let mut at = 0;
+        for v in &iov {
+            // SAFETY: each iovec covers mapped guest memory (guest_iovecs), read for this copy.
+            let src = unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) };
+            data[at..at + v.iov_len].copy_from_slice(src);
+            at += v.iov_len;
+        }
+        if let Err(e) = vloop_qcow2::probed_raw_write(req.offset, &data) {
+            self.guest_warn(head, format_args!("write refused: {e}"));
+            return self.done(mem, head, req.status, STATUS_IOERR, 1);
+        }
+        let fd = self.disk.buffered_fd();
+        let offset = req.offset;
+        let work: Work = Box::new(move || {
+            use std::os::unix::fs::FileExt;
+            // SAFETY: the image's buffered descriptor stays open while the disk lives, which is
+            // longer than any request; ManuallyDrop keeps this File from closing it.
+            let f = std::mem::ManuallyDrop::new(unsafe {
+                <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+            });
+            f.write_all_at(&data, offset)?;
+            if write_through {
+                f.sync_data()?;
+            }
+            Ok(())
+        });
+        Parsed::Slow(req, work)
+    }
+
+    /// The ops of a qcow2 read or write: one per data extent (zero extents of a read are
+    /// filled at once), or the slow path.
+    fn qcow2_ops(
+        &mut self,
+        q: &Qcow2Files,
+        iov: Iovecs,
+        write: bool,
+        offset: u64,
+        len: u64,
+        write_through: bool,
+    ) -> Result<Mapped, vloop_qcow2::Error> {
+        let mut extents = std::mem::take(&mut self.extents);
+        extents.clear();
+        let slow = if write {
+            q.chain.map_write(offset, len, &mut extents)? == vloop_qcow2::WritePath::Slow
+        } else {
+            q.chain.map_read(offset, len, &mut extents)?;
+            extents
+                .iter()
+                .any(|e| matches!(e, vloop_qcow2::Extent::Slow { .. }))
+        };
+        let data = extents
+            .iter()
+            .filter(|e| matches!(e, vloop_qcow2::Extent::Data { .. }))
+            .count();
+        let mapped = if slow || data > MAX_OPS {
+            Mapped::Slow(iov)
+        } else {
+            let mut ops = Ops::new();
+            let mut at = 0u64;
+            for e in &extents {
+                let part = slice_iovecs(&iov, at, e.len());
+                match *e {
+                    vloop_qcow2::Extent::Data {
+                        layer, host, len, ..
+                    } => {
+                        let aligned = part.iter().all(|v| {
+                            (v.iov_base as usize).is_multiple_of(512)
+                                && v.iov_len.is_multiple_of(512)
+                        });
+                        let direct = self.disk.is_direct() && aligned;
+                        let buffered = q.buffered_fds.get(layer).copied().unwrap_or(-1);
+                        let fd = if direct {
+                            q.data_fds.get(layer).copied().unwrap_or(buffered)
+                        } else {
+                            buffered
+                        };
+                        ops.push(Op {
+                            kind: if write {
+                                OpKind::Write {
+                                    dsync: write_through,
+                                }
+                            } else {
+                                OpKind::Read
+                            },
+                            fd,
+                            fallback_fd: buffered,
+                            offset: host,
+                            len,
+                            iov: part,
+                            buffered: !direct,
+                        });
+                    }
+                    vloop_qcow2::Extent::Zero { .. } => {
+                        for v in &part {
+                            // SAFETY: the iovec covers mapped guest memory the device may write
+                            // (a read's buffers), in flight for this request.
+                            unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+                        }
+                    }
+                    vloop_qcow2::Extent::Slow { .. } => {}
+                }
+                at += e.len();
+            }
+            if ops.is_empty() {
+                Mapped::Done
+            } else {
+                Mapped::Ops(ops)
+            }
+        };
+        self.extents = extents;
+        Ok(mapped)
     }
 
     fn done(
@@ -457,17 +720,8 @@ impl Executor {
         Parsed::Done(self.complete(mem, head, Some(status_addr), status, used))
     }
 
-    /// The read or write of `data` at `offset`; `None` when a buffer is not in guest memory.
-    fn rw_op(
-        &self,
-        mem: &GuestMem,
-        data: &[GuestRange],
-        write: bool,
-        offset: u64,
-        len: u64,
-        write_through: bool,
-    ) -> Option<Op> {
-        let iov = guest_iovecs(mem, data)?;
+    /// The read or write of `iov` at `offset` on the raw image.
+    fn rw_op(&self, iov: Iovecs, write: bool, offset: u64, len: u64, write_through: bool) -> Op {
         let aligned = iov
             .iter()
             .all(|v| (v.iov_base as usize).is_multiple_of(512) && v.iov_len.is_multiple_of(512));
@@ -477,7 +731,7 @@ impl Executor {
         } else {
             self.disk.buffered_fd()
         };
-        Some(Op {
+        Op {
             kind: if write {
                 OpKind::Write {
                     dsync: write_through,
@@ -491,7 +745,7 @@ impl Executor {
             iov,
             len,
             buffered: !direct,
-        })
+        }
     }
 
     /// The fallocate of a discard or write-zeroes segment: a discard punches a hole (on a
@@ -571,7 +825,11 @@ impl Executor {
         let mut fresh = std::mem::take(&mut self.fresh);
         let shareable = fresh
             .iter()
-            .filter(|&&id| self.store.get(id).is_some_and(|r| r.stage.op().shareable()))
+            .filter(|&&id| {
+                self.store
+                    .get(id)
+                    .is_some_and(|r| single_shareable(&r.stage))
+            })
             .count();
         let portion = self
             .share
@@ -591,23 +849,38 @@ impl Executor {
                 let Some(req) = self.store.get_mut(id) else {
                     continue;
                 };
-                let Stage::Parsed(op) = &req.stage else {
+                if !matches!(req.stage, Stage::Parsed(_)) {
                     continue;
-                };
-                let share = pass && to_share > 0 && op.shareable();
+                }
+                let share = pass && to_share > 0 && single_shareable(&req.stage);
                 if pass && !share {
                     continue;
                 }
                 if share {
                     to_share -= 1;
                 }
-                let op = req.stage.enter_engine();
-                // SAFETY: the op lives in a boxed chunk of the store, which never moves, and
-                // stays there (in its `InEngine` stage) until `collect` reaps its completion;
-                // every request is completed before `process_queue`/`execute` returns, while
-                // the caller's `mem` keeps guest memory mapped.
-                if let Started::Done(result) = unsafe { self.engine.start(id as usize, op, share) }
-                {
+                let Some(ops) = req.stage.enter_engine() else {
+                    continue;
+                };
+                let mut finished: smallvec::SmallVec<[std::io::Result<()>; 2]> =
+                    smallvec::SmallVec::new();
+                for (k, op) in ops.iter_mut().enumerate() {
+                    let uid = id as usize * MAX_OPS + k;
+                    // SAFETY: the ops live in a boxed chunk of the store, which never moves,
+                    // and stay there (in their `InEngine` stage) until `collect` reaps their
+                    // completions; every request is completed before `process_queue`/`execute`
+                    // returns, while the caller's `mem` keeps guest memory mapped.
+                    let started = unsafe { self.engine.start(uid, op, share) };
+                    if let Started::Done(result) = started {
+                        finished.push(result);
+                    }
+                }
+                let mut last = false;
+                for result in finished {
+                    last = req.stage.op_done(result);
+                }
+                if last {
+                    let result = req.stage.take_result();
                     self.finish(mem, id, result);
                 }
             }
@@ -620,66 +893,96 @@ impl Executor {
     fn collect(&mut self, mem: &GuestMem, wait: bool) {
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.clear();
-        if wait {
-            let t = Instant::now();
-            self.engine.reap(&mut cqes, true);
-            self.share.blocked(t.elapsed());
+        let slow = self.slow.in_flight() > 0;
+        // The engine wakes for the slow path too when it can; otherwise, with nothing of its
+        // own in flight, the worker waits on the slow path itself.
+        let watched = slow && self.engine.watch(self.slow.event_fd());
+        let t = Instant::now();
+        if wait && slow && !watched && self.engine.in_flight() == 0 {
+            let mut done = std::mem::take(&mut self.slow_done);
+            self.slow.collect(&mut done, true);
+            self.slow_done = done;
         } else {
-            self.engine.reap(&mut cqes, false);
+            self.engine.reap(&mut cqes, wait);
+        }
+        if wait {
+            self.share.blocked(t.elapsed());
         }
         let mut again = false;
-        for &(id, res) in &cqes {
-            let Ok(id) = u32::try_from(id) else { continue };
+        for &(uid, res) in &cqes {
+            if uid == WATCH_ID {
+                continue;
+            }
+            let (Ok(id), k) = (u32::try_from(uid / MAX_OPS), uid % MAX_OPS) else {
+                continue;
+            };
             let Some(req) = self.store.get_mut(id) else {
                 continue;
             };
-            let op = req.stage.op_mut();
-            match engine::finish(op, res) {
-                Reaped::Done(result) => self.finish(mem, id, result),
+            let Stage::InEngine { ops, .. } = &mut req.stage else {
+                continue;
+            };
+            let Some(op) = ops.get_mut(k) else { continue };
+            let result = match engine::finish(op, res) {
+                Reaped::Done(result) => result,
                 // SAFETY: as in `launch`: the op stays in the store until reaped.
-                Reaped::Again => match unsafe { self.engine.start(id as usize, op, false) } {
-                    Started::Done(result) => self.finish(mem, id, result),
-                    Started::Queued | Started::Partly { .. } => again = true,
+                Reaped::Again => match unsafe { self.engine.start(uid, op, false) } {
+                    Started::Done(result) => result,
+                    Started::Queued | Started::Partly { .. } => {
+                        again = true;
+                        continue;
+                    }
                 },
+            };
+            if req.stage.op_done(result) {
+                let result = req.stage.take_result();
+                self.finish(mem, id, result);
             }
         }
         if again {
             self.engine.submit();
         }
         self.cqes = cqes;
+        if self.slow.in_flight() > 0 || !self.slow_done.is_empty() {
+            let mut done = std::mem::take(&mut self.slow_done);
+            self.slow.collect(&mut done, false);
+            for (id, result) in done.drain(..) {
+                self.finish(mem, id, result);
+            }
+            self.slow_done = done;
+        }
     }
 
-    /// Request `id`'s op completed with `result`: turn it into a completion.
+    /// Request `id` completed with `result`: turn it into a completion.
     fn finish(&mut self, mem: &GuestMem, id: u32, result: std::io::Result<()>) {
         let Some(req) = self.store.remove(id) else {
             return;
         };
-        let op = req.stage.op();
+        let kind = req.stage.ops().first().map(|op| op.kind);
         let (status, used) = match result {
             Ok(()) => {
-                match op.kind {
-                    OpKind::Write { .. } => self.stats.bytes_written += req.data_len,
-                    OpKind::Read => self.stats.bytes_read += req.data_len,
-                    _ => {}
+                match req.transfer {
+                    Transfer::Write => self.stats.bytes_written += req.data_len,
+                    Transfer::Read => self.stats.bytes_read += req.data_len,
+                    Transfer::None => {}
                 }
-                // The data length is below u32::MAX: the chain iterator caps it.
-                let used = if op.kind == OpKind::Read {
-                    u32::try_from(req.data_len + 1).unwrap_or(u32::MAX)
-                } else {
-                    1
-                };
-                (STATUS_OK, used)
+                (
+                    STATUS_OK,
+                    used_len(req.transfer != Transfer::Read, req.data_len),
+                )
             }
             Err(e) => {
-                if op.kind == OpKind::Sync {
+                if kind == Some(OpKind::Sync) {
                     self.disk.poison_flush(&e);
                 }
+                let what = match req.transfer {
+                    Transfer::Read => "read",
+                    Transfer::Write => "write",
+                    Transfer::None => kind.as_ref().map_or("request", op_name),
+                };
                 warn!(
                     queue = self.queue,
-                    "{} of {} bytes at offset {} failed: {e}",
-                    op_name(&op.kind),
-                    if op.is_rw() { req.data_len } else { op.len },
-                    req.offset
+                    "{what} of {} bytes at offset {} failed: {e}", req.data_len, req.offset
                 );
                 (STATUS_IOERR, 1)
             }
@@ -709,6 +1012,58 @@ impl Executor {
         self.stats.requests += 1;
         Completion { head, len, status }
     }
+}
+
+/// What a qcow2 mapping turned a read or write into.
+enum Mapped {
+    /// Ops on the chain's files.
+    Ops(Ops),
+    /// Nothing to do: a read of zeroes only (already filled).
+    Done,
+    /// The slow path, with the request's buffers.
+    Slow(Iovecs),
+}
+
+/// Used length of a successful read or write of `len` bytes: the data plus the status byte
+/// for a read (the data length is below u32::MAX: the chain iterator caps it), the status
+/// byte for a write.
+fn used_len(write: bool, len: u64) -> u32 {
+    if write {
+        1
+    } else {
+        u32::try_from(len + 1).unwrap_or(u32::MAX)
+    }
+}
+
+/// Whether the request is one page-cache read the helper could serve.
+fn single_shareable(stage: &Stage) -> bool {
+    matches!(stage, Stage::Parsed(ops) if ops.len() == 1 && ops[0].shareable())
+}
+
+/// The part of `iov` that covers bytes `at..at + len` of the buffers seen as one stream.
+fn slice_iovecs(iov: &[libc::iovec], at: u64, len: u64) -> Iovecs {
+    let mut out = Iovecs::new();
+    let mut pos = 0u64;
+    let end = at + len;
+    for v in iov {
+        let (start, stop) = (pos, pos + v.iov_len as u64);
+        pos = stop;
+        if stop <= at || start >= end {
+            continue;
+        }
+        let from = at.max(start);
+        let to = end.min(stop);
+        out.push(libc::iovec {
+            // from - start < iov_len: the pointer stays inside the buffer.
+            iov_base: v
+                .iov_base
+                .cast::<u8>()
+                .wrapping_add((from - start) as usize)
+                .cast(),
+            iov_len: (to - from) as usize,
+        });
+    }
+    out
 }
 
 fn op_name(kind: &OpKind) -> &'static str {

@@ -3,6 +3,7 @@
 //! - [`executor`]: the pipeline of one queue (pop, parse, start, complete, publish);
 //! - [`store`]: the requests in flight and their stages;
 //! - [`share`]: how much of a saturated worker's page-cache reads go to a helper CPU;
+//! - [`slow`]: the thread of a queue's slow requests (qcow2 allocation, metadata updates);
 //! - [`engine`]: the I/O engines (io_uring, blocking, null) and their operations;
 //! - `uring`: the io_uring engine;
 //! - [`ratelimit`]: the budget of log lines a guest can cause.
@@ -14,6 +15,7 @@ pub mod engine;
 pub mod executor;
 pub mod ratelimit;
 pub mod share;
+pub mod slow;
 pub mod store;
 #[cfg(test)]
 mod tests;

@@ -4,6 +4,9 @@
 //! pointers to the iovecs of requests in flight; the store grows a chunk at a time up to the
 //! queue size and reuses ids, so the data path allocates nothing once it has warmed up.
 
+use std::io;
+
+use smallvec::SmallVec;
 use vm_memory::GuestAddress;
 
 use super::engine::Op;
@@ -11,40 +14,87 @@ use super::engine::Op;
 /// Requests per chunk.
 const CHUNK: usize = 32;
 
+/// The ops of one request: one for a raw image, one per extent for a qcow2 image.
+pub type Ops = SmallVec<[Op; 1]>;
+
 /// Where a request is on its way to the used ring.
 #[derive(Debug)]
 pub enum Stage {
-    /// Parsed; its op waits for the next launch.
-    Parsed(Op),
-    /// Its op is in the engine.
-    InEngine(Op),
+    /// Parsed; its ops wait for the next launch.
+    Parsed(Ops),
+    /// Its ops are in the engine; `pending` of them have not completed, and the first error
+    /// among those that did is kept.
+    InEngine {
+        /// The ops.
+        ops: Ops,
+        /// Ops not completed yet.
+        pending: usize,
+        /// The first error of a completed op.
+        error: Option<io::Error>,
+    },
+    /// On the slow path.
+    Slow,
 }
 
 impl Stage {
-    /// The request's op.
-    pub fn op(&self) -> &Op {
+    /// The request's ops (none on the slow path).
+    pub fn ops(&self) -> &[Op] {
         match self {
-            Stage::Parsed(op) | Stage::InEngine(op) => op,
+            Stage::Parsed(ops) | Stage::InEngine { ops, .. } => ops,
+            Stage::Slow => &[],
         }
     }
 
-    /// Move a parsed op to the engine stage and return it, to be started where it now lies
-    /// (an op must not move once the engine has it).
-    pub fn enter_engine(&mut self) -> &mut Op {
+    /// Move parsed ops to the engine stage and return them, to be started where they now lie
+    /// (an op must not move once the engine has it); `None` on the slow path.
+    pub fn enter_engine(&mut self) -> Option<&mut Ops> {
         if let Stage::Parsed(_) = self {
-            if let Stage::Parsed(op) = std::mem::replace(self, Stage::InEngine(Op::sync(-1))) {
-                *self = Stage::InEngine(op);
+            if let Stage::Parsed(ops) = std::mem::replace(self, Stage::Slow) {
+                let pending = ops.len();
+                *self = Stage::InEngine {
+                    ops,
+                    pending,
+                    error: None,
+                };
             }
         }
-        self.op_mut()
-    }
-
-    /// The request's op, to start or complete.
-    pub fn op_mut(&mut self) -> &mut Op {
         match self {
-            Stage::Parsed(op) | Stage::InEngine(op) => op,
+            Stage::Parsed(ops) | Stage::InEngine { ops, .. } => Some(ops),
+            Stage::Slow => None,
         }
     }
+
+    /// One of the request's ops completed with `result`: whether it was the last.
+    pub fn op_done(&mut self, result: io::Result<()>) -> bool {
+        if let Stage::InEngine { pending, error, .. } = self {
+            *pending = pending.saturating_sub(1);
+            if let Err(e) = result {
+                error.get_or_insert(e);
+            }
+            *pending == 0
+        } else {
+            true
+        }
+    }
+
+    /// The outcome of a request whose ops all completed.
+    pub fn take_result(&mut self) -> io::Result<()> {
+        match self {
+            Stage::InEngine { error, .. } => error.take().map_or(Ok(()), Err),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Which way a request moves data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transfer {
+    /// Into guest memory.
+    Read,
+    /// Out of guest memory.
+    Write,
+    /// No data (flush, discard, write-zeroes).
+    None,
 }
 
 /// One request whose op has not completed yet.
@@ -58,6 +108,8 @@ pub struct Req {
     pub status: GuestAddress,
     /// Bytes the request moves (the read or write length; 0 for the other kinds).
     pub data_len: u64,
+    /// Which way they move.
+    pub transfer: Transfer,
     /// Byte offset in the image, for messages.
     pub offset: u64,
     /// What it waits for.
@@ -160,8 +212,9 @@ mod tests {
             pos: 0,
             status: GuestAddress(0),
             data_len: 0,
+            transfer: Transfer::None,
             offset: 0,
-            stage: Stage::Parsed(Op::sync(-1)),
+            stage: Stage::Parsed(smallvec::smallvec![Op::sync(-1)]),
         }
     }
 

@@ -11,7 +11,7 @@ use std::io;
 use io_uring::{opcode, types, IoUring};
 use tracing::{debug, warn};
 
-use super::engine::{advance, run_blocking, Op, OpKind, Started, IOV_MAX};
+use super::engine::{advance, run_blocking, Op, OpKind, Started, IOV_MAX, WATCH_ID};
 
 /// Largest buffered write done inline. A larger one goes to the ring (an io-wq worker copies
 /// it): the worker keeps serving its other requests meanwhile instead of waiting for a long
@@ -41,6 +41,8 @@ pub struct Uring {
     pending: usize,
     /// Entries pushed on the helper ring and not reaped yet.
     helper_pending: usize,
+    /// A poll of a watched descriptor is on the ring (not counted in `pending`).
+    watching: bool,
 }
 
 /// The helper ring, once its creation was tried.
@@ -64,6 +66,7 @@ impl Uring {
             entries,
             pending: 0,
             helper_pending: 0,
+            watching: false,
         })
     }
 
@@ -155,6 +158,25 @@ impl Uring {
         Started::Done(run_blocking(op, 0))
     }
 
+    /// Arm a poll of `fd` on the ring, unless one is armed (see `Engine::watch`).
+    pub fn watch(&mut self, fd: libc::c_int) -> bool {
+        if self.watching {
+            return true;
+        }
+        let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(WATCH_ID as u64);
+        for _ in 0..2 {
+            // SAFETY: a poll entry refers to no memory of ours.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                self.watching = true;
+                return true;
+            }
+            self.submit();
+        }
+        false
+    }
+
     /// Hand pushed entries to the kernel (the helper's thread only needs a wake-up call when
     /// it fell asleep).
     pub fn submit(&mut self) {
@@ -178,7 +200,7 @@ impl Uring {
     pub fn reap(&mut self, out: &mut Vec<(usize, i32)>, wait: bool) {
         let before = out.len();
         self.collect(out);
-        if !wait || out.len() > before || self.in_flight() == 0 {
+        if !wait || out.len() > before || (self.in_flight() == 0 && !self.watching) {
             return;
         }
         // Wait where the quick completions are: the helper's page-cache copies finish within
@@ -224,7 +246,14 @@ impl Uring {
                 .completion()
                 .map(|c| (c.user_data() as usize, c.result())),
         );
-        self.pending -= out.len() - before;
+        let watched = out[before..]
+            .iter()
+            .filter(|(id, _)| *id == WATCH_ID)
+            .count();
+        if watched > 0 {
+            self.watching = false;
+        }
+        self.pending -= out.len() - before - watched;
         if let Helper::Ready(helper) = &mut self.helper {
             let mid = out.len();
             out.extend(
