@@ -329,8 +329,19 @@ fn read_stream<M: GuestMemory + ?Sized>(
             break;
         }
         let n = (r.len as usize).min(buf.len() - done);
-        mem.read_slice(&mut buf[done..done + n], r.addr)
-            .map_err(|_| RequestError::GuestMemory(r.addr.raw_value()))?;
+        let part = &mut buf[done..done + n];
+        // One region lookup when the piece lies in one region (the usual header), the general
+        // copy otherwise.
+        let fast = mem
+            .physical_memory()
+            .and_then(|pm| vm_memory::GuestMemoryBackend::get_slice(pm, r.addr, n).ok());
+        let copied = match fast {
+            Some(s) => s.copy_to(part) == n,
+            None => mem.read_slice(part, r.addr).is_ok(),
+        };
+        if !copied {
+            return Err(RequestError::GuestMemory(r.addr.raw_value()));
+        }
         done += n;
     }
     if done == buf.len() {

@@ -5,62 +5,16 @@
 use std::sync::atomic::Ordering;
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::desc::RawDescriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+use vm_memory::GuestAddress;
 
 use super::region::QueueInflight;
-use crate::config::MAX_QUEUE_SIZE;
 use crate::io::{Executor, GuestMem};
 
-/// Bytes of one split-ring descriptor.
-const DESC_SIZE: u64 = 16;
-
 /// The descriptors of the chain whose head is `head`, read from the descriptor table the way
-/// virtio-queue reads them (one level of indirection, at most `size` descriptors per table);
-/// the walk stops at the first descriptor that cannot be read.
-pub fn chain_at<M: GuestMemory>(
-    mem: &M,
-    desc_table: GuestAddress,
-    size: u16,
-    head: u16,
-) -> Vec<Descriptor> {
-    let mut out = Vec::new();
-    let (mut table, mut table_len, mut idx) = (desc_table, size, head);
-    let mut left = size;
-    let mut indirect = false;
-    while idx < table_len && left > 0 {
-        left -= 1;
-        let Some(addr) = table.checked_add(u64::from(idx) * DESC_SIZE) else {
-            break;
-        };
-        let Ok(raw) = mem.read_obj::<RawDescriptor>(addr) else {
-            break;
-        };
-        let d = Descriptor::from(raw);
-        if d.refers_to_indirect_table() {
-            let entries = u64::from(d.len()) / DESC_SIZE;
-            if indirect
-                || d.len() == 0
-                || !u64::from(d.len()).is_multiple_of(DESC_SIZE)
-                || entries > u64::from(MAX_QUEUE_SIZE)
-            {
-                break;
-            }
-            indirect = true;
-            table = d.addr();
-            table_len = entries as u16;
-            left = table_len;
-            idx = 0;
-            continue;
-        }
-        out.push(d);
-        if !d.has_next() {
-            break;
-        }
-        idx = d.next();
-    }
-    out
+/// the executor reads them (`crate::io::guest::walk`).
+pub fn chain_at(mem: &GuestMem, desc_table: GuestAddress, size: u16, head: u16) -> Vec<Descriptor> {
+    crate::io::guest::walk(mem, desc_table, size, head).collect()
 }
 
 /// Run again, in the order they were taken, the requests a previous backend left in flight on

@@ -251,6 +251,7 @@ impl Executor {
         loop {
             let mut popped = 0;
             if broken.is_none() && self.store.room() > 0 && waves < WAVES_PER_CALL {
+                let (table, size) = (GuestAddress(queue.desc_table()), queue.size());
                 match queue.iter(mem) {
                     Ok(chains) => {
                         // Taken for each wave, after the available index was read: the image
@@ -263,7 +264,8 @@ impl Executor {
                             if let Some(t) = tracker {
                                 t.taken(head);
                             }
-                            self.start(mem, head, chain, 0, &limits, write_through);
+                            let descs = super::guest::walk(mem, table, size, head);
+                            self.start(mem, head, descs, 0, &limits, write_through);
                             popped += 1;
                             if self.store.room() == 0 {
                                 break;
@@ -1002,7 +1004,7 @@ impl Executor {
         used: u32,
     ) -> Completion {
         let mut len = match status_addr {
-            Some(addr) if mem.write_obj(status, addr).is_ok() => used,
+            Some(addr) if super::guest::write_u8(mem, addr, status) => used,
             _ => 0,
         };
         if status != STATUS_OK {
@@ -1080,6 +1082,14 @@ fn op_name(kind: &OpKind) -> &'static str {
 fn guest_iovecs(mem: &GuestMem, data: &[GuestRange]) -> Option<Iovecs> {
     let mut iov = Iovecs::with_capacity(data.len());
     for r in data {
+        // Most buffers lie in one region: one lookup.
+        if let Ok(slice) = mem.get_slice(r.addr, r.len as usize) {
+            iov.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+            continue;
+        }
         for slice in mem.get_slices(r.addr, r.len as usize) {
             let slice = slice.ok()?;
             iov.push(libc::iovec {

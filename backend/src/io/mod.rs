@@ -1,6 +1,7 @@
 //! The I/O layer: requests of one queue executed on the image.
 //!
 //! - [`executor`]: the pipeline of one queue (pop, parse, start, complete, publish);
+//! - [`guest`]: descriptor chains and small objects in guest memory, on the fast path;
 //! - [`store`]: the requests in flight and their stages;
 //! - [`share`]: how much of a saturated worker's page-cache reads go to a helper CPU;
 //! - [`slow`]: the thread of a queue's slow requests (qcow2 allocation, metadata updates);
@@ -13,6 +14,7 @@
 
 pub mod engine;
 pub mod executor;
+pub mod guest;
 pub mod ratelimit;
 pub mod share;
 pub mod slow;
