@@ -8,8 +8,15 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Modules the guest loads (when they are not built into the kernel).
-pub const GUEST_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "isofs", "cdrom"];
+/// Modules the guest loads (when they are not built into the kernel); `virtio_console` only
+/// for `exec`'s data port.
+pub const GUEST_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "isofs",
+    "cdrom",
+    "virtio_console",
+];
 
 /// Errors of kernel and module resolution.
 #[derive(Debug, thiserror::Error)]
@@ -503,6 +510,13 @@ mod tests {
         let b = t.path().join("kernel/drivers/block");
         fs::create_dir_all(&b).unwrap();
         fs::write(b.join("virtio_blk.ko"), fake_module("virtio,virtio_ring")).unwrap();
+        let c = t.path().join("kernel/drivers/char");
+        fs::create_dir_all(&c).unwrap();
+        fs::write(
+            c.join("virtio_console.ko"),
+            fake_module("virtio,virtio_ring"),
+        )
+        .unwrap();
         fs::write(
             t.path().join("modules.builtin"),
             "kernel/fs/isofs/isofs.ko\nkernel/drivers/cdrom/cdrom.ko\n",
@@ -526,7 +540,8 @@ mod tests {
                 "virtio_pci_modern_dev",
                 "virtio",
                 "virtio_pci",
-                "virtio_blk"
+                "virtio_blk",
+                "virtio_console"
             ]
         );
     }
