@@ -186,7 +186,11 @@ impl Ctx<'_> {
             }
             Err(ScenarioError::NotRun(why)) => Err(ScenarioError::NotRun(why)),
             Err(e) => {
-                self.check(format!("host: {what}"), false, e.to_string());
+                let detail = match &e {
+                    ScenarioError::Host(m) => m.clone(),
+                    other => chain(other),
+                };
+                self.check(format!("host: {what}"), false, detail);
                 Err(e)
             }
         }
