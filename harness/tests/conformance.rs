@@ -12,13 +12,9 @@ fn report(dir: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()
 }
 
-#[test]
-fn qemu_storage_daemon_through_a_template_passes_every_scenario() {
-    if !guests_can_boot() {
-        return;
-    }
-    let t = tempfile::tempdir().unwrap();
-    let r = run_harness(
+/// Every scenario, two guests at a time, through `template`; reports in `dir`.
+fn run_all(template: &str, dir: &std::path::Path) -> common::Run {
+    run_harness(
         &[
             "run",
             "--scenario",
@@ -26,7 +22,7 @@ fn qemu_storage_daemon_through_a_template_passes_every_scenario() {
             "--jobs",
             "2",
             "--backend-cmd",
-            QSD_TEMPLATE,
+            template,
             "--results",
             "res",
             "--json",
@@ -34,8 +30,17 @@ fn qemu_storage_daemon_through_a_template_passes_every_scenario() {
             "--junit",
             "junit.xml",
         ],
-        t.path(),
-    );
+        dir,
+    )
+}
+
+#[test]
+fn qemu_storage_daemon_through_a_template_passes_every_scenario() {
+    if !guests_can_boot() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let r = run_all(QSD_TEMPLATE, t.path());
     assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
     let v = report(t.path());
     assert_eq!(v["counts"]["passed"], SCENARIOS.len(), "{}", r.stdout);
@@ -63,24 +68,7 @@ fn a_backend_that_drops_writes_fails_the_data_scenarios_and_says_which() {
         lossy.display()
     );
     let t = tempfile::tempdir().unwrap();
-    let r = run_harness(
-        &[
-            "run",
-            "--scenario",
-            "all",
-            "--jobs",
-            "2",
-            "--backend-cmd",
-            &template,
-            "--results",
-            "res",
-            "--json",
-            "report.json",
-            "--junit",
-            "junit.xml",
-        ],
-        t.path(),
-    );
+    let r = run_all(&template, t.path());
     assert_eq!(r.code, Some(1), "{}\n{}", r.stdout, r.stderr);
     let v = report(t.path());
     for s in SCENARIOS {

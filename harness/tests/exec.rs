@@ -5,10 +5,9 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{build_vloop_blk, guests_can_boot, harness, run_harness};
+use common::{build_vloop_blk, guests_can_boot, run_harness, spawn_harness};
 
 #[test]
 fn exit_statuses_come_back_exactly() {
@@ -43,8 +42,8 @@ fn output_streams_while_the_command_runs() {
         return;
     }
     let t = tempfile::tempdir().unwrap();
-    let mut child = Command::new(harness())
-        .args([
+    let mut child = spawn_harness(
+        &[
             "exec",
             "--results",
             ".",
@@ -52,12 +51,9 @@ fn output_streams_while_the_command_runs() {
             "sh",
             "-c",
             "echo first; sleep 3; echo second >&2; echo third",
-        ])
-        .current_dir(t.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+        t.path(),
+    );
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let first = lines.next().unwrap().unwrap();
     let first_at = Instant::now();
@@ -177,8 +173,8 @@ fn a_backend_that_dies_fails_the_run_with_its_log() {
         "sh -c 'echo backend-marker pid $$ >&2; echo $$ > {}; exec qemu-storage-daemon --blockdev driver=file,node-name=f,filename=$1 --export type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=$2,writable=on' sh {{image}} {{socket}}",
         pidfile.display()
     );
-    let mut child = Command::new(harness())
-        .args([
+    let mut child = spawn_harness(
+        &[
             "exec",
             "--results",
             ".",
@@ -190,12 +186,9 @@ fn a_backend_that_dies_fails_the_run_with_its_log() {
             "sh",
             "-c",
             "echo ready; sleep 120",
-        ])
-        .current_dir(t.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+        t.path(),
+    );
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
     let pid: i32 = std::fs::read_to_string(&pidfile)

@@ -9,7 +9,9 @@ use vloop_guest::{Entry, FileSpec, Step};
 use crate::backend::{Backend, DiskSpec};
 use crate::guest::{self, BootError, BootSpec};
 use crate::images::{ImageError, Images};
-use crate::manifest::{compare, e2fsck, scan_ext2, summarise, ManifestError};
+use crate::manifest::{
+    compare, e2fsck, file_entries, sample_tree, scan_ext2, summarise, write_tree, ManifestError,
+};
 use crate::qemu::{Limits, Watch};
 use crate::setup::Env;
 
@@ -120,6 +122,21 @@ impl Ctx<'_> {
     /// A path in the scenario's folder.
     pub fn image(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    /// The sample tree (see [`sample_tree`]) written to `tree/` in the scenario's folder;
+    /// returns the folder, the files and the manifest of files, directories and links.
+    pub fn sample_tree(&self) -> Result<(PathBuf, Vec<FileSpec>, Vec<Entry>), ScenarioError> {
+        let tree = self.image("tree");
+        let (files, dirs) = sample_tree(2 * MIB + 7);
+        write_tree(&tree, &files, &dirs).map_err(|source| ScenarioError::Io {
+            what: "writing the tree",
+            path: tree.clone(),
+            source,
+        })?;
+        let mut entries = file_entries(&files);
+        entries.extend(dirs);
+        Ok((tree, files, entries))
     }
 
     /// Boots one guest with `disks` (all served by the backend under test) and runs `steps`.

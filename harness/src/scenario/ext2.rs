@@ -8,7 +8,7 @@ use vloop_guest::{Entry, FileSpec, Step};
 use super::ctx::{mkfs, mount, spec, umount, verify, write, Ctx, ScenarioError, MIB, MNT};
 use super::Scenario;
 use crate::backend::DiskSpec;
-use crate::manifest::{file_entries, sample_tree, write_tree};
+use crate::manifest::file_entries;
 
 /// `ext2-format`.
 pub const FORMAT: Scenario = Scenario {
@@ -130,18 +130,10 @@ fn ext2_format(c: &mut Ctx) -> Result<(), ScenarioError> {
 }
 
 fn ext2_image(c: &mut Ctx) -> Result<(), ScenarioError> {
-    let tree = c.image("tree");
-    let (files, dirs) = sample_tree(2 * MIB + 7);
-    write_tree(&tree, &files, &dirs).map_err(|source| ScenarioError::Io {
-        what: "writing the tree",
-        path: tree.clone(),
-        source,
-    })?;
+    let (tree, _, before) = c.sample_tree()?;
     let img = c.image("ext2.img");
     let tool = c.images.ext2(&img, &tree, 32 * MIB)?;
     c.note(format!("ext2 image by {tool}"));
-    let mut before = file_entries(&files);
-    before.extend(dirs.iter().cloned());
     let added = vec![
         spec("added/new.bin", 100_000, 77),
         spec("added/deeper/x", 4097, 78),

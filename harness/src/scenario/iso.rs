@@ -5,10 +5,9 @@ use std::path::PathBuf;
 
 use vloop_guest::{Entry, Step};
 
-use super::ctx::{file_sha, mount, umount, Ctx, ScenarioError, DEV, MIB, MNT};
+use super::ctx::{file_sha, mount, umount, Ctx, ScenarioError, DEV, MNT};
 use super::Scenario;
 use crate::backend::DiskSpec;
-use crate::manifest::{file_entries, sample_tree, write_tree};
 
 /// `iso`.
 pub const ISO: Scenario = Scenario {
@@ -34,18 +33,10 @@ pub const CDROM_COPY: Scenario = Scenario {
 
 /// The sample tree as an ISO image in the scenario's folder, and its manifest.
 fn iso_tree(c: &mut Ctx) -> Result<(PathBuf, Vec<Entry>), ScenarioError> {
-    let tree = c.image("tree");
-    let (files, dirs) = sample_tree(2 * MIB + 7);
-    write_tree(&tree, &files, &dirs).map_err(|source| ScenarioError::Io {
-        what: "writing the tree",
-        path: tree.clone(),
-        source,
-    })?;
+    let (tree, _, entries) = c.sample_tree()?;
     let img = c.image("image.iso");
     let tool = c.images.iso(&img, &tree)?;
     c.note(format!("ISO by {tool}"));
-    let mut entries = file_entries(&files);
-    entries.extend(dirs);
     Ok((img, entries))
 }
 

@@ -98,6 +98,17 @@ pub struct Run {
     pub stderr: String,
 }
 
+/// Starts the harness with `args` in `dir`, stdout and stderr piped.
+pub fn spawn_harness(args: &[&str], dir: &Path) -> std::process::Child {
+    Command::new(harness())
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start vloop-harness")
+}
+
 /// Runs the harness with `args` to the end.
 pub fn run_harness(args: &[&str], dir: &Path) -> Run {
     let out = Command::new(harness())

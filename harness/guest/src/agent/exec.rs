@@ -54,22 +54,11 @@ impl DataPort {
 
     /// Sends `data` as frames of at most [`CHUNK`] bytes; nothing once the stream is closed.
     pub fn send(&self, tag: Tag, data: &[u8]) -> Res<()> {
-        let mut f = self
-            .file
-            .lock()
-            .map_err(|_| "data port lock poisoned".to_string())?;
-        if self.closed.load(Ordering::Acquire) {
-            return Ok(());
+        if data.is_empty() {
+            return self.send_frame(&frame::encode(tag, &[]));
         }
-        let mut chunks = data.chunks(CHUNK).peekable();
-        if chunks.peek().is_none() {
-            return f
-                .write_all(&frame::encode(tag, &[]))
-                .map_err(|e| format!("write data port: {e}"));
-        }
-        for c in chunks {
-            f.write_all(&frame::encode(tag, c))
-                .map_err(|e| format!("write data port: {e}"))?;
+        for c in data.chunks(CHUNK) {
+            self.send_frame(&frame::encode(tag, c))?;
         }
         Ok(())
     }
