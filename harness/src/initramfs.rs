@@ -423,7 +423,7 @@ mod tests {
         if let Ok(bb) = find_busybox() {
             assert!(check_static(&bb));
         } else {
-            eprintln!("skipping the static half: busybox-static not installed");
+            vloop_frontend::skip::skip("the static half: busybox-static not installed");
         }
     }
 }

@@ -408,7 +408,7 @@ mod tests {
     #[test]
     fn scans_an_image_made_by_mke2fs_when_present() {
         if Command::new("mke2fs").arg("-V").output().is_err() {
-            eprintln!("skipping: mke2fs not installed (e2fsprogs)");
+            vloop_frontend::skip::skip("mke2fs not installed (e2fsprogs)");
             return;
         }
         let t = tempfile::tempdir().unwrap();
