@@ -182,11 +182,10 @@ impl Ctx<'_> {
             self.check(format!("{label}: {op}"), ok, detail);
         }
         r.verdict().map_err(|e| {
-            let msg = r.explain(&format!("{label}: {e}"));
             if !r.steps().iter().any(|s| !s.1) {
-                self.check(format!("{label}: guest"), false, msg.clone());
+                self.check(format!("{label}: guest"), false, r.explain(&e));
             }
-            ScenarioError::Guest(msg)
+            ScenarioError::Guest(r.explain(&format!("{label}: {e}")))
         })
     }
 
@@ -207,6 +206,9 @@ impl Ctx<'_> {
                     ScenarioError::Host(m) => m.clone(),
                     other => chain(other),
                 };
+                let detail = detail
+                    .strip_prefix(&format!("{what}: "))
+                    .map_or(detail.clone(), str::to_string);
                 self.check(format!("host: {what}"), false, detail);
                 Err(e)
             }
