@@ -11,6 +11,8 @@ use std::process::Command;
 
 use vloop_images::{copy, create, ext2, iso, size::Size, tree};
 
+use crate::file_error::{at, FileError};
+
 /// Errors of making or probing an image.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -78,16 +80,8 @@ pub enum ImageError {
         stderr: String,
     },
     /// A file could not be read, written or sized.
-    #[error("{what} {path}")]
-    Io {
-        /// What was done.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FileError),
 }
 
 /// Which writers make the images.
@@ -118,20 +112,11 @@ pub struct Images {
     pub tools: ImageTools,
 }
 
-fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ImageError {
-    let path = path.to_path_buf();
-    move |source| ImageError::Io { what, path, source }
-}
-
 /// Runs a system tool; `package` is named when it is missing.
 fn system(cmd: &mut Command, tool: &'static str, package: &'static str) -> Result<(), ImageError> {
     let out = cmd.output().map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => ImageError::ToolMissing { tool, package },
-        _ => ImageError::Io {
-            what: "running",
-            path: tool.into(),
-            source: e,
-        },
+        _ => ImageError::Io(at("running", Path::new(tool))(e)),
     })?;
     if !out.status.success() {
         return Err(ImageError::ToolFailed {
@@ -188,8 +173,8 @@ impl Images {
                 Ok("vloop-images create")
             }
             ImageTools::System => {
-                let f = File::create(path).map_err(io_err("creating", path))?;
-                f.set_len(size).map_err(io_err("sizing", path))?;
+                let f = File::create(path).map_err(at("creating", path))?;
+                f.set_len(size).map_err(at("sizing", path))?;
                 Ok("truncate")
             }
         }
@@ -303,11 +288,8 @@ const EXT_MAGIC: u16 = 0xEF53;
 
 /// Which file system `image` holds, if one the guest mounts.
 pub fn probe_fs(image: &Path) -> Result<Option<FsKind>, ImageError> {
-    let mut f = File::open(image).map_err(io_err("opening", image))?;
-    if iso::probe(&mut f)
-        .map_err(io_err("reading", image))?
-        .is_some()
-    {
+    let mut f = File::open(image).map_err(at("opening", image))?;
+    if iso::probe(&mut f).map_err(at("reading", image))?.is_some() {
         return Ok(Some(FsKind::Iso9660));
     }
     let mut magic = [0u8; 2];
@@ -318,7 +300,7 @@ pub fn probe_fs(image: &Path) -> Result<Option<FsKind>, ImageError> {
         Ok(()) if u16::from_le_bytes(magic) == EXT_MAGIC => Ok(Some(FsKind::Ext)),
         Ok(()) => Ok(None),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
-        Err(e) => Err(io_err("reading", image)(e)),
+        Err(e) => Err(ImageError::Io(at("reading", image)(e))),
     }
 }
 

@@ -3,6 +3,7 @@
 //! (`exec`), and checks the disks again on the host.
 //!
 //! Modules in layer order, bottom up; each imports only from modules above it in this list:
+//! - [`file_error`]: an I/O error on one file, the shape every error enum wraps;
 //! - [`cpio`]: the reproducible newc archive writer;
 //! - [`kernel`]: finds or fetches a guest kernel and resolves its modules;
 //! - [`pvh`]: extracts the kernel's vmlinux for a direct PVH boot;
@@ -22,6 +23,8 @@
 //! - [`report`]: the table, JSON and JUnit XML;
 //! - [`mod@run`]: `vloop-harness run`;
 //! - [`exec`]: `vloop-harness exec`.
+
+pub mod file_error;
 
 pub mod cpio;
 

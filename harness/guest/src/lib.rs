@@ -283,31 +283,40 @@ pub enum Event {
 /// Seed 0 is not special; every (seed, size) gives one fixed byte string.
 pub fn content(seed: u64, size: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-    let mut gen = ContentStream::new(seed);
-    let mut left = size;
-    let mut buf = [0u8; 65536];
-    while left > 0 {
-        let n = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
-        gen.fill(&mut buf[..n]);
-        out.extend_from_slice(&buf[..n]);
-        left -= n as u64;
-    }
+    let _ = content_chunks::<()>(seed, size, &mut |c| {
+        out.extend_from_slice(c);
+        Ok(())
+    });
     out
 }
 
 /// SHA-256 (lower-case hex) of [`content`]`(seed, size)` without holding it in memory.
 pub fn content_sha256(seed: u64, size: u64) -> String {
-    let mut gen = ContentStream::new(seed);
     let mut hasher = Sha256::new();
+    let _ = content_chunks::<()>(seed, size, &mut |c| {
+        hasher.update(c);
+        Ok(())
+    });
+    hex::encode(hasher.finalize())
+}
+
+/// Hands [`content`]`(seed, size)` to `sink` in chunks of at most 256 KiB, in order; stops at
+/// the first error `sink` returns.
+pub fn content_chunks<E>(
+    seed: u64,
+    size: u64,
+    sink: &mut dyn FnMut(&[u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut gen = ContentStream::new(seed);
+    let mut buf = vec![0u8; 256 * 1024];
     let mut left = size;
-    let mut buf = [0u8; 65536];
     while left > 0 {
         let n = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
         gen.fill(&mut buf[..n]);
-        hasher.update(&buf[..n]);
+        sink(&buf[..n])?;
         left -= n as u64;
     }
-    hex::encode(hasher.finalize())
+    Ok(())
 }
 
 /// SHA-256 (lower-case hex) of a byte string.

@@ -14,11 +14,12 @@ pub mod plan;
 pub mod spec;
 
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use vloop_guest::Event;
 
+use crate::file_error::at;
 use crate::guest::{self, BootSpec};
 use crate::images::probe_fs;
 use crate::interrupt;
@@ -94,11 +95,6 @@ impl ExecReport {
     }
 }
 
-fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ExecError {
-    let path = path.to_path_buf();
-    move |source| ExecError::Io { what, path, source }
-}
-
 /// Runs `opts.command` in a guest; never returns without having stopped the guest and its
 /// backends.
 pub fn exec(opts: &ExecOptions) -> ExecReport {
@@ -153,18 +149,18 @@ fn exec_inner(
     let env = Env::prepare(&opts.setup)?;
     *accel = env.accel_line();
     let base = opts.results.clone().unwrap_or_else(std::env::temp_dir);
-    std::fs::create_dir_all(&base).map_err(io("creating", &base))?;
+    std::fs::create_dir_all(&base).map_err(at("creating", &base))?;
     let dir = tempfile::Builder::new()
         .prefix("vloop-exec-")
         .tempdir_in(&base)
-        .map_err(io("creating a folder in", &base))?;
+        .map_err(at("creating a folder in", &base))?;
     let tmp = tempfile::Builder::new()
         .prefix("vloop-")
         .tempdir_in(std::env::temp_dir())
-        .map_err(io("creating a folder in", &std::env::temp_dir()))?;
+        .map_err(at("creating a folder in", &std::env::temp_dir()))?;
     let data_socket = tmp.path().join("data.sock");
-    let listener = UnixListener::bind(&data_socket).map_err(io("listening on", &data_socket))?;
-    let relay = Relay::start(listener, targets).map_err(io("relaying", &data_socket))?;
+    let listener = UnixListener::bind(&data_socket).map_err(at("listening on", &data_socket))?;
+    let relay = Relay::start(listener, targets).map_err(at("relaying", &data_socket))?;
     let limit = env.boot_timeout * env.accel.slowness();
     let spec = BootSpec {
         label: "exec",

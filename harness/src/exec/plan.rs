@@ -10,6 +10,7 @@ use vloop_guest::{Step, HOME};
 
 use super::spec::{CopyIn, CopyOut, DiskArg, DiskBackend, MountArg};
 use crate::backend::{Backend, BackendKind, ChooseError, DiskSpec};
+use crate::file_error::{at, FileError};
 use crate::guest::{device_name, BootError};
 use crate::images::{FsKind, ImageError, Images};
 use crate::initramfs::copy_in_path;
@@ -62,16 +63,8 @@ pub enum ExecError {
     #[error(transparent)]
     Boot(#[from] BootError),
     /// A file or folder of the run could not be made.
-    #[error("{what} {path}")]
-    Io {
-        /// What was done.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FileError),
 }
 
 /// What to run and how.
@@ -133,11 +126,7 @@ pub fn prepare_disks(
             }
             (true, Some(asked)) => {
                 let found = std::fs::metadata(&d.path)
-                    .map_err(|source| ExecError::Io {
-                        what: "reading",
-                        path: d.path.clone(),
-                        source,
-                    })?
+                    .map_err(at("reading", &d.path))?
                     .len();
                 // vloop's writer rounds a size up to whole 512-byte sectors.
                 if found != asked.div_ceil(512).saturating_mul(512) {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use vloop_guest::{Entry, FileSpec, Step};
 
 use crate::backend::{Backend, DiskSpec};
+use crate::file_error::{at, FileError};
 use crate::guest::{self, BootError, BootSpec};
 use crate::images::{ImageError, Images};
 use crate::manifest::{
@@ -34,16 +35,8 @@ pub enum ScenarioError {
     #[error("host: {0}")]
     Host(String),
     /// A file of the scenario could not be read or written.
-    #[error("{what} {path}")]
-    Io {
-        /// What was done.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FileError),
 }
 
 impl From<ManifestError> for ScenarioError {
@@ -129,11 +122,7 @@ impl Ctx<'_> {
     pub fn sample_tree(&self) -> Result<(PathBuf, Vec<FileSpec>, Vec<Entry>), ScenarioError> {
         let tree = self.image("tree");
         let (files, dirs) = sample_tree(2 * MIB + 7);
-        write_tree(&tree, &files, &dirs).map_err(|source| ScenarioError::Io {
-            what: "writing the tree",
-            path: tree.clone(),
-            source,
-        })?;
+        write_tree(&tree, &files, &dirs).map_err(at("writing the tree", &tree))?;
         let mut entries = file_entries(&files);
         entries.extend(dirs);
         Ok((tree, files, entries))
@@ -300,9 +289,5 @@ pub fn spec(path: &str, size: u64, seed: u64) -> FileSpec {
 pub fn file_sha(p: &Path) -> Result<String, ScenarioError> {
     std::fs::read(p)
         .map(|d| vloop_guest::sha256_hex(&d))
-        .map_err(|source| ScenarioError::Io {
-            what: "reading",
-            path: p.to_path_buf(),
-            source,
-        })
+        .map_err(|e| at("reading", p)(e).into())
 }

@@ -8,6 +8,7 @@ use vloop_guest::{Entry, FileSpec, Step};
 use super::ctx::{mkfs, mount, spec, umount, verify, write, Ctx, ScenarioError, MIB, MNT};
 use super::Scenario;
 use crate::backend::DiskSpec;
+use crate::file_error::at;
 use crate::manifest::file_entries;
 
 /// `ext2-format`.
@@ -206,11 +207,7 @@ fn allocated(p: &Path) -> Result<u64, ScenarioError> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(p)
         .map(|m| m.blocks() * 512)
-        .map_err(|source| ScenarioError::Io {
-            what: "stat",
-            path: p.to_path_buf(),
-            source,
-        })
+        .map_err(|e| at("stat", p)(e).into())
 }
 
 fn discard(c: &mut Ctx) -> Result<(), ScenarioError> {

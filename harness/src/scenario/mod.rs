@@ -18,6 +18,7 @@ pub use ctx::{chain, Check, Ctx, ScenarioError};
 
 use crate::accel::Accel;
 use crate::backend::Backend;
+use crate::file_error::at;
 use crate::images::Images;
 use crate::setup::Env;
 
@@ -142,21 +143,17 @@ pub fn run(
     let mut out = Outcome::not_run(s, env.accel, "");
     let _ = std::fs::remove_dir_all(&dir);
     let setup = std::fs::create_dir_all(&dir)
-        .map_err(|source| ScenarioError::Io {
-            what: "creating",
-            path: dir.clone(),
-            source,
-        })
+        .map_err(at("creating", &dir))
         .and_then(|()| {
             tempfile::Builder::new()
                 .prefix("vloop-")
                 .tempdir_in(std::env::temp_dir())
-                .map_err(|source| ScenarioError::Io {
-                    what: "creating a temporary directory in",
-                    path: std::env::temp_dir(),
-                    source,
-                })
-        });
+                .map_err(at(
+                    "creating a temporary directory in",
+                    &std::env::temp_dir(),
+                ))
+        })
+        .map_err(ScenarioError::from);
     let r = setup.and_then(|tmp| {
         let mut c = Ctx {
             env,

@@ -8,7 +8,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
-use vloop_guest::{ContentStream, Entry, FileSpec, Step, BUSYBOX_PATH};
+use vloop_guest::{content_chunks, Entry, FileSpec, Step, BUSYBOX_PATH};
 
 use super::sys::{cstr, errno, fsync_path, mount};
 use super::Res;
@@ -132,16 +132,10 @@ fn write_one(dir: &Path, spec: &FileSpec) -> Res<()> {
         fs::create_dir_all(parent).map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
     }
     let mut f = File::create(&p).map_err(|e| format!("create {}: {e}", p.display()))?;
-    let mut gen = ContentStream::new(spec.seed);
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut left = spec.size;
-    while left > 0 {
-        let n = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
-        gen.fill(&mut buf[..n]);
-        f.write_all(&buf[..n])
-            .map_err(|e| format!("write {}: {e}", p.display()))?;
-        left -= n as u64;
-    }
+    content_chunks(spec.seed, spec.size, &mut |c| {
+        f.write_all(c)
+            .map_err(|e| format!("write {}: {e}", p.display()))
+    })?;
     f.sync_all()
         .map_err(|e| format!("fsync {}: {e}", p.display()))?;
     if let Some(parent) = p.parent() {
