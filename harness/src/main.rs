@@ -271,7 +271,12 @@ fn run(a: RunArgs) -> ExitCode {
     match vloop_harness::run(&opts) {
         Ok(outcomes) => {
             let (_, failed, not_run) = report::counts(&outcomes);
-            if failed > 0 {
+            if let Some(sig) = vloop_harness::interrupt::requested() {
+                eprintln!(
+                    "vloop-harness: interrupted by {sig}; the guests and backends were stopped"
+                );
+                ExitCode::from(vloop_harness::interrupt::exit_status(sig))
+            } else if failed > 0 {
                 ExitCode::from(1)
             } else if not_run > 0 {
                 let names: Vec<&str> = outcomes

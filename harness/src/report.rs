@@ -5,6 +5,7 @@
 
 use std::fmt::Write as _;
 
+use crate::accel::Accel;
 use crate::scenario::{Outcome, Status};
 
 /// Facts about the whole run, printed with the table and stored in the JSON.
@@ -58,7 +59,7 @@ pub fn table(info: &RunInfo, outcomes: &[Outcome]) -> String {
             "{:<w$}  {:<7}  {:<5}  {:>7}  {:>7}",
             o.name,
             o.status.label(),
-            o.accel.name(),
+            o.accel.map_or("-", Accel::name),
             secs(o.boot_s),
             secs(Some(o.total_s)),
         );
@@ -168,7 +169,7 @@ pub fn junit(info: &RunInfo, outcomes: &[Outcome]) -> String {
         let _ = writeln!(
             s,
             "    <testcase classname=\"vloop-harness.{}\" name=\"{}\" time=\"{:.3}\">",
-            o.accel.name(),
+            o.accel.map_or("none", Accel::name),
             xml_escape(&o.name),
             o.total_s
         );
@@ -223,7 +224,6 @@ pub fn junit(info: &RunInfo, outcomes: &[Outcome]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::accel::Accel;
     use crate::scenario::Check;
 
     fn outcome(name: &str, status: Status) -> Outcome {
@@ -233,7 +233,7 @@ mod tests {
             passed: status == Status::Pass,
             reason: String::new(),
             exercises: "reads and writes".into(),
-            accel: Accel::Tcg,
+            accel: Some(Accel::Tcg),
             boot_s: None,
             total_s: 0.0,
             checks: vec![],

@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use vloop_frontend::backend::Template;
 
-use crate::accel::Accel;
 use crate::backend::{Backend, BackendKind};
 use crate::images::{ImageTools, Images};
 use crate::interrupt;
@@ -50,6 +49,19 @@ impl BackendChoice {
                 Backend::find(*kind, bin.as_deref()).map_err(|e| e.to_string())
             }
             BackendChoice::Template(t) => Ok(Backend::template(t.clone())),
+        }
+    }
+
+    /// How reports name it when it could not be resolved.
+    pub fn describe(&self) -> String {
+        match self {
+            BackendChoice::Known { kind, bin } => format!(
+                "{kind:?} {}",
+                bin.as_ref()
+                    .map_or_else(|| "(not found)".into(), |b| b.display().to_string())
+            )
+            .to_lowercase(),
+            BackendChoice::Template(t) => format!("--backend-cmd {}", t.text()),
         }
     }
 }
@@ -152,7 +164,7 @@ pub fn run(opts: &RunOptions) -> Result<Vec<Outcome>, RunError> {
             let info = RunInfo {
                 accel: "none".into(),
                 accel_why: format!("no guest was started: {why}"),
-                backend: format!("{:?}", opts.backend),
+                backend: opts.backend.describe(),
                 kernel: String::new(),
                 images: images.tool().into(),
                 wall_s: t0.elapsed().as_secs_f64(),
@@ -160,7 +172,7 @@ pub fn run(opts: &RunOptions) -> Result<Vec<Outcome>, RunError> {
             };
             let outcomes = picked
                 .iter()
-                .map(|s| Outcome::not_run(s, Accel::Tcg, &why))
+                .map(|s| Outcome::not_run(s, None, &why))
                 .collect();
             (outcomes, info)
         }
@@ -245,7 +257,7 @@ fn run_parallel(
                     return;
                 };
                 let o = if let Some(sig) = interrupt::requested() {
-                    Outcome::not_run(sc, env.accel, &format!("interrupted by {sig}"))
+                    Outcome::not_run(sc, Some(env.accel), &format!("interrupted by {sig}"))
                 } else {
                     eprintln!("  [ .. ] {}: running", sc.name);
                     scenario::run(env, backend, images, sc, results, keep)

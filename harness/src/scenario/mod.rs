@@ -95,8 +95,8 @@ pub struct Outcome {
     pub reason: String,
     /// What a backend must get right to pass it.
     pub exercises: String,
-    /// Accelerator used.
-    pub accel: Accel,
+    /// Accelerator used (none when no guest could be set up).
+    pub accel: Option<Accel>,
     /// Wall seconds from QEMU's start until the guest agent reported it started (first boot).
     pub boot_s: Option<f64>,
     /// Wall seconds for the whole scenario (images, boots, checks).
@@ -111,7 +111,7 @@ pub struct Outcome {
 
 impl Outcome {
     /// An outcome for `s` that says it could not run, and why.
-    pub fn not_run(s: &Scenario, accel: Accel, reason: &str) -> Outcome {
+    pub fn not_run(s: &Scenario, accel: Option<Accel>, reason: &str) -> Outcome {
         Outcome {
             name: s.name.to_string(),
             status: Status::NotRun,
@@ -140,7 +140,7 @@ pub fn run(
 ) -> Outcome {
     let t = Instant::now();
     let dir = results.join(s.name);
-    let mut out = Outcome::not_run(s, env.accel, "");
+    let mut out = Outcome::not_run(s, Some(env.accel), "");
     let _ = std::fs::remove_dir_all(&dir);
     let setup = std::fs::create_dir_all(&dir)
         .map_err(at("creating", &dir))
@@ -216,10 +216,11 @@ mod tests {
     fn a_missing_tool_makes_a_scenario_not_run() {
         let e = ScenarioError::from(crate::manifest::ManifestError::NoE2fsck);
         assert!(matches!(e, ScenarioError::NotRun(ref r) if r.contains("e2fsprogs")));
-        let o = Outcome::not_run(&ext2::FORMAT, Accel::Tcg, "no QEMU");
+        let o = Outcome::not_run(&ext2::FORMAT, None, "no QEMU");
         assert_eq!(o.status, Status::NotRun);
         assert!(!o.passed);
         let j = serde_json::to_value(&o).unwrap();
         assert_eq!(j["status"], "not run");
+        assert!(j["accel"].is_null(), "no guest, no accelerator");
     }
 }
