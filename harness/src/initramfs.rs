@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use vloop_guest::{Plan, BUSYBOX_PATH, COPY_IN_DIR, HOME, MODULES_DIR, PLAN_PATH};
 
 use crate::cpio::{Archive, CpioError};
-use crate::kernel::{read_module, KernelError, ModuleFile};
+use crate::modules::{read_module, ModuleError, ModuleFile};
 
 /// Errors of building the initramfs.
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +24,7 @@ pub enum InitramfsError {
     Busybox(String),
     /// A module could not be read.
     #[error(transparent)]
-    Module(#[from] KernelError),
+    Module(#[from] ModuleError),
     /// The archive could not be written.
     #[error(transparent)]
     Cpio(#[from] CpioError),

@@ -5,7 +5,8 @@
 //! Modules in layer order, bottom up; each imports only from modules above it in this list:
 //! - [`file_error`]: an I/O error on one file, the shape every error enum wraps;
 //! - [`cpio`]: the reproducible newc archive writer;
-//! - [`kernel`]: finds or fetches a guest kernel and resolves its modules;
+//! - [`modules`]: the kernel modules a guest needs, with their dependencies, in load order;
+//! - [`kernel`]: finds or fetches a guest kernel and its modules tree;
 //! - [`pvh`]: extracts the kernel's vmlinux for a direct PVH boot;
 //! - [`accel`]: the KVM probe, KVM or TCG;
 //! - [`interrupt`]: Ctrl-C and SIGTERM as a flag the watch loops poll;
@@ -27,6 +28,8 @@
 pub mod file_error;
 
 pub mod cpio;
+
+pub mod modules;
 
 pub mod kernel;
 

@@ -10,6 +10,7 @@ use vloop_frontend::backend::which;
 use crate::accel::{self, Accel, AccelChoice};
 use crate::initramfs::{self, InitramfsError};
 use crate::kernel::{self, KernelError};
+use crate::modules::{self, ModuleError};
 use crate::pvh::{self, PvhError};
 
 /// Errors that keep any guest from booting.
@@ -21,6 +22,9 @@ pub enum SetupError {
     /// The guest kernel could not be found or fetched.
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    /// A module the guest needs is missing or unreadable.
+    #[error(transparent)]
+    Module(#[from] ModuleError),
     /// The guest agent, busybox or the initramfs is missing or could not be built.
     #[error(transparent)]
     Initramfs(#[from] InitramfsError),
@@ -94,7 +98,7 @@ impl Env {
         let qemu = which("qemu-system-x86_64").ok_or(SetupError::NoQemu)?;
         let k = kernel::resolve(opts.kernel.as_deref(), opts.modules.as_deref())?;
         let modules = match &k.modules {
-            Some(dir) => kernel::resolve_modules(dir, kernel::GUEST_MODULES)?,
+            Some(dir) => modules::resolve_modules(dir, modules::GUEST_MODULES)?,
             None => {
                 tracing::warn!(
                     "no modules directory for {}: assuming the guest's drivers are built in",

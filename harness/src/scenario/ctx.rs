@@ -1,4 +1,4 @@
-//! What a scenario works with: the run's guests, backend and image tools, its folder, the
+//! What a scenario is (its registry entry) and what it works with: the run's guests, backend and image tools, its folder, the
 //! boots it makes and the checks it records (each one a thing the backend got right or
 //! wrong), and the plan steps scenarios are built from.
 
@@ -15,6 +15,25 @@ use crate::manifest::{
 };
 use crate::qemu::{Limits, Watch};
 use crate::setup::Env;
+
+/// One scenario.
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario {
+    /// Name on the command line.
+    pub name: &'static str,
+    /// One line on what it does.
+    pub about: &'static str,
+    /// What a backend must get right to pass it.
+    pub exercises: &'static str,
+    /// Run when no `--scenario` is given.
+    pub default: bool,
+    /// Guests it boots (a cost estimate for scheduling).
+    pub boots: u32,
+    /// Whether its guests write (a backend that loses writes fails it).
+    pub writes: bool,
+    /// The scenario itself.
+    pub run: fn(&mut Ctx) -> Result<(), ScenarioError>,
+}
 
 /// Why a scenario did not pass.
 #[derive(Debug, thiserror::Error)]

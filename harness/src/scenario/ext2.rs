@@ -5,8 +5,9 @@ use std::path::Path;
 
 use vloop_guest::{Entry, FileSpec, Step};
 
-use super::ctx::{mkfs, mount, spec, umount, verify, write, Ctx, ScenarioError, MIB, MNT};
-use super::Scenario;
+use super::ctx::{
+    mkfs, mount, spec, umount, verify, write, Ctx, Scenario, ScenarioError, MIB, MNT,
+};
 use crate::backend::DiskSpec;
 use crate::file_error::at;
 use crate::manifest::file_entries;

@@ -5,8 +5,7 @@ use std::path::PathBuf;
 
 use vloop_guest::{Entry, Step};
 
-use super::ctx::{file_sha, mount, umount, Ctx, ScenarioError, DEV, MNT};
-use super::Scenario;
+use super::ctx::{file_sha, mount, umount, Ctx, Scenario, ScenarioError, DEV, MNT};
 use crate::backend::DiskSpec;
 
 /// `iso`.

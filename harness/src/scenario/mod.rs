@@ -14,32 +14,13 @@ pub mod iso;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-pub use ctx::{chain, Check, Ctx, ScenarioError};
+pub use ctx::{chain, Check, Ctx, Scenario, ScenarioError};
 
 use crate::accel::Accel;
 use crate::backend::Backend;
 use crate::file_error::at;
 use crate::images::Images;
 use crate::setup::Env;
-
-/// One scenario.
-#[derive(Debug, Clone, Copy)]
-pub struct Scenario {
-    /// Name on the command line.
-    pub name: &'static str,
-    /// One line on what it does.
-    pub about: &'static str,
-    /// What a backend must get right to pass it.
-    pub exercises: &'static str,
-    /// Run when no `--scenario` is given.
-    pub default: bool,
-    /// Guests it boots (a cost estimate for scheduling).
-    pub boots: u32,
-    /// Whether its guests write (a backend that loses writes fails it).
-    pub writes: bool,
-    /// The scenario itself.
-    pub run: fn(&mut Ctx) -> Result<(), ScenarioError>,
-}
 
 /// Every scenario, in the order they run (and are sharded).
 pub const SCENARIOS: &[Scenario] = &[
