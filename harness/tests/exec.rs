@@ -218,3 +218,67 @@ fn a_backend_that_dies_fails_the_run_with_its_log() {
     );
     assert!(stderr.contains("logs kept in"), "{stderr}");
 }
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(needle))
+        .collect()
+}
+
+#[test]
+fn ctrl_c_stops_the_guest_and_backends_and_removes_what_the_run_created() {
+    if !guests_can_boot() {
+        return;
+    }
+    build_vloop_blk();
+    let t = tempfile::tempdir().unwrap();
+    let runs = t.path().join("runs");
+    let mut child = spawn_harness(
+        &[
+            "exec",
+            "--results",
+            runs.to_str().unwrap(),
+            "--disk",
+            "scratch.img,size=16M",
+            "--",
+            "sh",
+            "-c",
+            "echo ready; sleep 120",
+        ],
+        t.path(),
+    );
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let dir = t.path().to_string_lossy().into_owned();
+    assert!(
+        processes_mentioning(&dir).len() >= 2,
+        "QEMU and the backend should be running"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let st = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(st.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted by SIGINT"), "{stderr}");
+    assert!(
+        processes_mentioning(&dir).is_empty(),
+        "left running: {:?}",
+        processes_mentioning(&dir)
+    );
+    assert!(
+        !t.path().join("scratch.img").exists(),
+        "the image the run created is still there"
+    );
+    let left: Vec<_> = std::fs::read_dir(&runs).unwrap().flatten().collect();
+    assert!(left.is_empty(), "the run's folder is still there: {left:?}");
+}
