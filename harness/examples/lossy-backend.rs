@@ -1,10 +1,13 @@
 //! A deliberately broken vhost-user-blk backend, for proving that the harness fails when
 //! writes are lost: it takes `vloop-blk`'s command line (`--socket-path S --blk-file F
-//! [--read-only] [--num-queues N]`), copies F to a scratch file beside it (`F.lossy-scratch`), and
-//! becomes `qemu-storage-daemon` serving the scratch copy. Every write is acknowledged to the guest and none of them ever
-//! reaches F.
+//! [--read-only] [--num-queues N]`, and `--writable on|off` for templates), copies F to a
+//! scratch file beside it (`F.lossy-scratch`), and becomes `qemu-storage-daemon` serving the
+//! scratch copy. Every write is acknowledged to the guest and none of them ever reaches F;
+//! reads and the read-only flag are right, so read-only scenarios pass.
 //!
-//! Run the harness with `--backend-bin <this program>` (the vloop convention).
+//! Run the harness with `--backend-bin <this program>` (the vloop convention), or
+//! `--backend-cmd '<this program> --socket-path {socket} --blk-file {image} --writable
+//! {writable} --num-queues {queues}'`.
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -14,13 +17,15 @@ fn main() -> ExitCode {
     let mut sock = None;
     let mut file = None;
     let mut queues = "1".to_string();
+    let mut writable = true;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--socket-path" => sock = args.next(),
             "--blk-file" => file = args.next(),
             "--num-queues" => queues = args.next().unwrap_or_else(|| "1".into()),
-            "--read-only" => {}
+            "--read-only" => writable = false,
+            "--writable" => writable = args.next().as_deref() != Some("off"),
             other => {
                 eprintln!("error: lossy-backend: unknown argument {other}");
                 return ExitCode::from(2);
@@ -41,11 +46,15 @@ fn main() -> ExitCode {
     // exec: the harness's SIGTERM (and Drop guard's SIGKILL) reach qemu-storage-daemon itself.
     let e = Command::new("qemu-storage-daemon")
         .arg("--blockdev")
-        .arg(format!("driver=file,node-name=f,filename={}", esc(&scratch.to_string_lossy())))
+        .arg(format!(
+            "driver=file,node-name=f,filename={},discard=unmap",
+            esc(&scratch.to_string_lossy())
+        ))
         .arg("--export")
         .arg(format!(
-            "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
-            esc(&sock)
+            "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable={},num-queues={queues}",
+            esc(&sock),
+            if writable { "on" } else { "off" }
         ))
         .exec();
     eprintln!("error: lossy-backend: cannot run qemu-storage-daemon: {e}");

@@ -274,11 +274,11 @@ mod tests {
     #[test]
     fn unpacks_with_the_system_cpio_when_present() {
         let Ok(out) = std::process::Command::new("busybox").arg("true").output() else {
-            eprintln!("skipping: busybox not installed");
+            vloop_frontend::skip::skip("busybox not installed");
             return;
         };
         if !out.status.success() {
-            eprintln!("skipping: busybox not usable");
+            vloop_frontend::skip::skip("busybox not usable");
             return;
         }
         let mut a = Archive::new();

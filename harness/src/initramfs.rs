@@ -1,5 +1,6 @@
-//! The guest's initramfs: the guest agent as `/init`, busybox-static (for mke2fs), the kernel
-//! modules; plus, per boot, a second small archive with the plan, appended (the kernel
+//! The guest's initramfs: the guest agent as `/init`, busybox-static with a link for each of
+//! its applets (mke2fs for the scenarios, a userland for `exec`), the kernel modules; plus,
+//! per boot, a second archive with the plan and the files copied in, appended (the kernel
 //! unpacks concatenated archives in order). Also finds the static guest agent and busybox.
 
 use std::fs;
@@ -7,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use sha2::{Digest, Sha256};
-use vloop_guest::{Plan, BUSYBOX_PATH, MODULES_DIR, PLAN_PATH};
+use vloop_guest::{Plan, BUSYBOX_PATH, COPY_IN_DIR, HOME, MODULES_DIR, PLAN_PATH};
 
 use crate::cpio::{Archive, CpioError};
-use crate::kernel::{read_module, KernelError, ModuleFile};
+use crate::modules::{read_module, ModuleError, ModuleFile};
 
 /// Errors of building the initramfs.
 #[derive(Debug, thiserror::Error)]
@@ -23,13 +24,17 @@ pub enum InitramfsError {
     Busybox(String),
     /// A module could not be read.
     #[error(transparent)]
-    Module(#[from] KernelError),
+    Module(#[from] ModuleError),
     /// The archive could not be written.
     #[error(transparent)]
     Cpio(#[from] CpioError),
     /// A file could not be read or written.
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
+    /// A file to copy in has a name the archive cannot hold, or is not a file, folder or
+    /// symlink.
+    #[error("cannot copy {0} into the guest: {1}")]
+    CopyIn(PathBuf, String),
 }
 
 /// The target triple the guest agent is built for (with `+crt-static`).
@@ -189,14 +194,49 @@ pub fn find_busybox() -> Result<PathBuf, InitramfsError> {
     }))
 }
 
-/// The base archive: /init, busybox, modules, /dev/console.
+/// The applets `busybox` has, as paths of their links (`bin/ls`, `usr/bin/awk`...).
+pub fn busybox_applets(busybox: &Path) -> Result<Vec<String>, InitramfsError> {
+    let out = Command::new(busybox)
+        .arg("--list-full")
+        .output()
+        .map_err(|e| InitramfsError::Io(format!("{} --list-full", busybox.display()), e))?;
+    if !out.status.success() {
+        return Err(InitramfsError::Busybox(format!(
+            "{} --list-full failed ({})",
+            busybox.display(),
+            out.status
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.contains(".."))
+        .map(str::to_string)
+        .collect())
+}
+
+/// Files every guest has: a root user, so that tools that look one up find it.
+const ETC_PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\n";
+const ETC_GROUP: &str = "root:x:0:\n";
+
+/// The base archive: /init, busybox and a link per applet in `applets`, modules,
+/// /dev/console, a root user.
 pub fn base_archive(
     guest: &Path,
     busybox: &Path,
+    applets: &[String],
     modules: &[ModuleFile],
 ) -> Result<Archive, InitramfsError> {
     let rd = |p: &Path| fs::read(p).map_err(|e| InitramfsError::Io(p.display().to_string(), e));
     let mut a = Archive::new();
+    // Links first: a real file at the same path replaces its link.
+    for applet in applets {
+        a.symlink(applet, BUSYBOX_PATH)?;
+    }
+    a.file("etc/passwd", 0o644, ETC_PASSWD.as_bytes().to_vec())?;
+    a.file("etc/group", 0o644, ETC_GROUP.as_bytes().to_vec())?;
+    a.symlink("etc/mtab", "/proc/self/mounts")?;
+    a.dir(HOME, 0o700)?;
     a.file("init", 0o755, rd(guest)?)?;
     a.file(BUSYBOX_PATH, 0o755, rd(busybox)?)?;
     for d in ["proc", "sys", "dev", "mnt", "tmp", "vloop"] {
@@ -235,13 +275,65 @@ pub fn cached_base(archive: &Archive, cache: &Path) -> Result<PathBuf, Initramfs
     Ok(path)
 }
 
-/// Writes `base` followed by an archive holding `plan` at [`PLAN_PATH`] to `out`.
-pub fn write_initrd(base: &Path, plan: &Plan, out: &Path) -> Result<(), InitramfsError> {
+/// Where the per-boot archive puts copy-in item `index` named `name`.
+pub fn copy_in_path(index: usize, name: &str) -> String {
+    format!("{COPY_IN_DIR}/{index}/{name}")
+}
+
+/// Adds the host file, symlink or folder `host` (recursively) at `at`.
+fn add_host_tree(a: &mut Archive, host: &Path, at: &str) -> Result<(), InitramfsError> {
+    use std::os::unix::fs::PermissionsExt;
+    let bad = |why: String| InitramfsError::CopyIn(host.to_path_buf(), why);
+    let md = fs::symlink_metadata(host).map_err(|e| bad(e.to_string()))?;
+    let mode = md.permissions().mode();
+    if md.is_dir() {
+        a.dir(at, mode)?;
+        let mut names: Vec<_> = fs::read_dir(host)
+            .map_err(|e| bad(e.to_string()))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        names.sort();
+        for n in names {
+            let s = n
+                .to_str()
+                .ok_or_else(|| bad(format!("{n:?} is not UTF-8")))?;
+            add_host_tree(a, &host.join(&n), &format!("{at}/{s}"))?;
+        }
+    } else if md.file_type().is_symlink() {
+        let t = fs::read_link(host).map_err(|e| bad(e.to_string()))?;
+        let t = t
+            .to_str()
+            .ok_or_else(|| bad("symlink target is not UTF-8".into()))?;
+        a.symlink(at, t)?;
+    } else if md.is_file() {
+        a.file(at, mode, fs::read(host).map_err(|e| bad(e.to_string()))?)?;
+    } else {
+        return Err(bad("not a file, folder or symlink".into()));
+    }
+    Ok(())
+}
+
+/// Writes `base` followed by an archive holding `plan` at [`PLAN_PATH`] and each host path
+/// of `copy_in` at [`copy_in_path`] to `out`.
+pub fn write_initrd(
+    base: &Path,
+    plan: &Plan,
+    copy_in: &[PathBuf],
+    out: &Path,
+) -> Result<(), InitramfsError> {
     let mut bytes =
         fs::read(base).map_err(|e| InitramfsError::Io(base.display().to_string(), e))?;
     let mut a = Archive::new();
     let json = serde_json::to_vec(plan).map_err(|e| InitramfsError::Io("plan".into(), e.into()))?;
     a.file(PLAN_PATH, 0o644, json)?;
+    for (i, host) in copy_in.iter().enumerate() {
+        let name = host
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| InitramfsError::CopyIn(host.clone(), "no UTF-8 file name".into()))?;
+        add_host_tree(&mut a, host, &copy_in_path(i, name))?;
+    }
     a.write_to(&mut bytes)?;
     fs::write(out, bytes).map_err(|e| InitramfsError::Io(out.display().to_string(), e))
 }
@@ -265,7 +357,7 @@ mod tests {
             name: "virtio_blk".into(),
             path: m,
         }];
-        let a = base_archive(&guest, &bb, &mods).unwrap();
+        let a = base_archive(&guest, &bb, &["bin/ls".into(), "init".into()], &mods).unwrap();
         let bytes = a.to_bytes().unwrap();
         let text = String::from_utf8_lossy(&bytes);
         for name in [
@@ -273,6 +365,7 @@ mod tests {
             "bin/busybox\0",
             "dev/console\0",
             "vloop/modules/virtio_blk.ko\0",
+            "etc/passwd\0",
         ] {
             assert!(text.contains(name), "{name} missing");
         }
@@ -287,9 +380,14 @@ mod tests {
             modules: plan_module_names(&mods),
             devices: vec![],
             steps: vec![],
+            data_port: false,
         };
         let out = t.path().join("initrd");
-        write_initrd(&base, &plan, &out).unwrap();
+        let tree = t.path().join("tree");
+        fs::create_dir_all(tree.join("sub")).unwrap();
+        fs::write(tree.join("sub/x.txt"), b"copied in").unwrap();
+        std::os::unix::fs::symlink("sub/x.txt", tree.join("l")).unwrap();
+        write_initrd(&base, &plan, &[guest.clone(), tree], &out).unwrap();
         let all = fs::read(&out).unwrap();
         assert_eq!(&all[..bytes.len()], &bytes[..]);
         let tail = String::from_utf8_lossy(&all[bytes.len()..]);
@@ -298,6 +396,20 @@ mod tests {
                 && tail.contains("vloop/plan.json")
                 && tail.contains("virtio_blk.ko")
         );
+        assert!(holds(&tail, "vloop/in/0/g", "agent"));
+        assert!(holds(&tail, "vloop/in/1/tree/sub/x.txt", "copied in"));
+        assert!(holds(&tail, "vloop/in/1/tree/l", "sub/x.txt"));
+        assert!(holds(&text, "bin/ls", "/bin/busybox"));
+        // The `init` link gave way to the agent itself.
+        assert!(holds(&text, "init", "agent"));
+    }
+
+    /// Whether the archive text has an entry `name` whose content starts with `data`.
+    fn holds(text: &str, name: &str, data: &str) -> bool {
+        text.match_indices(&format!("{name}\0")).any(|(i, m)| {
+            let after = text[i + m.len()..].trim_start_matches('\0');
+            after.starts_with(data)
+        })
     }
 
     #[test]
@@ -311,7 +423,7 @@ mod tests {
         if let Ok(bb) = find_busybox() {
             assert!(check_static(&bb));
         } else {
-            eprintln!("skipping the static half: busybox-static not installed");
+            vloop_frontend::skip::skip("the static half: busybox-static not installed");
         }
     }
 }

@@ -8,6 +8,28 @@ use std::process::Command;
 
 use vloop_guest::{content, content_sha256, Entry, FileSpec};
 
+/// Errors of the host-side checks.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The Rust ext2 reader could not read the image.
+    #[error("ext4-view cannot read {image}: {detail}")]
+    Ext4View {
+        /// The image.
+        image: String,
+        /// What it said.
+        detail: String,
+    },
+    /// `e2fsck` is not installed.
+    #[error("e2fsck is not installed (package e2fsprogs)")]
+    NoE2fsck,
+    /// `e2fsck` could not be run.
+    #[error("cannot run e2fsck")]
+    E2fsckSpawn(#[source] std::io::Error),
+    /// `e2fsck -fn` found problems or failed.
+    #[error("{0}")]
+    E2fsck(String),
+}
+
 /// What was found at a path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Found {
@@ -116,9 +138,15 @@ pub fn summarise(problems: &[String], n: usize) -> String {
 }
 
 /// Reads every entry of an ext2/3/4 image with the ext4-view crate (no kernel involved).
-pub fn scan_ext2(image: &Path) -> Result<BTreeMap<String, Found>, String> {
-    let fs = ext4_view::Ext4::load_from_path(image)
-        .map_err(|e| format!("ext4-view cannot open {}: {e}", image.display()))?;
+pub fn scan_ext2(image: &Path) -> Result<BTreeMap<String, Found>, ManifestError> {
+    scan_ext2_inner(image).map_err(|detail| ManifestError::Ext4View {
+        image: image.display().to_string(),
+        detail,
+    })
+}
+
+fn scan_ext2_inner(image: &Path) -> Result<BTreeMap<String, Found>, String> {
+    let fs = ext4_view::Ext4::load_from_path(image).map_err(|e| format!("open: {e}"))?;
     let mut out = BTreeMap::new();
     let mut stack = vec![String::new()];
     while let Some(rel) = stack.pop() {
@@ -173,12 +201,15 @@ pub fn scan_ext2(image: &Path) -> Result<BTreeMap<String, Found>, String> {
 }
 
 /// Runs `e2fsck -fn` on an image: Ok with its summary line when clean.
-pub fn e2fsck(image: &Path) -> Result<String, String> {
+pub fn e2fsck(image: &Path) -> Result<String, ManifestError> {
     let out = Command::new("e2fsck")
         .arg("-fn")
         .arg(image)
         .output()
-        .map_err(|e| format!("cannot run e2fsck ({e}); install e2fsprogs"))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ManifestError::NoE2fsck,
+            _ => ManifestError::E2fsckSpawn(e),
+        })?;
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     if out.status.success() {
@@ -197,17 +228,17 @@ pub fn e2fsck(image: &Path) -> Result<String, String> {
             .take(2)
             .collect();
         if !own.is_empty() {
-            return Err(format!(
+            return Err(ManifestError::E2fsck(format!(
                 "e2fsck -fn failed ({}): {}",
                 out.status,
                 own.join(" | ")
-            ));
+            )));
         }
-        Err(format!(
+        Err(ManifestError::E2fsck(format!(
             "e2fsck -fn found problems ({}): {}",
             out.status,
             lines[lines.len().saturating_sub(4)..].join(" | ")
-        ))
+        )))
     }
 }
 
@@ -377,7 +408,7 @@ mod tests {
     #[test]
     fn scans_an_image_made_by_mke2fs_when_present() {
         if Command::new("mke2fs").arg("-V").output().is_err() {
-            eprintln!("skipping: mke2fs not installed (e2fsprogs)");
+            vloop_frontend::skip::skip("mke2fs not installed (e2fsprogs)");
             return;
         }
         let t = tempfile::tempdir().unwrap();

@@ -1,37 +1,69 @@
-//! A whole harness run: set-up (programs, kernel, initramfs, accelerator), scenarios in
-//! parallel with live progress, and the reports.
+//! `vloop-harness run`: set-up (programs, kernel, initramfs, accelerator), the selected
+//! scenarios in parallel with live progress, and the reports. With `--backend-cmd` it is the
+//! conformance suite of any vhost-user-blk backend.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crate::accel::{self, AccelChoice};
+use vloop_frontend::backend::Template;
+
 use crate::backend::{Backend, BackendKind};
-use crate::images::Images;
-use crate::initramfs;
-use crate::kernel;
+use crate::images::{ImageTools, Images};
+use crate::interrupt;
 use crate::report::{self, RunInfo};
-use crate::scenario::{self, Env, Outcome, SCENARIOS};
+use crate::scenario::{self, Outcome, Scenario, Status, SCENARIOS};
+use crate::setup::{Env, SetupOptions};
 
-/// Errors that stop a run before any scenario starts (exit code 2).
+/// Errors that stop a run before any scenario starts, or keep its reports from being written.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// A program the harness needs is missing.
-    #[error("{0}")]
-    Missing(String),
     /// The command line asked for something impossible.
     #[error("{0}")]
     Usage(String),
-    /// The guest kernel could not be found or fetched.
-    #[error(transparent)]
-    Kernel(#[from] kernel::KernelError),
-    /// The initramfs could not be built.
-    #[error(transparent)]
-    Initramfs(#[from] initramfs::InitramfsError),
     /// A report could not be written.
-    #[error("writing {0}: {1}")]
+    #[error("writing {0}")]
     Write(PathBuf, #[source] std::io::Error),
+}
+
+/// Which program serves the disks.
+#[derive(Debug, Clone)]
+pub enum BackendChoice {
+    /// vloop-blk or qemu-storage-daemon, optionally at a given path.
+    Known {
+        /// Which one.
+        kind: BackendKind,
+        /// Its path (default: found beside the harness or on PATH).
+        bin: Option<PathBuf>,
+    },
+    /// Any program, from a `--backend-cmd` template.
+    Template(Template),
+}
+
+impl BackendChoice {
+    /// The backend, or why it cannot be had.
+    pub fn resolve(&self) -> Result<Backend, String> {
+        match self {
+            BackendChoice::Known { kind, bin } => {
+                Backend::find(*kind, bin.as_deref()).map_err(|e| e.to_string())
+            }
+            BackendChoice::Template(t) => Ok(Backend::template(t.clone())),
+        }
+    }
+
+    /// How reports name it when it could not be resolved.
+    pub fn describe(&self) -> String {
+        match self {
+            BackendChoice::Known { kind, bin } => format!(
+                "{kind:?} {}",
+                bin.as_ref()
+                    .map_or_else(|| "(not found)".into(), |b| b.display().to_string())
+            )
+            .to_lowercase(),
+            BackendChoice::Template(t) => format!("--backend-cmd {}", t.text()),
+        }
+    }
 }
 
 /// What to run and how.
@@ -43,20 +75,12 @@ pub struct RunOptions {
     pub jobs: usize,
     /// `(i, n)`: run only scenarios whose index modulo n is i - 1.
     pub shard: Option<(usize, usize)>,
-    /// Backend kind.
-    pub backend: BackendKind,
-    /// Backend program (default: `vloop-blk` beside the harness, or `qemu-storage-daemon`).
-    pub backend_bin: Option<PathBuf>,
-    /// Accelerator choice.
-    pub accel: AccelChoice,
-    /// `--kernel`.
-    pub kernel: Option<PathBuf>,
-    /// `--modules`.
-    pub modules: Option<PathBuf>,
-    /// `--guest-bin`.
-    pub guest_bin: Option<PathBuf>,
-    /// `--image-bin`.
-    pub image_bin: Option<PathBuf>,
+    /// The backend under test.
+    pub backend: BackendChoice,
+    /// Kernel, initramfs, accelerator, guest size and time-out.
+    pub setup: SetupOptions,
+    /// Which writers make the images.
+    pub image_tools: ImageTools,
     /// Where failed scenarios keep their files.
     pub results: PathBuf,
     /// `--json`.
@@ -65,14 +89,6 @@ pub struct RunOptions {
     pub junit: Option<PathBuf>,
     /// Keep the files of passed scenarios too.
     pub keep: bool,
-    /// Guest RAM in MiB.
-    pub mem_mib: u32,
-    /// Per-boot time-out in seconds under KVM (TCG: ten times this).
-    pub timeout_s: u64,
-    /// Extra kernel command line.
-    pub append: String,
-    /// Boot the extracted vmlinux through its PVH entry point (faster under TCG).
-    pub pvh: bool,
 }
 
 /// Parses `I/N` (1-based).
@@ -98,18 +114,14 @@ pub fn parse_shard(s: &str) -> Result<(usize, usize), String> {
 pub fn select(
     names: &[String],
     shard: Option<(usize, usize)>,
-) -> Result<Vec<&'static str>, String> {
-    let mut picked: Vec<&'static str> = if names.is_empty() {
-        SCENARIOS
-            .iter()
-            .filter(|s| s.default)
-            .map(|s| s.name)
-            .collect()
+) -> Result<Vec<&'static Scenario>, String> {
+    let mut picked: Vec<&'static Scenario> = if names.is_empty() {
+        SCENARIOS.iter().filter(|s| s.default).collect()
     } else if names.iter().any(|n| n == "all") {
-        SCENARIOS.iter().map(|s| s.name).collect()
+        SCENARIOS.iter().collect()
     } else {
         for n in names {
-            if !SCENARIOS.iter().any(|s| s.name == n) {
+            if scenario::find(n).is_none() {
                 return Err(format!(
                     "unknown scenario {n:?}; `vloop-harness run --list` lists them"
                 ));
@@ -118,7 +130,6 @@ pub fn select(
         SCENARIOS
             .iter()
             .filter(|s| names.iter().any(|n| n == s.name))
-            .map(|s| s.name)
             .collect()
     };
     if let Some((i, n)) = shard {
@@ -132,101 +143,74 @@ pub fn select(
     Ok(picked)
 }
 
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-fn beside_me(name: &str) -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let mut d = exe.parent()?;
-    if d.file_name().is_some_and(|n| n == "deps") {
-        d = d.parent()?;
-    }
-    Some(d.join(name)).filter(|p| p.is_file())
-}
-
-fn find_backend(kind: BackendKind, bin: Option<&Path>) -> Result<Backend, RunError> {
-    let bin = match (bin, kind) {
-        (Some(b), _) => {
-            if !b.is_file() {
-                return Err(RunError::Missing(format!("--backend-bin {} does not exist", b.display())));
-            }
-            b.to_path_buf()
-        }
-        (None, BackendKind::Vloop) => beside_me("vloop-blk").or_else(|| which("vloop-blk")).ok_or_else(|| {
-            RunError::Missing("vloop-blk not found beside vloop-harness nor on PATH; build it with `cargo build --release` or pass --backend-bin".into())
-        })?,
-        (None, BackendKind::Qsd) => which("qemu-storage-daemon")
-            .ok_or_else(|| RunError::Missing("qemu-storage-daemon not found; install the package qemu-system-x86".into()))?,
-    };
-    Ok(Backend { kind, bin })
-}
-
-/// Runs the selected scenarios; returns the outcomes (the caller decides the exit code).
+/// Runs the selected scenarios and writes the reports; returns the outcomes (the caller
+/// decides the exit code). When the guests cannot be set up or the backend is missing, every
+/// scenario is reported as not run, with the reason.
 pub fn run(opts: &RunOptions) -> Result<Vec<Outcome>, RunError> {
     let t0 = Instant::now();
-    let names = select(&opts.scenarios, opts.shard).map_err(RunError::Usage)?;
-    let qemu = which("qemu-system-x86_64").ok_or_else(|| {
-        RunError::Missing(
-            "qemu-system-x86_64 not found; install the package qemu-system-x86 (ci/setup does)"
-                .into(),
-        )
-    })?;
-    let backend = find_backend(opts.backend, opts.backend_bin.as_deref())?;
-    let k = kernel::resolve(opts.kernel.as_deref(), opts.modules.as_deref())?;
-    let modules = match &k.modules {
-        Some(dir) => kernel::resolve_modules(dir, kernel::GUEST_MODULES)?,
-        None => {
-            tracing::warn!("no modules directory for {}: assuming virtio_pci, virtio_blk and isofs are built in", k.image.display());
-            Vec::new()
+    let picked = select(&opts.scenarios, opts.shard).map_err(RunError::Usage)?;
+    if let Err(e) = interrupt::install() {
+        tracing::warn!("{e}; Ctrl-C will not stop the guests cleanly");
+    }
+    let images = Images {
+        tools: opts.image_tools,
+    };
+    let prepared = Env::prepare(&opts.setup)
+        .map_err(|e| scenario::chain(&e))
+        .and_then(|env| opts.backend.resolve().map(|b| (env, b)));
+    let (outcomes, info) = match prepared {
+        Err(why) => {
+            eprintln!("vloop-harness: cannot run any scenario: {why}");
+            let info = RunInfo {
+                accel: "none".into(),
+                accel_why: format!("no guest was started: {why}"),
+                backend: opts.backend.describe(),
+                kernel: String::new(),
+                images: images.tool().into(),
+                wall_s: t0.elapsed().as_secs_f64(),
+                jobs: 0,
+            };
+            let outcomes = picked
+                .iter()
+                .map(|s| Outcome::not_run(s, None, &why))
+                .collect();
+            (outcomes, info)
+        }
+        Ok((env, backend)) => {
+            let jobs = opts.jobs.max(1).min(picked.len().max(1));
+            eprintln!(
+                "vloop-harness: {} scenario(s), {jobs} job(s); accel {}; backend {}; kernel {} ({}); images: {}; set-up {:.1}s",
+                picked.len(),
+                env.accel_line(),
+                backend.describe(),
+                env.kernel.display(),
+                env.kernel_source,
+                images.tool(),
+                t0.elapsed().as_secs_f64()
+            );
+            let outcomes = run_parallel(
+                &env,
+                &backend,
+                images,
+                &picked,
+                jobs,
+                &opts.results,
+                opts.keep,
+            );
+            let info = RunInfo {
+                accel: env.accel.name().into(),
+                accel_why: env.accel_why.clone(),
+                backend: backend.describe(),
+                kernel: format!("{} ({})", env.kernel.display(), env.kernel_source),
+                images: images.tool().into(),
+                wall_s: t0.elapsed().as_secs_f64(),
+                jobs,
+            };
+            (outcomes, info)
         }
     };
-    let boot_kernel = if opts.pvh {
-        pvh_kernel(&k.image)
-    } else {
-        k.image.clone()
-    };
-    let guest = initramfs::find_guest(opts.guest_bin.as_deref())?;
-    let busybox = initramfs::find_busybox()?;
-    let base = initramfs::base_archive(&guest, &busybox, &modules)?;
-    let base_path = initramfs::cached_base(&base, &kernel::cache_dir())?;
-    let (accel, why) = accel::choose(opts.accel);
-    let images = Images::find(opts.image_bin.as_deref());
-    let env = Env {
-        qemu,
-        accel,
-        kernel: boot_kernel.clone(),
-        base_initrd: base_path,
-        modules: initramfs::plan_module_names(&modules),
-        backend: backend.clone(),
-        images: images.clone(),
-        mem_mib: opts.mem_mib,
-        boot_timeout: Duration::from_secs(opts.timeout_s),
-        append: opts.append.clone(),
-    };
-    let jobs = opts.jobs.max(1).min(names.len().max(1));
-    eprintln!(
-        "vloop-harness: {} scenario(s), {jobs} job(s); accel {accel} ({why}); backend {}; kernel {} ({}); images: {}; set-up {:.1}s",
-        names.len(),
-        backend.bin.display(),
-        boot_kernel.display(),
-        k.source,
-        images.tool(),
-        t0.elapsed().as_secs_f64()
-    );
-    let outcomes = run_parallel(&env, &names, jobs, &opts.results, opts.keep);
-    let info = RunInfo {
-        accel: format!("{accel} ({why})"),
-        backend: format!("{:?} {}", backend.kind, backend.bin.display()).to_lowercase(),
-        kernel: format!("{} ({})", boot_kernel.display(), k.source),
-        images: images.tool().into(),
-        wall_s: t0.elapsed().as_secs_f64(),
-        jobs,
-    };
-    println!("\n{}", report::table(&outcomes));
-    println!("wall time {:.1}s (accel {accel})", info.wall_s);
+    println!("\n{}", report::table(&info, &outcomes));
+    println!("wall time {:.1}s (accel {})", info.wall_s, info.accel);
     for (path, text) in [
         (
             &opts.json,
@@ -247,63 +231,49 @@ pub fn run(opts: &RunOptions) -> Result<Vec<Outcome>, RunError> {
     Ok(outcomes)
 }
 
-/// The PVH-bootable vmlinux of `image`, extracted into the cache; `image` itself when that
-/// is impossible.
-fn pvh_kernel(image: &Path) -> PathBuf {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(md) = std::fs::metadata(image) else {
-        return image.to_path_buf();
-    };
-    let name = image
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let dir = kernel::cache_dir().join("pvh");
-    let out = dir.join(format!("{name}-{}-{}.vmlinux", md.len(), md.mtime()));
-    let r = std::fs::create_dir_all(&dir)
-        .map_err(|e| crate::pvh::PvhError::Io(dir.clone(), e))
-        .and_then(|()| crate::pvh::extract(image, &out));
-    match r {
-        Ok(()) => out,
-        Err(e) => {
-            tracing::warn!("booting the bzImage as is: {e}");
-            image.to_path_buf()
-        }
-    }
-}
-
 fn run_parallel(
     env: &Env,
-    names: &[&'static str],
+    backend: &Backend,
+    images: Images,
+    picked: &[&'static Scenario],
     jobs: usize,
     results: &Path,
     keep: bool,
 ) -> Vec<Outcome> {
     // Longest first (scenarios with two boots), so the last guest to finish starts early;
     // the report keeps the registry order.
-    let mut order: Vec<(usize, &'static str)> = names.iter().copied().enumerate().collect();
-    order.sort_by_key(|(_, n)| std::cmp::Reverse(scenario::boots(n)));
-    let queue: Arc<Mutex<VecDeque<(usize, &'static str)>>> =
+    let mut order: Vec<(usize, &'static Scenario)> = picked.iter().copied().enumerate().collect();
+    order.sort_by_key(|(_, s)| std::cmp::Reverse(s.boots));
+    let queue: Arc<Mutex<VecDeque<(usize, &'static Scenario)>>> =
         Arc::new(Mutex::new(order.into_iter().collect()));
-    let done: Arc<Mutex<Vec<Option<Outcome>>>> = Arc::new(Mutex::new(vec![None; names.len()]));
-    let total = names.len();
+    let done: Arc<Mutex<Vec<Option<Outcome>>>> = Arc::new(Mutex::new(vec![None; picked.len()]));
+    let total = picked.len();
     let finished = Arc::new(Mutex::new(0usize));
     std::thread::scope(|s| {
         for _ in 0..jobs {
             let (queue, done, finished) = (queue.clone(), done.clone(), finished.clone());
             s.spawn(move || loop {
-                let Some((i, name)) = queue.lock().ok().and_then(|mut q| q.pop_front()) else {
+                let Some((i, sc)) = queue.lock().ok().and_then(|mut q| q.pop_front()) else {
                     return;
                 };
-                eprintln!("  [ .. ] {name}: running");
-                let o = scenario::run(env, name, results, keep);
+                let o = if let Some(sig) = interrupt::requested() {
+                    Outcome::not_run(sc, Some(env.accel), &format!("interrupted by {sig}"))
+                } else {
+                    eprintln!("  [ .. ] {}: running", sc.name);
+                    scenario::run(env, backend, images, sc, results, keep)
+                };
                 let n = finished.lock().map(|mut f| {
                     *f += 1;
                     *f
                 });
                 eprintln!(
-                    "  [{}] {name}: {:.1}s{}  ({}/{total})",
-                    if o.passed { "PASS" } else { "FAIL" },
+                    "  [{}] {}: {:.1}s{}  ({}/{total})",
+                    match o.status {
+                        Status::Pass => "PASS",
+                        Status::Fail => "FAIL",
+                        Status::NotRun => "SKIP",
+                    },
+                    sc.name,
                     o.total_s,
                     if o.passed {
                         String::new()
@@ -329,8 +299,13 @@ fn run_parallel(
 mod tests {
     use super::*;
 
+    fn names(v: Vec<&Scenario>) -> Vec<&'static str> {
+        v.into_iter().map(|s| s.name).collect()
+    }
+
     #[test]
     fn selects_defaults_all_named_and_shards() {
+        let select = |n: &[String], s| select(n, s).map(names);
         assert_eq!(select(&[], None).unwrap(), ["ext2-format", "iso"]);
         assert_eq!(
             select(&["all".into()], None).unwrap().len(),

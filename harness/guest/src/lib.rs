@@ -3,9 +3,12 @@
 //!
 //! The library is shared by the host (`vloop-harness`, which writes a [`Plan`] into the
 //! initramfs and parses [`Event`] lines) and the guest agent (the `vloop-guest` binary that
-//! runs as `/init`), so the two can never disagree about the protocol.
+//! runs as `/init`), so the two can never disagree about the protocol. [`frame`] is the
+//! data channel of `vloop-harness exec`: the command's output and the files copied out.
 
 use serde::{Deserialize, Serialize};
+
+pub mod frame;
 use sha2::{Digest, Sha256};
 
 /// Path of the plan inside the initramfs.
@@ -16,6 +19,16 @@ pub const MODULES_DIR: &str = "/vloop/modules";
 pub const BUSYBOX_PATH: &str = "/bin/busybox";
 /// The serial port the guest writes its JSON-lines results to (the console is ttyS0).
 pub const RESULTS_PORT: &str = "/dev/ttyS1";
+/// The console the kernel and an interactive command use.
+pub const CONSOLE_PORT: &str = "/dev/ttyS0";
+/// Name of the virtio-serial port that carries [`frame`]s to the host.
+pub const DATA_PORT_NAME: &str = "org.vloop.data";
+/// Where the per-boot archive puts the files copied into the guest (`<dir>/<index>/<name>`).
+pub const COPY_IN_DIR: &str = "/vloop/in";
+/// The command's working directory and `HOME`.
+pub const HOME: &str = "/root";
+/// `PATH` of the command: where the busybox applets are linked.
+pub const PATH: &str = "/bin:/sbin:/usr/bin:/usr/sbin";
 
 /// Everything the guest does in one boot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +41,11 @@ pub struct Plan {
     pub devices: Vec<String>,
     /// The steps, run in order; the first failure stops the plan.
     pub steps: Vec<Step>,
+    /// Open the virtio-serial port [`DATA_PORT_NAME`] for [`frame`]s, and once done, send
+    /// [`frame::Tag::End`] and wait for the host to stop the machine instead of powering off
+    /// at once (the host then knows every byte arrived).
+    #[serde(default)]
+    pub data_port: bool,
 }
 
 /// A file the guest writes: `size` bytes of [`content`]`(seed, size)`.
@@ -160,6 +178,32 @@ pub enum Step {
         /// Minimum number of queues.
         min: u32,
     },
+    /// Move (or copy, across file systems) a file or folder the archive brought in to its
+    /// place: into `to` when that is a folder, else to `to` itself; parents are created.
+    CopyIn {
+        /// Where the archive put it (under [`COPY_IN_DIR`]).
+        from: String,
+        /// Where it goes; relative paths are relative to [`HOME`].
+        to: String,
+    },
+    /// Run a command; its end is reported as [`Event::Exit`] (the step fails only when the
+    /// agent cannot wait for it). Without `console`, stdin is empty and stdout and stderr go
+    /// to the host as [`frame`]s; with it, the command runs on the console as its
+    /// controlling terminal.
+    Exec {
+        /// Program and arguments; a program without `/` is looked up in [`PATH`].
+        argv: Vec<String>,
+        /// Extra environment variables (`PATH`, `HOME` and `TERM` are set).
+        env: Vec<(String, String)>,
+        /// Run on the console, interactively.
+        console: bool,
+    },
+    /// Send files or folders to the host as [`frame`]s, item `i` of `paths` tagged `i`;
+    /// fails when any of them cannot be read, after trying every one.
+    CopyOut {
+        /// Guest paths; relative paths are relative to [`HOME`].
+        paths: Vec<String>,
+    },
 }
 
 impl Step {
@@ -177,6 +221,9 @@ impl Step {
             Step::Fstrim { .. } => "fstrim",
             Step::WriteMustFail { .. } => "write_must_fail",
             Step::Queues { .. } => "queues",
+            Step::CopyIn { .. } => "copy_in",
+            Step::Exec { .. } => "exec",
+            Step::CopyOut { .. } => "copy_out",
         }
     }
 }
@@ -207,6 +254,16 @@ pub enum Event {
         /// What happened (the error when `ok` is false).
         detail: String,
     },
+    /// The command of an [`Step::Exec`] ended.
+    Exit {
+        /// Its exit status: the code, 128 + the signal number when a signal ended it, 127
+        /// when the program was not found and 126 when it could not be run.
+        status: i32,
+        /// Milliseconds from its start to its end (guest clock).
+        ms: u64,
+        /// How it ended, in words.
+        detail: String,
+    },
     /// The agent is done and powers off.
     Done {
         /// Whether every step succeeded.
@@ -226,31 +283,40 @@ pub enum Event {
 /// Seed 0 is not special; every (seed, size) gives one fixed byte string.
 pub fn content(seed: u64, size: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-    let mut gen = ContentStream::new(seed);
-    let mut left = size;
-    let mut buf = [0u8; 65536];
-    while left > 0 {
-        let n = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
-        gen.fill(&mut buf[..n]);
-        out.extend_from_slice(&buf[..n]);
-        left -= n as u64;
-    }
+    let _ = content_chunks::<()>(seed, size, &mut |c| {
+        out.extend_from_slice(c);
+        Ok(())
+    });
     out
 }
 
 /// SHA-256 (lower-case hex) of [`content`]`(seed, size)` without holding it in memory.
 pub fn content_sha256(seed: u64, size: u64) -> String {
-    let mut gen = ContentStream::new(seed);
     let mut hasher = Sha256::new();
+    let _ = content_chunks::<()>(seed, size, &mut |c| {
+        hasher.update(c);
+        Ok(())
+    });
+    hex::encode(hasher.finalize())
+}
+
+/// Hands [`content`]`(seed, size)` to `sink` in chunks of at most 256 KiB, in order; stops at
+/// the first error `sink` returns.
+pub fn content_chunks<E>(
+    seed: u64,
+    size: u64,
+    sink: &mut dyn FnMut(&[u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut gen = ContentStream::new(seed);
+    let mut buf = vec![0u8; 256 * 1024];
     let mut left = size;
-    let mut buf = [0u8; 65536];
     while left > 0 {
         let n = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
         gen.fill(&mut buf[..n]);
-        hasher.update(&buf[..n]);
+        sink(&buf[..n])?;
         left -= n as u64;
     }
-    hex::encode(hasher.finalize())
+    Ok(())
 }
 
 /// SHA-256 (lower-case hex) of a byte string.
@@ -358,10 +424,18 @@ mod tests {
                     exact: true,
                     ignore: vec![],
                 },
+                Step::Exec {
+                    argv: vec!["true".into()],
+                    env: vec![],
+                    console: false,
+                },
             ],
+            data_port: true,
         };
         let text = serde_json::to_string(&plan).unwrap();
         assert!(text.contains("\"op\":\"mkfs\""));
         assert_eq!(serde_json::from_str::<Plan>(&text).unwrap(), plan);
+        let old = r#"{"scenario":"s","modules":[],"devices":[],"steps":[]}"#;
+        assert!(!serde_json::from_str::<Plan>(old).unwrap().data_port);
     }
 }

@@ -1,27 +1,41 @@
 //! The guest agent: `/init` of the harness initramfs.
 //!
-//! Mounts /proc, /sys and /dev, loads the modules the plan lists, waits for the block devices,
-//! runs the plan's steps and writes one JSON line per event to the results serial port
-//! (`/dev/ttyS1`, separate from the console on ttyS0). It then powers the guest off; if
-//! anything goes wrong before that, it still reports and powers off, so the host never has to
-//! guess why a guest stopped.
+//! Mounts /proc, /sys and /dev, loads the modules the plan lists, waits for the block devices
+//! (and the data port, when the plan uses one), runs the plan's steps and writes one JSON line
+//! per event to the results serial port (`/dev/ttyS1`, separate from the console on ttyS0).
+//! It then powers the guest off, or, with a data port, closes the data stream and waits for
+//! the host to stop the machine; if anything goes wrong before that, it still reports and
+//! powers off, so the host never has to guess why a guest stopped.
 
-use std::collections::BTreeSet;
-use std::ffi::CString;
+mod agent;
+
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-use vloop_guest::{
-    ContentStream, Entry, Event, FileSpec, Plan, Step, BUSYBOX_PATH, MODULES_DIR, PLAN_PATH,
-    RESULTS_PORT,
-};
+use agent::exec::DataPort;
+use agent::sys::{load_module, mount_basics, wait_for_device};
+use agent::Res;
+use vloop_guest::{Event, Plan, Step, MODULES_DIR, PLAN_PATH, RESULTS_PORT};
 
-type Res<T> = Result<T, String>;
+/// Set when a command owns the console: the agent's own messages then stay off it.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// A message from the agent on the console (the kernel log), unless a command owns it.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        if !QUIET.load(Ordering::Relaxed) {
+            eprintln!($($arg)*);
+        }
+    };
+}
+
+/// How long the agent waits for the host to stop the machine after closing the data stream.
+const LINGER: Duration = Duration::from_secs(120);
 
 fn main() {
     std::panic::set_hook(Box::new(|info| {
@@ -35,30 +49,44 @@ fn main() {
         eprintln!("vloop-guest: this program is the /init of a vloop harness guest; it powers the machine off when done");
         std::process::exit(2);
     }
-    let ok = match run() {
-        Ok(ok) => ok,
+    match run() {
+        Ok((ok, data)) => {
+            say!("vloop-guest: done, ok={ok}");
+            if let Some(d) = data {
+                d.finish();
+                std::thread::sleep(LINGER);
+            }
+        }
         Err(e) => {
             eprintln!("vloop-guest: fatal: {e}");
             report_raw(&Event::Fatal { error: e });
-            false
         }
-    };
-    eprintln!("vloop-guest: done, ok={ok}");
+    }
     power_off();
 }
 
-fn run() -> Res<bool> {
+fn run() -> Res<(bool, Option<DataPort>)> {
     mount_basics()?;
     let uptime_start = uptime();
     let t0 = Instant::now();
     let text = fs::read_to_string(PLAN_PATH).map_err(|e| format!("read {PLAN_PATH}: {e}"))?;
     let plan: Plan = serde_json::from_str(&text).map_err(|e| format!("parse {PLAN_PATH}: {e}"))?;
+    let console = plan
+        .steps
+        .iter()
+        .any(|s| matches!(s, Step::Exec { console: true, .. }));
+    QUIET.store(console, Ordering::Relaxed);
     for m in &plan.modules {
         load_module(&Path::new(MODULES_DIR).join(m))?;
     }
     for d in &plan.devices {
         wait_for_device(d, Duration::from_secs(60))?;
     }
+    let data = if plan.data_port {
+        Some(DataPort::open(Duration::from_secs(60))?)
+    } else {
+        None
+    };
     report_raw(&Event::Start {
         scenario: plan.scenario.clone(),
         uptime_s: uptime_start,
@@ -67,12 +95,17 @@ fn run() -> Res<bool> {
     let mut all_ok = true;
     for (index, step) in plan.steps.iter().enumerate() {
         let t = Instant::now();
-        let r = run_step(step);
+        let r = match step {
+            Step::CopyIn { .. } | Step::Exec { .. } | Step::CopyOut { .. } => {
+                agent::exec::run(step, data.as_ref(), &report_raw)
+            }
+            _ => agent::disk::run(step),
+        };
         let (ok, detail) = match r {
             Ok(d) => (true, d),
             Err(e) => (false, e),
         };
-        eprintln!("vloop-guest: step {index} {} ok={ok} {detail}", step.op());
+        say!("vloop-guest: step {index} {} ok={ok} {detail}", step.op());
         report_raw(&Event::Step {
             index,
             op: step.op().to_string(),
@@ -91,7 +124,7 @@ fn run() -> Res<bool> {
         ok: all_ok,
         uptime_s: uptime(),
     });
-    Ok(all_ok)
+    Ok((all_ok, data))
 }
 
 fn ms(t: Instant) -> u64 {
@@ -162,424 +195,4 @@ fn power_off() -> ! {
     // Only reached when reboot failed: exiting pid 1 panics the kernel, and panic=-1 with
     // QEMU's -no-reboot ends the guest as well.
     std::process::exit(1);
-}
-
-fn cstr(s: &str) -> Res<CString> {
-    CString::new(s).map_err(|_| format!("NUL byte in {s:?}"))
-}
-
-fn errno() -> std::io::Error {
-    std::io::Error::last_os_error()
-}
-
-fn mount(src: &str, dir: &str, fstype: &str, flags: libc::c_ulong, options: &str) -> Res<()> {
-    fs::create_dir_all(dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
-    let (s, d, t, o) = (cstr(src)?, cstr(dir)?, cstr(fstype)?, cstr(options)?);
-    let data = if options.is_empty() {
-        std::ptr::null()
-    } else {
-        o.as_ptr().cast::<libc::c_void>()
-    };
-    // SAFETY: all pointers are valid NUL-terminated strings (or NULL data) that outlive the call.
-    let r = unsafe { libc::mount(s.as_ptr(), d.as_ptr(), t.as_ptr(), flags, data) };
-    if r != 0 {
-        return Err(format!("mount {src} on {dir} ({fstype}): {}", errno()));
-    }
-    Ok(())
-}
-
-fn mount_basics() -> Res<()> {
-    mount("proc", "/proc", "proc", 0, "")?;
-    mount("sysfs", "/sys", "sysfs", 0, "")?;
-    mount("devtmpfs", "/dev", "devtmpfs", 0, "")?;
-    Ok(())
-}
-
-fn load_module(path: &Path) -> Res<()> {
-    let f = File::open(path).map_err(|e| format!("open module {}: {e}", path.display()))?;
-    let params = cstr("")?;
-    // SAFETY: finit_module reads the open fd and the NUL-terminated parameter string.
-    let r = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), params.as_ptr(), 0) };
-    if r != 0 {
-        let e = errno();
-        if e.raw_os_error() != Some(libc::EEXIST) {
-            return Err(format!("load module {}: {e}", path.display()));
-        }
-    }
-    Ok(())
-}
-
-fn wait_for_device(name: &str, limit: Duration) -> Res<()> {
-    let t = Instant::now();
-    let dev = format!("/dev/{name}");
-    loop {
-        if Path::new(&dev).exists() {
-            return Ok(());
-        }
-        if t.elapsed() > limit {
-            let found: Vec<String> = fs::read_dir("/sys/block")
-                .map(|d| {
-                    d.flatten()
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .collect()
-                })
-                .unwrap_or_default();
-            return Err(format!(
-                "block device {dev} did not appear within {limit:?} (present: {found:?})"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn run_step(step: &Step) -> Res<String> {
-    match step {
-        Step::Mkfs { dev, args } => {
-            let out = std::process::Command::new(BUSYBOX_PATH)
-                .args(["mke2fs", "-F"])
-                .args(args)
-                .arg(dev)
-                .output()
-                .map_err(|e| format!("run busybox mke2fs: {e}"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "busybox mke2fs {dev} failed ({}): {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
-            Ok(format!("mke2fs {} {dev}", args.join(" ")))
-        }
-        Step::Mount {
-            dev,
-            dir,
-            fstype,
-            readonly,
-            options,
-        } => {
-            let flags = if *readonly { libc::MS_RDONLY } else { 0 };
-            mount(dev, dir, fstype, flags, options)?;
-            Ok(format!("{dev} on {dir} type {fstype}"))
-        }
-        Step::Umount { dir } => {
-            let d = cstr(dir)?;
-            // SAFETY: d is a valid NUL-terminated path.
-            if unsafe { libc::umount(d.as_ptr()) } != 0 {
-                return Err(format!("umount {dir}: {}", errno()));
-            }
-            Ok(format!("unmounted {dir}"))
-        }
-        Step::WriteFiles {
-            dir,
-            files,
-            writers,
-        } => write_files(Path::new(dir), files, (*writers).max(1)),
-        Step::MakeEntries { dir, entries } => {
-            for e in entries {
-                let p = Path::new(dir).join(e.path());
-                match e {
-                    Entry::Dir { .. } => {
-                        fs::create_dir_all(&p).map_err(|x| format!("mkdir {}: {x}", p.display()))?
-                    }
-                    Entry::Symlink { target, .. } => {
-                        if let Some(parent) = p.parent() {
-                            fs::create_dir_all(parent)
-                                .map_err(|x| format!("mkdir {}: {x}", parent.display()))?;
-                        }
-                        std::os::unix::fs::symlink(target, &p)
-                            .map_err(|x| format!("symlink {}: {x}", p.display()))?
-                    }
-                    Entry::File { path, .. } => {
-                        return Err(format!("make_entries cannot create file {path}"))
-                    }
-                }
-            }
-            fsync_path(Path::new(dir))?;
-            Ok(format!("{} entries", entries.len()))
-        }
-        Step::Remove { dir, paths } => {
-            for p in paths {
-                let full = Path::new(dir).join(p);
-                let md = fs::symlink_metadata(&full)
-                    .map_err(|e| format!("stat {}: {e}", full.display()))?;
-                if md.is_dir() {
-                    fs::remove_dir(&full)
-                } else {
-                    fs::remove_file(&full)
-                }
-                .map_err(|e| format!("remove {}: {e}", full.display()))?;
-                if let Some(parent) = full.parent() {
-                    fsync_path(parent)?;
-                }
-            }
-            Ok(format!("removed {}", paths.len()))
-        }
-        Step::Verify {
-            dir,
-            entries,
-            exact,
-            ignore,
-        } => verify(Path::new(dir), entries, *exact, ignore),
-        Step::DropCaches => {
-            // SAFETY: sync(2) has no arguments and cannot fail.
-            unsafe { libc::sync() };
-            fs::write("/proc/sys/vm/drop_caches", "3").map_err(|e| format!("drop caches: {e}"))?;
-            Ok("synced, caches dropped".into())
-        }
-        Step::Fstrim { dir } => fstrim(dir),
-        Step::WriteMustFail { dev } => write_must_fail(dev),
-        Step::Queues { name, min } => {
-            let p = format!("/sys/block/{name}/mq");
-            let n = fs::read_dir(&p)
-                .map_err(|e| format!("read {p}: {e}"))?
-                .count();
-            if (n as u64) < u64::from(*min) {
-                return Err(format!("{name} has {n} queues, expected at least {min}"));
-            }
-            Ok(format!("{name} has {n} queues"))
-        }
-    }
-}
-
-fn fsync_path(p: &Path) -> Res<()> {
-    let f = File::open(p).map_err(|e| format!("open {}: {e}", p.display()))?;
-    f.sync_all()
-        .map_err(|e| format!("fsync {}: {e}", p.display()))
-}
-
-fn write_one(dir: &Path, spec: &FileSpec) -> Res<()> {
-    let p = dir.join(&spec.path);
-    if let Some(parent) = p.parent() {
-        fs::create_dir_all(parent).map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
-    }
-    let mut f = File::create(&p).map_err(|e| format!("create {}: {e}", p.display()))?;
-    let mut gen = ContentStream::new(spec.seed);
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut left = spec.size;
-    while left > 0 {
-        let n = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
-        gen.fill(&mut buf[..n]);
-        f.write_all(&buf[..n])
-            .map_err(|e| format!("write {}: {e}", p.display()))?;
-        left -= n as u64;
-    }
-    f.sync_all()
-        .map_err(|e| format!("fsync {}: {e}", p.display()))?;
-    if let Some(parent) = p.parent() {
-        fsync_path(parent)?;
-    }
-    Ok(())
-}
-
-fn write_files(dir: &Path, files: &[FileSpec], writers: u32) -> Res<String> {
-    let total: u64 = files.iter().map(|f| f.size).sum();
-    if writers <= 1 {
-        for f in files {
-            write_one(dir, f)?;
-        }
-    } else {
-        let n = writers as usize;
-        let results: Vec<Res<()>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..n)
-                .map(|w| {
-                    s.spawn(move || {
-                        for f in files.iter().skip(w).step_by(n) {
-                            write_one(dir, f)?;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err("writer panicked".into())))
-                .collect()
-        });
-        for r in results {
-            r?;
-        }
-    }
-    Ok(format!(
-        "{} files, {total} bytes, {writers} writer(s)",
-        files.len()
-    ))
-}
-
-fn file_sha256(p: &Path) -> Res<(u64, String)> {
-    let mut f = File::open(p).map_err(|e| format!("open {}: {e}", p.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut n_total = 0u64;
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| format!("read {}: {e}", p.display()))?;
-        if n == 0 {
-            break;
-        }
-        n_total += n as u64;
-        h.update(&buf[..n]);
-    }
-    Ok((n_total, hex::encode(h.finalize())))
-}
-
-fn walk(root: &Path, rel: &Path, out: &mut BTreeSet<String>) -> Res<()> {
-    let d = root.join(rel);
-    for e in fs::read_dir(&d).map_err(|e| format!("list {}: {e}", d.display()))? {
-        let e = e.map_err(|e| format!("list {}: {e}", d.display()))?;
-        let r = rel.join(e.file_name());
-        out.insert(r.to_string_lossy().into_owned());
-        let ft = e
-            .file_type()
-            .map_err(|x| format!("stat {}: {x}", r.display()))?;
-        if ft.is_dir() {
-            walk(root, &r, out)?;
-        }
-    }
-    Ok(())
-}
-
-fn verify(dir: &Path, entries: &[Entry], exact: bool, ignore: &[String]) -> Res<String> {
-    let mut problems = Vec::new();
-    let mut bytes = 0u64;
-    for e in entries {
-        let p = dir.join(e.path());
-        let md = match fs::symlink_metadata(&p) {
-            Ok(m) => m,
-            Err(x) => {
-                problems.push(format!("{}: {x}", e.path()));
-                continue;
-            }
-        };
-        match e {
-            Entry::File { size, sha256, .. } => {
-                if !md.is_file() {
-                    problems.push(format!("{}: not a regular file", e.path()));
-                    continue;
-                }
-                match file_sha256(&p) {
-                    Ok((n, h)) => {
-                        bytes += n;
-                        if n != *size {
-                            problems.push(format!("{}: size {n}, expected {size}", e.path()));
-                        } else if &h != sha256 {
-                            problems.push(format!("{}: SHA-256 {h}, expected {sha256}", e.path()));
-                        }
-                    }
-                    Err(x) => problems.push(x),
-                }
-            }
-            Entry::Dir { .. } => {
-                if !md.is_dir() {
-                    problems.push(format!("{}: not a directory", e.path()));
-                }
-            }
-            Entry::Symlink { target, .. } => match fs::read_link(&p) {
-                Ok(t) if t == Path::new(target) => {}
-                Ok(t) => problems.push(format!(
-                    "{}: link to {}, expected {target}",
-                    e.path(),
-                    t.display()
-                )),
-                Err(x) => problems.push(format!("{}: {x}", e.path())),
-            },
-        }
-    }
-    if exact {
-        let mut found = BTreeSet::new();
-        walk(dir, &PathBuf::new(), &mut found)?;
-        let mut allowed: BTreeSet<String> = BTreeSet::new();
-        for e in entries {
-            let mut p = Path::new(e.path());
-            allowed.insert(p.to_string_lossy().into_owned());
-            while let Some(parent) = p.parent() {
-                if parent.as_os_str().is_empty() {
-                    break;
-                }
-                allowed.insert(parent.to_string_lossy().into_owned());
-                p = parent;
-            }
-        }
-        for f in &found {
-            let top = f.split('/').next().unwrap_or("");
-            if !allowed.contains(f) && !ignore.iter().any(|i| i == top) {
-                problems.push(format!("{f}: not in the manifest"));
-            }
-        }
-    }
-    if problems.is_empty() {
-        Ok(format!("{} entries, {bytes} bytes verified", entries.len()))
-    } else {
-        let n = problems.len();
-        problems.truncate(8);
-        Err(format!("{n} problem(s): {}", problems.join("; ")))
-    }
-}
-
-#[repr(C)]
-struct FstrimRange {
-    start: u64,
-    len: u64,
-    minlen: u64,
-}
-
-/// `_IOWR('X', 121, struct fstrim_range)`.
-const FITRIM: libc::c_ulong = 0xC018_5879;
-
-fn fstrim(dir: &str) -> Res<String> {
-    let f = File::open(dir).map_err(|e| format!("open {dir}: {e}"))?;
-    let mut range = FstrimRange {
-        start: 0,
-        len: u64::MAX,
-        minlen: 0,
-    };
-    // SAFETY: FITRIM reads and writes one fstrim_range, which lives across the call.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), FITRIM, &mut range as *mut FstrimRange) };
-    if r != 0 {
-        return Err(format!("FITRIM {dir}: {}", errno()));
-    }
-    Ok(format!("trimmed {} bytes", range.len))
-}
-
-fn write_must_fail(dev: &str) -> Res<String> {
-    let name = dev.trim_start_matches("/dev/");
-    let ro = fs::read_to_string(format!("/sys/block/{name}/ro")).unwrap_or_default();
-    if ro.trim() != "1" {
-        return Err(format!(
-            "{dev} is not read-only (/sys/block/{name}/ro = {:?})",
-            ro.trim()
-        ));
-    }
-    let f = match OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(dev)
-    {
-        Ok(f) => f,
-        Err(e) => {
-            return Ok(format!(
-                "read-only; open for writing failed as it must: {e}"
-            ))
-        }
-    };
-    let layout = std::alloc::Layout::from_size_align(4096, 4096).map_err(|e| e.to_string())?;
-    // SAFETY: layout has a non-zero size.
-    let buf = unsafe { std::alloc::alloc_zeroed(layout) };
-    if buf.is_null() {
-        return Err("out of memory".into());
-    }
-    // SAFETY: buf points to 4096 initialised bytes, valid until dealloc below.
-    let r = unsafe { libc::pwrite(f.as_raw_fd(), buf as *const libc::c_void, 4096, 0) };
-    let e = errno();
-    // SAFETY: buf was allocated above with the same layout.
-    unsafe { std::alloc::dealloc(buf, layout) };
-    if r < 0 {
-        return Ok(format!("read-only; write failed as it must: {e}"));
-    }
-    if f.sync_all().is_err() {
-        return Ok("read-only; write accepted but flush failed".into());
-    }
-    Err(format!(
-        "a write of 4096 bytes to read-only {dev} succeeded"
-    ))
 }

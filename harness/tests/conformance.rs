@@ -1,0 +1,113 @@
+//! The conformance suite, `vloop-harness run --scenario all --backend-cmd TEMPLATE`, against
+//! two backends the harness knows only through a template: qemu-storage-daemon passes every
+//! scenario; a backend that acknowledges writes and drops them fails exactly the scenarios
+//! that write, and the report says what it got wrong in each.
+
+mod common;
+
+use common::{guests_can_boot, lossy_backend, run_harness, QSD_TEMPLATE};
+use vloop_harness::scenario::SCENARIOS;
+
+fn report(dir: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()
+}
+
+/// Every scenario, two guests at a time, through `template`; reports in `dir`.
+fn run_all(template: &str, dir: &std::path::Path) -> common::Run {
+    run_harness(
+        &[
+            "run",
+            "--scenario",
+            "all",
+            "--jobs",
+            "2",
+            "--backend-cmd",
+            template,
+            "--results",
+            "res",
+            "--json",
+            "report.json",
+            "--junit",
+            "junit.xml",
+        ],
+        dir,
+    )
+}
+
+#[test]
+fn qemu_storage_daemon_through_a_template_passes_every_scenario() {
+    if !guests_can_boot() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let r = run_all(QSD_TEMPLATE, t.path());
+    assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+    let v = report(t.path());
+    assert_eq!(v["counts"]["passed"], SCENARIOS.len(), "{}", r.stdout);
+    assert!(v["run"]["backend"]
+        .as_str()
+        .unwrap()
+        .starts_with("--backend-cmd qemu-storage-daemon"));
+    assert!(!v["run"]["accel_why"].as_str().unwrap().is_empty());
+    let junit = std::fs::read_to_string(t.path().join("junit.xml")).unwrap();
+    assert!(
+        junit.contains("failures=\"0\" errors=\"0\" skipped=\"0\""),
+        "{junit}"
+    );
+    assert!(r.stdout.contains("accelerator: "), "{}", r.stdout);
+}
+
+#[test]
+fn a_backend_that_drops_writes_fails_the_data_scenarios_and_says_which() {
+    if !guests_can_boot() {
+        return;
+    }
+    let lossy = lossy_backend();
+    let template = format!(
+        "{} --socket-path {{socket}} --blk-file {{image}} --writable {{writable}} --num-queues {{queues}}",
+        lossy.display()
+    );
+    let t = tempfile::tempdir().unwrap();
+    let r = run_all(&template, t.path());
+    assert_eq!(r.code, Some(1), "{}\n{}", r.stdout, r.stderr);
+    let v = report(t.path());
+    for s in SCENARIOS {
+        let o = v["scenarios"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["name"] == s.name)
+            .unwrap();
+        if s.writes {
+            assert_eq!(o["status"], "fail", "{} passed on a lossy backend", s.name);
+            let wrong: Vec<&serde_json::Value> = o["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|c| c["ok"] == false)
+                .collect();
+            assert!(!wrong.is_empty(), "{}: no failed check named", s.name);
+            eprintln!(
+                "{}: wrong: {} ({})",
+                s.name, wrong[0]["what"], wrong[0]["detail"]
+            );
+            assert!(
+                r.stdout
+                    .contains(&format!("wrong: {}", wrong[0]["what"].as_str().unwrap())),
+                "the table does not say what {} got wrong:\n{}",
+                s.name,
+                r.stdout
+            );
+            let kept = t.path().join(o["kept"].as_str().unwrap());
+            assert!(
+                kept.join("boot-backend0.log").is_file()
+                    || kept.join("boot1-backend0.log").is_file()
+            );
+        } else {
+            assert_eq!(o["status"], "pass", "{}: {}", s.name, o["reason"]);
+        }
+    }
+    let failed = SCENARIOS.iter().filter(|s| s.writes).count();
+    let junit = std::fs::read_to_string(t.path().join("junit.xml")).unwrap();
+    assert!(junit.contains(&format!("failures=\"{failed}\"")), "{junit}");
+}

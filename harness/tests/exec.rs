@@ -1,0 +1,284 @@
+//! `vloop-harness exec` in real guests (TCG on machines without a usable KVM): exit statuses
+//! come back exactly, output streams while the command runs, files round-trip, read-only
+//! disks refuse writes, and a backend that dies fails the run with its log.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::time::{Duration, Instant};
+
+use common::{build_vloop_blk, guests_can_boot, run_harness, spawn_harness};
+
+#[test]
+fn exit_statuses_come_back_exactly() {
+    if !guests_can_boot() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    for code in [0, 1, 42] {
+        let cmd = format!("exit {code}");
+        let r = run_harness(
+            &["exec", "--results", ".", "--", "sh", "-c", &cmd],
+            t.path(),
+        );
+        assert_eq!(r.code, Some(code), "exec -- sh -c '{cmd}': {}", r.stderr);
+        assert!(
+            r.stderr.contains(&format!("exit status {code} ")) && r.stderr.contains("; accel "),
+            "no summary line: {}",
+            r.stderr
+        );
+    }
+    let r = run_harness(
+        &["exec", "--results", ".", "--", "no-such-program"],
+        t.path(),
+    );
+    assert_eq!(r.code, Some(127), "{}", r.stderr);
+    assert!(r.stderr.contains("no-such-program"), "{}", r.stderr);
+}
+
+#[test]
+fn output_streams_while_the_command_runs() {
+    if !guests_can_boot() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let mut child = spawn_harness(
+        &[
+            "exec",
+            "--results",
+            ".",
+            "--",
+            "sh",
+            "-c",
+            "echo first; sleep 3; echo second >&2; echo third",
+        ],
+        t.path(),
+    );
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let first_at = Instant::now();
+    let third = lines.next().unwrap().unwrap();
+    let third_at = Instant::now();
+    assert!(lines.next().is_none());
+    let st = child.wait().unwrap();
+    let exit_at = Instant::now();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(st.success(), "{stderr}");
+    assert_eq!((first.as_str(), third.as_str()), ("first", "third"));
+    assert!(stderr.contains("second\n"), "{stderr}");
+    assert!(
+        third_at - first_at >= Duration::from_millis(2500),
+        "the first line came only {:?} before the last: output was not streamed",
+        third_at - first_at
+    );
+    assert!(exit_at - first_at >= Duration::from_millis(2500));
+}
+
+#[test]
+fn files_round_trip_byte_for_byte_also_when_the_command_fails() {
+    if !guests_can_boot() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..300_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(t.path().join("in.bin"), &data).unwrap();
+    std::fs::create_dir(t.path().join("back")).unwrap();
+    let r = run_harness(
+        &[
+            "exec",
+            "--results",
+            ".",
+            "--copy-in",
+            "in.bin:/tmp/",
+            "--copy-out",
+            "/root/out.bin:back/",
+            "--copy-out",
+            "/root/tree:back/tree",
+            "--",
+            "sh",
+            "-c",
+            "cp /tmp/in.bin out.bin && mkdir -p tree/a && echo deep > tree/a/f && exit 3",
+        ],
+        t.path(),
+    );
+    assert_eq!(r.code, Some(3), "{}", r.stderr);
+    let back = std::fs::read(t.path().join("back/out.bin")).unwrap();
+    assert!(back == data, "the copy differs from the original");
+    assert_eq!(
+        std::fs::read_to_string(t.path().join("back/tree/a/f")).unwrap(),
+        "deep\n"
+    );
+}
+
+#[test]
+fn a_read_only_disk_refuses_writes_in_the_guest() {
+    if !guests_can_boot() {
+        return;
+    }
+    build_vloop_blk();
+    let t = tempfile::tempdir().unwrap();
+    let tree = t.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    std::fs::write(tree.join("hello.txt"), "hello\n").unwrap();
+    let img = t.path().join("ro.img");
+    vloop_harness::images::Images::default()
+        .ext2(&img, &tree, 8 << 20)
+        .unwrap();
+    let before = std::fs::read(&img).unwrap();
+    let r = run_harness(
+        &[
+            "exec",
+            "--results",
+            ".",
+            "--disk",
+            "ro.img,ro",
+            "--mount",
+            "0:/mnt",
+            "--",
+            "sh",
+            "-c",
+            "cat /sys/block/vda/ro; cat /mnt/hello.txt; echo x > /mnt/new.txt && echo WROTE; \
+             dd if=/dev/zero of=/dev/vda bs=4096 count=1 conv=fsync && echo WROTE",
+        ],
+        t.path(),
+    );
+    assert!(
+        r.stdout.starts_with("1\nhello\n"),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
+    assert!(
+        !r.stdout.contains("WROTE"),
+        "a write succeeded: {}",
+        r.stdout
+    );
+    assert!(r.stderr.contains("Read-only file system"), "{}", r.stderr);
+    assert_ne!(r.code, Some(0));
+    assert!(std::fs::read(&img).unwrap() == before, "the image changed");
+}
+
+#[test]
+fn a_backend_that_dies_fails_the_run_with_its_log() {
+    if !guests_can_boot() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let pidfile = t.path().join("backend.pid");
+    std::fs::write(t.path().join("d.img"), vec![0u8; 1 << 20]).unwrap();
+    let template = format!(
+        "sh -c 'echo backend-marker pid $$ >&2; echo $$ > {}; exec qemu-storage-daemon --blockdev driver=file,node-name=f,filename=$1 --export type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=$2,writable=on' sh {{image}} {{socket}}",
+        pidfile.display()
+    );
+    let mut child = spawn_harness(
+        &[
+            "exec",
+            "--results",
+            ".",
+            "--disk",
+            "d.img",
+            "--backend-cmd",
+            &template,
+            "--",
+            "sh",
+            "-c",
+            "echo ready; sleep 120",
+        ],
+        t.path(),
+    );
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let killed_at = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let st = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(st.code(), Some(125), "{stderr}");
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(30),
+        "the harness took {:?} to notice",
+        killed_at.elapsed()
+    );
+    assert!(stderr.contains("backend of disk 0 exited"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("backend-marker pid {pid}")),
+        "the backend's log is not in the message: {stderr}"
+    );
+    assert!(stderr.contains("logs kept in"), "{stderr}");
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(needle))
+        .collect()
+}
+
+#[test]
+fn ctrl_c_stops_the_guest_and_backends_and_removes_what_the_run_created() {
+    if !guests_can_boot() {
+        return;
+    }
+    build_vloop_blk();
+    let t = tempfile::tempdir().unwrap();
+    let runs = t.path().join("runs");
+    let mut child = spawn_harness(
+        &[
+            "exec",
+            "--results",
+            runs.to_str().unwrap(),
+            "--disk",
+            "scratch.img,size=16M",
+            "--",
+            "sh",
+            "-c",
+            "echo ready; sleep 120",
+        ],
+        t.path(),
+    );
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let dir = t.path().to_string_lossy().into_owned();
+    assert!(
+        processes_mentioning(&dir).len() >= 2,
+        "QEMU and the backend should be running"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let st = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(st.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted by SIGINT"), "{stderr}");
+    assert!(
+        processes_mentioning(&dir).is_empty(),
+        "left running: {:?}",
+        processes_mentioning(&dir)
+    );
+    assert!(
+        !t.path().join("scratch.img").exists(),
+        "the image the run created is still there"
+    );
+    let left: Vec<_> = std::fs::read_dir(&runs).unwrap().flatten().collect();
+    assert!(left.is_empty(), "the run's folder is still there: {left:?}");
+}
