@@ -1,6 +1,8 @@
 //! The I/O layer: requests of one queue executed on the image.
 //!
-//! - [`executor`]: the pipeline of one queue (pop, parse, start, complete, publish);
+//! - [`executor`]: the pipeline of one queue (pop, parse, start, complete, publish), and its
+//!   `plan` step, the format layer: a parsed request becomes ops on the image's files (one
+//!   for raw, one per extent of a qcow2 mapping), work for the slow path, or a completion;
 //! - [`guest`]: descriptor chains and small objects in guest memory, on the fast path;
 //! - [`store`]: the requests in flight and their stages;
 //! - [`share`]: how much of a saturated worker's page-cache reads go to a helper CPU;
