@@ -69,7 +69,7 @@ struct CreateArgs {
     #[arg(long, short, allow_hyphen_values = true)]
     size: Option<Size>,
     /// Image format (default: qcow2 for a FILE named *.qcow2 or with --backing, else raw).
-    #[arg(long, short = 'F', value_name = "FORMAT", value_parser = format_parser())]
+    #[arg(long, value_name = "FORMAT", value_parser = format_parser())]
     format: Option<Format>,
     /// qcow2: the backing file, stored as given; a relative name is relative to FILE's
     /// folder (as QEMU resolves it).
@@ -77,7 +77,8 @@ struct CreateArgs {
     backing: Option<PathBuf>,
     /// qcow2: the backing file's format (default: probed and stored; a file that looks like
     /// qcow2 must be named *.qcow2 or given this option).
-    #[arg(long, value_name = "FORMAT", value_parser = format_parser(), requires = "backing")]
+    #[arg(long, short = 'F', value_name = "FORMAT", value_parser = format_parser(),
+          requires = "backing")]
     backing_format: Option<Format>,
     /// qcow2: cluster size, a power of two from 512 to 2M (default 64K).
     #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]

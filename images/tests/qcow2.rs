@@ -278,6 +278,8 @@ fn created_overlays_name_their_backing_files_as_qemu_reads_them() {
             "vms/vm2.qcow2",
             "-b",
             "vm.qcow2",
+            "-F",
+            "qcow2",
             "--size",
             "32M",
             "--cluster-size",
@@ -286,7 +288,7 @@ fn created_overlays_name_their_backing_files_as_qemu_reads_them() {
         dir,
     );
     assert!(
-        out.contains("backing file: vm.qcow2 (qcow2 as probed"),
+        out.contains("backing file: vm.qcow2 (qcow2, 16 MiB, found at vms/vm.qcow2)"),
         "{out}"
     );
     check_clean("vms/vm2.qcow2", dir);
@@ -360,7 +362,11 @@ fn created_overlays_name_their_backing_files_as_qemu_reads_them() {
         1,
     );
     assert!(line.contains("base.raw"), "{line}");
-    let line = fails(&["create", "x.img", "-b", "base.raw", "-F", "raw"], dir, 1);
+    let line = fails(
+        &["create", "x.img", "-b", "base.raw", "--format", "raw"],
+        dir,
+        1,
+    );
     assert!(line.contains("--backing needs a qcow2 image"), "{line}");
     // Replacing a base by an overlay that would have it in its own chain.
     let line = fails(
