@@ -13,7 +13,9 @@
 //!   the unfinished copy is removed.
 //!
 //! Hashing an image ([`sha256_file`]) is the same walk without the writes. The reading
-//! itself (holes, chunks, bad sectors) is [`crate::input`]'s.
+//! itself (holes, chunks, bad sectors) is [`crate::input`]'s; the hashed walk
+//! ([`walk_hashed`]) and the zero-block test of the writes ([`nonzero_runs`]) serve
+//! `convert` as well.
 
 use std::fs::File;
 use std::io;
@@ -29,8 +31,8 @@ use thiserror::Error;
 use tracing::debug;
 
 use crate::input::{
-    allocated_bytes, is_zero, open_source, walk_data, Cancel, FileSource, InputError, ReadFailure,
-    Source, KIND_FILE,
+    allocated_bytes, drop_cache, is_zero, open_source, walk_data, Cancel, FileSource, InputError,
+    ReadFailure, Source, KIND_FILE,
 };
 use crate::output::{Output, OutputError, OutputFile};
 use crate::size::Size;
@@ -222,7 +224,7 @@ pub fn copy(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<CopySummary, C
     if opts.verify {
         opts.progress.reset();
         opts.progress.set_message("verifying copy");
-        drop_cache(out.file());
+        drop_cache(out.file().as_raw_fd());
         let dst_sha = hash_source(
             &FileSource::regular(out.file().try_clone().map_err(write_err)?),
             out.temp_path(),
@@ -232,7 +234,7 @@ pub fn copy(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<CopySummary, C
         )?;
         opts.progress.reset();
         opts.progress.set_message("verifying source");
-        drop_cache(source.file());
+        drop_cache(source.file().as_raw_fd());
         let src_sha = hash_source(&source, src, len, &opts.progress, &opts.cancel)?;
         if src_sha != sha256 {
             return Err(CopyError::SourceChanged {
@@ -281,33 +283,33 @@ pub fn sha256_file_with_progress(
     Ok((len, sha))
 }
 
-/// Asks the kernel to drop a file's cached pages, so that a read-back reaches the device.
-fn drop_cache(file: &File) {
-    let r = nix::fcntl::posix_fadvise(
-        file.as_raw_fd(),
-        0,
-        0,
-        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-    );
-    if let Err(e) = r {
-        debug!("posix_fadvise(DONTNEED): {e}");
+/// How the caller of [`walk_hashed`] reports an interruption in its own error type (its read
+/// failures are [`ReadFailure`]s).
+pub trait WalkFailure: ReadFailure {
+    /// The walk stopped because its [`Cancel`] flag was raised.
+    fn interrupted() -> Self;
+}
+
+impl WalkFailure for CopyError {
+    fn interrupted() -> Self {
+        CopyError::Interrupted
     }
 }
 
 /// [`walk_data`] with every byte hashed (holes as zeros), `data` called for data chunks;
-/// stops with [`CopyError::Interrupted`] once `cancel` is raised.
-fn walk(
+/// stops with `E::interrupted()` once `cancel` is raised. Returns the SHA-256.
+pub fn walk_hashed<E: WalkFailure>(
     src: &dyn Source,
     name: &Path,
     len: u64,
     progress: &ProgressBar,
     cancel: &Cancel,
-    mut data: impl FnMut(u64, &[u8]) -> Result<(), CopyError>,
-) -> Result<[u8; 32], CopyError> {
+    mut data: impl FnMut(u64, &[u8]) -> Result<(), E>,
+) -> Result<[u8; 32], E> {
     let mut hasher = Sha256::new();
     walk_data(src, name, len, progress, |off, bytes, hole| {
         if cancel.is_cancelled() {
-            return Err(CopyError::Interrupted);
+            return Err(E::interrupted());
         }
         hasher.update(bytes);
         if !hole {
@@ -326,7 +328,29 @@ pub fn hash_source(
     progress: &ProgressBar,
     cancel: &Cancel,
 ) -> Result<String, CopyError> {
-    walk(src, name, len, progress, cancel, |_, _| Ok(())).map(hex::encode)
+    walk_hashed(src, name, len, progress, cancel, |_, _| Ok(())).map(hex::encode)
+}
+
+/// The runs of `chunk` that are not all zero, at the granularity of `block`-byte blocks
+/// (the last block may be shorter): `(start, end)` byte ranges in order, each a maximal run
+/// of blocks with a non-zero byte. What is left out is what writers leave as holes.
+pub fn nonzero_runs(chunk: &[u8], block: usize) -> Vec<(usize, usize)> {
+    let block = block.max(1);
+    let mut runs = Vec::new();
+    let mut run: Option<usize> = None;
+    let blocks = chunk.len().div_ceil(block);
+    for i in 0..=blocks {
+        let nonzero = i < blocks && !is_zero(&chunk[i * block..((i + 1) * block).min(chunk.len())]);
+        match (nonzero, run) {
+            (true, None) => run = Some(i * block),
+            (false, Some(s)) => {
+                runs.push((s, (i * block).min(chunk.len())));
+                run = None;
+            }
+            _ => {}
+        }
+    }
+    runs
 }
 
 /// Copies `len` bytes of `src` into `out` (a fresh, empty file), leaving all-zero
@@ -341,30 +365,16 @@ pub fn copy_into(
     cancel: &Cancel,
 ) -> Result<([u8; 32], u64), CopyError> {
     let mut written = 0u64;
-    let sha = walk(src, src_name, len, progress, cancel, |off, chunk| {
-        // Write each run of non-zero blocks with one pwrite.
-        let mut run: Option<usize> = None;
-        let blocks = chunk.len().div_ceil(ZERO_BLOCK);
-        for i in 0..=blocks {
-            let nonzero = i < blocks && {
-                let b = &chunk[i * ZERO_BLOCK..((i + 1) * ZERO_BLOCK).min(chunk.len())];
-                !is_zero(b)
-            };
-            match (nonzero, run) {
-                (true, None) => run = Some(i * ZERO_BLOCK),
-                (false, Some(s)) => {
-                    let e = (i * ZERO_BLOCK).min(chunk.len());
-                    out.write_all_at(&chunk[s..e], off + s as u64)
-                        .map_err(|source| CopyError::Write {
-                            path: out_name.to_path_buf(),
-                            offset: off + s as u64,
-                            source,
-                        })?;
-                    written += (e - s) as u64;
-                    run = None;
-                }
-                _ => {}
-            }
+    let sha = walk_hashed::<CopyError>(src, src_name, len, progress, cancel, |off, chunk| {
+        // Each run of non-zero blocks with one pwrite.
+        for (s, e) in nonzero_runs(chunk, ZERO_BLOCK) {
+            out.write_all_at(&chunk[s..e], off + s as u64)
+                .map_err(|source| CopyError::Write {
+                    path: out_name.to_path_buf(),
+                    offset: off + s as u64,
+                    source,
+                })?;
+            written += (e - s) as u64;
         }
         Ok(())
     })?;
@@ -507,6 +517,26 @@ mod tests {
             matches!(err, CopyError::Short { offset: 1000, .. }),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn nonzero_runs_skip_zero_blocks() {
+        let mut b = vec![0u8; 10 * 4096 + 100];
+        b[5] = 1;
+        b[4096 + 4095] = 2;
+        b[5 * 4096] = 3;
+        b[10 * 4096 + 99] = 4;
+        assert_eq!(
+            nonzero_runs(&b, 4096),
+            vec![
+                (0, 2 * 4096),
+                (5 * 4096, 6 * 4096),
+                (10 * 4096, 10 * 4096 + 100)
+            ]
+        );
+        assert_eq!(nonzero_runs(&[0u8; 8192], 4096), vec![]);
+        assert_eq!(nonzero_runs(&[], 4096), vec![]);
+        assert_eq!(nonzero_runs(&[7u8; 3], 4096), vec![(0, 3)]);
     }
 
     #[test]

@@ -9,13 +9,16 @@
 //! - [`walk_data`] visits a source chunk by chunk: data is read in [`CHUNK`]s aligned to
 //!   [`CHUNK`], holes are passed as zeros without being read, a failed read names the first
 //!   512-byte sector that cannot be read;
+//! - [`file_data_region`] is the same search on any open file (the files under a qcow2
+//!   image's clusters);
 //! - [`is_zero`] tells an all-zero block, which every writer leaves as a hole;
+//! - [`drop_cache`] evicts a file from the page cache, so that a read-back reaches the disk;
 //! - [`Cancel`] asks a running walk's caller to stop (a Ctrl-C handler's flag, one per
 //!   operation, never shared by the whole process).
 
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -118,6 +121,11 @@ impl FileSource {
     pub fn file(&self) -> &File {
         &self.file
     }
+
+    /// The open file, given up.
+    pub fn into_file(self) -> File {
+        self.file
+    }
 }
 
 impl Source for FileSource {
@@ -132,29 +140,38 @@ impl Source for FileSource {
         if !self.seekable_holes {
             return Ok(Some((offset, len)));
         }
-        let fd = self.file.as_raw_fd();
-        let seek = |off: u64, whence| -> io::Result<Option<u64>> {
-            let off =
-                i64::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-            match lseek(fd, off, whence) {
-                Ok(v) => Ok(u64::try_from(v).ok()),
-                Err(Errno::ENXIO) => Ok(None),
-                // File systems without SEEK_DATA support: everything is data.
-                Err(Errno::EINVAL) => Ok(u64::try_from(off).ok()),
-                Err(e) => Err(e.into()),
-            }
-        };
-        let Some(start) = seek(offset, Whence::SeekData)? else {
-            return Ok(None);
-        };
-        if start >= len {
-            return Ok(None);
-        }
-        let end = seek(start, Whence::SeekHole)?
-            .unwrap_or(len)
-            .clamp(start + 1, len);
-        Ok(Some((start, end)))
+        file_data_region(self.file.as_raw_fd(), offset, len)
     }
+}
+
+/// The first data region of the open regular file `fd` in `offset..end`, found with
+/// `SEEK_DATA`/`SEEK_HOLE`: `Some((start, stop))` with `offset <= start < stop <= end`, or
+/// `None` when only holes lie there. A file system that cannot tell is all data. Only the
+/// file offset of `fd` moves, which positioned reads and writes ignore.
+pub fn file_data_region(fd: RawFd, offset: u64, end: u64) -> io::Result<Option<(u64, u64)>> {
+    if offset >= end {
+        return Ok(None);
+    }
+    let seek = |off: u64, whence| -> io::Result<Option<u64>> {
+        let off = i64::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        match lseek(fd, off, whence) {
+            Ok(v) => Ok(u64::try_from(v).ok()),
+            Err(Errno::ENXIO) => Ok(None),
+            // File systems without SEEK_DATA support: everything is data.
+            Err(Errno::EINVAL) => Ok(u64::try_from(off).ok()),
+            Err(e) => Err(e.into()),
+        }
+    };
+    let Some(start) = seek(offset, Whence::SeekData)? else {
+        return Ok(None);
+    };
+    if start >= end {
+        return Ok(None);
+    }
+    let stop = seek(start, Whence::SeekHole)?
+        .unwrap_or(end)
+        .clamp(start + 1, end);
+    Ok(Some((start, stop)))
 }
 
 nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
@@ -278,6 +295,20 @@ fn bad_sector(src: &dyn Source, from: u64, to: u64) -> u64 {
         }
     }
     from
+}
+
+/// Asks the kernel to drop the cached pages of the open file `fd`, so that reading it again
+/// reaches the device (a verifying read-back). Failure only costs that guarantee.
+pub fn drop_cache(fd: RawFd) {
+    let r = nix::fcntl::posix_fadvise(
+        fd,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    );
+    if let Err(e) = r {
+        tracing::debug!("posix_fadvise(DONTNEED): {e}");
+    }
 }
 
 /// True when every byte of `block` is zero.

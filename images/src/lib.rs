@@ -8,18 +8,23 @@
 //! - [`size`]: sizes as users type them (`10M`, `20480s`), the workspace's one size grammar;
 //! - [`tree`]: a source folder read into memory, sorted and clamped for reproducible builds;
 //! - [`input`]: reading image files, block devices and source files, holes skipped;
+//! - [`image`]: images as virtual disks: raw, or qcow2 through its backing chain, and format
+//!   probing with its guard;
 //! - [`output`]: writing an output file safely, and the registry of unfinished ones;
-//! - [`create`]: blank raw images;
+//! - [`create`]: blank raw and qcow2 images (qcow2 optionally over a backing file);
 //! - [`copy`]: a device or image copied to an image file, and SHA-256 of images;
+//! - [`convert`]: an image's virtual disk written as raw or qcow2 (chains flattened);
 //! - [`ext2`]: the ext2 builder (plan, writing pass, on-disk layout);
 //! - [`iso`]: the ISO 9660 builder and a reader of ISO 9660 images;
 //! - [`info`]: what an image holds;
 //! - [`folder`]: an ext2 or ISO 9660 image of a folder, the whole command as one call.
 
+pub mod convert;
 pub mod copy;
 pub mod create;
 pub mod ext2;
 pub mod folder;
+pub mod image;
 pub mod info;
 pub mod input;
 pub mod iso;
@@ -132,5 +137,48 @@ mod error_display_tests {
             path: path(),
             source: cause(),
         });
+        use crate::image::ImageError;
+        let chain_err = || {
+            ImageError::from(vloop_qcow2::Error::Io {
+                what: "reading data",
+                path: path(),
+                offset: 0,
+                source: cause(),
+            })
+        };
+        check(&chain_err());
+        check(&ImageError::ProbeRead {
+            path: path(),
+            source: cause(),
+        });
+        check(&CreateError::Backing {
+            name: path(),
+            resolved: path(),
+            source: chain_err(),
+        });
+        check(&CreateError::Qcow2 {
+            path: path(),
+            source: vloop_qcow2::CreateError::Io(cause()),
+        });
+        use crate::convert::ConvertError;
+        check(&ConvertError::from(chain_err()));
+        check(&ConvertError::Read {
+            path: path(),
+            offset: 0,
+            source: cause(),
+        });
+        check(&ConvertError::Qcow2 {
+            path: path(),
+            source: vloop_qcow2::Error::OpenBacking {
+                path: path(),
+                by: path(),
+                source: cause(),
+            },
+        });
+        check(&ConvertError::ReadBack {
+            path: path(),
+            source: chain_err(),
+        });
+        check(&crate::info::InfoError::from(chain_err()));
     }
 }

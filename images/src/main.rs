@@ -13,15 +13,17 @@ use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing_subscriber::EnvFilter;
+use vloop_images::convert::{self, ConvertError, ConvertOptions};
 use vloop_images::copy::{self, CopyOptions};
-use vloop_images::create::{self, CreateOptions};
+use vloop_images::create::{self, BackingOptions, CreateOptions};
 use vloop_images::folder::{self, BuildOptions, Hashing};
+use vloop_images::image::Format;
 use vloop_images::input::Cancel;
 use vloop_images::output::Unfinished;
 use vloop_images::size::Size;
 use vloop_images::{ext2, info, iso};
 
-/// Create, build, copy and inspect raw disk images.
+/// Create, build, copy, convert and inspect disk images (raw and qcow2).
 ///
 /// Sizes are bytes or take a suffix: K, M, G, T (powers of 1024, also KiB...), KB, MB, GB,
 /// TB (powers of 1000), s (512-byte sectors): 10M, 1GiB, 20480s, 1.5G.
@@ -37,7 +39,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create a blank raw image (sparse unless --preallocate).
+    /// Create a blank image: raw (sparse unless --preallocate) or qcow2 (optionally over a
+    /// backing file).
     Create(CreateArgs),
     /// Build an ext2 file system image from a folder.
     Ext2(Ext2Args),
@@ -45,18 +48,42 @@ enum Command {
     Iso(IsoArgs),
     /// Copy a block device or image file to an image file, keeping holes.
     Copy(CopyArgs),
+    /// Convert an image between raw and qcow2 (a backing chain is flattened), keeping holes.
+    Convert(ConvertArgs),
     /// Show what an image holds.
     Info(InfoArgs),
+}
+
+/// `raw` or `qcow2`, for clap.
+fn format_parser() -> impl clap::builder::TypedValueParser<Value = Format> {
+    clap::builder::PossibleValuesParser::new(["raw", "qcow2"])
+        .map(|s| Format::from_name(&s).expect("listed values are formats"))
 }
 
 #[derive(Debug, Args)]
 struct CreateArgs {
     /// The image file to create.
     file: PathBuf,
-    /// Size, e.g. 10M, 1GiB, 20480s; rounded up to a multiple of 512 bytes.
+    /// Size, e.g. 10M, 1GiB, 20480s; rounded up to a multiple of 512 bytes. With --backing
+    /// the default is the backing file's virtual size.
     #[arg(long, short, allow_hyphen_values = true)]
-    size: Size,
-    /// Allocate every block now (posix_fallocate) instead of leaving the file sparse.
+    size: Option<Size>,
+    /// Image format (default: qcow2 for a FILE named *.qcow2 or with --backing, else raw).
+    #[arg(long, value_name = "FORMAT", value_parser = format_parser())]
+    format: Option<Format>,
+    /// qcow2: the backing file, stored as given; a relative name is relative to FILE's
+    /// folder (as QEMU resolves it).
+    #[arg(long, short, value_name = "BASE")]
+    backing: Option<PathBuf>,
+    /// qcow2: the backing file's format (default: probed and stored; a file that looks like
+    /// qcow2 must be named *.qcow2 or given this option).
+    #[arg(long, short = 'F', value_name = "FORMAT", value_parser = format_parser(),
+          requires = "backing")]
+    backing_format: Option<Format>,
+    /// qcow2: cluster size, a power of two from 512 to 2M (default 64K).
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
+    cluster_size: Option<Size>,
+    /// Raw: allocate every block now (posix_fallocate) instead of leaving the file sparse.
     #[arg(long)]
     preallocate: bool,
     /// Replace FILE if it exists.
@@ -152,6 +179,30 @@ struct CopyArgs {
 }
 
 #[derive(Debug, Args)]
+struct ConvertArgs {
+    /// The image to convert (a qcow2 image is read through its backing chain).
+    src: PathBuf,
+    /// The image file to write.
+    dst: PathBuf,
+    /// Output format (default: qcow2 when DST ends in .qcow2, else raw).
+    #[arg(long, short = 'O', value_name = "FORMAT", value_parser = format_parser())]
+    format: Option<Format>,
+    /// The source's format (default: probed; a file that looks like qcow2 must be named
+    /// *.qcow2 or given this option).
+    #[arg(long, short = 'f', value_name = "FORMAT", value_parser = format_parser())]
+    source_format: Option<Format>,
+    /// qcow2 output: cluster size, a power of two from 512 to 2M (default 64K).
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
+    cluster_size: Option<Size>,
+    /// Read the source and the output back afterwards and compare their SHA-256.
+    #[arg(long)]
+    verify: bool,
+    /// Replace DST if it exists.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
 struct InfoArgs {
     /// The image file or block device to examine.
     file: PathBuf,
@@ -183,7 +234,10 @@ fn main() -> ExitCode {
     };
     init_tracing(cli.verbose);
     let stop = Stop::default();
-    watch_signals(matches!(cli.command, Command::Copy(_)), stop.clone());
+    watch_signals(
+        matches!(cli.command, Command::Copy(_) | Command::Convert(_)),
+        stop.clone(),
+    );
     match run(cli.command, &stop) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -193,6 +247,9 @@ fn main() -> ExitCode {
             if matches!(
                 e.downcast_ref::<copy::CopyError>(),
                 Some(copy::CopyError::Interrupted)
+            ) || matches!(
+                e.downcast_ref::<ConvertError>(),
+                Some(ConvertError::Interrupted)
             ) {
                 ExitCode::from(130)
             } else {
@@ -214,7 +271,8 @@ fn value_error_line(rendered: &str) -> String {
         .join(" ")
 }
 
-/// How the signal thread stops the running command: a copy through its cancel flag, any
+/// How the signal thread stops the running command: a copy or a conversion through its
+/// cancel flag, any
 /// other command by removing the temporary files listed in `unfinished` and exiting.
 #[derive(Debug, Clone, Default)]
 struct Stop {
@@ -222,7 +280,8 @@ struct Stop {
     unfinished: Unfinished,
 }
 
-/// Handles Ctrl-C (and SIGTERM, SIGHUP) on a thread of its own. A copy is asked to stop
+/// Handles Ctrl-C (and SIGTERM, SIGHUP) on a thread of its own. A copy or a conversion is
+/// asked to stop
 /// (`cooperative`), so that it removes its unfinished output and reports; anything else
 /// ends at once with status 130.
 fn watch_signals(cooperative: bool, stop: Stop) {
@@ -279,6 +338,7 @@ fn run(command: Command, stop: &Stop) -> Result<()> {
         Command::Ext2(a) => run_ext2(a, stop),
         Command::Iso(a) => run_iso(a, stop),
         Command::Copy(a) => run_copy(a, stop),
+        Command::Convert(a) => run_convert(a, stop),
         Command::Info(a) => run_info(a),
     }
 }
@@ -289,6 +349,12 @@ fn run_create(a: CreateArgs, stop: &Stop) -> Result<()> {
         &a.file,
         &CreateOptions {
             size: a.size,
+            format: a.format,
+            backing: a.backing.map(|name| BackingOptions {
+                name,
+                format: a.backing_format,
+            }),
+            cluster_size: a.cluster_size,
             preallocate: a.preallocate,
             force: a.force,
             unfinished: Some(stop.unfinished.clone()),
@@ -301,19 +367,36 @@ fn run_create(a: CreateArgs, stop: &Stop) -> Result<()> {
             s.size.bytes()
         );
     }
+    let kind = match (s.format, s.cluster_size) {
+        (Format::Qcow2, Some(cs)) => format!("qcow2, {} clusters", Size(cs)),
+        _ if a.preallocate => "raw, preallocated".to_string(),
+        _ => "raw, sparse".to_string(),
+    };
     println!(
-        "created {}: {} ({} bytes), {} ({} allocated) in {:.2} s",
+        "created {}: {kind}, {} ({} bytes), {} allocated, in {:.2} s",
         a.file.display(),
         s.size.human(),
         s.size.bytes(),
-        if a.preallocate {
-            "preallocated"
-        } else {
-            "sparse"
-        },
         Size(s.allocated).human(),
         start.elapsed().as_secs_f64()
     );
+    if let Some(b) = &s.backing {
+        let resolved = if b.path == b.name {
+            String::new()
+        } else {
+            format!(", found at {}", b.path.display())
+        };
+        println!(
+            "backing file: {} ({}{}, {}{resolved})",
+            b.name.display(),
+            b.format,
+            if b.format_probed { " as probed" } else { "" },
+            Size(b.size).human()
+        );
+        if s.size_from_backing {
+            println!("note: the size is the backing file's");
+        }
+    }
     Ok(())
 }
 
@@ -467,6 +550,54 @@ fn run_copy(a: CopyArgs, stop: &Stop) -> Result<()> {
     );
     if s.verified {
         println!("verified: source and copy read back with the same SHA-256");
+    }
+    println!("sha256: {}  {}", s.sha256, a.dst.display());
+    Ok(())
+}
+
+fn run_convert(a: ConvertArgs, stop: &Stop) -> Result<()> {
+    let bar = progress_bar();
+    let s = convert::convert(
+        &a.src,
+        &a.dst,
+        &ConvertOptions {
+            format: a.format,
+            source_format: a.source_format,
+            cluster_size: a.cluster_size,
+            verify: a.verify,
+            force: a.force,
+            progress: bar.clone(),
+            cancel: stop.cancel.clone(),
+        },
+    );
+    bar.finish_and_clear();
+    let s = s?;
+    let layers = match s.source_layers {
+        1 => String::new(),
+        n => format!(", a chain of {n} files flattened"),
+    };
+    let clusters = match s.cluster_size {
+        Some(cs) => format!(", {} clusters", Size(cs)),
+        None => String::new(),
+    };
+    println!(
+        "{} ({}{layers}) -> {} ({}{clusters}): {}",
+        a.src.display(),
+        s.source_format,
+        a.dst.display(),
+        s.format,
+        convert::describe(&s)
+    );
+    if let Some(to) = s.rounded_to {
+        println!(
+            "note: the virtual size is rounded up to {to} bytes, a whole number of 512-byte \
+             sectors (the added bytes read as zeroes; the SHA-256 covers the source's {} bytes)",
+            s.bytes
+        );
+    }
+    println!("allocated: {}", Size(s.allocated).human());
+    if s.verified {
+        println!("verified: source and output read back with the same SHA-256");
     }
     println!("sha256: {}  {}", s.sha256, a.dst.display());
     Ok(())

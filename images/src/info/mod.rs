@@ -1,6 +1,15 @@
-//! `vloop-image info`: what an image file (or block device) holds.
+//! `vloop-image info`: what an image file (or block device) is and what it holds.
 //!
-//! Recognised, in this order:
+//! First the format: the first sector is probed ([`crate::image::probe_file`]; inspecting
+//! trusts the content, and says so when a qcow2 image is not named `*.qcow2` or a `*.qcow2`
+//! file is not qcow2). A qcow2 image is described from its header and its backing chain,
+//! opened read-only ([`crate::image::open`]): version, cluster size, compression type,
+//! allocated clusters, the backing file as stored and every layer of the chain. When the
+//! chain cannot be opened (a missing backing file), the image alone is described and a note
+//! says why.
+//!
+//! Then the content of the virtual disk (for qcow2: what the guest sees, read through the
+//! chain), recognised in this order:
 //! - ext2/3/4: the superblock at byte 1024 (magic `0xEF53` at offset 56). ext3 is ext2 with
 //!   a journal (`has_journal`); ext4 has any of `extents`, `64bit`, `flex_bg`.
 //! - ISO 9660: `CD001` in the volume descriptor at byte 32768, described by
@@ -8,8 +17,8 @@
 //!   image is still described).
 //! - A GUID partition table (protective MBR entry `0xEE`, `EFI PART` at LBA 1) or an MBR
 //!   partition table (`0x55AA` at byte 510, sane entries).
-//! - All zero: every byte is zero (holes are skipped with `SEEK_DATA`, so a sparse image is
-//!   checked in no time).
+//! - All zero: every byte is zero (holes, and unallocated qcow2 clusters, are skipped
+//!   without reading, so a sparse image is checked in no time).
 //! - Anything else is unknown.
 //!
 //! The structures are decoded by `decode` (pure: bytes in, description out); this module
@@ -19,16 +28,20 @@ mod decode;
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use indicatif::ProgressBar;
 use serde::Serialize;
 use thiserror::Error;
+use vloop_qcow2::header::{Header, COMPAT_LAZY_REFCOUNTS};
+use vloop_qcow2::table::{Geometry, TableError};
 
 pub use self::decode::{
-    gpt_table, parse_ext, parse_gpt, parse_mbr, ExtInfo, GptInfo, GptPartition, MbrInfo,
-    MbrPartition,
+    count_l2, gpt_table, parse_ext, parse_gpt, parse_mbr, ClusterCounts, ExtInfo, GptInfo,
+    GptPartition, MbrInfo, MbrPartition,
 };
+use crate::image::{self, has_qcow2_name, Disk, Format, ImageError, Probed, Probing};
 use crate::input::{
     allocated_bytes, is_zero, open_source, read_full_at, walk_data, InputError, ReadFailure,
     Source, KIND_FILE,
@@ -42,6 +55,37 @@ pub enum InfoError {
     /// The file cannot be opened, or is not a file or block device.
     #[error(transparent)]
     Open(#[from] InputError),
+    /// The image cannot be opened as a disk (an invalid qcow2 image).
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// The qcow2 header cannot be parsed.
+    #[error("{}: invalid qcow2 header", path.display())]
+    Header {
+        /// The image.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: vloop_qcow2::HeaderError,
+    },
+    /// A qcow2 table entry is invalid.
+    #[error("{}: invalid qcow2 table entry", path.display())]
+    Table {
+        /// The image.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: TableError,
+    },
+    /// A qcow2 table lies past the end of the file.
+    #[error("{}: {what} at byte {offset} lies past the end of the file; the image is corrupt", path.display())]
+    PastEnd {
+        /// The image.
+        path: PathBuf,
+        /// Which table.
+        what: &'static str,
+        /// Where it starts.
+        offset: u64,
+    },
     /// Reading the image failed.
     #[error("read error in {path} at byte {offset}")]
     Read {
@@ -88,12 +132,67 @@ impl ReadFailure for InfoError {
 pub struct Info {
     /// The file examined.
     pub path: PathBuf,
-    /// Its size in bytes.
+    /// Its format (`raw` or `qcow2`).
+    #[serde(serialize_with = "image::serialize_format")]
+    pub format: Format,
+    /// The virtual size in bytes: what a guest sees (a raw image: the file's size).
     pub size: u64,
+    /// The file's length (a block device: its size).
+    pub file_size: u64,
     /// Bytes allocated on disk (`st_blocks * 512`); `None` for a block device.
     pub allocated: Option<u64>,
-    /// What it holds.
+    /// A qcow2 image's header, allocation and backing chain.
+    pub qcow2: Option<Qcow2Info>,
+    /// What the virtual disk holds.
     pub content: Content,
+    /// Remarks: a name that does not match the content, a backing chain that cannot be
+    /// opened.
+    pub notes: Vec<String>,
+}
+
+/// A qcow2 image, described.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Qcow2Info {
+    /// 2 (compat 0.10) or 3 (compat 1.1).
+    pub version: u32,
+    /// Cluster size in bytes.
+    pub cluster_size: u64,
+    /// Compression type of compressed clusters: `zlib` or `zstd`.
+    pub compression: String,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// The lazy refcounts feature is set.
+    pub lazy_refcounts: bool,
+    /// Clusters of the virtual disk (the virtual size in clusters, rounded up).
+    pub virtual_clusters: u64,
+    /// Host clusters this file's L2 tables reference: data, compressed and preallocated zero
+    /// clusters (what `qemu-img check` calls allocated).
+    pub allocated_clusters: u64,
+    /// Those clusters' bytes (a compressed cluster counted whole).
+    pub allocated_bytes: u64,
+    /// Of the allocated clusters, compressed ones.
+    pub compressed_clusters: u64,
+    /// Of the allocated clusters, zero clusters that keep a preallocated host cluster.
+    pub zero_preallocated_clusters: u64,
+    /// The backing file name as stored in the header.
+    pub backing_file: Option<String>,
+    /// The backing format as stored in the header (`None`: probed when opened).
+    pub backing_format: Option<String>,
+    /// The files of the chain, this image first; just this image when the chain could not
+    /// be opened.
+    pub chain: Vec<LayerInfo>,
+}
+
+/// One file of a backing chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LayerInfo {
+    /// The file (backing files: resolved from the name the image above stores).
+    pub path: PathBuf,
+    /// Its format.
+    #[serde(serialize_with = "image::serialize_format")]
+    pub format: Format,
+    /// Its virtual size in bytes.
+    pub virtual_size: u64,
 }
 
 /// What an image holds. Serialised with a `"type"` field naming the variant.
@@ -114,25 +213,193 @@ pub enum Content {
     Unknown,
 }
 
+/// The error and its causes on one line, `: `-separated.
+fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    line
+}
+
 /// Examines `path`.
 pub fn info(path: &Path) -> Result<Info, InfoError> {
-    let (source, size, kind) = open_source(path)?;
+    let (source, file_size, kind) = open_source(path)?;
     let allocated = if kind == KIND_FILE {
         source.file().metadata().ok().map(|m| allocated_bytes(&m))
     } else {
         None
     };
-    let reader = Reader {
-        source: &source,
-        path,
-        size,
+    let probed = image::probe_file(source.file(), path)?;
+    let mut notes = Vec::new();
+    let mut qcow2 = None;
+    let mut chain_ok = true;
+    let disk = match probed {
+        Probed::Format(Format::Qcow2) if kind == KIND_FILE => {
+            if !has_qcow2_name(path) {
+                notes.push(
+                    "the content is a qcow2 image but the name does not end in .qcow2: convert \
+                     reads it as qcow2 only with --source-format qcow2, create --backing only \
+                     with --backing-format qcow2"
+                        .to_string(),
+                );
+            }
+            let disk = match image::open(path, Some(Format::Qcow2), Probing::Content) {
+                Ok(d) => d,
+                Err(e) => match image::open_without_backing(path) {
+                    Ok(d) => {
+                        notes.push(format!(
+                            "the backing chain cannot be opened ({}); the image is described \
+                             alone and its content is not examined",
+                            error_line(&e)
+                        ));
+                        chain_ok = false;
+                        d
+                    }
+                    Err(_) => return Err(e.into()),
+                },
+            };
+            qcow2 = Some(describe_qcow2(&disk, source.file(), path)?);
+            disk
+        }
+        other => {
+            match other {
+                Probed::Format(Format::Qcow2) => notes.push(
+                    "the content is a qcow2 image on a block device, which vloop does not \
+                     read as qcow2: shown as raw"
+                        .to_string(),
+                ),
+                Probed::Foreign(name) => notes.push(format!(
+                    "the content looks like a {name} image, which vloop does not read: shown \
+                     as raw"
+                )),
+                Probed::Format(Format::Raw) if has_qcow2_name(path) => notes.push(
+                    "the name ends in .qcow2 but the content is not a qcow2 image: it is raw"
+                        .to_string(),
+                ),
+                Probed::Format(Format::Raw) => {}
+            }
+            image::open(path, Some(Format::Raw), Probing::Content)?
+        }
     };
-    let content = detect(&reader)?;
+    drop(source);
+    let content = if chain_ok {
+        detect(&Reader {
+            source: &disk,
+            path,
+            size: disk.size(),
+        })?
+    } else {
+        Content::Unknown
+    };
     Ok(Info {
         path: path.to_path_buf(),
-        size,
+        format: disk.format(),
+        size: disk.size(),
+        file_size,
         allocated,
+        qcow2,
         content,
+        notes,
+    })
+}
+
+/// Reads the L1 table and every L2 table of the qcow2 image `file` and counts the host
+/// clusters they reference.
+fn count_clusters(
+    file: &std::fs::File,
+    path: &Path,
+    h: &Header,
+) -> Result<ClusterCounts, InfoError> {
+    let geo = Geometry::of(h);
+    let cs = geo.cluster_size();
+    let table_err = |source| InfoError::Table {
+        path: path.to_path_buf(),
+        source,
+    };
+    let read = |len: u64, at: u64, what: &'static str| {
+        let mut buf = vec![0u8; len as usize];
+        let n = file
+            .read_at(&mut buf, at)
+            .map_err(|e| InfoError::read(path, at, e))?;
+        if n < buf.len() {
+            return Err(InfoError::PastEnd {
+                path: path.to_path_buf(),
+                what,
+                offset: at,
+            });
+        }
+        Ok(buf)
+    };
+    // The header's L1 size is at most 32 MiB of entries (checked when it was parsed).
+    let l1 = read(u64::from(h.l1_size) * 8, h.l1_table_offset, "the L1 table")?;
+    let mut counts = ClusterCounts::default();
+    for (i, raw) in l1.chunks_exact(8).enumerate() {
+        let raw = u64::from_be_bytes([
+            raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
+        ]);
+        let at = geo.l1_offset(i as u64, raw).map_err(table_err)?;
+        if at == 0 {
+            continue;
+        }
+        let table = read(cs, at, "an L2 table")?;
+        count_l2(&table, &geo, &mut counts).map_err(table_err)?;
+    }
+    Ok(counts)
+}
+
+/// The qcow2 part of [`Info`]: the header of `file` and the chain of `disk`.
+fn describe_qcow2(disk: &Disk, file: &std::fs::File, path: &Path) -> Result<Qcow2Info, InfoError> {
+    let read = |buf: &mut [u8]| {
+        let n = file
+            .read_at(buf, 0)
+            .map_err(|e| InfoError::read(path, 0, e))?;
+        Ok::<_, InfoError>(n)
+    };
+    let header_err = |source| InfoError::Header {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut first = [0u8; 24];
+    let n = read(&mut first)?;
+    let bits = Header::peek_cluster_bits(&first[..n]).map_err(header_err)?;
+    let mut cluster = vec![0u8; 1 << bits];
+    let n = read(&mut cluster)?;
+    let h = Header::parse(&cluster[..n]).map_err(header_err)?;
+    let counts = count_clusters(file, path, &h)?;
+    let cs = h.cluster_size();
+    Ok(Qcow2Info {
+        version: h.version,
+        cluster_size: cs,
+        compression: match h.compression {
+            vloop_qcow2::Compression::Deflate => "zlib",
+            vloop_qcow2::Compression::Zstd => "zstd",
+        }
+        .to_string(),
+        refcount_bits: 1 << h.refcount_order,
+        lazy_refcounts: h.compatible & COMPAT_LAZY_REFCOUNTS != 0,
+        virtual_clusters: h.size.div_ceil(cs),
+        allocated_clusters: counts.allocated,
+        allocated_bytes: counts.allocated.saturating_mul(cs),
+        compressed_clusters: counts.compressed,
+        zero_preallocated_clusters: counts.zero_preallocated,
+        backing_file: h
+            .backing_file
+            .as_deref()
+            .map(|b| String::from_utf8_lossy(b).into_owned()),
+        backing_format: h.backing_format.clone(),
+        chain: disk
+            .layers()?
+            .into_iter()
+            .map(|l| LayerInfo {
+                path: l.path,
+                format: l.format,
+                virtual_size: l.virtual_size,
+            })
+            .collect(),
     })
 }
 
@@ -261,15 +528,90 @@ fn all_zero(r: &Reader<'_>) -> Result<bool, InfoError> {
 pub fn describe(info: &Info) -> String {
     let mut out = String::new();
     let mut line = |k: &str, v: String| {
-        let _ = writeln!(out, "{:<13}{v}", format!("{k}:"));
+        let _ = writeln!(out, "{:<15}{v}", format!("{k}:"));
     };
+    let bytes = |n: u64| format!("{} ({n} bytes)", Size(n).human());
     line("file", info.path.display().to_string());
-    line(
-        "size",
-        format!("{} ({} bytes)", Size(info.size).human(), info.size),
-    );
+    match &info.qcow2 {
+        None => {
+            line("format", "raw".to_string());
+            line("size", bytes(info.size));
+        }
+        Some(q) => {
+            line(
+                "format",
+                format!(
+                    "qcow2 version {} (compat {})",
+                    q.version,
+                    if q.version >= 3 { "1.1" } else { "0.10" }
+                ),
+            );
+            line("virtual size", bytes(info.size));
+            line("file size", bytes(info.file_size));
+        }
+    }
     if let Some(a) = info.allocated {
-        line("allocated", format!("{} ({a} bytes)", Size(a).human()));
+        line("allocated", bytes(a));
+    }
+    if let Some(q) = &info.qcow2 {
+        line("cluster size", bytes(q.cluster_size));
+        let mut detail = Vec::new();
+        if q.compressed_clusters > 0 {
+            detail.push(format!("{} compressed", q.compressed_clusters));
+        }
+        if q.zero_preallocated_clusters > 0 {
+            detail.push(format!(
+                "{} preallocated zero clusters",
+                q.zero_preallocated_clusters
+            ));
+        }
+        line(
+            "clusters",
+            format!(
+                "{} of {} allocated ({}){}",
+                q.allocated_clusters,
+                q.virtual_clusters,
+                Size(q.allocated_bytes).human(),
+                if detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {}", detail.join(", "))
+                }
+            ),
+        );
+        line("compression", q.compression.clone());
+        line(
+            "refcounts",
+            format!(
+                "{} bits{}",
+                q.refcount_bits,
+                if q.lazy_refcounts { ", lazy" } else { "" }
+            ),
+        );
+        match &q.backing_file {
+            None => line("backing file", "(none)".to_string()),
+            Some(b) => line(
+                "backing file",
+                format!(
+                    "{b} (format {})",
+                    q.backing_format.as_deref().unwrap_or("not stored: probed")
+                ),
+            ),
+        }
+        if q.chain.len() > 1 {
+            line("backing chain", format!("{} files", q.chain.len()));
+            for (i, l) in q.chain.iter().enumerate() {
+                line(
+                    &format!("  {i}"),
+                    format!(
+                        "{} ({}, {})",
+                        l.path.display(),
+                        l.format,
+                        Size(l.virtual_size).human()
+                    ),
+                );
+            }
+        }
     }
     match &info.content {
         Content::Ext(e) => {
@@ -353,6 +695,9 @@ pub fn describe(info: &Info) -> String {
         }
         Content::Zero => line("holds", "nothing: every byte is zero".to_string()),
         Content::Unknown => line("holds", "unknown content".to_string()),
+    }
+    for n in &info.notes {
+        let _ = writeln!(out, "note: {n}");
     }
     out
 }
