@@ -162,10 +162,8 @@ impl Images {
         match self.tools {
             ImageTools::Vloop => {
                 let opts = create::CreateOptions {
-                    size: Size(size),
-                    preallocate: false,
-                    force: false,
-                    unfinished: None,
+                    size: Some(Size(size)),
+                    ..Default::default()
                 };
                 create::create(path, &opts).map_err(|source| ImageError::Create {
                     path: path.to_path_buf(),
