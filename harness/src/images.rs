@@ -21,9 +21,9 @@ pub enum ImageError {
     Create {
         /// The image.
         path: PathBuf,
-        /// Why.
+        /// Why (boxed: the writer's error is large).
         #[source]
-        source: create::CreateError,
+        source: Box<create::CreateError>,
     },
     /// Reading the source folder failed.
     #[error("vloop-images: reading the folder {path}")]
@@ -167,7 +167,7 @@ impl Images {
                 };
                 create::create(path, &opts).map_err(|source| ImageError::Create {
                     path: path.to_path_buf(),
-                    source,
+                    source: Box::new(source),
                 })?;
                 Ok("vloop-images create")
             }
