@@ -1,5 +1,7 @@
 //! vloop-bench: a load generator for vhost-user-blk backends, and a side-by-side comparison of
-//! vloop-blk, qemu-storage-daemon (main loop and iothread) and raw io_uring on the same image.
+//! vloop-blk, qemu-storage-daemon (main loop and iothread) and raw io_uring on the same image
+//! (or, in qcow2 mode, of vloop-blk and qemu-storage-daemon on a qcow2 copy of it and on empty
+//! overlays, against vloop-blk on the raw image).
 //!
 //! It drives backends through the project's frontend client (crate `vloop-frontend`):
 //! [`load`] runs one workload against one export, [`verify`] checks data integrity under load,

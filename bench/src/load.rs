@@ -127,6 +127,10 @@ pub struct Workload {
     /// Measured duration.
     #[serde(serialize_with = "ser_secs")]
     pub runtime: Duration,
+    /// Sequential patterns: go over each queue's stripe once, the run ending at its end when
+    /// that comes before the runtime, instead of wrapping around (so on an empty image every
+    /// write allocates). Random patterns ignore it.
+    pub one_pass: bool,
 }
 
 fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -306,6 +310,8 @@ pub struct OffsetGen {
     first: u64,
     blocks: u64,
     pos: u64,
+    /// One-pass sequential streams: requests left.
+    left: Option<u64>,
     rng: Rng,
 }
 
@@ -320,18 +326,30 @@ impl OffsetGen {
         } else {
             (0, total)
         };
+        let blocks = blocks.max(1);
         Self {
             pattern: w.pattern,
             bs,
             first,
-            blocks: blocks.max(1),
+            blocks,
             pos: 0,
+            left: (w.one_pass && w.pattern.sequential()).then_some(blocks),
             rng: Rng::new(0x5eed ^ (u64::from(q) << 32)),
         }
     }
 
-    /// (is_read, byte offset) of the next request.
+    /// Whether a one-pass stream has issued its last request.
+    pub fn done(&self) -> bool {
+        self.left == Some(0)
+    }
+
+    /// (is_read, byte offset) of the next request (once [`OffsetGen::done`], the pass starts
+    /// over).
     pub fn next_io(&mut self) -> (bool, u64) {
+        let blocks = self.blocks;
+        if let Some(n) = &mut self.left {
+            *n = n.checked_sub(1).unwrap_or(blocks - 1);
+        }
         let block = if self.pattern.sequential() {
             let b = self.pos;
             self.pos = (self.pos + 1) % self.blocks;
@@ -470,7 +488,10 @@ fn drive_queue(
     loop {
         let now = Instant::now();
         if now < end {
-            while let Some(slot) = q.next_free_slot() {
+            while !gen.done() {
+                let Some(slot) = q.next_free_slot() else {
+                    break;
+                };
                 let (read, off) = gen.next_io();
                 let sector = off / SECTOR_SIZE;
                 let req = if read {
@@ -577,7 +598,10 @@ fn drive_uring(
     loop {
         let now = Instant::now();
         if now < end {
-            while let Some(slot) = free.pop() {
+            while !gen.done() {
+                let Some(slot) = free.pop() else {
+                    break;
+                };
                 let (read, off) = gen.next_io();
                 let buf = bufs.host_ptr(u64::from(slot) * bs, u64::from(w.bs))?;
                 let sqe = if read {
@@ -623,6 +647,7 @@ mod tests {
             iodepth: 4,
             queues,
             runtime: Duration::from_secs(1),
+            one_pass: false,
         }
     }
 
@@ -641,6 +666,53 @@ mod tests {
         let mut g = OffsetGen::new(&w, 1, cap);
         let offs: Vec<u64> = (0..6).map(|_| g.next_io().1).collect();
         assert_eq!(offs, [16384, 20480, 24576, 28672, 16384, 20480]);
+        assert!(!g.done());
+    }
+
+    #[test]
+    fn one_pass_streams_end_at_their_stripe_end() {
+        let w = Workload {
+            one_pass: true,
+            ..wl(Pattern::Write, 2)
+        };
+        let mut g = OffsetGen::new(&w, 1, 8 * 4096);
+        let mut offs = Vec::new();
+        while !g.done() {
+            offs.push(g.next_io().1);
+        }
+        assert_eq!(offs, [16384, 20480, 24576, 28672]);
+        // Random patterns never end.
+        let r = Workload {
+            one_pass: true,
+            ..wl(Pattern::RandWrite, 1)
+        };
+        let mut g = OffsetGen::new(&r, 0, 8 * 4096);
+        for _ in 0..100 {
+            g.next_io();
+        }
+        assert!(!g.done());
+    }
+
+    #[test]
+    fn a_one_pass_run_writes_the_file_once_and_ends_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("f");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(4 << 20)
+            .unwrap();
+        let w = Workload {
+            bs: 64 << 10,
+            one_pass: true,
+            runtime: Duration::from_secs(30),
+            ..wl(Pattern::Write, 2)
+        };
+        let t = Instant::now();
+        let r = run_raw(&img, &w, false).unwrap();
+        assert_eq!(r.ios, 64, "4 MiB in 64 KiB writes");
+        assert_eq!(r.errors, 0);
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 0xa5));
     }
 
     #[test]

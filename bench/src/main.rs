@@ -1,5 +1,6 @@
 //! vloop-bench: drive a vhost-user-blk backend (or a raw file) with a workload, or compare
-//! vloop-blk with qemu-storage-daemon (main loop and iothread) and raw io_uring.
+//! vloop-blk with qemu-storage-daemon (main loop and iothread) and raw io_uring, on a raw image
+//! or on its qcow2 copy.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use vloop_bench::compare::{self, CompareOptions, Mode};
+use vloop_bench::compare::{self, Case, CompareOptions, Mode};
 use vloop_bench::load::{self, Pattern, RunResult, Workload};
 use vloop_images::size::parse_bytes;
 
@@ -33,6 +34,19 @@ struct Args {
     /// (no image I/O, no raw column): what the vhost-user hop itself costs.
     #[arg(long, requires = "compare", conflicts_with = "direct")]
     null: bool,
+    /// With --compare: vloop-blk, qemu-storage-daemon and its iothread serve a fully allocated
+    /// qcow2 copy of the image (made beside it with qemu-img convert), vloop-blk on the raw
+    /// image (vloop-raw) takes the raw column's place; the workloads are 4k random reads and
+    /// writes at QD1 and QD32 and 1 MiB sequential writes at QD8 on an empty overlay.
+    #[arg(long, requires = "compare", conflicts_with = "null")]
+    qcow2: bool,
+    /// With --qcow2 --only: run the workload on an empty qcow2 overlay over the raw image (for
+    /// vloop-raw a sparse raw file), made fresh for every run, so writes allocate.
+    #[arg(long, requires_all = ["qcow2", "only"])]
+    empty_overlay: bool,
+    /// qemu-img binary for --qcow2.
+    #[arg(long, default_value = "qemu-img")]
+    qemu_img_bin: PathBuf,
 
     /// read, write, randread, randwrite or mixed.
     #[arg(short, long, default_value = "randread")]
@@ -75,7 +89,7 @@ struct Args {
     /// Size of the --compare image.
     #[arg(long, default_value = "1G")]
     image_size: String,
-    /// Recreate the --compare image even if it exists.
+    /// Recreate the --compare image (and its qcow2 copy) even if it exists.
     #[arg(long)]
     fresh_image: bool,
     /// vloop-blk binary for --compare (default: beside this program).
@@ -160,6 +174,7 @@ fn workload(a: &Args, runtime: Duration) -> Result<Workload> {
         iodepth: a.iodepth,
         queues: a.queues,
         runtime,
+        one_pass: false,
     })
 }
 
@@ -208,10 +223,20 @@ fn default_vloop_bin() -> PathBuf {
 fn run(a: Args) -> Result<()> {
     if a.compare {
         let runtime = parse_duration(a.runtime.as_deref().unwrap_or("2s"))?;
-        let workloads = if a.only {
-            vec![workload(&a, runtime)?]
+        let cases = if a.only {
+            let w = workload(&a, runtime)?;
+            vec![if a.empty_overlay {
+                Case::empty_overlay(w)
+            } else {
+                Case::allocated(w)
+            }]
+        } else if a.qcow2 {
+            compare::qcow2_cases(runtime)
         } else {
             compare::default_workloads(runtime)
+                .into_iter()
+                .map(Case::allocated)
+                .collect()
         };
         let vloop_bin = a.vloop_bin.clone().unwrap_or_else(default_vloop_bin);
         if !vloop_bin.is_file() {
@@ -239,11 +264,13 @@ fn run(a: Args) -> Result<()> {
             image: a.image.clone(),
             image_size: parse_bytes(&a.image_size)?,
             fresh_image: a.fresh_image,
+            qcow2: a.qcow2,
+            qemu_img_bin: a.qemu_img_bin.clone(),
             vloop_bin,
             qsd_bin: a.qsd_bin.clone(),
             rounds: a.rounds.max(1),
             mode,
-            workloads,
+            cases,
             skip_qsd: a.no_qsd,
             vloop_args: a.vloop_args.clone(),
             time_budget: Some(parse_duration(&a.time_budget)?),

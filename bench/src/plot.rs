@@ -1,13 +1,14 @@
 //! `--plot FILE.svg`: a comparison drawn as an SVG chart a README can show: IOPS (top) and p50
 //! latency (bottom) per workload, a bar per target at its median with a whisker from the least
-//! to the greatest round. Drawn with plotters' SVG backend alone: text is SVG `<text>`, laid
-//! out by the viewer, so no font file is read here.
+//! to the greatest round, and under each workload of the IOPS panel vloop's ratios against the
+//! better qemu-storage-daemon and raw (or vloop-raw). Drawn with plotters' SVG backend alone:
+//! text is SVG `<text>`, laid out by the viewer, so no font file is read here.
 
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::compare::render::count;
-use crate::compare::{Report, Stat, Summary, Target};
+use crate::compare::{Report, Row, Stat, Summary, Target};
 
 /// Errors of drawing the chart.
 #[derive(Debug, thiserror::Error)]
@@ -33,8 +34,26 @@ fn color(t: Target) -> RGBColor {
         Target::Qsd => RGBColor(255, 127, 14),
         Target::QsdIothread => RGBColor(44, 160, 44),
         Target::Raw => RGBColor(127, 127, 127),
+        Target::VloopRaw => RGBColor(148, 103, 189),
     }
 }
+
+/// The ratio lines under a workload: vloop's IOPS against the better qsd, raw and vloop-raw.
+fn ratio_lines(row: &Row) -> Vec<String> {
+    let x = &row.ratios;
+    [
+        x.best_qsd.map(Target::name).zip(x.vloop_over_qsd),
+        x.vloop_over_raw.map(|v| (Target::Raw.name(), v)),
+        x.vloop_over_vloop_raw.map(|v| (Target::VloopRaw.name(), v)),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|(t, v)| format!("vs {t} {v:.2}x"))
+    .collect()
+}
+
+/// Height of one line of ratios under the workload names, in pixels.
+const RATIO_LINE: u32 = 15;
 
 /// One panel's figure of a summary.
 type Figure = fn(&Summary) -> Option<Stat>;
@@ -56,6 +75,8 @@ struct Panel<'a> {
     unit: &'a str,
     figure: Figure,
     format: fn(f64) -> String,
+    /// Write vloop's IOPS ratios under each workload.
+    ratios: bool,
 }
 
 /// The log-scale range that holds every value of `figure` with some room: from a power of 10
@@ -93,7 +114,14 @@ fn panel<DB: DrawingBackend>(
         unit,
         figure,
         format,
+        ratios,
     } = *p;
+    let ratio_rows: Vec<Vec<String>> = if ratios {
+        r.rows.iter().map(ratio_lines).collect()
+    } else {
+        Vec::new()
+    };
+    let lines = ratio_rows.iter().map(Vec::len).max().unwrap_or(0);
     let (lo, hi) = range(r, figure).ok_or(PlotError::NoData)?;
     let n = i32::try_from(r.rows.len())
         .ok()
@@ -112,7 +140,7 @@ fn panel<DB: DrawingBackend>(
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 20))
         .margin(12)
-        .x_label_area_size(30)
+        .x_label_area_size(30 + RATIO_LINE * u32::try_from(lines).unwrap_or(0))
         .y_label_area_size(70)
         .build_cartesian_2d(
             (0..n * GROUP).with_key_points(centers),
@@ -176,6 +204,20 @@ fn panel<DB: DrawingBackend>(
             }))
             .map_err(draw_err)?;
     }
+    // The ratios, centred under each workload's name (pixels relative to the panel).
+    let (bx, by) = area.get_base_pixel();
+    let font = ("sans-serif", 12)
+        .into_font()
+        .color(&BLACK)
+        .pos(Pos::new(HPos::Center, VPos::Top));
+    for (i, text) in (0..).zip(&ratio_rows) {
+        let (x, y) = chart.backend_coord(&(i * GROUP + GROUP / 2, lo));
+        for (k, line) in (0..).zip(text) {
+            let at = (x - bx, y - by + 24 + k * RATIO_LINE as i32);
+            area.draw(&Text::new(line.as_str(), at, font.clone()))
+                .map_err(draw_err)?;
+        }
+    }
     Ok(())
 }
 
@@ -209,9 +251,10 @@ pub fn svg(r: &Report) -> Result<String, PlotError> {
         let root = SVGBackend::with_string(&mut out, SIZE).into_drawing_area();
         root.fill(&WHITE).map_err(draw_err)?;
         let title = format!(
-            "vloop-bench --compare, {}, {}: {} rounds of {:.1} s; {} CPUs, {}; load {:.2} before, {:.2} after",
+            "vloop-bench --compare, {}, {}{}: {} rounds of {:.1} s; {} CPUs, {}; load {:.2} before, {:.2} after",
             r.started.split('T').next().unwrap_or(""),
             r.mode.name(),
+            if r.qcow2.is_some() { ", qcow2" } else { "" },
             r.rounds,
             r.rows
                 .first()
@@ -232,10 +275,11 @@ pub fn svg(r: &Report) -> Result<String, PlotError> {
             &top,
             r,
             &Panel {
-                title: "IOPS (median; whiskers: least to greatest round)",
+                title: "IOPS (median; whiskers: least to greatest round); under each workload: vloop's IOPS over the others'",
                 unit: "IOPS",
                 figure: |s| s.iops,
                 format: count,
+                ratios: true,
             },
         )?;
         panel(
@@ -246,6 +290,7 @@ pub fn svg(r: &Report) -> Result<String, PlotError> {
                 unit: "microseconds",
                 figure: |s| s.p50_us,
                 format: micros,
+                ratios: false,
             },
         )?;
         root.present().map_err(draw_err)?;
@@ -256,75 +301,7 @@ pub fn svg(r: &Report) -> Result<String, PlotError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compare::{Mode, Round, Row};
-    use crate::hist::{LatencyHist, Percentiles};
-    use crate::load::{Pattern, Workload};
-    use crate::machine::{LoadAvg, LoadSpan, Machine};
-    use std::time::Duration;
-
-    fn summary(iops: &[f64]) -> Summary {
-        let mut s = Summary::default();
-        for (i, &x) in iops.iter().enumerate() {
-            let r = Round {
-                round: i as u32 + 1,
-                iops: x,
-                latency: Percentiles {
-                    p50_us: 1e6 / x,
-                    ..Percentiles::default()
-                },
-                ios: 10,
-                ..Round::default()
-            };
-            s.add(r, &LatencyHist::new());
-        }
-        s
-    }
-
-    pub(crate) fn report(targets: Vec<Target>) -> Report {
-        let with_raw = targets.contains(&Target::Raw);
-        let w = |iodepth, queues| Workload {
-            pattern: Pattern::RandRead,
-            bs: 4096,
-            iodepth,
-            queues,
-            runtime: Duration::from_secs(2),
-        };
-        let row = |w: Workload, base: f64| Row {
-            name: w.to_string(),
-            workload: w,
-            vloop: summary(&[base, base * 1.1, base * 0.9]),
-            qsd: Some(summary(&[base * 0.8, base * 0.7])),
-            qsd_iothread: Some(Summary::default()),
-            raw: with_raw.then(|| summary(&[base * 20.0])),
-            ratios: Default::default(),
-        };
-        let load = LoadAvg {
-            one: 0.25,
-            five: 0.5,
-            fifteen: 0.75,
-        };
-        Report {
-            started: "2026-12-01T09:00:00Z".into(),
-            mode: Mode::PageCache,
-            direct: false,
-            machine: Machine {
-                cpus: 2,
-                cpus_online: 2,
-                cpu_model: Some("Test CPU".into()),
-                kernel: Some("6.1.0".into()),
-                qsd_version: None,
-            },
-            load: LoadSpan::new(load, load),
-            image: "/tmp/i.img".into(),
-            image_size: 1 << 30,
-            rounds: 3,
-            rounds_requested: 3,
-            targets,
-            rows: vec![row(w(1, 1), 17_000.0), row(w(32, 2), 900_000.0)],
-            backends: Vec::new(),
-            wall_secs: 10.0,
-        }
-    }
+    use crate::compare::fixtures::{qcow2_report, report, summary};
 
     #[test]
     fn the_chart_is_svg_with_text_bars_and_a_legend() {
@@ -394,6 +371,37 @@ mod tests {
             2 * 2 * 2 * 3,
             "2 targets x 2 rows x 2 panels x 3 lines"
         );
+    }
+
+    #[test]
+    fn the_chart_writes_vloops_ratios_under_each_workload() {
+        let texts = |r: &Report| -> Vec<String> {
+            let svg = svg(r).unwrap();
+            let doc = roxmltree::Document::parse(&svg).unwrap();
+            doc.descendants()
+                .filter(|n| n.has_tag_name("text"))
+                .filter_map(|n| n.text())
+                .map(|t| t.trim().to_string())
+                .collect()
+        };
+        let q = texts(&qcow2_report());
+        for want in [
+            "vloop-raw",
+            "1M write QD8 overlay",
+            "vs qsd 1.41x",
+            "vs vloop-raw 0.90x",
+        ] {
+            assert!(q.iter().any(|t| t == want), "no '{want}' in {q:?}");
+        }
+        assert!(!q.iter().any(|t| t.starts_with("vs raw")), "{q:?}");
+        assert!(
+            q.iter()
+                .any(|t| t.contains("2026-12-01, page cache, qcow2: 3 rounds")),
+            "{q:?}"
+        );
+        let p = texts(&report(vec![Target::Vloop, Target::Qsd, Target::Raw]));
+        assert!(p.iter().any(|t| t == "vs raw 0.05x"), "{p:?}");
+        assert!(!p.iter().any(|t| t.contains("vloop-raw")), "{p:?}");
     }
 
     #[test]

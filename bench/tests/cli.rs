@@ -1,6 +1,7 @@
 //! The vloop-bench binary: a short run against qemu-storage-daemon, JSON output, the error
 //! line for a missing socket, and short `--compare` runs in each mode (both qemu-storage-daemon
-//! configurations, idle CPU, memory, load, the chart; the null mode).
+//! configurations, idle CPU, memory, load, the chart; the null mode; the qcow2 mode on the
+//! allocated copy and on empty overlays).
 
 mod common;
 
@@ -184,17 +185,27 @@ fn both_backends() -> Option<std::path::PathBuf> {
     Some(vloop)
 }
 
-/// Runs `vloop-bench --compare --only` with `args` on a small image in `dir`; returns stdout and
-/// the JSON report.
+/// Runs `vloop-bench --compare --only -w randread --iodepth 4 --runtime 200ms` with `args` on a
+/// small image in `dir`; returns stdout and the JSON report.
 fn compare(
+    dir: &std::path::Path,
+    vloop: &std::path::Path,
+    args: &[&str],
+) -> (String, serde_json::Value) {
+    let workload = ["-w", "randread", "--iodepth", "4", "--runtime", "200ms"];
+    compare_only(dir, vloop, &[&workload[..], args].concat())
+}
+
+/// Runs `vloop-bench --compare --only` with `args` on a 16 MiB image in `dir`; returns stdout
+/// and the JSON report.
+fn compare_only(
     dir: &std::path::Path,
     vloop: &std::path::Path,
     args: &[&str],
 ) -> (String, serde_json::Value) {
     let json = dir.join("c.json");
     let out = Command::new(BIN)
-        .args(["--compare", "--only", "-w", "randread", "--iodepth", "4"])
-        .args(["--runtime", "200ms", "--image-size", "16M"])
+        .args(["--compare", "--only", "--image-size", "16M"])
         .args(args)
         .arg("--image")
         .arg(dir.join("img"))
@@ -397,4 +408,221 @@ fn compare_null_mode_has_no_raw_column_and_serves_no_image() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+}
+
+/// The target entry `name` of a comparison's `images`.
+fn image<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    v["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["target"] == name)
+        .unwrap_or_else(|| panic!("no image of {name} in {}", v["images"]))
+}
+
+/// A cheap digest of a file's content (FNV-1a), to tell whether it changed.
+fn digest(path: &std::path::Path) -> u64 {
+    std::fs::read(path)
+        .unwrap()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        })
+}
+
+const QCOW2_TARGETS: [&str; 4] = ["vloop", "qsd", "qsd_iothread", "vloop_raw"];
+
+#[test]
+fn compare_qcow2_mode_serves_the_allocated_copy_and_empty_overlays() {
+    let Some(vloop) = both_backends() else {
+        return;
+    };
+    if !vloop_frontend::backend::on_path("qemu-img") {
+        vloop_frontend::skip::skip("qemu-img is not installed (apt-get install qemu-utils)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("img");
+    let qcow2 = dir.path().join("img.qcow2");
+
+    // Random writes on the fully allocated copy (in place) and on the raw image.
+    let (stdout, v) = compare_only(
+        dir.path(),
+        &vloop,
+        &[
+            "--qcow2",
+            "-w",
+            "randwrite",
+            "--iodepth",
+            "4",
+            "--runtime",
+            "200ms",
+            "--rounds",
+            "1",
+            "--idle",
+            "0",
+        ],
+    );
+    assert_eq!(
+        v["targets"],
+        serde_json::json!(["vloop", "qsd", "qsd-iothread", "vloop-raw"])
+    );
+    let q = &v["qcow2"];
+    assert_eq!(q["path"], qcow2.to_str().unwrap(), "{q}");
+    assert_eq!(q["reused"], false);
+    assert_eq!(
+        q["check"]["total-clusters"], 256,
+        "16 MiB of 64 KiB clusters: {q}"
+    );
+    assert_eq!(q["check"]["allocated-clusters"], 256, "{q}");
+    assert_eq!(q["info"]["virtual-size"], 16 << 20);
+    for (t, format, path) in [
+        ("vloop", "qcow2", &qcow2),
+        ("qsd", "qcow2", &qcow2),
+        ("qsd-iothread", "qcow2", &qcow2),
+        ("vloop-raw", "raw", &raw),
+    ] {
+        let i = image(&v, t);
+        assert_eq!(i["format"], format, "{i}");
+        assert_eq!(i["image"], path.to_str().unwrap(), "{i}");
+        assert!(i["empty_overlay"].is_null(), "{i}");
+    }
+    let row = &v["rows"][0];
+    assert_eq!(row["name"], "4k randwrite QD4");
+    assert_eq!(row["on"], "allocated");
+    assert!(
+        row["raw"].is_null(),
+        "no raw io_uring column in qcow2 mode: {row}"
+    );
+    for t in QCOW2_TARGETS {
+        assert!(
+            row[t]["iops"]["median"].as_f64().unwrap() > 0.0,
+            "{t}: {row}"
+        );
+        assert_eq!(row[t]["errors"], 0, "{t}");
+    }
+    for r in ["vloop_over_qsd", "vloop_over_vloop_raw"] {
+        assert!(row[r].as_f64().unwrap() > 0.0, "{r}: {row}");
+    }
+    assert!(row["vloop_over_raw"].is_null());
+    let cmd = |t| backend(&v, t)["command"].to_string();
+    let q_arg = format!(
+        "\"--blk-file\",\"{}\",\"--format\",\"qcow2\"",
+        qcow2.display()
+    );
+    assert!(cmd("vloop").contains(&q_arg), "{}", cmd("vloop"));
+    let r_arg = format!("\"--blk-file\",\"{}\",\"--format\",\"raw\"", raw.display());
+    assert!(cmd("vloop-raw").contains(&r_arg), "{}", cmd("vloop-raw"));
+    for t in ["qsd", "qsd-iothread"] {
+        let c = cmd(t);
+        assert!(
+            c.contains(&format!("filename={},", qcow2.display()))
+                && c.contains("driver=qcow2,node-name=q,file=f")
+                && c.contains("type=vhost-user-blk,id=e,node-name=q,"),
+            "{c}"
+        );
+    }
+    assert!(stdout.contains("page cache, qcow2, image "), "{stdout}");
+    assert!(stdout.contains("IOPS vs vloop-raw"), "{stdout}");
+    assert!(!stdout.contains("IOPS vs raw"), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "qcow2: vloop, qsd and qsd-iothread serve {} (converted",
+            qcow2.display()
+        )),
+        "{stdout}"
+    );
+    // Killed after in-place writes, every backend left the copy clean and fully allocated.
+    let check = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&qcow2)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    // Sequential writes on empty overlays: each run writes its fresh overlay (or sparse file)
+    // once, never the raw image beneath.
+    let mtime = |p: &std::path::Path| std::fs::metadata(p).unwrap().modified().unwrap();
+    let reusable = mtime(&qcow2) > mtime(&raw);
+    let before = digest(&raw);
+    let (stdout, v) = compare_only(
+        dir.path(),
+        &vloop,
+        &[
+            "--qcow2",
+            "--empty-overlay",
+            "-w",
+            "write",
+            "--bs",
+            "1M",
+            "--iodepth",
+            "2",
+            "--runtime",
+            "20s",
+            "--rounds",
+            "1",
+            "--idle",
+            "0",
+        ],
+    );
+    assert_eq!(digest(&raw), before, "the backing file was written");
+    assert_eq!(v["qcow2"]["reused"], reusable, "{}", v["qcow2"]);
+    let row = &v["rows"][0];
+    assert_eq!(row["name"], "1M write QD2 overlay");
+    assert_eq!(row["on"], "empty-overlay");
+    assert_eq!(row["workload"]["one_pass"], true);
+    for t in QCOW2_TARGETS {
+        let r0 = &row[t]["rounds"][0];
+        assert_eq!(r0["ios"], 16, "{t} writes 16 MiB once: {r0}");
+        assert_eq!(r0["errors"], 0, "{t}");
+        assert!(
+            r0["secs"].as_f64().unwrap() < 15.0,
+            "{t} ends at the end: {r0}"
+        );
+    }
+    assert!(row["vloop_over_vloop_raw"].as_f64().unwrap() > 0.0, "{row}");
+    for t in ["vloop", "qsd", "qsd-iothread"] {
+        let i = image(&v, t);
+        assert_eq!(
+            i["empty_overlay"],
+            format!("an empty qcow2 overlay over {} (raw)", raw.display()),
+            "{i}"
+        );
+    }
+    assert_eq!(
+        image(&v, "vloop-raw")["empty_overlay"],
+        "a sparse raw file of 16777216 bytes"
+    );
+    let c = backend(&v, "vloop")["command"].to_string();
+    assert!(
+        c.contains(".vloop-bench-overlays") && c.contains("vloop.qcow2\",\"--format\",\"qcow2\""),
+        "{c}"
+    );
+    let c = backend(&v, "qsd")["command"].to_string();
+    assert!(
+        c.contains(".vloop-bench-overlays") && c.contains("qsd.qcow2,"),
+        "{c}"
+    );
+    assert!(stdout.contains("overlay rows: every run"), "{stdout}");
+    // The overlays are gone with the run.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".vloop-bench-overlays"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // The qcow2 mode serves images, so it excludes the null mode; overlays need it.
+    for bad in [
+        &["--compare", "--qcow2", "--null"][..],
+        &["--compare", "--only", "--empty-overlay"][..],
+    ] {
+        let out = Command::new(BIN).args(bad).output().unwrap();
+        assert!(!out.status.success(), "{bad:?}");
+    }
 }

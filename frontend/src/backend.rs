@@ -60,12 +60,13 @@ pub enum BackendError {
 /// A backend program and the command-line convention it follows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Program {
-    /// `vloop-blk` at this path: `--socket-path S --blk-file F [--read-only] [--num-queues N]
-    /// [--direct] [--io-engine null]`.
+    /// `vloop-blk` at this path: `--socket-path S --blk-file F [--format raw|qcow2]
+    /// [--read-only] [--num-queues N] [--direct] [--io-engine null]`.
     Vloop(PathBuf),
-    /// `qemu-storage-daemon` at this path (`--blockdev driver=file,... --export
-    /// type=vhost-user-blk,...`, `aio=io_uring`, discards passed down), serving from its main
-    /// loop or, with `iothread`, from an iothread (how its users run it for speed).
+    /// `qemu-storage-daemon` at this path (`--blockdev driver=file,... [--blockdev
+    /// driver=qcow2,...] --export type=vhost-user-blk,...`, `aio=io_uring`, discards passed
+    /// down), serving from its main loop or, with `iothread`, from an iothread (how its users
+    /// run it for speed).
     Qsd {
         /// The program (usually `qemu-storage-daemon` on PATH).
         bin: PathBuf,
@@ -266,11 +267,46 @@ impl Program {
     }
 }
 
+/// The format an export's image is served in, as the backend is told it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// Nothing said: vloop-blk decides with its `--format auto` rule (a file not named
+    /// `*.qcow2` that does not look like another format is served as raw); qemu-storage-daemon
+    /// exports the file node itself, the bytes as they are.
+    #[default]
+    Auto,
+    /// The bytes of the file as they are: vloop-blk `--format raw`; qemu-storage-daemon
+    /// exports the file node itself.
+    Raw,
+    /// A qcow2 image with its backing chain: vloop-blk `--format qcow2`; qemu-storage-daemon
+    /// exports a `driver=qcow2` node over the file node (discards freeing clusters, as
+    /// vloop-blk's do), which opens the backing chain the image header names.
+    Qcow2 {
+        /// Size in bytes of qemu-storage-daemon's qcow2 metadata cache (`cache-size=`; `None`:
+        /// QEMU's default, which holds every L2 table of an image of up to 256 GiB with 64 KiB
+        /// clusters). vloop-blk sizes its metadata cache itself and is given nothing.
+        cache_size: Option<u64>,
+    },
+}
+
+impl ImageFormat {
+    /// Name in tables and JSON: `auto`, `raw` or `qcow2`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Auto => "auto",
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 { .. } => "qcow2",
+        }
+    }
+}
+
 /// One image exported over one vhost-user-blk socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Export {
     /// Image file (or block device).
     pub image: PathBuf,
+    /// The format the image is served in.
+    pub format: ImageFormat,
     /// Socket path to listen on (removed first if it exists).
     pub socket: PathBuf,
     /// Number of virtqueues.
@@ -288,10 +324,12 @@ pub struct Export {
 }
 
 impl Export {
-    /// A read-write, one-queue, buffered export of `image` on `socket`.
+    /// A read-write, one-queue, buffered export of `image` on `socket`, in the format the
+    /// program decides by itself ([`ImageFormat::Auto`]).
     pub fn new(image: impl Into<PathBuf>, socket: impl Into<PathBuf>) -> Export {
         Export {
             image: image.into(),
+            format: ImageFormat::Auto,
             socket: socket.into(),
             queues: 1,
             read_only: false,
@@ -343,6 +381,10 @@ impl BackendSpec {
                     "--blk-file".into(),
                     img.into_owned(),
                 ];
+                if e.format != ImageFormat::Auto {
+                    a.push("--format".into());
+                    a.push(e.format.name().into());
+                }
                 if e.read_only {
                     a.push("--read-only".into());
                 }
@@ -377,9 +419,21 @@ impl BackendSpec {
                         if e.direct { "on" } else { "off" },
                     ),
                 });
+                // The node the export serves: the file (or null) node, or a qcow2 node over it.
+                let node = match (e.format, e.null) {
+                    (ImageFormat::Qcow2 { cache_size }, None) => {
+                        a.push("--blockdev".into());
+                        a.push(format!(
+                            "driver=qcow2,node-name=q,file=f,discard=unmap{}{read_only}",
+                            cache_size.map_or_else(String::new, |n| format!(",cache-size={n}"))
+                        ));
+                        "q"
+                    }
+                    _ => "f",
+                };
                 a.push("--export".into());
                 a.push(format!(
-                    "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable={},num-queues={}{}",
+                    "type=vhost-user-blk,id=e,node-name={node},addr.type=unix,addr.path={},writable={},num-queues={}{}",
                     qemu_escape(&sock),
                     if e.read_only { "off" } else { "on" },
                     e.queues.max(1),
@@ -568,6 +622,7 @@ mod tests {
     fn export() -> Export {
         Export {
             image: "/tmp/a,b.img".into(),
+            format: ImageFormat::Auto,
             socket: "/tmp/s,.sock".into(),
             queues: 2,
             read_only: false,
@@ -683,6 +738,7 @@ mod tests {
             read_only: true,
             direct: false,
             null: None,
+            format: ImageFormat::Auto,
         };
         let spec = BackendSpec::new(Program::Template(t.clone()), e.clone());
         assert_eq!(
@@ -756,6 +812,101 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn qsd_serves_a_qcow2_image_from_a_qcow2_node_over_the_file() {
+        let e = Export {
+            image: "/tmp/a,b.qcow2".into(),
+            format: ImageFormat::Qcow2 { cache_size: None },
+            ..export()
+        };
+        let a = BackendSpec::new(Program::qsd(), e.clone()).args();
+        assert_eq!(
+            a,
+            [
+                "--blockdev",
+                "driver=file,node-name=f,filename=/tmp/a,,b.qcow2,aio=io_uring,cache.direct=on,discard=unmap",
+                "--blockdev",
+                "driver=qcow2,node-name=q,file=f,discard=unmap",
+                "--export",
+                "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path=/tmp/s,,.sock,writable=on,num-queues=2",
+            ]
+        );
+        // The cache size, read-only on both nodes, and the iothread variant.
+        let ro = Export {
+            format: ImageFormat::Qcow2 {
+                cache_size: Some(4 << 20),
+            },
+            read_only: true,
+            direct: false,
+            ..e.clone()
+        };
+        let p = Program::Qsd {
+            bin: "qemu-storage-daemon".into(),
+            iothread: true,
+        };
+        let a = BackendSpec::new(p, ro).args();
+        assert_eq!(a[..2], ["--object", "iothread,id=iothread0"]);
+        assert!(
+            a[3].ends_with("cache.direct=off,discard=unmap,read-only=on"),
+            "{}",
+            a[3]
+        );
+        assert_eq!(
+            a[5],
+            "driver=qcow2,node-name=q,file=f,discard=unmap,cache-size=4194304,read-only=on"
+        );
+        assert_eq!(
+            a[7],
+            "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path=/tmp/s,,.sock,writable=off,num-queues=2,iothread=iothread0"
+        );
+        // A null export opens no image, so it has no qcow2 node either.
+        let null = Export {
+            null: Some(1 << 20),
+            ..e
+        };
+        let a = BackendSpec::new(Program::qsd(), null).args();
+        assert_eq!(a.len(), 4, "{a:?}");
+        assert!(a[1].starts_with("driver=null-co,") && a[3].contains("node-name=f,"));
+    }
+
+    #[test]
+    fn vloop_is_told_the_format_unless_it_decides() {
+        let vloop = |format| {
+            let e = Export {
+                format,
+                queues: 1,
+                direct: false,
+                ..export()
+            };
+            BackendSpec::new(Program::Vloop("/bin/vloop-blk".into()), e).args()
+        };
+        let head = [
+            "--socket-path",
+            "/tmp/s,.sock",
+            "--blk-file",
+            "/tmp/a,b.img",
+        ];
+        assert_eq!(vloop(ImageFormat::Auto), head);
+        assert_eq!(
+            vloop(ImageFormat::Raw)[..],
+            [&head[..], &["--format", "raw"]].concat()[..]
+        );
+        // qemu-storage-daemon's cache size is not a vloop-blk option.
+        assert_eq!(
+            vloop(ImageFormat::Qcow2 {
+                cache_size: Some(1 << 20)
+            })[..],
+            [&head[..], &["--format", "qcow2"]].concat()[..]
+        );
+        let raw = Export {
+            format: ImageFormat::Raw,
+            ..export()
+        };
+        let a = BackendSpec::new(Program::qsd(), raw).args();
+        assert_eq!(a.len(), 4, "a raw export is the file node alone: {a:?}");
+        assert!(a[3].contains(",node-name=f,"), "{}", a[3]);
     }
 
     #[test]

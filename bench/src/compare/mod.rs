@@ -1,47 +1,56 @@
 //! `--compare`: the same workloads on vloop-blk, on qemu-storage-daemon (from its main loop and
 //! from an iothread) and straight on the image file with io_uring, one target at a time
 //! (vloop-blk locks the image), in the same cache mode everywhere, interleaved and repeated;
-//! or, in null mode, vloop-blk's null engine against qemu-storage-daemon's `null-co` driver.
+//! or, in null mode, vloop-blk's null engine against qemu-storage-daemon's `null-co` driver;
+//! or, in qcow2 mode, vloop-blk and qemu-storage-daemon on a fully allocated qcow2 copy of the
+//! image (and on empty overlays over it) against vloop-blk on the raw image.
 //! It also measures each backend idle with a frontend connected, and the machine's load.
 //!
-//! [`run`] does the measuring (the I/O), [`stats`] summarises and compares the figures (pure),
-//! [`render`] turns a [`Report`] into the text table; `crate::plot` draws it.
+//! [`run`] does the measuring (the I/O), [`images`] prepares what is served, [`stats`]
+//! summarises and compares the figures (pure), [`render`] turns a [`Report`] into the text
+//! table; `crate::plot` draws it.
 
+#[cfg(test)]
+pub(crate) mod fixtures;
+pub mod images;
 pub mod render;
 pub mod stats;
 
 use std::fs::File;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+pub use images::{prepare_image, ImageError, Qcow2Image, QemuImg};
 pub use render::render;
 pub use stats::{Footprint, Ratios, Round, Stat, Summary, Target};
 
 use crate::load::{client_options, run_raw, run_vhost, LoadError, Pattern, RunResult, Workload};
 use crate::machine::{self, LoadSpan, Machine, MachineError};
 use crate::procfs::{self, ThreadShare};
-use vloop_frontend::backend::{BackendError, BackendProcess, BackendSpec, Export, Program};
+use images::Scratch;
+use vloop_frontend::backend::{
+    BackendError, BackendProcess, BackendSpec, Export, ImageFormat, Program,
+};
 use vloop_frontend::client::Client;
 
 /// Errors of the comparison.
 #[derive(Debug, thiserror::Error)]
 pub enum CompareError {
-    /// The image could not be created.
-    #[error("cannot create the benchmark image {path}")]
-    Image {
-        /// Image path.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
+    /// An image could not be prepared.
+    #[error(transparent)]
+    Image(#[from] ImageError),
     /// The socket directory could not be created.
     #[error("cannot create a temporary directory for the sockets")]
     TempDir(#[source] std::io::Error),
     /// No workloads were given.
     #[error("no workloads to compare")]
     NoWorkloads,
+    /// The qcow2 mode was asked for together with the null mode.
+    #[error("the qcow2 mode serves images: it cannot be combined with the null mode")]
+    Qcow2Null,
+    /// A workload on an empty overlay was asked for outside the qcow2 mode.
+    #[error("{0} runs on an empty qcow2 overlay: that needs the qcow2 mode")]
+    OverlayWithoutQcow2(String),
     /// The load average could not be read.
     #[error("cannot read the machine's load average")]
     Load(#[source] MachineError),
@@ -70,15 +79,75 @@ impl Mode {
     }
 }
 
+/// What the runs of a row are served from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImageState {
+    /// The prepared image: the raw image, or in qcow2 mode (for the qcow2 targets) its fully
+    /// allocated qcow2 copy, so writes land in place.
+    #[default]
+    Allocated,
+    /// An empty image made fresh for every run of every target, so writes allocate: a qcow2
+    /// overlay over the raw image (`qemu-img create -f qcow2 -F raw -b RAW`), or for
+    /// vloop-raw a sparse raw file of the same size. Only in qcow2 mode.
+    EmptyOverlay,
+}
+
+/// A workload and what it runs on: one row of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Case {
+    /// The workload.
+    pub workload: Workload,
+    /// What it runs on.
+    pub on: ImageState,
+}
+
+impl Case {
+    /// `w` on the prepared image.
+    pub fn allocated(w: Workload) -> Self {
+        Case {
+            workload: w,
+            on: ImageState::Allocated,
+        }
+    }
+
+    /// `w` on a fresh empty overlay for every run, a sequential `w` going over the image once
+    /// (so every write allocates).
+    pub fn empty_overlay(w: Workload) -> Self {
+        Case {
+            workload: Workload {
+                one_pass: true,
+                ..w
+            },
+            on: ImageState::EmptyOverlay,
+        }
+    }
+}
+
+impl std::fmt::Display for Case {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.workload)?;
+        if self.on == ImageState::EmptyOverlay {
+            f.write_str(" overlay")?;
+        }
+        Ok(())
+    }
+}
+
 /// Settings of a comparison.
 #[derive(Debug, Clone)]
 pub struct CompareOptions {
-    /// The image file (created or reused).
+    /// The raw image file (created or reused).
     pub image: PathBuf,
     /// Image size in bytes.
     pub image_size: u64,
-    /// Recreate the image even if one of the right size exists.
+    /// Recreate the image (and its qcow2 copy) even if one of the right size exists.
     pub fresh_image: bool,
+    /// qcow2 mode: vloop-blk and qemu-storage-daemon serve the qcow2 copy of the image (or
+    /// empty overlays over it), and vloop-blk on the raw image takes the raw column's place.
+    pub qcow2: bool,
+    /// The qemu-img binary (qcow2 mode).
+    pub qemu_img_bin: PathBuf,
     /// The vloop-blk binary.
     pub vloop_bin: PathBuf,
     /// The qemu-storage-daemon binary.
@@ -87,8 +156,8 @@ pub struct CompareOptions {
     pub rounds: u32,
     /// Cache mode, or null.
     pub mode: Mode,
-    /// Workloads, each with its runtime.
-    pub workloads: Vec<Workload>,
+    /// Workloads, each with its runtime and what it runs on.
+    pub cases: Vec<Case>,
     /// Leave qemu-storage-daemon out.
     pub skip_qsd: bool,
     /// Extra command-line arguments for vloop-blk.
@@ -104,9 +173,25 @@ impl CompareOptions {
     pub fn targets(&self) -> Vec<Target> {
         Target::ALL
             .into_iter()
-            .filter(|t| !(self.skip_qsd && t.is_qsd()))
-            .filter(|t| !(self.mode == Mode::Null && *t == Target::Raw))
+            .filter(|t| match t {
+                Target::Vloop => true,
+                Target::Qsd | Target::QsdIothread => !self.skip_qsd,
+                Target::Raw => self.mode != Mode::Null && !self.qcow2,
+                Target::VloopRaw => self.qcow2,
+            })
             .collect()
+    }
+
+    /// The image `t` serves on the rows of the prepared image, and its format.
+    pub fn image_of(&self, t: Target) -> (PathBuf, ImageFormat) {
+        if self.qcow2 && t != Target::VloopRaw && t != Target::Raw {
+            (
+                images::qcow2_path(&self.image),
+                ImageFormat::Qcow2 { cache_size: None },
+            )
+        } else {
+            (self.image.clone(), ImageFormat::Raw)
+        }
     }
 }
 
@@ -120,6 +205,7 @@ pub fn default_workloads(runtime: Duration) -> Vec<Workload> {
         iodepth,
         queues,
         runtime,
+        one_pass: false,
     };
     vec![
         w(Pattern::RandRead, 4096, 1, 1),
@@ -132,13 +218,36 @@ pub fn default_workloads(runtime: Duration) -> Vec<Workload> {
     ]
 }
 
+/// The issue's qcow2 set with `runtime` per run: 4k random reads and writes at depth 1 and 32
+/// on the fully allocated image (writes land in allocated clusters), and 1 MiB sequential
+/// writes at depth 8 on an empty overlay (every write allocates).
+pub fn qcow2_cases(runtime: Duration) -> Vec<Case> {
+    let w = |pattern, bs: u32, iodepth| Workload {
+        pattern,
+        bs,
+        iodepth,
+        queues: 1,
+        runtime,
+        one_pass: false,
+    };
+    vec![
+        Case::allocated(w(Pattern::RandRead, 4096, 1)),
+        Case::allocated(w(Pattern::RandRead, 4096, 32)),
+        Case::allocated(w(Pattern::RandWrite, 4096, 1)),
+        Case::allocated(w(Pattern::RandWrite, 4096, 32)),
+        Case::empty_overlay(w(Pattern::Write, 1 << 20, 8)),
+    ]
+}
+
 /// One row of the table: a workload on every target.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Row {
-    /// Workload name.
+    /// Row name: the workload's, with " overlay" on an empty overlay.
     pub name: String,
     /// The workload.
     pub workload: Workload,
+    /// What it runs on.
+    pub on: ImageState,
     /// vloop-blk.
     pub vloop: Summary,
     /// qemu-storage-daemon, main loop.
@@ -147,21 +256,25 @@ pub struct Row {
     pub qsd_iothread: Option<Summary>,
     /// io_uring on the file.
     pub raw: Option<Summary>,
-    /// vloop against the better qsd and raw.
+    /// vloop-blk on the raw image (qcow2 mode).
+    pub vloop_raw: Option<Summary>,
+    /// vloop against the better qsd, raw and vloop-raw.
     #[serde(flatten)]
     pub ratios: Ratios,
 }
 
 impl Row {
-    fn new(w: &Workload, targets: &[Target]) -> Self {
+    fn new(c: &Case, targets: &[Target]) -> Self {
         let has = |t| targets.contains(&t).then(Summary::default);
         Row {
-            name: w.to_string(),
-            workload: *w,
+            name: c.to_string(),
+            workload: c.workload,
+            on: c.on,
             vloop: Summary::default(),
             qsd: has(Target::Qsd),
             qsd_iothread: has(Target::QsdIothread),
             raw: has(Target::Raw),
+            vloop_raw: has(Target::VloopRaw),
             ratios: Ratios::default(),
         }
     }
@@ -173,6 +286,7 @@ impl Row {
             Target::Qsd => self.qsd.as_ref(),
             Target::QsdIothread => self.qsd_iothread.as_ref(),
             Target::Raw => self.raw.as_ref(),
+            Target::VloopRaw => self.vloop_raw.as_ref(),
         }
     }
 
@@ -182,6 +296,7 @@ impl Row {
             Target::Qsd => self.qsd.as_mut(),
             Target::QsdIothread => self.qsd_iothread.as_mut(),
             Target::Raw => self.raw.as_mut(),
+            Target::VloopRaw => self.vloop_raw.as_mut(),
         }
     }
 }
@@ -203,6 +318,20 @@ pub struct Idle {
     pub rss_kib: Option<u64>,
     /// Why the measurement failed, if it did.
     pub failure: Option<String>,
+}
+
+/// What one target serves.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TargetImage {
+    /// Which target.
+    pub target: Target,
+    /// The format it serves: `raw` or `qcow2`.
+    pub format: &'static str,
+    /// The image of the rows on the prepared image.
+    pub image: PathBuf,
+    /// What the rows on an empty overlay serve instead, made fresh for every run (None when
+    /// no row does).
+    pub empty_overlay: Option<String>,
 }
 
 /// What is known of one backend program over the whole comparison.
@@ -233,6 +362,8 @@ pub struct Report {
     pub mode: Mode,
     /// O_DIRECT on every side.
     pub direct: bool,
+    /// The qcow2 mode's fully allocated copy of the image (None outside that mode).
+    pub qcow2: Option<Qcow2Image>,
     /// The machine.
     pub machine: Machine,
     /// The load average before and after the measurements.
@@ -247,6 +378,8 @@ pub struct Report {
     pub rounds_requested: u32,
     /// The targets measured.
     pub targets: Vec<Target>,
+    /// What each target serves, and in which format.
+    pub images: Vec<TargetImage>,
     /// Rows, one per workload.
     pub rows: Vec<Row>,
     /// One entry per backend program.
@@ -262,53 +395,6 @@ impl Report {
     }
 }
 
-/// Creates (or reuses) an image of `size` bytes whose every 4 KiB block holds non-zero data.
-pub fn prepare_image(path: &Path, size: u64, fresh: bool) -> Result<(), CompareError> {
-    let err = |source| CompareError::Image {
-        path: path.to_owned(),
-        source,
-    };
-    if !fresh {
-        if let Ok(m) = std::fs::metadata(path) {
-            if m.len() == size {
-                eprintln!(
-                    "using existing image {} ({} MiB)",
-                    path.display(),
-                    size >> 20
-                );
-                return Ok(());
-            }
-        }
-    }
-    eprintln!("creating image {} ({} MiB)", path.display(), size >> 20);
-    let mut f = File::create(path).map_err(err)?;
-    let chunk_len = 1u64 << 20;
-    let mut chunk = vec![0u8; chunk_len as usize];
-    let mut off = 0;
-    while off < size {
-        let n = chunk_len.min(size - off) as usize;
-        for (i, block) in chunk[..n].chunks_mut(4096).enumerate() {
-            let tag = (off / 4096 + i as u64) | 1 << 63;
-            for w in block.chunks_mut(8) {
-                w.copy_from_slice(&tag.to_le_bytes()[..w.len()]);
-            }
-        }
-        f.write_all(&chunk[..n]).map_err(err)?;
-        off += n as u64;
-    }
-    f.sync_all().map_err(err)?;
-    Ok(())
-}
-
-/// Reads the whole file once so that it is in the page cache.
-fn warm_page_cache(path: &Path) -> std::io::Result<()> {
-    use std::io::Read;
-    let mut f = File::open(path)?;
-    let mut buf = vec![0u8; 1 << 20];
-    while f.read(&mut buf)? > 0 {}
-    Ok(())
-}
-
 /// The 1-minute load average now, for a record (None when unreadable).
 fn load_one() -> Option<f64> {
     machine::loadavg().ok().map(|l| l.one)
@@ -316,8 +402,18 @@ fn load_one() -> Option<f64> {
 
 /// Runs the comparison; progress goes to stderr.
 pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
-    if opts.workloads.is_empty() {
+    if opts.cases.is_empty() {
         return Err(CompareError::NoWorkloads);
+    }
+    if opts.qcow2 && opts.mode == Mode::Null {
+        return Err(CompareError::Qcow2Null);
+    }
+    if let Some(c) = opts
+        .cases
+        .iter()
+        .find(|c| !opts.qcow2 && c.on == ImageState::EmptyOverlay)
+    {
+        return Err(CompareError::OverlayWithoutQcow2(c.to_string()));
     }
     let started = Instant::now();
     let started_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
@@ -331,24 +427,66 @@ pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
             load_before.one
         );
     }
-    prepare_image(&opts.image, opts.image_size, opts.fresh_image)?;
+    let written = prepare_image(&opts.image, opts.image_size, opts.fresh_image)?;
+    let qcow2 = if opts.qcow2 {
+        let q = QemuImg(opts.qemu_img_bin.clone()).prepare_qcow2(
+            &opts.image,
+            opts.image_size,
+            opts.fresh_image || written,
+        )?;
+        eprintln!(
+            "qcow2 copy {}: {} of {} clusters allocated, {} MiB on disk",
+            q.path.display(),
+            q.check.allocated_clusters,
+            q.check.total_clusters,
+            q.info.actual_size.unwrap_or(0) >> 20
+        );
+        Some(q)
+    } else {
+        None
+    };
     if opts.mode == Mode::PageCache {
-        // Every target should find the image in the page cache, the first one too.
-        warm_page_cache(&opts.image).map_err(|source| CompareError::Image {
-            path: opts.image.clone(),
-            source,
-        })?;
+        // Every target should find its image in the page cache, the first one too.
+        images::warm_page_cache(&opts.image)?;
+        if let Some(q) = &qcow2 {
+            images::warm_page_cache(&q.path)?;
+        }
     }
     let dir = tempfile::Builder::new()
         .prefix("vloop-bench")
         .tempdir()
         .map_err(CompareError::TempDir)?;
+    // The empty overlays live beside the image, on its file system (O_DIRECT and allocation
+    // behave as they do for the image).
+    let scratch_dir = opts
+        .image
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let scratch = tempfile::Builder::new()
+        .prefix(".vloop-bench-overlays")
+        .tempdir_in(scratch_dir)
+        .map_err(CompareError::TempDir)?;
     let targets = opts.targets();
-    let mut rows: Vec<Row> = opts
-        .workloads
+    let overlays = opts.cases.iter().any(|c| c.on == ImageState::EmptyOverlay);
+    let target_images = targets
         .iter()
-        .map(|w| Row::new(w, &targets))
+        .map(|&t| {
+            let (image, format) = opts.image_of(t);
+            TargetImage {
+                target: t,
+                format: format.name(),
+                image,
+                empty_overlay: overlays.then(|| match format {
+                    ImageFormat::Qcow2 { .. } => {
+                        format!("an empty qcow2 overlay over {} (raw)", opts.image.display())
+                    }
+                    _ => format!("a sparse raw file of {} bytes", opts.image_size),
+                }),
+            }
+        })
         .collect();
+    let mut rows: Vec<Row> = opts.cases.iter().map(|c| Row::new(c, &targets)).collect();
     let mut backends: Vec<BackendFacts> = targets
         .iter()
         .filter(|t| t.is_backend())
@@ -362,7 +500,12 @@ pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
         })
         .collect();
     if let Some(secs) = opts.idle {
-        let queues = opts.workloads.iter().map(|w| w.queues).max().unwrap_or(1);
+        let queues = opts
+            .cases
+            .iter()
+            .map(|c| c.workload.queues)
+            .max()
+            .unwrap_or(1);
         for facts in &mut backends {
             eprintln!(
                 "[idle] {:12} {queues} queue(s), connected, no I/O, for {secs:?}",
@@ -400,7 +543,11 @@ pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
             for target in order {
                 let facts = backends.iter_mut().find(|b| b.target == target);
                 let load = load_one();
-                let res = run_one(opts, dir.path(), target, &row.workload, facts);
+                let case = Case {
+                    workload: row.workload,
+                    on: row.on,
+                };
+                let res = run_one(opts, dir.path(), scratch.path(), target, &case, facts);
                 let tag = format!(
                     "[round {}/{}] {:12} {:22}",
                     round + 1,
@@ -433,6 +580,7 @@ pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
             row.qsd.as_ref(),
             row.qsd_iothread.as_ref(),
             row.raw.as_ref(),
+            row.vloop_raw.as_ref(),
         );
     }
     let load_after = machine::loadavg().map_err(CompareError::Load)?;
@@ -441,6 +589,7 @@ pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
         started: started_at,
         mode: opts.mode,
         direct: opts.mode == Mode::Direct,
+        qcow2,
         machine,
         load: LoadSpan::new(load_before, load_after),
         image: opts.image.clone(),
@@ -448,6 +597,7 @@ pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
         rounds: rounds_done,
         rounds_requested: opts.rounds,
         targets,
+        images: target_images,
         rows,
         backends,
         wall_secs: started.elapsed().as_secs_f64(),
@@ -466,11 +616,17 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// The spec that exports the image with backend `target` and `queues` queues (None for the raw
-/// target, which has no backend process).
-fn spec(opts: &CompareOptions, dir: &Path, target: Target, queues: u16) -> Option<BackendSpec> {
+/// The spec that exports `image` (in `format`) with backend `target` and `queues` queues (None
+/// for the raw target, which has no backend process).
+fn spec(
+    opts: &CompareOptions,
+    dir: &Path,
+    target: Target,
+    queues: u16,
+    (image, format): (&Path, ImageFormat),
+) -> Option<BackendSpec> {
     let program = match target {
-        Target::Vloop => Program::Vloop(opts.vloop_bin.clone()),
+        Target::Vloop | Target::VloopRaw => Program::Vloop(opts.vloop_bin.clone()),
         Target::Qsd | Target::QsdIothread => Program::Qsd {
             bin: opts.qsd_bin.clone(),
             iothread: target == Target::QsdIothread,
@@ -482,26 +638,29 @@ fn spec(opts: &CompareOptions, dir: &Path, target: Target, queues: u16) -> Optio
         program,
         Export {
             queues,
+            format,
             direct: opts.mode == Mode::Direct,
             null: (opts.mode == Mode::Null).then_some(opts.image_size),
-            ..Export::new(&opts.image, &socket)
+            ..Export::new(image, &socket)
         },
     );
-    if target == Target::Vloop {
+    if target.is_vloop() {
         spec.extra_args = opts.vloop_args.clone();
     }
     Some(spec)
 }
 
-/// Starts backend `target` and records its command line and start-up footprint in `facts`.
+/// Starts backend `target` on `image` and records its command line and start-up footprint in
+/// `facts`.
 fn start(
     opts: &CompareOptions,
     dir: &Path,
     target: Target,
     queues: u16,
+    image: (&Path, ImageFormat),
     facts: &mut BackendFacts,
 ) -> Result<BackendProcess, String> {
-    let spec = spec(opts, dir, target, queues).ok_or("no backend process to start")?;
+    let spec = spec(opts, dir, target, queues, image).ok_or("no backend process to start")?;
     if facts.command.is_empty() {
         facts.command = std::iter::once(spec.command().get_program().to_string_lossy().into())
             .chain(spec.args())
@@ -554,7 +713,8 @@ fn measure_idle(
         ..Idle::default()
     };
     let target = facts.target;
-    let d = match start(opts, dir, target, queues, facts) {
+    let (image, format) = opts.image_of(target);
+    let d = match start(opts, dir, target, queues, (&image, format), facts) {
         Ok(d) => d,
         Err(e) => {
             idle.failure = Some(e);
@@ -567,6 +727,7 @@ fn measure_idle(
         iodepth: 1,
         queues,
         runtime: secs,
+        one_pass: false,
     };
     let client = match Client::connect(d.socket(), &client_options(&w)) {
         Ok(c) => c,
@@ -610,19 +771,53 @@ fn measure_idle(
     idle
 }
 
-/// Starts `target`'s backend (if any) with the workload's queue count, runs `w` once, stops it;
-/// returns the run and the backend's memory at its end.
+/// The image `target` serves for one run of `case`: the prepared one, or a fresh empty overlay
+/// made in `scratch` (removed when the returned guard is dropped).
+fn served_image(
+    opts: &CompareOptions,
+    scratch: &Path,
+    target: Target,
+    case: &Case,
+) -> Result<(PathBuf, ImageFormat, Option<Scratch>), String> {
+    let (image, format) = opts.image_of(target);
+    if case.on == ImageState::Allocated {
+        return Ok((image, format, None));
+    }
+    let made = match format {
+        ImageFormat::Qcow2 { .. } => {
+            let s = Scratch::new(scratch.join(format!("{}.qcow2", target.name())));
+            QemuImg(opts.qemu_img_bin.clone())
+                .create_overlay(&opts.image, s.path())
+                .map(|()| s)
+        }
+        _ => {
+            let s = Scratch::new(scratch.join(format!("{}.raw", target.name())));
+            images::create_sparse(s.path(), opts.image_size).map(|()| s)
+        }
+    };
+    let s = made.map_err(|e| format!("cannot make the empty overlay: {}", chain(&e)))?;
+    Ok((s.path().to_path_buf(), format, Some(s)))
+}
+
+/// Starts `target`'s backend (if any) with the workload's queue count on the image `case`
+/// runs on, runs the workload once, stops it; returns the run and the backend's memory at its
+/// end.
 fn run_one(
     opts: &CompareOptions,
     dir: &Path,
+    scratch: &Path,
     target: Target,
-    w: &Workload,
+    case: &Case,
     facts: Option<&mut BackendFacts>,
 ) -> Result<(RunResult, Footprint), String> {
+    let w = &case.workload;
     // Start every run with no dirty pages left over from the previous one, so writeback
     // throttling hits the run that caused it.
-    if let Ok(f) = File::open(&opts.image) {
-        let _ = f.sync_all();
+    let qcow2 = opts.qcow2.then(|| images::qcow2_path(&opts.image));
+    for p in std::iter::once(&opts.image).chain(&qcow2) {
+        if let Ok(f) = File::open(p) {
+            let _ = f.sync_all();
+        }
     }
     let Some(facts) = facts else {
         let direct = opts.mode == Mode::Direct;
@@ -630,7 +825,8 @@ fn run_one(
             .map(|r| (r, Footprint::default()))
             .map_err(|e| chain(&e));
     };
-    let d = start(opts, dir, target, w.queues, facts)?;
+    let (image, format, _scratch) = served_image(opts, scratch, target, case)?;
+    let d = start(opts, dir, target, w.queues, (&image, format), facts)?;
     let r = run_vhost(d.socket(), w, Some(d.pid())).map_err(|e: LoadError| chain(&e));
     let memory = finish(d, facts)?;
     r.map(|r| (r, memory))
@@ -640,33 +836,21 @@ fn run_one(
 mod tests {
     use super::*;
 
-    #[test]
-    fn image_blocks_are_tagged_and_reused() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("i.img");
-        prepare_image(&p, 3 << 20, false).unwrap();
-        let data = std::fs::read(&p).unwrap();
-        assert_eq!(data.len(), 3 << 20);
-        let tag = |b: usize| u64::from_le_bytes(data[b * 4096..b * 4096 + 8].try_into().unwrap());
-        assert_eq!(tag(0), 1 << 63);
-        assert_eq!(tag(700), 700 | 1 << 63);
-        assert!(!data.chunks(4096).any(|c| c.iter().all(|&b| b == 0)));
-        // Same size: reused, not rewritten.
-        std::fs::write(&p, vec![7u8; 3 << 20]).unwrap();
-        prepare_image(&p, 3 << 20, false).unwrap();
-        assert_eq!(std::fs::read(&p).unwrap()[0], 7);
-    }
-
     fn options(mode: Mode, skip_qsd: bool) -> CompareOptions {
         CompareOptions {
             image: "/tmp/i.img".into(),
             image_size: 1 << 20,
             fresh_image: false,
+            qcow2: false,
+            qemu_img_bin: "qemu-img".into(),
             vloop_bin: "/bin/vloop-blk".into(),
             qsd_bin: "qemu-storage-daemon".into(),
             rounds: 1,
             mode,
-            workloads: default_workloads(Duration::from_secs(1)),
+            cases: default_workloads(Duration::from_secs(1))
+                .into_iter()
+                .map(Case::allocated)
+                .collect(),
             skip_qsd,
             vloop_args: vec!["--queue-size=512".into()],
             time_budget: None,
@@ -686,30 +870,139 @@ mod tests {
             [Vloop, Qsd, QsdIothread]
         );
         assert_eq!(options(Mode::Direct, true).targets(), [Vloop, Raw]);
+        // qcow2: vloop-blk on the raw image takes the raw column's place.
+        let q = |mode, skip_qsd| CompareOptions {
+            qcow2: true,
+            ..options(mode, skip_qsd)
+        };
+        assert_eq!(
+            q(Mode::PageCache, false).targets(),
+            [Vloop, Qsd, QsdIothread, VloopRaw]
+        );
+        assert_eq!(q(Mode::Direct, true).targets(), [Vloop, VloopRaw]);
+    }
+
+    fn args(o: &CompareOptions, t: Target, queues: u16) -> Vec<String> {
+        let (image, format) = o.image_of(t);
+        spec(o, Path::new("/tmp/d"), t, queues, (&image, format))
+            .unwrap()
+            .args()
+    }
+
+    #[test]
+    fn the_qcow2_mode_serves_the_qcow2_copy_and_vloop_raw_the_raw_image() {
+        let o = CompareOptions {
+            qcow2: true,
+            ..options(Mode::Direct, false)
+        };
+        let v = args(&o, Target::Vloop, 1);
+        assert_eq!(
+            v[..6],
+            [
+                "--socket-path",
+                "/tmp/d/vloop.sock",
+                "--blk-file",
+                "/tmp/i.img.qcow2",
+                "--format",
+                "qcow2"
+            ]
+        );
+        assert!(v.contains(&"--direct".to_string()), "{v:?}");
+        let r = args(&o, Target::VloopRaw, 1);
+        assert_eq!(
+            r[..6],
+            [
+                "--socket-path",
+                "/tmp/d/vloop-raw.sock",
+                "--blk-file",
+                "/tmp/i.img",
+                "--format",
+                "raw"
+            ]
+        );
+        assert!(r.ends_with(&["--queue-size=512".to_string()]), "{r:?}");
+        for t in [Target::Qsd, Target::QsdIothread] {
+            let q = args(&o, t, 1);
+            let at = if t == Target::Qsd { 0 } else { 2 };
+            assert!(
+                q[at + 1].contains("filename=/tmp/i.img.qcow2,")
+                    && q[at + 1].contains("cache.direct=on"),
+                "{q:?}"
+            );
+            assert_eq!(q[at + 3], "driver=qcow2,node-name=q,file=f,discard=unmap");
+            assert!(q[at + 5].contains(",node-name=q,"), "{q:?}");
+        }
+        // Outside the qcow2 mode every side serves the raw image as raw.
+        let p = options(Mode::PageCache, false);
+        assert_eq!(p.image_of(Target::Vloop).1, ImageFormat::Raw);
+        assert!(args(&p, Target::Vloop, 1).ends_with(&[
+            "--format".to_string(),
+            "raw".to_string(),
+            "--queue-size=512".to_string()
+        ]));
+        assert!(!args(&p, Target::Qsd, 1).concat().contains("qcow2"));
+    }
+
+    #[test]
+    fn the_qcow2_set_is_the_issues() {
+        let cases = qcow2_cases(Duration::from_secs(1));
+        let names: Vec<String> = cases.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            names,
+            [
+                "4k randread QD1",
+                "4k randread QD32",
+                "4k randwrite QD1",
+                "4k randwrite QD32",
+                "1M write QD8 overlay"
+            ]
+        );
+        assert!(cases[..4]
+            .iter()
+            .all(|c| c.on == ImageState::Allocated && !c.workload.one_pass));
+        // The overlay is written once per run: every write allocates.
+        assert_eq!(cases[4].on, ImageState::EmptyOverlay);
+        assert!(cases[4].workload.one_pass);
+    }
+
+    #[test]
+    fn modes_that_cannot_hold_together_are_refused_before_any_work() {
+        let mut o = options(Mode::Null, false);
+        o.qcow2 = true;
+        assert!(matches!(run(&o), Err(CompareError::Qcow2Null)));
+        let mut o = options(Mode::PageCache, false);
+        o.cases = qcow2_cases(Duration::from_secs(1));
+        match run(&o) {
+            Err(CompareError::OverlayWithoutQcow2(name)) => {
+                assert_eq!(name, "1M write QD8 overlay")
+            }
+            other => panic!("{other:?}"),
+        }
+        o.cases.clear();
+        assert!(matches!(run(&o), Err(CompareError::NoWorkloads)));
     }
 
     #[test]
     fn every_side_gets_the_same_cache_mode() {
-        let dir = Path::new("/tmp/d");
         let o = options(Mode::Direct, false);
-        let v = spec(&o, dir, Target::Vloop, 2).unwrap().args();
+        let v = args(&o, Target::Vloop, 2);
         assert!(v.contains(&"--direct".to_string()), "{v:?}");
         assert!(v.ends_with(&["--queue-size=512".to_string()]), "{v:?}");
-        let q = spec(&o, dir, Target::QsdIothread, 2).unwrap().args();
+        let q = args(&o, Target::QsdIothread, 2);
         assert!(q[0..2] == ["--object", "iothread,id=iothread0"], "{q:?}");
         assert!(q[3].contains("cache.direct=on"), "{q:?}");
         assert!(q[5].contains("num-queues=2") && q[5].ends_with("iothread=iothread0"));
-        let q = spec(&options(Mode::PageCache, false), dir, Target::Qsd, 1)
-            .unwrap()
-            .args();
+        let q = args(&options(Mode::PageCache, false), Target::Qsd, 1);
         assert!(q[1].contains("cache.direct=off"), "{q:?}");
         let n = options(Mode::Null, false);
-        let q = spec(&n, dir, Target::Qsd, 1).unwrap().args();
+        let q = args(&n, Target::Qsd, 1);
         assert!(q[1].starts_with("driver=null-co,") && q[1].contains("size=1048576"));
-        let v = spec(&n, dir, Target::Vloop, 1).unwrap().args();
+        let v = args(&n, Target::Vloop, 1);
         assert!(v.windows(2).any(|p| p == ["--io-engine", "null"]), "{v:?}");
         assert!(!v.contains(&"--direct".to_string()));
-        assert!(spec(&n, dir, Target::Raw, 1).is_none());
+        let image = Path::new("/tmp/i.img");
+        let raw = (image, ImageFormat::Raw);
+        assert!(spec(&n, Path::new("/tmp/d"), Target::Raw, 1, raw).is_none());
     }
 
     #[test]

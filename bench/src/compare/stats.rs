@@ -17,11 +17,19 @@ pub enum Target {
     QsdIothread,
     /// io_uring straight on the image file, in this process.
     Raw,
+    /// vloop-blk on the raw image, while [`Target::Vloop`] serves its qcow2 copy (qcow2 mode).
+    VloopRaw,
 }
 
 impl Target {
     /// Every target, in table order.
-    pub const ALL: [Target; 4] = [Self::Vloop, Self::Qsd, Self::QsdIothread, Self::Raw];
+    pub const ALL: [Target; 5] = [
+        Self::Vloop,
+        Self::Qsd,
+        Self::QsdIothread,
+        Self::Raw,
+        Self::VloopRaw,
+    ];
 
     /// Name in tables, JSON and charts.
     pub fn name(self) -> &'static str {
@@ -30,12 +38,18 @@ impl Target {
             Self::Qsd => "qsd",
             Self::QsdIothread => "qsd-iothread",
             Self::Raw => "raw",
+            Self::VloopRaw => "vloop-raw",
         }
     }
 
     /// Whether it is a backend process (not the raw engine).
     pub fn is_backend(self) -> bool {
         self != Self::Raw
+    }
+
+    /// Whether it is vloop-blk (on either image).
+    pub fn is_vloop(self) -> bool {
+        matches!(self, Self::Vloop | Self::VloopRaw)
     }
 
     /// Whether it is one of the qemu-storage-daemon configurations.
@@ -295,8 +309,9 @@ pub fn paired_ratio(
     (mb > 0.0).then(|| ma / mb)
 }
 
-/// The ratios of a row: vloop-blk against the better qemu-storage-daemon configuration and
-/// against raw io_uring.
+/// The ratios of a row: vloop-blk against the better qemu-storage-daemon configuration, against
+/// raw io_uring, and (qcow2 mode: vloop-blk on the qcow2 copy) against vloop-blk on the raw
+/// image.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct Ratios {
     /// The qemu-storage-daemon configuration the ratios are taken against.
@@ -309,15 +324,20 @@ pub struct Ratios {
     pub vloop_cpu_over_qsd: Option<f64>,
     /// vloop IOPS / raw io_uring IOPS.
     pub vloop_over_raw: Option<f64>,
+    /// vloop IOPS / vloop-raw IOPS (qcow2 mode: what the qcow2 layer costs; above 0.9 is the
+    /// goal on allocated clusters).
+    pub vloop_over_vloop_raw: Option<f64>,
 }
 
 impl Ratios {
-    /// The ratios of vloop's summary against those of the qsd configurations and raw.
+    /// The ratios of vloop's summary against those of the qsd configurations, raw and
+    /// vloop-raw.
     pub fn of(
         vloop: &Summary,
         qsd: Option<&Summary>,
         qsd_iothread: Option<&Summary>,
         raw: Option<&Summary>,
+        vloop_raw: Option<&Summary>,
     ) -> Ratios {
         let best = best_of(&[(Target::Qsd, qsd), (Target::QsdIothread, qsd_iothread)]);
         let against =
@@ -328,6 +348,7 @@ impl Ratios {
             vloop_p50_over_qsd: against(|r| Some(r.latency.p50_us)),
             vloop_cpu_over_qsd: against(|r| r.backend_cpu_us_per_io),
             vloop_over_raw: raw.and_then(|r| paired_ratio(vloop, r, |x| Some(x.iops))),
+            vloop_over_vloop_raw: vloop_raw.and_then(|r| paired_ratio(vloop, r, |x| Some(x.iops))),
         }
     }
 }
@@ -393,26 +414,38 @@ mod tests {
         let vloop = summary(&[300.0, 300.0], &[1.0, 1.0]);
         let main = summary(&[100.0, 120.0], &[2.0, 2.0]);
         let iot = summary(&[150.0, 150.0], &[3.0, 3.0]);
-        let r = Ratios::of(&vloop, Some(&main), Some(&iot), None);
+        let r = Ratios::of(&vloop, Some(&main), Some(&iot), None, None);
         assert_eq!(r.best_qsd, Some(Target::QsdIothread));
         assert_eq!(r.vloop_over_qsd, Some(2.0));
         assert_eq!(r.vloop_p50_over_qsd, Some(0.5));
         assert_eq!(r.vloop_cpu_over_qsd, Some(1.0 / 3.0));
         assert_eq!(r.vloop_over_raw, None);
+        assert_eq!(r.vloop_over_vloop_raw, None);
         // The main loop wins when it is faster; a configuration that failed does not count.
         let slow = summary(&[50.0], &[1.0]);
-        let r = Ratios::of(&vloop, Some(&main), Some(&slow), Some(&main));
+        let r = Ratios::of(&vloop, Some(&main), Some(&slow), Some(&main), None);
         assert_eq!(r.best_qsd, Some(Target::Qsd));
         assert_eq!(r.vloop_over_raw, Some(2.75));
+        // vloop-raw pairs rounds as the others do: 300/400 and 300/250.
+        let vraw = summary(&[400.0, 250.0], &[1.0, 1.0]);
+        let r = Ratios::of(&vloop, None, None, None, Some(&vraw));
+        assert_eq!(r.vloop_over_vloop_raw, Some((0.75 + 1.2) / 2.0));
+        assert_eq!(
+            (r.best_qsd, r.vloop_over_qsd, r.vloop_over_raw),
+            (None, None, None)
+        );
         let mut failed = Summary::default();
         failed.fail(1, "no".into());
-        let r = Ratios::of(&vloop, Some(&failed), Some(&slow), None);
+        let r = Ratios::of(&vloop, Some(&failed), Some(&slow), None, None);
         assert_eq!(r.best_qsd, Some(Target::QsdIothread));
         assert_eq!(r.vloop_over_qsd, Some(6.0));
         // A tie goes to the first (main loop); with no qsd at all there is no ratio.
-        let r = Ratios::of(&vloop, Some(&main), Some(&main.clone()), None);
+        let r = Ratios::of(&vloop, Some(&main), Some(&main.clone()), None, None);
         assert_eq!(r.best_qsd, Some(Target::Qsd));
-        assert_eq!(Ratios::of(&vloop, None, None, None), Ratios::default());
+        assert_eq!(
+            Ratios::of(&vloop, None, None, None, None),
+            Ratios::default()
+        );
     }
 
     #[test]

@@ -244,6 +244,7 @@ pub fn verified_random_io_on_two_queues(b: Backend) {
         iodepth: 8,
         queues: 2,
         runtime: Duration::from_millis(700),
+        one_pass: false,
     };
     let r = vloop_bench::verify::run_verify(e.daemon.socket(), &w).unwrap();
     eprintln!("{r:?}");
