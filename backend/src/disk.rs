@@ -104,6 +104,25 @@ pub enum DiskError {
     },
 }
 
+/// How long a conflicting lock may take to go away before the image counts as in use: a
+/// backend killed a moment ago keeps its locks until the kernel has torn down its io_uring
+/// (measured up to about 80 ms on a loaded machine), and a supervisor restarts it at once.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// [`lock_image`], retried while another holder's lock may be on its way out (see
+/// [`LOCK_WAIT`]).
+fn lock_waiting(file: &File, mode: LockMode) -> Result<bool, LockError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match lock_image(file, mode) {
+            Err(LockError::Conflict { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Whether `path` is named like a qcow2 image.
 fn named_qcow2(path: &Path) -> bool {
     path.extension()
@@ -399,7 +418,7 @@ impl Disk {
             LockMode::ReadWrite
         };
         match config.locking {
-            Locking::On => match lock_image(&file, mode) {
+            Locking::On => match lock_waiting(&file, mode) {
                 Ok(true) => {}
                 Ok(false) => return Err(DiskError::LockUnsupported(path)),
                 Err(source) => {
