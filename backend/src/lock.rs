@@ -161,27 +161,17 @@ fn try_lock(file: &File, mode: LockMode) -> Result<bool, LockError> {
             }
         }
     }
-    // What we want must be shared by everyone else...
-    for (i, name) in PERM_NAMES.iter().enumerate() {
-        let bit = 1u32 << i;
-        if perm & bit != 0 {
-            let byte = SHARED_BASE + i as i64;
-            if byte_taken(file, byte).map_err(|source| LockError::Fcntl { byte, source })? {
-                return Err(LockError::Conflict {
-                    what: format!("{name:?}"),
-                    byte,
-                });
+    // What we want must be shared by everyone else, and nobody else may hold what we refuse
+    // to share.
+    for (mask, base, prefix) in [(perm, SHARED_BASE, ""), (unshared, PERM_BASE, "shared ")] {
+        for (i, name) in PERM_NAMES.iter().enumerate() {
+            if mask & (1u32 << i) == 0 {
+                continue;
             }
-        }
-    }
-    // ... and nobody else may hold what we refuse to share.
-    for (i, name) in PERM_NAMES.iter().enumerate() {
-        let bit = 1u32 << i;
-        if unshared & bit != 0 {
-            let byte = PERM_BASE + i as i64;
+            let byte = base + i as i64;
             if byte_taken(file, byte).map_err(|source| LockError::Fcntl { byte, source })? {
                 return Err(LockError::Conflict {
-                    what: format!("shared {name:?}"),
+                    what: format!("{prefix}{name:?}"),
                     byte,
                 });
             }

@@ -199,37 +199,36 @@ fn pattern_disk(size: u64) -> Vec<u8> {
         .collect()
 }
 
+/// `qemu-img create` of a qcow2 overlay at `img` over `backing` (of format `backing_format`,
+/// a path relative to the overlay's folder or absolute), of the backing file's size unless
+/// `size` is given.
+fn overlay(img: &Path, backing: &str, backing_format: &str, size: Option<&str>) {
+    let img = img.display().to_string();
+    let mut args = vec![
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        backing_format,
+        "-b",
+        backing,
+        &img,
+    ];
+    args.extend(size);
+    run(&args);
+}
+
 /// A chain of three: raw base, qcow2 middle (relative path), qcow2 top.
 fn chain(dir: &Path, size: u64) -> (PathBuf, PathBuf, PathBuf) {
     let base = dir.join("base.raw");
     std::fs::write(&base, pattern_disk(size)).unwrap();
     let mid = dir.join("mid.qcow2");
-    run(&[
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        "-b",
-        "base.raw",
-        &mid.display().to_string(),
-    ]);
+    overlay(&mid, "base.raw", "raw", None);
     qemu_io(&mid, "qcow2", &["write -P 0xaa 65536 131072".into()]);
     let top = dir.join("top.qcow2");
-    run(&[
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        &top.display().to_string(),
-    ]);
+    overlay(&top, "mid.qcow2", "qcow2", None);
     qemu_io(&top, "qcow2", &["write -P 0xbb 100000 5000".into()]);
     (base, mid, top)
 }
@@ -389,19 +388,7 @@ fn the_format_is_never_guessed_from_guest_data() {
     // A qcow2 header (naming a host file as its backing file) inside a raw image that is not
     // named .qcow2, as a guest could have written it.
     let planted = dir.path().join("planted.qcow2");
-    run(&[
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        "-b",
-        "/etc/hostname",
-        &planted.display().to_string(),
-        "1M",
-    ]);
+    overlay(&planted, "/etc/hostname", "raw", Some("1M"));
     let disk = dir.path().join("disk.img");
     let mut bytes = std::fs::read(&planted).unwrap();
     bytes.resize(MIB as usize, 0);

@@ -401,43 +401,41 @@ mod tests {
         assert_eq!(q.max_counter(), 13);
     }
 
+    /// One queue of 4 where `done` were taken and fully returned (`counter` from 1 on), then
+    /// `taken` were taken and begun as one batch: what a restart with the used ring at
+    /// `used` finds still in flight, and the used index it repairs to.
+    fn recover_after(done: &[u16], taken: &[u16], used: u16) -> (Vec<u16>, u16) {
+        let (r, _file) = InflightRegion::create(1, 4).unwrap();
+        let q = r.queue(0).unwrap();
+        let mut counter = 0;
+        for &h in done {
+            counter += 1;
+            q.take(h, counter);
+        }
+        if !done.is_empty() {
+            q.begin_batch(done);
+            q.end_batch(done, done.len() as u16);
+        }
+        for &h in taken {
+            counter += 1;
+            q.take(h, counter);
+        }
+        q.begin_batch(&taken[..2.min(taken.len())]);
+        (q.recover(used), q.used_idx())
+    }
+
     #[test]
     fn a_batch_half_returned_is_repaired() {
-        let (r, _file) = InflightRegion::create(1, 4).unwrap();
-        let q = r.queue(0).unwrap();
-        q.take(1, 1);
-        q.take(3, 2);
-        q.take(0, 3);
-        q.begin_batch(&[1, 3]);
-        // Died after the used ring reached 2, before end_batch.
-        assert_eq!(q.recover(2), vec![0]);
-        assert_eq!(q.used_idx(), 2);
+        // Taken 1, 3, 0; the batch [1, 3] begun: died after the used ring reached 2, before
+        // end_batch.
+        assert_eq!(recover_after(&[], &[1, 3, 0], 2), (vec![0], 2));
         // Died after the first of the two reached the used ring: the second and the request
         // taken later are still in flight.
-        let (r, _file) = InflightRegion::create(1, 4).unwrap();
-        let q = r.queue(0).unwrap();
-        q.take(1, 1);
-        q.take(3, 2);
-        q.take(0, 3);
-        q.begin_batch(&[1, 3]);
-        assert_eq!(q.recover(1), vec![3, 0]);
+        assert_eq!(recover_after(&[], &[1, 3, 0], 1).0, vec![3, 0]);
         // A later batch after a completed one: only its own first head is cleared.
-        let (r, _file) = InflightRegion::create(1, 4).unwrap();
-        let q = r.queue(0).unwrap();
-        q.take(2, 1);
-        q.begin_batch(&[2]);
-        q.end_batch(&[2], 1);
-        q.take(0, 2);
-        q.take(1, 3);
-        q.begin_batch(&[0, 1]);
-        assert_eq!(q.recover(2), vec![1]);
+        assert_eq!(recover_after(&[2], &[0, 1], 2).0, vec![1]);
         // Died before the used ring was updated: the whole batch is still in flight.
-        let (r, _file) = InflightRegion::create(1, 4).unwrap();
-        let q = r.queue(0).unwrap();
-        q.take(2, 7);
-        q.take(1, 8);
-        q.begin_batch(&[2, 1]);
-        assert_eq!(q.recover(0), vec![2, 1]);
+        assert_eq!(recover_after(&[], &[2, 1], 0).0, vec![2, 1]);
     }
 
     #[test]

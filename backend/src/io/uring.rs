@@ -290,26 +290,17 @@ impl Uring {
         let Ok(off) = libc::off64_t::try_from(op.offset) else {
             return Inline::No;
         };
+        let call = if write { libc::pwritev2 } else { libc::preadv2 };
         // SAFETY: every iovec points into guest memory that the caller keeps mapped until the
         // op completes, with the length of the guest buffer it came from; the fd is open.
         let n = unsafe {
-            if write {
-                libc::pwritev2(
-                    op.fd,
-                    op.iov.as_ptr(),
-                    op.iov.len() as libc::c_int,
-                    off,
-                    libc::RWF_NOWAIT,
-                )
-            } else {
-                libc::preadv2(
-                    op.fd,
-                    op.iov.as_ptr(),
-                    op.iov.len() as libc::c_int,
-                    off,
-                    libc::RWF_NOWAIT,
-                )
-            }
+            call(
+                op.fd,
+                op.iov.as_ptr(),
+                op.iov.len() as libc::c_int,
+                off,
+                libc::RWF_NOWAIT,
+            )
         };
         if n < 0 {
             let e = io::Error::last_os_error().raw_os_error();

@@ -3,6 +3,8 @@
 //! This is the format layer of the data path: a format maps the guest's byte range to
 //! extents of files, and the ops carry iovecs that point straight into guest memory.
 
+use std::os::fd::RawFd;
+
 use tracing::warn;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -268,32 +270,21 @@ impl Executor {
                     vloop_qcow2::Extent::Data {
                         layer, host, len, ..
                     } => {
-                        let aligned = part.iter().all(|v| {
-                            (v.iov_base as usize).is_multiple_of(512)
-                                && v.iov_len.is_multiple_of(512)
-                        });
-                        let direct = self.disk.is_direct() && aligned;
+                        let direct = self
+                            .disk
+                            .is_direct()
+                            .then(|| q.data_fds.get(layer).copied())
+                            .flatten();
                         let buffered = q.buffered_fds.get(layer).copied().unwrap_or(-1);
-                        let fd = if direct {
-                            q.data_fds.get(layer).copied().unwrap_or(buffered)
-                        } else {
-                            buffered
-                        };
-                        ops.push(Op {
-                            kind: if write {
-                                OpKind::Write {
-                                    dsync: write_through,
-                                }
-                            } else {
-                                OpKind::Read
-                            },
-                            fd,
-                            fallback_fd: buffered,
-                            offset: host,
+                        ops.push(data_op(
+                            part,
+                            write,
+                            write_through,
+                            host,
                             len,
-                            iov: part,
-                            buffered: !direct,
-                        });
+                            direct,
+                            buffered,
+                        ));
                     }
                     vloop_qcow2::Extent::Zero { .. } => {
                         for v in &part {
@@ -329,30 +320,9 @@ impl Executor {
 
     /// The read or write of `iov` at `offset` on the raw image.
     fn rw_op(&self, iov: Iovecs, write: bool, offset: u64, len: u64, write_through: bool) -> Op {
-        let aligned = iov
-            .iter()
-            .all(|v| (v.iov_base as usize).is_multiple_of(512) && v.iov_len.is_multiple_of(512));
-        let direct = self.disk.is_direct() && aligned;
-        let fd = if direct {
-            self.disk.fd()
-        } else {
-            self.disk.buffered_fd()
-        };
-        Op {
-            kind: if write {
-                OpKind::Write {
-                    dsync: write_through,
-                }
-            } else {
-                OpKind::Read
-            },
-            fd,
-            fallback_fd: self.disk.buffered_fd(),
-            offset,
-            iov,
-            len,
-            buffered: !direct,
-        }
+        let direct = self.disk.is_direct().then(|| self.disk.fd());
+        let buffered = self.disk.buffered_fd();
+        data_op(iov, write, write_through, offset, len, direct, buffered)
     }
 
     /// The fallocate of a discard or write-zeroes segment: a discard punches a hole (on a
@@ -481,4 +451,37 @@ fn guest_iovecs(mem: &GuestMem, data: &[GuestRange]) -> Option<Iovecs> {
         }
     }
     Some(iov)
+}
+
+/// The read or write of `iov` at `offset` of one image file: through `direct` (its O_DIRECT
+/// fd, where the image is opened so) when every buffer is 512-byte aligned, else through
+/// `buffered`, which is also the fallback where the file refuses O_DIRECT.
+fn data_op(
+    iov: Iovecs,
+    write: bool,
+    write_through: bool,
+    offset: u64,
+    len: u64,
+    direct: Option<RawFd>,
+    buffered: RawFd,
+) -> Op {
+    let aligned = iov
+        .iter()
+        .all(|v| (v.iov_base as usize).is_multiple_of(512) && v.iov_len.is_multiple_of(512));
+    let direct = direct.filter(|_| aligned);
+    Op {
+        kind: if write {
+            OpKind::Write {
+                dsync: write_through,
+            }
+        } else {
+            OpKind::Read
+        },
+        fd: direct.unwrap_or(buffered),
+        fallback_fd: buffered,
+        offset,
+        iov,
+        len,
+        buffered: direct.is_none(),
+    }
 }
