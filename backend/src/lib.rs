@@ -6,7 +6,8 @@
 //! - [`request`]: pure parsing and validation of virtio-blk descriptor chains;
 //! - [`virtio_blk`]: the device offered: feature bits, limits, config space;
 //! - [`lock`]: QEMU-compatible image locking;
-//! - [`disk`]: the open image: size, serial, limits, flush state;
+//! - [`disk`]: the open image: its format (never guessed from guest data), qcow2 chain, size,
+//!   serial, limits, flush state;
 //! - [`io`]: the executor that runs a queue's requests on io_uring (or blocking syscalls);
 //! - [`poll`]: adaptive polling of a queue's available ring between requests;
 //! - [`inflight`]: inflight I/O tracking, so a restarted backend resubmits what was in flight;

@@ -3,17 +3,16 @@
 //!
 //! One [`Disk`] is shared by every worker thread and every frontend connection; it holds no
 //! lock on the data path (the I/O layer issues positional operations on its fds, and asks a
-//! qcow2 chain for mappings).
-//!
-//! The format is never guessed from data a guest could have written (the CVE-2008-2004 class
-//! of attacks, where a guest writes a qcow2 header into its raw disk so that a later open
-//! reads a host file as the "backing file"). With `--format auto`, the default, a file named
-//! `*.qcow2` must be qcow2; any other file must not look like another format, or it is refused
-//! with a message asking for `--format raw` or `--format qcow2`; and a guest may not write a
-//! first sector that would make a raw image decided this way look like another format (the
-//! write fails with IOERR, as QEMU does for probed raw images). Backing files whose format the
-//! naming image does not record follow the same rule. An explicit `--format raw` serves any
-//! bytes as they are.
+//! qcow2 chain for mappings). [`format`] decides the format without trusting guest data;
+//! [`chain`] opens a qcow2 backing chain.
+
+mod chain;
+pub mod format;
+
+use self::chain::open_chain;
+pub use self::chain::Qcow2Files;
+pub use self::format::decide_format;
+use self::format::read_first;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -25,9 +24,9 @@ use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use tracing::{info, warn};
 
-use vloop_qcow2::{Backing, Chain, Format};
+use vloop_qcow2::Format;
 
-use crate::config::{BackingChoice, Config, DiscardMode, ImageFormat, Locking, SERIAL_LEN};
+use crate::config::{Config, DiscardMode, ImageFormat, Locking, SERIAL_LEN};
 use crate::lock::{lock_image, LockError, LockMode};
 use crate::request::{Limits, SECTOR_SHIFT, SECTOR_SIZE};
 use crate::virtio_blk::{MAX_DWZ_SECTORS, MAX_DWZ_SEG, SIZE_MAX};
@@ -123,43 +122,6 @@ fn lock_waiting(file: &File, mode: LockMode) -> Result<bool, LockError> {
     }
 }
 
-/// Whether `path` is named like a qcow2 image.
-fn named_qcow2(path: &Path) -> bool {
-    path.extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("qcow2"))
-}
-
-/// The format `--format auto` serves a file named `path` whose first bytes are `first` in, or
-/// why it refuses to decide (see the module docs).
-pub fn decide_format(path: &Path, first: &[u8]) -> Result<Format, String> {
-    let probed = vloop_qcow2::probe(first).map_err(|e| e.to_string());
-    match (named_qcow2(path), probed) {
-        (true, Ok(Format::Qcow2)) => Ok(Format::Qcow2),
-        (true, Ok(Format::Raw)) => Err("named .qcow2 but holds no qcow2 header".into()),
-        (false, Ok(Format::Raw)) => Ok(Format::Raw),
-        (false, Ok(Format::Qcow2)) => {
-            Err("holds a qcow2 header but is not named .qcow2 (a guest may have written it)".into())
-        }
-        (_, Err(e)) => Err(e),
-    }
-}
-
-fn read_first(file: &File) -> io::Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    let mut first = vec![0u8; vloop_qcow2::format::PROBE_BYTES];
-    let mut got = 0;
-    while got < first.len() {
-        match file.read_at(&mut first[got..], got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    first.truncate(got);
-    Ok(first)
-}
-
 /// How the guest's bytes map to files.
 #[derive(Debug)]
 pub enum Layout {
@@ -171,26 +133,6 @@ pub enum Layout {
     },
     /// A qcow2 image and its backing chain.
     Qcow2(Qcow2Files),
-}
-
-/// A qcow2 chain and the descriptors its data goes through.
-pub struct Qcow2Files {
-    /// The chain (metadata, mappings, slow paths).
-    pub chain: std::sync::Arc<Chain>,
-    /// Per layer, top first: the descriptor data I/O uses (O_DIRECT with `--direct`).
-    pub data_fds: Vec<RawFd>,
-    /// Per layer: a buffered descriptor for buffers O_DIRECT refuses.
-    pub buffered_fds: Vec<RawFd>,
-    /// The O_DIRECT descriptors behind `data_fds`, kept open.
-    _direct: Vec<File>,
-}
-
-impl std::fmt::Debug for Qcow2Files {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Qcow2Files")
-            .field("layers", &self.data_fds.len())
-            .finish()
-    }
 }
 
 /// The size of the image behind `file`: (raw bytes, bytes rounded down to `block`).
@@ -278,100 +220,6 @@ fn serial_bytes(s: &str) -> [u8; SERIAL_LEN] {
     out
 }
 
-/// Open the qcow2 chain of the top image `file` (open and locked) at `path`: backing files are
-/// opened read-only with the shared lock, their format decided as `--format auto` decides when
-/// the naming image does not record it; with `--direct`, each layer also gets an O_DIRECT
-/// descriptor for data.
-fn open_chain(config: &Config, path: &Path, file: &File) -> Result<Qcow2Files, DiskError> {
-    let qcow_err = |source| DiskError::Qcow2 {
-        path: path.to_path_buf(),
-        source,
-    };
-    // Metadata goes through a buffered descriptor of its own (`file` may be O_DIRECT); the
-    // locks are `file`'s.
-    let _ = file;
-    let top = OpenOptions::new()
-        .read(true)
-        .write(!config.read_only)
-        .open(path)
-        .map_err(|source| DiskError::Open {
-            path: path.to_path_buf(),
-            hint: "",
-            source,
-        })?;
-    let mut paths = vec![path.to_path_buf()];
-    let locking = config.locking;
-    let mut opener = |p: &Path, fmt: Option<Format>| -> io::Result<File> {
-        let f = OpenOptions::new().read(true).open(p)?;
-        if locking == Locking::On {
-            match lock_image(&f, LockMode::ReadOnly) {
-                Ok(true) => {}
-                Ok(false) => {
-                    return Err(io::Error::other(
-                        "its file system does not support OFD locks (--locking off)",
-                    ))
-                }
-                Err(e) => return Err(io::Error::other(e)),
-            }
-        }
-        if fmt.is_none() {
-            let first = read_first(&f)?;
-            decide_format(p, &first).map_err(|why| {
-                io::Error::other(format!(
-                    "its format is not recorded and {why}: record it with `qemu-img rebase                      -u -F FORMAT -b BACKING IMAGE`"
-                ))
-            })?;
-        }
-        paths.push(p.to_path_buf());
-        Ok(f)
-    };
-    let backing = match &config.backing {
-        BackingChoice::FromImage => Backing::FromImage,
-        BackingChoice::None => Backing::None,
-        BackingChoice::Path(p, f) => Backing::Path(
-            p.clone(),
-            match f {
-                Some(ImageFormat::Raw) => Some(Format::Raw),
-                Some(ImageFormat::Qcow2) => Some(Format::Qcow2),
-                _ => None,
-            },
-        ),
-    };
-    let opts = vloop_qcow2::OpenOptions {
-        format: Some(Format::Qcow2),
-        read_only: config.read_only,
-        backing,
-        ..vloop_qcow2::OpenOptions::default()
-    };
-    let chain = Chain::open(top, path, &opts, &mut opener).map_err(qcow_err)?;
-    let buffered_fds = chain.fds();
-    let mut direct = Vec::new();
-    let data_fds = if config.direct {
-        for (i, p) in paths.iter().enumerate() {
-            let f = OpenOptions::new()
-                .read(true)
-                .write(i == 0 && !config.read_only)
-                .custom_flags(libc::O_DIRECT)
-                .open(p)
-                .map_err(|source| DiskError::Open {
-                    path: p.clone(),
-                    hint: ": the file system does not support O_DIRECT (drop --direct)",
-                    source,
-                })?;
-            direct.push(f);
-        }
-        direct.iter().map(AsRawFd::as_raw_fd).collect()
-    } else {
-        buffered_fds.clone()
-    };
-    Ok(Qcow2Files {
-        chain: std::sync::Arc::new(chain),
-        data_fds,
-        buffered_fds,
-        _direct: direct,
-    })
-}
-
 impl Disk {
     /// Open and lock the image named by `config`.
     pub fn open(config: &Config) -> Result<Disk, DiskError> {
@@ -453,7 +301,7 @@ impl Disk {
             Format::Raw => Layout::Raw {
                 probed: config.format == ImageFormat::Auto,
             },
-            Format::Qcow2 => Layout::Qcow2(open_chain(config, &path, &file)?),
+            Format::Qcow2 => Layout::Qcow2(open_chain(config, &path)?),
         };
         let (raw_size, size) = match &layout {
             Layout::Raw { .. } => {
@@ -558,11 +406,10 @@ impl Disk {
     /// `qemu-img resize`) and serve that size from now on: requests past the new end fail,
     /// requests into grown space succeed. Returns the served sizes before and after.
     pub fn refresh_size(&self) -> Result<Resize, DiskError> {
-        if let Layout::Qcow2(q) = &self.layout {
+        if let Layout::Qcow2(_) = &self.layout {
             // The virtual size lives in the header, which nobody else may change while the
             // image is locked.
             let size = self.size();
-            let _ = q;
             return Ok(Resize {
                 old: size,
                 new: size,
