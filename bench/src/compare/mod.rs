@@ -301,7 +301,7 @@ pub fn prepare_image(path: &Path, size: u64, fresh: bool) -> Result<(), CompareE
 }
 
 /// Reads the whole file once so that it is in the page cache.
-fn warm_page_cache(path: &Path) -> std::io::Result<()> {
+pub fn warm_page_cache(path: &Path) -> std::io::Result<()> {
     use std::io::Read;
     let mut f = File::open(path)?;
     let mut buf = vec![0u8; 1 << 20];
