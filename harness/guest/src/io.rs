@@ -3,10 +3,12 @@
 //!
 //! The tool is an applet of the guest agent (`/init io PLAN`, PLAN as JSON, see
 //! [`IoPlan::argv`]); under `vloop-harness exec` its stdout reaches the host as it is written,
-//! so the host can act on each phase's [`IoLine::Begin`] and [`IoLine::End`] while the guest
+//! so the host can act on each phase's [`IoEvent::Begin`] and [`IoEvent::End`] while the guest
 //! runs (`vloop-bench --guest` reads the backend's CPU time there). Between the `Begin` line
 //! and the first request, and between the last completion and the `End` line, the tool waits
-//! [`IoPlan::gap_ms`], so that a host acting on a line does so while the device is idle.
+//! [`IoPlan::gap_ms`], so that a host acting on a line does so while the device is idle. Each
+//! line carries the guest's clock ([`IoLine::t_us`]), so the host can tell how late each
+//! line reached it, relative to the promptest one.
 //!
 //! Parsing is pure and shared by both sides, so they cannot disagree about the format.
 
@@ -226,10 +228,21 @@ impl PhaseResult {
     }
 }
 
-/// One line the tool prints on stdout (a JSON object, `"io"` naming the kind).
+/// One line the tool prints on stdout: a JSON object, `"io"` naming the event, `"t_us"` the
+/// time it was written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IoLine {
+    /// Microseconds since the tool started, by the guest's clock, when the line was written.
+    pub t_us: u64,
+    /// What happened.
+    #[serde(flatten)]
+    pub event: IoEvent,
+}
+
+/// What a line of the tool says.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "io", rename_all = "snake_case")]
-pub enum IoLine {
+pub enum IoEvent {
     /// The device was opened.
     Device {
         /// Its path.
@@ -361,28 +374,38 @@ mod tests {
 
     #[test]
     fn lines_parse_and_others_are_ignored() {
-        let end = IoLine::End {
-            phase: 2,
-            result: PhaseResult {
-                ios: 100,
-                errors: 0,
-                bytes: 409_600,
-                secs: 0.5,
-                p50_us: 40.0,
-                p99_us: 90.0,
-                max_us: 120.0,
+        let end = IoLine {
+            t_us: 1_500_000,
+            event: IoEvent::End {
+                phase: 2,
+                result: PhaseResult {
+                    ios: 100,
+                    errors: 0,
+                    bytes: 409_600,
+                    secs: 0.5,
+                    p50_us: 40.0,
+                    p99_us: 90.0,
+                    max_us: 120.0,
+                },
             },
         };
         let text = end.to_line();
-        assert!(text.starts_with("{\"io\":\"end\""), "{text}");
+        assert!(
+            text.starts_with("{\"t_us\":1500000,\"io\":\"end\""),
+            "{text}"
+        );
         assert_eq!(IoLine::parse(&format!("  {text}\r")), Some(end));
         assert_eq!(
-            IoLine::parse(r#"{"io":"begin","phase":0}"#),
-            Some(IoLine::Begin { phase: 0 })
+            IoLine::parse(r#"{"io":"begin","phase":0,"t_us":7}"#),
+            Some(IoLine {
+                t_us: 7,
+                event: IoEvent::Begin { phase: 0 }
+            })
         );
         assert_eq!(IoLine::parse("hello"), None);
-        assert_eq!(IoLine::parse(r#"{"io":"unknown"}"#), None);
-        assert_eq!(IoLine::parse(r#"{"io":"begin","phase":-1}"#), None);
+        assert_eq!(IoLine::parse(r#"{"io":"unknown","t_us":1}"#), None);
+        assert_eq!(IoLine::parse(r#"{"io":"begin","phase":-1,"t_us":1}"#), None);
+        assert_eq!(IoLine::parse(r#"{"io":"begin","phase":1}"#), None);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
-use vloop_guest::io::{percentile, IoLine, IoPhase, IoPlan, PhaseResult};
+use vloop_guest::io::{percentile, IoEvent, IoLine, IoPhase, IoPlan, PhaseResult};
 use vloop_guest::ContentStream;
 
 use super::Res;
@@ -40,14 +40,19 @@ pub fn main(args: &[String]) -> i32 {
     }
 }
 
-/// Prints one line and flushes it, so the host sees it at once.
-fn say(line: &IoLine) {
+/// Prints `event` stamped with the time since `t0` and flushes it, so the host sees it at once.
+fn say(t0: Instant, event: IoEvent) {
+    let line = IoLine {
+        t_us: u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX),
+        event,
+    };
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{}", line.to_line());
     let _ = out.flush();
 }
 
 fn run(plan: &IoPlan) -> Res<()> {
+    let t0 = Instant::now();
     let mut f = OpenOptions::new()
         .read(true)
         .write(plan.writes())
@@ -57,24 +62,30 @@ fn run(plan: &IoPlan) -> Res<()> {
     let bytes = f
         .seek(SeekFrom::End(0))
         .map_err(|e| format!("size of {}: {e}", plan.dev))?;
-    say(&IoLine::Device {
-        dev: plan.dev.clone(),
-        bytes,
-    });
+    say(
+        t0,
+        IoEvent::Device {
+            dev: plan.dev.clone(),
+            bytes,
+        },
+    );
     let gap = Duration::from_millis(plan.gap_ms);
     for (i, phase) in plan.phases.iter().enumerate() {
-        say(&IoLine::Begin { phase: i });
+        say(t0, IoEvent::Begin { phase: i });
         std::thread::sleep(gap);
         match run_phase(&f, bytes, phase, plan.seed.wrapping_add(i as u64)) {
             Ok(result) => {
                 std::thread::sleep(gap);
-                say(&IoLine::End { phase: i, result });
+                say(t0, IoEvent::End { phase: i, result });
             }
             Err(error) => {
-                say(&IoLine::Failed {
-                    phase: i,
-                    error: error.clone(),
-                });
+                say(
+                    t0,
+                    IoEvent::Failed {
+                        phase: i,
+                        error: error.clone(),
+                    },
+                );
                 return Err(format!("phase {i} ({}): {error}", phase.name()));
             }
         }
