@@ -19,13 +19,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 pub use render::render;
-pub use stats::{CpuSample, GuestRatios, Mark, PhaseRound, PhaseSummary};
+pub use stats::{CpuSample, GuestRatios, Lateness, Mark, PhaseRound, PhaseSummary};
 
 use crate::compare::{self, CompareError, Mode, Target};
 use crate::machine::{self, LoadSpan, Machine, MachineError};
 use crate::procfs;
 use vloop_frontend::backend::Program;
-use vloop_guest::io::{IoLine, IoPhase, IoPlan, IoPlanError, Pattern};
+use vloop_guest::io::{IoEvent, IoLine, IoPhase, IoPlan, IoPlanError, Pattern};
 use vloop_harness::accel::Accel;
 use vloop_harness::backend::{Backend, BackendKind, DiskSpec};
 use vloop_harness::exec::spec::{DiskArg, DiskBackend};
@@ -373,11 +373,11 @@ fn boot_one(
             return;
         };
         let mut c = s2.lock().unwrap_or_else(PoisonError::into_inner);
-        let cpu = match (&line, c.pid) {
-            (IoLine::Begin { .. } | IoLine::End { .. }, Some(pid)) => sample(pid),
+        let cpu = match (&line.event, c.pid) {
+            (IoEvent::Begin { .. } | IoEvent::End { .. }, Some(pid)) => sample(pid),
             _ => CpuSample::default(),
         };
-        if let (IoLine::End { .. }, Some(pid)) = (&line, c.pid) {
+        if let (IoEvent::End { .. }, Some(pid)) = (&line.event, c.pid) {
             c.peak_rss_kib = c.peak_rss_kib.max(procfs::peak_rss_kib(pid).ok());
         }
         let mark = Mark {
@@ -385,13 +385,13 @@ fn boot_one(
             at_s: t0.elapsed().as_secs_f64(),
             cpu,
         };
-        if let IoLine::End { phase, result } = &mark.line {
+        if let IoEvent::End { phase, result } = &mark.line.event {
             let begin = c
                 .marks
                 .iter()
-                .find(|m| m.line == IoLine::Begin { phase: *phase });
+                .find(|m| m.line.event == IoEvent::Begin { phase: *phase });
             if let (Some(b), Some(name)) = (begin, names.get(*phase)) {
-                let r = PhaseRound::new(round, load, result, b, &mark);
+                let r = PhaseRound::new(round, load, result, b, &mark, Lateness::default());
                 eprintln!("{}", progress(&tag, name, &r));
             }
         }
@@ -409,11 +409,12 @@ fn boot_one(
     };
     let report = vloop_harness::exec_with(&exec_options(opts, env, plan), hooks);
     let c = std::mem::take(&mut *shared.lock().unwrap_or_else(PoisonError::into_inner));
-    let device_bytes = c.marks.iter().find_map(|m| match m.line {
-        IoLine::Device { bytes, .. } => Some(bytes),
+    let device_bytes = c.marks.iter().find_map(|m| match m.line.event {
+        IoEvent::Device { bytes, .. } => Some(bytes),
         _ => None,
     });
-    let mut phases = stats::phases_of_run(plan.phases.len(), round, load, &c.marks);
+    let gap_s = Duration::from_millis(plan.gap_ms).as_secs_f64();
+    let mut phases = stats::phases_of_run(plan.phases.len(), round, load, gap_s, &c.marks);
     if let Some(e) = &report.error {
         for p in &mut phases {
             if let Err(why) = p {

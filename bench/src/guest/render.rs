@@ -177,14 +177,16 @@ pub fn render(r: &GuestReport) -> String {
             if s.errors > 0 {
                 let _ = writeln!(o, "{} {}: {} requests failed", t.name(), row.name, s.errors);
             }
-            if s.short_windows > 0 {
+            if s.late_windows > 0 {
                 let _ = writeln!(
                     o,
-                    "{} {}: in {} round(s) a line reached the host late (the CPU window was \
-                     shorter than the phase)",
+                    "{} {}: in {} round(s) a line reached the host more than the gap ({} ms) \
+                     late, so that round's CPU window may miss part of the phase or take in \
+                     part of the next (raise --guest-gap)",
                     t.name(),
                     row.name,
-                    s.short_windows
+                    s.late_windows,
+                    r.gap_ms
                 );
             }
             if s.measured() {

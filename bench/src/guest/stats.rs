@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use vloop_guest::io::{IoLine, PhaseResult};
+use vloop_guest::io::{IoEvent, IoLine, PhaseResult};
 
 use crate::compare::stats::{median, Stat, Target};
 use crate::procfs::{thread_cpu_delta, ThreadCpu, ThreadShare};
@@ -59,8 +59,14 @@ pub struct PhaseRound {
     /// over which the backend's CPU was counted (the phase, the tool's two gaps, and the
     /// lines' travel).
     pub host_secs: f64,
-    /// Whether that window was at least as long as the phase by the guest's clock (when not,
-    /// a line was late and the window may have missed part of the phase).
+    /// How late the `Begin` line reached the host, in milliseconds, against the promptest
+    /// line of the guest (its host time less its guest time, less the least such difference).
+    pub begin_late_ms: f64,
+    /// How late the `End` line reached the host, in milliseconds, the same way.
+    pub end_late_ms: f64,
+    /// Whether neither line was later than the tool's gap: the window then held the whole
+    /// phase and nothing of the next (a later `Begin` misses the phase's start, a later `End`
+    /// takes in the next phase's).
     pub window_ok: bool,
     /// Backend CPU time over the window (utime + stime, all threads), in seconds.
     pub backend_cpu_s: Option<f64>,
@@ -75,15 +81,45 @@ pub struct PhaseRound {
     pub backend_threads: Vec<ThreadShare>,
 }
 
+/// How late a phase's two lines reached the host, against the tool's gap, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Lateness {
+    /// Of the `Begin` line.
+    pub begin_s: f64,
+    /// Of the `End` line.
+    pub end_s: f64,
+    /// The tool's gap.
+    pub gap_s: f64,
+}
+
+impl Lateness {
+    /// Whether neither line was later than the gap.
+    pub fn ok(&self) -> bool {
+        self.begin_s <= self.gap_s && self.end_s <= self.gap_s
+    }
+}
+
+/// How late each of `marks` reached the host, in seconds: its host time less its guest time,
+/// less the least such difference over `marks` (the promptest line is 0 late).
+pub fn lateness(marks: &[Mark]) -> Vec<f64> {
+    let offsets: Vec<f64> = marks
+        .iter()
+        .map(|m| m.at_s - m.line.t_us as f64 / 1e6)
+        .collect();
+    let least = offsets.iter().copied().fold(f64::INFINITY, f64::min);
+    offsets.iter().map(|o| o - least).collect()
+}
+
 impl PhaseRound {
     /// The round record of a phase from its `result`, the host's marks at its `begin` and
-    /// `end`, the round and the load.
+    /// `end` and how `late` they were, the round and the load.
     pub fn new(
         round: u32,
         load_before: Option<f64>,
         result: &PhaseResult,
         begin: &Mark,
         end: &Mark,
+        late: Lateness,
     ) -> PhaseRound {
         let host_secs = (end.at_s - begin.at_s).max(0.0);
         let n = result.ios.max(1) as f64;
@@ -120,7 +156,9 @@ impl PhaseRound {
             p99_us: result.p99_us,
             max_us: result.max_us,
             host_secs,
-            window_ok: host_secs >= result.secs,
+            begin_late_ms: late.begin_s * 1e3,
+            end_late_ms: late.end_s * 1e3,
+            window_ok: late.ok(),
             backend_cpu_s: cpu_s,
             backend_cpu_us_per_io: cpu_s.and_then(per_io),
             backend_cpu_pct: cpu_s
@@ -132,34 +170,46 @@ impl PhaseRound {
     }
 }
 
-/// The rounds of every phase of one guest run, from the host's marks: for phase `i` of
-/// `phases`, its record, or why it has none (the tool failed, or the run ended before it).
+/// The rounds of every phase of one guest run, from the host's marks (the tool's gap was
+/// `gap_s`): for phase `i` of `phases`, its record, or why it has none (the tool failed, or
+/// the run ended before it).
 pub fn phases_of_run(
     phases: usize,
     round: u32,
     load_before: Option<f64>,
+    gap_s: f64,
     marks: &[Mark],
 ) -> Vec<Result<PhaseRound, String>> {
+    let late = lateness(marks);
+    let find = |want: &dyn Fn(&IoEvent) -> bool| marks.iter().position(|m| want(&m.line.event));
     (0..phases)
         .map(|i| {
-            let begin = marks
-                .iter()
-                .find(|m| m.line == IoLine::Begin { phase: i })
+            let begin = find(&|e| *e == IoEvent::Begin { phase: i })
                 .ok_or_else(|| "the guest never started this phase".to_string())?;
-            if let Some(error) = marks.iter().find_map(|m| match &m.line {
-                IoLine::Failed { phase, error } if *phase == i => Some(error),
+            if let Some(error) = marks.iter().find_map(|m| match &m.line.event {
+                IoEvent::Failed { phase, error } if *phase == i => Some(error),
                 _ => None,
             }) {
                 return Err(format!("the I/O tool failed: {error}"));
             }
-            let (end, result) = marks
-                .iter()
-                .find_map(|m| match &m.line {
-                    IoLine::End { phase, result } if *phase == i => Some((m, result)),
-                    _ => None,
-                })
+            let end = find(&|e| matches!(e, IoEvent::End { phase, .. } if *phase == i))
                 .ok_or_else(|| "the guest started this phase but never ended it".to_string())?;
-            Ok(PhaseRound::new(round, load_before, result, begin, end))
+            let IoEvent::End { result, .. } = &marks[end].line.event else {
+                return Err("the guest started this phase but never ended it".to_string());
+            };
+            let l = Lateness {
+                begin_s: late[begin],
+                end_s: late[end],
+                gap_s,
+            };
+            Ok(PhaseRound::new(
+                round,
+                load_before,
+                result,
+                &marks[begin],
+                &marks[end],
+                l,
+            ))
         })
         .collect()
 }
@@ -183,8 +233,9 @@ pub struct PhaseSummary {
     pub backend_cpu_pct: Option<Stat>,
     /// Failed requests over all rounds.
     pub errors: u64,
-    /// Rounds whose CPU window was shorter than the phase.
-    pub short_windows: u32,
+    /// Rounds in which a line reached the host later than the tool's gap (their CPU window
+    /// may miss part of the phase or take in part of the next one).
+    pub late_windows: u32,
     /// Why a round failed, if one did (the first failure).
     pub failure: Option<String>,
     /// Rounds that failed.
@@ -200,7 +251,7 @@ impl PhaseSummary {
     /// Adds a successful round.
     pub fn add(&mut self, r: PhaseRound) {
         self.errors += r.errors;
-        self.short_windows += u32::from(!r.window_ok);
+        self.late_windows += u32::from(!r.window_ok);
         self.rounds.push(r);
         let rs = &self.rounds;
         self.iops = stat_of(rs, |x| Some(x.iops));
@@ -297,9 +348,19 @@ impl GuestRatios {
 mod tests {
     use super::*;
 
-    fn mark(line: IoLine, at_s: f64, ticks_ms: u64, threads: &[(u32, &str, u64)]) -> Mark {
+    /// A mark of `event` written at `guest_s` by the guest's clock and received at `at_s`.
+    fn mark(
+        event: IoEvent,
+        guest_s: f64,
+        at_s: f64,
+        ticks_ms: u64,
+        threads: &[(u32, &str, u64)],
+    ) -> Mark {
         Mark {
-            line,
+            line: IoLine {
+                t_us: (guest_s * 1e6) as u64,
+                event,
+            },
             at_s,
             cpu: CpuSample {
                 ticks: Some(Duration::from_millis(ticks_ms)),
@@ -329,26 +390,37 @@ mod tests {
         }
     }
 
+    fn end(phase: usize, result: PhaseResult) -> IoEvent {
+        IoEvent::End { phase, result }
+    }
+
     #[test]
     fn a_phase_takes_the_cpu_between_its_marks() {
         let r = result(1000, 2.0);
         let marks = [
-            mark(IoLine::Begin { phase: 0 }, 1.0, 500, &[(1, "main", 1_000)]),
             mark(
-                IoLine::End {
-                    phase: 0,
-                    result: r,
-                },
+                IoEvent::Begin { phase: 0 },
+                0.5,
+                1.0,
+                500,
+                &[(1, "main", 1_000)],
+            ),
+            // 2 s of I/O between two gaps of 0.2 s; the line came 0.1 s later than the first.
+            mark(
+                end(0, r),
+                2.9,
                 3.5,
                 550,
                 &[(1, "main", 21_001_000), (7, "iou-wrk-7", 9_000_000)],
             ),
         ];
-        let got = phases_of_run(2, 3, Some(0.5), &marks);
+        let got = phases_of_run(2, 3, Some(0.5), 0.2, &marks);
         let p = got[0].as_ref().unwrap();
         assert_eq!((p.round, p.load_before, p.ios), (3, Some(0.5), 1000));
         assert_eq!((p.iops, p.host_secs), (500.0, 2.5));
         assert!(p.window_ok);
+        assert_eq!(p.begin_late_ms, 0.0);
+        assert!((p.end_late_ms - 100.0).abs() < 1e-6, "{}", p.end_late_ms);
         assert!((p.backend_cpu_s.unwrap() - 0.05).abs() < 1e-9);
         assert!((p.backend_cpu_us_per_io.unwrap() - 50.0).abs() < 1e-9);
         assert!((p.backend_cpu_pct.unwrap() - 2.5).abs() < 1e-9);
@@ -365,44 +437,41 @@ mod tests {
     #[test]
     fn late_lines_failures_and_cut_runs_are_told_apart() {
         let marks = [
-            mark(IoLine::Begin { phase: 0 }, 1.0, 0, &[]),
+            mark(IoEvent::Begin { phase: 0 }, 0.0, 1.0, 0, &[]),
+            // 0.3 s late: after the next phase's gap of 0.2 s, its I/O had begun.
+            mark(end(0, result(10, 2.0)), 2.4, 3.7, 0, &[]),
+            mark(IoEvent::Begin { phase: 1 }, 2.4, 3.41, 0, &[]),
             mark(
-                IoLine::End {
-                    phase: 0,
-                    result: result(10, 2.0),
-                },
-                2.0,
-                0,
-                &[],
-            ),
-            mark(IoLine::Begin { phase: 1 }, 2.1, 0, &[]),
-            mark(
-                IoLine::Failed {
+                IoEvent::Failed {
                     phase: 1,
                     error: "EIO".into(),
                 },
-                2.2,
+                2.5,
+                3.52,
                 0,
                 &[],
             ),
-            mark(IoLine::Begin { phase: 2 }, 3.0, 0, &[]),
+            mark(IoEvent::Begin { phase: 2 }, 3.0, 4.0, 0, &[]),
         ];
-        let got = phases_of_run(3, 1, None, &marks);
+        let got = phases_of_run(3, 1, None, 0.2, &marks);
         let p = got[0].as_ref().unwrap();
-        assert!(!p.window_ok, "a window of 1 s for a phase of 2 s");
+        assert!(!p.window_ok);
+        assert!((p.end_late_ms - 300.0).abs() < 1e-6, "{}", p.end_late_ms);
         assert_eq!(p.backend_cpu_us_per_io, Some(0.0));
         assert!(got[1].as_ref().unwrap_err().contains("EIO"));
         assert!(got[2].as_ref().unwrap_err().contains("never ended"));
+        let ok = Lateness::default();
         // No I/O: no figure per I/O, but no division by zero either.
-        let p = PhaseRound::new(1, None, &result(0, 0.0), &marks[0], &marks[1]);
+        let p = PhaseRound::new(1, None, &result(0, 0.0), &marks[0], &marks[1], ok);
         assert_eq!((p.backend_cpu_us_per_io, p.backend_cpu_pct), (None, None));
         // No CPU readings: no CPU figures.
         let bare = Mark {
             cpu: CpuSample::default(),
             ..marks[0].clone()
         };
-        let p = PhaseRound::new(1, None, &result(5, 1.0), &bare, &marks[1]);
+        let p = PhaseRound::new(1, None, &result(5, 1.0), &bare, &marks[1], ok);
         assert_eq!((p.backend_cpu_s, p.backend_run_us_per_io), (None, None));
+        assert!(lateness(&[]).is_empty());
     }
 
     fn summary(iops: &[f64], cpu: &[f64]) -> PhaseSummary {
@@ -461,7 +530,7 @@ mod tests {
         s.fail(5, "crashed".into());
         assert_eq!(s.iops.unwrap().median, 25.0);
         assert_eq!(s.backend_cpu_us_per_io.unwrap().median, 3.0);
-        assert_eq!((s.errors, s.short_windows), (2, 1));
+        assert_eq!((s.errors, s.late_windows), (2, 1));
         assert_eq!(s.failed_rounds, [5]);
         assert_eq!(s.failure.as_deref(), Some("crashed"));
     }
