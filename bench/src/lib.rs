@@ -6,10 +6,12 @@
 //! It drives backends through the project's frontend client (crate `vloop-frontend`):
 //! [`load`] runs one workload against one export, [`verify`] checks data integrity under load,
 //! [`compare`] starts each backend in turn and tabulates the figures, [`plot`] draws them as
-//! SVG; [`hist`], [`procfs`] and [`machine`] measure latency, CPU time and memory, and the
-//! machine the figures come from.
+//! SVG; [`guest`] measures the backends from inside a real guest booted through the harness
+//! library; [`hist`], [`procfs`] and [`machine`] measure latency, CPU time and memory, and
+//! the machine the figures come from.
 
 pub mod compare;
+pub mod guest;
 pub mod hist;
 pub mod load;
 pub mod machine;

@@ -1,6 +1,6 @@
-//! vloop-bench: drive a vhost-user-blk backend (or a raw file) with a workload, or compare
-//! vloop-blk with qemu-storage-daemon (main loop and iothread) and raw io_uring, on a raw image
-//! or on its qcow2 copy.
+//! vloop-bench: drive a vhost-user-blk backend (or a raw file) with a workload, compare
+//! vloop-blk with qemu-storage-daemon (main loop and iothread) and raw io_uring on a raw image
+//! or on its qcow2 copy, or compare them from inside a guest.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,14 +9,18 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use vloop_bench::compare::{self, Case, CompareOptions, Mode};
+use vloop_bench::guest::{self, GuestOptions};
 use vloop_bench::load::{self, Pattern, RunResult, Workload};
+use vloop_guest::io::{IoPhase, Pattern as IoPattern};
+use vloop_harness::accel::AccelChoice;
+use vloop_harness::setup::SetupOptions;
 use vloop_images::size::parse_bytes;
 
 /// A vhost-user-blk frontend load generator.
 ///
 /// One workload against a backend socket (--socket), or on a file with io_uring (--raw),
 /// or the full comparison of vloop-blk, qemu-storage-daemon (main loop and iothread) and raw
-/// io_uring (--compare).
+/// io_uring (--compare), or of vloop-blk and qemu-storage-daemon seen from a guest (--guest).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
@@ -47,6 +51,25 @@ struct Args {
     /// qemu-img binary for --qcow2.
     #[arg(long, default_value = "qemu-img")]
     qemu_img_bin: PathBuf,
+    /// Boot a guest (TCG unless KVM provably works) on each backend in turn, vloop-blk and
+    /// qemu-storage-daemon with an iothread, the image its one virtio-blk disk in the same
+    /// cache mode on both, and run 1 MiB sequential and 4k random phases with O_DIRECT in it;
+    /// the host reads the backend's CPU time as each phase begins and ends.
+    #[arg(long, conflicts_with_all = ["socket", "raw", "compare", "null"])]
+    guest: bool,
+    /// With --guest: also qemu-storage-daemon serving from its main loop.
+    #[arg(long, requires = "guest")]
+    qsd_main_loop: bool,
+    /// With --guest: the guests' accelerator (auto: KVM only when a probe runs a vCPU).
+    #[arg(long, value_enum, default_value = "auto")]
+    accel: AccelChoice,
+    /// With --guest: the guest kernel (default: Debian's cloud kernel, fetched into the cache).
+    #[arg(long, requires = "guest")]
+    kernel: Option<PathBuf>,
+    /// With --guest: the idle time in the guest after each phase begins and before it ends,
+    /// while the host reads the backend's CPU time ("0" for none).
+    #[arg(long, default_value = "200ms")]
+    guest_gap: String,
 
     /// read, write, randread, randwrite or mixed.
     #[arg(short, long, default_value = "randread")]
@@ -63,10 +86,11 @@ struct Args {
     /// Queues, one thread each.
     #[arg(long, default_value_t = 1)]
     queues: u16,
-    /// Duration of each run ("5s", "500ms"; default 5s, 2s per run with --compare).
+    /// Duration of each run ("5s", "500ms"; default 5s, 2s per run with --compare, 3s per
+    /// phase with --guest).
     #[arg(long)]
     runtime: Option<String>,
-    /// Open the image with O_DIRECT (raw runs and the backends --compare starts).
+    /// Open the image with O_DIRECT (raw runs and the backends --compare and --guest start).
     #[arg(long)]
     direct: bool,
     /// With --socket: random reads and writes (half each) whose data is checked; fails on
@@ -83,7 +107,7 @@ struct Args {
     #[arg(long)]
     backend_pid: Option<u32>,
 
-    /// Image for --compare (created if missing or of another size).
+    /// Image for --compare and --guest (created if missing or of another size).
     #[arg(long, default_value = "/var/tmp/vloop-bench.img")]
     image: PathBuf,
     /// Size of the --compare image.
@@ -95,7 +119,8 @@ struct Args {
     /// vloop-blk binary for --compare (default: beside this program).
     #[arg(long)]
     vloop_bin: Option<PathBuf>,
-    /// Rounds of --compare (interleaved: each round runs every workload on every target).
+    /// Rounds of --compare (interleaved: each round runs every workload on every target) or
+    /// of --guest (each round boots one guest per backend, the order rotating).
     #[arg(long, default_value_t = 4)]
     rounds: u32,
     /// With --compare: measure each backend's CPU for this long with a frontend connected and
@@ -114,7 +139,8 @@ struct Args {
     /// Leave qemu-storage-daemon out of --compare.
     #[arg(long)]
     no_qsd: bool,
-    /// With --compare: run only the workload given by the options above, not the default set.
+    /// With --compare or --guest: run only the workload given by the options above, not the
+    /// default set.
     #[arg(long)]
     only: bool,
 
@@ -220,7 +246,96 @@ fn default_vloop_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("vloop-blk"))
 }
 
+/// The one phase of `--guest --only`: the workload options as a phase of the guest's tool.
+fn guest_phase(a: &Args, runtime: Duration) -> Result<IoPhase> {
+    let w = workload(a, runtime)?;
+    let pattern = match w.pattern {
+        Pattern::Read => IoPattern::Read,
+        Pattern::Write => IoPattern::Write,
+        Pattern::RandRead => IoPattern::RandRead,
+        Pattern::RandWrite => IoPattern::RandWrite,
+        Pattern::Mixed { .. } => bail!("--guest runs read, write, randread or randwrite phases"),
+    };
+    if w.queues != 1 {
+        bail!("--guest drives one virtio-blk queue: --queues must be 1");
+    }
+    Ok(IoPhase {
+        pattern,
+        bs: w.bs,
+        qd: u32::from(w.iodepth),
+        runtime_ms: u64::try_from(runtime.as_millis()).unwrap_or(u64::MAX),
+    })
+}
+
+/// Whether qemu-storage-daemon can be run as `bin`.
+fn qsd_found(bin: &std::path::Path) -> bool {
+    bin.components().count() > 1 && bin.is_file()
+        || vloop_frontend::backend::on_path(&bin.to_string_lossy())
+}
+
+/// The vloop-blk binary to use, with a warning when it does not exist.
+fn vloop_bin(a: &Args) -> PathBuf {
+    let vloop_bin = a.vloop_bin.clone().unwrap_or_else(default_vloop_bin);
+    if !vloop_bin.is_file() {
+        eprintln!(
+            "warning: {} does not exist (build it with `cargo build --release -p vloop-blk` or pass --vloop-bin); vloop columns will fail",
+            vloop_bin.display()
+        );
+    }
+    vloop_bin
+}
+
+fn run_guest(a: &Args) -> Result<()> {
+    let runtime = parse_duration(a.runtime.as_deref().unwrap_or("3s"))?;
+    let phases = if a.only {
+        vec![guest_phase(a, runtime)?]
+    } else {
+        guest::default_phases(runtime)
+    };
+    if !a.no_qsd && !qsd_found(&a.qsd_bin) {
+        bail!(
+            "{} is not on PATH: install qemu-system-x86 (Debian), pass --qsd-bin or --no-qsd",
+            a.qsd_bin.display()
+        );
+    }
+    let opts = GuestOptions {
+        image: a.image.clone(),
+        image_size: parse_bytes(&a.image_size)?,
+        fresh_image: a.fresh_image,
+        vloop_bin: vloop_bin(a),
+        qsd_bin: a.qsd_bin.clone(),
+        rounds: a.rounds.max(1),
+        mode: if a.direct {
+            Mode::Direct
+        } else {
+            Mode::PageCache
+        },
+        phases,
+        targets: guest::targets(a.no_qsd, a.qsd_main_loop),
+        vloop_args: a.vloop_args.clone(),
+        setup: SetupOptions {
+            accel: a.accel,
+            kernel: a.kernel.clone(),
+            ..SetupOptions::default()
+        },
+        gap: parse_optional_duration(&a.guest_gap)?.unwrap_or(Duration::ZERO),
+        time_budget: Some(parse_duration(&a.time_budget)?),
+    };
+    let report = guest::run(&opts)?;
+    out(&guest::render(&report));
+    if let Some(p) = &a.json {
+        write_json(p, &report)?;
+    }
+    if report.interrupted {
+        bail!("interrupted: the table shows the guests that ran");
+    }
+    Ok(())
+}
+
 fn run(a: Args) -> Result<()> {
+    if a.guest {
+        return run_guest(&a);
+    }
     if a.compare {
         let runtime = parse_duration(a.runtime.as_deref().unwrap_or("2s"))?;
         let cases = if a.only {
@@ -238,16 +353,8 @@ fn run(a: Args) -> Result<()> {
                 .map(Case::allocated)
                 .collect()
         };
-        let vloop_bin = a.vloop_bin.clone().unwrap_or_else(default_vloop_bin);
-        if !vloop_bin.is_file() {
-            eprintln!(
-                "warning: {} does not exist (build it with `cargo build --release -p vloop-blk` or pass --vloop-bin); vloop columns will fail",
-                vloop_bin.display()
-            );
-        }
-        let qsd_found = a.qsd_bin.components().count() > 1 && a.qsd_bin.is_file()
-            || vloop_frontend::backend::on_path(&a.qsd_bin.to_string_lossy());
-        if !a.no_qsd && !qsd_found {
+        let vloop_bin = vloop_bin(&a);
+        if !a.no_qsd && !qsd_found(&a.qsd_bin) {
             bail!(
                 "{} is not on PATH: install qemu-system-x86 (Debian), pass --qsd-bin or --no-qsd",
                 a.qsd_bin.display()
@@ -319,7 +426,7 @@ fn run(a: Args) -> Result<()> {
         load::run_raw(file, &w, a.direct)
             .with_context(|| format!("running {w} on {}", file.display()))?
     } else {
-        bail!("nothing to do: pass --socket PATH, --raw FILE or --compare");
+        bail!("nothing to do: pass --socket PATH, --raw FILE, --compare or --guest");
     };
     out(&run_text(&w, &result));
     if let Some(p) = &a.json {

@@ -69,7 +69,8 @@ fn missing_socket_is_one_clear_error_line() {
 fn nothing_to_do_is_an_error() {
     let out = Command::new(BIN).output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--socket PATH, --raw FILE or --compare"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("--socket PATH, --raw FILE, --compare or --guest"));
 }
 
 #[test]

@@ -39,6 +39,10 @@ pub enum BackendKind {
 #[derive(Debug, Clone)]
 pub struct Backend {
     program: Program,
+    /// Open every image with O_DIRECT.
+    direct: bool,
+    /// Arguments after the export's own.
+    extra_args: Vec<String>,
 }
 
 /// One disk to serve.
@@ -90,13 +94,35 @@ impl Backend {
                 iothread: false,
             },
         };
-        Ok(Backend { program })
+        Ok(Backend::program(program))
     }
 
     /// The program a `--backend-cmd` template describes.
     pub fn template(t: Template) -> Backend {
+        Backend::program(Program::Template(t))
+    }
+
+    /// `program` as it is (for a program that drives the harness as a library, e.g. with
+    /// qemu-storage-daemon's iothread).
+    pub fn program(program: Program) -> Backend {
         Backend {
-            program: Program::Template(t),
+            program,
+            direct: false,
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// The same, opening the images with O_DIRECT when `direct` (vloop-blk `--direct`,
+    /// qemu-storage-daemon `cache.direct=on`; a template has no such option).
+    pub fn with_direct(self, direct: bool) -> Backend {
+        Backend { direct, ..self }
+    }
+
+    /// The same, with `args` after the export's own arguments.
+    pub fn with_args(self, args: Vec<String>) -> Backend {
+        Backend {
+            extra_args: args,
+            ..self
         }
     }
 
@@ -112,14 +138,17 @@ impl Backend {
 
     /// The spec that serves `disk` on `sock`.
     pub fn spec(&self, disk: &DiskSpec, sock: &Path) -> BackendSpec {
-        BackendSpec::new(
+        let mut spec = BackendSpec::new(
             self.program.clone(),
             Export {
                 queues: disk.queues.max(1),
                 read_only: disk.readonly,
+                direct: self.direct,
                 ..Export::new(&disk.image, sock)
             },
-        )
+        );
+        spec.extra_args.clone_from(&self.extra_args);
+        spec
     }
 
     /// Starts the backend for `disk`, listening on `sock`, logging to `log`; returns when the
@@ -156,6 +185,24 @@ mod tests {
             ["--sock", "/s", "--img", "/i.img", "--rw=off"]
         );
         assert!(t.describe().starts_with("--backend-cmd my-blk"));
+        let q = Backend::program(Program::Qsd {
+            bin: "/q".into(),
+            iothread: true,
+        })
+        .with_direct(true)
+        .spec(&disk, Path::new("/s"))
+        .args();
+        assert!(
+            q[1] == "iothread,id=iothread0" && q[3].contains("cache.direct=on"),
+            "{q:?}"
+        );
+        let v = v
+            .with_direct(true)
+            .with_args(vec!["--queue-size=512".into()])
+            .spec(&disk, Path::new("/s"))
+            .args();
+        assert!(v.contains(&"--direct".to_string()), "{v:?}");
+        assert_eq!(v.last().map(String::as_str), Some("--queue-size=512"));
         assert!(matches!(
             Backend::find(BackendKind::Qsd, Some(Path::new("/nonexistent"))),
             Err(ChooseError::NoSuchBin(_))

@@ -101,6 +101,19 @@ pub fn boot(
     spec: BootSpec,
     watch: &mut dyn FnMut(&Progress) -> Watch,
 ) -> Result<BootReport, BootError> {
+    boot_with(env, dir, tmp, spec, &mut |_| {}, watch)
+}
+
+/// [`boot`], calling `started` with the PIDs of the disks' backend processes (in disk order)
+/// once they all listen, before QEMU starts.
+pub fn boot_with(
+    env: &Env,
+    dir: &Path,
+    tmp: &Path,
+    spec: BootSpec,
+    started: &mut dyn FnMut(&[u32]),
+    watch: &mut dyn FnMut(&Progress) -> Watch,
+) -> Result<BootReport, BootError> {
     let label = spec.label;
     let mut backends: Vec<BackendProcess> = Vec::new();
     let mut socks = Vec::new();
@@ -119,6 +132,7 @@ pub fn boot(
         socks.push((sock, d.queues));
         backend_logs.push(log);
     }
+    started(&backends.iter().map(BackendProcess::pid).collect::<Vec<_>>());
     let data_port = spec.data_socket.is_some();
     let plan = Plan {
         scenario: label.to_string(),

@@ -156,15 +156,25 @@ fn mtime(p: &Path) -> Option<std::time::SystemTime> {
     fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
-/// Whether the static build at `built` is newer than every source file of the guest crate.
+/// Whether the static build at `built` is newer than every source file of the guest crate
+/// (those in the folders below `src/` too).
 fn up_to_date(built: &Path, manifest: &Path) -> bool {
     let Some(b) = mtime(built).filter(|_| check_static(built)) else {
         return false;
     };
-    let src = manifest.with_file_name("src");
     let mut files = vec![manifest.to_path_buf()];
-    if let Ok(rd) = fs::read_dir(&src) {
-        files.extend(rd.flatten().map(|e| e.path()));
+    let mut dirs = vec![manifest.with_file_name("src")];
+    while let Some(d) = dirs.pop() {
+        files.push(d.clone());
+        if let Ok(rd) = fs::read_dir(&d) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    dirs.push(e.path());
+                } else {
+                    files.push(e.path());
+                }
+            }
+        }
     }
     files.iter().all(|f| mtime(f).is_some_and(|m| m <= b))
 }
@@ -410,6 +420,35 @@ mod tests {
             let after = text[i + m.len()..].trim_start_matches('\0');
             after.starts_with(data)
         })
+    }
+
+    #[test]
+    fn a_source_changed_in_a_subfolder_makes_the_guest_build_stale() {
+        use std::time::{Duration, SystemTime};
+        let t = tempfile::tempdir().unwrap();
+        let manifest = t.path().join("Cargo.toml");
+        let nested = t.path().join("src/agent/io.rs");
+        fs::create_dir_all(nested.parent().unwrap()).unwrap();
+        for f in [&manifest, &t.path().join("src/main.rs"), &nested] {
+            fs::write(f, "").unwrap();
+        }
+        let built = t.path().join("vloop-guest");
+        let mut elf = vec![0u8; 64];
+        elf[..5].copy_from_slice(b"\x7fELF\x02");
+        fs::write(&built, elf).unwrap();
+        let touch = |p: &Path, secs: u64| {
+            let at = SystemTime::now() + Duration::from_secs(secs);
+            fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(at)
+                .unwrap();
+        };
+        touch(&built, 100);
+        assert!(up_to_date(&built, &manifest));
+        touch(&nested, 200);
+        assert!(!up_to_date(&built, &manifest));
     }
 
     #[test]

@@ -61,5 +61,5 @@ pub mod run;
 
 pub mod exec;
 
-pub use exec::{exec, ExecError, ExecOptions};
+pub use exec::{exec, exec_with, ExecError, ExecHooks, ExecOptions};
 pub use run::{run, BackendChoice, RunError, RunOptions};

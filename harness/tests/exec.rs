@@ -1,6 +1,7 @@
 //! `vloop-harness exec` in real guests (TCG on machines without a usable KVM): exit statuses
 //! come back exactly, output streams while the command runs, files round-trip, read-only
-//! disks refuse writes, and a backend that dies fails the run with its log.
+//! disks refuse writes, and a backend that dies fails the run with its log; and
+//! `exec_with`'s hooks, as a library.
 
 mod common;
 
@@ -159,6 +160,87 @@ fn a_read_only_disk_refuses_writes_in_the_guest() {
     assert!(r.stderr.contains("Read-only file system"), "{}", r.stderr);
     assert_ne!(r.code, Some(0));
     assert!(std::fs::read(&img).unwrap() == before, "the image changed");
+}
+
+#[test]
+fn exec_with_uses_the_callers_set_up_and_backend_and_hands_over_pids_and_lines() {
+    use std::sync::{Arc, Mutex};
+    use vloop_frontend::backend::{which, Program};
+    use vloop_harness::backend::Backend;
+    use vloop_harness::setup::{Env, SetupOptions};
+    use vloop_harness::{exec_with, ExecHooks, ExecOptions};
+
+    if !guests_can_boot() {
+        return;
+    }
+    // O_DIRECT needs a file system that has it (tmpfs may not): the image goes under /var/tmp.
+    let t = tempfile::Builder::new()
+        .prefix("vloop-exec-with")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let env = Env::prepare(&SetupOptions::default()).unwrap();
+    let opts = ExecOptions {
+        disks: vec![format!("{},size=1M", t.path().join("d.img").display())
+            .parse()
+            .unwrap()],
+        copy_in: vec![],
+        copy_out: vec![],
+        mounts: vec![],
+        console: false,
+        backend: vloop_harness::backend::BackendKind::Vloop,
+        backend_bin: None,
+        backend_cmd: None,
+        setup: SetupOptions::default(),
+        cpus: 1,
+        timeout: None,
+        results: Some(t.path().to_path_buf()),
+        keep: false,
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            "echo one; printf 'two\\nthr'; sleep 1; echo ee; cat /sys/block/vda/size".into(),
+        ],
+    };
+    let qsd = Backend::program(Program::Qsd {
+        bin: which("qemu-storage-daemon").unwrap(),
+        iothread: true,
+    })
+    .with_direct(true);
+    let cmdlines = Arc::new(Mutex::new(Vec::new()));
+    let c2 = cmdlines.clone();
+    let mut on_backends = move |pids: &[u32]| {
+        for p in pids {
+            let c = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            c2.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&c).replace('\0', " "));
+        }
+    };
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let l2 = lines.clone();
+    let report = exec_with(
+        &opts,
+        ExecHooks {
+            env: Some(&env),
+            backend: Some(qsd),
+            on_backends: Some(&mut on_backends),
+            on_stdout_line: Some(Box::new(move |l: &str| {
+                l2.lock().unwrap().push(l.to_string())
+            })),
+        },
+    );
+    assert_eq!(report.status, 0, "{:?}", report.error);
+    assert_eq!(report.accel, env.accel_line());
+    // The lines as the command wrote them, the one split across writes put back together.
+    assert_eq!(*lines.lock().unwrap(), ["one", "two", "three", "2048"]);
+    let c = cmdlines.lock().unwrap();
+    assert_eq!(c.len(), 1, "{c:?}");
+    assert!(
+        c[0].contains("qemu-storage-daemon")
+            && c[0].contains("iothread=iothread0")
+            && c[0].contains("cache.direct=on"),
+        "{c:?}"
+    );
 }
 
 #[test]

@@ -21,7 +21,7 @@ pub fn count(x: f64) -> String {
 }
 
 /// Microseconds (or any small figure): one decimal below 100, none above.
-fn small(x: f64) -> String {
+pub(crate) fn small(x: f64) -> String {
     if x < 100.0 {
         format!("{x:.1}")
     } else {
@@ -29,7 +29,8 @@ fn small(x: f64) -> String {
     }
 }
 
-fn with_range(s: Option<Stat>, f: fn(f64) -> String) -> String {
+/// A figure's median with its least and greatest, or `-`.
+pub(crate) fn with_range(s: Option<Stat>, f: fn(f64) -> String) -> String {
     match s {
         None => "-".into(),
         Some(s) if s.min == s.max => f(s.median),
@@ -37,15 +38,18 @@ fn with_range(s: Option<Stat>, f: fn(f64) -> String) -> String {
     }
 }
 
-fn median_or_dash(s: Option<Stat>) -> String {
+/// A figure's median, or `-`.
+pub(crate) fn median_or_dash(s: Option<Stat>) -> String {
     s.map_or_else(|| "-".into(), |s| small(s.median))
 }
 
-fn ratio(r: Option<f64>) -> String {
+/// A ratio as `1.23x`, or `-`.
+pub(crate) fn ratio(r: Option<f64>) -> String {
     r.map_or_else(|| "-".into(), |r| format!("{r:.2}x"))
 }
 
-fn mib(k: Option<u64>) -> String {
+/// KiB as MiB, or `-`.
+pub(crate) fn mib(k: Option<u64>) -> String {
     k.map_or_else(|| "-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
 }
 

@@ -4,11 +4,14 @@
 //! The library is shared by the host (`vloop-harness`, which writes a [`Plan`] into the
 //! initramfs and parses [`Event`] lines) and the guest agent (the `vloop-guest` binary that
 //! runs as `/init`), so the two can never disagree about the protocol. [`frame`] is the
-//! data channel of `vloop-harness exec`: the command's output and the files copied out.
+//! data channel of `vloop-harness exec`: the command's output and the files copied out;
+//! [`io`] is the protocol of the agent's I/O tool (`/init io PLAN`), which times O_DIRECT
+//! phases on a disk for `vloop-bench --guest`.
 
 use serde::{Deserialize, Serialize};
 
 pub mod frame;
+pub mod io;
 use sha2::{Digest, Sha256};
 
 /// Path of the plan inside the initramfs.

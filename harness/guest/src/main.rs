@@ -6,6 +6,9 @@
 //! It then powers the guest off, or, with a data port, closes the data stream and waits for
 //! the host to stop the machine; if anything goes wrong before that, it still reports and
 //! powers off, so the host never has to guess why a guest stopped.
+//!
+//! Run as `/init io PLAN` by a command in the guest, it is instead the I/O tool of
+//! [`vloop_guest::io`] (an ordinary process: it never powers anything off).
 
 mod agent;
 
@@ -38,6 +41,10 @@ macro_rules! say {
 const LINGER: Duration = Duration::from_secs(120);
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(vloop_guest::io::APPLET) {
+        std::process::exit(agent::io::main(&args[2..]));
+    }
     std::panic::set_hook(Box::new(|info| {
         eprintln!("vloop-guest: panic: {info}");
         report_raw(&Event::Fatal {

@@ -1,7 +1,8 @@
 //! The host end of `exec`'s data channel: QEMU connects the guest's data port to a socket
 //! the harness listens on; a thread decodes the frames as they come, writes the command's
-//! stdout and stderr to the harness's own (flushed per frame, so output streams), and writes
-//! the copied-out files into place. Paths from the guest are confined to their target.
+//! stdout and stderr to the harness's own (flushed per frame, so output streams) or hands
+//! each line of stdout to a [`LineSink`], and writes the copied-out files into place. Paths
+//! from the guest are confined to their target.
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -14,6 +15,66 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use vloop_guest::frame::{Decoder, FileHeader, FileKind, Frame};
+
+/// Receives each line of the command's stdout, without its line end, on the data channel's
+/// thread as soon as the line is complete.
+pub type LineSink = Box<dyn FnMut(&str) + Send>;
+
+/// The longest line handed to a [`LineSink`]; a longer one is handed over in pieces this long.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// A writer that cuts the bytes it is given into lines for a [`LineSink`] (invalid UTF-8
+/// replaced, a `\r` before the `\n` dropped); [`Lines::finish`] hands over a last line that
+/// has no line end.
+pub struct Lines {
+    sink: LineSink,
+    partial: Vec<u8>,
+}
+
+impl Lines {
+    /// Lines for `sink`.
+    pub fn new(sink: LineSink) -> Self {
+        Self {
+            sink,
+            partial: Vec::new(),
+        }
+    }
+
+    fn deliver(&mut self, mut line: Vec<u8>) {
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        (self.sink)(&String::from_utf8_lossy(&line));
+    }
+
+    /// Hands over what is left, if anything.
+    pub fn finish(&mut self) {
+        if !self.partial.is_empty() {
+            let rest = std::mem::take(&mut self.partial);
+            self.deliver(rest);
+        }
+    }
+}
+
+impl Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.partial.extend_from_slice(buf);
+        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
+            let mut line: Vec<u8> = self.partial.drain(..=i).collect();
+            line.pop();
+            self.deliver(line);
+        }
+        while self.partial.len() > MAX_LINE {
+            let piece: Vec<u8> = self.partial.drain(..MAX_LINE).collect();
+            self.deliver(piece);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// What the channel carried, once it is closed.
 #[derive(Debug, Default)]
@@ -188,13 +249,30 @@ impl Relay {
     /// Accepts QEMU's connection on `listener` and relays it until the guest sends End or
     /// QEMU closes the socket.
     pub fn start(listener: UnixListener, targets: Vec<PathBuf>) -> std::io::Result<Relay> {
+        Relay::start_with(listener, targets, None)
+    }
+
+    /// [`Relay::start`], handing the command's stdout line by line to `stdout` instead of
+    /// writing it to this process's stdout, when given.
+    pub fn start_with(
+        listener: UnixListener,
+        targets: Vec<PathBuf>,
+        stdout: Option<LineSink>,
+    ) -> std::io::Result<Relay> {
         listener.set_nonblocking(true)?;
         let ended = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         let (e2, s2) = (ended.clone(), stop.clone());
         let handle = std::thread::Builder::new()
             .name("exec-data".into())
-            .spawn(move || relay(listener, targets, &e2, &s2))?;
+            .spawn(move || {
+                let mut lines = stdout.map(Lines::new);
+                let got = relay(listener, targets, lines.as_mut(), &e2, &s2);
+                if let Some(l) = lines.as_mut() {
+                    l.finish();
+                }
+                got
+            })?;
         Ok(Relay {
             handle,
             ended,
@@ -220,6 +298,7 @@ impl Relay {
 fn relay(
     listener: UnixListener,
     targets: Vec<PathBuf>,
+    mut lines: Option<&mut Lines>,
     ended: &AtomicBool,
     stop: &AtomicBool,
 ) -> Received {
@@ -274,13 +353,16 @@ fn relay(
         loop {
             match dec.next_frame() {
                 Ok(Some(f)) => {
-                    let more = apply(
-                        f,
-                        &mut stdout.lock(),
-                        &mut stderr.lock(),
-                        &mut files,
-                        &mut got,
-                    );
+                    let more = match lines.as_deref_mut() {
+                        Some(l) => apply(f, l, &mut stderr.lock(), &mut files, &mut got),
+                        None => apply(
+                            f,
+                            &mut stdout.lock(),
+                            &mut stderr.lock(),
+                            &mut files,
+                            &mut got,
+                        ),
+                    };
                     if !more {
                         ended.store(true, Ordering::Release);
                         return got;
@@ -348,6 +430,25 @@ mod tests {
             PathBuf::from("t")
         );
         assert_eq!(got.entries, 4);
+    }
+
+    #[test]
+    fn stdout_is_cut_into_lines_for_a_sink() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let s2 = seen.clone();
+        let mut l = Lines::new(Box::new(move |line: &str| {
+            s2.lock().unwrap().push(line.to_string())
+        }));
+        l.write_all(b"one\r\ntw").unwrap();
+        l.write_all(b"o\n\nthree\xff").unwrap();
+        assert_eq!(*seen.lock().unwrap(), ["one", "two", ""]);
+        l.finish();
+        l.finish();
+        assert_eq!(seen.lock().unwrap()[3], "three\u{fffd}");
+        l.write_all(&vec![b'x'; MAX_LINE + 5]).unwrap();
+        assert_eq!(seen.lock().unwrap()[4].len(), MAX_LINE);
+        l.finish();
+        assert_eq!(seen.lock().unwrap()[5], "xxxxx");
     }
 
     #[test]

@@ -3,6 +3,10 @@
 //! the command with its stdout and stderr streamed to the harness's own ([`data`]), copies
 //! files out (also when the command failed) and exits with the command's status.
 //!
+//! [`exec_with`] is the same for a program that drives guests as a library: it may bring
+//! its own prepared set-up and backend, learn the backends' PIDs, and take the command's
+//! stdout line by line as it arrives ([`ExecHooks`]).
+//!
 //! Exit statuses: the command's own (128 + N when signal N ended it, 127 when it was not
 //! found, 126 when it could not be run); [`EXIT_FAILED`] (125) when the harness, the guest or
 //! a backend failed before the command finished, or the files could not be copied out after
@@ -19,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use vloop_guest::Event;
 
+use crate::backend::Backend;
 use crate::file_error::at;
 use crate::guest::{self, BootSpec};
 use crate::images::probe_fs;
@@ -26,7 +31,7 @@ use crate::interrupt;
 use crate::qemu::{Limits, Watch};
 use crate::scenario::chain;
 use crate::setup::Env;
-use data::Relay;
+use data::{LineSink, Relay};
 use plan::{copy_out_targets, prepare_disks, steps};
 pub use plan::{ExecError, ExecOptions};
 
@@ -95,9 +100,34 @@ impl ExecReport {
     }
 }
 
+/// Called with the PIDs of a guest's disk backends, in disk order.
+pub type PidsHook<'a> = &'a mut dyn FnMut(&[u32]);
+
+/// What a program that drives `exec` as a library adds to a run; the default adds nothing.
+#[derive(Default)]
+pub struct ExecHooks<'a> {
+    /// The set-up to boot with, prepared once by the caller for many runs (instead of one
+    /// prepared from `opts.setup` for this run).
+    pub env: Option<&'a Env>,
+    /// The backend of every disk without `backend=` (instead of `opts.backend`,
+    /// `opts.backend_bin` and `opts.backend_cmd`), e.g. one with options of its own.
+    pub backend: Option<Backend>,
+    /// Called with the PIDs of the disks' backend processes, in disk order, once they all
+    /// listen and before QEMU starts.
+    pub on_backends: Option<PidsHook<'a>>,
+    /// Takes the command's stdout line by line as it arrives (on the data channel's thread),
+    /// instead of this process's stdout.
+    pub on_stdout_line: Option<LineSink>,
+}
+
 /// Runs `opts.command` in a guest; never returns without having stopped the guest and its
 /// backends.
 pub fn exec(opts: &ExecOptions) -> ExecReport {
+    exec_with(opts, ExecHooks::default())
+}
+
+/// [`exec`] with `hooks`.
+pub fn exec_with(opts: &ExecOptions, hooks: ExecHooks<'_>) -> ExecReport {
     let t0 = Instant::now();
     if let Err(e) = interrupt::install() {
         tracing::warn!("{e}; Ctrl-C will not stop the guest cleanly");
@@ -105,7 +135,7 @@ pub fn exec(opts: &ExecOptions) -> ExecReport {
     let mut created = Vec::new();
     let mut timings = Timings::default();
     let mut accel = "none (no guest was started)".to_string();
-    let r = exec_inner(opts, t0, &mut created, &mut timings, &mut accel);
+    let r = exec_inner(opts, hooks, t0, &mut created, &mut timings, &mut accel);
     timings.total_s = t0.elapsed().as_secs_f64();
     let mut report = match r {
         Ok(r) => r,
@@ -130,6 +160,7 @@ pub fn exec(opts: &ExecOptions) -> ExecReport {
 
 fn exec_inner(
     opts: &ExecOptions,
+    hooks: ExecHooks<'_>,
     t0: Instant,
     created: &mut Vec<PathBuf>,
     timings: &mut Timings,
@@ -138,7 +169,13 @@ fn exec_inner(
     if opts.command.is_empty() && !opts.console {
         return Err(ExecError::NoCommand);
     }
-    let mut disks = prepare_disks(opts, created)?;
+    let ExecHooks {
+        env: given_env,
+        backend,
+        on_backends,
+        on_stdout_line,
+    } = hooks;
+    let mut disks = prepare_disks(opts, backend.as_ref(), created)?;
     for m in &opts.mounts {
         if let Some(d) = disks.get_mut(m.disk) {
             d.fs = probe_fs(&d.spec.image)?;
@@ -146,7 +183,14 @@ fn exec_inner(
     }
     let steps = steps(opts, &disks)?;
     let targets = copy_out_targets(opts)?;
-    let env = Env::prepare(&opts.setup)?;
+    let prepared;
+    let env = match given_env {
+        Some(e) => e,
+        None => {
+            prepared = Env::prepare(&opts.setup)?;
+            &prepared
+        }
+    };
     *accel = env.accel_line();
     let base = opts.results.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&base).map_err(at("creating", &base))?;
@@ -160,7 +204,8 @@ fn exec_inner(
         .map_err(at("creating a folder in", &std::env::temp_dir()))?;
     let data_socket = tmp.path().join("data.sock");
     let listener = UnixListener::bind(&data_socket).map_err(at("listening on", &data_socket))?;
-    let relay = Relay::start(listener, targets).map_err(at("relaying", &data_socket))?;
+    let relay = Relay::start_with(listener, targets, on_stdout_line)
+        .map_err(at("relaying", &data_socket))?;
     let limit = env.boot_timeout * env.accel.slowness();
     let spec = BootSpec {
         label: "exec",
@@ -177,7 +222,9 @@ fn exec_inner(
         },
     };
     timings.setup_s = t0.elapsed().as_secs_f64();
-    let boot = guest::boot(&env, dir.path(), tmp.path(), spec, &mut |p| {
+    let mut no_hook = |_: &[u32]| {};
+    let started = on_backends.unwrap_or(&mut no_hook);
+    let boot = guest::boot_with(env, dir.path(), tmp.path(), spec, started, &mut |p| {
         if p.done.is_some() && relay.ended() {
             Watch::Finish
         } else {

@@ -110,9 +110,11 @@ pub struct Disk {
     pub fs: Option<FsKind>,
 }
 
-/// Checks the disks, creates those with `size=` that are missing (into `created`).
+/// Checks the disks, creates those with `size=` that are missing (into `created`); a disk
+/// without `backend=` is served by `given` when there is one.
 pub fn prepare_disks(
     opts: &ExecOptions,
+    given: Option<&Backend>,
     created: &mut Vec<PathBuf>,
 ) -> Result<Vec<Disk>, ExecError> {
     let images = Images::default();
@@ -140,14 +142,15 @@ pub fn prepare_disks(
             (true, None) => {}
         }
         let known = |kind| Backend::find(kind, opts.backend_bin.as_deref());
-        let backend = match (d.backend, &opts.backend_cmd) {
-            (DiskBackend::Default, Some(t)) | (DiskBackend::Cmd, Some(t)) => {
+        let backend = match (d.backend, given, &opts.backend_cmd) {
+            (DiskBackend::Default, Some(b), _) => b.clone(),
+            (DiskBackend::Default, None, Some(t)) | (DiskBackend::Cmd, _, Some(t)) => {
                 Backend::template(t.clone())
             }
-            (DiskBackend::Cmd, None) => return Err(ExecError::NoTemplate(d.path.clone())),
-            (DiskBackend::Default, None) => known(opts.backend)?,
-            (DiskBackend::Vloop, _) => Backend::find(BackendKind::Vloop, None)?,
-            (DiskBackend::Qsd, _) => Backend::find(BackendKind::Qsd, None)?,
+            (DiskBackend::Cmd, _, None) => return Err(ExecError::NoTemplate(d.path.clone())),
+            (DiskBackend::Default, None, None) => known(opts.backend)?,
+            (DiskBackend::Vloop, _, _) => Backend::find(BackendKind::Vloop, None)?,
+            (DiskBackend::Qsd, _, _) => Backend::find(BackendKind::Qsd, None)?,
         };
         out.push(Disk {
             spec: DiskSpec {
@@ -384,11 +387,11 @@ mod tests {
             ..opts()
         };
         let mut created = Vec::new();
-        prepare_disks(&o, &mut created).unwrap();
+        prepare_disks(&o, None, &mut created).unwrap();
         assert_eq!(created, std::slice::from_ref(&p));
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);
         let mut again = Vec::new();
-        prepare_disks(&o, &mut again).unwrap();
+        prepare_disks(&o, None, &mut again).unwrap();
         assert!(
             again.is_empty(),
             "an existing image of that size is used as it is"
@@ -399,7 +402,7 @@ mod tests {
             ..opts()
         };
         assert!(matches!(
-            prepare_disks(&other, &mut again),
+            prepare_disks(&other, None, &mut again),
             Err(ExecError::SizeMismatch { .. })
         ));
         let missing = ExecOptions {
@@ -407,7 +410,7 @@ mod tests {
             ..opts()
         };
         assert!(matches!(
-            prepare_disks(&missing, &mut again),
+            prepare_disks(&missing, None, &mut again),
             Err(ExecError::NoImage(_))
         ));
         let no_template = ExecOptions {
@@ -415,9 +418,30 @@ mod tests {
             ..opts()
         };
         assert!(matches!(
-            prepare_disks(&no_template, &mut again),
+            prepare_disks(&no_template, None, &mut again),
             Err(ExecError::NoTemplate(_))
         ));
+    }
+
+    #[test]
+    fn a_given_backend_serves_the_disks_without_backend() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("d.img");
+        std::fs::write(&p, [0u8; 512]).unwrap();
+        let o = ExecOptions {
+            disks: vec![
+                p.display().to_string().parse().unwrap(),
+                format!("{},backend=cmd", p.display()).parse().unwrap(),
+            ],
+            backend_cmd: Some(Template::parse("b {socket}").unwrap()),
+            ..opts()
+        };
+        let given = Backend::template(Template::parse("given {socket}").unwrap());
+        let d = prepare_disks(&o, Some(&given), &mut Vec::new()).unwrap();
+        assert_eq!(d[0].backend.describe(), "--backend-cmd given {socket}");
+        assert_eq!(d[1].backend.describe(), "--backend-cmd b {socket}");
+        let d = prepare_disks(&o, None, &mut Vec::new()).unwrap();
+        assert_eq!(d[0].backend.describe(), "--backend-cmd b {socket}");
     }
 
     #[test]
