@@ -35,6 +35,21 @@ pub enum BackendKind {
     Qsd,
 }
 
+/// Whether a backend, as the harness starts it, serves a qcow2 image (the image its backing
+/// chain makes, not the file's own bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Qcow2Support {
+    /// It does: vloop-blk serves a file named `*.qcow2` as qcow2 (its `--format auto` rule)
+    /// and opens the backing files read-only with QEMU's shared lock, so that no writer can
+    /// open them while it serves.
+    Served,
+    /// It does not, for this reason.
+    NotServed(String),
+    /// Nobody knows before a guest looks: a `--backend-cmd` template is given the image's
+    /// path and nothing that says its format.
+    Unknown,
+}
+
 /// A backend program, ready to serve disks.
 #[derive(Debug, Clone)]
 pub struct Backend {
@@ -110,6 +125,23 @@ impl Backend {
         }
     }
 
+    /// Whether it serves qcow2 images.
+    pub fn qcow2(&self) -> Qcow2Support {
+        match &self.program {
+            Program::Vloop(_) => Qcow2Support::Served,
+            Program::Qsd { .. } => Qcow2Support::NotServed(
+                "qemu-storage-daemon as the harness starts it exports the image through a \
+                 driver=file node, which serves the qcow2 file's own bytes; serving the image \
+                 needs a driver=qcow2 node over it: pass that command as --backend-cmd, e.g. \
+                 'qemu-storage-daemon --blockdev driver=file,node-name=f,filename={image} \
+                 --blockdev driver=qcow2,node-name=q,file=f --export \
+                 type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path={socket},writable={writable}'"
+                    .into(),
+            ),
+            Program::Template(_) => Qcow2Support::Unknown,
+        }
+    }
+
     /// The spec that serves `disk` on `sock`.
     pub fn spec(&self, disk: &DiskSpec, sock: &Path) -> BackendSpec {
         BackendSpec::new(
@@ -156,6 +188,10 @@ mod tests {
             ["--sock", "/s", "--img", "/i.img", "--rw=off"]
         );
         assert!(t.describe().starts_with("--backend-cmd my-blk"));
+        assert_eq!(v.qcow2(), Qcow2Support::Served);
+        assert_eq!(t.qcow2(), Qcow2Support::Unknown);
+        let q = Backend::find(BackendKind::Qsd, Some(Path::new("/bin/sh"))).unwrap();
+        assert!(matches!(q.qcow2(), Qcow2Support::NotServed(why) if why.contains("driver=qcow2")));
         assert!(matches!(
             Backend::find(BackendKind::Qsd, Some(Path::new("/nonexistent"))),
             Err(ChooseError::NoSuchBin(_))
