@@ -39,10 +39,13 @@ pub enum BackendKind {
 /// chain makes, not the file's own bytes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Qcow2Support {
-    /// It does: vloop-blk serves a file named `*.qcow2` as qcow2 (its `--format auto` rule)
-    /// and opens the backing files read-only with QEMU's shared lock, so that no writer can
-    /// open them while it serves.
-    Served,
+    /// It does (vloop-blk serves a file named `*.qcow2` as qcow2: its `--format auto` rule).
+    Served {
+        /// It locks the backing files as QEMU does for a read-only user that shares no write
+        /// access (vloop-blk: read-only with the shared lock), so no writer can open them
+        /// while it serves.
+        locks_backing: bool,
+    },
     /// It does not, for this reason.
     NotServed(String),
     /// Nobody knows before a guest looks: a `--backend-cmd` template is given the image's
@@ -128,7 +131,9 @@ impl Backend {
     /// Whether it serves qcow2 images.
     pub fn qcow2(&self) -> Qcow2Support {
         match &self.program {
-            Program::Vloop(_) => Qcow2Support::Served,
+            Program::Vloop(_) => Qcow2Support::Served {
+                locks_backing: true,
+            },
             Program::Qsd { .. } => Qcow2Support::NotServed(
                 "qemu-storage-daemon as the harness starts it exports the image through a \
                  driver=file node, which serves the qcow2 file's own bytes; serving the image \
@@ -188,7 +193,12 @@ mod tests {
             ["--sock", "/s", "--img", "/i.img", "--rw=off"]
         );
         assert!(t.describe().starts_with("--backend-cmd my-blk"));
-        assert_eq!(v.qcow2(), Qcow2Support::Served);
+        assert_eq!(
+            v.qcow2(),
+            Qcow2Support::Served {
+                locks_backing: true
+            }
+        );
         assert_eq!(t.qcow2(), Qcow2Support::Unknown);
         let q = Backend::find(BackendKind::Qsd, Some(Path::new("/bin/sh"))).unwrap();
         assert!(matches!(q.qcow2(), Qcow2Support::NotServed(why) if why.contains("driver=qcow2")));

@@ -207,7 +207,12 @@ fn overlays(c: &mut Ctx) -> Result<(), ScenarioError> {
 
     let mut first = None;
     match (probe.get(), &support) {
-        (Some((running, r)), Qcow2Support::Served) => {
+        (
+            Some((running, r)),
+            Qcow2Support::Served {
+                locks_backing: true,
+            },
+        ) => {
             let r = r.clone();
             let running = *running;
             let locked = c.host("base locked against writers", || {
