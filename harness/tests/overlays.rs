@@ -79,7 +79,7 @@ fn four_guests_on_overlays_of_one_base_pass_with_vloop_blk() {
     assert!(
         notes
             .iter()
-            .any(|n| n.as_str().unwrap().contains("4 guests at once")),
+            .any(|n| n.as_str().unwrap().contains("4 guests booted at once")),
         "{notes:?}"
     );
     // A passed scenario leaves nothing behind.

@@ -201,7 +201,7 @@ fn overlays(c: &mut Ctx) -> Result<(), ScenarioError> {
     }
     c.record_all(&guests, runs)?;
     c.note(format!(
-        "{GUESTS} guests at once verified the base, wrote {} files each and verified both after a remount",
+        "{GUESTS} guests booted at once: each verified the base, wrote {} files and verified both after a remount",
         written[0].len()
     ));
 
