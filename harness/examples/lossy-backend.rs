@@ -2,7 +2,8 @@
 //! writes are lost: it takes `vloop-blk`'s command line (`--socket-path S --blk-file F
 //! [--read-only] [--num-queues N]`, and `--writable on|off` for templates), copies F to a
 //! scratch file beside it (`F.lossy-scratch`), and becomes `qemu-storage-daemon` serving the
-//! scratch copy. Every write is acknowledged to the guest and none of them ever reaches F;
+//! scratch copy (a file named `*.qcow2` as a qcow2 image over its backing file, as vloop-blk
+//! serves it). Every write is acknowledged to the guest and none of them ever reaches F;
 //! reads and the read-only flag are right, so read-only scenarios pass.
 //!
 //! Run the harness with `--backend-bin <this program>` (the vloop convention), or
@@ -43,16 +44,24 @@ fn main() -> ExitCode {
     }
     eprintln!("lossy-backend: serving a scratch copy of {file}; writes never reach it");
     let esc = |s: &str| s.replace(',', ",,");
+    let mut qsd = Command::new("qemu-storage-daemon");
+    qsd.arg("--blockdev").arg(format!(
+        "driver=file,node-name=f,filename={},discard=unmap",
+        esc(&scratch.to_string_lossy())
+    ));
+    // The copy sits beside F, so a relative backing file name resolves to F's backing file.
+    let node = if file.ends_with(".qcow2") {
+        qsd.arg("--blockdev")
+            .arg("driver=qcow2,node-name=q,file=f,discard=unmap");
+        "q"
+    } else {
+        "f"
+    };
     // exec: the harness's SIGTERM (and Drop guard's SIGKILL) reach qemu-storage-daemon itself.
-    let e = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=f,filename={},discard=unmap",
-            esc(&scratch.to_string_lossy())
-        ))
+    let e = qsd
         .arg("--export")
         .arg(format!(
-            "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable={},num-queues={queues}",
+            "type=vhost-user-blk,id=e,node-name={node},addr.type=unix,addr.path={},writable={},num-queues={queues}",
             esc(&sock),
             if writable { "on" } else { "off" }
         ))

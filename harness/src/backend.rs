@@ -8,7 +8,7 @@ use std::time::Duration;
 
 pub use vloop_frontend::backend::BackendError;
 use vloop_frontend::backend::{
-    sibling_binary, which, BackendProcess, BackendSpec, Export, Program, Template,
+    sibling_binary, which, BackendProcess, BackendSpec, Export, ImageFormat, Program, Template,
 };
 
 /// Errors of choosing a backend program.
@@ -33,6 +33,23 @@ pub enum BackendKind {
     Vloop,
     /// `qemu-storage-daemon` with a vhost-user-blk export.
     Qsd,
+}
+
+/// Whether a backend, as the harness starts it, serves a qcow2 image (the image its backing
+/// chain makes, not the file's own bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Qcow2Support {
+    /// It does (vloop-blk serves a file named `*.qcow2` as qcow2 by its `--format auto` rule;
+    /// qemu-storage-daemon is told so).
+    Served {
+        /// It locks the backing files as QEMU does for a read-only user that shares no write
+        /// access (vloop-blk: read-only with the shared lock), so no writer can open them
+        /// while it serves.
+        locks_backing: bool,
+    },
+    /// Nobody knows before a guest looks: a `--backend-cmd` template is given the image's
+    /// path and nothing that says its format.
+    Unknown,
 }
 
 /// A backend program, ready to serve disks.
@@ -136,14 +153,39 @@ impl Backend {
         }
     }
 
-    /// The spec that serves `disk` on `sock`.
+    /// Whether it serves qcow2 images.
+    pub fn qcow2(&self) -> Qcow2Support {
+        match &self.program {
+            Program::Vloop(_) => Qcow2Support::Served {
+                locks_backing: true,
+            },
+            // The export opens a `driver=qcow2` node over an image named `*.qcow2` (see
+            // [`Backend::spec`]); qemu-storage-daemon shares write access to the backing files.
+            Program::Qsd { .. } => Qcow2Support::Served {
+                locks_backing: false,
+            },
+            Program::Template(_) => Qcow2Support::Unknown,
+        }
+    }
+
+    /// The spec that serves `disk` on `sock`. An image named `*.qcow2` is served as qcow2:
+    /// vloop-blk decides so by itself (its `--format auto` rule), qemu-storage-daemon is told.
     pub fn spec(&self, disk: &DiskSpec, sock: &Path) -> BackendSpec {
+        let named_qcow2 = disk
+            .image
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("qcow2"));
+        let format = match &self.program {
+            Program::Qsd { .. } if named_qcow2 => ImageFormat::Qcow2 { cache_size: None },
+            _ => ImageFormat::Auto,
+        };
         let mut spec = BackendSpec::new(
             self.program.clone(),
             Export {
                 queues: disk.queues.max(1),
                 read_only: disk.readonly,
                 direct: self.direct,
+                format,
                 ..Export::new(&disk.image, sock)
             },
         );
@@ -185,6 +227,28 @@ mod tests {
             ["--sock", "/s", "--img", "/i.img", "--rw=off"]
         );
         assert!(t.describe().starts_with("--backend-cmd my-blk"));
+        assert_eq!(
+            v.qcow2(),
+            Qcow2Support::Served {
+                locks_backing: true
+            }
+        );
+        assert_eq!(t.qcow2(), Qcow2Support::Unknown);
+        let q = Backend::find(BackendKind::Qsd, Some(Path::new("/bin/sh"))).unwrap();
+        assert_eq!(
+            q.qcow2(),
+            Qcow2Support::Served {
+                locks_backing: false
+            }
+        );
+        let overlay = DiskSpec::rw("/vm1.qcow2".into());
+        let a = q.spec(&overlay, Path::new("/s")).args().join(" ");
+        assert!(a.contains("driver=qcow2"), "{a}");
+        assert!(!q
+            .spec(&disk, Path::new("/s"))
+            .args()
+            .join(" ")
+            .contains("qcow2"));
         let q = Backend::program(Program::Qsd {
             bin: "/q".into(),
             iothread: true,

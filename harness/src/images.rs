@@ -1,8 +1,10 @@
-//! The harness's image factory: blank, ext2, ISO 9660 and copied images made by vloop's own
-//! writers (the `vloop_images` library, called directly), or, only when asked
-//! (`--image-tools system`, to compare), by standard tools (`truncate`, `mke2fs -d`,
-//! `xorriso`, `cp`). Every image says which tool made it. This module is the harness's one
-//! door into `vloop_images`; it also tells which file system an image holds.
+//! The harness's image factory: blank, ext2, ISO 9660, copied images and qcow2 overlays made
+//! by vloop's own writers (the `vloop_images` and `vloop_qcow2` libraries, called directly),
+//! or, only when asked (`--image-tools system`, to compare), by standard tools (`truncate`,
+//! `mke2fs -d`, `xorriso`, `cp`, `qemu-img create`). Every image says which tool made it.
+//! This module is the harness's one door into `vloop_images` and `vloop_qcow2`; it also tells
+//! which file system an image holds, and opens a qcow2 image with its backing chain for the
+//! host's read-back.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -10,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use vloop_images::{copy, create, ext2, iso, size::Size, tree};
+use vloop_qcow2::{Chain, CreateOptions as Qcow2Options, Format};
 
 use crate::file_error::{at, FileError};
 
@@ -61,6 +64,24 @@ pub enum ImageError {
         #[source]
         source: copy::CopyError,
     },
+    /// vloop's qcow2 writer failed.
+    #[error("vloop-qcow2 create {path}")]
+    Qcow2Create {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: vloop_qcow2::CreateError,
+    },
+    /// A qcow2 image or its backing chain could not be opened for reading.
+    #[error("vloop-qcow2 open {path}")]
+    Qcow2Open {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: vloop_qcow2::Error,
+    },
     /// A system tool is not installed.
     #[error("{tool} is not installed (package {package}), and --image-tools system needs it")]
     ToolMissing {
@@ -91,7 +112,7 @@ pub enum ImageTools {
     /// vloop's own writers (the `vloop_images` library).
     #[default]
     Vloop,
-    /// Standard tools (truncate, mke2fs -d, xorriso, cp), for comparison.
+    /// Standard tools (truncate, mke2fs -d, xorriso, cp, qemu-img), for comparison.
     System,
 }
 
@@ -100,7 +121,7 @@ impl ImageTools {
     pub fn describe(self) -> &'static str {
         match self {
             ImageTools::Vloop => "vloop-images library",
-            ImageTools::System => "system tools (truncate, mke2fs -d, xorriso, cp)",
+            ImageTools::System => "system tools (truncate, mke2fs -d, xorriso, cp, qemu-img)",
         }
     }
 }
@@ -111,6 +132,9 @@ pub struct Images {
     /// The tool family.
     pub tools: ImageTools,
 }
+
+/// Cluster size of the qcow2 overlays the harness makes (QEMU's default).
+pub const OVERLAY_CLUSTER: u64 = 64 * 1024;
 
 /// Runs a system tool; `package` is named when it is missing.
 fn system(cmd: &mut Command, tool: &'static str, package: &'static str) -> Result<(), ImageError> {
@@ -253,6 +277,62 @@ impl Images {
             }
         }
     }
+
+    /// An empty qcow2 overlay (version 3, [`OVERLAY_CLUSTER`] clusters) of `size` bytes over
+    /// the raw image `backing`: the name is stored as given (a relative one is resolved from
+    /// the overlay's folder, as QEMU does) with backing format raw, so nothing probes the base.
+    /// Returns the tool that made it.
+    pub fn overlay(
+        &self,
+        path: &Path,
+        backing: &str,
+        size: u64,
+    ) -> Result<&'static str, ImageError> {
+        match self.tools {
+            ImageTools::Vloop => {
+                let f = File::create_new(path).map_err(at("creating", path))?;
+                let opts = Qcow2Options {
+                    cluster_size: OVERLAY_CLUSTER,
+                    backing: Some((backing.to_string(), Format::Raw)),
+                    ..Qcow2Options::new(size)
+                };
+                vloop_qcow2::create(&f, &opts).map_err(|source| ImageError::Qcow2Create {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Ok("vloop-qcow2 create")
+            }
+            ImageTools::System => {
+                system(
+                    Command::new("qemu-img")
+                        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", backing])
+                        .args(["-o", &format!("cluster_size={OVERLAY_CLUSTER}")])
+                        .arg(path)
+                        .arg(size.to_string()),
+                    "qemu-img",
+                    "qemu-utils",
+                )?;
+                Ok("qemu-img create")
+            }
+        }
+    }
+}
+
+/// The qcow2 image `path` with its backing chain, opened read-only (backing files as the
+/// image names them, in the format it records) for reading on the host.
+pub fn open_qcow2(path: &Path) -> Result<Chain, ImageError> {
+    let top = File::open(path).map_err(at("opening", path))?;
+    let opts = vloop_qcow2::OpenOptions {
+        format: Some(Format::Qcow2),
+        read_only: true,
+        ..Default::default()
+    };
+    Chain::open(top, path, &opts, &mut |p, _| File::open(p)).map_err(|source| {
+        ImageError::Qcow2Open {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
 }
 
 /// A size as users type it (`64M`, `1G`, `20480s`, `4096`: qemu-img's grammar, as
@@ -335,6 +415,59 @@ mod tests {
         let tiny = t.path().join("tiny");
         std::fs::write(&tiny, b"x").unwrap();
         assert_eq!(probe_fs(&tiny).unwrap(), None);
+    }
+
+    #[test]
+    fn overlays_read_through_to_their_base_and_keep_their_own_writes() {
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().join("base.img");
+        let data: Vec<u8> = (0..3 << 16).map(|i| (i % 251) as u8 + 1).collect();
+        std::fs::write(&base, &data).unwrap();
+        let ov = t.path().join("o.qcow2");
+        let im = Images::default();
+        assert_eq!(
+            im.overlay(&ov, "base.img", data.len() as u64).unwrap(),
+            "vloop-qcow2 create"
+        );
+        assert!(matches!(
+            im.overlay(&ov, "base.img", data.len() as u64),
+            Err(ImageError::Io(_))
+        ));
+        let c = open_qcow2(&ov).unwrap();
+        assert_eq!(c.size(), data.len() as u64);
+        assert_eq!(c.layers(), 2);
+        let mut got = vec![0u8; data.len()];
+        c.read_at(&mut got, 0).unwrap();
+        assert_eq!(got, data);
+        let info = c.info().unwrap();
+        assert_eq!(info.allocated_clusters, Some(0));
+        assert_eq!(info.cluster_size, Some(OVERLAY_CLUSTER));
+        drop(c);
+        // A write through a writable chain lands in the overlay; the base keeps its bytes.
+        let w = Chain::open(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&ov)
+                .unwrap(),
+            &ov,
+            &vloop_qcow2::OpenOptions::default(),
+            &mut |p, _| File::open(p),
+        )
+        .unwrap();
+        w.write_at(b"overlay", 70_000).unwrap();
+        w.close().unwrap();
+        drop(w);
+        let c = open_qcow2(&ov).unwrap();
+        c.read_at(&mut got, 0).unwrap();
+        assert_eq!(&got[70_000..70_007], b"overlay");
+        assert_eq!(&got[..70_000], &data[..70_000]);
+        assert_eq!(&got[70_007..], &data[70_007..]);
+        assert_eq!(std::fs::read(&base).unwrap(), data);
+        assert!(matches!(
+            open_qcow2(&base),
+            Err(ImageError::Qcow2Open { .. })
+        ));
     }
 
     #[test]

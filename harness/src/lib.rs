@@ -12,8 +12,8 @@
 //! - [`interrupt`]: Ctrl-C and SIGTERM as a flag the watch loops poll;
 //! - [`initramfs`]: the guest agent (crate `vloop-guest`), busybox and its applets, the
 //!   modules, and per boot the plan and the files copied in;
-//! - [`images`]: the image writers (the `vloop_images` library, or system tools on request)
-//!   and file-system probing;
+//! - [`images`]: the image writers (the `vloop_images` and `vloop_qcow2` libraries, or
+//!   system tools on request), file-system probing, and qcow2 chains opened for reading;
 //! - [`manifest`]: what a disk must hold, and the host-side checks;
 //! - [`backend`]: the backend process of one disk (vloop-blk, qemu-storage-daemon, a
 //!   `--backend-cmd` template);

@@ -1,12 +1,17 @@
 //! Manifests: what a disk must hold, generated trees, and the host-side checks (comparing a
-//! manifest with what a Rust ext2 reader finds in an image, `e2fsck -fn`).
+//! manifest with what a Rust ext2 reader finds in an image, raw or read through its qcow2
+//! chain, `e2fsck -fn`).
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
 
+use ext4_view::{Ext4, Ext4Read};
 use vloop_guest::{content, content_sha256, Entry, FileSpec};
+use vloop_qcow2::Chain;
+
+use crate::images::{self, ImageError};
 
 /// Errors of the host-side checks.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +24,9 @@ pub enum ManifestError {
         /// What it said.
         detail: String,
     },
+    /// A qcow2 image could not be opened with its backing chain.
+    #[error(transparent)]
+    Qcow2(#[from] ImageError),
     /// `e2fsck` is not installed.
     #[error("e2fsck is not installed (package e2fsprogs)")]
     NoE2fsck,
@@ -28,6 +36,21 @@ pub enum ManifestError {
     /// `e2fsck -fn` found problems or failed.
     #[error("{0}")]
     E2fsck(String),
+    /// A QEMU image tool is not installed.
+    #[error("{0} is not installed (package qemu-utils)")]
+    NoQemuUtils(&'static str),
+    /// A QEMU image tool could not be run.
+    #[error("cannot run {0}")]
+    QemuUtilsSpawn(&'static str, #[source] std::io::Error),
+    /// `qemu-img check` found corruption or could not check the image.
+    #[error("{0}")]
+    QemuImgCheck(String),
+    /// `qemu-img convert` failed.
+    #[error("{0}")]
+    QemuImgConvert(String),
+    /// A writer could open an image that must be locked against writers.
+    #[error("{0}")]
+    NotLocked(String),
 }
 
 /// What was found at a path.
@@ -139,14 +162,37 @@ pub fn summarise(problems: &[String], n: usize) -> String {
 
 /// Reads every entry of an ext2/3/4 image with the ext4-view crate (no kernel involved).
 pub fn scan_ext2(image: &Path) -> Result<BTreeMap<String, Found>, ManifestError> {
-    scan_ext2_inner(image).map_err(|detail| ManifestError::Ext4View {
+    scan_ext2_fs(Ext4::load_from_path(image)).map_err(|detail| ManifestError::Ext4View {
         image: image.display().to_string(),
         detail,
     })
 }
 
-fn scan_ext2_inner(image: &Path) -> Result<BTreeMap<String, Found>, String> {
-    let fs = ext4_view::Ext4::load_from_path(image).map_err(|e| format!("open: {e}"))?;
+/// Reads every entry of the ext2/3/4 file system a qcow2 image holds with its backing chain:
+/// vloop-qcow2 maps every read through the chain, ext4-view reads the file system.
+pub fn scan_ext2_qcow2(image: &Path) -> Result<BTreeMap<String, Found>, ManifestError> {
+    let chain = images::open_qcow2(image)?;
+    scan_ext2_fs(Ext4::load(Box::new(ChainRead(chain)))).map_err(|detail| ManifestError::Ext4View {
+        image: format!("{} (through its qcow2 chain)", image.display()),
+        detail,
+    })
+}
+
+/// A qcow2 chain as ext4-view's byte source.
+struct ChainRead(Chain);
+
+impl Ext4Read for ChainRead {
+    fn read(
+        &mut self,
+        start_byte: u64,
+        dst: &mut [u8],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync + 'static>> {
+        self.0.read_at(dst, start_byte).map_err(Into::into)
+    }
+}
+
+fn scan_ext2_fs(fs: Result<Ext4, ext4_view::Ext4Error>) -> Result<BTreeMap<String, Found>, String> {
+    let fs = fs.map_err(|e| format!("open: {e}"))?;
     let mut out = BTreeMap::new();
     let mut stack = vec![String::new()];
     while let Some(rel) = stack.pop() {
@@ -240,6 +286,119 @@ pub fn e2fsck(image: &Path) -> Result<String, ManifestError> {
             lines[lines.len().saturating_sub(4)..].join(" | ")
         )))
     }
+}
+
+/// Runs a QEMU image tool (`qemu-img`, `qemu-io`) with `args`.
+fn qemu_utils(tool: &'static str, args: &[&std::ffi::OsStr]) -> Result<Output, ManifestError> {
+    Command::new(tool)
+        .args(args)
+        .output()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ManifestError::NoQemuUtils(tool),
+            _ => ManifestError::QemuUtilsSpawn(tool, e),
+        })
+}
+
+/// The last non-empty lines of a tool's stdout and stderr, on one line.
+fn last_lines(out: &Output, n: usize) -> String {
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+/// `qemu-img check` of a qcow2 image: Ok with what it found when the image has no
+/// corruption (exit 0, or 3: leaked clusters only, which a crash may leave and QEMU allows).
+pub fn qemu_img_check(image: &Path) -> Result<String, ManifestError> {
+    let out = qemu_utils(
+        "qemu-img",
+        &[
+            "check".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "--output=json".as_ref(),
+            image.as_os_str(),
+        ],
+    )?;
+    let report: Option<serde_json::Value> = serde_json::from_slice(&out.stdout).ok();
+    let field = |k: &str| {
+        report
+            .as_ref()
+            .and_then(|r| r.get(k))
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+    };
+    let (leaks, corruptions, errors) =
+        (field("leaks"), field("corruptions"), field("check-errors"));
+    match out.status.code() {
+        Some(0) => Ok(format!(
+            "no errors, image end {} KiB",
+            field("image-end-offset") / 1024
+        )),
+        Some(3) => Ok(format!("{leaks} leaked clusters, no corruption")),
+        _ => Err(ManifestError::QemuImgCheck(format!(
+            "qemu-img check {} ({}): {corruptions} corruptions, {leaks} leaks, {errors} check errors: {}",
+            image.display(),
+            out.status,
+            last_lines(&out, 3)
+        ))),
+    }
+}
+
+/// The disk a qcow2 image and its backing chain make, written to `raw` by `qemu-img convert`
+/// (QEMU's reader, independent of vloop's).
+pub fn qemu_img_flatten(image: &Path, raw: &Path) -> Result<(), ManifestError> {
+    let out = qemu_utils(
+        "qemu-img",
+        &[
+            "convert".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-O".as_ref(),
+            "raw".as_ref(),
+            image.as_os_str(),
+            raw.as_os_str(),
+        ],
+    )?;
+    if !out.status.success() {
+        return Err(ManifestError::QemuImgConvert(format!(
+            "qemu-img convert {} ({}): {}",
+            image.display(),
+            out.status,
+            last_lines(&out, 2)
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that a writer cannot open the raw image `image` while others use it: `qemu-io`
+/// opens it read-write (it only reads a sector, so nothing changes if it gets in) and must
+/// be refused a lock. Ok with qemu-io's refusal.
+pub fn writer_refused(image: &Path) -> Result<String, ManifestError> {
+    let out = qemu_utils(
+        "qemu-io",
+        &[
+            "-f".as_ref(),
+            "raw".as_ref(),
+            "-c".as_ref(),
+            "read 0 512".as_ref(),
+            image.as_os_str(),
+        ],
+    )?;
+    // "can't open device ...: Failed to get "write" lock | Is another process using the image?"
+    let said = last_lines(&out, 2);
+    if !out.status.success() && said.contains("lock") {
+        return Ok(format!("qemu-io could not open it read-write: {said}"));
+    }
+    Err(ManifestError::NotLocked(format!(
+        "qemu-io opened {} read-write ({}): {said}",
+        image.display(),
+        out.status
+    )))
 }
 
 /// A sample tree for images built on the host: edge-case sizes, a multi-MiB file, long
@@ -403,6 +562,30 @@ mod tests {
         let mut kind = good;
         kind.insert("l".into(), Found::Dir);
         assert_eq!(compare(&entries, &kind, false, &[]).len(), 1);
+    }
+
+    #[test]
+    fn scans_an_ext2_image_through_a_qcow2_overlay() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        let (files, mut entries) = sample_tree(70_000);
+        write_tree(&src, &files, &entries).unwrap();
+        entries.extend(file_entries(&files));
+        let im = crate::images::Images::default();
+        let base = t.path().join("base.img");
+        im.ext2(&base, &src, 8 << 20).unwrap();
+        let ov = t.path().join("ov.qcow2");
+        im.overlay(&ov, "base.img", 8 << 20).unwrap();
+        let direct = scan_ext2(&base).unwrap();
+        let through = scan_ext2_qcow2(&ov).unwrap();
+        assert_eq!(through, direct);
+        assert_eq!(
+            compare(&entries, &through, true, &["lost+found"]),
+            Vec::<String>::new()
+        );
+        // The raw base is not a qcow2 image: the error says which file and why.
+        let e = scan_ext2_qcow2(&base).unwrap_err();
+        assert!(matches!(e, ManifestError::Qcow2(_)), "{e:?}");
     }
 
     #[test]

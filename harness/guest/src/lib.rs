@@ -181,6 +181,14 @@ pub enum Step {
         /// Minimum number of queues.
         min: u32,
     },
+    /// Check that the device's capacity is exactly this many bytes (the size the backend
+    /// exported: an image format's virtual size, not its file's length).
+    DiskSize {
+        /// Device name under /sys/block, e.g. `vda`.
+        name: String,
+        /// Expected capacity in bytes.
+        bytes: u64,
+    },
     /// Move (or copy, across file systems) a file or folder the archive brought in to its
     /// place: into `to` when that is a folder, else to `to` itself; parents are created.
     CopyIn {
@@ -224,6 +232,7 @@ impl Step {
             Step::Fstrim { .. } => "fstrim",
             Step::WriteMustFail { .. } => "write_must_fail",
             Step::Queues { .. } => "queues",
+            Step::DiskSize { .. } => "disk_size",
             Step::CopyIn { .. } => "copy_in",
             Step::Exec { .. } => "exec",
             Step::CopyOut { .. } => "copy_out",
@@ -432,11 +441,16 @@ mod tests {
                     env: vec![],
                     console: false,
                 },
+                Step::DiskSize {
+                    name: "vda".into(),
+                    bytes: 32 << 20,
+                },
             ],
             data_port: true,
         };
         let text = serde_json::to_string(&plan).unwrap();
         assert!(text.contains("\"op\":\"mkfs\""));
+        assert!(text.contains("\"op\":\"disk_size\",\"name\":\"vda\",\"bytes\":33554432"));
         assert_eq!(serde_json::from_str::<Plan>(&text).unwrap(), plan);
         let old = r#"{"scenario":"s","modules":[],"devices":[],"steps":[]}"#;
         assert!(!serde_json::from_str::<Plan>(old).unwrap().data_port);

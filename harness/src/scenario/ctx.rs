@@ -1,19 +1,22 @@
-//! What a scenario is (its registry entry) and what it works with: the run's guests, backend and image tools, its folder, the
-//! boots it makes and the checks it records (each one a thing the backend got right or
-//! wrong), and the plan steps scenarios are built from.
+//! What a scenario is (its registry entry) and what it works with: the run's guests, backend
+//! and image tools, its folder, the boots it makes (one at a time, or several guests at once,
+//! each in its own thread with its own backend processes, QEMU and logs) and the checks it
+//! records (each one a thing the backend got right or wrong), and the plan steps scenarios
+//! are built from.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use vloop_guest::{Entry, FileSpec, Step};
 
 use crate::backend::{Backend, DiskSpec};
 use crate::file_error::{at, FileError};
-use crate::guest::{self, BootError, BootSpec};
+use crate::guest::{self, BootError, BootReport, BootSpec};
 use crate::images::{ImageError, Images};
 use crate::manifest::{
     compare, e2fsck, file_entries, sample_tree, scan_ext2, summarise, write_tree, ManifestError,
 };
-use crate::qemu::{Limits, Watch};
+use crate::qemu::{Limits, Progress, Watch};
 use crate::setup::Env;
 
 /// One scenario.
@@ -61,8 +64,10 @@ pub enum ScenarioError {
 impl From<ManifestError> for ScenarioError {
     fn from(e: ManifestError) -> Self {
         match e {
-            ManifestError::NoE2fsck => ScenarioError::NotRun(e.to_string()),
-            other => ScenarioError::Host(other.to_string()),
+            ManifestError::NoE2fsck | ManifestError::NoQemuUtils(_) => {
+                ScenarioError::NotRun(e.to_string())
+            }
+            other => ScenarioError::Host(chain(&other)),
         }
     }
 }
@@ -114,7 +119,20 @@ pub struct Ctx<'a> {
 }
 
 /// How long a scenario guest may linger after its agent said done.
-const POWEROFF_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+const POWEROFF_GRACE: Duration = Duration::from_secs(2);
+
+/// One guest of [`Ctx::boot_all`].
+#[derive(Debug, Clone)]
+pub struct GuestPlan {
+    /// Prefix of its files and checks (`g0` gives `g0-console.log`, `g0: verify`...).
+    pub label: String,
+    /// Its disks, each served by its own process of the backend under test.
+    pub disks: Vec<DiskSpec>,
+    /// vCPUs.
+    pub cpus: u32,
+    /// What its agent does.
+    pub steps: Vec<Step>,
+}
 
 impl Ctx<'_> {
     /// Records a note for the report.
@@ -147,17 +165,25 @@ impl Ctx<'_> {
         Ok((tree, files, entries))
     }
 
-    /// Boots one guest with `disks` (all served by the backend under test) and runs `steps`.
-    pub fn boot(
-        &mut self,
-        label: &str,
+    /// How long each of `guests` guests booted at once may take: the accelerator's time-out,
+    /// times the guests each CPU of the host runs (they share the CPUs, and under TCG each
+    /// guest keeps one busy).
+    fn limit(&self, guests: usize) -> Duration {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let share = u32::try_from(guests.div_ceil(cpus).max(1)).unwrap_or(u32::MAX);
+        self.env.boot_timeout * self.env.accel.slowness() * share
+    }
+
+    /// The boot of one guest of the scenario.
+    fn boot_spec<'b>(
+        &'b self,
+        label: &'b str,
         disks: &[DiskSpec],
         cpus: u32,
         steps: Vec<Step>,
-    ) -> Result<(), ScenarioError> {
-        let env = self.env;
-        let limit = env.boot_timeout * env.accel.slowness();
-        let spec = BootSpec {
+        limit: Duration,
+    ) -> BootSpec<'b> {
+        BootSpec {
             label,
             disks: disks.iter().map(|d| (d.clone(), self.backend)).collect(),
             cpus,
@@ -170,14 +196,81 @@ impl Ctx<'_> {
                 total: Some(limit),
                 after_done: POWEROFF_GRACE,
             },
-        };
-        let r = guest::boot(env, &self.dir, self.tmp.path(), spec, &mut |_| {
+        }
+    }
+
+    /// Boots one guest with `disks` (all served by the backend under test) and runs `steps`.
+    pub fn boot(
+        &mut self,
+        label: &str,
+        disks: &[DiskSpec],
+        cpus: u32,
+        steps: Vec<Step>,
+    ) -> Result<(), ScenarioError> {
+        let spec = self.boot_spec(label, disks, cpus, steps, self.limit(1));
+        let r = guest::boot(self.env, &self.dir, self.tmp.path(), spec, &mut |_| {
             Watch::Continue
         })?;
+        self.record(label, &r)
+    }
+
+    /// Boots every guest of `guests` at once, each in its own thread with its own backend
+    /// processes and QEMU (files prefixed with its label); `watch` sees each guest's progress
+    /// with its index. Returns how each boot went, in order; nothing is recorded yet (see
+    /// [`Ctx::record_all`]), so the scenario can look first.
+    pub fn boot_all(
+        &self,
+        guests: &[GuestPlan],
+        watch: &(dyn Fn(usize, &Progress) -> Watch + Sync),
+    ) -> Vec<Result<BootReport, BootError>> {
+        let limit = self.limit(guests.len());
+        let (env, dir, tmp) = (self.env, self.dir.as_path(), self.tmp.path());
+        std::thread::scope(|s| {
+            let threads: Vec<_> = guests
+                .iter()
+                .enumerate()
+                .map(|(i, g)| {
+                    let spec = self.boot_spec(&g.label, &g.disks, g.cpus, g.steps.clone(), limit);
+                    s.spawn(move || guest::boot(env, dir, tmp, spec, &mut |p| watch(i, p)))
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        })
+    }
+
+    /// Records the boots of [`Ctx::boot_all`] in order (notes, each guest's steps, why a
+    /// guest failed); the first failure is the error.
+    pub fn record_all(
+        &mut self,
+        guests: &[GuestPlan],
+        runs: Vec<Result<BootReport, BootError>>,
+    ) -> Result<(), ScenarioError> {
+        let mut first = None;
+        for (g, run) in guests.iter().zip(runs) {
+            let r = match run {
+                Ok(r) => self.record(&g.label, &r),
+                Err(e) => {
+                    self.check(format!("{}: boot", g.label), false, chain(&e));
+                    Err(e.into())
+                }
+            };
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Records one boot: when its agent started and ended, each step it reported, and why it
+    /// failed when it did.
+    fn record(&mut self, label: &str, r: &BootReport) -> Result<(), ScenarioError> {
         if let Some(b) = r.exit.agent_started {
             self.boot_s.get_or_insert(b.as_secs_f64());
         }
-        let at = |d: Option<std::time::Duration>| {
+        let at = |d: Option<Duration>| {
             d.map_or_else(|| "-".to_string(), |d| format!("{:.1}s", d.as_secs_f64()))
         };
         self.note(format!(
@@ -293,6 +386,19 @@ pub fn verify(entries: &[Entry]) -> Step {
         exact: true,
         ignore: vec!["lost+found".into()],
     }
+}
+
+/// Writes `files` to the mounted ext2 file system with `writers` concurrent writers, unmounts,
+/// drops the page cache, mounts it again and verifies `entries`, then unmounts.
+pub fn write_remount_verify(files: &[FileSpec], writers: u32, entries: &[Entry]) -> [Step; 6] {
+    [
+        write(files, writers),
+        umount(),
+        Step::DropCaches,
+        mount("ext2", false),
+        verify(entries),
+        umount(),
+    ]
 }
 
 /// A file spec.

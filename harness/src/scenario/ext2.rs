@@ -6,7 +6,8 @@ use std::path::Path;
 use vloop_guest::{Entry, FileSpec, Step};
 
 use super::ctx::{
-    mkfs, mount, spec, umount, verify, write, Ctx, Scenario, ScenarioError, MIB, MNT,
+    mkfs, mount, spec, umount, verify, write, write_remount_verify, Ctx, Scenario, ScenarioError,
+    MIB, MNT,
 };
 use crate::backend::DiskSpec;
 use crate::file_error::at;
@@ -67,19 +68,6 @@ pub const MULTIQUEUE: Scenario = Scenario {
     writes: true,
     run: multiqueue,
 };
-
-/// Writes `files` to the mounted ext2 file system with `writers` concurrent writers, unmounts,
-/// drops the page cache, mounts it again and verifies `entries`, then unmounts.
-fn write_remount_verify(files: &[FileSpec], writers: u32, entries: &[Entry]) -> [Step; 6] {
-    [
-        write(files, writers),
-        umount(),
-        Step::DropCaches,
-        mount("ext2", false),
-        verify(entries),
-        umount(),
-    ]
-}
 
 /// Files of the ext2 scenarios: edge sizes around a 4 KiB block, a multi-MiB file, a deep tree.
 fn edge_files(seed: u64) -> Vec<FileSpec> {

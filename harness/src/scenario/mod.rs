@@ -5,16 +5,18 @@
 //!
 //! One registry entry per scenario ([`SCENARIOS`]: name, description, what it exercises in
 //! a backend, whether it is a default, how many guests it boots, its function); the
-//! scenarios live by family in [`ext2`] (they write) and [`iso`] (read-only), over [`ctx`].
+//! scenarios live by family in [`ext2`] (they write), [`iso`] (read-only) and [`overlays`]
+//! (several guests at once on qcow2 overlays of one base), over [`ctx`].
 
 pub mod ctx;
 pub mod ext2;
 pub mod iso;
+pub mod overlays;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-pub use ctx::{chain, Check, Ctx, Scenario, ScenarioError};
+pub use ctx::{chain, Check, Ctx, GuestPlan, Scenario, ScenarioError};
 
 use crate::accel::Accel;
 use crate::backend::Backend;
@@ -31,6 +33,7 @@ pub const SCENARIOS: &[Scenario] = &[
     iso::CDROM_COPY,
     ext2::DISCARD,
     ext2::MULTIQUEUE,
+    overlays::OVERLAYS,
 ];
 
 /// The scenario called `name`.

@@ -88,6 +88,10 @@ pub fn lossy_backend() -> PathBuf {
 /// down, the queue count) expressed through the placeholders.
 pub const QSD_TEMPLATE: &str = "qemu-storage-daemon --blockdev driver=file,node-name=f,filename={image},discard=unmap --export type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={socket},writable={writable},num-queues={queues}";
 
+/// qemu-storage-daemon serving the image as qcow2 (a qcow2 node over the file node), for the
+/// scenarios whose images are qcow2.
+pub const QSD_QCOW2_TEMPLATE: &str = "qemu-storage-daemon --blockdev driver=file,node-name=f,filename={image},discard=unmap --blockdev driver=qcow2,node-name=q,file=f,discard=unmap --export type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path={socket},writable={writable},num-queues={queues}";
+
 /// Output of a finished harness run, with the exit status.
 pub struct Run {
     /// Exit code (None when killed by a signal).

@@ -120,6 +120,22 @@ pub fn run(step: &Step) -> Res<String> {
             }
             Ok(format!("{name} has {n} queues"))
         }
+        Step::DiskSize { name, bytes } => {
+            let p = format!("/sys/block/{name}/size");
+            let text = fs::read_to_string(&p).map_err(|e| format!("read {p}: {e}"))?;
+            let sectors: u64 = text
+                .trim()
+                .parse()
+                .map_err(|e| format!("{p} holds {:?}: {e}", text.trim()))?;
+            // /sys/block/*/size counts 512-byte sectors whatever the logical block size.
+            let got = sectors
+                .checked_mul(512)
+                .ok_or_else(|| format!("{p}: {sectors} sectors overflow a byte count"))?;
+            if got != *bytes {
+                return Err(format!("{name} has {got} bytes, expected {bytes}"));
+            }
+            Ok(format!("{name} has {got} bytes"))
+        }
         Step::CopyIn { .. } | Step::Exec { .. } | Step::CopyOut { .. } => {
             Err(format!("{} is not a disk step", step.op()))
         }
