@@ -1,11 +1,13 @@
-//! Inspection: the top image's format, geometry and allocation, and the layers of the chain.
+//! Inspection: the top image's format, header, geometry and allocation, and the layers of the
+//! chain.
 
 use std::path::PathBuf;
 
 use super::error::Result;
 use super::state::{lock, Chain};
 use crate::format::Format;
-use crate::header::Compression;
+use crate::header::{Compression, Header};
+use crate::table::ClusterCounts;
 
 /// Inspection results, from [`Chain::info`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,7 +68,7 @@ impl Chain {
                 chain,
             },
             Some(q) => {
-                let n = q.allocated_clusters(st).map_err(self.layer_err(0))?;
+                let n = q.cluster_counts(st).map_err(self.layer_err(0))?.data();
                 Info {
                     format: Format::Qcow2,
                     virtual_size: self.size(),
@@ -82,5 +84,22 @@ impl Chain {
                 }
             }
         })
+    }
+
+    /// The top image's header as it was read (a read-write open has cleared unknown
+    /// autoclear bits in it); `None` for a raw image.
+    pub fn header(&self) -> Option<Header> {
+        lock(&self.meta).q[0].as_ref().map(|q| q.header.clone())
+    }
+
+    /// The host clusters the top image's L2 tables reference, counted as `qemu-img check`
+    /// counts them; `None` for a raw image.
+    pub fn cluster_counts(&self) -> Result<Option<ClusterCounts>> {
+        let mut meta = lock(&self.meta);
+        let st = self.files[0].st.as_ref();
+        match meta.q[0].as_mut() {
+            None => Ok(None),
+            Some(q) => Ok(Some(q.cluster_counts(st).map_err(self.layer_err(0))?)),
+        }
     }
 }

@@ -4,7 +4,7 @@
 use super::error::{LayerError, Result};
 use super::state::{be_words, read_exact, L2Table, Qcow2, Span};
 use crate::storage::Storage;
-use crate::table::{self, L2Entry, COPIED};
+use crate::table::{self, ClusterCounts, L2Entry, COPIED};
 
 impl Qcow2 {
     /// Whether L2 table `offset` is a valid place for a table: aligned (checked by the
@@ -176,9 +176,10 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Counts allocated data clusters (standard and compressed) by reading every L2 table.
-    pub fn allocated_clusters(&mut self, st: &dyn Storage) -> Result<u64> {
-        let mut n = 0;
+    /// Counts the host clusters the L2 tables reference, reading every table that is not
+    /// cached.
+    pub fn cluster_counts(&mut self, st: &dyn Storage) -> Result<ClusterCounts> {
+        let mut counts = ClusterCounts::default();
         for l1i in 0..self.l1.len() as u64 {
             let entries: Vec<u64> = if let Some(t) = self.l2.peek(&l1i) {
                 t.entries.to_vec()
@@ -191,15 +192,10 @@ impl Qcow2 {
                 be_words(&read_exact(st, "L2 table", off, self.geo.cluster_size())?)
             };
             for raw in entries {
-                if matches!(
-                    self.geo.decode(raw)?,
-                    L2Entry::Normal { .. } | L2Entry::Compressed { .. }
-                ) {
-                    n += 1;
-                }
+                counts.add(self.geo.decode(raw)?);
             }
         }
-        Ok(n)
+        Ok(counts)
     }
 
     /// Whether the L2 table for `off` exists.
