@@ -51,13 +51,7 @@ mod error_display_tests {
     fn check(e: &(dyn std::error::Error + 'static)) {
         let text = e.to_string();
         assert!(!text.contains(CAUSE), "message repeats its cause: {text}");
-        let mut chain = String::new();
-        let mut next = Some(e);
-        while let Some(err) = next {
-            chain.push_str(&err.to_string());
-            chain.push_str(": ");
-            next = err.source();
-        }
+        let chain = crate::info::error_line(e);
         assert_eq!(chain.matches(CAUSE).count(), 1, "{chain}");
     }
 
