@@ -17,7 +17,8 @@
 //! - [`ext2`]: the ext2 builder (plan, writing pass, on-disk layout);
 //! - [`iso`]: the ISO 9660 builder and a reader of ISO 9660 images;
 //! - [`info`]: what an image holds;
-//! - [`folder`]: an ext2 or ISO 9660 image of a folder, the whole command as one call.
+//! - [`folder`]: an ext2 or ISO 9660 image of a folder, the whole command as one call;
+//! - [`report`]: the lines `vloop-image` prints for each command's summary.
 
 pub mod convert;
 pub mod copy;
@@ -29,6 +30,7 @@ pub mod info;
 pub mod input;
 pub mod iso;
 pub mod output;
+pub mod report;
 pub mod size;
 pub mod tree;
 
