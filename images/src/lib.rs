@@ -8,6 +8,7 @@
 //! - [`size`]: sizes as users type them (`10M`, `20480s`), the workspace's one size grammar;
 //! - [`tree`]: a source folder read into memory, sorted and clamped for reproducible builds;
 //! - [`input`]: reading image files, block devices and source files, holes skipped;
+//! - [`verify`]: hashing walks, and outputs and their sources read back and compared;
 //! - [`image`]: images as virtual disks: raw, or qcow2 through its backing chain, and format
 //!   probing with its guard;
 //! - [`output`]: writing an output file safely, and the registry of unfinished ones;
@@ -33,6 +34,7 @@ pub mod output;
 pub mod report;
 pub mod size;
 pub mod tree;
+pub mod verify;
 
 #[cfg(test)]
 mod error_display_tests {
