@@ -472,6 +472,15 @@ mod tests {
         (0..n).map(|i| ((i % 251) as u8 ^ seed) | 1).collect()
     }
 
+    /// Converts `src` to `dst` with verification; it must succeed.
+    fn convert_verified(src: &Path, dst: &Path) -> ConvertSummary {
+        let opts = ConvertOptions {
+            verify: true,
+            ..Default::default()
+        };
+        convert(src, dst, &opts).unwrap()
+    }
+
     #[test]
     fn raw_to_qcow2_to_raw_round_trips_and_keeps_holes() {
         let d = tempfile::tempdir().unwrap();
@@ -481,15 +490,7 @@ mod tests {
         sparse_file(&src, 40 << 20, &[(1 << 20, &a), ((30 << 20) + 123, &b)]);
         let want = hex::encode(Sha256::digest(fs::read(&src).unwrap()));
         let q = d.path().join("out.qcow2");
-        let s = convert(
-            &src,
-            &q,
-            &ConvertOptions {
-                verify: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let s = convert_verified(&src, &q);
         assert_eq!((s.format, s.source_format), (Format::Qcow2, Format::Raw));
         assert_eq!(s.sha256, want);
         assert!(s.verified);
@@ -513,15 +514,7 @@ mod tests {
         let src = d.path().join("odd.raw");
         fs::write(&src, pattern(1000, 3)).unwrap();
         let q = d.path().join("odd.qcow2");
-        let s = convert(
-            &src,
-            &q,
-            &ConvertOptions {
-                verify: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let s = convert_verified(&src, &q);
         assert_eq!(s.rounded_to, Some(1024));
         let back = d.path().join("odd.back");
         convert(&q, &back, &ConvertOptions::default()).unwrap();
