@@ -1,114 +1,14 @@
 //! The `vloop-image` binary as a user runs it: exit codes, one-line errors, files made.
 
+mod common;
+
 use std::fs::{self, File};
-use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
-use std::process::{Command, ExitStatus, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
-const BIN: &str = env!("CARGO_BIN_EXE_vloop-image");
-
-/// Runs a command with a time-out; the child is killed if it overruns.
-fn run_cmd(mut cmd: Command) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    // Drain the pipes on threads so a chatty child cannot block on a full pipe.
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let t_out = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} timed out");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: t_out.join().expect("stdout thread"),
-        stderr: t_err.join().expect("stderr thread"),
-    }
-}
-
-fn vloop(args: &[&str], dir: &Path) -> Output {
-    let mut c = Command::new(BIN);
-    c.args(args).current_dir(dir).env_remove("RUST_LOG");
-    run_cmd(c)
-}
-
-fn ok(args: &[&str], dir: &Path) -> String {
-    let o = vloop(args, dir);
-    assert!(
-        o.status.success(),
-        "vloop-image {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).expect("utf-8")
-}
-
-/// Asserts a failure with exactly one `error: ` line on stderr; returns that line.
-fn fails(args: &[&str], dir: &Path, code: i32) -> String {
-    let o = vloop(args, dir);
-    let err = String::from_utf8(o.stderr).expect("utf-8");
-    assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "{args:?}: not one line: {err}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    assert!(
-        !err.contains("backtrace") && !err.contains("panicked"),
-        "{err}"
-    );
-    lines[0].to_string()
-}
-
-fn tool(name: &str) -> bool {
-    let found = ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
-        .iter()
-        .any(|d| Path::new(d).join(name).exists());
-    if !found {
-        eprintln!("SKIPPED part of this test: {name} is not installed (ci/setup installs it)");
-    }
-    found
-}
-
-fn sha256(path: &Path) -> String {
-    hex::encode(Sha256::digest(fs::read(path).expect("read")))
-}
-
-fn sha_line(stdout: &str) -> String {
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("sha256: "))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no sha256 line in {stdout}"))
-        .to_string()
-}
-
-fn info_json(path: &Path, dir: &Path) -> serde_json::Value {
-    let out = ok(&["info", "--json", path.to_str().expect("utf-8")], dir);
-    serde_json::from_str(&out).expect("json")
-}
+use common::*;
 
 #[test]
 fn create_10m_is_sparse_and_right_size() {
@@ -212,16 +112,6 @@ fn missing_from_folder_is_one_clear_line() {
         let line = fails(args, d.path(), 1);
         assert!(line.contains("no: no such folder"), "{args:?}: {line}");
     }
-}
-
-/// A 64 MiB sparse file with a few MiB of data at odd places.
-fn sparse_source(path: &Path) {
-    let f = File::create(path).unwrap();
-    f.set_len(64 << 20).unwrap();
-    let data: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8 + 1).collect();
-    f.write_all_at(&data, 5 << 20).unwrap();
-    f.write_all_at(b"tail", (64 << 20) - 4).unwrap();
-    f.write_all_at(&[0xAB; 100], 12345).unwrap();
 }
 
 #[test]
@@ -588,70 +478,13 @@ fn iso_builds_are_reproducible_recognised_and_copied_exactly() {
     }
 }
 
-/// Writes 256 MiB of dense, non-zero bytes to `path`: 1, 2, ... `period`, repeated in each MiB.
-fn write_dense(path: &Path, period: u32) {
-    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % period) as u8 + 1).collect();
-    let f = File::create(path).unwrap();
-    for i in 0..256u64 {
-        f.write_all_at(&chunk, i << 20).unwrap();
-    }
-}
-
-/// Runs `vloop-image args` in `dir` and sends it SIGINT once `started()` holds (or it has
-/// exited, or 30 s have passed); returns its exit status and stderr once it stops.
-fn interrupt(args: &[&str], dir: &Path, started: impl Fn() -> bool) -> (ExitStatus, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .current_dir(dir)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !started() && Instant::now() < deadline && child.try_wait().unwrap().is_none() {
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{args:?} did not stop after SIGINT");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    (status, err)
-}
-
 #[test]
 fn interrupted_copy_leaves_nothing() {
     let d = tempfile::tempdir().unwrap();
     let src = d.path().join("big.img");
     // Dense, non-zero content: every chunk is read, hashed and written.
     write_dense(&src, 253);
-    let partial = || {
-        fs::read_dir(d.path())
-            .unwrap()
-            .filter_map(Result::ok)
-            .any(|e| e.file_name().to_string_lossy().ends_with(".partial"))
-    };
+    let partial = || partial_in(d.path());
     let (status, err) = interrupt(
         &["copy", "big.img", "out.img", "--verify"],
         d.path(),
