@@ -210,8 +210,7 @@ fn info_identifies_mke2fs_images() {
         c.args(["-q", "-F", "-t", kind, "-L", "mylabel", "-b", "1024"])
             .args(["-U", "0b2c6c3e-4bd1-4d8e-9f43-5a2f8f8a3c1e"])
             .arg(&img);
-        let o = run_cmd(c);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        run_ok(c);
         let j = info_json(&img, d.path());
         let c = &j["content"];
         assert_eq!(c["type"], "ext", "{j}");
@@ -244,8 +243,7 @@ fn info_identifies_xorriso_iso() {
     c.args(["-as", "mkisofs", "-R", "-J", "-V", "MY_VOLUME", "-o"])
         .arg(d.path().join("x.iso"))
         .arg(&src);
-    let o = run_cmd(c);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    run_ok(c);
     let j = info_json(Path::new("x.iso"), d.path());
     let c = &j["content"];
     assert_eq!(c["type"], "iso9660", "{j}");
@@ -348,8 +346,7 @@ fn info_identifies_partition_tables() {
                 img.display(),
                 script.display()
             ));
-            let o = run_cmd(c);
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            run_ok(c);
             let j = info_json(&img, d.path());
             assert_eq!(j["content"]["type"], want, "{j}");
             let parts = j["content"]["partitions"].as_array().unwrap();
@@ -422,13 +419,7 @@ fn ext2_builds_are_reproducible_and_recognised() {
     if tool("e2fsck") {
         let mut c = Command::new("e2fsck");
         c.arg("-fn").arg(d.path().join("a.img"));
-        let o = run_cmd(c);
-        assert!(
-            o.status.success(),
-            "e2fsck: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
+        run_ok(c);
     }
 }
 
@@ -441,8 +432,7 @@ fn iso_builds_are_reproducible_recognised_and_copied_exactly() {
         c.args(["iso", name, "--from", "src", "--volume-id", "VLOOP_TEST"])
             .current_dir(d.path())
             .env("SOURCE_DATE_EPOCH", "1700000000");
-        let o = run_cmd(c);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let o = run_ok(c);
         let sha = sha_line(&String::from_utf8(o.stdout).unwrap());
         assert_eq!(sha, sha256(&d.path().join(name)));
         sha
@@ -468,8 +458,7 @@ fn iso_builds_are_reproducible_recognised_and_copied_exactly() {
         let mut c = Command::new("xorriso");
         c.args(["-indev", "a.iso", "-find", "/"])
             .current_dir(d.path());
-        let o = run_cmd(c);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let o = run_ok(c);
         let listing = String::from_utf8_lossy(&o.stdout);
         let long = "a-file-name-of-more-than-one-hundred-characters-".repeat(3);
         for want in [long.as_str(), "sub/deeper/data.bin", "empty", "link"] {

@@ -10,7 +10,7 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
-use std::process::{Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -39,23 +39,42 @@ pub fn run_cmd(mut cmd: Command) -> Output {
         let _ = err.read_to_end(&mut v);
         v
     });
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} timed out");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_or_kill(&mut child, Duration::from_secs(300), &format!("{cmd:?}"));
     Output {
         status,
         stdout: t_out.join().expect("stdout thread"),
         stderr: t_err.join().expect("stderr thread"),
     }
+}
+
+/// Waits up to `limit` for `child` to exit; past it the child is killed and the test fails,
+/// naming `what`.
+fn wait_or_kill(child: &mut Child, limit: Duration, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} timed out");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs a command with [`run_cmd`]; it must succeed.
+pub fn run_ok(cmd: Command) -> Output {
+    let what = format!("{cmd:?}");
+    let o = run_cmd(cmd);
+    assert!(
+        o.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
 }
 
 /// Runs `vloop-image args` in `dir`.
@@ -194,18 +213,11 @@ pub fn interrupt(args: &[&str], dir: &Path, started: impl Fn() -> bool) -> (Exit
         nix::sys::signal::Signal::SIGINT,
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{args:?} did not stop after SIGINT");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_or_kill(
+        &mut child,
+        Duration::from_secs(60),
+        &format!("{args:?} after SIGINT"),
+    );
     let mut err = String::new();
     child
         .stderr

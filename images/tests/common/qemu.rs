@@ -6,7 +6,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use super::run_cmd;
+use super::{run_cmd, run_ok};
 
 /// True when qemu-img runs; otherwise fails under `CI=true` and says SKIPPED elsewhere.
 pub fn have_qemu_img(test: &str) -> bool {
@@ -26,14 +26,7 @@ pub fn have_qemu_img(test: &str) -> bool {
 pub fn qemu_img(args: &[&str], dir: &Path) -> String {
     let mut c = Command::new("qemu-img");
     c.args(args).current_dir(dir);
-    let o = run_cmd(c);
-    assert!(
-        o.status.success(),
-        "qemu-img {args:?} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).expect("utf-8")
+    String::from_utf8(run_ok(c).stdout).expect("utf-8")
 }
 
 /// `qemu-img create -f qcow2 [-o OPTS] IMG SIZE` in `dir`; `opts` empty: none.
