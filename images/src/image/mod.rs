@@ -23,7 +23,8 @@
 //! - `error`: the error types;
 //! - `probe`: the format of a file, and when a probed qcow2 header is trusted;
 //! - `disk`: [`Disk`], opened raw or as a qcow2 chain;
-//! - `source`: a [`Disk`] read as an input source, holes found through the mapping.
+//! - `source`: a [`Disk`] read as an input source, holes found through the mapping;
+//! - `testing` (tests only): images made through `vloop_qcow2` for the tests of these parts.
 
 mod disk;
 mod error;
