@@ -61,18 +61,12 @@ pub enum WritePath {
 
 /// A piece or an extent that can absorb the next one of its kind when that one continues it.
 trait Run: Copy {
-    /// Bytes covered.
-    fn run_len(&self) -> u64;
     /// Grows `self` by `next` and returns true when `next` continues it.
     fn absorb(&mut self, next: Self) -> bool;
 }
 
-/// Appends `r` to `out`, merged into the last run when it continues it; empty runs are
-/// dropped.
+/// Appends `r` to `out`, merged into the last run when it continues it.
 fn push_run<R: Run>(out: &mut Vec<R>, r: R) {
-    if r.run_len() == 0 {
-        return;
-    }
     if let Some(last) = out.last_mut() {
         if last.absorb(r) {
             return;
@@ -115,40 +109,25 @@ impl Piece {
 }
 
 impl Run for Piece {
-    fn run_len(&self) -> u64 {
-        self.len()
-    }
-
     fn absorb(&mut self, next: Piece) -> bool {
-        let n = next.len();
         match (self, next) {
             (
                 Piece::Data { layer, host, len },
                 Piece::Data {
                     layer: l2,
                     host: h2,
-                    ..
+                    len: n2,
                 },
-            ) if continues(*layer, *host, *len, l2, h2) => {
-                *len += n;
-                true
-            }
-            (Piece::Zero { len }, Piece::Zero { .. }) => {
-                *len += n;
-                true
-            }
-            _ => false,
+            ) if continues(*layer, *host, *len, l2, h2) => *len += n2,
+            (Piece::Zero { len }, Piece::Zero { len: n2 }) => *len += n2,
+            _ => return false,
         }
+        true
     }
 }
 
 impl Run for Extent {
-    fn run_len(&self) -> u64 {
-        self.len()
-    }
-
     fn absorb(&mut self, next: Extent) -> bool {
-        let n = next.len();
         match (self, next) {
             (
                 Extent::Data {
@@ -157,19 +136,15 @@ impl Run for Extent {
                 Extent::Data {
                     layer: l2,
                     host: h2,
+                    len: n2,
                     ..
                 },
-            ) if continues(*layer, *host, *len, l2, h2) => {
-                *len += n;
-                true
-            }
-            (Extent::Zero { len }, Extent::Zero { .. })
-            | (Extent::Slow { len }, Extent::Slow { .. }) => {
-                *len += n;
-                true
-            }
-            _ => false,
+            ) if continues(*layer, *host, *len, l2, h2) => *len += n2,
+            (Extent::Zero { len }, Extent::Zero { len: n2 })
+            | (Extent::Slow { len }, Extent::Slow { len: n2 }) => *len += n2,
+            _ => return false,
         }
+        true
     }
 }
 
@@ -180,7 +155,9 @@ pub(super) trait Sink {
 
 impl Sink for Vec<Piece> {
     fn put(&mut self, p: Piece) {
-        push_run(self, p);
+        if p.len() > 0 {
+            push_run(self, p);
+        }
     }
 }
 
@@ -193,6 +170,9 @@ struct Extents<'a> {
 
 impl Sink for Extents<'_> {
     fn put(&mut self, p: Piece) {
+        if p.len() == 0 {
+            return;
+        }
         let e = match p {
             Piece::Data { layer, host, len } => Extent::Data {
                 layer,
@@ -389,33 +369,24 @@ mod tests {
     #[test]
     fn pieces_merge_when_contiguous() {
         let mut v = Vec::new();
-        push_run(
-            &mut v,
-            Piece::Data {
-                layer: 0,
-                host: 100,
-                len: 10,
-            },
-        );
-        push_run(
-            &mut v,
-            Piece::Data {
-                layer: 0,
-                host: 110,
-                len: 5,
-            },
-        );
-        push_run(
-            &mut v,
-            Piece::Data {
-                layer: 1,
-                host: 115,
-                len: 5,
-            },
-        );
-        push_run(&mut v, Piece::Zero { len: 3 });
-        push_run(&mut v, Piece::Zero { len: 4 });
-        push_run(&mut v, Piece::Zero { len: 0 });
+        v.put(Piece::Data {
+            layer: 0,
+            host: 100,
+            len: 10,
+        });
+        v.put(Piece::Data {
+            layer: 0,
+            host: 110,
+            len: 5,
+        });
+        v.put(Piece::Data {
+            layer: 1,
+            host: 115,
+            len: 5,
+        });
+        v.put(Piece::Zero { len: 3 });
+        v.put(Piece::Zero { len: 4 });
+        v.put(Piece::Zero { len: 0 });
         assert_eq!(
             v,
             vec![
