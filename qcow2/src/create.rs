@@ -35,6 +35,9 @@ pub enum CreateError {
     Io(#[source] io::Error),
 }
 
+/// Default cluster size (QEMU's).
+pub const DEFAULT_CLUSTER_SIZE: u64 = 64 << 10;
+
 /// What to create.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CreateOptions {
@@ -54,7 +57,7 @@ impl CreateOptions {
     pub fn new(size: u64) -> CreateOptions {
         CreateOptions {
             size,
-            cluster_size: 65536,
+            cluster_size: DEFAULT_CLUSTER_SIZE,
             backing: None,
             version: 3,
         }

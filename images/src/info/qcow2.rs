@@ -70,11 +70,7 @@ pub(super) fn describe_qcow2(disk: &Disk) -> Result<Option<Qcow2Info>, InfoError
     Ok(Some(Qcow2Info {
         version: h.version,
         cluster_size: cs,
-        compression: match h.compression {
-            vloop_qcow2::Compression::Deflate => "zlib",
-            vloop_qcow2::Compression::Zstd => "zstd",
-        }
-        .to_string(),
+        compression: h.compression.name().to_string(),
         refcount_bits: 1 << h.refcount_order,
         lazy_refcounts: h.compatible & COMPAT_LAZY_REFCOUNTS != 0,
         virtual_clusters: h.size.div_ceil(cs),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use super::error::Result;
 use super::state::{lock, Chain};
 use crate::format::Format;
-use crate::header::{Compression, Header};
+use crate::header::Header;
 use crate::table::ClusterCounts;
 
 /// Inspection results, from [`Chain::info`].
@@ -74,10 +74,7 @@ impl Chain {
                     virtual_size: self.size(),
                     cluster_size: Some(q.geo.cluster_size()),
                     version: Some(q.geo.version),
-                    compression: Some(match q.header.compression {
-                        Compression::Deflate => "zlib",
-                        Compression::Zstd => "zstd",
-                    }),
+                    compression: Some(q.header.compression.name()),
                     allocated_clusters: Some(n),
                     allocated_bytes: n * q.geo.cluster_size(),
                     chain,

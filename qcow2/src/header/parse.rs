@@ -19,6 +19,16 @@ pub enum Compression {
     Zstd,
 }
 
+impl Compression {
+    /// QEMU's name of the compression type: `zlib` or `zstd`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::Deflate => "zlib",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
 /// A feature name table entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FeatureName {
