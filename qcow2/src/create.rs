@@ -67,7 +67,8 @@ impl CreateOptions {
 /// Writes a new, empty qcow2 image into `file` (truncated first) and syncs it.
 pub fn create(file: &dyn Storage, opts: &CreateOptions) -> Result<(), CreateError> {
     let cs = opts.cluster_size;
-    if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+    let cluster_sizes = (1 << header::MIN_CLUSTER_BITS)..=(1 << header::MAX_CLUSTER_BITS);
+    if !cs.is_power_of_two() || !cluster_sizes.contains(&cs) {
         return Err(CreateError::ClusterSize(cs));
     }
     if opts.version != 2 && opts.version != 3 {
