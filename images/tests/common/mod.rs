@@ -111,13 +111,15 @@ pub fn fails(args: &[&str], dir: &Path, code: i32) -> String {
 }
 
 /// Whether the system tool `name` is installed; a test leaves out the part that needs it
-/// otherwise, and says so.
+/// otherwise, and says so (under `CI=true` a missing tool fails the test).
 pub fn tool(name: &str) -> bool {
     let found = ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
         .iter()
         .any(|d| Path::new(d).join(name).exists());
     if !found {
-        eprintln!("SKIPPED part of this test: {name} is not installed (ci/setup installs it)");
+        let why = format!("{name} is not installed (ci/setup installs it)");
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+        eprintln!("SKIPPED part of this test: {why}");
     }
     found
 }
