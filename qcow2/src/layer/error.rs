@@ -74,3 +74,16 @@ pub(super) fn io_err(what: &'static str, offset: u64) -> impl FnOnce(io::Error) 
         source,
     }
 }
+
+/// Checks that the `what` of `len` bytes at `offset` lies inside a file of `file_len` bytes.
+pub(super) fn check_inside(what: &'static str, offset: u64, len: u64, file_len: u64) -> Result<()> {
+    if offset.checked_add(len).is_none_or(|end| end > file_len) {
+        return Err(LayerError::PastEnd {
+            what,
+            offset,
+            len,
+            file_len,
+        });
+    }
+    Ok(())
+}

@@ -1,7 +1,7 @@
 //! L2 tables: the cache (LRU within a byte budget, dirty tables never evicted), entries read
 //! and replaced, tables allocated, and the allocation count over every table.
 
-use super::error::{LayerError, Result};
+use super::error::{check_inside, LayerError, Result};
 use super::state::{be_words, read_exact, L2Table, Qcow2, Span};
 use crate::storage::Storage;
 use crate::table::{self, ClusterCounts, L2Entry, COPIED};
@@ -11,14 +11,7 @@ impl Qcow2 {
     /// geometry), inside the file, not the header, L1 or refcount table.
     fn check_l2_offset(&self, offset: u64) -> Result<()> {
         let cs = self.geo.cluster_size();
-        if offset.checked_add(cs).is_none_or(|e| e > self.file_len) {
-            return Err(LayerError::PastEnd {
-                what: "L2 table",
-                offset,
-                len: cs,
-                file_len: self.file_len,
-            });
-        }
+        check_inside("L2 table", offset, cs, self.file_len)?;
         let l1 = (
             self.header.l1_table_offset,
             self.header.l1_table_offset + u64::from(self.header.l1_size) * 8,

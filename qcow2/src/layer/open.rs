@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use lru::LruCache;
 
-use super::error::{io_err, LayerError, Result};
+use super::error::{check_inside, io_err, LayerError, Result};
 use super::state::{be_words, read_exact, Qcow2, Refcounts, Span};
 use crate::header::{self, Header};
 use crate::storage::Storage;
@@ -35,18 +35,7 @@ impl Qcow2 {
         header.check_open(writable)?;
         let geo = Geometry::of(&header);
         let l1_bytes = u64::from(header.l1_size) * 8;
-        let check_range = |what: &'static str, offset: u64, len: u64| -> Result<()> {
-            if offset.checked_add(len).is_none_or(|end| end > file_len) {
-                return Err(LayerError::PastEnd {
-                    what,
-                    offset,
-                    len,
-                    file_len,
-                });
-            }
-            Ok(())
-        };
-        check_range("L1 table", header.l1_table_offset, l1_bytes)?;
+        check_inside("L1 table", header.l1_table_offset, l1_bytes, file_len)?;
         let l1 = be_words(&read_exact(
             st,
             "L1 table",
@@ -80,7 +69,7 @@ impl Qcow2 {
             q.geo.l1_offset(i as u64, raw)?;
         }
         if writable {
-            check_range("refcount table", rt_range.0, rt_bytes)?;
+            check_inside("refcount table", rt_range.0, rt_bytes, file_len)?;
             let table = be_words(&read_exact(st, "refcount table", rt_range.0, rt_bytes)?);
             q.meta.insert(0);
             for c in (l1_range.0 >> bits)..l1_range.1.div_ceil(cs) {

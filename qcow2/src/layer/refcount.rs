@@ -1,7 +1,7 @@
 //! Refcounts: refcount blocks cached and read on demand, entries of any width read and set,
 //! and the changed parts written back in whole sectors.
 
-use super::error::{io_err, LayerError, Result};
+use super::error::{check_inside, io_err, Result};
 use super::state::{read_exact, Qcow2, REFBLOCK_CACHE_BYTES};
 use crate::storage::Storage;
 use crate::table;
@@ -21,14 +21,7 @@ impl Qcow2 {
             return Ok(None);
         }
         if !rc.blocks.contains(&ti) {
-            if off.checked_add(cs).is_none_or(|e| e > file_len) {
-                return Err(LayerError::PastEnd {
-                    what: "refcount block",
-                    offset: off,
-                    len: cs,
-                    file_len,
-                });
-            }
+            check_inside("refcount block", off, cs, file_len)?;
             let b = read_exact(st, "refcount block", off, cs)?.into_boxed_slice();
             while (rc.blocks.len() + 1) * cs as usize > REFBLOCK_CACHE_BYTES.max(cs as usize) {
                 let victim = rc
