@@ -28,12 +28,13 @@ use thiserror::Error;
 use tracing::debug;
 use vloop_qcow2::{Backing, Chain, OpenOptions};
 
-use crate::copy::{nonzero_runs, walk_hashed, WalkFailure, ZERO_BLOCK};
+use crate::copy::{nonzero_runs, ZERO_BLOCK};
 use crate::create::DEFAULT_CLUSTER_SIZE;
 use crate::image::{self, has_qcow2_name, Disk, Format, ImageError, Probing};
-use crate::input::{allocated_bytes, drop_cache, Cancel, ReadFailure, Source};
+use crate::input::{allocated_bytes, Cancel, ReadFailure};
 use crate::output::{Output, OutputError, OutputFile};
-use crate::size::Size;
+use crate::size::{transfer, Size};
+use crate::verify::{read_back, walk_hashed, ReadBack, Verdict, WalkFailure};
 
 /// Errors from converting an image.
 #[derive(Debug, Error)]
@@ -405,16 +406,6 @@ fn open_output(out: &OutputFile, dst: &Path) -> Result<Chain, ConvertError> {
     })
 }
 
-/// Hashes `len` bytes of `src` with no writes.
-fn hash(
-    src: &dyn Source,
-    name: &Path,
-    len: u64,
-    opts: &ConvertOptions,
-) -> Result<String, ConvertError> {
-    walk_hashed(src, name, len, &opts.progress, &opts.cancel, |_, _| Ok(())).map(hex::encode)
-}
-
 /// Reads the output and the source back from the device and compares them with `sha256`.
 fn verify(
     disk: &Disk,
@@ -424,54 +415,48 @@ fn verify(
     sha256: &str,
     opts: &ConvertOptions,
 ) -> Result<(), ConvertError> {
-    let len = disk.size();
-    opts.progress.reset();
-    opts.progress.set_message("verifying output");
-    drop_cache(out.file().as_raw_fd());
     let back = image::open(out.temp_path(), Some(format), Probing::Content).map_err(|source| {
         ConvertError::ReadBack {
             path: dst.to_path_buf(),
             source,
         }
     })?;
-    let dst_sha = hash(&back, dst, len, opts)?;
-    opts.progress.reset();
-    opts.progress.set_message("verifying source");
-    for fd in disk.fds() {
-        drop_cache(fd);
-    }
-    let src_sha = hash(disk, disk.path(), len, opts)?;
-    if src_sha != sha256 {
-        return Err(ConvertError::SourceChanged {
+    let verdict = read_back::<ConvertError>(
+        &ReadBack {
+            source: &back,
+            name: dst,
+            fds: vec![out.file().as_raw_fd()],
+            message: "verifying output",
+        },
+        &ReadBack {
+            source: disk,
+            name: disk.path(),
+            fds: disk.fds(),
+            message: "verifying source",
+        },
+        disk.size(),
+        sha256,
+        &opts.progress,
+        &opts.cancel,
+    )?;
+    match verdict {
+        Verdict::Same => Ok(()),
+        Verdict::SourceChanged { second } => Err(ConvertError::SourceChanged {
             src: disk.path().to_path_buf(),
             first: sha256.to_owned(),
-            second: src_sha,
-        });
-    }
-    if dst_sha != sha256 {
-        return Err(ConvertError::Mismatch {
+            second,
+        }),
+        Verdict::Mismatch { src_sha, dst_sha } => Err(ConvertError::Mismatch {
             src: disk.path().to_path_buf(),
             src_sha,
             dst_sha,
-        });
+        }),
     }
-    Ok(())
 }
 
 /// A short line for humans: `converted 10 GiB (… bytes, 9 GiB in holes) in 1.20 s, 8 GiB/s`.
 pub fn describe(s: &ConvertSummary) -> String {
-    let secs = s.elapsed.as_secs_f64();
-    let rate = if secs > 0.0 {
-        format!(", {}/s", Size((s.bytes as f64 / secs) as u64).human())
-    } else {
-        String::new()
-    };
-    format!(
-        "converted {} ({} bytes, {} in holes) in {secs:.2} s{rate}",
-        Size(s.bytes).human(),
-        s.bytes,
-        Size(s.holes_bytes).human(),
-    )
+    transfer("converted", s.bytes, s.holes_bytes, s.elapsed)
 }
 
 #[cfg(test)]
@@ -487,6 +472,15 @@ mod tests {
         (0..n).map(|i| ((i % 251) as u8 ^ seed) | 1).collect()
     }
 
+    /// Converts `src` to `dst` with verification; it must succeed.
+    fn convert_verified(src: &Path, dst: &Path) -> ConvertSummary {
+        let opts = ConvertOptions {
+            verify: true,
+            ..Default::default()
+        };
+        convert(src, dst, &opts).unwrap()
+    }
+
     #[test]
     fn raw_to_qcow2_to_raw_round_trips_and_keeps_holes() {
         let d = tempfile::tempdir().unwrap();
@@ -496,15 +490,7 @@ mod tests {
         sparse_file(&src, 40 << 20, &[(1 << 20, &a), ((30 << 20) + 123, &b)]);
         let want = hex::encode(Sha256::digest(fs::read(&src).unwrap()));
         let q = d.path().join("out.qcow2");
-        let s = convert(
-            &src,
-            &q,
-            &ConvertOptions {
-                verify: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let s = convert_verified(&src, &q);
         assert_eq!((s.format, s.source_format), (Format::Qcow2, Format::Raw));
         assert_eq!(s.sha256, want);
         assert!(s.verified);
@@ -528,15 +514,7 @@ mod tests {
         let src = d.path().join("odd.raw");
         fs::write(&src, pattern(1000, 3)).unwrap();
         let q = d.path().join("odd.qcow2");
-        let s = convert(
-            &src,
-            &q,
-            &ConvertOptions {
-                verify: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let s = convert_verified(&src, &q);
         assert_eq!(s.rounded_to, Some(1024));
         let back = d.path().join("odd.back");
         convert(&q, &back, &ConvertOptions::default()).unwrap();

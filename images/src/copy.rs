@@ -13,9 +13,9 @@
 //!   the unfinished copy is removed.
 //!
 //! Hashing an image ([`sha256_file`]) is the same walk without the writes. The reading
-//! itself (holes, chunks, bad sectors) is [`crate::input`]'s; the hashed walk
-//! ([`walk_hashed`]) and the zero-block test of the writes ([`nonzero_runs`]) serve
-//! `convert` as well.
+//! itself (holes, chunks, bad sectors) is [`crate::input`]'s, the hashed walk and the
+//! read-back [`crate::verify`]'s; the zero-block test of the writes ([`nonzero_runs`])
+//! serves `convert` as well.
 
 use std::fs::File;
 use std::io;
@@ -26,16 +26,17 @@ use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tracing::debug;
 
 use crate::input::{
-    allocated_bytes, drop_cache, is_zero, open_source, walk_data, Cancel, FileSource, InputError,
-    ReadFailure, Source, KIND_FILE,
+    allocated_bytes, is_zero, open_source, Cancel, FileSource, InputError, ReadFailure, Source,
+    KIND_FILE,
 };
 use crate::output::{Output, OutputError, OutputFile};
-use crate::size::Size;
+use crate::size::transfer;
+use crate::verify::{hash, read_back, ReadBack, Verdict};
+pub use crate::verify::{walk_hashed, WalkFailure};
 
 /// Granularity of hole detection in the copy: an all-zero block of this size is not written.
 pub const ZERO_BLOCK: usize = 4096;
@@ -222,33 +223,41 @@ pub fn copy(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<CopySummary, C
     };
     out.file().sync_all().map_err(write_err)?;
     if opts.verify {
-        opts.progress.reset();
-        opts.progress.set_message("verifying copy");
-        drop_cache(out.file().as_raw_fd());
-        let dst_sha = hash_source(
-            &FileSource::regular(out.file().try_clone().map_err(write_err)?),
-            out.temp_path(),
+        let back = FileSource::regular(out.file().try_clone().map_err(write_err)?);
+        let verdict = read_back::<CopyError>(
+            &ReadBack {
+                source: &back,
+                name: out.temp_path(),
+                fds: vec![out.file().as_raw_fd()],
+                message: "verifying copy",
+            },
+            &ReadBack {
+                source: &source,
+                name: src,
+                fds: vec![source.file().as_raw_fd()],
+                message: "verifying source",
+            },
             len,
+            &sha256,
             &opts.progress,
             &opts.cancel,
         )?;
-        opts.progress.reset();
-        opts.progress.set_message("verifying source");
-        drop_cache(source.file().as_raw_fd());
-        let src_sha = hash_source(&source, src, len, &opts.progress, &opts.cancel)?;
-        if src_sha != sha256 {
-            return Err(CopyError::SourceChanged {
-                src: src.to_path_buf(),
-                first: sha256,
-                second: src_sha,
-            });
-        }
-        if dst_sha != sha256 {
-            return Err(CopyError::Mismatch {
-                src: src.to_path_buf(),
-                src_sha,
-                dst_sha,
-            });
+        match verdict {
+            Verdict::Same => {}
+            Verdict::SourceChanged { second } => {
+                return Err(CopyError::SourceChanged {
+                    src: src.to_path_buf(),
+                    first: sha256,
+                    second,
+                })
+            }
+            Verdict::Mismatch { src_sha, dst_sha } => {
+                return Err(CopyError::Mismatch {
+                    src: src.to_path_buf(),
+                    src_sha,
+                    dst_sha,
+                })
+            }
         }
     }
     let file = out.commit()?;
@@ -283,41 +292,10 @@ pub fn sha256_file_with_progress(
     Ok((len, sha))
 }
 
-/// How the caller of [`walk_hashed`] reports an interruption in its own error type (its read
-/// failures are [`ReadFailure`]s).
-pub trait WalkFailure: ReadFailure {
-    /// The walk stopped because its [`Cancel`] flag was raised.
-    fn interrupted() -> Self;
-}
-
 impl WalkFailure for CopyError {
     fn interrupted() -> Self {
         CopyError::Interrupted
     }
-}
-
-/// [`walk_data`] with every byte hashed (holes as zeros), `data` called for data chunks;
-/// stops with `E::interrupted()` once `cancel` is raised. Returns the SHA-256.
-pub fn walk_hashed<E: WalkFailure>(
-    src: &dyn Source,
-    name: &Path,
-    len: u64,
-    progress: &ProgressBar,
-    cancel: &Cancel,
-    mut data: impl FnMut(u64, &[u8]) -> Result<(), E>,
-) -> Result<[u8; 32], E> {
-    let mut hasher = Sha256::new();
-    walk_data(src, name, len, progress, |off, bytes, hole| {
-        if cancel.is_cancelled() {
-            return Err(E::interrupted());
-        }
-        hasher.update(bytes);
-        if !hole {
-            data(off, bytes)?;
-        }
-        Ok(true)
-    })?;
-    Ok(hasher.finalize().into())
 }
 
 /// Hashes `src`'s first `len` bytes; lower-case hex.
@@ -328,7 +306,7 @@ pub fn hash_source(
     progress: &ProgressBar,
     cancel: &Cancel,
 ) -> Result<String, CopyError> {
-    walk_hashed(src, name, len, progress, cancel, |_, _| Ok(())).map(hex::encode)
+    hash(src, name, len, progress, cancel)
 }
 
 /// The runs of `chunk` that are not all zero, at the granularity of `block`-byte blocks
@@ -388,28 +366,19 @@ pub fn copy_into(
 
 /// A short line for humans: `copied 10 MiB (10485760 bytes, 8 MiB in holes) in 0.10 s, 100 MiB/s`.
 pub fn describe(s: &CopySummary) -> String {
-    let secs = s.elapsed.as_secs_f64();
-    let rate = if secs > 0.0 {
-        format!(", {}/s", Size((s.bytes as f64 / secs) as u64).human())
+    let line = transfer("copied", s.bytes, s.holes_bytes, s.elapsed);
+    if s.verified {
+        line + " (copy and read-back of both)"
     } else {
-        String::new()
-    };
-    format!(
-        "copied {} ({} bytes, {} in holes) in {secs:.2} s{rate}{}",
-        Size(s.bytes).human(),
-        s.bytes,
-        Size(s.holes_bytes).human(),
-        if s.verified {
-            " (copy and read-back of both)"
-        } else {
-            ""
-        },
-    )
+        line
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::cell::Cell;
+
+    use sha2::{Digest, Sha256};
 
     use super::*;
     use crate::input::sparse_file;

@@ -28,8 +28,7 @@ use crate::input::allocated_bytes;
 use crate::output::{Output, OutputError, OutputFile, Unfinished};
 use crate::size::Size;
 
-/// Default qcow2 cluster size (QEMU's).
-pub const DEFAULT_CLUSTER_SIZE: u64 = 64 << 10;
+pub use vloop_qcow2::DEFAULT_CLUSTER_SIZE;
 
 /// Errors from creating a blank image.
 #[derive(Debug, Error)]

@@ -8,6 +8,7 @@
 //! - [`size`]: sizes as users type them (`10M`, `20480s`), the workspace's one size grammar;
 //! - [`tree`]: a source folder read into memory, sorted and clamped for reproducible builds;
 //! - [`input`]: reading image files, block devices and source files, holes skipped;
+//! - [`verify`]: hashing walks, and outputs and their sources read back and compared;
 //! - [`image`]: images as virtual disks: raw, or qcow2 through its backing chain, and format
 //!   probing with its guard;
 //! - [`output`]: writing an output file safely, and the registry of unfinished ones;
@@ -17,7 +18,8 @@
 //! - [`ext2`]: the ext2 builder (plan, writing pass, on-disk layout);
 //! - [`iso`]: the ISO 9660 builder and a reader of ISO 9660 images;
 //! - [`info`]: what an image holds;
-//! - [`folder`]: an ext2 or ISO 9660 image of a folder, the whole command as one call.
+//! - [`folder`]: an ext2 or ISO 9660 image of a folder, the whole command as one call;
+//! - [`report`]: the lines `vloop-image` prints for each command's summary.
 
 pub mod convert;
 pub mod copy;
@@ -29,8 +31,10 @@ pub mod info;
 pub mod input;
 pub mod iso;
 pub mod output;
+pub mod report;
 pub mod size;
 pub mod tree;
+pub mod verify;
 
 #[cfg(test)]
 mod error_display_tests {
@@ -51,13 +55,7 @@ mod error_display_tests {
     fn check(e: &(dyn std::error::Error + 'static)) {
         let text = e.to_string();
         assert!(!text.contains(CAUSE), "message repeats its cause: {text}");
-        let mut chain = String::new();
-        let mut next = Some(e);
-        while let Some(err) = next {
-            chain.push_str(&err.to_string());
-            chain.push_str(": ");
-            next = err.source();
-        }
+        let chain = crate::info::error_line(e);
         assert_eq!(chain.matches(CAUSE).count(), 1, "{chain}");
     }
 

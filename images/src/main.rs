@@ -4,11 +4,11 @@
 //! summary. Every error is one `error: …` line and exit status 1 (usage errors: 2).
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -21,7 +21,7 @@ use vloop_images::image::Format;
 use vloop_images::input::Cancel;
 use vloop_images::output::Unfinished;
 use vloop_images::size::Size;
-use vloop_images::{ext2, info, iso};
+use vloop_images::{ext2, info, iso, report};
 
 /// Create, build, copy, convert and inspect disk images (raw and qcow2).
 ///
@@ -360,43 +360,10 @@ fn run_create(a: CreateArgs, stop: &Stop) -> Result<()> {
             unfinished: Some(stop.unfinished.clone()),
         },
     )?;
-    if let Some(asked) = s.rounded_from {
-        println!(
-            "note: {} bytes rounded up to {} bytes, a whole number of 512-byte sectors",
-            asked.bytes(),
-            s.size.bytes()
-        );
-    }
-    let kind = match (s.format, s.cluster_size) {
-        (Format::Qcow2, Some(cs)) => format!("qcow2, {} clusters", Size(cs)),
-        _ if a.preallocate => "raw, preallocated".to_string(),
-        _ => "raw, sparse".to_string(),
-    };
-    println!(
-        "created {}: {kind}, {} ({} bytes), {} allocated, in {:.2} s",
-        a.file.display(),
-        s.size.human(),
-        s.size.bytes(),
-        Size(s.allocated).human(),
-        start.elapsed().as_secs_f64()
+    print!(
+        "{}",
+        report::created(&a.file, &s, a.preallocate, start.elapsed())
     );
-    if let Some(b) = &s.backing {
-        let resolved = if b.path == b.name {
-            String::new()
-        } else {
-            format!(", found at {}", b.path.display())
-        };
-        println!(
-            "backing file: {} ({}{}, {}{resolved})",
-            b.name.display(),
-            b.format,
-            if b.format_probed { " as probed" } else { "" },
-            Size(b.size).human()
-        );
-        if s.size_from_backing {
-            println!("note: the size is the backing file's");
-        }
-    }
     Ok(())
 }
 
@@ -409,51 +376,15 @@ fn build_options(t: &TreeArgs, stop: &Stop) -> BuildOptions {
         sha256: if t.sha256 {
             Hashing::Always
         } else {
-            Hashing::UpTo(AUTO_SHA256_MAX)
+            Hashing::UpTo(report::AUTO_SHA256_MAX)
         },
         progress: progress_bar(),
         unfinished: Some(stop.unfinished.clone()),
     }
 }
 
-/// The summary's first line: the image written, its format, its size, then `details`.
-fn print_wrote(out: &Path, format: &str, size: u64, details: std::fmt::Arguments<'_>) {
-    println!(
-        "wrote {}: {format}, {} ({size} bytes), {details}",
-        out.display(),
-        Size(size).human()
-    );
-}
-
-/// Images up to this size get their SHA-256 printed without `--sha256`.
-const AUTO_SHA256_MAX: u64 = 4 << 30;
-
-/// The summary's last lines: time taken, and the SHA-256 in `sha256sum` format, or why it
-/// was not computed.
-fn print_sha(out: &Path, build_time: Duration, sha256: Option<&str>) {
-    println!("built in {:.2} s", build_time.as_secs_f64());
-    match sha256 {
-        Some(sha) => println!("sha256: {sha}  {}", out.display()),
-        None => println!(
-            "note: SHA-256 not computed for an image over {} (pass --sha256, or run sha256sum)",
-            Size(AUTO_SHA256_MAX).human()
-        ),
-    }
-}
-
-fn parse_uuid(s: &str) -> Result<[u8; 16]> {
-    let hexdigits: String = s.chars().filter(|&c| c != '-').collect();
-    let mut out = [0u8; 16];
-    match hex::decode_to_slice(&hexdigits, &mut out) {
-        Ok(()) => Ok(out),
-        Err(_) => bail!(
-            "{s:?} is not a UUID: give 32 hex digits, e.g. 0b2c6c3e-4bd1-4d8e-9f43-5a2f8f8a3c1e"
-        ),
-    }
-}
-
 fn run_ext2(a: Ext2Args, stop: &Stop) -> Result<()> {
-    let uuid = a.uuid.as_deref().map(parse_uuid).transpose()?;
+    let uuid = a.uuid.as_deref().map(ext2::parse_uuid).transpose()?;
     let opts = ext2::Ext2Options {
         size: match a.size {
             FsSize::Auto => None,
@@ -465,26 +396,11 @@ fn run_ext2(a: Ext2Args, stop: &Stop) -> Result<()> {
         ..Default::default()
     };
     let b = folder::ext2(&a.tree.from, &a.file, &build_options(&a.tree, stop), &opts)?;
-    let s = &b.image;
-    if let FsSize::Fixed(asked) = a.size {
-        if asked.bytes() != s.size {
-            println!(
-                "note: {} bytes rounded up to {} bytes, a whole number of 512-byte sectors",
-                asked.bytes(),
-                s.size
-            );
-        }
-    }
-    print_wrote(
-        &a.file,
-        "ext2",
-        s.size,
-        format_args!(
-            "block size {}, {} blocks ({} free), {} inodes ({} free)",
-            s.block_size, s.blocks, s.free_blocks, s.inodes, s.free_inodes
-        ),
-    );
-    print_sha(&a.file, b.build_time, b.sha256.as_deref());
+    let asked = match a.size {
+        FsSize::Auto => None,
+        FsSize::Fixed(s) => Some(s),
+    };
+    print!("{}", report::ext2_built(&a.file, asked, &b));
     Ok(())
 }
 
@@ -494,22 +410,7 @@ fn run_iso(a: IsoArgs, stop: &Stop) -> Result<()> {
         ..Default::default()
     };
     let b = folder::iso(&a.tree.from, &a.file, &build_options(&a.tree, stop), &opts)?;
-    let s = &b.image;
-    print_wrote(
-        &a.file,
-        "ISO 9660",
-        s.size,
-        format_args!("{} files, {} directories", s.files, s.directories),
-    );
-    if s.adjusted > 0 {
-        println!(
-            "note: {} names or places adjusted to ISO 9660 and Joliet limits (Joliet names \
-             cut to 64 characters, directories deeper than 8 levels relocated); Rock Ridge \
-             keeps the originals; -v lists them",
-            s.adjusted
-        );
-    }
-    print_sha(&a.file, b.build_time, b.sha256.as_deref());
+    print!("{}", report::iso_built(&a.file, &b));
     Ok(())
 }
 
@@ -541,17 +442,7 @@ fn run_copy(a: CopyArgs, stop: &Stop) -> Result<()> {
         },
     );
     bar.finish_and_clear();
-    let s = s?;
-    println!(
-        "{} -> {}: {}",
-        a.src.display(),
-        a.dst.display(),
-        copy::describe(&s)
-    );
-    if s.verified {
-        println!("verified: source and copy read back with the same SHA-256");
-    }
-    println!("sha256: {}  {}", s.sha256, a.dst.display());
+    print!("{}", report::copied(&a.src, &a.dst, &s?));
     Ok(())
 }
 
@@ -571,35 +462,7 @@ fn run_convert(a: ConvertArgs, stop: &Stop) -> Result<()> {
         },
     );
     bar.finish_and_clear();
-    let s = s?;
-    let layers = match s.source_layers {
-        1 => String::new(),
-        n => format!(", a chain of {n} files flattened"),
-    };
-    let clusters = match s.cluster_size {
-        Some(cs) => format!(", {} clusters", Size(cs)),
-        None => String::new(),
-    };
-    println!(
-        "{} ({}{layers}) -> {} ({}{clusters}): {}",
-        a.src.display(),
-        s.source_format,
-        a.dst.display(),
-        s.format,
-        convert::describe(&s)
-    );
-    if let Some(to) = s.rounded_to {
-        println!(
-            "note: the virtual size is rounded up to {to} bytes, a whole number of 512-byte \
-             sectors (the added bytes read as zeroes; the SHA-256 covers the source's {} bytes)",
-            s.bytes
-        );
-    }
-    println!("allocated: {}", Size(s.allocated).human());
-    if s.verified {
-        println!("verified: source and output read back with the same SHA-256");
-    }
-    println!("sha256: {}  {}", s.sha256, a.dst.display());
+    print!("{}", report::converted(&a.src, &a.dst, &s?));
     Ok(())
 }
 

@@ -12,6 +12,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::Serialize;
 use thiserror::Error;
@@ -83,6 +84,22 @@ impl Size {
         }
         format!("{} B", self.0)
     }
+}
+
+/// A transfer for humans: `{verb} 10 MiB (10485760 bytes, 8 MiB in holes) in 0.10 s,
+/// 100 MiB/s` (no rate when no time passed).
+pub fn transfer(verb: &str, bytes: u64, holes: u64, elapsed: Duration) -> String {
+    let secs = elapsed.as_secs_f64();
+    let rate = if secs > 0.0 {
+        format!(", {}/s", Size((bytes as f64 / secs) as u64).human())
+    } else {
+        String::new()
+    };
+    format!(
+        "{verb} {} ({bytes} bytes, {} in holes) in {secs:.2} s{rate}",
+        Size(bytes).human(),
+        Size(holes).human(),
+    )
 }
 
 impl From<u64> for Size {
@@ -192,6 +209,18 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn transfers_read_with_a_rate_when_time_passed() {
+        assert_eq!(
+            transfer("copied", 10 << 20, 8 << 20, Duration::from_millis(100)),
+            "copied 10 MiB (10485760 bytes, 8 MiB in holes) in 0.10 s, 100 MiB/s"
+        );
+        assert_eq!(
+            transfer("converted", 1000, 0, Duration::ZERO),
+            "converted 1000 B (1000 bytes, 0 B in holes) in 0.00 s"
+        );
+    }
 
     #[test]
     fn units_users_type() {

@@ -1,114 +1,15 @@
-//! The `vloop-image` binary as a user runs it: exit codes, one-line errors, files made.
+//! The `vloop-image` binary as a user runs it: exit codes, one-line errors, files made (what
+//! `info` recognises: `cli_info.rs`).
 
-use std::fs::{self, File};
-use std::io::Read;
-use std::os::unix::fs::{FileExt, MetadataExt};
+mod common;
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::{Command, ExitStatus, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
-const BIN: &str = env!("CARGO_BIN_EXE_vloop-image");
-
-/// Runs a command with a time-out; the child is killed if it overruns.
-fn run_cmd(mut cmd: Command) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    // Drain the pipes on threads so a chatty child cannot block on a full pipe.
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let t_out = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} timed out");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: t_out.join().expect("stdout thread"),
-        stderr: t_err.join().expect("stderr thread"),
-    }
-}
-
-fn vloop(args: &[&str], dir: &Path) -> Output {
-    let mut c = Command::new(BIN);
-    c.args(args).current_dir(dir).env_remove("RUST_LOG");
-    run_cmd(c)
-}
-
-fn ok(args: &[&str], dir: &Path) -> String {
-    let o = vloop(args, dir);
-    assert!(
-        o.status.success(),
-        "vloop-image {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).expect("utf-8")
-}
-
-/// Asserts a failure with exactly one `error: ` line on stderr; returns that line.
-fn fails(args: &[&str], dir: &Path, code: i32) -> String {
-    let o = vloop(args, dir);
-    let err = String::from_utf8(o.stderr).expect("utf-8");
-    assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "{args:?}: not one line: {err}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    assert!(
-        !err.contains("backtrace") && !err.contains("panicked"),
-        "{err}"
-    );
-    lines[0].to_string()
-}
-
-fn tool(name: &str) -> bool {
-    let found = ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
-        .iter()
-        .any(|d| Path::new(d).join(name).exists());
-    if !found {
-        eprintln!("SKIPPED part of this test: {name} is not installed (ci/setup installs it)");
-    }
-    found
-}
-
-fn sha256(path: &Path) -> String {
-    hex::encode(Sha256::digest(fs::read(path).expect("read")))
-}
-
-fn sha_line(stdout: &str) -> String {
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("sha256: "))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no sha256 line in {stdout}"))
-        .to_string()
-}
-
-fn info_json(path: &Path, dir: &Path) -> serde_json::Value {
-    let out = ok(&["info", "--json", path.to_str().expect("utf-8")], dir);
-    serde_json::from_str(&out).expect("json")
-}
+use common::*;
 
 #[test]
 fn create_10m_is_sparse_and_right_size() {
@@ -214,16 +115,6 @@ fn missing_from_folder_is_one_clear_line() {
     }
 }
 
-/// A 64 MiB sparse file with a few MiB of data at odd places.
-fn sparse_source(path: &Path) {
-    let f = File::create(path).unwrap();
-    f.set_len(64 << 20).unwrap();
-    let data: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8 + 1).collect();
-    f.write_all_at(&data, 5 << 20).unwrap();
-    f.write_all_at(b"tail", (64 << 20) - 4).unwrap();
-    f.write_all_at(&[0xAB; 100], 12345).unwrap();
-}
-
 #[test]
 fn copy_keeps_holes_and_copy_of_copy_has_same_sha() {
     let d = tempfile::tempdir().unwrap();
@@ -283,201 +174,6 @@ fn copy_errors_are_one_line_and_leave_nothing() {
     );
 }
 
-#[test]
-fn info_blank_image_is_all_zero() {
-    let d = tempfile::tempdir().unwrap();
-    ok(&["create", "blank.img", "--size", "10M"], d.path());
-    let out = ok(&["info", "blank.img"], d.path());
-    assert!(out.contains("every byte is zero"), "{out}");
-    assert!(out.contains("10 MiB"), "{out}");
-    let j = info_json(Path::new("blank.img"), d.path());
-    assert_eq!(j["content"]["type"], "zero");
-    assert_eq!(j["size"], 10 << 20);
-    assert_eq!(j["allocated"], 0);
-    // One byte of data anywhere and it is not blank any more.
-    File::options()
-        .write(true)
-        .open(d.path().join("blank.img"))
-        .unwrap()
-        .write_all_at(&[1], 9 << 20)
-        .unwrap();
-    assert_eq!(
-        info_json(Path::new("blank.img"), d.path())["content"]["type"],
-        "unknown"
-    );
-}
-
-#[test]
-fn info_identifies_mke2fs_images() {
-    if !tool("mke2fs") {
-        return;
-    }
-    let d = tempfile::tempdir().unwrap();
-    for (kind, want) in [("ext2", "ext2"), ("ext3", "ext3"), ("ext4", "ext4")] {
-        let img = d.path().join(format!("{kind}.img"));
-        File::create(&img).unwrap().set_len(16 << 20).unwrap();
-        let mut c = Command::new("mke2fs");
-        c.args(["-q", "-F", "-t", kind, "-L", "mylabel", "-b", "1024"])
-            .args(["-U", "0b2c6c3e-4bd1-4d8e-9f43-5a2f8f8a3c1e"])
-            .arg(&img);
-        let o = run_cmd(c);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let j = info_json(&img, d.path());
-        let c = &j["content"];
-        assert_eq!(c["type"], "ext", "{j}");
-        assert_eq!(c["version"], want, "{j}");
-        assert_eq!(c["label"], "mylabel");
-        assert_eq!(c["uuid"], "0b2c6c3e-4bd1-4d8e-9f43-5a2f8f8a3c1e");
-        assert_eq!(c["block_size"], 1024);
-        assert_eq!(c["blocks"], 16 << 10);
-        let free = c["free_blocks"].as_u64().unwrap();
-        assert!(free > 0 && free < 16 << 10, "{j}");
-        let out = ok(&["info", img.to_str().unwrap()], d.path());
-        assert!(out.contains(&format!("{want} file system")), "{out}");
-    }
-}
-
-#[test]
-fn info_identifies_xorriso_iso() {
-    if !tool("xorriso") {
-        return;
-    }
-    let d = tempfile::tempdir().unwrap();
-    let src = d.path().join("src");
-    fs::create_dir(&src).unwrap();
-    fs::write(
-        src.join("a-rather-long-file-name-for-rock-ridge.txt"),
-        b"hi",
-    )
-    .unwrap();
-    let mut c = Command::new("xorriso");
-    c.args(["-as", "mkisofs", "-R", "-J", "-V", "MY_VOLUME", "-o"])
-        .arg(d.path().join("x.iso"))
-        .arg(&src);
-    let o = run_cmd(c);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let j = info_json(Path::new("x.iso"), d.path());
-    let c = &j["content"];
-    assert_eq!(c["type"], "iso9660", "{j}");
-    assert_eq!(c["volume_id"], "MY_VOLUME");
-    assert_eq!(c["rock_ridge"], true, "{j}");
-    assert_eq!(c["joliet"], true, "{j}");
-    assert_eq!(c["volume_size"], j["size"], "{j}");
-}
-
-/// A GPT disk written byte by byte: protective MBR, header at LBA 1, entries at LBA 2.
-fn write_gpt(path: &Path) {
-    let f = File::create(path).unwrap();
-    f.set_len(8 << 20).unwrap();
-    let mut mbr = [0u8; 512];
-    mbr[446 + 4] = 0xEE;
-    mbr[446 + 8..446 + 12].copy_from_slice(&1u32.to_le_bytes());
-    mbr[446 + 12..446 + 16].copy_from_slice(&((8u32 << 11) - 1).to_le_bytes());
-    mbr[510] = 0x55;
-    mbr[511] = 0xAA;
-    f.write_all_at(&mbr, 0).unwrap();
-    let mut h = [0u8; 512];
-    h[..8].copy_from_slice(b"EFI PART");
-    h[56..72].copy_from_slice(&[7; 16]);
-    h[72..80].copy_from_slice(&2u64.to_le_bytes());
-    h[80..84].copy_from_slice(&128u32.to_le_bytes());
-    h[84..88].copy_from_slice(&128u32.to_le_bytes());
-    f.write_all_at(&h, 512).unwrap();
-    let mut e = [0u8; 128];
-    // Linux file system data: 0FC63DAF-8483-4772-8E79-3D69D8477DE4, stored mixed-endian.
-    e[..16].copy_from_slice(&[
-        0xAF, 0x3D, 0xC6, 0x0F, 0x83, 0x84, 0x72, 0x47, 0x8E, 0x79, 0x3D, 0x69, 0xD8, 0x47, 0x7D,
-        0xE4,
-    ]);
-    e[16] = 1;
-    e[32..40].copy_from_slice(&2048u64.to_le_bytes());
-    e[40..48].copy_from_slice(&10239u64.to_le_bytes());
-    for (i, c) in "root".encode_utf16().enumerate() {
-        e[56 + 2 * i..58 + 2 * i].copy_from_slice(&c.to_le_bytes());
-    }
-    f.write_all_at(&e, 2 * 512 + 128).unwrap(); // entry 2; entry 1 left empty
-}
-
-#[test]
-fn info_identifies_partition_tables() {
-    let d = tempfile::tempdir().unwrap();
-    write_gpt(&d.path().join("gpt.img"));
-    let j = info_json(Path::new("gpt.img"), d.path());
-    let c = &j["content"];
-    assert_eq!(c["type"], "gpt", "{j}");
-    assert_eq!(c["entries"], 128);
-    assert_eq!(c["partitions"].as_array().unwrap().len(), 1, "{j}");
-    let p = &c["partitions"][0];
-    assert_eq!(p["number"], 2);
-    assert_eq!(p["type_guid"], "0FC63DAF-8483-4772-8E79-3D69D8477DE4");
-    assert_eq!(
-        (p["first_lba"].as_u64(), p["last_lba"].as_u64()),
-        (Some(2048), Some(10239))
-    );
-    assert_eq!(p["name"], "root");
-
-    // A hand-made MBR with two partitions.
-    let mbr_img = d.path().join("mbr.img");
-    let f = File::create(&mbr_img).unwrap();
-    f.set_len(4 << 20).unwrap();
-    let mut s = [0u8; 512];
-    for (i, (t, start, len)) in [(0x83u8, 2048u32, 4096u32), (0x82, 6144, 2048)]
-        .into_iter()
-        .enumerate()
-    {
-        let e = &mut s[446 + 16 * i..462 + 16 * i];
-        e[4] = t;
-        e[8..12].copy_from_slice(&start.to_le_bytes());
-        e[12..16].copy_from_slice(&len.to_le_bytes());
-    }
-    s[446] = 0x80;
-    s[510] = 0x55;
-    s[511] = 0xAA;
-    f.write_all_at(&s, 0).unwrap();
-    let j = info_json(Path::new("mbr.img"), d.path());
-    let c = &j["content"];
-    assert_eq!(c["type"], "mbr", "{j}");
-    let parts = c["partitions"].as_array().unwrap();
-    assert_eq!(parts.len(), 2);
-    assert_eq!(parts[0]["type_id"], "0x83");
-    assert_eq!(parts[0]["bootable"], true);
-    assert_eq!(parts[1]["type_name"], "Linux swap");
-    assert_eq!(parts[1]["start_sector"], 6144);
-    let out = ok(&["info", "mbr.img"], d.path());
-    assert!(out.contains("MBR partition table"), "{out}");
-
-    if tool("sfdisk") {
-        for (label, want) in [("gpt", "gpt"), ("dos", "mbr")] {
-            let img = d.path().join(format!("sf-{label}.img"));
-            File::create(&img).unwrap().set_len(16 << 20).unwrap();
-            let script = d.path().join(format!("{label}.sfdisk"));
-            fs::write(&script, format!("label: {label}\n,4M,L\n,4M,L\n")).unwrap();
-            let mut c = Command::new("sh");
-            c.arg("-c").arg(format!(
-                "sfdisk -q '{}' < '{}'",
-                img.display(),
-                script.display()
-            ));
-            let o = run_cmd(c);
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-            let j = info_json(&img, d.path());
-            assert_eq!(j["content"]["type"], want, "{j}");
-            let parts = j["content"]["partitions"].as_array().unwrap();
-            assert_eq!(parts.len(), 2, "{j}");
-            assert_eq!(parts[0]["number"], 1);
-            if label == "gpt" {
-                let mut c = Command::new("sfdisk");
-                c.arg("--disk-id").arg(&img);
-                let o = run_cmd(c);
-                let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
-                assert_eq!(j["content"]["disk_guid"], id.as_str(), "{j}");
-                assert_eq!(parts[0]["first_lba"], 2048, "{j}");
-                assert_eq!(parts[0]["last_lba"], 2048 + 8192 - 1, "{j}");
-            }
-        }
-    }
-}
-
 /// A small folder with a long name, a nested directory, a symlink and an empty file.
 fn sample_folder(dir: &Path) {
     let long = "a-file-name-of-more-than-one-hundred-characters-".repeat(3);
@@ -532,13 +228,7 @@ fn ext2_builds_are_reproducible_and_recognised() {
     if tool("e2fsck") {
         let mut c = Command::new("e2fsck");
         c.arg("-fn").arg(d.path().join("a.img"));
-        let o = run_cmd(c);
-        assert!(
-            o.status.success(),
-            "e2fsck: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
+        run_ok(c);
     }
 }
 
@@ -551,8 +241,7 @@ fn iso_builds_are_reproducible_recognised_and_copied_exactly() {
         c.args(["iso", name, "--from", "src", "--volume-id", "VLOOP_TEST"])
             .current_dir(d.path())
             .env("SOURCE_DATE_EPOCH", "1700000000");
-        let o = run_cmd(c);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let o = run_ok(c);
         let sha = sha_line(&String::from_utf8(o.stdout).unwrap());
         assert_eq!(sha, sha256(&d.path().join(name)));
         sha
@@ -578,8 +267,7 @@ fn iso_builds_are_reproducible_recognised_and_copied_exactly() {
         let mut c = Command::new("xorriso");
         c.args(["-indev", "a.iso", "-find", "/"])
             .current_dir(d.path());
-        let o = run_cmd(c);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let o = run_ok(c);
         let listing = String::from_utf8_lossy(&o.stdout);
         let long = "a-file-name-of-more-than-one-hundred-characters-".repeat(3);
         for want in [long.as_str(), "sub/deeper/data.bin", "empty", "link"] {
@@ -588,70 +276,13 @@ fn iso_builds_are_reproducible_recognised_and_copied_exactly() {
     }
 }
 
-/// Writes 256 MiB of dense, non-zero bytes to `path`: 1, 2, ... `period`, repeated in each MiB.
-fn write_dense(path: &Path, period: u32) {
-    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % period) as u8 + 1).collect();
-    let f = File::create(path).unwrap();
-    for i in 0..256u64 {
-        f.write_all_at(&chunk, i << 20).unwrap();
-    }
-}
-
-/// Runs `vloop-image args` in `dir` and sends it SIGINT once `started()` holds (or it has
-/// exited, or 30 s have passed); returns its exit status and stderr once it stops.
-fn interrupt(args: &[&str], dir: &Path, started: impl Fn() -> bool) -> (ExitStatus, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .current_dir(dir)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !started() && Instant::now() < deadline && child.try_wait().unwrap().is_none() {
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{args:?} did not stop after SIGINT");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    (status, err)
-}
-
 #[test]
 fn interrupted_copy_leaves_nothing() {
     let d = tempfile::tempdir().unwrap();
     let src = d.path().join("big.img");
     // Dense, non-zero content: every chunk is read, hashed and written.
     write_dense(&src, 253);
-    let partial = || {
-        fs::read_dir(d.path())
-            .unwrap()
-            .filter_map(Result::ok)
-            .any(|e| e.file_name().to_string_lossy().ends_with(".partial"))
-    };
+    let partial = || partial_in(d.path());
     let (status, err) = interrupt(
         &["copy", "big.img", "out.img", "--verify"],
         d.path(),

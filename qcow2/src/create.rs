@@ -35,6 +35,9 @@ pub enum CreateError {
     Io(#[source] io::Error),
 }
 
+/// Default cluster size (QEMU's).
+pub const DEFAULT_CLUSTER_SIZE: u64 = 64 << 10;
+
 /// What to create.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CreateOptions {
@@ -54,7 +57,7 @@ impl CreateOptions {
     pub fn new(size: u64) -> CreateOptions {
         CreateOptions {
             size,
-            cluster_size: 65536,
+            cluster_size: DEFAULT_CLUSTER_SIZE,
             backing: None,
             version: 3,
         }
@@ -64,7 +67,8 @@ impl CreateOptions {
 /// Writes a new, empty qcow2 image into `file` (truncated first) and syncs it.
 pub fn create(file: &dyn Storage, opts: &CreateOptions) -> Result<(), CreateError> {
     let cs = opts.cluster_size;
-    if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+    let cluster_sizes = (1 << header::MIN_CLUSTER_BITS)..=(1 << header::MAX_CLUSTER_BITS);
+    if !cs.is_power_of_two() || !cluster_sizes.contains(&cs) {
         return Err(CreateError::ClusterSize(cs));
     }
     if opts.version != 2 && opts.version != 3 {

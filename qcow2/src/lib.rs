@@ -74,7 +74,7 @@ pub use chain::{
     resolve_backing, Backing, Chain, Error, Extent, FreeMark, Info, LayerId, LayerInfo,
     OpenOptions, Opener, WritePath, DEFAULT_CACHE_BYTES, DEFAULT_RESERVE_BYTES, MAX_CHAIN,
 };
-pub use create::{create, CreateError, CreateOptions};
+pub use create::{create, CreateError, CreateOptions, DEFAULT_CLUSTER_SIZE};
 pub use format::{probe, probed_raw_write, Format, ProbeError, ProbedRawWriteError};
 pub use header::{Compression, HeaderError};
 pub use layer::LayerError;

@@ -69,6 +69,17 @@ fn off_t(off: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
+/// Runs `op` again while it fails with EINTR.
+fn retry<T>(mut op: impl FnMut() -> nix::Result<T>) -> io::Result<T> {
+    loop {
+        match op() {
+            Ok(v) => return Ok(v),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 impl Storage for File {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
         let mut done = 0;
@@ -85,13 +96,8 @@ impl Storage for File {
 
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], off: u64) -> io::Result<usize> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
-        let n = loop {
-            match nix::sys::uio::preadv(self.as_fd(), bufs, off_t(off)?) {
-                Ok(n) => break n,
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let at = off_t(off)?;
+        let n = retry(|| nix::sys::uio::preadv(self.as_fd(), bufs, at))?;
         if n == total || n == 0 {
             return Ok(n);
         }
@@ -119,13 +125,8 @@ impl Storage for File {
 
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], off: u64) -> io::Result<()> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
-        let n = loop {
-            match nix::sys::uio::pwritev(self.as_fd(), bufs, off_t(off)?) {
-                Ok(n) => break n,
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let at = off_t(off)?;
+        let n = retry(|| nix::sys::uio::pwritev(self.as_fd(), bufs, at))?;
         if n == total {
             return Ok(());
         }

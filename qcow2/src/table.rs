@@ -229,6 +229,43 @@ impl L2Entry {
     }
 }
 
+/// Host clusters the L2 tables of an image reference, counted as `qemu-img check` counts
+/// them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClusterCounts {
+    /// Entries that hold a host cluster: data, compressed, and zero clusters that keep a
+    /// preallocated one (`qemu-img check`'s "allocated clusters").
+    pub allocated: u64,
+    /// Of those, compressed clusters.
+    pub compressed: u64,
+    /// Of those, zero clusters with a preallocated host cluster.
+    pub zero_preallocated: u64,
+}
+
+impl ClusterCounts {
+    /// Counts one decoded L2 entry.
+    pub fn add(&mut self, entry: L2Entry) {
+        match entry {
+            L2Entry::Unallocated | L2Entry::Zero { host: None, .. } => {}
+            L2Entry::Normal { .. } => self.allocated += 1,
+            L2Entry::Compressed { .. } => {
+                self.allocated += 1;
+                self.compressed += 1;
+            }
+            L2Entry::Zero { host: Some(_), .. } => {
+                self.allocated += 1;
+                self.zero_preallocated += 1;
+            }
+        }
+    }
+
+    /// Data clusters: standard and compressed (the allocated ones less the preallocated
+    /// zero clusters).
+    pub fn data(&self) -> u64 {
+        self.allocated - self.zero_preallocated
+    }
+}
+
 /// This writer never writes compressed entries (it keeps their raw values instead), so
 /// encoding one is a bug in the caller.
 #[cold]
@@ -373,6 +410,33 @@ mod tests {
         ] {
             assert_eq!(g.decode(e.encode()), Ok(e));
         }
+    }
+
+    #[test]
+    fn clusters_count_as_qemu_img_check_counts_them() {
+        let g = geo(16, 4);
+        let entries: [u64; 6] = [
+            0,
+            (5 << 16) | (1 << 63),
+            1,
+            (6 << 16) | 1,
+            (1 << 62) | 0x12345,
+            7 << 16,
+        ];
+        let mut c = ClusterCounts::default();
+        for raw in entries {
+            c.add(g.decode(raw).unwrap());
+        }
+        assert_eq!(
+            c,
+            ClusterCounts {
+                allocated: 4,
+                compressed: 1,
+                zero_preallocated: 1
+            }
+        );
+        assert_eq!(c.data(), 3);
+        assert!(g.decode((5u64 << 16) + 512).is_err());
     }
 
     #[test]

@@ -121,37 +121,9 @@ fn workload(dir: &Path, compat: &str, cs: u64, backed: bool, seed: u64) {
     if backed {
         let base = dir.join(format!("base-{compat}-{cs}.raw"));
         std::fs::write(&base, pattern(seed, size as usize)).unwrap();
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                &opts,
-                "-b",
-                p(&base),
-                "-F",
-                "raw",
-                p(&img),
-                &size.to_string(),
-            ],
-        );
+        qemu_create(&img, &size.to_string(), &opts, Some((p(&base), "raw")));
     } else {
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                &opts,
-                p(&img),
-                &size.to_string(),
-            ],
-        );
+        qemu_create(&img, &size.to_string(), &opts, None);
     }
     // Some data allocated by QEMU first.
     qemu_io(

@@ -43,37 +43,9 @@ fn run_case(compat: &str, cs: u64, backed: bool, ops: &[Op]) {
     if backed {
         let base = path_in(&dir, "base.raw");
         std::fs::write(&base, pattern(5, SIZE as usize / 2)).unwrap();
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                &o,
-                "-b",
-                p(&base),
-                "-F",
-                "raw",
-                p(&img),
-                &SIZE.to_string(),
-            ],
-        );
+        qemu_create(&img, &SIZE.to_string(), &o, Some((p(&base), "raw")));
     } else {
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                &o,
-                p(&img),
-                &SIZE.to_string(),
-            ],
-        );
+        qemu_create(&img, &SIZE.to_string(), &o, None);
     }
     let mut model = qemu_raw(&img);
     let discard_keeps = compat == "0.10" && backed;

@@ -60,18 +60,11 @@ fn cluster_sizes_and_versions() {
             } else {
                 8 << 20
             };
-            run(
-                "qemu-img",
-                &[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-o",
-                    &format!("cluster_size={cluster},compat={compat}"),
-                    p(&img),
-                    &size.to_string(),
-                ],
+            qemu_create(
+                &img,
+                &size.to_string(),
+                &format!("cluster_size={cluster},compat={compat}"),
+                None,
             );
             scribble(&img, cluster.max(4096));
             assert_reads_like_qemu(&img);
@@ -89,7 +82,7 @@ fn allocated_clusters_map_to_one_extent_per_contiguous_run() {
     }
     let dir = tempdir();
     let img = path_in(&dir, "seq.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "16M"]);
+    qemu_create(&img, "16M", "", None);
     qemu_io(&img, "qcow2", &["write -P 0x5a 0 2M"]);
     let chain = open_chain(&img, true);
     let mut ext = Vec::new();
@@ -119,20 +112,10 @@ fn compressed_images_deflate_and_zstd() {
     for ctype in ["zlib", "zstd"] {
         for cluster in [4096u64, 65536] {
             let img = path_in(&dir, &format!("{ctype}-{cluster}.qcow2"));
-            run(
-                "qemu-img",
-                &[
-                    "convert",
-                    "-c",
-                    "-f",
-                    "raw",
-                    "-O",
-                    "qcow2",
-                    "-o",
-                    &format!("compression_type={ctype},cluster_size={cluster}"),
-                    p(&raw),
-                    p(&img),
-                ],
+            qemu_compress(
+                &raw,
+                &img,
+                &format!("compression_type={ctype},cluster_size={cluster}"),
             );
             let chain = open_chain(&img, true);
             let mut ext = Vec::new();
@@ -166,22 +149,11 @@ fn backing_chain_of_three_with_a_raw_base_and_relative_paths() {
     let mid = dir.path().join("sub/mid.qcow2");
     let top = path_in(&dir, "top.qcow2");
     // mid names its backing file relative to its own directory (sub/), not the cwd.
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "../base.raw",
-            "-F",
-            "raw",
-            "-o",
-            "cluster_size=4096",
-            p(&mid),
-            "6M",
-        ],
+    qemu_create(
+        &mid,
+        "6M",
+        "cluster_size=4096",
+        Some(("../base.raw", "raw")),
     );
     qemu_io(
         &mid,
@@ -192,21 +164,7 @@ fn backing_chain_of_three_with_a_raw_base_and_relative_paths() {
             "write -z 2M 64k",
         ],
     );
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "sub/mid.qcow2",
-            "-F",
-            "qcow2",
-            p(&top),
-            "8M",
-        ],
-    );
+    qemu_create(&top, "8M", "", Some(("sub/mid.qcow2", "qcow2")));
     qemu_io(
         &top,
         "qcow2",
@@ -255,37 +213,9 @@ fn a_larger_backing_file_is_cut_and_a_smaller_one_ends_in_zeroes() {
     let big = path_in(&dir, "big.raw");
     std::fs::write(&big, pattern(3, 3 << 20)).unwrap();
     let small = path_in(&dir, "small.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            p(&big),
-            "-F",
-            "raw",
-            p(&small),
-            "1M",
-        ],
-    );
+    qemu_create(&small, "1M", "", Some((p(&big), "raw")));
     let top = path_in(&dir, "top.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            p(&small),
-            "-F",
-            "qcow2",
-            p(&top),
-            "2M",
-        ],
-    );
+    qemu_create(&top, "2M", "", Some((p(&small), "qcow2")));
     let chain = open_chain(&top, true);
     let got = read_all(&chain, 300_000);
     let want = qemu_raw(&top);
@@ -305,24 +235,10 @@ fn a_backing_file_without_a_format_is_probed() {
     }
     let dir = tempdir();
     let base = path_in(&dir, "base.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", p(&base), "1M"]);
+    qemu_create(&base, "1M", "", None);
     qemu_io(&base, "qcow2", &["write -P 0x77 0 64k"]);
     let top = path_in(&dir, "top.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            p(&base),
-            "-F",
-            "qcow2",
-            p(&top),
-            "1M",
-        ],
-    );
+    qemu_create(&top, "1M", "", Some((p(&base), "qcow2")));
     // Turn the backing format extension into an unknown one: the base is then probed.
     let mut bytes = std::fs::read(&top).unwrap();
     assert_eq!(bytes[112..116], 0xe279_2acau32.to_be_bytes());

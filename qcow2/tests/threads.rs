@@ -16,23 +16,7 @@ fn concurrent_writers_leave_a_clean_image() {
     let base = path_in(&dir, "base.raw");
     std::fs::write(&base, pattern(1, 8 << 20)).unwrap();
     let img = path_in(&dir, "t.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            "-b",
-            p(&base),
-            "-F",
-            "raw",
-            p(&img),
-            "8M",
-        ],
-    );
+    qemu_create(&img, "8M", "cluster_size=4096", Some((p(&base), "raw")));
     let chain = Arc::new(open_chain(&img, false));
     let threads: Vec<_> = (0..4u64)
         .map(|t| {

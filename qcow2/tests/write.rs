@@ -79,39 +79,11 @@ fn make_image(dir: &tempfile::TempDir, kind: Kind, compat: &str, cs: u64) -> (Pa
     let img = path_in(dir, &format!("{kind:?}-{compat}-{cs}.qcow2"));
     let opts = format!("cluster_size={cs},compat={compat}");
     match kind {
-        Kind::Empty => run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                &opts,
-                p(&img),
-                &size.to_string(),
-            ],
-        ),
+        Kind::Empty => qemu_create(&img, &size.to_string(), &opts, None),
         Kind::Backed => {
             let base = path_in(dir, &format!("base-{compat}-{cs}.raw"));
             std::fs::write(&base, pattern(cs, size as usize - 4096)).unwrap();
-            run(
-                "qemu-img",
-                &[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-o",
-                    &opts,
-                    "-b",
-                    p(&base),
-                    "-F",
-                    "raw",
-                    p(&img),
-                    &size.to_string(),
-                ],
-            )
+            qemu_create(&img, &size.to_string(), &opts, Some((p(&base), "raw")));
         }
         Kind::Compressed => {
             let src = path_in(dir, &format!("src-{compat}-{cs}.raw"));
@@ -122,24 +94,9 @@ fn make_image(dir: &tempfile::TempDir, kind: Kind, compat: &str, cs: u64) -> (Pa
                 }
             }
             std::fs::write(&src, d).unwrap();
-            run(
-                "qemu-img",
-                &[
-                    "convert",
-                    "-q",
-                    "-c",
-                    "-f",
-                    "raw",
-                    "-O",
-                    "qcow2",
-                    "-o",
-                    &opts,
-                    p(&src),
-                    p(&img),
-                ],
-            )
+            qemu_compress(&src, &img, &opts);
         }
-    };
+    }
     qemu_io(
         &img,
         "qcow2",
@@ -221,15 +178,21 @@ fn shapes(kind: Kind, compat: &str, cs: u64) {
     m.verify_with_qemu(&img, &what);
 }
 
+/// The versions (as qemu-img's compat levels) and cluster sizes the shapes run on.
+const GEOMETRIES: [(&str, u64); 4] = [
+    ("0.10", 4096),
+    ("0.10", 65536),
+    ("1.1", 4096),
+    ("1.1", 65536),
+];
+
 #[test]
 fn every_shape_on_empty_images() {
     if !have_qemu("every_shape_on_empty_images") {
         return;
     }
-    for compat in ["0.10", "1.1"] {
-        for cs in [4096, 65536] {
-            shapes(Kind::Empty, compat, cs);
-        }
+    for (compat, cs) in GEOMETRIES {
+        shapes(Kind::Empty, compat, cs);
     }
 }
 
@@ -238,10 +201,8 @@ fn every_shape_over_a_backing_file() {
     if !have_qemu("every_shape_over_a_backing_file") {
         return;
     }
-    for compat in ["0.10", "1.1"] {
-        for cs in [4096, 65536] {
-            shapes(Kind::Backed, compat, cs);
-        }
+    for (compat, cs) in GEOMETRIES {
+        shapes(Kind::Backed, compat, cs);
     }
 }
 
@@ -250,10 +211,9 @@ fn every_shape_on_compressed_images() {
     if !have_qemu("every_shape_on_compressed_images") {
         return;
     }
-    for compat in ["0.10", "1.1"] {
-        shapes(Kind::Compressed, compat, 65536);
+    for (compat, cs) in [("0.10", 65536), ("1.1", 65536), ("1.1", 4096)] {
+        shapes(Kind::Compressed, compat, cs);
     }
-    shapes(Kind::Compressed, "1.1", 4096);
 }
 
 #[test]
@@ -283,19 +243,7 @@ fn small_clusters_grow_the_refcount_table() {
     // 512-byte clusters: one refcount table cluster covers 8 MiB of file.
     let dir = tempdir();
     let img = path_in(&dir, "small.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            p(&img),
-            "24M",
-        ],
-    );
+    qemu_create(&img, "24M", "cluster_size=512", None);
     // A cache of four L2 tables: constant eviction, and flushes forced by dirty tables.
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -403,7 +351,7 @@ fn freed_clusters_wait_for_reclaim_before_reuse() {
     let dir = tempdir();
     let img = path_in(&dir, "q.qcow2");
     let cs = 65536u64;
-    run("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "16M"]);
+    qemu_create(&img, "16M", "", None);
     let chain = try_open_with(&img, false, vloop_qcow2::Backing::None, 8 * cs).unwrap();
     write_mapped(&chain, 0, &pattern(1, (8 * cs) as usize));
     let mut before = Vec::new();
@@ -464,19 +412,7 @@ fn buffered_writes_keep_zero_clusters_as_holes() {
     let dir = tempdir();
     for compat in ["0.10", "1.1"] {
         let img = path_in(&dir, &format!("holes-{compat}.qcow2"));
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                &format!("compat={compat}"),
-                p(&img),
-                "1M",
-            ],
-        );
+        qemu_create(&img, "1M", &format!("compat={compat}"), None);
         let chain = open_chain(&img, false);
         let mut data = vec![0u8; 1 << 20];
         data[100..200].fill(1);
@@ -510,10 +446,7 @@ fn every_refcount_width_and_lazy_refcounts() {
     ] {
         let img = path_in(&dir, &format!("{opts}.qcow2"));
         let o = format!("cluster_size=4096,{opts}");
-        run(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "-o", &o, p(&img), "4M"],
-        );
+        qemu_create(&img, "4M", &o, None);
         qemu_io(&img, "qcow2", &["write -P 0x61 0 64k"]);
         let mut model = qemu_raw(&img);
         let chain = try_open_with(&img, false, vloop_qcow2::Backing::FromImage, 16 << 10).unwrap();

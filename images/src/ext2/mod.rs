@@ -36,7 +36,7 @@ use tracing::info;
 
 use self::build::{write_image, Image};
 use self::options::check_options;
-pub use self::options::{Ext2Error, Ext2Options, Ext2Summary};
+pub use self::options::{parse_uuid, Ext2Error, Ext2Options, Ext2Summary};
 use crate::output::{Output, OutputFile};
 use crate::tree::Tree;
 

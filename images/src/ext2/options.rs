@@ -135,6 +135,19 @@ impl ReadFailure for Ext2Error {
     }
 }
 
+/// A file system UUID as users type it: 32 hex digits, dashes anywhere
+/// (`0b2c6c3e-4bd1-4d8e-9f43-5a2f8f8a3c1e`).
+pub fn parse_uuid(text: &str) -> Result<[u8; 16], Ext2Error> {
+    let hexdigits: String = text.chars().filter(|&c| c != '-').collect();
+    let mut out = [0u8; 16];
+    hex::decode_to_slice(&hexdigits, &mut out).map_err(|_| {
+        Ext2Error::BadOption(format!(
+            "{text:?} is not a UUID: give 32 hex digits, e.g. 0b2c6c3e-4bd1-4d8e-9f43-5a2f8f8a3c1e"
+        ))
+    })?;
+    Ok(out)
+}
+
 /// Refuses options ext2 cannot use.
 pub(super) fn check_options(opts: &Ext2Options) -> Result<(), Ext2Error> {
     if ![1024, 2048, 4096].contains(&opts.block_size) {
@@ -157,4 +170,29 @@ pub(super) fn check_options(opts: &Ext2Options) -> Result<(), Ext2Error> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuids_parse_with_or_without_dashes() {
+        let want = [
+            0x0b, 0x2c, 0x6c, 0x3e, 0x4b, 0xd1, 0x4d, 0x8e, 0x9f, 0x43, 0x5a, 0x2f, 0x8f, 0x8a,
+            0x3c, 0x1e,
+        ];
+        assert_eq!(
+            parse_uuid("0b2c6c3e-4bd1-4d8e-9f43-5a2f8f8a3c1e").unwrap(),
+            want
+        );
+        assert_eq!(
+            parse_uuid("0b2c6c3e4bd14d8e9f435a2f8f8a3c1e").unwrap(),
+            want
+        );
+        for bad in ["", "0b2c6c3e", "zz2c6c3e-4bd1-4d8e-9f43-5a2f8f8a3c1e"] {
+            let err = parse_uuid(bad).unwrap_err();
+            assert!(err.to_string().contains("is not a UUID"), "{err}");
+        }
+    }
 }

@@ -1,12 +1,10 @@
 //! Decoders for the structures `info` recognises (pure: bytes in, description out): the
-//! ext2/3/4 superblock, an MBR partition table, a GPT header and its entries, and the
-//! allocation a qcow2 L2 table records.
+//! ext2/3/4 superblock, an MBR partition table, a GPT header and its entries.
 //!
 //! Each takes the bytes `info` read from the image (zero-filled past its end: a superblock's
 //! 1024 bytes, a sector's 512) and never panics on their content.
 
 use serde::Serialize;
-use vloop_qcow2::table::{Geometry, L2Entry, TableError};
 
 /// An ext2/3/4 superblock, decoded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -260,85 +258,9 @@ pub fn parse_gpt(header: &[u8], table: &[u8]) -> GptInfo {
     }
 }
 
-/// Host clusters the L2 tables of a qcow2 image reference, counted as `qemu-img check`
-/// counts them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct ClusterCounts {
-    /// Entries that hold a host cluster: data, compressed, and zero clusters that keep a
-    /// preallocated one (`qemu-img check`'s "allocated clusters").
-    pub allocated: u64,
-    /// Of those, compressed clusters.
-    pub compressed: u64,
-    /// Of those, zero clusters with a preallocated host cluster.
-    pub zero_preallocated: u64,
-}
-
-/// Adds the entries of one L2 table (big-endian 64-bit entries) to `counts`.
-pub fn count_l2(
-    table: &[u8],
-    geo: &Geometry,
-    counts: &mut ClusterCounts,
-) -> Result<(), TableError> {
-    for raw in table.chunks_exact(8) {
-        let raw = u64::from_be_bytes([
-            raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
-        ]);
-        match geo.decode(raw)? {
-            L2Entry::Unallocated | L2Entry::Zero { host: None, .. } => {}
-            L2Entry::Normal { .. } => counts.allocated += 1,
-            L2Entry::Compressed { .. } => {
-                counts.allocated += 1;
-                counts.compressed += 1;
-            }
-            L2Entry::Zero { host: Some(_), .. } => {
-                counts.allocated += 1;
-                counts.zero_preallocated += 1;
-            }
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn l2_counts_as_qemu_img_check() {
-        let hdr = vloop_qcow2::header::encode(&vloop_qcow2::header::NewHeader {
-            version: 3,
-            cluster_bits: 16,
-            size: 1 << 30,
-            l1_size: 2,
-            l1_table_offset: 3 << 16,
-            refcount_table_offset: 1 << 16,
-            refcount_table_clusters: 1,
-            backing: None,
-        })
-        .unwrap();
-        let geo = Geometry::of(&vloop_qcow2::header::Header::parse(&hdr).unwrap());
-        let entries: [u64; 6] = [
-            0,
-            (5 << 16) | (1 << 63),
-            1,
-            (6 << 16) | 1,
-            (1 << 62) | 0x12345,
-            7 << 16,
-        ];
-        let table: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
-        let mut c = ClusterCounts::default();
-        count_l2(&table, &geo, &mut c).unwrap();
-        assert_eq!(
-            c,
-            ClusterCounts {
-                allocated: 4,
-                compressed: 1,
-                zero_preallocated: 1
-            }
-        );
-        let bad = ((5u64 << 16) + 512).to_be_bytes();
-        assert!(count_l2(&bad, &geo, &mut c).is_err());
-    }
 
     #[test]
     fn ext_versions_from_features() {

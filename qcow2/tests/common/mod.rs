@@ -46,6 +46,41 @@ pub fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// `qemu-img create -q -f qcow2 [-o OPTS] [-b BACKING -F BACKING_FMT] IMG SIZE`; `opts`
+/// empty: none.
+pub fn qemu_create(img: &Path, size: &str, opts: &str, backing: Option<(&str, &str)>) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    if let Some((name, fmt)) = backing {
+        args.extend(["-b", name, "-F", fmt]);
+    }
+    args.extend([p(img), size]);
+    run("qemu-img", &args);
+}
+
+/// `qemu-img convert -q -c -f raw -O qcow2 -o OPTS RAW IMG`: a qcow2 image of compressed
+/// clusters holding the raw file.
+pub fn qemu_compress(raw: &Path, img: &Path, opts: &str) {
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-q",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            opts,
+            p(raw),
+            p(img),
+        ],
+    );
+}
+
 /// `qemu-io -f FMT -c CMD...` on an image.
 pub fn qemu_io(img: &Path, fmt: &str, cmds: &[&str]) {
     let mut args = vec!["-f", fmt];

@@ -1,0 +1,114 @@
+//! Durability and reuse: flush (the metadata write order of the crate docs), the quarantine
+//! of freed clusters, and close.
+
+use super::error::Result;
+use super::state::{lock, Chain};
+
+/// A point in the sequence of frees, from [`Chain::free_mark`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FreeMark(u64);
+
+impl Chain {
+    /// Makes every write completed before the call durable, with the metadata that reaches it.
+    pub fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let _a = lock(&self.alloc);
+        self.flush_locked()
+    }
+
+    pub(super) fn flush_locked(&self) -> Result<()> {
+        let st = self.files[0].st.as_ref();
+        let sync = |what| st.sync().map_err(self.io_err(0, what, 0));
+        let plan = {
+            let meta = lock(&self.meta);
+            match meta.q[0].as_ref() {
+                None => None,
+                Some(q) => q.is_dirty().then(|| q.flush_plan()),
+            }
+        };
+        // The data (and the copy-on-write data new L2 entries point to) first.
+        sync("sync")?;
+        let Some(plan) = plan else {
+            return Ok(());
+        };
+        for (_, w) in &plan.l2 {
+            st.write_at(&w.bytes, w.offset).map_err(self.io_err(
+                0,
+                "writing an L2 table",
+                w.offset,
+            ))?;
+        }
+        // L2 tables durable before the L1 entries that point to them and before the
+        // refcount decrements of clusters they no longer reference.
+        sync("sync")?;
+        if let Some(w) = &plan.l1 {
+            st.write_at(&w.bytes, w.offset).map_err(self.io_err(
+                0,
+                "writing the L1 table",
+                w.offset,
+            ))?;
+        }
+        {
+            let mut meta = lock(&self.meta);
+            if let Some(q) = meta.q[0].as_mut() {
+                q.flushed(&plan);
+                q.apply_frees(st).map_err(self.layer_err(0))?;
+            }
+        }
+        if plan.l1.is_some() {
+            sync("sync")?;
+        }
+        Ok(())
+    }
+
+    /// A mark in the sequence of frees: clusters freed before it become reusable when
+    /// [`Chain::reclaim_freed`] gets it. Take the mark, wait until every extent mapped before
+    /// the mark was taken has finished its I/O, then reclaim with it.
+    pub fn free_mark(&self) -> FreeMark {
+        FreeMark(lock(&self.meta).seq)
+    }
+
+    /// Makes clusters freed before `mark` reusable (they were freed on disk at a flush, and
+    /// have been kept from reuse since).
+    pub fn reclaim_freed(&self, mark: FreeMark) {
+        let mut meta = lock(&self.meta);
+        if let Some(q) = meta.q[0].as_mut() {
+            q.reclaim(mark.0);
+        }
+    }
+
+    /// Clusters freed on disk and waiting for [`Chain::reclaim_freed`].
+    pub fn quarantined(&self) -> usize {
+        lock(&self.meta).q[0]
+            .as_ref()
+            .map_or(0, |q| q.quarantined())
+    }
+
+    /// Flushes, returns unused reserved clusters and trims the file: the image is then free
+    /// of leaks. Later writes reserve clusters again; dropping a writable chain closes it
+    /// (ignoring errors), so call this to see them.
+    pub fn close(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let _a = lock(&self.alloc);
+        self.flush_locked()?;
+        let st = self.files[0].st.as_ref();
+        let mut meta = lock(&self.meta);
+        if let Some(q) = meta.q[0].as_mut() {
+            q.release_reserve(st).map_err(self.layer_err(0))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        if !self.read_only {
+            // Best effort: a failure leaves leaked clusters at worst.
+            let _ = self.close();
+        }
+    }
+}
