@@ -451,3 +451,52 @@ fn the_format_is_never_guessed_from_guest_data() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no qcow2 header"));
     let _ = S_OK;
 }
+
+#[test]
+fn a_completed_write_survives_a_killed_backend() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4 * MIB;
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, pattern_disk(size)).unwrap();
+    let top = dir.path().join("top.qcow2");
+    overlay(&top, "base.raw", "raw", None);
+    let mut model = pattern_disk(size);
+    let (mut b, mut c) = serve(&top, &[]);
+    let q = c.queue(0).unwrap();
+    // Allocating writes (a partial cluster copied from the base, whole clusters, a write into
+    // a cluster allocated a moment ago), write zeroes and a discard: none flushed.
+    for (off, len, seed) in [
+        (70_144u64, 4096usize, 1u8),
+        (MIB, 192 << 10, 2),
+        (73_216, 512, 3),
+    ] {
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(seed) ^ seed)
+            .collect();
+        q.write(off / 512, &data).unwrap();
+        model[off as usize..off as usize + len].copy_from_slice(&data);
+    }
+    q.write_zeroes(2 * MIB / 512, (128 << 10) / 512, true)
+        .unwrap();
+    model[2 * MIB as usize..(2 * MIB + (128 << 10)) as usize].fill(0);
+    q.discard(3 * MIB / 512, (64 << 10) / 512).unwrap();
+    model[3 * MIB as usize..(3 * MIB + (64 << 10)) as usize].fill(0);
+    // Killed without a flush: what completed is in the page cache, and a new backend
+    // serves it.
+    drop(c);
+    common::signal(&b, nix::sys::signal::Signal::SIGKILL);
+    common::wait_exit(&mut b);
+    let (b, mut c) = serve(&top, &[]);
+    let got = read_all(&mut c, size);
+    let diff = got.iter().zip(&model).position(|(a, b)| a != b);
+    assert!(
+        diff.is_none(),
+        "a completed write was lost: first difference at byte {diff:?}"
+    );
+    drop(c);
+    stop(b);
+    check(&top);
+}

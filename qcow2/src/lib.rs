@@ -30,24 +30,27 @@
 //! Unknown autoclear bits are cleared on a read-write open, as QEMU does.
 //!
 //! # Crash safety
-//! A SIGKILL or power cut at any instant leaves an image `qemu-img check` finds free of
-//! corruption (leaked clusters are possible) that holds every write completed before the last
-//! successful [`Chain::flush`]. The ordering, with fdatasync (`sync` below) where an order
-//! between writes must survive a power cut:
+//! A SIGKILL at any instant loses no completed write: every request writes the metadata it
+//! changed into the file before it returns (into the page cache, which outlives the process;
+//! the backend that restarts reads it back). A power cut at any instant leaves an image
+//! `qemu-img check` finds free of corruption (leaked clusters are possible) that holds every
+//! write completed before the last successful [`Chain::flush`], in which every sector written
+//! since holds its old content or a new one. The ordering, with fdatasync (`sync` below)
+//! where an order between writes must survive a power cut:
 //! 1. **Refcounts before use.** Clusters are reserved in batches (1 MiB at first, doubling up to
-//!    64 MiB): their refcounts are set to one and written when the batch is reserved, before
-//!    any of them is used. No L2 entry naming them reaches the disk before the next flush,
-//!    whose first sync makes those refcounts durable, so a batch costs no sync of its own. A
-//!    crash leaves unused reserved clusters as leaks. A new refcount block is written and
-//!    synced before the refcount table entry that points to it; a grown refcount table (and
-//!    its blocks) is written and synced before the header points to it (a 12-byte write inside
-//!    one sector), and that is synced before the old table is freed.
-//! 2. **Data before the L2 entry.** New L2 entries stay in memory (write-back) until a flush:
-//!    the flush first syncs the data (including the copy-on-write copies and zero fill of
-//!    partly written clusters), then writes the dirty L2 tables, then syncs. So an L2 entry on
-//!    disk never names a cluster whose data is not on disk.
-//! 3. **L2 table before the L1 entry.** A new L2 table's L1 entry is written after that sync,
-//!    then synced: an L1 entry on disk always names a complete table.
+//!    64 MiB): their refcounts are set to one and written when the batch is reserved, and
+//!    synced before the first table entry that names one of them is written. A crash leaves
+//!    unused reserved clusters as leaks. A new refcount block is written and synced before the
+//!    refcount table entry that points to it; a grown refcount table (and its blocks) is
+//!    written and synced before the header points to it (a 12-byte write inside one sector),
+//!    and that is synced before the old table is freed.
+//! 2. **Data before the L2 entry.** A slow write writes its data, syncs it where the new entry
+//!    would otherwise let a sector read as neither old nor new (a cluster that held other
+//!    data, copy-on-write copies and zero fill of partly written clusters, a cluster whose old
+//!    content was not zeroes), then writes the changed L2 entries before it returns. A
+//!    cluster appended to the file while the old content read as zeroes needs no sync.
+//! 3. **L2 table before the L1 entry.** A new L2 table is written and synced before its L1
+//!    entry is written: an L1 entry on disk always names a complete table.
 //! 4. **L2 entry cleared before the refcount drops.** Discard, write-zeroes with unmap, and
 //!    copy-on-write out of compressed clusters only queue the decrement; the flush applies it
 //!    after the sync that made the cleared L2 entries durable. A crash in between leaks.
@@ -55,11 +58,10 @@
 //!    quarantine until [`Chain::reclaim_freed`] (see [`Chain::free_mark`]), so a request the
 //!    daemon mapped before the free cannot land in a cluster that now holds other data.
 //!
-//! A flush thus costs one sync when no metadata changed, two when only L2 entries changed and
-//! three when a new L2 table was linked. The dirty bit is never set (refcounts are always
-//! exact on disk up to leaks); nothing marks an image corrupt. Too many dirty L2 tables
-//! (half the cache budget) trigger the same flush sequence from a slow write. [`Chain::close`]
-//! flushes, returns the unused reserve and trims the file, leaving no leaks.
+//! A flush costs one sync, and one more when it applies queued refcount decrements. The dirty
+//! bit is never set (refcounts are always exact on disk up to leaks); nothing marks an image
+//! corrupt. [`Chain::close`] flushes, returns the unused reserve and trims the file, leaving
+//! no leaks.
 
 pub mod chain;
 pub mod compress;

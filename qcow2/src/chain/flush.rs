@@ -3,6 +3,7 @@
 
 use super::error::Result;
 use super::state::{lock, Chain};
+use crate::layer::Qcow2;
 
 /// A point in the sequence of frees, from [`Chain::free_mark`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -30,6 +31,9 @@ impl Chain {
         };
         // The data (and the copy-on-write data new L2 entries point to) first.
         sync("sync")?;
+        if let Some(q) = lock(&self.meta).q[0].as_mut() {
+            q.synced();
+        }
         let Some(plan) = plan else {
             return Ok(());
         };
@@ -60,6 +64,35 @@ impl Chain {
         if plan.l1.is_some() {
             sync("sync")?;
         }
+        Ok(())
+    }
+
+    /// Writes the metadata changed in memory (`q`: the top layer's, with the metadata lock
+    /// held) into the image file, so that what a completed request did survives the death
+    /// of the process: the dirty L2 spans, then, after a sync that makes new L2 tables
+    /// durable before anything points to them, the dirty L1 span. The caller has synced
+    /// first what the new entries point to that a power cut must not lose. Nothing else is
+    /// synced: a flush makes it durable.
+    pub(super) fn write_back(&self, q: &mut Qcow2) -> Result<()> {
+        let st = self.files[0].st.as_ref();
+        let plan = q.flush_plan();
+        for (_, w) in &plan.l2 {
+            st.write_at(&w.bytes, w.offset).map_err(self.io_err(
+                0,
+                "writing an L2 table",
+                w.offset,
+            ))?;
+        }
+        if let Some(w) = &plan.l1 {
+            st.sync().map_err(self.io_err(0, "sync", 0))?;
+            q.synced();
+            st.write_at(&w.bytes, w.offset).map_err(self.io_err(
+                0,
+                "writing the L1 table",
+                w.offset,
+            ))?;
+        }
+        q.flushed(&plan);
         Ok(())
     }
 

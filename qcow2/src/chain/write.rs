@@ -39,6 +39,11 @@ struct Target {
     entry: Option<u64>,
     /// The cluster was newly allocated.
     fresh: Option<Fresh>,
+    /// The data must be durable before the new entry is written: until then, a power cut
+    /// could leave the entry on disk and the cluster's bytes not, so that sectors would read
+    /// neither their old content nor the new one (a cluster that held other data, or zeroes
+    /// where the old content was not zero).
+    sync_first: bool,
 }
 
 impl Chain {
@@ -81,6 +86,7 @@ impl Chain {
                 fill: Fill::Nothing,
                 entry: None,
                 fresh: None,
+                sync_first: false,
             };
             let in_place = match entry {
                 L2Entry::Normal { host, copied } if !q.is_metadata(host) => {
@@ -107,6 +113,7 @@ impl Chain {
                 } if in_place => {
                     t.host = host;
                     t.entry = Some(host | COPIED);
+                    t.sync_first = true;
                     if !whole {
                         t.fill = Fill::Zeroes;
                     }
@@ -126,6 +133,10 @@ impl Chain {
                     }
                     // Marks the target as needing a cluster.
                     t.entry = Some(u64::MAX);
+                    // A fresh cluster past the file's old end reads as zeroes: enough where
+                    // the old content was zeroes too.
+                    t.sync_first = !(matches!(entry, L2Entry::Zero { .. })
+                        || matches!(entry, L2Entry::Unallocated) && !has_backing);
                 }
             }
             if t.entry.is_some() {
@@ -144,6 +155,7 @@ impl Chain {
             if t.fill == Fill::Zeroes && f.zeroed {
                 t.fill = Fill::Nothing;
             }
+            t.sync_first |= !f.zeroed;
         }
         Ok(targets)
     }
@@ -165,7 +177,22 @@ impl Chain {
             }
             self.plan(&mut meta, off, len)?
         };
-        let result = self.write_targets(off, &targets, bufs);
+        // The new entries may reach the disk as soon as they are written (they are written
+        // before the request completes, so that it survives the death of the process), so what
+        // they point to that a power cut must not lose is synced first: the data where the
+        // cluster could otherwise read as neither old nor new (see `Target::sync_first`; this
+        // includes the rest of a cluster filled here, data the guest did not write this time),
+        // and the refcounts of the clusters reserved for them.
+        let sync_first = targets.iter().any(|t| t.sync_first);
+        let unsynced = lock(&self.meta).q[0]
+            .as_ref()
+            .is_some_and(|q| q.refcounts_unsynced());
+        let result = self.write_targets(off, &targets, bufs).and_then(|()| {
+            if sync_first || unsynced {
+                st.sync().map_err(self.io_err(0, "sync", 0))?;
+            }
+            Ok(())
+        });
         let mut meta = lock(&self.meta);
         let seq = meta.seq;
         meta.seq += 1;
@@ -177,18 +204,18 @@ impl Chain {
             q.give_back(&fresh);
             return Err(e);
         }
+        if unsynced {
+            q.synced();
+        }
         for t in &targets {
             if let Some(entry) = t.entry {
                 q.replace(st, t.cluster, entry, seq)
                     .map_err(self.layer_err(0))?;
             }
         }
-        let too_dirty = q.dirty_bytes() > q.dirty_limit();
-        drop(meta);
-        if too_dirty {
-            self.flush_locked()?;
-        }
-        Ok(())
+        // Written while the metadata lock is held, so that no mapping hands out a new entry
+        // (and no request completes through it) before it is in the file.
+        self.write_back(q)
     }
 
     /// The data I/O of a planned write.

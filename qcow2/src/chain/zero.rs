@@ -135,6 +135,7 @@ impl Chain {
                 }
                 c += cs;
             }
+            self.write_back(q)?;
         }
         // Runs of clusters that need real zeroes, written as ranges.
         let mut i = 0;

@@ -93,10 +93,11 @@ impl Qcow2 {
                 .map_err(io_err("extending the image", new_end))?;
             self.file_len = new_end;
         }
-        // No sync here: no L2 entry names these clusters on disk before the flush, whose
-        // first sync makes these refcounts durable.
+        // No sync here: the caller syncs before it writes a table entry that names one of
+        // these clusters (see [`Qcow2::refcounts_unsynced`]).
         if let Some(rc) = self.rc.as_mut() {
             rc.free_hint = c;
+            rc.unsynced |= !picked.is_empty();
             rc.reserved.extend(picked);
         }
         Ok(())

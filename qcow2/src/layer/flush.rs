@@ -63,6 +63,20 @@ impl Qcow2 {
         FlushPlan { l2, l1 }
     }
 
+    /// Whether refcounts of reserved clusters were written since the last sync: a table entry
+    /// naming one of them may be written only after a sync, or a power cut could leave a
+    /// reference to a cluster whose refcount is still zero.
+    pub fn refcounts_unsynced(&self) -> bool {
+        self.rc.as_ref().is_some_and(|rc| rc.unsynced)
+    }
+
+    /// Records a sync of the image file: every refcount written so far is durable.
+    pub fn synced(&mut self) {
+        if let Some(rc) = self.rc.as_mut() {
+            rc.unsynced = false;
+        }
+    }
+
     /// Marks what `plan` wrote as clean (no table changed since the plan was made).
     pub fn flushed(&mut self, plan: &FlushPlan) {
         for (l1i, _) in &plan.l2 {

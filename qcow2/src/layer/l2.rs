@@ -79,18 +79,6 @@ impl Qcow2 {
         }
     }
 
-    /// Bytes of dirty L2 tables in the cache.
-    pub fn dirty_bytes(&self) -> usize {
-        let n = self.l2.iter().filter(|(_, t)| t.dirty.0.is_some()).count();
-        n * self.geo.cluster_size() as usize
-    }
-
-    /// Dirty L2 bytes beyond which a slow write flushes: half the cache budget (dirty tables
-    /// cannot be evicted), at least one table.
-    pub fn dirty_limit(&self) -> usize {
-        (self.l2_budget / 2).max(self.geo.cluster_size() as usize)
-    }
-
     /// The raw L2 entry for virtual byte `off` (0 when no L2 table).
     pub fn raw_entry(&mut self, st: &dyn Storage, off: u64) -> Result<u64> {
         let (l1i, l2i) = self.geo.split(off);

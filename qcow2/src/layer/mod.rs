@@ -4,10 +4,12 @@
 //! layer behind the chain's metadata lock and does the data I/O. This module owns the
 //! metadata write order that makes the image crash safe (the scheme is described in the crate
 //! docs): clusters are reserved in batches whose refcounts are written before any of them is
-//! used (and durable before any L2 entry naming them is written); L2 and L1 changes stay in memory until [`Qcow2::flush_plan`] and friends
-//! write them after the data they point to is durable; refcount decrements wait until the L2
-//! entries that dropped the reference are durable, and freed clusters then sit in a
-//! quarantine until the caller says no I/O mapped before the free is still in flight.
+//! used (and durable before any table entry naming them is written); L2 and L1 changes are
+//! gathered by [`Qcow2::flush_plan`] for the chain to write (each request writes its own
+//! before it completes, after the data it points to where that must be durable first);
+//! refcount decrements wait until the L2 entries that dropped the reference are durable, and
+//! freed clusters then sit in a quarantine until the caller says no I/O mapped before the free
+//! is still in flight.
 //!
 //! # Parts, bottom up
 //! Each part uses only those listed before it.

@@ -101,6 +101,7 @@ impl Qcow2 {
                 batch: (first_batch >> bits).max(1),
                 pending: BTreeMap::new(),
                 quarantine: BTreeMap::new(),
+                unsynced: false,
             });
             if q.header.version == 3 && q.header.autoclear != q.header.autoclear_after_open() {
                 let v = q.header.autoclear_after_open();

@@ -60,6 +60,9 @@ pub(super) struct Refcounts {
     pub(super) pending: BTreeMap<u64, (u64, u64)>,
     /// Free clusters not to be reused until the caller reclaims them: index to sequence.
     pub(super) quarantine: BTreeMap<u64, u64>,
+    /// Refcounts of reserved clusters were written since the last sync: they must be durable
+    /// before a table entry that names one of those clusters is written.
+    pub(super) unsynced: bool,
 }
 
 /// Most clusters reserved at once.
