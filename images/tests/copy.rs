@@ -105,7 +105,9 @@ fn copies_a_block_device() {
     let dev = match out {
         Ok(o) if o.status.success() => PathBuf::from(String::from_utf8(o.stdout).unwrap().trim()),
         _ => {
-            eprintln!("SKIPPED: cannot set up a loop device here (needs root and /dev/loop*)");
+            vloop_frontend::skip::skip(
+                "cannot set up a loop device here (needs root and /dev/loop*)",
+            );
             return;
         }
     };

@@ -406,7 +406,7 @@ fn owners_kept_when_asked() {
     // Owners above 65535 need the high 16 bits stored apart.
     let chown = |p: &Path, uid: u32, gid: u32| std::os::unix::fs::lchown(p, Some(uid), Some(gid));
     if chown(&src.join("d/f"), 100_000, 200_001).is_err() {
-        eprintln!("SKIPPED: cannot chown (not root); owners not checked");
+        vloop_frontend::skip::skip("cannot chown (not root): owners not checked");
         return;
     }
     chown(&src.join("low"), 1000, 1001).unwrap();
@@ -448,7 +448,7 @@ fn timestamp_beyond_2038() {
     // ext4-view 1.0 rejects times past 2038 (it reads the low 32 bits as unsigned), so
     // debugfs reads them: " mtime: 0xee6b27f6:00000001 -- Thu Oct  2 07:06:20 2096".
     let Some(stat) = debugfs_stat(&img, "/f") else {
-        eprintln!("SKIPPED: debugfs not found; times past 2038 not checked");
+        vloop_frontend::skip::skip("debugfs not found (e2fsprogs): times past 2038 not checked");
         return;
     };
     let line = stat

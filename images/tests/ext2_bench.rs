@@ -17,7 +17,7 @@ use vloop_images::tree::{scan, TreeOptions};
 #[ignore = "benchmark: run by hand with --release --ignored --nocapture"]
 fn build_time_and_size_vs_mke2fs() {
     let Some(mke2fs) = tool("mke2fs") else {
-        eprintln!("SKIPPED: mke2fs not found");
+        vloop_frontend::skip::skip("mke2fs not found (e2fsprogs)");
         return;
     };
     let dir = tempfile::tempdir_in(std::env::var_os("BENCH_DIR").unwrap_or(".".into())).unwrap();

@@ -118,8 +118,7 @@ pub fn tool(name: &str) -> bool {
         .any(|d| Path::new(d).join(name).exists());
     if !found {
         let why = format!("{name} is not installed (ci/setup installs it)");
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
-        eprintln!("SKIPPED part of this test: {why}");
+        vloop_frontend::skip::skip(&why);
     }
     found
 }

@@ -204,7 +204,10 @@ pub fn tool(name: &str) -> Option<PathBuf> {
 /// Asserts `e2fsck -fn` finds nothing wrong; skips visibly without e2fsck.
 pub fn assert_fsck_clean(img: &Path) {
     let Some(e2fsck) = tool("e2fsck") else {
-        eprintln!("SKIPPED: e2fsck not found; {} not checked", img.display());
+        vloop_frontend::skip::skip(&format!(
+            "e2fsck not found (e2fsprogs): {} not checked",
+            img.display()
+        ));
         return;
     };
     let out = run(
@@ -385,7 +388,7 @@ pub fn assert_same_as_source_owners(img: &Path, src: &Path, timestamp: i64, keep
 /// count the source has (checked with debugfs; skipped visibly without it).
 pub fn assert_hard_links(img: &Path, src: &Path) {
     if tool("debugfs").is_none() {
-        eprintln!("SKIPPED: debugfs not found; hard links not checked");
+        vloop_frontend::skip::skip("debugfs not found (e2fsprogs): hard links not checked");
         return;
     }
     let host = host_walk(src);
@@ -448,10 +451,10 @@ impl Mount {
     /// possible: not root, no loop devices, no mount command.
     pub fn new(img: &Path, dir: &Path) -> Option<Self> {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!(
-                "SKIPPED: not root; {} not mounted by the kernel",
+            vloop_frontend::skip::skip(&format!(
+                "not root: {} not mounted by the kernel",
                 img.display()
-            );
+            ));
             return None;
         }
         let mount = tool("mount")?;
@@ -464,11 +467,11 @@ impl Mount {
             Duration::from_secs(60),
         );
         if !out.status.success() {
-            eprintln!(
-                "SKIPPED: cannot loop-mount here ({}); {} not mounted by the kernel",
+            vloop_frontend::skip::skip(&format!(
+                "cannot loop-mount here ({}): {} not mounted by the kernel",
                 String::from_utf8_lossy(&out.stderr).trim(),
                 img.display()
-            );
+            ));
             return None;
         }
         Some(Self {

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use vloop_qcow2::{Backing, Chain, Extent, OpenOptions, WritePath};
 
-/// Whether qemu-img and qemu-io are installed. Without them a test prints "SKIPPED" and
+/// Whether qemu-img and qemu-io are installed. Without them a test says it is skipped and
 /// passes, except under CI=true, where it fails.
 pub fn have_qemu(test: &str) -> bool {
     let ok = ["qemu-img", "qemu-io"].iter().all(|t| {
@@ -20,12 +20,9 @@ pub fn have_qemu(test: &str) -> bool {
             .is_ok_and(|o| o.status.success())
     });
     if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{test}: qemu-img / qemu-io are not installed (apt-get install qemu-utils)");
-        }
-        eprintln!(
-            "SKIPPED: {test}: qemu-img / qemu-io are not installed (apt-get install qemu-utils)"
-        );
+        vloop_frontend::skip::skip(&format!(
+            "{test}: qemu-img / qemu-io are not installed (apt-get install qemu-utils)"
+        ));
     }
     ok
 }
