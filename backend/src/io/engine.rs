@@ -6,34 +6,23 @@
 //! memory, data syncs and fallocate calls. [`Engine::start`] says what happened to an op: it
 //! completed at once ([`Started::Done`]), went to the kernel ([`Started::Queued`]), or partly
 //! completed with the rest queued ([`Started::Partly`]); queued ops complete through
-//! [`Engine::reap`] and [`finish`], tagged with the caller's id, so a worker keeps popping and
-//! completing requests while others are in flight.
+//! [`Engine::reap`] and [`finish`](super::blocking::finish), tagged with the caller's id, so a
+//! worker keeps popping and completing requests while others are in flight. The operations
+//! themselves are described in [`super::op`].
 
 use std::io;
-use std::os::unix::io::RawFd;
+use std::os::fd::RawFd;
 
-use smallvec::SmallVec;
-use tracing::{debug, warn};
+use tracing::warn;
 
+use super::blocking::run_blocking;
+use super::op::{Op, Started};
 use super::uring::Uring;
 use crate::config::EngineKind;
-
-/// Most iovecs one preadv/pwritev takes (IOV_MAX on Linux).
-pub const IOV_MAX: usize = 1024;
 
 /// Largest io_uring submission queue an engine asks for (a queue never has more requests in
 /// flight than its size, and the kernel caps rings at 32768 entries).
 pub const MAX_RING_ENTRIES: u32 = 4096;
-
-/// The iovecs of one request, inline for the usual few buffers so a request allocates nothing.
-pub type Iovecs = SmallVec<[libc::iovec; 4]>;
-
-/// The id [`Engine::reap`] reports for the completion of a [`Engine::watch`].
-pub const WATCH_ID: usize = usize::MAX;
-
-/// `FALLOC_FL_NO_HIDE_STALE`: with PUNCH_HOLE and KEEP_SIZE, a block device discards the range
-/// (BLKDISCARD) instead of zeroing it.
-pub const FALLOC_FL_NO_HIDE_STALE: libc::c_int = 0x04;
 
 /// Errors setting up an engine.
 #[derive(Debug, thiserror::Error)]
@@ -41,103 +30,6 @@ pub enum EngineError {
     /// io_uring_setup failed.
     #[error("io_uring is not available (io_uring_setup failed); run with --io-engine blocking")]
     Uring(#[source] io::Error),
-}
-
-/// What an op does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OpKind {
-    /// Vectored read into the iovecs.
-    Read,
-    /// Vectored write from the iovecs; `dsync`: durable before it completes (RWF_DSYNC).
-    Write {
-        /// Write through (RWF_DSYNC).
-        dsync: bool,
-    },
-    /// fdatasync of the image.
-    Sync,
-    /// `fallocate(fd, mode, offset, len)`; with `sync`, an fdatasync after it succeeded.
-    Fallocate {
-        /// fallocate mode bits.
-        mode: libc::c_int,
-        /// Make it durable before it completes.
-        sync: bool,
-        /// What to do where the file system refuses the mode.
-        unsupported: Unsupported,
-    },
-}
-
-/// What a fallocate that the file system or device does not support turns into.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Unsupported {
-    /// Success: the op was a hint (DISCARD).
-    Ignore,
-    /// Write zero-filled buffers over the range (WRITE_ZEROES).
-    WriteZeroes,
-}
-
-/// One I/O operation on the image.
-#[derive(Debug)]
-pub struct Op {
-    /// What it does.
-    pub kind: OpKind,
-    /// fd to use.
-    pub fd: RawFd,
-    /// Buffered fd to retry on when an O_DIRECT request is refused with EINVAL, and for the
-    /// zero-buffer fallback of write-zeroes.
-    pub fallback_fd: RawFd,
-    /// Byte offset in the image.
-    pub offset: u64,
-    /// Bytes: the sum of the iovec lengths for reads and writes, the range for fallocate.
-    pub len: u64,
-    /// Buffers of a read or write; each points into mapped guest memory that stays mapped
-    /// until the op completes. Empty for the other kinds.
-    pub iov: Iovecs,
-    /// `fd` goes through the page cache (not O_DIRECT): worth trying without blocking first.
-    pub buffered: bool,
-}
-
-impl Op {
-    /// A sync (fdatasync) of `fd`.
-    pub fn sync(fd: RawFd) -> Op {
-        Op {
-            kind: OpKind::Sync,
-            fd,
-            fallback_fd: fd,
-            offset: 0,
-            len: 0,
-            iov: Iovecs::new(),
-            buffered: false,
-        }
-    }
-
-    /// True for a read or write.
-    pub fn is_rw(&self) -> bool {
-        matches!(self.kind, OpKind::Read | OpKind::Write { .. })
-    }
-
-    /// True for a write.
-    pub fn is_write(&self) -> bool {
-        matches!(self.kind, OpKind::Write { .. })
-    }
-
-    /// A buffered read that a page-cache copy on another CPU can serve.
-    pub fn shareable(&self) -> bool {
-        self.kind == OpKind::Read && self.buffered && self.len > 0 && self.iov.len() <= IOV_MAX
-    }
-}
-
-/// What [`Engine::start`] did with an op.
-#[derive(Debug)]
-pub enum Started {
-    /// It completed; the result is final.
-    Done(io::Result<()>),
-    /// It is in the kernel; its completion comes from [`Engine::reap`].
-    Queued,
-    /// `done` bytes completed at once; the rest is in the kernel (the op now describes it).
-    Partly {
-        /// Bytes transferred before the op was queued.
-        done: u64,
-    },
 }
 
 /// A read/write engine owned by one worker thread.
@@ -215,7 +107,7 @@ impl Engine {
         }
     }
 
-    /// Make the next [`Engine::reap`] with `wait` also return (with [`WATCH_ID`]) when `fd`
+    /// Make the next [`Engine::reap`] with `wait` also return (with [`WATCH_ID`](super::op::WATCH_ID)) when `fd`
     /// becomes readable; false when this engine cannot wait on other descriptors (the caller
     /// then waits on them itself).
     pub fn watch(&mut self, fd: RawFd) -> bool {
@@ -268,223 +160,14 @@ impl Engine {
     }
 }
 
-/// What a reaped ring entry means for its op.
-#[derive(Debug)]
-pub enum Reaped {
-    /// The op is complete.
-    Done(io::Result<()>),
-    /// The op needs a second step in the ring (the sync after a fallocate): start it again.
-    Again,
-}
-
-/// The outcome `res` of the ring entry of `op`: short or refused transfers are finished with
-/// blocking syscalls; a successful fallocate that must be durable becomes a sync (the caller
-/// starts it again).
-pub fn finish(op: &mut Op, res: i32) -> Reaped {
-    if res < 0 {
-        let err = -res;
-        return Reaped::Done(match op.kind {
-            _ if op.is_rw() && err == libc::EINVAL && op.fallback_fd != op.fd => {
-                rw_blocking(op, op.fallback_fd, 0)
-            }
-            // EBADF: a polling ring refused the file (it only takes registered ones on some
-            // kernels); the fd itself is open.
-            _ if matches!(err, libc::EINTR | libc::EAGAIN | libc::EBADF) => run_blocking(op, 0),
-            OpKind::Fallocate { .. } => fallocate_refused(op, io::Error::from_raw_os_error(err)),
-            _ => Err(io::Error::from_raw_os_error(err)),
-        });
-    }
-    match op.kind {
-        OpKind::Read | OpKind::Write { .. } if (res as u64) < op.len => {
-            // Short transfer: finish the rest synchronously.
-            Reaped::Done(run_blocking(op, res as u64))
-        }
-        OpKind::Fallocate { sync: true, .. } => {
-            *op = Op::sync(op.fd);
-            Reaped::Again
-        }
-        _ => Reaped::Done(Ok(())),
-    }
-}
-
-/// Complete `op` with blocking syscalls, `done` bytes of a read or write being already
-/// transferred.
-pub fn run_blocking(op: &Op, done: u64) -> io::Result<()> {
-    match op.kind {
-        OpKind::Read | OpKind::Write { .. } => match rw_blocking(op, op.fd, done) {
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && op.fallback_fd != op.fd => {
-                debug!("O_DIRECT refused a request ({e}); retrying buffered");
-                rw_blocking(op, op.fallback_fd, done)
-            }
-            r => r,
-        },
-        OpKind::Sync => fdatasync(op.fd),
-        OpKind::Fallocate { mode, sync, .. } => {
-            match fallocate(op.fd, mode, op.offset, op.len) {
-                Ok(()) => {}
-                Err(e) => fallocate_refused(op, e)?,
-            }
-            if sync {
-                fdatasync(op.fd)?;
-            }
-            Ok(())
-        }
-    }
-}
-
-/// A fallocate failed with `e`: a mode the file system or device does not support becomes
-/// what the op asks for; anything else stays an error.
-fn fallocate_refused(op: &Op, e: io::Error) -> io::Result<()> {
-    let OpKind::Fallocate {
-        mode,
-        sync,
-        unsupported,
-    } = op.kind
-    else {
-        return Err(e);
-    };
-    let refused = matches!(
-        e.raw_os_error(),
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL) | Some(libc::ENODEV)
-    );
-    if !refused {
-        return Err(e);
-    }
-    match unsupported {
-        Unsupported::Ignore => {
-            // A block device before fallocate support (Linux 4.9) still takes BLKDISCARD.
-            if mode & FALLOC_FL_NO_HIDE_STALE != 0 {
-                let range = [op.offset, op.len];
-                // SAFETY: BLKDISCARD reads two u64 through the pointer, which points to a live
-                // local; the fd is open. Failure is ignored: a discard is a hint.
-                let _ = unsafe { blk_discard(op.fd, &range) };
-            }
-            Ok(())
-        }
-        Unsupported::WriteZeroes => {
-            write_zero_buffers(op.fallback_fd, op.offset, op.len)?;
-            if sync {
-                fdatasync(op.fallback_fd)?;
-            }
-            Ok(())
-        }
-    }
-}
-
-nix::ioctl_write_ptr_bad!(blk_discard, nix::request_code_none!(0x12, 119), [u64; 2]);
-
-/// fdatasync, retried on EINTR.
-pub fn fdatasync(fd: RawFd) -> io::Result<()> {
-    loop {
-        // SAFETY: fdatasync on an fd the caller keeps open.
-        if unsafe { libc::fdatasync(fd) } == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
-fn fallocate(fd: RawFd, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-    let off =
-        libc::off64_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let l = libc::off64_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    loop {
-        // SAFETY: fallocate on an fd the caller keeps open, with plain integer arguments.
-        if unsafe { libc::fallocate64(fd, mode, off, l) } == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
-/// Write zero-filled buffers over `len` bytes at `offset` (file systems without
-/// FALLOC_FL_ZERO_RANGE).
-fn write_zero_buffers(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    const CHUNK: u64 = 1 << 20;
-    // SAFETY: the fd is open for this call; ManuallyDrop keeps the File from closing it.
-    let f = std::mem::ManuallyDrop::new(unsafe {
-        <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
-    });
-    let zeroes = vec![0u8; CHUNK.min(len) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(CHUNK) as usize;
-        f.write_all_at(&zeroes[..n], offset + done)?;
-        done += n as u64;
-    }
-    Ok(())
-}
-
-/// The iovecs of `iov` after skipping `skip` bytes.
-pub fn advance(iov: &[libc::iovec], mut skip: u64) -> Iovecs {
-    let mut out = Iovecs::with_capacity(iov.len());
-    for v in iov {
-        let len = v.iov_len as u64;
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        out.push(libc::iovec {
-            // skip < len, so the pointer stays inside the buffer.
-            iov_base: v.iov_base.cast::<u8>().wrapping_add(skip as usize).cast(),
-            iov_len: (len - skip) as usize,
-        });
-        skip = 0;
-    }
-    out
-}
-
-fn rw_blocking(op: &Op, fd: RawFd, mut done: u64) -> io::Result<()> {
-    let (write, dsync) = match op.kind {
-        OpKind::Write { dsync } => (true, dsync),
-        _ => (false, false),
-    };
-    while done < op.len {
-        let iov = advance(&op.iov, done);
-        let cnt = iov.len().min(IOV_MAX) as libc::c_int;
-        let off = libc::off64_t::try_from(op.offset + done)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let flags = if dsync { libc::RWF_DSYNC } else { 0 };
-        // SAFETY: every iovec points into guest memory that the caller keeps mapped until the
-        // op completes, with the length of the guest buffer it came from; the fd is open.
-        let n = unsafe {
-            if write {
-                libc::pwritev2(fd, iov.as_ptr(), cnt, off, flags)
-            } else {
-                libc::preadv2(fd, iov.as_ptr(), cnt, off, 0)
-            }
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the image ended before the request did (was it truncated?)",
-            ));
-        }
-        done += n as u64;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::Write;
     use std::os::unix::io::AsRawFd;
 
     use super::*;
+    use crate::io::blocking::{finish, Reaped};
+    use crate::io::op::{Iovecs, OpKind, Unsupported};
 
     impl Engine {
         /// Run every op to completion and return their results.
@@ -617,58 +300,5 @@ mod tests {
             }
             Err(e) => vloop_frontend::skip::skip(&format!("io_uring unavailable here: {e}")),
         }
-    }
-
-    #[test]
-    fn zero_range_refused_falls_back_to_zero_buffers() {
-        let mut f = tempfile::tempfile().unwrap();
-        f.write_all(&[7u8; 4096]).unwrap();
-        let op = Op {
-            kind: OpKind::Fallocate {
-                mode: libc::FALLOC_FL_ZERO_RANGE,
-                sync: false,
-                unsupported: Unsupported::WriteZeroes,
-            },
-            offset: 512,
-            len: 1024,
-            ..Op::sync(f.as_raw_fd())
-        };
-        fallocate_refused(&op, io::Error::from_raw_os_error(libc::EOPNOTSUPP)).unwrap();
-        let mut all = vec![0u8; 4096];
-        std::os::unix::fs::FileExt::read_exact_at(&f, &mut all, 0).unwrap();
-        assert!(all[512..1536].iter().all(|&x| x == 0));
-        assert!(all[..512].iter().chain(&all[1536..]).all(|&x| x == 7));
-        // Other errors stay errors; a refused discard is a success.
-        assert!(fallocate_refused(&op, io::Error::from_raw_os_error(libc::EIO)).is_err());
-        let discard = Op {
-            kind: OpKind::Fallocate {
-                mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                sync: false,
-                unsupported: Unsupported::Ignore,
-            },
-            ..op
-        };
-        assert!(fallocate_refused(&discard, io::Error::from_raw_os_error(libc::ENOTTY)).is_ok());
-    }
-
-    #[test]
-    fn advance_skips_whole_and_partial_buffers() {
-        let mut a = [0u8; 10];
-        let mut b = [0u8; 10];
-        let iov = [
-            libc::iovec {
-                iov_base: a.as_mut_ptr().cast(),
-                iov_len: 10,
-            },
-            libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: 10,
-            },
-        ];
-        let r = advance(&iov, 13);
-        assert_eq!(r.len(), 1);
-        assert_eq!(r[0].iov_len, 7);
-        assert_eq!(r[0].iov_base as usize, b.as_ptr() as usize + 3);
-        assert!(advance(&iov, 20).is_empty());
     }
 }

@@ -7,16 +7,21 @@
 //! - [`store`]: the requests in flight and their stages;
 //! - [`share`]: how much of a saturated worker's page-cache reads go to a helper CPU;
 //! - [`slow`]: the thread of a queue's slow requests (qcow2 allocation, metadata updates);
-//! - [`engine`]: the I/O engines (io_uring, blocking, null) and their operations;
+//! - [`engine`]: the I/O engines (io_uring, blocking, null);
 //! - `uring`: the io_uring engine;
+//! - [`blocking`]: operations run with plain syscalls (the blocking engine, and what the
+//!   ring leaves to finish);
+//! - [`op`]: the operations an engine runs, and what starting one did;
 //! - [`ratelimit`]: the budget of log lines a guest can cause.
 //!
 //! This layer knows nothing of vhost-user or inflight tracking: what the layers above need
 //! to see of the queue (which chains are taken and returned) they get through [`Tracker`].
 
+pub mod blocking;
 pub mod engine;
 pub mod executor;
 pub mod guest;
+pub mod op;
 pub mod ratelimit;
 pub mod share;
 pub mod slow;
@@ -27,8 +32,9 @@ mod uring;
 
 use vm_memory::GuestMemoryMmap;
 
-pub use self::engine::{Engine, EngineError, Iovecs, Op, OpKind, IOV_MAX};
+pub use self::engine::{Engine, EngineError};
 pub use self::executor::Executor;
+pub use self::op::{Iovecs, Op, OpKind, IOV_MAX};
 pub use self::ratelimit::RateLimiter;
 
 /// Guest memory as the backend maps it (no dirty-page bitmap).

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::engine::Iovecs;
+use super::op::Iovecs;
 
 /// Work for the slow path: runs once on its thread.
 pub type Work = Box<dyn FnOnce() -> io::Result<()> + Send>;

@@ -9,7 +9,7 @@ use std::io;
 use smallvec::SmallVec;
 use vm_memory::GuestAddress;
 
-use super::engine::Op;
+use super::op::Op;
 
 /// Requests per chunk.
 const CHUNK: usize = 32;

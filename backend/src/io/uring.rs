@@ -11,7 +11,8 @@ use std::io;
 use io_uring::{opcode, types, IoUring};
 use tracing::{debug, warn};
 
-use super::engine::{advance, run_blocking, Op, OpKind, Started, IOV_MAX, WATCH_ID};
+use super::blocking::run_blocking;
+use super::op::{advance, Op, OpKind, Started, IOV_MAX, WATCH_ID};
 
 /// Largest buffered write done inline. A larger one goes to the ring (an io-wq worker copies
 /// it): the worker keeps serving its other requests meanwhile instead of waiting for a long

@@ -26,7 +26,9 @@ use vm_memory::GuestAddress;
 
 mod plan;
 
-use super::engine::{self, Engine, EngineError, OpKind, Reaped, Started, WATCH_ID};
+use super::blocking::{self, Reaped};
+use super::engine::{self, Engine, EngineError};
+use super::op::{OpKind, Started, WATCH_ID};
 use super::ratelimit::RateLimiter;
 use super::share::SharePolicy;
 use super::slow::{SlowPath, Work};
@@ -519,7 +521,7 @@ impl Executor {
                 continue;
             };
             let Some(op) = ops.get_mut(k) else { continue };
-            let result = match engine::finish(op, res) {
+            let result = match blocking::finish(op, res) {
                 Reaped::Done(result) => result,
                 // SAFETY: as in `launch`: the op stays in the store until reaped.
                 Reaped::Again => match unsafe { self.engine.start(uid, op, false) } {

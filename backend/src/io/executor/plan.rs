@@ -11,7 +11,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use super::{used_len, Executor, Parsed, MAX_OPS, STATUS_IOERR, STATUS_OK};
 use crate::config::DiscardMode;
 use crate::disk::{Layout, Qcow2Files};
-use crate::io::engine::{self, Iovecs, Op, OpKind, Unsupported};
+use crate::io::op::{self, Iovecs, Op, OpKind, Unsupported};
 use crate::io::slow::{GuestBuffers, Work};
 use crate::io::store::{Ops, Req, Stage, Transfer};
 use crate::io::GuestMem;
@@ -333,7 +333,7 @@ impl Executor {
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         let (mode, unsupported) = if discard {
             let mode = if self.disk.is_block_device() {
-                punch | engine::FALLOC_FL_NO_HIDE_STALE
+                punch | op::FALLOC_FL_NO_HIDE_STALE
             } else {
                 punch
             };
