@@ -141,7 +141,7 @@ impl Engine {
     }
 
     /// Append the completions available now as (id, result of the ring entry) to `out`; the
-    /// caller passes each to [`finish`] with its op. With `wait`, block until there is at
+    /// caller passes each to [`finish`](super::blocking::finish) with its op. With `wait`, block until there is at
     /// least one (when anything is in flight).
     pub fn reap(&mut self, out: &mut Vec<(usize, i32)>, wait: bool) {
         if let Engine::Uring(u) = self {
