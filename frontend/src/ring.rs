@@ -55,8 +55,8 @@ pub struct RingLayout {
 
 impl RingLayout {
     /// Lays out a ring of `size` descriptors starting at `base`: the descriptor table, then
-    /// the available ring (flags, idx, ring[size], used_event), then, 4-byte aligned, the
-    /// used ring (flags, idx, ring[size], avail_event).
+    /// the available ring (flags, idx, ring\[size\], used_event), then, 4-byte aligned, the
+    /// used ring (flags, idx, ring\[size\], avail_event).
     pub fn new(size: u16, base: u64) -> Result<Self, RingError> {
         if size == 0 || !size.is_power_of_two() || size > MAX_QUEUE_SIZE {
             return Err(RingError::InvalidSize(size));

@@ -23,7 +23,7 @@
 //! - [`scenario`]: the scenario registry and the scenarios, by family;
 //! - [`report`]: the table, JSON and JUnit XML;
 //! - [`mod@run`]: `vloop-harness run`;
-//! - [`exec`]: `vloop-harness exec`.
+//! - [`exec`](mod@exec): `vloop-harness exec`.
 
 pub mod file_error;
 

@@ -4,10 +4,10 @@
 //! can read and write allocated clusters with iovecs straight into guest memory on its own
 //! io_uring, and offers synchronous slow paths for the rest. The image tool (vloop-image)
 //! uses the same [`Chain`] through buffered [`Chain::read_at`] / [`Chain::write_at`], plus
-//! [`create`] and [`Chain::info`].
+//! [`create`](mod@create) and [`Chain::info`].
 //!
 //! # Modules, bottom up
-//! - [`format`]: format names, probing (raw or qcow2) and the probed-raw write guard against
+//! - [`format`](mod@format): format names, probing (raw or qcow2) and the probed-raw write guard against
 //!   the CVE-2008-2004 class of attacks.
 //! - [`header`]: the qcow2 header and its extensions, parsed and validated (pure).
 //! - [`table`]: L1, L2 and refcount entries (pure).

@@ -3,7 +3,7 @@
 //! [`Geometry`] holds the numbers derived from a header (cluster size, entries per table,
 //! refcount width); [`L2Entry`] is a decoded L2 entry with its host offsets checked; the
 //! refcount functions read and write entries of any width from 1 to 64 bits in a refcount
-//! block. [`crate::layer`] uses these on the tables it caches.
+//! block. `crate::layer` uses these on the tables it caches.
 
 use thiserror::Error;
 

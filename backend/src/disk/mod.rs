@@ -3,7 +3,7 @@
 //!
 //! One [`Disk`] is shared by every worker thread and every frontend connection; it holds no
 //! lock on the data path (the I/O layer issues positional operations on its fds, and asks a
-//! qcow2 chain for mappings). [`format`] decides the format without trusting guest data;
+//! qcow2 chain for mappings). [`format`](mod@format) decides the format without trusting guest data;
 //! `chain` opens a qcow2 backing chain.
 
 mod chain;

@@ -12,7 +12,7 @@ pub const IOV_MAX: usize = 1024;
 /// The iovecs of one request, inline for the usual few buffers so a request allocates nothing.
 pub type Iovecs = SmallVec<[libc::iovec; 4]>;
 
-/// The id [`Engine::reap`] reports for the completion of a [`Engine::watch`].
+/// The id [`Engine::reap`](super::engine::Engine::reap) reports for the completion of a [`Engine::watch`](super::engine::Engine::watch).
 pub const WATCH_ID: usize = usize::MAX;
 
 /// `FALLOC_FL_NO_HIDE_STALE`: with PUNCH_HOLE and KEEP_SIZE, a block device discards the range
@@ -102,12 +102,12 @@ impl Op {
     }
 }
 
-/// What [`Engine::start`] did with an op.
+/// What [`Engine::start`](super::engine::Engine::start) did with an op.
 #[derive(Debug)]
 pub enum Started {
     /// It completed; the result is final.
     Done(io::Result<()>),
-    /// It is in the kernel; its completion comes from [`Engine::reap`].
+    /// It is in the kernel; its completion comes from [`Engine::reap`](super::engine::Engine::reap).
     Queued,
     /// `done` bytes completed at once; the rest is in the kernel (the op now describes it).
     Partly {

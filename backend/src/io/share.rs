@@ -1,11 +1,11 @@
 //! How much of a worker's page-cache reads go to its engine's helper CPU.
 //!
-//! A worker that is saturated (busy at least [`SATURATED_PERCENT`] of the time over
-//! [`LOAD_WINDOW`]s, time blocked on the engine not counted) gives part of each launch's
+//! A worker that is saturated (busy at least `SATURATED_PERCENT` of the time over
+//! `LOAD_WINDOW`s, time blocked on the engine not counted) gives part of each launch's
 //! page-cache reads to the helper ring, whose kernel thread copies them on another CPU while
-//! the worker copies the rest. The part, in sixteenths, starts at [`SHARE_START`] and adapts:
+//! the worker copies the rest. The part, in sixteenths, starts at `SHARE_START` and adapts:
 //! one more each time the helper had caught up, one less each time the worker had to wait for
-//! it; after it reached zero it is tried again every [`PROBE_EVERY`] launches. Sharing only
+//! it; after it reached zero it is tried again every `PROBE_EVERY` launches. Sharing only
 //! happens while every saturated worker of the device can have two CPUs and the frontend one
 //! more, so an idle or lightly loaded export never wakes a polling thread, and on two CPUs
 //! the helper never takes the CPU the frontend submits on.

@@ -4,7 +4,7 @@
 //! `vhost::vhost_user::Frontend`): it negotiates virtio and protocol features, reads the
 //! block config space, shares a memfd as guest memory, lays out one split ring per queue in
 //! it and starts the rings. Each [`Queue`] is then driven on its own (one thread per queue,
-//! see [`queue`]).
+//! see the `queue` module).
 
 mod queue;
 

@@ -56,7 +56,7 @@ pub enum ImageError {
 }
 
 /// Why a backing file that names no format and looks like qcow2 is refused (under
-/// [`Probing::Guarded`]).
+/// [`Probing::Guarded`](super::probe::Probing::Guarded)).
 #[derive(Debug, Error)]
 #[error(
     "it looks like a qcow2 image, but neither its name (not *.qcow2) nor the image naming it \

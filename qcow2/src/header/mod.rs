@@ -4,7 +4,7 @@
 //! a malicious image could use against the reader (sizes, offsets, alignment, lengths inside the
 //! cluster); [`Header::check_open`] then decides whether the image may be opened read-only or
 //! read-write given its feature bits. The on-disk layout is QEMU's `docs/interop/qcow2.txt`.
-//! [`crate::layer`] builds on this; [`crate::create`] uses [`encode`] to write new images.
+//! `crate::layer` builds on this; [`crate::create`](mod@crate::create) uses [`encode`] to write new images.
 //!
 //! # Parts, bottom up
 //! Each part uses only those listed before it.

@@ -1,7 +1,7 @@
 //! The executor of one queue: descriptor chains in, I/O on the image, completions out.
 //!
 //! [`Executor::process_queue`] is the data path of one worker thread, a pipeline: it pops every
-//! available chain, parses it ([`crate::request::parse`], pure), turns it into an [`Op`] (a
+//! available chain, parses it ([`crate::request::parse`], pure), turns it into an [`Op`](super::op::Op) (a
 //! read or write whose iovecs point straight into guest memory, a data sync, a fallocate) and
 //! starts it on the thread's engine, and puts every request in the used ring as soon as it
 //! completed, notifying the guest when it asks for it (EVENT_IDX honoured by
@@ -204,7 +204,7 @@ impl Executor {
         }
     }
 
-    /// Serve `queue` until it is empty (or [`WAVES_PER_CALL`] waves were taken) and nothing is
+    /// Serve `queue` until it is empty (or `WAVES_PER_CALL` waves were taken) and nothing is
     /// in flight, putting requests in the used ring as they complete. Returns whether the
     /// guest must be notified.
     pub fn process_queue(
