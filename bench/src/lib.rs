@@ -17,4 +17,5 @@ pub mod load;
 pub mod machine;
 pub mod plot;
 pub mod procfs;
+pub mod target;
 pub mod verify;

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use vloop_bench::compare::{self, Case, CompareOptions, Mode};
+use vloop_bench::compare::{self, Case, CompareOptions};
 use vloop_bench::guest::{self, GuestOptions};
 use vloop_bench::load::{self, Pattern, RunResult, Workload};
+use vloop_bench::target::{self, Mode};
 use vloop_guest::io::{IoPhase, Pattern as IoPattern};
 use vloop_harness::accel::AccelChoice;
 use vloop_harness::setup::SetupOptions;
@@ -239,13 +240,6 @@ fn write_json<T: serde::Serialize>(path: &PathBuf, v: &T) -> Result<()> {
         .with_context(|| format!("cannot write JSON to {}", path.display()))
 }
 
-fn default_vloop_bin() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join("vloop-blk")))
-        .unwrap_or_else(|| PathBuf::from("vloop-blk"))
-}
-
 /// The one phase of `--guest --only`: the workload options as a phase of the guest's tool.
 fn guest_phase(a: &Args, runtime: Duration) -> Result<IoPhase> {
     let w = workload(a, runtime)?;
@@ -267,24 +261,6 @@ fn guest_phase(a: &Args, runtime: Duration) -> Result<IoPhase> {
     })
 }
 
-/// Whether qemu-storage-daemon can be run as `bin`.
-fn qsd_found(bin: &std::path::Path) -> bool {
-    bin.components().count() > 1 && bin.is_file()
-        || vloop_frontend::backend::on_path(&bin.to_string_lossy())
-}
-
-/// The vloop-blk binary to use, with a warning when it does not exist.
-fn vloop_bin(a: &Args) -> PathBuf {
-    let vloop_bin = a.vloop_bin.clone().unwrap_or_else(default_vloop_bin);
-    if !vloop_bin.is_file() {
-        eprintln!(
-            "warning: {} does not exist (build it with `cargo build --release -p vloop-blk` or pass --vloop-bin); vloop columns will fail",
-            vloop_bin.display()
-        );
-    }
-    vloop_bin
-}
-
 fn run_guest(a: &Args) -> Result<()> {
     let runtime = parse_duration(a.runtime.as_deref().unwrap_or("3s"))?;
     let phases = if a.only {
@@ -292,24 +268,17 @@ fn run_guest(a: &Args) -> Result<()> {
     } else {
         guest::default_phases(runtime)
     };
-    if !a.no_qsd && !qsd_found(&a.qsd_bin) {
-        bail!(
-            "{} is not on PATH: install qemu-system-x86 (Debian), pass --qsd-bin or --no-qsd",
-            a.qsd_bin.display()
-        );
+    if !a.no_qsd {
+        target::require_qsd(&a.qsd_bin)?;
     }
     let opts = GuestOptions {
         image: a.image.clone(),
         image_size: parse_bytes(&a.image_size)?,
         fresh_image: a.fresh_image,
-        vloop_bin: vloop_bin(a),
+        vloop_bin: target::vloop_bin(a.vloop_bin.clone()),
         qsd_bin: a.qsd_bin.clone(),
         rounds: a.rounds.max(1),
-        mode: if a.direct {
-            Mode::Direct
-        } else {
-            Mode::PageCache
-        },
+        mode: Mode::of(false, a.direct),
         phases,
         targets: guest::targets(a.no_qsd, a.qsd_main_loop),
         vloop_args: a.vloop_args.clone(),
@@ -353,20 +322,11 @@ fn run(a: Args) -> Result<()> {
                 .map(Case::allocated)
                 .collect()
         };
-        let vloop_bin = vloop_bin(&a);
-        if !a.no_qsd && !qsd_found(&a.qsd_bin) {
-            bail!(
-                "{} is not on PATH: install qemu-system-x86 (Debian), pass --qsd-bin or --no-qsd",
-                a.qsd_bin.display()
-            );
+        let vloop_bin = target::vloop_bin(a.vloop_bin.clone());
+        if !a.no_qsd {
+            target::require_qsd(&a.qsd_bin)?;
         }
-        let mode = if a.null {
-            Mode::Null
-        } else if a.direct {
-            Mode::Direct
-        } else {
-            Mode::PageCache
-        };
+        let mode = Mode::of(a.null, a.direct);
         let opts = CompareOptions {
             image: a.image.clone(),
             image_size: parse_bytes(&a.image_size)?,

@@ -8,7 +8,8 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::compare::render::count;
-use crate::compare::{Report, Row, Stat, Summary, Target};
+use crate::compare::{Report, Row, Stat, Summary};
+use crate::target::Target;
 
 /// Errors of drawing the chart.
 #[derive(Debug, thiserror::Error)]

@@ -3,10 +3,11 @@
 use std::time::Duration;
 
 use super::images::{Check, Info};
-use super::{ImageState, Mode, Qcow2Image, Ratios, Report, Round, Row, Summary, Target};
+use super::{ImageState, Qcow2Image, Ratios, Report, Round, Row, Summary};
 use crate::hist::{LatencyHist, Percentiles};
 use crate::load::{Pattern, Workload};
 use crate::machine::{LoadAvg, LoadSpan, Machine};
+use crate::target::{Mode, Target};
 
 /// A summary with one round per entry of `iops` (p50 the inverse of IOPS, 10 I/Os each).
 pub(crate) fn summary(iops: &[f64]) -> Summary {

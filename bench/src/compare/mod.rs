@@ -22,15 +22,15 @@ use std::time::{Duration, Instant};
 
 pub use images::{prepare_image, ImageError, Qcow2Image, QemuImg};
 pub use render::render;
-pub use stats::{Footprint, Ratios, Round, Stat, Summary, Target};
+pub use stats::{Footprint, Ratios, Round, Stat, Summary};
 
 use crate::load::{client_options, run_raw, run_vhost, LoadError, Pattern, RunResult, Workload};
 use crate::machine::{self, LoadSpan, Machine, MachineError};
 use crate::procfs::{self, ThreadShare};
+use crate::target;
+pub use crate::target::{Mode, Target};
 use images::Scratch;
-use vloop_frontend::backend::{
-    BackendError, BackendProcess, BackendSpec, Export, ImageFormat, Program,
-};
+use vloop_frontend::backend::{BackendError, BackendProcess, BackendSpec, Export, ImageFormat};
 use vloop_frontend::client::Client;
 
 /// Errors of the comparison.
@@ -54,29 +54,6 @@ pub enum CompareError {
     /// The load average could not be read.
     #[error("cannot read the machine's load average")]
     Load(#[source] MachineError),
-}
-
-/// What the backends serve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    /// The image through the page cache.
-    PageCache,
-    /// The image with O_DIRECT (qemu-storage-daemon: `cache.direct=on`).
-    Direct,
-    /// No image I/O: vloop-blk's null engine, qemu-storage-daemon's `null-co` driver.
-    Null,
-}
-
-impl Mode {
-    /// Name in tables.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::PageCache => "page cache",
-            Self::Direct => "O_DIRECT",
-            Self::Null => "null (no image I/O)",
-        }
-    }
 }
 
 /// What the runs of a row are served from.
@@ -625,14 +602,7 @@ fn spec(
     queues: u16,
     (image, format): (&Path, ImageFormat),
 ) -> Option<BackendSpec> {
-    let program = match target {
-        Target::Vloop | Target::VloopRaw => Program::Vloop(opts.vloop_bin.clone()),
-        Target::Qsd | Target::QsdIothread => Program::Qsd {
-            bin: opts.qsd_bin.clone(),
-            iothread: target == Target::QsdIothread,
-        },
-        Target::Raw => return None,
-    };
+    let program = target.program(&opts.vloop_bin, &opts.qsd_bin)?;
     let socket = dir.join(format!("{}.sock", target.name()));
     let mut spec = BackendSpec::new(
         program,
@@ -662,9 +632,7 @@ fn start(
 ) -> Result<BackendProcess, String> {
     let spec = spec(opts, dir, target, queues, image).ok_or("no backend process to start")?;
     if facts.command.is_empty() {
-        facts.command = std::iter::once(spec.command().get_program().to_string_lossy().into())
-            .chain(spec.args())
-            .collect();
+        facts.command = target::command_line(&spec);
     }
     let d = BackendProcess::spawn(
         &spec,

@@ -4,8 +4,9 @@
 
 use std::fmt::Write as _;
 
-use super::stats::{Stat, Summary, Target};
+use super::stats::{Stat, Summary};
 use super::{ImageState, Report, Row};
+use crate::target::Target;
 
 /// A count in a short form: 9876, 17.1k, 347k, 1.89M.
 pub fn count(x: f64) -> String {

@@ -4,65 +4,7 @@
 use crate::hist::{LatencyHist, Percentiles};
 use crate::load::RunResult;
 use crate::procfs::ThreadShare;
-
-/// What is measured in a comparison.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Target {
-    /// vloop-blk.
-    Vloop,
-    /// qemu-storage-daemon serving the export from its main loop.
-    Qsd,
-    /// qemu-storage-daemon serving the export from an iothread.
-    QsdIothread,
-    /// io_uring straight on the image file, in this process.
-    Raw,
-    /// vloop-blk on the raw image, while [`Target::Vloop`] serves its qcow2 copy (qcow2 mode).
-    VloopRaw,
-}
-
-impl Target {
-    /// Every target, in table order.
-    pub const ALL: [Target; 5] = [
-        Self::Vloop,
-        Self::Qsd,
-        Self::QsdIothread,
-        Self::Raw,
-        Self::VloopRaw,
-    ];
-
-    /// Name in tables, JSON and charts.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Vloop => "vloop",
-            Self::Qsd => "qsd",
-            Self::QsdIothread => "qsd-iothread",
-            Self::Raw => "raw",
-            Self::VloopRaw => "vloop-raw",
-        }
-    }
-
-    /// Whether it is a backend process (not the raw engine).
-    pub fn is_backend(self) -> bool {
-        self != Self::Raw
-    }
-
-    /// Whether it is vloop-blk (on either image).
-    pub fn is_vloop(self) -> bool {
-        matches!(self, Self::Vloop | Self::VloopRaw)
-    }
-
-    /// Whether it is one of the qemu-storage-daemon configurations.
-    pub fn is_qsd(self) -> bool {
-        matches!(self, Self::Qsd | Self::QsdIothread)
-    }
-}
-
-impl std::fmt::Display for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+use crate::target::Target;
 
 /// The median, least and greatest of one figure over rounds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]

@@ -22,9 +22,9 @@ pub use render::render;
 pub use stats::{CpuSample, GuestRatios, Lateness, Mark, PhaseRound, PhaseSummary};
 
 use crate::compare::images::{self, ImageError};
-use crate::compare::{Mode, Target};
 use crate::machine::{self, LoadSpan, Machine, MachineError};
 use crate::procfs;
+use crate::target::{self, Mode, Target};
 use vloop_frontend::backend::Program;
 use vloop_guest::io::{IoEvent, IoLine, IoPhase, IoPlan, IoPlanError, Pattern};
 use vloop_harness::accel::Accel;
@@ -275,13 +275,10 @@ pub struct GuestReport {
 
 /// The harness backend that serves the image for `target`.
 fn backend_for(opts: &GuestOptions, target: Target) -> Backend {
-    let program = match target {
-        Target::Qsd | Target::QsdIothread => Program::Qsd {
-            bin: opts.qsd_bin.clone(),
-            iothread: target == Target::QsdIothread,
-        },
-        Target::Vloop | Target::VloopRaw | Target::Raw => Program::Vloop(opts.vloop_bin.clone()),
-    };
+    // The raw target has no backend: vloop-blk stands in (no guest comparison names it).
+    let program = target
+        .program(&opts.vloop_bin, &opts.qsd_bin)
+        .unwrap_or_else(|| Program::Vloop(opts.vloop_bin.clone()));
     let b = Backend::program(program).with_direct(opts.mode == Mode::Direct);
     if target == Target::Vloop {
         b.with_args(opts.vloop_args.clone())
@@ -493,9 +490,7 @@ pub fn run(opts: &GuestOptions) -> Result<GuestReport, GuestError> {
             let spec = backend_for(opts, target).spec(&disk, Path::new("SOCKET"));
             GuestBackend {
                 target,
-                command: std::iter::once(spec.command().get_program().to_string_lossy().into())
-                    .chain(spec.args())
-                    .collect(),
+                command: target::command_line(&spec),
             }
         })
         .collect();

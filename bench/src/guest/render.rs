@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 
 use super::{GuestReport, PhaseRow, PhaseSummary};
 use crate::compare::render::{count, median_or_dash, mib, ratio, small, with_range};
-use crate::compare::stats::{median, Target};
+use crate::compare::stats::median;
+use crate::target::Target;
 
 fn target_line(o: &mut String, name: &str, t: Target, s: &PhaseSummary) {
     if !s.measured() {
@@ -212,8 +213,8 @@ mod tests {
     use super::super::stats::PhaseRound;
     use super::super::{Boot, GuestBackend, GuestRatios, PhaseRow};
     use super::*;
-    use crate::compare::Mode;
     use crate::machine::{LoadAvg, LoadSpan, Machine};
+    use crate::target::Mode;
     use vloop_guest::io::{IoPhase, Pattern};
     use vloop_harness::accel::Accel;
 

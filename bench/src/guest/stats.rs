@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use vloop_guest::io::{IoEvent, IoLine, PhaseResult};
 
-use crate::compare::stats::{median, Stat, Target};
+use crate::compare::stats::{median, Stat};
 use crate::procfs::{thread_cpu_delta, ThreadCpu, ThreadShare};
+use crate::target::Target;
 
 /// The backend's CPU time as the host read it from /proc at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
