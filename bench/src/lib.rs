@@ -11,6 +11,7 @@
 //! the machine the figures come from.
 
 pub mod compare;
+pub mod figures;
 pub mod guest;
 pub mod hist;
 pub mod load;

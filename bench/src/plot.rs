@@ -8,7 +8,8 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::compare::render::count;
-use crate::compare::{Report, Row, Stat, Summary};
+use crate::compare::{Report, Row, Summary};
+use crate::figures::Stat;
 use crate::target::Target;
 
 /// Errors of drawing the chart.
@@ -43,7 +44,7 @@ fn color(t: Target) -> RGBColor {
 fn ratio_lines(row: &Row) -> Vec<String> {
     let x = &row.ratios;
     [
-        x.best_qsd.map(Target::name).zip(x.vloop_over_qsd),
+        x.qsd.best_qsd.map(Target::name).zip(x.qsd.vloop_over_qsd),
         x.vloop_over_raw.map(|v| (Target::Raw.name(), v)),
         x.vloop_over_vloop_raw.map(|v| (Target::VloopRaw.name(), v)),
     ]

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 pub use images::{prepare_image, ImageError, Qcow2Image, QemuImg};
 pub use render::render;
-pub use stats::{Footprint, Ratios, Round, Stat, Summary};
+pub use stats::{Footprint, Ratios, Round, Summary};
 
 use crate::load::{client_options, run_raw, run_vhost, LoadError, Pattern, RunResult, Workload};
 use crate::machine::{self, LoadSpan, Machine, MachineError};

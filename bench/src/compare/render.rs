@@ -4,8 +4,9 @@
 
 use std::fmt::Write as _;
 
-use super::stats::{Stat, Summary};
+use super::stats::Summary;
 use super::{ImageState, Report, Row};
+use crate::figures::{Rounds, Stat};
 use crate::target::Target;
 
 /// A count in a short form: 9876, 17.1k, 347k, 1.89M.
@@ -56,7 +57,7 @@ pub(crate) fn mib(k: Option<u64>) -> String {
 
 fn target_line(o: &mut String, name: &str, t: Target, s: &Summary) {
     if !s.measured() {
-        let why = s.failure.as_deref().unwrap_or("not measured");
+        let why = s.failed.failure.as_deref().unwrap_or("not measured");
         let first = why.lines().next().unwrap_or(why);
         let _ = writeln!(o, "{name:<22} {:<13} failed: {first}", t.name());
         return;
@@ -127,10 +128,10 @@ fn ratios_table(o: &mut String, rows: &[Row], targets: &[Target]) {
         let mut line = format!(
             "{:<22} {:<13} {:>7} {:>7} {:>7}",
             row.name,
-            x.best_qsd.map_or("-", Target::name),
-            ratio(x.vloop_over_qsd),
-            ratio(x.vloop_p50_over_qsd),
-            ratio(x.vloop_cpu_over_qsd),
+            x.qsd.best_qsd.map_or("-", Target::name),
+            ratio(x.qsd.vloop_over_qsd),
+            ratio(x.qsd.vloop_p50_over_qsd),
+            ratio(x.qsd.vloop_cpu_over_qsd),
         );
         for (t, title) in &extra {
             let r = match t {
@@ -284,13 +285,13 @@ pub fn render(r: &Report) -> String {
     for row in &r.rows {
         for &t in &r.targets {
             let Some(s) = row.get(t) else { continue };
-            if let Some(f) = &s.failure {
+            if let Some(f) = &s.failed.failure {
                 if seen.insert((t, f.clone())) {
                     let _ = writeln!(
                         o,
                         "{} failed in round(s) {:?} of {} (maybe others): {f}",
                         t.name(),
-                        s.failed_rounds,
+                        s.failed.failed_rounds,
                         row.name
                     );
                 }

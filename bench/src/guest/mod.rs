@@ -19,9 +19,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 pub use render::render;
-pub use stats::{CpuSample, GuestRatios, Lateness, Mark, PhaseRound, PhaseSummary};
+pub use stats::{CpuSample, Lateness, Mark, PhaseRound, PhaseSummary};
 
 use crate::compare::images::{self, ImageError};
+use crate::figures::QsdRatios;
 use crate::machine::{self, LoadSpan, Machine, MachineError};
 use crate::procfs;
 use crate::target::{self, Mode, Target};
@@ -143,7 +144,7 @@ pub struct PhaseRow {
     pub qsd_iothread: Option<PhaseSummary>,
     /// vloop against the better qsd.
     #[serde(flatten)]
-    pub ratios: GuestRatios,
+    pub ratios: QsdRatios,
 }
 
 impl PhaseRow {
@@ -155,7 +156,7 @@ impl PhaseRow {
             vloop: PhaseSummary::default(),
             qsd: has(Target::Qsd),
             qsd_iothread: has(Target::QsdIothread),
-            ratios: GuestRatios::default(),
+            ratios: QsdRatios::default(),
         }
     }
 
@@ -543,7 +544,7 @@ pub fn run(opts: &GuestOptions) -> Result<GuestReport, GuestError> {
         }
     }
     for row in &mut rows {
-        row.ratios = GuestRatios::of(
+        row.ratios = QsdRatios::of(
             &row.vloop,
             &[
                 (Target::Qsd, row.qsd.as_ref()),

@@ -6,12 +6,12 @@ use std::fmt::Write as _;
 
 use super::{GuestReport, PhaseRow, PhaseSummary};
 use crate::compare::render::{count, median_or_dash, mib, ratio, small, with_range};
-use crate::compare::stats::median;
+use crate::figures::{median, Rounds};
 use crate::target::Target;
 
 fn target_line(o: &mut String, name: &str, t: Target, s: &PhaseSummary) {
     if !s.measured() {
-        let why = s.failure.as_deref().unwrap_or("not measured");
+        let why = s.failed.failure.as_deref().unwrap_or("not measured");
         let first = why.lines().next().unwrap_or(why);
         let _ = writeln!(o, "{name:<18} {:<13} failed: {first}", t.name());
         return;
@@ -191,13 +191,13 @@ pub fn render(r: &GuestReport) -> String {
                 );
             }
             if s.measured() {
-                if let Some(f) = &s.failure {
+                if let Some(f) = &s.failed.failure {
                     let _ = writeln!(
                         o,
                         "{} {} failed in round(s) {:?}: {}",
                         t.name(),
                         row.name,
-                        s.failed_rounds,
+                        s.failed.failed_rounds,
                         f.lines().next().unwrap_or("")
                     );
                 }
@@ -211,8 +211,9 @@ pub fn render(r: &GuestReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::super::stats::PhaseRound;
-    use super::super::{Boot, GuestBackend, GuestRatios, PhaseRow};
+    use super::super::{Boot, GuestBackend, PhaseRow};
     use super::*;
+    use crate::figures::QsdRatios;
     use crate::machine::{LoadAvg, LoadSpan, Machine};
     use crate::target::Mode;
     use vloop_guest::io::{IoPhase, Pattern};
@@ -249,7 +250,7 @@ mod tests {
             runtime_ms: 2000,
         };
         let (vloop, qsd) = (summary(3000.0, 20.0), summary(2500.0, 30.0));
-        let ratios = GuestRatios::of(&vloop, &[(Target::QsdIothread, Some(&qsd))]);
+        let ratios = QsdRatios::of(&vloop, &[(Target::QsdIothread, Some(&qsd))]);
         let mut failed = PhaseSummary::default();
         failed.fail(1, "the guest never started this phase".into());
         let boot = |target, status: u8| Boot {
@@ -305,7 +306,7 @@ mod tests {
                     vloop: summary(1000.0, 10.0),
                     qsd: None,
                     qsd_iothread: Some(failed),
-                    ratios: GuestRatios::default(),
+                    ratios: QsdRatios::default(),
                 },
             ],
             boots: vec![boot(Target::Vloop, 0), boot(Target::QsdIothread, 125)],
