@@ -19,4 +19,5 @@ pub mod machine;
 pub mod plot;
 pub mod procfs;
 pub mod target;
+pub mod text;
 pub mod verify;

@@ -12,6 +12,7 @@ use vloop_bench::compare::{self, Case, CompareOptions};
 use vloop_bench::guest::{self, GuestOptions};
 use vloop_bench::load::{self, Pattern, RunResult, Workload};
 use vloop_bench::target::{self, Mode};
+use vloop_bench::text::{parse_duration, parse_optional_duration};
 use vloop_guest::io::{IoPhase, Pattern as IoPattern};
 use vloop_harness::accel::AccelChoice;
 use vloop_harness::setup::SetupOptions;
@@ -151,33 +152,6 @@ struct Args {
     /// With --compare: draw IOPS and p50 latency per workload and target into this SVG file.
     #[arg(long, requires = "compare")]
     plot: Option<PathBuf>,
-}
-
-fn parse_duration(s: &str) -> Result<Duration> {
-    let t = s.trim();
-    let (n, unit) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 1e-3)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = t.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (t, 1.0)
-    };
-    let v: f64 = n
-        .parse()
-        .ok()
-        .filter(|v: &f64| v.is_finite() && *v > 0.0)
-        .with_context(|| format!("bad duration '{s}': use e.g. 5s, 500ms or 1m"))?;
-    Ok(Duration::from_secs_f64(v * unit))
-}
-
-/// An optional duration: "0" (or "0s") is none.
-fn parse_optional_duration(s: &str) -> Result<Option<Duration>> {
-    match s.trim() {
-        "0" | "0s" | "0ms" => Ok(None),
-        t => parse_duration(t).map(Some),
-    }
 }
 
 fn workload(a: &Args, runtime: Duration) -> Result<Workload> {
@@ -412,26 +386,5 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
-        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("fast").is_err());
-        assert_eq!(parse_optional_duration("0").unwrap(), None);
-        assert_eq!(
-            parse_optional_duration("10s").unwrap(),
-            Some(Duration::from_secs(10))
-        );
-        assert!(parse_optional_duration("-1s").is_err());
     }
 }

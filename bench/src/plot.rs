@@ -7,10 +7,10 @@
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::compare::render::count;
 use crate::compare::{Report, Row, Summary};
 use crate::figures::Stat;
 use crate::target::Target;
+use crate::text::count;
 
 /// Errors of drawing the chart.
 #[derive(Debug, thiserror::Error)]

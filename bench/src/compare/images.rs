@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::time::Instant;
 
+use crate::text::chain;
+
 /// Errors of preparing an image.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -282,8 +284,8 @@ impl QemuImg {
         if q <= r {
             return Err("the raw image is newer".into());
         }
-        let info = self.info(qcow2).map_err(|e| super::chain(&e))?;
-        let check = self.check(qcow2).map_err(|e| super::chain(&e))?;
+        let info = self.info(qcow2).map_err(|e| chain(&e))?;
+        let check = self.check(qcow2).map_err(|e| chain(&e))?;
         match not_fully_allocated(&info, &check, size) {
             Some(why) => Err(why),
             None => Ok((info, check)),

@@ -29,6 +29,7 @@ use crate::machine::{self, LoadSpan, Machine, MachineError};
 use crate::procfs::{self, ThreadShare};
 use crate::target;
 pub use crate::target::{Mode, Target};
+use crate::text::chain;
 use images::Scratch;
 use vloop_frontend::backend::{BackendError, BackendProcess, BackendSpec, Export, ImageFormat};
 use vloop_frontend::client::Client;
@@ -579,18 +580,6 @@ pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
         backends,
         wall_secs: started.elapsed().as_secs_f64(),
     })
-}
-
-/// `e` and its sources, joined with ": ".
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
 }
 
 /// The spec that exports `image` (in `format`) with backend `target` and `queues` queues (None

@@ -5,15 +5,15 @@
 use std::fmt::Write as _;
 
 use super::{GuestReport, PhaseRow, PhaseSummary};
-use crate::compare::render::{count, median_or_dash, mib, ratio, small, with_range};
 use crate::figures::{median, Rounds};
 use crate::target::Target;
+use crate::text::{
+    count, failed_line, machine_lines, median_or_dash, mib, ratio, row_blocks, small, with_range,
+};
 
 fn target_line(o: &mut String, name: &str, t: Target, s: &PhaseSummary) {
     if !s.measured() {
-        let why = s.failed.failure.as_deref().unwrap_or("not measured");
-        let first = why.lines().next().unwrap_or(why);
-        let _ = writeln!(o, "{name:<18} {:<13} failed: {first}", t.name());
+        failed_line(o, name, 18, t, &s.failed);
         return;
     }
     let _ = writeln!(
@@ -42,15 +42,14 @@ fn rows_table(o: &mut String, r: &GuestReport) {
         "bCPU/IO (min-max)",
         "bCPU%"
     );
-    for row in &r.rows {
-        let mut name = row.name.as_str();
-        for &t in &r.targets {
-            if let Some(s) = row.get(t) {
-                target_line(o, name, t, s);
-                name = "";
-            }
-        }
-    }
+    row_blocks(
+        o,
+        &r.rows,
+        &r.targets,
+        |row| &row.name,
+        PhaseRow::get,
+        target_line,
+    );
 }
 
 fn ratios_table(o: &mut String, rows: &[PhaseRow]) {
@@ -140,20 +139,7 @@ pub fn render(r: &GuestReport) -> String {
         "guests: accelerator {} ({}); {} vCPU, {} MiB, kernel {}; {}",
         r.accel, r.accel_why, r.guest_cpus, r.guest_mem_mib, r.kernel, r.guest_io
     );
-    let _ = writeln!(
-        o,
-        "started {}; machine: {}",
-        r.started,
-        r.machine.describe()
-    );
-    let _ = writeln!(
-        o,
-        "load average (1/5/15 min): before {}, after {}",
-        r.load.before, r.load.after
-    );
-    if let Some(w) = r.load.warning() {
-        let _ = writeln!(o, "{w}");
-    }
+    machine_lines(&mut o, &r.started, &r.machine, &r.load);
     if r.interrupted {
         let _ = writeln!(
             o,
