@@ -18,6 +18,7 @@ pub mod load;
 pub mod machine;
 pub mod plot;
 pub mod procfs;
+pub mod session;
 pub mod target;
 pub mod text;
 pub mod verify;

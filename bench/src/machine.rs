@@ -76,6 +76,11 @@ pub fn loadavg() -> Result<LoadAvg, MachineError> {
     parse_loadavg(&read("/proc/loadavg")?)
 }
 
+/// The 1-minute load average now, for a record (None when unreadable).
+pub fn load_now() -> Option<f64> {
+    loadavg().ok().map(|l| l.one)
+}
+
 /// The load average before and after a run.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct LoadSpan {
@@ -237,5 +242,6 @@ mod tests {
         assert!(m.describe().contains("Linux"));
         let l = loadavg().unwrap();
         assert!(l.one >= 0.0);
+        assert!(load_now().is_some());
     }
 }

@@ -27,6 +27,7 @@ pub use stats::{Footprint, Ratios, Round, Summary};
 use crate::load::{client_options, run_raw, run_vhost, LoadError, Pattern, RunResult, Workload};
 use crate::machine::{self, LoadSpan, Machine, MachineError};
 use crate::procfs::{self, ThreadShare};
+use crate::session::{turn_order, Session};
 use crate::target;
 pub use crate::target::{Mode, Target};
 use crate::text::chain;
@@ -373,11 +374,6 @@ impl Report {
     }
 }
 
-/// The 1-minute load average now, for a record (None when unreadable).
-fn load_one() -> Option<f64> {
-    machine::loadavg().ok().map(|l| l.one)
-}
-
 /// Runs the comparison; progress goes to stderr.
 pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
     if opts.cases.is_empty() {
@@ -393,18 +389,7 @@ pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
     {
         return Err(CompareError::OverlayWithoutQcow2(c.to_string()));
     }
-    let started = Instant::now();
-    let started_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-    let machine = machine::machine(&opts.qsd_bin);
-    let load_before = machine::loadavg().map_err(CompareError::Load)?;
-    eprintln!("machine: {}", machine.describe());
-    eprintln!("load average before: {load_before}");
-    if load_before.busy() {
-        eprintln!(
-            "warning: the 1-minute load average is {:.2}: the machine is not idle, figures will be noisy",
-            load_before.one
-        );
-    }
+    let session = Session::start(&opts.qsd_bin).map_err(CompareError::Load)?;
     let written = prepare_image(&opts.image, opts.image_size, opts.fresh_image)?;
     let qcow2 = if opts.qcow2 {
         let q = QemuImg(opts.qemu_img_bin.clone()).prepare_qcow2(
@@ -500,27 +485,18 @@ pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
             facts.idle = Some(idle);
         }
     }
-    let rounds_started = Instant::now();
+    let budget = session.rounds(opts.time_budget);
     let mut rounds_done = 0;
     for round in 0..opts.rounds {
-        if let Some(budget) = opts.time_budget {
-            let per_round = rounds_started.elapsed() / round.max(1);
-            if round > 0 && started.elapsed() + per_round > budget {
-                eprintln!(
-                    "stopping after {round} rounds: another would pass the {budget:?} time budget"
-                );
-                break;
-            }
+        if !budget.allows(round) {
+            break;
         }
         rounds_done += 1;
         for (wi, row) in rows.iter_mut().enumerate() {
-            // Rotate the order for every (round, workload) so drift (page cache, writeback,
-            // other load on the machine) spreads evenly over the targets.
-            let mut order = targets.clone();
-            order.rotate_left((round as usize + wi) % targets.len());
-            for target in order {
+            // A new order for every (round, workload).
+            for target in turn_order(&targets, round as usize + wi) {
                 let facts = backends.iter_mut().find(|b| b.target == target);
-                let load = load_one();
+                let load = machine::load_now();
                 let case = Case {
                     workload: row.workload,
                     on: row.on,
@@ -561,15 +537,14 @@ pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
             row.vloop_raw.as_ref(),
         );
     }
-    let load_after = machine::loadavg().map_err(CompareError::Load)?;
-    eprintln!("load average after: {load_after}");
+    let load = session.load_span().map_err(CompareError::Load)?;
     Ok(Report {
-        started: started_at,
+        started: session.started_at.clone(),
         mode: opts.mode,
         direct: opts.mode == Mode::Direct,
         qcow2,
-        machine,
-        load: LoadSpan::new(load_before, load_after),
+        machine: session.machine.clone(),
+        load,
         image: opts.image.clone(),
         image_size: opts.image_size,
         rounds: rounds_done,
@@ -578,7 +553,7 @@ pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
         images: target_images,
         rows,
         backends,
-        wall_secs: started.elapsed().as_secs_f64(),
+        wall_secs: session.wall_secs(),
     })
 }
 

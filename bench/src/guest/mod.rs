@@ -25,6 +25,7 @@ use crate::compare::images::{self, ImageError};
 use crate::figures::QsdRatios;
 use crate::machine::{self, LoadSpan, Machine, MachineError};
 use crate::procfs;
+use crate::session::{turn_order, Session};
 use crate::target::{self, Mode, Target};
 use vloop_frontend::backend::Program;
 use vloop_guest::io::{IoEvent, IoLine, IoPhase, IoPlan, IoPlanError, Pattern};
@@ -360,7 +361,7 @@ fn boot_one(
     target: Target,
     round: u32,
 ) -> (Boot, Vec<Result<PhaseRound, String>>) {
-    let load = load_one();
+    let load = machine::load_now();
     let shared = Arc::new(Mutex::new(Collected::default()));
     let t0 = Instant::now();
     let names: Vec<String> = plan.phases.iter().map(IoPhase::name).collect();
@@ -438,11 +439,6 @@ fn boot_one(
     (boot, phases)
 }
 
-/// The 1-minute load average now, for a record (None when unreadable).
-fn load_one() -> Option<f64> {
-    machine::loadavg().ok().map(|l| l.one)
-}
-
 /// Runs the guest comparison; progress goes to stderr.
 pub fn run(opts: &GuestOptions) -> Result<GuestReport, GuestError> {
     if opts.mode == Mode::Null {
@@ -455,18 +451,7 @@ pub fn run(opts: &GuestOptions) -> Result<GuestReport, GuestError> {
         seed: 1,
     };
     plan.check().map_err(GuestError::Plan)?;
-    let started = Instant::now();
-    let started_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-    let machine = machine::machine(&opts.qsd_bin);
-    let load_before = machine::loadavg().map_err(GuestError::Load)?;
-    eprintln!("machine: {}", machine.describe());
-    eprintln!("load average before: {load_before}");
-    if load_before.busy() {
-        eprintln!(
-            "warning: the 1-minute load average is {:.2}: the machine is not idle, figures will be noisy",
-            load_before.one
-        );
-    }
+    let session = Session::start(&opts.qsd_bin).map_err(GuestError::Load)?;
     images::prepare_image(&opts.image, opts.image_size, opts.fresh_image)?;
     if opts.mode == Mode::PageCache {
         images::warm_page_cache(&opts.image)?;
@@ -498,22 +483,13 @@ pub fn run(opts: &GuestOptions) -> Result<GuestReport, GuestError> {
     let mut boots = Vec::new();
     let mut rounds_done = 0;
     let mut interrupted = false;
-    let rounds_started = Instant::now();
+    let budget = session.rounds(opts.time_budget);
     'rounds: for round in 0..opts.rounds {
-        if let Some(budget) = opts.time_budget {
-            let per_round = rounds_started.elapsed() / round.max(1);
-            if round > 0 && started.elapsed() + per_round > budget {
-                eprintln!(
-                    "stopping after {round} rounds: another would pass the {budget:?} time budget"
-                );
-                break;
-            }
+        if !budget.allows(round) {
+            break;
         }
         rounds_done += 1;
-        let mut order = opts.targets.clone();
-        let turn = round as usize % order.len().max(1);
-        order.rotate_left(turn);
-        for target in order {
+        for target in turn_order(&opts.targets, round as usize) {
             // Leave no dirty pages of the previous guest for this one's writeback.
             if let Ok(f) = File::open(&opts.image) {
                 let _ = f.sync_all();
@@ -552,14 +528,13 @@ pub fn run(opts: &GuestOptions) -> Result<GuestReport, GuestError> {
             ],
         );
     }
-    let load_after = machine::loadavg().map_err(GuestError::Load)?;
-    eprintln!("load average after: {load_after}");
+    let load = session.load_span().map_err(GuestError::Load)?;
     Ok(GuestReport {
-        started: started_at,
+        started: session.started_at.clone(),
         mode: opts.mode,
         direct: opts.mode == Mode::Direct,
-        machine,
-        load: LoadSpan::new(load_before, load_after),
+        machine: session.machine.clone(),
+        load,
         accel: env.accel,
         accel_why: env.accel_why.clone(),
         kernel: env.kernel_source.clone(),
@@ -577,7 +552,7 @@ pub fn run(opts: &GuestOptions) -> Result<GuestReport, GuestError> {
         boots,
         backends,
         interrupted,
-        wall_secs: started.elapsed().as_secs_f64(),
+        wall_secs: session.wall_secs(),
     })
 }
 
