@@ -14,6 +14,7 @@ pub mod compare;
 pub mod figures;
 pub mod guest;
 pub mod hist;
+pub mod images;
 pub mod load;
 pub mod machine;
 pub mod plot;

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use super::images::{Check, Info};
 use super::{ImageState, Qcow2Image, Ratios, Report, Round, Row, Summary};
 use crate::hist::{LatencyHist, Percentiles};
+use crate::images::{Check, Info};
 use crate::load::{Pattern, Workload};
 use crate::machine::{LoadAvg, LoadSpan, Machine};
 use crate::target::{Mode, Target};

@@ -6,24 +6,22 @@
 //! image (and on empty overlays over it) against vloop-blk on the raw image.
 //! It also measures each backend idle with a frontend connected, and the machine's load.
 //!
-//! [`run`] does the measuring (the I/O), [`images`] prepares what is served, [`stats`]
+//! [`run`] does the measuring (the I/O), `crate::images` prepares what is served, [`stats`]
 //! summarises and compares the figures (pure), [`render`] turns a [`Report`] into the text
 //! table; `crate::plot` draws it.
 
 #[cfg(test)]
 pub(crate) mod fixtures;
-pub mod images;
 pub mod render;
 pub mod stats;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use images::{prepare_image, ImageError, Qcow2Image, QemuImg};
 pub use render::render;
 pub use stats::{Footprint, Ratios, Round, Summary};
 
+use crate::images::{self, prepare_image, ImageError, Qcow2Image, QemuImg, Scratch};
 use crate::load::{client_options, run_raw, run_vhost, LoadError, Pattern, RunResult, Workload};
 use crate::machine::{self, LoadSpan, Machine, MachineError};
 use crate::procfs::{self, ThreadShare};
@@ -31,7 +29,6 @@ use crate::session::{turn_order, Session};
 use crate::target;
 pub use crate::target::{Mode, Target};
 use crate::text::chain;
-use images::Scratch;
 use vloop_frontend::backend::{BackendError, BackendProcess, BackendSpec, Export, ImageFormat};
 use vloop_frontend::client::Client;
 
@@ -746,11 +743,11 @@ fn run_one(
     // Start every run with no dirty pages left over from the previous one, so writeback
     // throttling hits the run that caused it.
     let qcow2 = opts.qcow2.then(|| images::qcow2_path(&opts.image));
-    for p in std::iter::once(&opts.image).chain(&qcow2) {
-        if let Ok(f) = File::open(p) {
-            let _ = f.sync_all();
-        }
-    }
+    images::sync(
+        std::iter::once(&opts.image)
+            .chain(&qcow2)
+            .map(PathBuf::as_path),
+    );
     let Some(facts) = facts else {
         let direct = opts.mode == Mode::Direct;
         return run_raw(&opts.image, w, direct)

@@ -13,7 +13,6 @@
 pub mod render;
 pub mod stats;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -21,8 +20,8 @@ use std::time::{Duration, Instant};
 pub use render::render;
 pub use stats::{CpuSample, Lateness, Mark, PhaseRound, PhaseSummary};
 
-use crate::compare::images::{self, ImageError};
 use crate::figures::QsdRatios;
+use crate::images::{self, ImageError};
 use crate::machine::{self, LoadSpan, Machine, MachineError};
 use crate::procfs;
 use crate::session::{turn_order, Session};
@@ -491,9 +490,7 @@ pub fn run(opts: &GuestOptions) -> Result<GuestReport, GuestError> {
         rounds_done += 1;
         for target in turn_order(&opts.targets, round as usize) {
             // Leave no dirty pages of the previous guest for this one's writeback.
-            if let Ok(f) = File::open(&opts.image) {
-                let _ = f.sync_all();
-            }
+            images::sync([opts.image.as_path()]);
             let (boot, phases) = boot_one(opts, &env, &plan, target, round + 1);
             if let Some(e) = &boot.error {
                 eprintln!(
