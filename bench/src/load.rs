@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, types, IoUring};
 
 use crate::hist::{LatencyHist, Percentiles};
-use crate::procfs::{self, ThreadShare};
+use crate::procfs::{self, CpuSample, CpuUsed, ThreadShare};
 use vloop_frontend::blk::{SECTOR_SIZE, S_OK};
 use vloop_frontend::client::{Client, ClientError, ClientOptions, Queue, QueueStats, Request};
 use vloop_frontend::mem::{GuestMem, MemError};
@@ -216,6 +216,7 @@ pub struct RunResult {
 
 impl RunResult {
     fn build(parts: Vec<Part>, secs: f64, bs: u32, cpu: CpuUse, frontend: QueueStats) -> Self {
+        let backend = cpu.backend.unwrap_or_default();
         let mut hist = LatencyHist::new();
         let (mut ios, mut errors) = (0, 0);
         for p in &parts {
@@ -233,23 +234,19 @@ impl RunResult {
             iops: ios as f64 / secs,
             mib_s: bytes as f64 / secs / f64::from(1u32 << 20),
             latency: hist.percentiles(),
-            backend_cpu_us_per_io: cpu
-                .backend
+            backend_cpu_us_per_io: backend
+                .ticks
                 .filter(|_| ios > 0)
                 .map(|c| c.as_secs_f64() * 1e6 / ios as f64),
             client_cpu_us_per_io: cpu
                 .client
                 .filter(|_| ios > 0)
                 .map(|c| c.as_secs_f64() * 1e6 / ios as f64),
-            backend_threads: cpu
-                .backend_threads
-                .into_iter()
-                .filter(|_| ios > 0)
-                .map(|(thread, ns)| ThreadShare {
-                    thread,
-                    value: ns as f64 / 1e3 / ios as f64,
-                })
-                .collect(),
+            backend_threads: if ios > 0 {
+                backend.shares(|ns| ns as f64 / 1e3 / ios as f64)
+            } else {
+                Vec::new()
+            },
             frontend,
             hist,
         }
@@ -259,12 +256,10 @@ impl RunResult {
 /// CPU time used during a run, where it was measured.
 #[derive(Debug, Default)]
 struct CpuUse {
-    /// The backend process, all threads.
-    backend: Option<Duration>,
+    /// The backend process.
+    backend: Option<CpuUsed>,
     /// This process.
     client: Option<Duration>,
-    /// The backend's live threads, nanoseconds by name.
-    backend_threads: Vec<(String, u64)>,
 }
 
 /// One thread's share of a run.
@@ -408,8 +403,7 @@ pub fn run_vhost_with(
     let capacity = client.config().capacity_bytes();
     w.check(capacity)?;
     let queues = client.take_queues();
-    let cpu0 = backend_pid.and_then(|p| procfs::cpu_time(p).ok());
-    let threads0 = backend_pid.and_then(|p| procfs::threads(p).ok());
+    let backend0 = backend_pid.map(CpuSample::read);
     let me0 = procfs::cpu_time(std::process::id()).ok();
     let start = Instant::now();
     let end = start + w.runtime;
@@ -430,16 +424,9 @@ pub fn run_vhost_with(
     }
     let secs = start.elapsed().as_secs_f64();
     let me = own_cpu_since(me0);
-    let cpu = match (backend_pid, cpu0) {
-        (Some(p), Some(c0)) => procfs::cpu_time(p).ok().map(|c1| c1.saturating_sub(c0)),
-        _ => None,
-    };
-    let backend_threads = match (backend_pid, threads0) {
-        (Some(p), Some(t0)) => procfs::threads(p)
-            .map(|t1| procfs::thread_cpu_delta(&t0, &t1))
-            .unwrap_or_default(),
-        _ => Vec::new(),
-    };
+    let backend = backend_pid
+        .zip(backend0)
+        .map(|(p, b0)| b0.until(&CpuSample::read(p)));
     let mut stats = QueueStats::default();
     for p in &parts {
         stats.submitted += p.stats.submitted;
@@ -449,9 +436,8 @@ pub fn run_vhost_with(
     }
     drop(client);
     let cpu = CpuUse {
-        backend: cpu,
+        backend,
         client: me,
-        backend_threads,
     };
     Ok(RunResult::build(parts, secs, w.bs, cpu, stats))
 }

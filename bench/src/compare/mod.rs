@@ -24,7 +24,7 @@ pub use stats::{Footprint, Ratios, Round, Summary};
 use crate::images::{self, prepare_image, ImageError, Qcow2Image, QemuImg, Scratch};
 use crate::load::{client_options, run_raw, run_vhost, LoadError, Pattern, RunResult, Workload};
 use crate::machine::{self, LoadSpan, Machine, MachineError};
-use crate::procfs::{self, ThreadShare};
+use crate::procfs::{self, CpuSample, ThreadShare};
 use crate::session::{turn_order, Session};
 use crate::target;
 pub use crate::target::{Mode, Target};
@@ -669,30 +669,17 @@ fn measure_idle(
     // Let the set-up settle (threads started, first polls done) before measuring.
     std::thread::sleep(Duration::from_millis(200));
     let pid = d.pid();
-    let threads0 = procfs::threads(pid).ok();
-    let ticks0 = procfs::cpu_time(pid).ok();
+    let before = CpuSample::read(pid);
     let t0 = Instant::now();
     std::thread::sleep(secs);
     let elapsed = t0.elapsed().as_secs_f64();
-    let threads1 = procfs::threads(pid).ok();
-    let ticks1 = procfs::cpu_time(pid).ok();
+    let used = before.until(&CpuSample::read(pid));
     idle.secs = elapsed;
     idle.rss_kib = procfs::rss_kib(pid).ok();
     let pct = |ns: f64| ns / 1e9 / elapsed * 100.0;
-    if let (Some(a), Some(b)) = (&threads0, &threads1) {
-        let by_name = procfs::thread_cpu_delta(a, b);
-        idle.cpu_pct = Some(pct(by_name.iter().map(|(_, ns)| *ns as f64).sum()));
-        idle.threads = by_name
-            .into_iter()
-            .map(|(thread, ns)| ThreadShare {
-                thread,
-                value: pct(ns as f64),
-            })
-            .collect();
-    }
-    if let (Some(a), Some(b)) = (ticks0, ticks1) {
-        idle.cpu_pct_ticks = Some(pct(b.saturating_sub(a).as_nanos() as f64));
-    }
+    idle.cpu_pct = used.threads_ns().map(|ns| pct(ns as f64));
+    idle.threads = used.shares(|ns| pct(ns as f64));
+    idle.cpu_pct_ticks = used.ticks.map(|t| pct(t.as_nanos() as f64));
     drop(client);
     if let Err(e) = finish(d, facts) {
         idle.failure = Some(e);

@@ -18,12 +18,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 pub use render::render;
-pub use stats::{CpuSample, Lateness, Mark, PhaseRound, PhaseSummary};
+pub use stats::{Lateness, Mark, PhaseRound, PhaseSummary};
 
 use crate::figures::QsdRatios;
 use crate::images::{self, ImageError};
 use crate::machine::{self, LoadSpan, Machine, MachineError};
-use crate::procfs;
+use crate::procfs::{self, CpuSample};
 use crate::session::{turn_order, Session};
 use crate::target::{self, Mode, Target};
 use vloop_frontend::backend::Program;
@@ -299,14 +299,6 @@ struct Collected {
     peak_rss_kib: Option<u64>,
 }
 
-/// Reads the backend's CPU time now.
-fn sample(pid: u32) -> CpuSample {
-    CpuSample {
-        ticks: procfs::cpu_time(pid).ok(),
-        threads: procfs::threads(pid).ok(),
-    }
-}
-
 /// How one phase went, for the progress lines.
 fn progress(tag: &str, name: &str, r: &PhaseRound) -> String {
     format!(
@@ -373,7 +365,7 @@ fn boot_one(
         };
         let mut c = s2.lock().unwrap_or_else(PoisonError::into_inner);
         let cpu = match (&line.event, c.pid) {
-            (IoEvent::Begin { .. } | IoEvent::End { .. }, Some(pid)) => sample(pid),
+            (IoEvent::Begin { .. } | IoEvent::End { .. }, Some(pid)) => CpuSample::read(pid),
             _ => CpuSample::default(),
         };
         if let (IoEvent::End { .. }, Some(pid)) = (&line.event, c.pid) {

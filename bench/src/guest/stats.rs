@@ -2,22 +2,10 @@
 //! backends: pure code over what the host saw (the I/O tool's lines with the backend's CPU
 //! time read when each arrived), no I/O (the arithmetic over rounds is `crate::figures`'s).
 
-use std::time::Duration;
-
 use vloop_guest::io::{IoEvent, IoLine, PhaseResult};
 
 use crate::figures::{stat_of, Failures, RoundFigures, Rounds, Stat};
-use crate::procfs::{thread_cpu_delta, ThreadCpu, ThreadShare};
-
-/// The backend's CPU time as the host read it from /proc at one moment.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CpuSample {
-    /// utime + stime of the process and all its threads, exited ones included
-    /// (/proc/PID/stat, in clock ticks).
-    pub ticks: Option<Duration>,
-    /// Each live thread's exact run time (/proc/PID/task/TID/schedstat).
-    pub threads: Option<Vec<ThreadCpu>>,
-}
+use crate::procfs::{CpuSample, ThreadShare};
 
 /// One line of the I/O tool as the host received it.
 #[derive(Debug, Clone, PartialEq)]
@@ -123,26 +111,11 @@ impl PhaseRound {
     ) -> PhaseRound {
         let host_secs = (end.at_s - begin.at_s).max(0.0);
         let n = result.ios.max(1) as f64;
-        let cpu_s = match (begin.cpu.ticks, end.cpu.ticks) {
-            (Some(a), Some(b)) => Some(b.saturating_sub(a).as_secs_f64()),
-            _ => None,
-        };
+        let used = begin.cpu.until(&end.cpu);
+        let cpu_s = used.ticks.map(|t| t.as_secs_f64());
         let per_io = |s: f64| (result.ios > 0).then(|| s * 1e6 / n);
-        let (run_us, threads) = match (&begin.cpu.threads, &end.cpu.threads) {
-            (Some(a), Some(b)) => {
-                let by_name = thread_cpu_delta(a, b);
-                let total: u64 = by_name.iter().map(|(_, ns)| ns).sum();
-                let shares = by_name
-                    .into_iter()
-                    .map(|(thread, ns)| ThreadShare {
-                        thread,
-                        value: ns as f64 / 1e3 / n,
-                    })
-                    .collect();
-                (per_io(total as f64 / 1e9), shares)
-            }
-            _ => (None, Vec::new()),
-        };
+        let run_us = used.threads_ns().and_then(|ns| per_io(ns as f64 / 1e9));
+        let threads = used.shares(|ns| ns as f64 / 1e3 / n);
         PhaseRound {
             round,
             load_before,
@@ -294,7 +267,10 @@ impl Rounds for PhaseSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
     use crate::figures::{paired_ratio, QsdRatios};
+    use crate::procfs::ThreadCpu;
     use crate::target::Target;
 
     /// A mark of `event` written at `guest_s` by the guest's clock and received at `at_s`.
