@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use super::{ImageState, Qcow2Image, Ratios, Report, Round, Row, Summary};
+use super::{
+    default_workloads, Case, CompareOptions, ImageState, Qcow2Image, Ratios, Report, Round, Row,
+    Summary,
+};
 use crate::hist::{LatencyHist, Percentiles};
 use crate::images::{Check, Info};
 use crate::load::{Pattern, Workload};
@@ -41,13 +44,7 @@ fn row(w: Workload, on: ImageState, base: f64, targets: &[Target]) -> Row {
         vloop_raw: has(Target::VloopRaw).then(|| summary(&[base * 1.25, base * 1.1])),
         ratios: Ratios::default(),
     };
-    row.ratios = Ratios::of(
-        &row.vloop,
-        row.qsd.as_ref(),
-        row.qsd_iothread.as_ref(),
-        row.raw.as_ref(),
-        row.vloop_raw.as_ref(),
-    );
+    row.set_ratios();
     row
 }
 
@@ -129,4 +126,28 @@ pub(crate) fn qcow2_report() -> Report {
         },
     });
     r
+}
+
+/// Page-cache (or `mode`) settings over the default workload set on a 1 MiB image, with a
+/// vloop-blk argument; qemu-storage-daemon left out when `skip_qsd`.
+pub(crate) fn options(mode: Mode, skip_qsd: bool) -> CompareOptions {
+    CompareOptions {
+        image: "/tmp/i.img".into(),
+        image_size: 1 << 20,
+        fresh_image: false,
+        qcow2: false,
+        qemu_img_bin: "qemu-img".into(),
+        vloop_bin: "/bin/vloop-blk".into(),
+        qsd_bin: "qemu-storage-daemon".into(),
+        rounds: 1,
+        mode,
+        cases: default_workloads(Duration::from_secs(1))
+            .into_iter()
+            .map(Case::allocated)
+            .collect(),
+        skip_qsd,
+        vloop_args: vec!["--queue-size=512".into()],
+        time_budget: None,
+        idle: None,
+    }
 }
