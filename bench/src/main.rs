@@ -8,12 +8,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use vloop_bench::compare::{self, Case, CompareOptions};
+use vloop_bench::compare::{self, CompareOptions};
 use vloop_bench::guest::{self, GuestOptions};
-use vloop_bench::load::{self, Pattern, RunResult, Workload};
+use vloop_bench::load::{self, Workload, WorkloadWords};
 use vloop_bench::target::{self, Mode};
 use vloop_bench::text::{parse_duration, parse_optional_duration};
-use vloop_guest::io::{IoPhase, Pattern as IoPattern};
 use vloop_harness::accel::AccelChoice;
 use vloop_harness::setup::SetupOptions;
 use vloop_images::size::parse_bytes;
@@ -154,52 +153,24 @@ struct Args {
     plot: Option<PathBuf>,
 }
 
-fn workload(a: &Args, runtime: Duration) -> Result<Workload> {
-    let mut pattern: Pattern = a.workload.parse().map_err(anyhow::Error::msg)?;
-    if let Pattern::Mixed { read_pct } = &mut pattern {
-        *read_pct = a.rwmixread;
+impl Args {
+    /// `--runtime`, `default` when not given.
+    fn runtime(&self, default: &str) -> Result<Duration> {
+        Ok(parse_duration(self.runtime.as_deref().unwrap_or(default))?)
     }
-    let bs = parse_bytes(&a.bs)?;
-    if bs == 0 || bs % 512 != 0 || bs > 64 << 20 {
-        bail!("--bs {} must be a multiple of 512 up to 64M", a.bs);
-    }
-    if a.iodepth == 0 || a.iodepth > 4096 {
-        bail!("--iodepth must be between 1 and 4096");
-    }
-    if a.queues == 0 {
-        bail!("--queues must be at least 1");
-    }
-    Ok(Workload {
-        pattern,
-        bs: bs as u32,
-        iodepth: a.iodepth,
-        queues: a.queues,
-        runtime,
-        one_pass: false,
-    })
-}
 
-fn run_text(w: &Workload, r: &RunResult) -> String {
-    let l = r.latency;
-    let mut o = format!(
-        "{w}: {:.0} IOPS, {:.1} MiB/s, latency p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us ({} I/Os in {:.2} s, {} errors)\n",
-        r.iops, r.mib_s, l.p50_us, l.p99_us, l.p999_us, r.ios, r.secs, r.errors
-    );
-    if let Some(c) = r.backend_cpu_us_per_io {
-        o += &format!("backend CPU: {c:.2} us per I/O\n");
+    /// The workload of `-w`, `--rwmixread`, `--bs`, `--iodepth` and `--queues`, run for
+    /// `runtime`.
+    fn workload(&self, runtime: Duration) -> Result<Workload> {
+        let words = WorkloadWords {
+            pattern: &self.workload,
+            rwmixread: self.rwmixread,
+            bs: &self.bs,
+            iodepth: self.iodepth,
+            queues: self.queues,
+        };
+        Ok(words.workload(runtime)?)
     }
-    if let Some(c) = r.client_cpu_us_per_io {
-        o += &format!("this process's CPU: {c:.2} us per I/O\n");
-    }
-    if r.frontend.submitted > 0 {
-        let n = r.frontend.submitted as f64;
-        o += &format!(
-            "notifications: {:.3} kicks and {:.3} call waits per I/O\n",
-            r.frontend.kicks as f64 / n,
-            r.frontend.waits as f64 / n
-        );
-    }
-    o
 }
 
 /// Prints to stdout; a closed stdout (`| head`) is not an error worth a panic.
@@ -214,34 +185,10 @@ fn write_json<T: serde::Serialize>(path: &PathBuf, v: &T) -> Result<()> {
         .with_context(|| format!("cannot write JSON to {}", path.display()))
 }
 
-/// The one phase of `--guest --only`: the workload options as a phase of the guest's tool.
-fn guest_phase(a: &Args, runtime: Duration) -> Result<IoPhase> {
-    let w = workload(a, runtime)?;
-    let pattern = match w.pattern {
-        Pattern::Read => IoPattern::Read,
-        Pattern::Write => IoPattern::Write,
-        Pattern::RandRead => IoPattern::RandRead,
-        Pattern::RandWrite => IoPattern::RandWrite,
-        Pattern::Mixed { .. } => bail!("--guest runs read, write, randread or randwrite phases"),
-    };
-    if w.queues != 1 {
-        bail!("--guest drives one virtio-blk queue: --queues must be 1");
-    }
-    Ok(IoPhase {
-        pattern,
-        bs: w.bs,
-        qd: u32::from(w.iodepth),
-        runtime_ms: u64::try_from(runtime.as_millis()).unwrap_or(u64::MAX),
-    })
-}
-
 fn run_guest(a: &Args) -> Result<()> {
-    let runtime = parse_duration(a.runtime.as_deref().unwrap_or("3s"))?;
-    let phases = if a.only {
-        vec![guest_phase(a, runtime)?]
-    } else {
-        guest::default_phases(runtime)
-    };
+    let runtime = a.runtime("3s")?;
+    let only = a.only.then(|| a.workload(runtime)).transpose()?;
+    let phases = guest::phases(only.as_ref(), runtime)?;
     if !a.no_qsd {
         target::require_qsd(&a.qsd_bin)?;
     }
@@ -275,78 +222,60 @@ fn run_guest(a: &Args) -> Result<()> {
     Ok(())
 }
 
+fn run_compare(a: &Args) -> Result<()> {
+    let runtime = a.runtime("2s")?;
+    let only = a.only.then(|| a.workload(runtime)).transpose()?;
+    let cases = compare::cases(only, a.empty_overlay, a.qcow2, runtime);
+    let vloop_bin = target::vloop_bin(a.vloop_bin.clone());
+    if !a.no_qsd {
+        target::require_qsd(&a.qsd_bin)?;
+    }
+    let opts = CompareOptions {
+        image: a.image.clone(),
+        image_size: parse_bytes(&a.image_size)?,
+        fresh_image: a.fresh_image,
+        qcow2: a.qcow2,
+        qemu_img_bin: a.qemu_img_bin.clone(),
+        vloop_bin,
+        qsd_bin: a.qsd_bin.clone(),
+        rounds: a.rounds.max(1),
+        mode: Mode::of(a.null, a.direct),
+        cases,
+        skip_qsd: a.no_qsd,
+        vloop_args: a.vloop_args.clone(),
+        time_budget: Some(parse_duration(&a.time_budget)?),
+        idle: parse_optional_duration(&a.idle)?,
+    };
+    let report = compare::run(&opts)?;
+    out(&compare::render(&report));
+    if let Some(p) = &a.json {
+        write_json(p, &report)?;
+    }
+    if let Some(p) = &a.plot {
+        let svg = vloop_bench::plot::svg(&report)?;
+        std::fs::write(p, svg)
+            .with_context(|| format!("cannot write the chart to {}", p.display()))?;
+    }
+    Ok(())
+}
+
 fn run(a: Args) -> Result<()> {
     if a.guest {
         return run_guest(&a);
     }
     if a.compare {
-        let runtime = parse_duration(a.runtime.as_deref().unwrap_or("2s"))?;
-        let cases = if a.only {
-            let w = workload(&a, runtime)?;
-            vec![if a.empty_overlay {
-                Case::empty_overlay(w)
-            } else {
-                Case::allocated(w)
-            }]
-        } else if a.qcow2 {
-            compare::qcow2_cases(runtime)
-        } else {
-            compare::default_workloads(runtime)
-                .into_iter()
-                .map(Case::allocated)
-                .collect()
-        };
-        let vloop_bin = target::vloop_bin(a.vloop_bin.clone());
-        if !a.no_qsd {
-            target::require_qsd(&a.qsd_bin)?;
-        }
-        let mode = Mode::of(a.null, a.direct);
-        let opts = CompareOptions {
-            image: a.image.clone(),
-            image_size: parse_bytes(&a.image_size)?,
-            fresh_image: a.fresh_image,
-            qcow2: a.qcow2,
-            qemu_img_bin: a.qemu_img_bin.clone(),
-            vloop_bin,
-            qsd_bin: a.qsd_bin.clone(),
-            rounds: a.rounds.max(1),
-            mode,
-            cases,
-            skip_qsd: a.no_qsd,
-            vloop_args: a.vloop_args.clone(),
-            time_budget: Some(parse_duration(&a.time_budget)?),
-            idle: parse_optional_duration(&a.idle)?,
-        };
-        let report = compare::run(&opts)?;
-        out(&compare::render(&report));
-        if let Some(p) = &a.json {
-            write_json(p, &report)?;
-        }
-        if let Some(p) = &a.plot {
-            let svg = vloop_bench::plot::svg(&report)?;
-            std::fs::write(p, svg)
-                .with_context(|| format!("cannot write the chart to {}", p.display()))?;
-        }
-        return Ok(());
+        return run_compare(&a);
     }
-    let runtime = parse_duration(a.runtime.as_deref().unwrap_or("5s"))?;
-    let w = workload(&a, runtime)?;
+    let w = a.workload(a.runtime("5s")?)?;
     if let (true, Some(sock)) = (a.verify, &a.socket) {
         let r = vloop_bench::verify::run_verify(sock, &w)
             .with_context(|| format!("verifying {w} against {}", sock.display()))?;
-        out(&format!(
-            "verify {w}: {} writes, {} reads checked, {} mismatches, {} errors\n",
-            r.writes, r.verified_reads, r.mismatches, r.errors
-        ));
+        out(&r.text(&w));
         if let Some(p) = &a.json {
             write_json(p, &r)?;
         }
-        if r.mismatches > 0 || r.errors > 0 {
-            bail!(
-                "data verification failed: {} mismatches, {} failed requests",
-                r.mismatches,
-                r.errors
-            );
+        if let Some(why) = r.failure() {
+            bail!("{why}");
         }
         return Ok(());
     }
@@ -362,7 +291,7 @@ fn run(a: Args) -> Result<()> {
     } else {
         bail!("nothing to do: pass --socket PATH, --raw FILE, --compare or --guest");
     };
-    out(&run_text(&w, &result));
+    out(&result.text(&w));
     if let Some(p) = &a.json {
         write_json(
             p,

@@ -20,7 +20,7 @@ pub mod report;
 pub mod run;
 pub mod stats;
 
-pub use options::{default_workloads, qcow2_cases, Case, CompareOptions, ImageState};
+pub use options::{cases, default_workloads, qcow2_cases, Case, CompareOptions, ImageState};
 pub use render::render;
 pub use report::{BackendFacts, Idle, Report, Row, TargetImage};
 pub use run::run;

@@ -127,6 +127,25 @@ impl CompareOptions {
     }
 }
 
+/// The rows of a comparison: the one workload `only` (on empty overlays when
+/// `empty_overlay`), else the qcow2 set when `qcow2`, else the default set, `runtime` per run.
+pub fn cases(
+    only: Option<Workload>,
+    empty_overlay: bool,
+    qcow2: bool,
+    runtime: Duration,
+) -> Vec<Case> {
+    match only {
+        Some(w) if empty_overlay => vec![Case::empty_overlay(w)],
+        Some(w) => vec![Case::allocated(w)],
+        None if qcow2 => qcow2_cases(runtime),
+        None => default_workloads(runtime)
+            .into_iter()
+            .map(Case::allocated)
+            .collect(),
+    }
+}
+
 /// The issue's workload set with `runtime` per run: 4k random reads at depth 1 and 32 on one
 /// queue and at depth 32 on two, 4k random writes at depth 1 and 32, 1 MiB sequential reads
 /// and writes at depth 8.
@@ -220,6 +239,18 @@ mod tests {
         assert_eq!(cases[4].on, ImageState::EmptyOverlay);
         assert!(cases[4].workload.one_pass);
     }
+    #[test]
+    fn the_rows_are_the_one_workload_or_a_set() {
+        let s = Duration::from_secs(1);
+        let w = default_workloads(s)[0];
+        assert_eq!(cases(Some(w), false, true, s), [Case::allocated(w)]);
+        assert_eq!(cases(Some(w), true, true, s), [Case::empty_overlay(w)]);
+        assert_eq!(cases(None, false, true, s), qcow2_cases(s));
+        let all = cases(None, true, false, s);
+        assert_eq!(all.len(), 7);
+        assert!(all.iter().all(|c| c.on == ImageState::Allocated));
+    }
+
     #[test]
     fn the_default_set_is_the_issues() {
         let names: Vec<String> = default_workloads(Duration::from_secs(1))

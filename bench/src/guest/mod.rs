@@ -23,7 +23,9 @@ pub mod stats;
 use vloop_guest::io::IoPlanError;
 use vloop_harness::setup::SetupError;
 
-pub use options::{default_phases, targets, GuestOptions, GUEST_CPUS, GUEST_DEVICE};
+pub use options::{
+    default_phases, phase_of, phases, targets, GuestOptions, GUEST_CPUS, GUEST_DEVICE,
+};
 pub use render::render;
 pub use report::{Boot, GuestBackend, GuestReport, PhaseRow};
 pub use run::run;
@@ -41,6 +43,12 @@ pub enum GuestError {
         "--guest runs in a cache mode (the page cache, or O_DIRECT with --direct), not --null"
     )]
     NullMode,
+    /// A mixed workload has no phase of the guest's tool.
+    #[error("--guest runs read, write, randread or randwrite phases")]
+    Mixed,
+    /// The guest's disk has one queue.
+    #[error("--guest drives one virtio-blk queue: --queues must be 1")]
+    Queues,
     /// The phases cannot be run.
     #[error("the guest phases cannot be run")]
     Plan(#[source] IoPlanError),

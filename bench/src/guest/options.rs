@@ -1,6 +1,6 @@
 //! What a guest comparison is asked to do: its settings ([`GuestOptions`]), the phases every
-//! guest runs (the issue's default set), the backends compared, and the shape of each guest.
-//! Pure.
+//! guest runs (the issue's default set, or one phase the command line's workload gives), the
+//! backends compared, and the shape of each guest. Pure.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,6 +8,8 @@ use std::time::Duration;
 use vloop_guest::io::{IoPhase, Pattern};
 use vloop_harness::setup::SetupOptions;
 
+use super::GuestError;
+use crate::load::{self, Workload};
 use crate::target::{Mode, Target};
 
 /// The device the guest sees its one disk as.
@@ -69,6 +71,36 @@ pub fn default_phases(runtime: Duration) -> Vec<IoPhase> {
     ]
 }
 
+/// The phases of a guest comparison: the one phase of `only`, or the default ones of
+/// `runtime` each.
+pub fn phases(only: Option<&Workload>, runtime: Duration) -> Result<Vec<IoPhase>, GuestError> {
+    match only {
+        Some(w) => Ok(vec![phase_of(w)?]),
+        None => Ok(default_phases(runtime)),
+    }
+}
+
+/// Workload `w` as a phase of the guest's I/O tool: a read, write, randread or randwrite on
+/// the guest's one queue.
+pub fn phase_of(w: &Workload) -> Result<IoPhase, GuestError> {
+    let pattern = match w.pattern {
+        load::Pattern::Read => Pattern::Read,
+        load::Pattern::Write => Pattern::Write,
+        load::Pattern::RandRead => Pattern::RandRead,
+        load::Pattern::RandWrite => Pattern::RandWrite,
+        load::Pattern::Mixed { .. } => return Err(GuestError::Mixed),
+    };
+    if w.queues != 1 {
+        return Err(GuestError::Queues);
+    }
+    Ok(IoPhase {
+        pattern,
+        bs: w.bs,
+        qd: u32::from(w.iodepth),
+        runtime_ms: u64::try_from(w.runtime.as_millis()).unwrap_or(u64::MAX),
+    })
+}
+
 /// The backends of a guest comparison: vloop-blk, qemu-storage-daemon from its main loop
 /// when `main_loop`, and from an iothread unless `no_qsd`.
 pub fn targets(no_qsd: bool, main_loop: bool) -> Vec<Target> {
@@ -85,6 +117,38 @@ pub fn targets(no_qsd: bool, main_loop: bool) -> Vec<Target> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_workload_is_a_phase_when_the_guest_can_run_it() {
+        let w = Workload {
+            pattern: load::Pattern::RandWrite,
+            bs: 4096,
+            iodepth: 4,
+            queues: 1,
+            runtime: Duration::from_millis(1500),
+            one_pass: false,
+        };
+        let p = phases(Some(&w), Duration::from_secs(9)).unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!(
+            (p[0].name(), p[0].runtime_ms),
+            ("4k randwrite QD4".into(), 1500)
+        );
+        assert_eq!(phases(None, Duration::from_secs(9)).unwrap().len(), 6);
+        let mixed = Workload {
+            pattern: load::Pattern::Mixed { read_pct: 70 },
+            ..w
+        };
+        assert_eq!(
+            phase_of(&mixed).unwrap_err().to_string(),
+            "--guest runs read, write, randread or randwrite phases"
+        );
+        let two = Workload { queues: 2, ..w };
+        assert_eq!(
+            phase_of(&two).unwrap_err().to_string(),
+            "--guest drives one virtio-blk queue: --queues must be 1"
+        );
+    }
 
     #[test]
     fn the_default_phases_are_the_issues() {

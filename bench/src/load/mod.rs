@@ -17,7 +17,7 @@ use vloop_frontend::mem::MemError;
 
 pub use raw::run_raw;
 pub use vhost::{client_options, run_vhost, run_vhost_with};
-pub use workload::{OffsetGen, Pattern, Rng, Workload};
+pub use workload::{OffsetGen, Pattern, Rng, Workload, WorkloadError, WorkloadWords};
 
 use crate::hist::{LatencyHist, Percentiles};
 use crate::procfs::{CpuUsed, ThreadShare};
@@ -92,6 +92,30 @@ pub struct RunResult {
 }
 
 impl RunResult {
+    /// What a run of `w` did, in a few lines for a terminal.
+    pub fn text(&self, w: &Workload) -> String {
+        let l = self.latency;
+        let mut o = format!(
+            "{w}: {:.0} IOPS, {:.1} MiB/s, latency p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us ({} I/Os in {:.2} s, {} errors)\n",
+            self.iops, self.mib_s, l.p50_us, l.p99_us, l.p999_us, self.ios, self.secs, self.errors
+        );
+        if let Some(c) = self.backend_cpu_us_per_io {
+            o += &format!("backend CPU: {c:.2} us per I/O\n");
+        }
+        if let Some(c) = self.client_cpu_us_per_io {
+            o += &format!("this process's CPU: {c:.2} us per I/O\n");
+        }
+        if self.frontend.submitted > 0 {
+            let n = self.frontend.submitted as f64;
+            o += &format!(
+                "notifications: {:.3} kicks and {:.3} call waits per I/O\n",
+                self.frontend.kicks as f64 / n,
+                self.frontend.waits as f64 / n
+            );
+        }
+        o
+    }
+
     /// The result of the queues' parts of a run of `bs`-byte requests, with the CPU the
     /// `backend` used over it where it was measured.
     fn build(ran: Ran, bs: u32, backend: Option<CpuUsed>) -> Self {

@@ -1,15 +1,84 @@
 //! A workload and where its requests go: the access pattern, block size, depth, queue count
-//! and duration of a run ([`Workload`], named as the tables name it), and for each queue the
-//! offset and direction of every request ([`OffsetGen`] over a seedable [`Rng`]). Pure: the
-//! engines in `vhost` and `raw` move the data.
+//! and duration of a run ([`Workload`], named as the tables name it, and read from the command
+//! line's words by [`WorkloadWords`]), and for each queue the offset and direction of every
+//! request ([`OffsetGen`] over a seedable [`Rng`]). Pure: the engines in `vhost` and `raw`
+//! move the data.
 
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
 use vloop_frontend::blk::SECTOR_SIZE;
+use vloop_images::size::{parse_bytes, SizeError};
 
 use super::LoadError;
+
+/// Errors of reading a workload from the command line's words.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    /// The pattern is none of the known ones.
+    #[error("{0}")]
+    Pattern(String),
+    /// The block size is not a size.
+    #[error(transparent)]
+    Size(#[from] SizeError),
+    /// The block size is not a multiple of 512 up to 64 MiB.
+    #[error("--bs {0} must be a multiple of 512 up to 64M")]
+    BlockSize(String),
+    /// The depth is 0 or above 4096.
+    #[error("--iodepth must be between 1 and 4096")]
+    Depth,
+    /// No queue.
+    #[error("--queues must be at least 1")]
+    Queues,
+}
+
+/// The largest block size a workload takes.
+const MAX_BS: u64 = 64 << 20;
+
+/// A workload as the command line words it.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkloadWords<'a> {
+    /// `-w`: read, write, randread, randwrite or mixed.
+    pub pattern: &'a str,
+    /// `--rwmixread`: the percentage of reads of the mixed pattern.
+    pub rwmixread: u8,
+    /// `--bs`: bytes per request, with k/M suffixes.
+    pub bs: &'a str,
+    /// `--iodepth`: requests in flight per queue.
+    pub iodepth: u16,
+    /// `--queues`: queues, one thread each.
+    pub queues: u16,
+}
+
+impl WorkloadWords<'_> {
+    /// The workload these words say, run for `runtime`.
+    pub fn workload(&self, runtime: Duration) -> Result<Workload, WorkloadError> {
+        let mut pattern: Pattern = self.pattern.parse().map_err(WorkloadError::Pattern)?;
+        if let Pattern::Mixed { read_pct } = &mut pattern {
+            *read_pct = self.rwmixread;
+        }
+        let bs = parse_bytes(self.bs)?;
+        let bs = u32::try_from(bs)
+            .ok()
+            .filter(|&b| b != 0 && b % 512 == 0 && u64::from(b) <= MAX_BS)
+            .ok_or_else(|| WorkloadError::BlockSize(self.bs.to_string()))?;
+        if self.iodepth == 0 || self.iodepth > 4096 {
+            return Err(WorkloadError::Depth);
+        }
+        if self.queues == 0 {
+            return Err(WorkloadError::Queues);
+        }
+        Ok(Workload {
+            pattern,
+            bs,
+            iodepth: self.iodepth,
+            queues: self.queues,
+            runtime,
+            one_pass: false,
+        })
+    }
+}
 
 /// Access pattern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -243,6 +312,75 @@ mod tests {
             runtime: Duration::from_secs(1),
             one_pass: false,
         }
+    }
+
+    #[test]
+    fn the_command_lines_words_make_a_workload_or_say_what_is_wrong() {
+        let words = WorkloadWords {
+            pattern: "mixed",
+            rwmixread: 30,
+            bs: "8k",
+            iodepth: 4,
+            queues: 2,
+        };
+        let w = words.workload(Duration::from_secs(5)).unwrap();
+        assert_eq!(w.to_string(), "8k mixed30 QD4 x2q");
+        assert_eq!((w.runtime, w.one_pass), (Duration::from_secs(5), false));
+        let bad = |w: WorkloadWords| w.workload(Duration::from_secs(1)).unwrap_err().to_string();
+        for (words, why) in [
+            (
+                WorkloadWords {
+                    pattern: "seq",
+                    ..words
+                },
+                "unknown workload 'seq': use read, write, randread, randwrite or mixed",
+            ),
+            (
+                WorkloadWords {
+                    bs: "1000",
+                    ..words
+                },
+                "--bs 1000 must be a multiple of 512 up to 64M",
+            ),
+            (
+                WorkloadWords { bs: "0", ..words },
+                "--bs 0 must be a multiple of 512 up to 64M",
+            ),
+            (
+                WorkloadWords {
+                    bs: "128M",
+                    ..words
+                },
+                "--bs 128M must be a multiple of 512 up to 64M",
+            ),
+            (
+                WorkloadWords { bs: "64G", ..words },
+                "--bs 64G must be a multiple of 512 up to 64M",
+            ),
+            (
+                WorkloadWords {
+                    iodepth: 0,
+                    ..words
+                },
+                "--iodepth must be between 1 and 4096",
+            ),
+            (
+                WorkloadWords {
+                    iodepth: 4097,
+                    ..words
+                },
+                "--iodepth must be between 1 and 4096",
+            ),
+            (
+                WorkloadWords { queues: 0, ..words },
+                "--queues must be at least 1",
+            ),
+        ] {
+            assert_eq!(bad(words), why);
+        }
+        assert!(bad(WorkloadWords { bs: "x", ..words }).contains("'x'"));
+        let max = WorkloadWords { bs: "64M", ..words };
+        assert_eq!(max.workload(Duration::from_secs(1)).unwrap().bs, 64 << 20);
     }
 
     #[test]
