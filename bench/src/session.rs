@@ -58,31 +58,43 @@ impl Session {
         Ok(LoadSpan::new(self.load_before, after))
     }
 
-    /// The rounds, which start now, within `budget` of wall time from the session's start.
-    pub fn rounds(&self, budget: Option<Duration>) -> Budget {
-        Budget {
+    /// The numbers (from 0) of `count` rounds that start from now on, as long as each fits
+    /// within `budget` of wall time from the session's start.
+    pub fn rounds(&self, count: u32, budget: Option<Duration>) -> Rounds {
+        Rounds {
             started: self.started,
             rounds_started: Instant::now(),
             budget,
+            count,
+            next: 0,
         }
     }
 }
 
-/// The time budget of a session's rounds.
-#[derive(Debug, Clone, Copy)]
-pub struct Budget {
+/// The rounds of a session: their numbers from 0, while they fit the time budget.
+#[derive(Debug, Clone)]
+pub struct Rounds {
     /// When the session started.
     started: Instant,
     /// When the first round started.
     rounds_started: Instant,
     /// The wall time no round may end after.
     budget: Option<Duration>,
+    /// Rounds asked for.
+    count: u32,
+    /// The next round's number: the rounds started so far.
+    next: u32,
 }
 
-impl Budget {
-    /// Whether round `round` (from 0) may start: the first always, a later one when another
-    /// round as long as the mean of those done would end within the budget. Prints why not.
-    pub fn allows(&self, round: u32) -> bool {
+impl Rounds {
+    /// The rounds started so far.
+    pub fn started(&self) -> u32 {
+        self.next
+    }
+
+    /// Whether round `round` may start: the first always, a later one when another round as
+    /// long as the mean of those done would end within the budget. Prints why not.
+    fn fits(&self, round: u32) -> bool {
         let Some(budget) = self.budget else {
             return true;
         };
@@ -94,6 +106,19 @@ impl Budget {
             return false;
         }
         true
+    }
+}
+
+impl Iterator for Rounds {
+    type Item = u32;
+
+    fn next(&mut self) -> Option<u32> {
+        let round = self.next;
+        if round >= self.count || !self.fits(round) {
+            return None;
+        }
+        self.next += 1;
+        Some(round)
     }
 }
 
@@ -119,13 +144,14 @@ mod tests {
         let s = Session::start(Path::new("/nonexistent/qemu-storage-daemon")).unwrap();
         assert!(s.started_at.ends_with('Z'), "{}", s.started_at);
         assert!(s.machine.qsd_version.is_none());
-        let none = s.rounds(None);
-        assert!(none.allows(0) && none.allows(1000));
-        let b = s.rounds(Some(Duration::ZERO));
-        assert!(b.allows(0), "the first round always runs");
-        assert!(!b.allows(1));
-        let ample = s.rounds(Some(Duration::from_secs(3600)));
-        assert!(ample.allows(1));
+        assert_eq!(s.rounds(3, None).collect::<Vec<_>>(), [0, 1, 2]);
+        let mut all = s.rounds(1000, None);
+        assert_eq!(all.by_ref().count(), 1000);
+        assert_eq!(all.started(), 1000);
+        let mut none = s.rounds(5, Some(Duration::ZERO));
+        assert_eq!(none.next(), Some(0), "the first round always runs");
+        assert_eq!((none.next(), none.started()), (None, 1));
+        assert_eq!(s.rounds(2, Some(Duration::from_secs(3600))).count(), 2);
         assert!(s.load_span().unwrap().after.one >= 0.0);
         assert!(s.wall_secs() >= 0.0);
     }

@@ -127,13 +127,8 @@ pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
             facts.idle = Some(idle);
         }
     }
-    let budget = session.rounds(opts.time_budget);
-    let mut rounds_done = 0;
-    for round in 0..opts.rounds {
-        if !budget.allows(round) {
-            break;
-        }
-        rounds_done += 1;
+    let mut rounds = session.rounds(opts.rounds, opts.time_budget);
+    for round in &mut rounds {
         for (wi, row) in rows.iter_mut().enumerate() {
             // A new order for every (round, workload).
             for target in turn_order(&targets, round as usize + wi) {
@@ -183,7 +178,7 @@ pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
         load,
         image: opts.image.clone(),
         image_size: opts.image_size,
-        rounds: rounds_done,
+        rounds: rounds.started(),
         rounds_requested: opts.rounds,
         targets,
         images: target_images,

@@ -58,14 +58,9 @@ pub fn run(opts: &GuestOptions) -> Result<GuestReport, GuestError> {
         })
         .collect();
     let mut boots = Vec::new();
-    let mut rounds_done = 0;
     let mut interrupted = false;
-    let budget = session.rounds(opts.time_budget);
-    'rounds: for round in 0..opts.rounds {
-        if !budget.allows(round) {
-            break;
-        }
-        rounds_done += 1;
+    let mut rounds = session.rounds(opts.rounds, opts.time_budget);
+    'rounds: for round in &mut rounds {
         for target in turn_order(&opts.targets, round as usize) {
             // Leave no dirty pages of the previous guest for this one's writeback.
             images::sync([opts.image.as_path()]);
@@ -113,7 +108,7 @@ pub fn run(opts: &GuestOptions) -> Result<GuestReport, GuestError> {
             .into(),
         image: opts.image.clone(),
         image_size: opts.image_size,
-        rounds: rounds_done,
+        rounds: rounds.started(),
         rounds_requested: opts.rounds,
         gap_ms: plan.gap_ms,
         targets: opts.targets.clone(),
