@@ -163,6 +163,21 @@ impl Machine {
     }
 }
 
+#[cfg(test)]
+impl Machine {
+    /// A made-up machine for the tests of the reports: 2 CPUs of a "Test CPU", Linux 6.1.0,
+    /// no qemu-storage-daemon.
+    pub(crate) fn made_up() -> Machine {
+        Machine {
+            cpus: 2,
+            cpus_online: 2,
+            cpu_model: Some("Test CPU".into()),
+            kernel: Some("6.1.0".into()),
+            qsd_version: None,
+        }
+    }
+}
+
 /// The first line of `program --version`, when it runs.
 fn version_of(program: &Path) -> Option<String> {
     let out = Command::new(program)

@@ -14,11 +14,17 @@ use crate::target::{Mode, Target};
 
 /// A summary with one round per entry of `iops` (p50 the inverse of IOPS, 10 I/Os each).
 pub(crate) fn summary(iops: &[f64]) -> Summary {
+    summary_cpu(iops, &[])
+}
+
+/// [`summary`] with the backend CPU per request of each round where `cpu` has an entry.
+pub(crate) fn summary_cpu(iops: &[f64], cpu: &[f64]) -> Summary {
     let mut s = Summary::default();
     for (i, &x) in iops.iter().enumerate() {
         let r = Round {
             round: i as u32 + 1,
             iops: x,
+            backend_cpu_us_per_io: cpu.get(i).copied(),
             latency: Percentiles {
                 p50_us: 1e6 / x,
                 ..Percentiles::default()
@@ -68,13 +74,7 @@ pub(crate) fn report(targets: Vec<Target>) -> Report {
         mode: Mode::PageCache,
         direct: false,
         qcow2: None,
-        machine: Machine {
-            cpus: 2,
-            cpus_online: 2,
-            cpu_model: Some("Test CPU".into()),
-            kernel: Some("6.1.0".into()),
-            qsd_version: None,
-        },
+        machine: Machine::made_up(),
         load: LoadSpan::new(load, load),
         image: "/tmp/i.img".into(),
         image_size: 1 << 30,

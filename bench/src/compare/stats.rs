@@ -222,25 +222,7 @@ impl Ratios {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn summary(iops: &[f64], cpu: &[f64]) -> Summary {
-        let mut s = Summary::default();
-        for (i, (&x, &c)) in iops.iter().zip(cpu).enumerate() {
-            let r = Round {
-                round: i as u32 + 1,
-                iops: x,
-                backend_cpu_us_per_io: Some(c),
-                latency: Percentiles {
-                    p50_us: 1e6 / x,
-                    ..Percentiles::default()
-                },
-                ios: 100,
-                ..Round::default()
-            };
-            s.add(r, &LatencyHist::new());
-        }
-        s
-    }
+    use crate::compare::fixtures::summary_cpu as summary;
 
     #[test]
     fn the_better_qsd_is_chosen_and_named() {
