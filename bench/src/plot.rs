@@ -300,8 +300,14 @@ pub fn svg(r: &Report) -> Result<String, PlotError> {
     Ok(out)
 }
 
+/// The texts of an SVG document, as the integration tests read the chart back.
+#[cfg(test)]
+#[path = "../tests/common/svg.rs"]
+mod svg_texts;
+
 #[cfg(test)]
 mod tests {
+    use super::svg_texts::texts;
     use super::*;
     use crate::compare::fixtures::{qcow2_report, report, summary};
 
@@ -318,12 +324,7 @@ mod tests {
         let root = doc.root_element();
         assert_eq!(root.tag_name().name(), "svg");
         assert_eq!(root.attribute("width"), Some("1200"));
-        let texts: Vec<&str> = doc
-            .descendants()
-            .filter(|n| n.has_tag_name("text"))
-            .filter_map(|n| n.text())
-            .map(str::trim)
-            .collect();
+        let texts = texts(&text);
         for want in [
             "4k randread QD1",
             "4k randread QD32 x2q",
@@ -332,11 +333,15 @@ mod tests {
             "raw",
             "IOPS",
         ] {
-            assert!(texts.contains(&want), "no text '{want}' in {texts:?}");
+            assert!(
+                texts.iter().any(|t| t == want),
+                "no text '{want}' in {texts:?}"
+            );
         }
         // Values above the bars: vloop's median of the first row, raw's of the second.
-        assert!(texts.contains(&"17.0k"), "{texts:?}");
-        assert!(texts.contains(&"18.00M"), "{texts:?}");
+        for want in ["17.0k", "18.00M"] {
+            assert!(texts.iter().any(|t| t == want), "{texts:?}");
+        }
         assert!(texts
             .iter()
             .any(|t| t.contains("2026-12-01, page cache") && t.contains("load 0.25 before")));
@@ -377,16 +382,7 @@ mod tests {
 
     #[test]
     fn the_chart_writes_vloops_ratios_under_each_workload() {
-        let texts = |r: &Report| -> Vec<String> {
-            let svg = svg(r).unwrap();
-            let doc = roxmltree::Document::parse(&svg).unwrap();
-            doc.descendants()
-                .filter(|n| n.has_tag_name("text"))
-                .filter_map(|n| n.text())
-                .map(|t| t.trim().to_string())
-                .collect()
-        };
-        let q = texts(&qcow2_report());
+        let q = texts(&svg(&qcow2_report()).unwrap());
         for want in [
             "vloop-raw",
             "1M write QD8 overlay",
@@ -401,7 +397,7 @@ mod tests {
                 .any(|t| t.contains("2026-12-01, page cache, qcow2: 3 rounds")),
             "{q:?}"
         );
-        let p = texts(&report(vec![Target::Vloop, Target::Qsd, Target::Raw]));
+        let p = texts(&svg(&report(vec![Target::Vloop, Target::Qsd, Target::Raw])).unwrap());
         assert!(p.iter().any(|t| t == "vs raw 0.05x"), "{p:?}");
         assert!(!p.iter().any(|t| t.contains("vloop-raw")), "{p:?}");
     }
