@@ -28,7 +28,12 @@ fn compare_prints_the_table_and_json() {
     let row = &v["rows"][0];
     assert_eq!(row["qsd"]["iops_rounds"].as_array().unwrap().len(), 2);
     assert!(row["raw"]["iops"]["median"].as_f64().unwrap() > 0.0);
-    assert!(backend(&v, "qsd")["idle_rss_kib"].as_u64().unwrap() > 0);
+    assert!(
+        common::by_target(&v, "backends", "qsd")["idle_rss_kib"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     if vloop.is_some() {
         assert!(
             row["vloop"]["iops"]["median"].as_f64().unwrap() > 0.0,
@@ -73,16 +78,6 @@ fn compare_stops_rounds_at_the_time_budget() {
     let raw_rounds = v["rows"][0]["raw"]["iops_rounds"].as_array().unwrap().len() as u64;
     assert_eq!(raw_rounds, rounds);
     assert!(stderr.contains("time budget"), "{stderr}");
-}
-
-/// The entry of backend `name` in a comparison's JSON.
-fn backend<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    v["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["target"] == name)
-        .unwrap_or_else(|| panic!("no backend {name} in {}", v["backends"]))
 }
 
 /// The vloop-blk and qemu-storage-daemon a `--compare` test needs (None: skipped).
@@ -221,7 +216,7 @@ fn compare_reports_both_qsd_configurations_idle_cpu_memory_load_and_a_chart() {
     );
     // Idle CPU and memory per backend: the iothread's command line serves from it.
     for name in ["vloop", "qsd", "qsd-iothread"] {
-        let b = backend(&v, name);
+        let b = common::by_target(&v, "backends", name);
         let idle = &b["idle"];
         assert!(idle["failure"].is_null(), "{name}: {idle}");
         assert!(idle["cpu_pct"].as_f64().unwrap() >= 0.0, "{name}: {idle}");
@@ -236,12 +231,12 @@ fn compare_reports_both_qsd_configurations_idle_cpu_memory_load_and_a_chart() {
             "{b}"
         );
     }
-    let cmd = backend(&v, "qsd-iothread")["command"].to_string();
+    let cmd = common::by_target(&v, "backends", "qsd-iothread")["command"].to_string();
     assert!(
         cmd.contains("iothread,id=iothread0") && cmd.contains(",iothread=iothread0"),
         "{cmd}"
     );
-    assert!(!backend(&v, "qsd")["command"]
+    assert!(!common::by_target(&v, "backends", "qsd")["command"]
         .to_string()
         .contains("iothread"));
     // The chart: an SVG document naming the workload and every target.
@@ -279,10 +274,10 @@ fn compare_null_mode_has_no_raw_column_and_serves_no_image() {
         assert_eq!(row[t]["errors"], 0, "{t}");
     }
     assert!(row["vloop_over_qsd"].as_f64().unwrap() > 0.0);
-    let vcmd = backend(&v, "vloop")["command"].to_string();
+    let vcmd = common::by_target(&v, "backends", "vloop")["command"].to_string();
     assert!(vcmd.contains(r#""--io-engine","null""#), "{vcmd}");
     for q in ["qsd", "qsd-iothread"] {
-        let c = backend(&v, q)["command"].to_string();
+        let c = common::by_target(&v, "backends", q)["command"].to_string();
         assert!(
             c.contains("driver=null-co,") && c.contains("read-zeroes=off"),
             "{c}"
@@ -295,16 +290,6 @@ fn compare_null_mode_has_no_raw_column_and_serves_no_image() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-}
-
-/// The target entry `name` of a comparison's `images`.
-fn image<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    v["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["target"] == name)
-        .unwrap_or_else(|| panic!("no image of {name} in {}", v["images"]))
 }
 
 /// A cheap digest of a file's content (FNV-1a), to tell whether it changed.
@@ -369,7 +354,7 @@ fn compare_qcow2_mode_serves_the_allocated_copy_and_empty_overlays() {
         ("qsd-iothread", "qcow2", &qcow2),
         ("vloop-raw", "raw", &raw),
     ] {
-        let i = image(&v, t);
+        let i = common::by_target(&v, "images", t);
         assert_eq!(i["format"], format, "{i}");
         assert_eq!(i["image"], path.to_str().unwrap(), "{i}");
         assert!(i["empty_overlay"].is_null(), "{i}");
@@ -392,7 +377,7 @@ fn compare_qcow2_mode_serves_the_allocated_copy_and_empty_overlays() {
         assert!(row[r].as_f64().unwrap() > 0.0, "{r}: {row}");
     }
     assert!(row["vloop_over_raw"].is_null());
-    let cmd = |t| backend(&v, t)["command"].to_string();
+    let cmd = |t| common::by_target(&v, "backends", t)["command"].to_string();
     let q_arg = format!(
         "\"--blk-file\",\"{}\",\"--format\",\"qcow2\"",
         qcow2.display()
@@ -474,7 +459,7 @@ fn compare_qcow2_mode_serves_the_allocated_copy_and_empty_overlays() {
     }
     assert!(row["vloop_over_vloop_raw"].as_f64().unwrap() > 0.0, "{row}");
     for t in ["vloop", "qsd", "qsd-iothread"] {
-        let i = image(&v, t);
+        let i = common::by_target(&v, "images", t);
         assert_eq!(
             i["empty_overlay"],
             format!("an empty qcow2 overlay over {} (raw)", raw.display()),
@@ -482,15 +467,15 @@ fn compare_qcow2_mode_serves_the_allocated_copy_and_empty_overlays() {
         );
     }
     assert_eq!(
-        image(&v, "vloop-raw")["empty_overlay"],
+        common::by_target(&v, "images", "vloop-raw")["empty_overlay"],
         "a sparse raw file of 16777216 bytes"
     );
-    let c = backend(&v, "vloop")["command"].to_string();
+    let c = common::by_target(&v, "backends", "vloop")["command"].to_string();
     assert!(
         c.contains(".vloop-bench-overlays") && c.contains("vloop.qcow2\",\"--format\",\"qcow2\""),
         "{c}"
     );
-    let c = backend(&v, "qsd")["command"].to_string();
+    let c = common::by_target(&v, "backends", "qsd")["command"].to_string();
     assert!(
         c.contains(".vloop-bench-overlays") && c.contains("qsd.qcow2,"),
         "{c}"

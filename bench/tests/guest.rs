@@ -131,12 +131,7 @@ fn check_run(v: &serde_json::Value, phases: &[&str], direct: bool) {
         assert!(f(&b["boot_s"]) > 0.0 && b["peak_rss_kib"].as_u64().unwrap() > 0);
     }
     let command = |t: &str| {
-        v["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["target"] == t)
-            .unwrap()["command"]
+        common::by_target(v, "backends", t)["command"]
             .as_array()
             .unwrap()
             .iter()

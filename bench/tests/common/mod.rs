@@ -180,3 +180,13 @@ pub fn run_json(mut cmd: Command, dir: &Path) -> Ran {
         json,
     }
 }
+
+/// The entry of target `name` in the list `list` (`backends`, `images`) of a JSON report.
+pub fn by_target<'a>(v: &'a serde_json::Value, list: &str, name: &str) -> &'a serde_json::Value {
+    v[list]
+        .as_array()
+        .unwrap_or_else(|| panic!("no list {list} in {v}"))
+        .iter()
+        .find(|b| b["target"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {list}: {}", v[list]))
+}
