@@ -2,12 +2,11 @@
 
 use std::time::Duration;
 
-use super::{
-    default_workloads, Case, CompareOptions, ImageState, Qcow2Image, Ratios, Report, Round, Row,
-    Summary,
-};
+use super::options::{default_workloads, Case, CompareOptions, ImageState};
+use super::report::{Report, Row};
+use super::stats::{Ratios, Round, Summary};
 use crate::hist::{LatencyHist, Percentiles};
-use crate::images::{Check, Info};
+use crate::images::{Check, Info, Qcow2Image};
 use crate::load::{Pattern, Workload};
 use crate::machine::{LoadAvg, LoadSpan, Machine};
 use crate::target::{Mode, Target};
@@ -40,7 +39,7 @@ pub(crate) fn summary_cpu(iops: &[f64], cpu: &[f64]) -> Summary {
 fn row(w: Workload, on: ImageState, base: f64, targets: &[Target]) -> Row {
     let has = |t| targets.contains(&t);
     let mut row = Row {
-        name: super::Case { workload: w, on }.to_string(),
+        name: Case { workload: w, on }.to_string(),
         workload: w,
         on,
         vloop: summary(&[base, base * 1.1, base * 0.9]),

@@ -23,32 +23,5 @@ pub mod stats;
 pub use options::{cases, default_workloads, qcow2_cases, Case, CompareOptions, ImageState};
 pub use render::render;
 pub use report::{BackendFacts, Idle, Report, Row, TargetImage};
-pub use run::run;
+pub use run::{run, CompareError};
 pub use stats::{Footprint, Ratios, Round, Summary};
-
-pub use crate::images::{ImageError, Qcow2Image};
-use crate::machine::MachineError;
-pub use crate::target::{Mode, Target};
-
-/// Errors of the comparison.
-#[derive(Debug, thiserror::Error)]
-pub enum CompareError {
-    /// An image could not be prepared.
-    #[error(transparent)]
-    Image(#[from] ImageError),
-    /// The socket directory could not be created.
-    #[error("cannot create a temporary directory for the sockets")]
-    TempDir(#[source] std::io::Error),
-    /// No workloads were given.
-    #[error("no workloads to compare")]
-    NoWorkloads,
-    /// The qcow2 mode was asked for together with the null mode.
-    #[error("the qcow2 mode serves images: it cannot be combined with the null mode")]
-    Qcow2Null,
-    /// A workload on an empty overlay was asked for outside the qcow2 mode.
-    #[error("{0} runs on an empty qcow2 overlay: that needs the qcow2 mode")]
-    OverlayWithoutQcow2(String),
-    /// The load average could not be read.
-    #[error("cannot read the machine's load average")]
-    Load(#[source] MachineError),
-}

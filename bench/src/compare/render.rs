@@ -4,8 +4,9 @@
 
 use std::fmt::Write as _;
 
+use super::options::ImageState;
+use super::report::{Report, Row};
 use super::stats::Summary;
-use super::{ImageState, Report, Row};
 use crate::figures::Rounds;
 use crate::target::Target;
 use crate::text::{

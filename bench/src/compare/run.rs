@@ -10,11 +10,33 @@ use super::backend::{measure_idle, run_one};
 use super::options::{Case, CompareOptions, ImageState};
 use super::report::{BackendFacts, Report, Row, TargetImage};
 use super::stats::Round;
-use super::CompareError;
-use crate::images::{self, prepare_image, QemuImg};
-use crate::machine;
+use crate::images::{self, prepare_image, ImageError, QemuImg};
+use crate::machine::{self, MachineError};
 use crate::session::{turn_order, Session};
 use crate::target::Mode;
+
+/// Errors of the comparison.
+#[derive(Debug, thiserror::Error)]
+pub enum CompareError {
+    /// An image could not be prepared.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// The socket directory could not be created.
+    #[error("cannot create a temporary directory for the sockets")]
+    TempDir(#[source] std::io::Error),
+    /// No workloads were given.
+    #[error("no workloads to compare")]
+    NoWorkloads,
+    /// The qcow2 mode was asked for together with the null mode.
+    #[error("the qcow2 mode serves images: it cannot be combined with the null mode")]
+    Qcow2Null,
+    /// A workload on an empty overlay was asked for outside the qcow2 mode.
+    #[error("{0} runs on an empty qcow2 overlay: that needs the qcow2 mode")]
+    OverlayWithoutQcow2(String),
+    /// The load average could not be read.
+    #[error("cannot read the machine's load average")]
+    Load(#[source] MachineError),
+}
 
 /// Runs the comparison; progress goes to stderr.
 pub fn run(opts: &CompareOptions) -> Result<Report, CompareError> {
@@ -194,7 +216,7 @@ mod tests {
 
     use super::*;
     use crate::compare::fixtures::options;
-    use crate::compare::qcow2_cases;
+    use crate::compare::options::qcow2_cases;
 
     #[test]
     fn modes_that_cannot_hold_together_are_refused_before_any_work() {

@@ -183,7 +183,7 @@ mod tests {
 
     use super::*;
     use crate::guest::fixtures::options;
-    use crate::guest::GUEST_DEVICE;
+    use crate::guest::options::GUEST_DEVICE;
     use std::path::Path;
 
     #[test]

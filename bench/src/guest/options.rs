@@ -8,9 +8,19 @@ use std::time::Duration;
 use vloop_guest::io::{IoPhase, Pattern};
 use vloop_harness::setup::SetupOptions;
 
-use super::GuestError;
 use crate::load::{self, Workload};
 use crate::target::{Mode, Target};
+
+/// Errors of making a phase of the guest's I/O tool out of a workload.
+#[derive(Debug, thiserror::Error)]
+pub enum PhaseError {
+    /// A mixed workload has no phase of the guest's tool.
+    #[error("--guest runs read, write, randread or randwrite phases")]
+    Mixed,
+    /// The guest's disk has one queue.
+    #[error("--guest drives one virtio-blk queue: --queues must be 1")]
+    Queues,
+}
 
 /// The device the guest sees its one disk as.
 pub const GUEST_DEVICE: &str = "/dev/vda";
@@ -73,7 +83,7 @@ pub fn default_phases(runtime: Duration) -> Vec<IoPhase> {
 
 /// The phases of a guest comparison: the one phase of `only`, or the default ones of
 /// `runtime` each.
-pub fn phases(only: Option<&Workload>, runtime: Duration) -> Result<Vec<IoPhase>, GuestError> {
+pub fn phases(only: Option<&Workload>, runtime: Duration) -> Result<Vec<IoPhase>, PhaseError> {
     match only {
         Some(w) => Ok(vec![phase_of(w)?]),
         None => Ok(default_phases(runtime)),
@@ -82,16 +92,16 @@ pub fn phases(only: Option<&Workload>, runtime: Duration) -> Result<Vec<IoPhase>
 
 /// Workload `w` as a phase of the guest's I/O tool: a read, write, randread or randwrite on
 /// the guest's one queue.
-pub fn phase_of(w: &Workload) -> Result<IoPhase, GuestError> {
+pub fn phase_of(w: &Workload) -> Result<IoPhase, PhaseError> {
     let pattern = match w.pattern {
         load::Pattern::Read => Pattern::Read,
         load::Pattern::Write => Pattern::Write,
         load::Pattern::RandRead => Pattern::RandRead,
         load::Pattern::RandWrite => Pattern::RandWrite,
-        load::Pattern::Mixed { .. } => return Err(GuestError::Mixed),
+        load::Pattern::Mixed { .. } => return Err(PhaseError::Mixed),
     };
     if w.queues != 1 {
-        return Err(GuestError::Queues);
+        return Err(PhaseError::Queues);
     }
     Ok(IoPhase {
         pattern,

@@ -4,7 +4,8 @@
 
 use std::fmt::Write as _;
 
-use super::{GuestReport, PhaseRow, PhaseSummary};
+use super::report::{GuestReport, PhaseRow};
+use super::stats::PhaseSummary;
 use crate::figures::{median, Rounds};
 use crate::target::Target;
 use crate::text::{
@@ -196,8 +197,8 @@ pub fn render(r: &GuestReport) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::report::{Boot, GuestBackend};
     use super::super::stats::PhaseRound;
-    use super::super::{Boot, GuestBackend, PhaseRow};
     use super::*;
     use crate::figures::QsdRatios;
     use crate::machine::{LoadAvg, LoadSpan, Machine};

@@ -4,17 +4,40 @@
 
 use std::path::Path;
 
-use vloop_guest::io::IoPlan;
+use vloop_guest::io::{IoPlan, IoPlanError};
 use vloop_harness::backend::DiskSpec;
-use vloop_harness::setup::Env;
+use vloop_harness::setup::{Env, SetupError};
 
 use super::boot::{backend_for, boot_one};
 use super::options::{GuestOptions, GUEST_CPUS, GUEST_DEVICE};
 use super::report::{GuestBackend, GuestReport, PhaseRow};
-use super::GuestError;
-use crate::images;
+use crate::images::{self, ImageError};
+use crate::machine::MachineError;
 use crate::session::{turn_order, Session};
 use crate::target::{self, Mode};
+
+/// Errors that keep the guest comparison from running at all (a failed guest is recorded in
+/// the report instead).
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// The null mode has no guest form.
+    #[error(
+        "--guest runs in a cache mode (the page cache, or O_DIRECT with --direct), not --null"
+    )]
+    NullMode,
+    /// The phases cannot be run.
+    #[error("the guest phases cannot be run")]
+    Plan(#[source] IoPlanError),
+    /// The image could not be prepared.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// The load average could not be read.
+    #[error("cannot read the machine's load average")]
+    Load(#[source] MachineError),
+    /// The guests cannot be set up (QEMU, kernel, guest agent, busybox).
+    #[error("cannot set up the guests")]
+    Setup(#[source] SetupError),
+}
 
 /// Runs the guest comparison; progress goes to stderr.
 pub fn run(opts: &GuestOptions) -> Result<GuestReport, GuestError> {

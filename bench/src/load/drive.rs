@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use vloop_frontend::client::QueueStats;
 
+use super::result::{LoadError, Part, Ran};
 use super::workload::{OffsetGen, Workload};
-use super::LoadError;
 use crate::hist::LatencyHist;
 use crate::procfs;
 
@@ -32,18 +32,6 @@ pub(super) trait Engine {
     fn stats(&self) -> QueueStats {
         QueueStats::default()
     }
-}
-
-/// One queue's share of a run.
-pub(super) struct Part {
-    /// Completed requests.
-    pub ios: u64,
-    /// Of those, the ones that failed.
-    pub errors: u64,
-    /// Their latencies.
-    pub hist: LatencyHist,
-    /// The queue's counters.
-    pub stats: QueueStats,
 }
 
 /// Runs queue `qi` of workload `w` over `capacity` bytes on `engine` until `end`.
@@ -91,16 +79,6 @@ pub(super) fn drive(
     }
     part.stats = engine.stats();
     Ok(part)
-}
-
-/// What the queues of one run did, with its wall time and this process's CPU over it.
-pub(super) struct Ran {
-    /// Each queue's share, in queue order.
-    pub parts: Vec<Part>,
-    /// Seconds from the start of the first queue to the end of the last.
-    pub secs: f64,
-    /// This process's CPU time over the run.
-    pub client_cpu: Option<Duration>,
 }
 
 /// Runs `queue(input, qi, end)` for each of `inputs` on its own thread (named `{name}{qi}`)

@@ -11,8 +11,8 @@ use io_uring::{opcode, types, IoUring};
 use vloop_frontend::mem::GuestMem;
 
 use super::drive::{drive, run_queues, Engine};
+use super::result::{LoadError, RunResult};
 use super::workload::Workload;
-use super::{LoadError, RunResult};
 
 /// Runs `w` on the file `image` itself with io_uring (the ceiling for any backend).
 pub fn run_raw(image: &Path, w: &Workload, direct: bool) -> Result<RunResult, LoadError> {
@@ -135,7 +135,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::load::Pattern;
+    use crate::load::workload::Pattern;
 
     /// `pattern` on two queues at depth 4, 4k requests for `runtime`.
     fn wl(pattern: Pattern, runtime: Duration) -> Workload {

@@ -9,8 +9,8 @@ use vloop_frontend::blk::{SECTOR_SIZE, S_OK};
 use vloop_frontend::client::{Client, ClientOptions, Completion, Queue, QueueStats, Request};
 
 use super::drive::{drive, run_queues, Engine};
+use super::result::{LoadError, RunResult};
 use super::workload::Workload;
-use super::{LoadError, RunResult};
 use crate::procfs::CpuSample;
 
 /// Client options that fit workload `w`.

@@ -11,8 +11,6 @@ use std::time::Duration;
 use vloop_frontend::blk::SECTOR_SIZE;
 use vloop_images::size::{parse_bytes, SizeError};
 
-use super::LoadError;
-
 /// Errors of reading a workload from the command line's words.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadError {
@@ -31,6 +29,9 @@ pub enum WorkloadError {
     /// No queue.
     #[error("--queues must be at least 1")]
     Queues,
+    /// The workload does not fit the device or file it runs on.
+    #[error("{0}")]
+    Unfit(String),
 }
 
 /// The largest block size a workload takes.
@@ -191,8 +192,8 @@ impl fmt::Display for Workload {
 }
 
 impl Workload {
-    pub(super) fn check(&self, capacity: u64) -> Result<(), LoadError> {
-        let bad = |m: String| Err(LoadError::Workload(m));
+    pub(super) fn check(&self, capacity: u64) -> Result<(), WorkloadError> {
+        let bad = |m: String| Err(WorkloadError::Unfit(m));
         if self.bs == 0 || u64::from(self.bs) % SECTOR_SIZE != 0 {
             return bad(format!("block size {} is not a multiple of 512", self.bs));
         }
