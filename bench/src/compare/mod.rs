@@ -8,7 +8,7 @@
 //!
 //! Bottom up: [`options`] says what to measure, [`stats`] summarises and compares the figures
 //! (pure), [`report`] holds them, [`backend`] starts, measures and stops one backend,
-//! [`run`](mod@run) does the measuring, [`render`] turns a [`Report`] into the text table;
+//! [`run`](mod@run) does the measuring, [`render`](mod@render) turns a [`Report`] into the text table;
 //! `crate::images` prepares what is served and `crate::plot` draws the report.
 
 pub mod backend;

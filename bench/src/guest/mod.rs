@@ -9,7 +9,7 @@
 //!
 //! Bottom up: [`options`] says what to measure, [`stats`] turns what the host saw into
 //! figures and ratios (pure), [`report`] holds them, [`boot`] boots one guest and collects what
-//! it shows, [`run`](mod@run) does the rounds, [`render`] makes the text table.
+//! it shows, [`run`](mod@run) does the rounds, [`render`](mod@render) makes the text table.
 
 pub mod boot;
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! What a load run returns and how it fails: each queue's share ([`Part`]), the run's
+//! What a load run returns and how it fails: each queue's share (`Part`), the run's
 //! figures summed over its queues ([`RunResult`]: requests, rates, latency percentiles, the
 //! CPU per request of the backend and of this process), and its errors.
 
