@@ -8,8 +8,9 @@
 //!
 //! Bottom up: [`options`] says what to measure, [`stats`] summarises and compares the figures
 //! (pure), [`report`] holds them, [`backend`] starts, measures and stops one backend,
-//! [`run`](mod@run) does the measuring, [`render`](mod@render) turns a [`Report`] into the text table;
-//! `crate::images` prepares what is served and `crate::plot` draws the report.
+//! [`run`](mod@run) does the measuring, [`render`](mod@render) turns a [`Report`] into the
+//! text table. The images served are prepared by `crate::images`; the chart is drawn above
+//! this module, from its report.
 
 pub mod backend;
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! What a comparison is asked to do: its settings ([`CompareOptions`]), the rows it measures
-//! ([`Case`]: a workload and what it runs on), the default and qcow2 sets, and which
+//! ([`Case`]: a workload and what it runs on), the default and qcow2 sets, and which
 //! targets serve which image. Pure.
 
 use std::path::PathBuf;

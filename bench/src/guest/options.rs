@@ -1,5 +1,5 @@
 //! What a guest comparison is asked to do: its settings ([`GuestOptions`]), the phases every
-//! guest runs (the default set, or one phase the command line's workload gives), the
+//! guest runs (the default set, or one phase the command line's workload gives), the
 //! backends compared, and the shape of each guest. Pure.
 
 use std::path::PathBuf;
