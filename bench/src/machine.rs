@@ -76,6 +76,11 @@ pub fn loadavg() -> Result<LoadAvg, MachineError> {
     parse_loadavg(&read("/proc/loadavg")?)
 }
 
+/// The 1-minute load average now, for a record (None when unreadable).
+pub fn load_now() -> Option<f64> {
+    loadavg().ok().map(|l| l.one)
+}
+
 /// The load average before and after a run.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct LoadSpan {
@@ -158,6 +163,21 @@ impl Machine {
     }
 }
 
+#[cfg(test)]
+impl Machine {
+    /// A made-up machine for the tests of the reports: 2 CPUs of a "Test CPU", Linux 6.1.0,
+    /// no qemu-storage-daemon.
+    pub(crate) fn made_up() -> Machine {
+        Machine {
+            cpus: 2,
+            cpus_online: 2,
+            cpu_model: Some("Test CPU".into()),
+            kernel: Some("6.1.0".into()),
+            qsd_version: None,
+        }
+    }
+}
+
 /// The first line of `program --version`, when it runs.
 fn version_of(program: &Path) -> Option<String> {
     let out = Command::new(program)
@@ -237,5 +257,6 @@ mod tests {
         assert!(m.describe().contains("Linux"));
         let l = loadavg().unwrap();
         assert!(l.one >= 0.0);
+        assert!(load_now().is_some());
     }
 }

@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use vloop_bench::compare::{self, Case, CompareOptions, Mode};
+use vloop_bench::compare::{self, CompareOptions};
 use vloop_bench::guest::{self, GuestOptions};
-use vloop_bench::load::{self, Pattern, RunResult, Workload};
-use vloop_guest::io::{IoPhase, Pattern as IoPattern};
+use vloop_bench::load::{self, Workload, WorkloadWords};
+use vloop_bench::target::{self, Mode};
+use vloop_bench::text::{parse_duration, parse_optional_duration};
 use vloop_harness::accel::AccelChoice;
 use vloop_harness::setup::SetupOptions;
 use vloop_images::size::parse_bytes;
@@ -152,79 +153,24 @@ struct Args {
     plot: Option<PathBuf>,
 }
 
-fn parse_duration(s: &str) -> Result<Duration> {
-    let t = s.trim();
-    let (n, unit) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 1e-3)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = t.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (t, 1.0)
-    };
-    let v: f64 = n
-        .parse()
-        .ok()
-        .filter(|v: &f64| v.is_finite() && *v > 0.0)
-        .with_context(|| format!("bad duration '{s}': use e.g. 5s, 500ms or 1m"))?;
-    Ok(Duration::from_secs_f64(v * unit))
-}
+impl Args {
+    /// `--runtime`, `default` when not given.
+    fn runtime(&self, default: &str) -> Result<Duration> {
+        Ok(parse_duration(self.runtime.as_deref().unwrap_or(default))?)
+    }
 
-/// An optional duration: "0" (or "0s") is none.
-fn parse_optional_duration(s: &str) -> Result<Option<Duration>> {
-    match s.trim() {
-        "0" | "0s" | "0ms" => Ok(None),
-        t => parse_duration(t).map(Some),
+    /// The workload of `-w`, `--rwmixread`, `--bs`, `--iodepth` and `--queues`, run for
+    /// `runtime`.
+    fn workload(&self, runtime: Duration) -> Result<Workload> {
+        let words = WorkloadWords {
+            pattern: &self.workload,
+            rwmixread: self.rwmixread,
+            bs: &self.bs,
+            iodepth: self.iodepth,
+            queues: self.queues,
+        };
+        Ok(words.workload(runtime)?)
     }
-}
-
-fn workload(a: &Args, runtime: Duration) -> Result<Workload> {
-    let mut pattern: Pattern = a.workload.parse().map_err(anyhow::Error::msg)?;
-    if let Pattern::Mixed { read_pct } = &mut pattern {
-        *read_pct = a.rwmixread;
-    }
-    let bs = parse_bytes(&a.bs)?;
-    if bs == 0 || bs % 512 != 0 || bs > 64 << 20 {
-        bail!("--bs {} must be a multiple of 512 up to 64M", a.bs);
-    }
-    if a.iodepth == 0 || a.iodepth > 4096 {
-        bail!("--iodepth must be between 1 and 4096");
-    }
-    if a.queues == 0 {
-        bail!("--queues must be at least 1");
-    }
-    Ok(Workload {
-        pattern,
-        bs: bs as u32,
-        iodepth: a.iodepth,
-        queues: a.queues,
-        runtime,
-        one_pass: false,
-    })
-}
-
-fn run_text(w: &Workload, r: &RunResult) -> String {
-    let l = r.latency;
-    let mut o = format!(
-        "{w}: {:.0} IOPS, {:.1} MiB/s, latency p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us ({} I/Os in {:.2} s, {} errors)\n",
-        r.iops, r.mib_s, l.p50_us, l.p99_us, l.p999_us, r.ios, r.secs, r.errors
-    );
-    if let Some(c) = r.backend_cpu_us_per_io {
-        o += &format!("backend CPU: {c:.2} us per I/O\n");
-    }
-    if let Some(c) = r.client_cpu_us_per_io {
-        o += &format!("this process's CPU: {c:.2} us per I/O\n");
-    }
-    if r.frontend.submitted > 0 {
-        let n = r.frontend.submitted as f64;
-        o += &format!(
-            "notifications: {:.3} kicks and {:.3} call waits per I/O\n",
-            r.frontend.kicks as f64 / n,
-            r.frontend.waits as f64 / n
-        );
-    }
-    o
 }
 
 /// Prints to stdout; a closed stdout (`| head`) is not an error worth a panic.
@@ -239,77 +185,21 @@ fn write_json<T: serde::Serialize>(path: &PathBuf, v: &T) -> Result<()> {
         .with_context(|| format!("cannot write JSON to {}", path.display()))
 }
 
-fn default_vloop_bin() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join("vloop-blk")))
-        .unwrap_or_else(|| PathBuf::from("vloop-blk"))
-}
-
-/// The one phase of `--guest --only`: the workload options as a phase of the guest's tool.
-fn guest_phase(a: &Args, runtime: Duration) -> Result<IoPhase> {
-    let w = workload(a, runtime)?;
-    let pattern = match w.pattern {
-        Pattern::Read => IoPattern::Read,
-        Pattern::Write => IoPattern::Write,
-        Pattern::RandRead => IoPattern::RandRead,
-        Pattern::RandWrite => IoPattern::RandWrite,
-        Pattern::Mixed { .. } => bail!("--guest runs read, write, randread or randwrite phases"),
-    };
-    if w.queues != 1 {
-        bail!("--guest drives one virtio-blk queue: --queues must be 1");
-    }
-    Ok(IoPhase {
-        pattern,
-        bs: w.bs,
-        qd: u32::from(w.iodepth),
-        runtime_ms: u64::try_from(runtime.as_millis()).unwrap_or(u64::MAX),
-    })
-}
-
-/// Whether qemu-storage-daemon can be run as `bin`.
-fn qsd_found(bin: &std::path::Path) -> bool {
-    bin.components().count() > 1 && bin.is_file()
-        || vloop_frontend::backend::on_path(&bin.to_string_lossy())
-}
-
-/// The vloop-blk binary to use, with a warning when it does not exist.
-fn vloop_bin(a: &Args) -> PathBuf {
-    let vloop_bin = a.vloop_bin.clone().unwrap_or_else(default_vloop_bin);
-    if !vloop_bin.is_file() {
-        eprintln!(
-            "warning: {} does not exist (build it with `cargo build --release -p vloop-blk` or pass --vloop-bin); vloop columns will fail",
-            vloop_bin.display()
-        );
-    }
-    vloop_bin
-}
-
 fn run_guest(a: &Args) -> Result<()> {
-    let runtime = parse_duration(a.runtime.as_deref().unwrap_or("3s"))?;
-    let phases = if a.only {
-        vec![guest_phase(a, runtime)?]
-    } else {
-        guest::default_phases(runtime)
-    };
-    if !a.no_qsd && !qsd_found(&a.qsd_bin) {
-        bail!(
-            "{} is not on PATH: install qemu-system-x86 (Debian), pass --qsd-bin or --no-qsd",
-            a.qsd_bin.display()
-        );
+    let runtime = a.runtime("3s")?;
+    let only = a.only.then(|| a.workload(runtime)).transpose()?;
+    let phases = guest::phases(only.as_ref(), runtime)?;
+    if !a.no_qsd {
+        target::require_qsd(&a.qsd_bin)?;
     }
     let opts = GuestOptions {
         image: a.image.clone(),
         image_size: parse_bytes(&a.image_size)?,
         fresh_image: a.fresh_image,
-        vloop_bin: vloop_bin(a),
+        vloop_bin: target::vloop_bin(a.vloop_bin.clone()),
         qsd_bin: a.qsd_bin.clone(),
         rounds: a.rounds.max(1),
-        mode: if a.direct {
-            Mode::Direct
-        } else {
-            Mode::PageCache
-        },
+        mode: Mode::of(false, a.direct),
         phases,
         targets: guest::targets(a.no_qsd, a.qsd_main_loop),
         vloop_args: a.vloop_args.clone(),
@@ -332,87 +222,60 @@ fn run_guest(a: &Args) -> Result<()> {
     Ok(())
 }
 
+fn run_compare(a: &Args) -> Result<()> {
+    let runtime = a.runtime("2s")?;
+    let only = a.only.then(|| a.workload(runtime)).transpose()?;
+    let cases = compare::cases(only, a.empty_overlay, a.qcow2, runtime);
+    let vloop_bin = target::vloop_bin(a.vloop_bin.clone());
+    if !a.no_qsd {
+        target::require_qsd(&a.qsd_bin)?;
+    }
+    let opts = CompareOptions {
+        image: a.image.clone(),
+        image_size: parse_bytes(&a.image_size)?,
+        fresh_image: a.fresh_image,
+        qcow2: a.qcow2,
+        qemu_img_bin: a.qemu_img_bin.clone(),
+        vloop_bin,
+        qsd_bin: a.qsd_bin.clone(),
+        rounds: a.rounds.max(1),
+        mode: Mode::of(a.null, a.direct),
+        cases,
+        skip_qsd: a.no_qsd,
+        vloop_args: a.vloop_args.clone(),
+        time_budget: Some(parse_duration(&a.time_budget)?),
+        idle: parse_optional_duration(&a.idle)?,
+    };
+    let report = compare::run(&opts)?;
+    out(&compare::render(&report));
+    if let Some(p) = &a.json {
+        write_json(p, &report)?;
+    }
+    if let Some(p) = &a.plot {
+        let svg = vloop_bench::plot::svg(&report)?;
+        std::fs::write(p, svg)
+            .with_context(|| format!("cannot write the chart to {}", p.display()))?;
+    }
+    Ok(())
+}
+
 fn run(a: Args) -> Result<()> {
     if a.guest {
         return run_guest(&a);
     }
     if a.compare {
-        let runtime = parse_duration(a.runtime.as_deref().unwrap_or("2s"))?;
-        let cases = if a.only {
-            let w = workload(&a, runtime)?;
-            vec![if a.empty_overlay {
-                Case::empty_overlay(w)
-            } else {
-                Case::allocated(w)
-            }]
-        } else if a.qcow2 {
-            compare::qcow2_cases(runtime)
-        } else {
-            compare::default_workloads(runtime)
-                .into_iter()
-                .map(Case::allocated)
-                .collect()
-        };
-        let vloop_bin = vloop_bin(&a);
-        if !a.no_qsd && !qsd_found(&a.qsd_bin) {
-            bail!(
-                "{} is not on PATH: install qemu-system-x86 (Debian), pass --qsd-bin or --no-qsd",
-                a.qsd_bin.display()
-            );
-        }
-        let mode = if a.null {
-            Mode::Null
-        } else if a.direct {
-            Mode::Direct
-        } else {
-            Mode::PageCache
-        };
-        let opts = CompareOptions {
-            image: a.image.clone(),
-            image_size: parse_bytes(&a.image_size)?,
-            fresh_image: a.fresh_image,
-            qcow2: a.qcow2,
-            qemu_img_bin: a.qemu_img_bin.clone(),
-            vloop_bin,
-            qsd_bin: a.qsd_bin.clone(),
-            rounds: a.rounds.max(1),
-            mode,
-            cases,
-            skip_qsd: a.no_qsd,
-            vloop_args: a.vloop_args.clone(),
-            time_budget: Some(parse_duration(&a.time_budget)?),
-            idle: parse_optional_duration(&a.idle)?,
-        };
-        let report = compare::run(&opts)?;
-        out(&compare::render(&report));
-        if let Some(p) = &a.json {
-            write_json(p, &report)?;
-        }
-        if let Some(p) = &a.plot {
-            let svg = vloop_bench::plot::svg(&report)?;
-            std::fs::write(p, svg)
-                .with_context(|| format!("cannot write the chart to {}", p.display()))?;
-        }
-        return Ok(());
+        return run_compare(&a);
     }
-    let runtime = parse_duration(a.runtime.as_deref().unwrap_or("5s"))?;
-    let w = workload(&a, runtime)?;
+    let w = a.workload(a.runtime("5s")?)?;
     if let (true, Some(sock)) = (a.verify, &a.socket) {
         let r = vloop_bench::verify::run_verify(sock, &w)
             .with_context(|| format!("verifying {w} against {}", sock.display()))?;
-        out(&format!(
-            "verify {w}: {} writes, {} reads checked, {} mismatches, {} errors\n",
-            r.writes, r.verified_reads, r.mismatches, r.errors
-        ));
+        out(&r.text(&w));
         if let Some(p) = &a.json {
             write_json(p, &r)?;
         }
-        if r.mismatches > 0 || r.errors > 0 {
-            bail!(
-                "data verification failed: {} mismatches, {} failed requests",
-                r.mismatches,
-                r.errors
-            );
+        if let Some(why) = r.failure() {
+            bail!("{why}");
         }
         return Ok(());
     }
@@ -428,7 +291,7 @@ fn run(a: Args) -> Result<()> {
     } else {
         bail!("nothing to do: pass --socket PATH, --raw FILE, --compare or --guest");
     };
-    out(&run_text(&w, &result));
+    out(&result.text(&w));
     if let Some(p) = &a.json {
         write_json(
             p,
@@ -452,26 +315,5 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
-        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("fast").is_err());
-        assert_eq!(parse_optional_duration("0").unwrap(), None);
-        assert_eq!(
-            parse_optional_duration("10s").unwrap(),
-            Some(Duration::from_secs(10))
-        );
-        assert!(parse_optional_duration("-1s").is_err());
     }
 }

@@ -7,8 +7,10 @@
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::compare::render::count;
-use crate::compare::{Report, Row, Stat, Summary, Target};
+use crate::compare::{Report, Row, Summary};
+use crate::figures::Stat;
+use crate::target::Target;
+use crate::text::count;
 
 /// Errors of drawing the chart.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +44,7 @@ fn color(t: Target) -> RGBColor {
 fn ratio_lines(row: &Row) -> Vec<String> {
     let x = &row.ratios;
     [
-        x.best_qsd.map(Target::name).zip(x.vloop_over_qsd),
+        x.qsd.best_qsd.map(Target::name).zip(x.qsd.vloop_over_qsd),
         x.vloop_over_raw.map(|v| (Target::Raw.name(), v)),
         x.vloop_over_vloop_raw.map(|v| (Target::VloopRaw.name(), v)),
     ]
@@ -298,8 +300,14 @@ pub fn svg(r: &Report) -> Result<String, PlotError> {
     Ok(out)
 }
 
+/// The texts of an SVG document, as the integration tests read the chart back.
+#[cfg(test)]
+#[path = "../tests/common/svg.rs"]
+mod svg_texts;
+
 #[cfg(test)]
 mod tests {
+    use super::svg_texts::texts;
     use super::*;
     use crate::compare::fixtures::{qcow2_report, report, summary};
 
@@ -316,12 +324,7 @@ mod tests {
         let root = doc.root_element();
         assert_eq!(root.tag_name().name(), "svg");
         assert_eq!(root.attribute("width"), Some("1200"));
-        let texts: Vec<&str> = doc
-            .descendants()
-            .filter(|n| n.has_tag_name("text"))
-            .filter_map(|n| n.text())
-            .map(str::trim)
-            .collect();
+        let texts = texts(&text);
         for want in [
             "4k randread QD1",
             "4k randread QD32 x2q",
@@ -330,11 +333,15 @@ mod tests {
             "raw",
             "IOPS",
         ] {
-            assert!(texts.contains(&want), "no text '{want}' in {texts:?}");
+            assert!(
+                texts.iter().any(|t| t == want),
+                "no text '{want}' in {texts:?}"
+            );
         }
         // Values above the bars: vloop's median of the first row, raw's of the second.
-        assert!(texts.contains(&"17.0k"), "{texts:?}");
-        assert!(texts.contains(&"18.00M"), "{texts:?}");
+        for want in ["17.0k", "18.00M"] {
+            assert!(texts.iter().any(|t| t == want), "{texts:?}");
+        }
         assert!(texts
             .iter()
             .any(|t| t.contains("2026-12-01, page cache") && t.contains("load 0.25 before")));
@@ -375,16 +382,7 @@ mod tests {
 
     #[test]
     fn the_chart_writes_vloops_ratios_under_each_workload() {
-        let texts = |r: &Report| -> Vec<String> {
-            let svg = svg(r).unwrap();
-            let doc = roxmltree::Document::parse(&svg).unwrap();
-            doc.descendants()
-                .filter(|n| n.has_tag_name("text"))
-                .filter_map(|n| n.text())
-                .map(|t| t.trim().to_string())
-                .collect()
-        };
-        let q = texts(&qcow2_report());
+        let q = texts(&svg(&qcow2_report()).unwrap());
         for want in [
             "vloop-raw",
             "1M write QD8 overlay",
@@ -399,7 +397,7 @@ mod tests {
                 .any(|t| t.contains("2026-12-01, page cache, qcow2: 3 rounds")),
             "{q:?}"
         );
-        let p = texts(&report(vec![Target::Vloop, Target::Qsd, Target::Raw]));
+        let p = texts(&svg(&report(vec![Target::Vloop, Target::Qsd, Target::Raw])).unwrap());
         assert!(p.iter().any(|t| t == "vs raw 0.05x"), "{p:?}");
         assert!(!p.iter().any(|t| t.contains("vloop-raw")), "{p:?}");
     }

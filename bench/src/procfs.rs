@@ -1,5 +1,6 @@
 //! Reading a process's CPU time (in all, and per thread) and resident memory (now and at its
-//! peak) from /proc: the parsing is pure, the readers beside it do the I/O.
+//! peak) from /proc, and the CPU it used between two readings: the parsing is pure, the
+//! readers beside it do the I/O.
 
 use std::time::Duration;
 
@@ -161,6 +162,73 @@ pub fn thread_cpu_delta(before: &[ThreadCpu], after: &[ThreadCpu]) -> Vec<(Strin
     by_name
 }
 
+/// A process's CPU time as the host read it at one moment, both ways /proc gives it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CpuSample {
+    /// utime + stime of the process and all its threads, exited ones included
+    /// (/proc/PID/stat, in clock ticks).
+    pub ticks: Option<Duration>,
+    /// Each live thread's exact run time (/proc/PID/task/TID/schedstat).
+    pub threads: Option<Vec<ThreadCpu>>,
+}
+
+impl CpuSample {
+    /// Process `pid`'s CPU time now (what cannot be read is None).
+    pub fn read(pid: u32) -> Self {
+        Self {
+            ticks: cpu_time(pid).ok(),
+            threads: threads(pid).ok(),
+        }
+    }
+
+    /// The CPU used from this sample to `later`, where both have the figure.
+    pub fn until(&self, later: &CpuSample) -> CpuUsed {
+        CpuUsed {
+            ticks: match (self.ticks, later.ticks) {
+                (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+                _ => None,
+            },
+            threads: match (&self.threads, &later.threads) {
+                (Some(a), Some(b)) => Some(thread_cpu_delta(a, b)),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// The CPU a process used between two [`CpuSample`]s.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CpuUsed {
+    /// utime + stime of all its threads, in clock ticks (10 ms resolution; counts the threads
+    /// that exited in between).
+    pub ticks: Option<Duration>,
+    /// Exact run time by thread name (digits dropped) in nanoseconds, largest first
+    /// ([`thread_cpu_delta`]; threads that exited in between are missing).
+    pub threads: Option<Vec<(String, u64)>>,
+}
+
+impl CpuUsed {
+    /// The run time of all threads together, in nanoseconds.
+    pub fn threads_ns(&self) -> Option<u64> {
+        self.threads
+            .as_ref()
+            .map(|t| t.iter().map(|(_, ns)| ns).sum())
+    }
+
+    /// Each thread name's run time as the figure `per` makes of its nanoseconds (empty
+    /// without per-thread readings).
+    pub fn shares(&self, per: impl Fn(u64) -> f64) -> Vec<ThreadShare> {
+        self.threads
+            .iter()
+            .flatten()
+            .map(|(thread, ns)| ThreadShare {
+                thread: thread.clone(),
+                value: per(*ns),
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +291,15 @@ mod tests {
         assert!(anon_rss_kib(me).unwrap() > 0);
         let ts = threads(me).unwrap();
         assert!(ts.iter().any(|t| t.tid == me), "{ts:?}");
+        let s = CpuSample::read(me);
+        assert!(s.ticks.is_some() && s.threads.is_some());
+        let used = s.until(&CpuSample::read(me));
+        assert!(used.ticks.is_some() && used.threads_ns().is_some());
+        assert_eq!(
+            CpuSample::read(u32::MAX).until(&s),
+            CpuUsed::default(),
+            "nothing of a process that does not exist"
+        );
     }
 
     /// CPU time the calling thread has used.
@@ -261,6 +338,15 @@ mod tests {
         h.join().unwrap();
         let d = thread_cpu_delta(&before, &after);
         let spin = d.iter().find(|(n, _)| n == "spin").map(|(_, ns)| *ns);
+        let sample = |threads| CpuSample {
+            ticks: None,
+            threads: Some(threads),
+        };
+        let used = sample(before).until(&sample(after));
+        assert_eq!(used.ticks, None);
+        assert!(used.threads_ns() >= spin, "{used:?}");
+        let shares = used.shares(|ns| ns as f64);
+        assert!(shares.iter().any(|s| s.thread == "spin"), "{shares:?}");
         assert!(
             spin.is_some_and(|ns| (50_000_000..1_000_000_000).contains(&ns)),
             "{d:?}"

@@ -24,6 +24,26 @@ pub struct VerifyResult {
     pub errors: u64,
 }
 
+impl VerifyResult {
+    /// What a verifying run of `w` found, in one line for a terminal.
+    pub fn text(&self, w: &Workload) -> String {
+        format!(
+            "verify {w}: {} writes, {} reads checked, {} mismatches, {} errors\n",
+            self.writes, self.verified_reads, self.mismatches, self.errors
+        )
+    }
+
+    /// Why the run failed, when a read found other data than written or a request failed.
+    pub fn failure(&self) -> Option<String> {
+        (self.mismatches > 0 || self.errors > 0).then(|| {
+            format!(
+                "data verification failed: {} mismatches, {} failed requests",
+                self.mismatches, self.errors
+            )
+        })
+    }
+}
+
 /// The 8-byte word every word of a block holds: block number and generation.
 pub fn tag(block: u64, generation: u32) -> u64 {
     (block << 32) | u64::from(generation)
@@ -149,6 +169,37 @@ fn verify_queue(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_with_a_mismatch_or_an_error_fails() {
+        let ok = VerifyResult {
+            writes: 3,
+            verified_reads: 2,
+            ..VerifyResult::default()
+        };
+        assert_eq!(ok.failure(), None);
+        let w = Workload {
+            pattern: crate::load::Pattern::RandRead,
+            bs: 4096,
+            iodepth: 2,
+            queues: 1,
+            runtime: Duration::from_secs(1),
+            one_pass: false,
+        };
+        assert_eq!(
+            ok.text(&w),
+            "verify 4k randread QD2: 3 writes, 2 reads checked, 0 mismatches, 0 errors\n"
+        );
+        let bad = VerifyResult {
+            mismatches: 1,
+            errors: 2,
+            ..ok
+        };
+        assert_eq!(
+            bad.failure().as_deref(),
+            Some("data verification failed: 1 mismatches, 2 failed requests")
+        );
+    }
 
     #[test]
     fn tags_separate_blocks_and_generations() {

@@ -7,10 +7,9 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
+use common::BIN;
 use vloop_frontend::backend::{on_path, Program};
 use vloop_frontend::skip::skip;
-
-const BIN: &str = env!("CARGO_BIN_EXE_vloop-bench");
 
 /// vloop-blk, when guests can boot here with both backends (None: skipped, a failure in CI).
 fn prerequisites() -> Option<std::path::PathBuf> {
@@ -40,27 +39,18 @@ fn prerequisites() -> Option<std::path::PathBuf> {
 /// Runs `vloop-bench --guest` with `args` on a small image in `dir`; returns stdout and the
 /// JSON report.
 fn guest(dir: &Path, vloop: &Path, args: &[&str]) -> (String, serde_json::Value) {
-    let json = dir.join("g.json");
-    let out = Command::new(BIN)
-        .args(["--guest", "--rounds", "1", "--runtime", "300ms"])
-        .args(["--image-size", "32M"])
-        .args(args)
-        .arg("--image")
-        .arg(dir.join("img"))
-        .arg("--vloop-bin")
-        .arg(vloop)
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    (stdout, v)
+    let guest = [
+        "--guest",
+        "--rounds",
+        "1",
+        "--runtime",
+        "300ms",
+        "--image-size",
+        "32M",
+    ];
+    let cmd = common::bench_on_image(dir, vloop, &[&guest[..], args].concat());
+    let common::Ran { stdout, json, .. } = common::run_json(cmd, dir);
+    (stdout, json)
 }
 
 fn f(v: &serde_json::Value) -> f64 {
@@ -141,12 +131,7 @@ fn check_run(v: &serde_json::Value, phases: &[&str], direct: bool) {
         assert!(f(&b["boot_s"]) > 0.0 && b["peak_rss_kib"].as_u64().unwrap() > 0);
     }
     let command = |t: &str| {
-        v["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["target"] == t)
-            .unwrap()["command"]
+        common::by_target(v, "backends", t)["command"]
             .as_array()
             .unwrap()
             .iter()

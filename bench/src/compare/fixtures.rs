@@ -2,19 +2,28 @@
 
 use std::time::Duration;
 
-use super::images::{Check, Info};
-use super::{ImageState, Mode, Qcow2Image, Ratios, Report, Round, Row, Summary, Target};
+use super::options::{default_workloads, Case, CompareOptions, ImageState};
+use super::report::{Report, Row};
+use super::stats::{Ratios, Round, Summary};
 use crate::hist::{LatencyHist, Percentiles};
+use crate::images::{Check, Info, Qcow2Image};
 use crate::load::{Pattern, Workload};
 use crate::machine::{LoadAvg, LoadSpan, Machine};
+use crate::target::{Mode, Target};
 
 /// A summary with one round per entry of `iops` (p50 the inverse of IOPS, 10 I/Os each).
 pub(crate) fn summary(iops: &[f64]) -> Summary {
+    summary_cpu(iops, &[])
+}
+
+/// [`summary`] with the backend CPU per request of each round where `cpu` has an entry.
+pub(crate) fn summary_cpu(iops: &[f64], cpu: &[f64]) -> Summary {
     let mut s = Summary::default();
     for (i, &x) in iops.iter().enumerate() {
         let r = Round {
             round: i as u32 + 1,
             iops: x,
+            backend_cpu_us_per_io: cpu.get(i).copied(),
             latency: Percentiles {
                 p50_us: 1e6 / x,
                 ..Percentiles::default()
@@ -30,7 +39,7 @@ pub(crate) fn summary(iops: &[f64]) -> Summary {
 fn row(w: Workload, on: ImageState, base: f64, targets: &[Target]) -> Row {
     let has = |t| targets.contains(&t);
     let mut row = Row {
-        name: super::Case { workload: w, on }.to_string(),
+        name: Case { workload: w, on }.to_string(),
         workload: w,
         on,
         vloop: summary(&[base, base * 1.1, base * 0.9]),
@@ -40,13 +49,7 @@ fn row(w: Workload, on: ImageState, base: f64, targets: &[Target]) -> Row {
         vloop_raw: has(Target::VloopRaw).then(|| summary(&[base * 1.25, base * 1.1])),
         ratios: Ratios::default(),
     };
-    row.ratios = Ratios::of(
-        &row.vloop,
-        row.qsd.as_ref(),
-        row.qsd_iothread.as_ref(),
-        row.raw.as_ref(),
-        row.vloop_raw.as_ref(),
-    );
+    row.set_ratios();
     row
 }
 
@@ -70,13 +73,7 @@ pub(crate) fn report(targets: Vec<Target>) -> Report {
         mode: Mode::PageCache,
         direct: false,
         qcow2: None,
-        machine: Machine {
-            cpus: 2,
-            cpus_online: 2,
-            cpu_model: Some("Test CPU".into()),
-            kernel: Some("6.1.0".into()),
-            qsd_version: None,
-        },
+        machine: Machine::made_up(),
         load: LoadSpan::new(load, load),
         image: "/tmp/i.img".into(),
         image_size: 1 << 30,
@@ -128,4 +125,28 @@ pub(crate) fn qcow2_report() -> Report {
         },
     });
     r
+}
+
+/// Page-cache (or `mode`) settings over the default workload set on a 1 MiB image, with a
+/// vloop-blk argument; qemu-storage-daemon left out when `skip_qsd`.
+pub(crate) fn options(mode: Mode, skip_qsd: bool) -> CompareOptions {
+    CompareOptions {
+        image: "/tmp/i.img".into(),
+        image_size: 1 << 20,
+        fresh_image: false,
+        qcow2: false,
+        qemu_img_bin: "qemu-img".into(),
+        vloop_bin: "/bin/vloop-blk".into(),
+        qsd_bin: "qemu-storage-daemon".into(),
+        rounds: 1,
+        mode,
+        cases: default_workloads(Duration::from_secs(1))
+            .into_iter()
+            .map(Case::allocated)
+            .collect(),
+        skip_qsd,
+        vloop_args: vec!["--queue-size=512".into()],
+        time_budget: None,
+        idle: None,
+    }
 }

@@ -4,60 +4,18 @@
 
 use std::fmt::Write as _;
 
-use super::stats::{Stat, Summary, Target};
-use super::{ImageState, Report, Row};
-
-/// A count in a short form: 9876, 17.1k, 347k, 1.89M.
-pub fn count(x: f64) -> String {
-    if x >= 1e6 {
-        format!("{:.2}M", x / 1e6)
-    } else if x >= 1e5 {
-        format!("{:.0}k", x / 1e3)
-    } else if x >= 1e4 {
-        format!("{:.1}k", x / 1e3)
-    } else {
-        format!("{x:.0}")
-    }
-}
-
-/// Microseconds (or any small figure): one decimal below 100, none above.
-pub(crate) fn small(x: f64) -> String {
-    if x < 100.0 {
-        format!("{x:.1}")
-    } else {
-        format!("{x:.0}")
-    }
-}
-
-/// A figure's median with its least and greatest, or `-`.
-pub(crate) fn with_range(s: Option<Stat>, f: fn(f64) -> String) -> String {
-    match s {
-        None => "-".into(),
-        Some(s) if s.min == s.max => f(s.median),
-        Some(s) => format!("{} ({}-{})", f(s.median), f(s.min), f(s.max)),
-    }
-}
-
-/// A figure's median, or `-`.
-pub(crate) fn median_or_dash(s: Option<Stat>) -> String {
-    s.map_or_else(|| "-".into(), |s| small(s.median))
-}
-
-/// A ratio as `1.23x`, or `-`.
-pub(crate) fn ratio(r: Option<f64>) -> String {
-    r.map_or_else(|| "-".into(), |r| format!("{r:.2}x"))
-}
-
-/// KiB as MiB, or `-`.
-pub(crate) fn mib(k: Option<u64>) -> String {
-    k.map_or_else(|| "-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
-}
+use super::options::ImageState;
+use super::report::{Report, Row};
+use super::stats::Summary;
+use crate::figures::Rounds;
+use crate::target::Target;
+use crate::text::{
+    count, failed_line, machine_lines, median_or_dash, mib, ratio, row_blocks, small, with_range,
+};
 
 fn target_line(o: &mut String, name: &str, t: Target, s: &Summary) {
     if !s.measured() {
-        let why = s.failure.as_deref().unwrap_or("not measured");
-        let first = why.lines().next().unwrap_or(why);
-        let _ = writeln!(o, "{name:<22} {:<13} failed: {first}", t.name());
+        failed_line(o, name, 22, t, &s.failed);
         return;
     }
     let _ = writeln!(
@@ -88,15 +46,14 @@ fn rows_table(o: &mut String, r: &Report) {
         "bCPU/IO",
         "fCPU/IO"
     );
-    for row in &r.rows {
-        let mut name = row.name.as_str();
-        for &t in &r.targets {
-            if let Some(s) = row.get(t) {
-                target_line(o, name, t, s);
-                name = "";
-            }
-        }
-    }
+    row_blocks(
+        o,
+        &r.rows,
+        &r.targets,
+        |row| &row.name,
+        Row::get,
+        target_line,
+    );
 }
 
 fn ratios_table(o: &mut String, rows: &[Row], targets: &[Target]) {
@@ -126,10 +83,10 @@ fn ratios_table(o: &mut String, rows: &[Row], targets: &[Target]) {
         let mut line = format!(
             "{:<22} {:<13} {:>7} {:>7} {:>7}",
             row.name,
-            x.best_qsd.map_or("-", Target::name),
-            ratio(x.vloop_over_qsd),
-            ratio(x.vloop_p50_over_qsd),
-            ratio(x.vloop_cpu_over_qsd),
+            x.qsd.best_qsd.map_or("-", Target::name),
+            ratio(x.qsd.vloop_over_qsd),
+            ratio(x.qsd.vloop_p50_over_qsd),
+            ratio(x.qsd.vloop_cpu_over_qsd),
         );
         for (t, title) in &extra {
             let r = match t {
@@ -234,20 +191,7 @@ pub fn render(r: &Report) -> String {
         r.rounds_requested,
         runtime
     );
-    let _ = writeln!(
-        o,
-        "started {}; machine: {}",
-        r.started,
-        r.machine.describe()
-    );
-    let _ = writeln!(
-        o,
-        "load average (1/5/15 min): before {}, after {}",
-        r.load.before, r.load.after
-    );
-    if let Some(w) = r.load.warning() {
-        let _ = writeln!(o, "{w}");
-    }
+    machine_lines(&mut o, &r.started, &r.machine, &r.load);
     images_note(&mut o, r);
     let _ = writeln!(
         o,
@@ -283,13 +227,13 @@ pub fn render(r: &Report) -> String {
     for row in &r.rows {
         for &t in &r.targets {
             let Some(s) = row.get(t) else { continue };
-            if let Some(f) = &s.failure {
+            if let Some(f) = &s.failed.failure {
                 if seen.insert((t, f.clone())) {
                     let _ = writeln!(
                         o,
                         "{} failed in round(s) {:?} of {} (maybe others): {f}",
                         t.name(),
-                        s.failed_rounds,
+                        s.failed.failed_rounds,
                         row.name
                     );
                 }
@@ -341,22 +285,5 @@ mod tests {
             !plain.contains("qcow2") && !plain.contains("vloop-raw"),
             "{plain}"
         );
-    }
-
-    #[test]
-    fn counts_are_short() {
-        assert_eq!(count(9876.4), "9876");
-        assert_eq!(count(17_140.0), "17.1k");
-        assert_eq!(count(347_400.0), "347k");
-        assert_eq!(count(1_887_000.0), "1.89M");
-        assert_eq!(small(53.24), "53.2");
-        assert_eq!(small(1234.4), "1234");
-        let s = Stat {
-            median: 2.0,
-            min: 1.0,
-            max: 3.0,
-        };
-        assert_eq!(with_range(Some(s), small), "2.0 (1.0-3.0)");
-        assert_eq!(with_range(None, small), "-");
     }
 }

@@ -1,109 +1,13 @@
 //! The figures of a comparison, round by round and summarised (median, least, greatest), and
-//! the ratios between backends: pure code over measured runs, no I/O.
+//! the ratios between backends: pure code over measured runs, no I/O (the arithmetic over
+//! rounds is `crate::figures`'s).
 
+pub use crate::figures::Stat;
+use crate::figures::{paired_ratio, stat_of, Failures, QsdRatios, RoundFigures, Rounds};
 use crate::hist::{LatencyHist, Percentiles};
 use crate::load::RunResult;
 use crate::procfs::ThreadShare;
-
-/// What is measured in a comparison.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Target {
-    /// vloop-blk.
-    Vloop,
-    /// qemu-storage-daemon serving the export from its main loop.
-    Qsd,
-    /// qemu-storage-daemon serving the export from an iothread.
-    QsdIothread,
-    /// io_uring straight on the image file, in this process.
-    Raw,
-    /// vloop-blk on the raw image, while [`Target::Vloop`] serves its qcow2 copy (qcow2 mode).
-    VloopRaw,
-}
-
-impl Target {
-    /// Every target, in table order.
-    pub const ALL: [Target; 5] = [
-        Self::Vloop,
-        Self::Qsd,
-        Self::QsdIothread,
-        Self::Raw,
-        Self::VloopRaw,
-    ];
-
-    /// Name in tables, JSON and charts.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Vloop => "vloop",
-            Self::Qsd => "qsd",
-            Self::QsdIothread => "qsd-iothread",
-            Self::Raw => "raw",
-            Self::VloopRaw => "vloop-raw",
-        }
-    }
-
-    /// Whether it is a backend process (not the raw engine).
-    pub fn is_backend(self) -> bool {
-        self != Self::Raw
-    }
-
-    /// Whether it is vloop-blk (on either image).
-    pub fn is_vloop(self) -> bool {
-        matches!(self, Self::Vloop | Self::VloopRaw)
-    }
-
-    /// Whether it is one of the qemu-storage-daemon configurations.
-    pub fn is_qsd(self) -> bool {
-        matches!(self, Self::Qsd | Self::QsdIothread)
-    }
-}
-
-impl std::fmt::Display for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// The median, least and greatest of one figure over rounds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
-pub struct Stat {
-    /// Median (the mean of the middle two for an even count).
-    pub median: f64,
-    /// Least value.
-    pub min: f64,
-    /// Greatest value.
-    pub max: f64,
-}
-
-impl Stat {
-    /// The summary of `values`, or `None` when there are none.
-    pub fn of(values: &[f64]) -> Option<Stat> {
-        if values.is_empty() {
-            return None;
-        }
-        let mut s = values.to_vec();
-        s.sort_by(f64::total_cmp);
-        Some(Stat {
-            median: median_sorted(&s),
-            min: s[0],
-            max: s[s.len() - 1],
-        })
-    }
-}
-
-fn median_sorted(s: &[f64]) -> f64 {
-    let m = s.len() / 2;
-    if s.len() % 2 == 1 {
-        s[m]
-    } else {
-        (s[m - 1] + s[m]) / 2.0
-    }
-}
-
-/// The median of `v` (0 when empty).
-pub fn median(v: &[f64]) -> f64 {
-    Stat::of(v).map_or(0.0, |s| s.median)
-}
+use crate::target::Target;
 
 /// One run of one target on one workload.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
@@ -207,10 +111,9 @@ pub struct Summary {
     pub peak_rss_kib: Option<u64>,
     /// Greatest anonymous resident memory (RssAnon, KiB) of the backend after a run.
     pub anon_rss_kib: Option<u64>,
-    /// Why a run failed, if one did (the first failure).
-    pub failure: Option<String>,
-    /// Rounds that failed.
-    pub failed_rounds: Vec<u32>,
+    /// The runs that failed.
+    #[serde(flatten)]
+    pub failed: Failures,
     #[serde(skip)]
     hist: LatencyHist,
     #[serde(skip)]
@@ -219,11 +122,6 @@ pub struct Summary {
     waits: f64,
     #[serde(skip)]
     submitted: f64,
-}
-
-fn stat_of(rounds: &[Round], f: impl Fn(&Round) -> Option<f64>) -> Option<Stat> {
-    let v: Vec<f64> = rounds.iter().filter_map(f).collect();
-    Stat::of(&v)
 }
 
 impl Summary {
@@ -254,59 +152,35 @@ impl Summary {
 
     /// Records a failed run.
     pub fn fail(&mut self, round: u32, why: String) {
-        self.failed_rounds.push(round);
-        self.failure.get_or_insert(why);
-    }
-
-    /// Median IOPS (0 with no successful round).
-    pub fn median_iops(&self) -> f64 {
-        self.iops.map_or(0.0, |s| s.median)
-    }
-
-    /// Whether at least one round succeeded.
-    pub fn measured(&self) -> bool {
-        !self.rounds.is_empty()
+        self.failed.record(round, why);
     }
 }
 
-/// Of the qemu-storage-daemon configurations measured on a row, the one with the higher median
-/// IOPS (the earlier one on a tie); configurations with no successful round do not count.
-pub fn best_of<'a>(candidates: &[(Target, Option<&'a Summary>)]) -> Option<(Target, &'a Summary)> {
-    let mut best: Option<(Target, &Summary)> = None;
-    for (t, s) in candidates {
-        let Some(s) = s.filter(|s| s.measured() && s.median_iops() > 0.0) else {
-            continue;
-        };
-        if best.is_none_or(|(_, b)| s.median_iops() > b.median_iops()) {
-            best = Some((*t, s));
-        }
+impl RoundFigures for Round {
+    fn round(&self) -> u32 {
+        self.round
     }
-    best
+
+    fn iops(&self) -> f64 {
+        self.iops
+    }
+
+    fn p50_us(&self) -> f64 {
+        self.latency.p50_us
+    }
+
+    /// The backend's CPU time (clock ticks of all its threads) per request.
+    fn cpu_us_per_io(&self) -> Option<f64> {
+        self.backend_cpu_us_per_io
+    }
 }
 
-/// a's figure over b's: the median of the per-round ratios over the rounds both measured (runs
-/// of one round are adjacent in time, so they share the machine's background load); with no
-/// such round, the ratio of the medians. `None` when either side has no figure or b's is 0.
-pub fn paired_ratio(
-    a: &Summary,
-    b: &Summary,
-    figure: impl Fn(&Round) -> Option<f64>,
-) -> Option<f64> {
-    let per_round: Vec<f64> = a
-        .rounds
-        .iter()
-        .filter_map(|x| {
-            let y = b.rounds.iter().find(|y| y.round == x.round)?;
-            let (fx, fy) = (figure(x)?, figure(y)?);
-            (fy > 0.0).then(|| fx / fy)
-        })
-        .collect();
-    if !per_round.is_empty() {
-        return Some(median(&per_round));
+impl Rounds for Summary {
+    type Round = Round;
+
+    fn rounds(&self) -> &[Round] {
+        &self.rounds
     }
-    let ma = stat_of(&a.rounds, &figure)?.median;
-    let mb = stat_of(&b.rounds, &figure)?.median;
-    (mb > 0.0).then(|| ma / mb)
 }
 
 /// The ratios of a row: vloop-blk against the better qemu-storage-daemon configuration, against
@@ -314,14 +188,9 @@ pub fn paired_ratio(
 /// image.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct Ratios {
-    /// The qemu-storage-daemon configuration the ratios are taken against.
-    pub best_qsd: Option<Target>,
-    /// vloop IOPS / best qsd IOPS (above 1: vloop is faster).
-    pub vloop_over_qsd: Option<f64>,
-    /// vloop p50 latency / best qsd p50 latency (below 1: vloop is faster).
-    pub vloop_p50_over_qsd: Option<f64>,
-    /// vloop backend CPU per request / best qsd's (below 1: vloop uses less).
-    pub vloop_cpu_over_qsd: Option<f64>,
+    /// Against the better qemu-storage-daemon configuration.
+    #[serde(flatten)]
+    pub qsd: QsdRatios,
     /// vloop IOPS / raw io_uring IOPS.
     pub vloop_over_raw: Option<f64>,
     /// vloop IOPS / vloop-raw IOPS (qcow2 mode: what the qcow2 layer costs; above 0.9 is the
@@ -339,14 +208,11 @@ impl Ratios {
         raw: Option<&Summary>,
         vloop_raw: Option<&Summary>,
     ) -> Ratios {
-        let best = best_of(&[(Target::Qsd, qsd), (Target::QsdIothread, qsd_iothread)]);
-        let against =
-            |f: fn(&Round) -> Option<f64>| best.and_then(|(_, b)| paired_ratio(vloop, b, f));
         Ratios {
-            best_qsd: best.map(|(t, _)| t),
-            vloop_over_qsd: against(|r| Some(r.iops)),
-            vloop_p50_over_qsd: against(|r| Some(r.latency.p50_us)),
-            vloop_cpu_over_qsd: against(|r| r.backend_cpu_us_per_io),
+            qsd: QsdRatios::of(
+                vloop,
+                &[(Target::Qsd, qsd), (Target::QsdIothread, qsd_iothread)],
+            ),
             vloop_over_raw: raw.and_then(|r| paired_ratio(vloop, r, |x| Some(x.iops))),
             vloop_over_vloop_raw: vloop_raw.and_then(|r| paired_ratio(vloop, r, |x| Some(x.iops))),
         }
@@ -356,58 +222,7 @@ impl Ratios {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn summary(iops: &[f64], cpu: &[f64]) -> Summary {
-        let mut s = Summary::default();
-        for (i, (&x, &c)) in iops.iter().zip(cpu).enumerate() {
-            let r = Round {
-                round: i as u32 + 1,
-                iops: x,
-                backend_cpu_us_per_io: Some(c),
-                latency: Percentiles {
-                    p50_us: 1e6 / x,
-                    ..Percentiles::default()
-                },
-                ios: 100,
-                ..Round::default()
-            };
-            s.add(r, &LatencyHist::new());
-        }
-        s
-    }
-
-    #[test]
-    fn stats_are_median_min_max() {
-        let s = Stat::of(&[3.0, 1.0, 2.0]).unwrap();
-        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
-        assert_eq!(Stat::of(&[4.0, 1.0, 2.0, 3.0]).unwrap().median, 2.5);
-        assert_eq!(Stat::of(&[]), None);
-        assert_eq!(median(&[]), 0.0);
-    }
-
-    #[test]
-    fn ratios_pair_rounds() {
-        // Round by round: 2x, 2x, 1x -> median 2x (the ratio of medians would be 1.5x).
-        let a = summary(&[200.0, 40.0, 30.0], &[1.0, 1.0, 1.0]);
-        let b = summary(&[100.0, 20.0, 30.0], &[2.0, 4.0, 1.0]);
-        assert_eq!(paired_ratio(&a, &b, |r| Some(r.iops)), Some(2.0));
-        assert_eq!(paired_ratio(&a, &b, |r| r.backend_cpu_us_per_io), Some(0.5));
-        // Round 1 of b failed: rounds 2 and 3 pair (2x and 1x).
-        let mut c = summary(&[20.0, 30.0], &[1.0, 1.0]);
-        for (i, r) in c.rounds.iter_mut().enumerate() {
-            r.round = i as u32 + 2;
-        }
-        assert_eq!(paired_ratio(&a, &c, |r| Some(r.iops)), Some(1.5));
-        // No common round: the ratio of medians.
-        let mut d = summary(&[10.0], &[1.0]);
-        d.rounds[0].round = 9;
-        assert_eq!(paired_ratio(&a, &d, |r| Some(r.iops)), Some(4.0));
-        assert_eq!(
-            paired_ratio(&Summary::default(), &b, |r| Some(r.iops)),
-            None
-        );
-        assert_eq!(paired_ratio(&a, &b, |_| None), None);
-    }
+    use crate::compare::fixtures::summary_cpu as summary;
 
     #[test]
     fn the_better_qsd_is_chosen_and_named() {
@@ -415,33 +230,33 @@ mod tests {
         let main = summary(&[100.0, 120.0], &[2.0, 2.0]);
         let iot = summary(&[150.0, 150.0], &[3.0, 3.0]);
         let r = Ratios::of(&vloop, Some(&main), Some(&iot), None, None);
-        assert_eq!(r.best_qsd, Some(Target::QsdIothread));
-        assert_eq!(r.vloop_over_qsd, Some(2.0));
-        assert_eq!(r.vloop_p50_over_qsd, Some(0.5));
-        assert_eq!(r.vloop_cpu_over_qsd, Some(1.0 / 3.0));
+        assert_eq!(r.qsd.best_qsd, Some(Target::QsdIothread));
+        assert_eq!(r.qsd.vloop_over_qsd, Some(2.0));
+        assert_eq!(r.qsd.vloop_p50_over_qsd, Some(0.5));
+        assert_eq!(r.qsd.vloop_cpu_over_qsd, Some(1.0 / 3.0));
         assert_eq!(r.vloop_over_raw, None);
         assert_eq!(r.vloop_over_vloop_raw, None);
         // The main loop wins when it is faster; a configuration that failed does not count.
         let slow = summary(&[50.0], &[1.0]);
         let r = Ratios::of(&vloop, Some(&main), Some(&slow), Some(&main), None);
-        assert_eq!(r.best_qsd, Some(Target::Qsd));
+        assert_eq!(r.qsd.best_qsd, Some(Target::Qsd));
         assert_eq!(r.vloop_over_raw, Some(2.75));
         // vloop-raw pairs rounds as the others do: 300/400 and 300/250.
         let vraw = summary(&[400.0, 250.0], &[1.0, 1.0]);
         let r = Ratios::of(&vloop, None, None, None, Some(&vraw));
         assert_eq!(r.vloop_over_vloop_raw, Some((0.75 + 1.2) / 2.0));
         assert_eq!(
-            (r.best_qsd, r.vloop_over_qsd, r.vloop_over_raw),
+            (r.qsd.best_qsd, r.qsd.vloop_over_qsd, r.vloop_over_raw),
             (None, None, None)
         );
         let mut failed = Summary::default();
         failed.fail(1, "no".into());
         let r = Ratios::of(&vloop, Some(&failed), Some(&slow), None, None);
-        assert_eq!(r.best_qsd, Some(Target::QsdIothread));
-        assert_eq!(r.vloop_over_qsd, Some(6.0));
+        assert_eq!(r.qsd.best_qsd, Some(Target::QsdIothread));
+        assert_eq!(r.qsd.vloop_over_qsd, Some(6.0));
         // A tie goes to the first (main loop); with no qsd at all there is no ratio.
         let r = Ratios::of(&vloop, Some(&main), Some(&main.clone()), None, None);
-        assert_eq!(r.best_qsd, Some(Target::Qsd));
+        assert_eq!(r.qsd.best_qsd, Some(Target::Qsd));
         assert_eq!(
             Ratios::of(&vloop, None, None, None, None),
             Ratios::default()
@@ -456,8 +271,8 @@ mod tests {
         assert_eq!(s.iops.unwrap().median, 20.0);
         assert_eq!(s.iops_rounds, [10.0, 30.0, 20.0]);
         assert_eq!(s.backend_cpu_us_per_io.unwrap().min, 1.0);
-        assert_eq!(s.failure.as_deref(), Some("crashed"));
-        assert_eq!(s.failed_rounds, [4, 5]);
+        assert_eq!(s.failed.failure.as_deref(), Some("crashed"));
+        assert_eq!(s.failed.failed_rounds, [4, 5]);
         assert!(s.measured());
         assert!(!Summary::default().measured());
     }

@@ -4,15 +4,17 @@
 
 use std::fmt::Write as _;
 
-use super::{GuestReport, PhaseRow, PhaseSummary};
-use crate::compare::render::{count, median_or_dash, mib, ratio, small, with_range};
-use crate::compare::stats::{median, Target};
+use super::report::{GuestReport, PhaseRow};
+use super::stats::PhaseSummary;
+use crate::figures::{median, Rounds};
+use crate::target::Target;
+use crate::text::{
+    count, failed_line, machine_lines, median_or_dash, mib, ratio, row_blocks, small, with_range,
+};
 
 fn target_line(o: &mut String, name: &str, t: Target, s: &PhaseSummary) {
     if !s.measured() {
-        let why = s.failure.as_deref().unwrap_or("not measured");
-        let first = why.lines().next().unwrap_or(why);
-        let _ = writeln!(o, "{name:<18} {:<13} failed: {first}", t.name());
+        failed_line(o, name, 18, t, &s.failed);
         return;
     }
     let _ = writeln!(
@@ -41,15 +43,14 @@ fn rows_table(o: &mut String, r: &GuestReport) {
         "bCPU/IO (min-max)",
         "bCPU%"
     );
-    for row in &r.rows {
-        let mut name = row.name.as_str();
-        for &t in &r.targets {
-            if let Some(s) = row.get(t) {
-                target_line(o, name, t, s);
-                name = "";
-            }
-        }
-    }
+    row_blocks(
+        o,
+        &r.rows,
+        &r.targets,
+        |row| &row.name,
+        PhaseRow::get,
+        target_line,
+    );
 }
 
 fn ratios_table(o: &mut String, rows: &[PhaseRow]) {
@@ -139,20 +140,7 @@ pub fn render(r: &GuestReport) -> String {
         "guests: accelerator {} ({}); {} vCPU, {} MiB, kernel {}; {}",
         r.accel, r.accel_why, r.guest_cpus, r.guest_mem_mib, r.kernel, r.guest_io
     );
-    let _ = writeln!(
-        o,
-        "started {}; machine: {}",
-        r.started,
-        r.machine.describe()
-    );
-    let _ = writeln!(
-        o,
-        "load average (1/5/15 min): before {}, after {}",
-        r.load.before, r.load.after
-    );
-    if let Some(w) = r.load.warning() {
-        let _ = writeln!(o, "{w}");
-    }
+    machine_lines(&mut o, &r.started, &r.machine, &r.load);
     if r.interrupted {
         let _ = writeln!(
             o,
@@ -190,13 +178,13 @@ pub fn render(r: &GuestReport) -> String {
                 );
             }
             if s.measured() {
-                if let Some(f) = &s.failure {
+                if let Some(f) = &s.failed.failure {
                     let _ = writeln!(
                         o,
                         "{} {} failed in round(s) {:?}: {}",
                         t.name(),
                         row.name,
-                        s.failed_rounds,
+                        s.failed.failed_rounds,
                         f.lines().next().unwrap_or("")
                     );
                 }
@@ -209,11 +197,12 @@ pub fn render(r: &GuestReport) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::report::{Boot, GuestBackend};
     use super::super::stats::PhaseRound;
-    use super::super::{Boot, GuestBackend, GuestRatios, PhaseRow};
     use super::*;
-    use crate::compare::Mode;
+    use crate::figures::QsdRatios;
     use crate::machine::{LoadAvg, LoadSpan, Machine};
+    use crate::target::Mode;
     use vloop_guest::io::{IoPhase, Pattern};
     use vloop_harness::accel::Accel;
 
@@ -248,7 +237,7 @@ mod tests {
             runtime_ms: 2000,
         };
         let (vloop, qsd) = (summary(3000.0, 20.0), summary(2500.0, 30.0));
-        let ratios = GuestRatios::of(&vloop, &[(Target::QsdIothread, Some(&qsd))]);
+        let ratios = QsdRatios::of(&vloop, &[(Target::QsdIothread, Some(&qsd))]);
         let mut failed = PhaseSummary::default();
         failed.fail(1, "the guest never started this phase".into());
         let boot = |target, status: u8| Boot {
@@ -269,13 +258,7 @@ mod tests {
             started: "2026-12-01T00:00:00Z".into(),
             mode: Mode::Direct,
             direct: true,
-            machine: Machine {
-                cpus: 2,
-                cpus_online: 2,
-                cpu_model: Some("CPU".into()),
-                kernel: Some("6.1".into()),
-                qsd_version: None,
-            },
+            machine: Machine::made_up(),
             load: LoadSpan::new(l, l),
             accel: Accel::Tcg,
             accel_why: "KVM unusable: no".into(),
@@ -304,7 +287,7 @@ mod tests {
                     vloop: summary(1000.0, 10.0),
                     qsd: None,
                     qsd_iothread: Some(failed),
-                    ratios: GuestRatios::default(),
+                    ratios: QsdRatios::default(),
                 },
             ],
             boots: vec![boot(Target::Vloop, 0), boot(Target::QsdIothread, 125)],

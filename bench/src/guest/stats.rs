@@ -1,23 +1,11 @@
 //! The figures of a guest run, phase by phase and round by round, and the ratios between
 //! backends: pure code over what the host saw (the I/O tool's lines with the backend's CPU
-//! time read when each arrived), no I/O.
-
-use std::time::Duration;
+//! time read when each arrived), no I/O (the arithmetic over rounds is `crate::figures`'s).
 
 use vloop_guest::io::{IoEvent, IoLine, PhaseResult};
 
-use crate::compare::stats::{median, Stat, Target};
-use crate::procfs::{thread_cpu_delta, ThreadCpu, ThreadShare};
-
-/// The backend's CPU time as the host read it from /proc at one moment.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CpuSample {
-    /// utime + stime of the process and all its threads, exited ones included
-    /// (/proc/PID/stat, in clock ticks).
-    pub ticks: Option<Duration>,
-    /// Each live thread's exact run time (/proc/PID/task/TID/schedstat).
-    pub threads: Option<Vec<ThreadCpu>>,
-}
+use crate::figures::{stat_of, Failures, RoundFigures, Rounds, Stat};
+use crate::procfs::{CpuSample, ThreadShare};
 
 /// One line of the I/O tool as the host received it.
 #[derive(Debug, Clone, PartialEq)]
@@ -123,26 +111,11 @@ impl PhaseRound {
     ) -> PhaseRound {
         let host_secs = (end.at_s - begin.at_s).max(0.0);
         let n = result.ios.max(1) as f64;
-        let cpu_s = match (begin.cpu.ticks, end.cpu.ticks) {
-            (Some(a), Some(b)) => Some(b.saturating_sub(a).as_secs_f64()),
-            _ => None,
-        };
+        let used = begin.cpu.until(&end.cpu);
+        let cpu_s = used.ticks.map(|t| t.as_secs_f64());
         let per_io = |s: f64| (result.ios > 0).then(|| s * 1e6 / n);
-        let (run_us, threads) = match (&begin.cpu.threads, &end.cpu.threads) {
-            (Some(a), Some(b)) => {
-                let by_name = thread_cpu_delta(a, b);
-                let total: u64 = by_name.iter().map(|(_, ns)| ns).sum();
-                let shares = by_name
-                    .into_iter()
-                    .map(|(thread, ns)| ThreadShare {
-                        thread,
-                        value: ns as f64 / 1e3 / n,
-                    })
-                    .collect();
-                (per_io(total as f64 / 1e9), shares)
-            }
-            _ => (None, Vec::new()),
-        };
+        let run_us = used.threads_ns().and_then(|ns| per_io(ns as f64 / 1e9));
+        let threads = used.shares(|ns| ns as f64 / 1e3 / n);
         PhaseRound {
             round,
             load_before,
@@ -236,15 +209,9 @@ pub struct PhaseSummary {
     /// Rounds in which a line reached the host later than the tool's gap (their CPU window
     /// may miss part of the phase or take in part of the next one).
     pub late_windows: u32,
-    /// Why a round failed, if one did (the first failure).
-    pub failure: Option<String>,
-    /// Rounds that failed.
-    pub failed_rounds: Vec<u32>,
-}
-
-fn stat_of(rounds: &[PhaseRound], f: impl Fn(&PhaseRound) -> Option<f64>) -> Option<Stat> {
-    let v: Vec<f64> = rounds.iter().filter_map(f).collect();
-    Stat::of(&v)
+    /// The rounds that failed.
+    #[serde(flatten)]
+    pub failed: Failures,
 }
 
 impl PhaseSummary {
@@ -264,91 +231,47 @@ impl PhaseSummary {
 
     /// Records a failed round.
     pub fn fail(&mut self, round: u32, why: String) {
-        self.failed_rounds.push(round);
-        self.failure.get_or_insert(why);
-    }
-
-    /// Whether at least one round succeeded.
-    pub fn measured(&self) -> bool {
-        !self.rounds.is_empty()
-    }
-
-    /// Median IOPS (0 with no successful round).
-    pub fn median_iops(&self) -> f64 {
-        self.iops.map_or(0.0, |s| s.median)
+        self.failed.record(round, why);
     }
 }
 
-/// a's figure over b's: the median of the per-round ratios over the rounds both measured
-/// (runs of one round are adjacent in time); with no such round, the ratio of the medians.
-/// `None` when either side has no figure or b's is 0.
-pub fn paired_ratio(
-    a: &PhaseSummary,
-    b: &PhaseSummary,
-    figure: impl Fn(&PhaseRound) -> Option<f64>,
-) -> Option<f64> {
-    let per_round: Vec<f64> = a
-        .rounds
-        .iter()
-        .filter_map(|x| {
-            let y = b.rounds.iter().find(|y| y.round == x.round)?;
-            let (fx, fy) = (figure(x)?, figure(y)?);
-            (fy > 0.0).then(|| fx / fy)
-        })
-        .collect();
-    if !per_round.is_empty() {
-        return Some(median(&per_round));
+impl RoundFigures for PhaseRound {
+    fn round(&self) -> u32 {
+        self.round
     }
-    let ma = stat_of(&a.rounds, &figure)?.median;
-    let mb = stat_of(&b.rounds, &figure)?.median;
-    (mb > 0.0).then(|| ma / mb)
+
+    /// Requests per second in the guest: the ratio is the guest's throughput's.
+    fn iops(&self) -> f64 {
+        self.iops
+    }
+
+    fn p50_us(&self) -> f64 {
+        self.p50_us
+    }
+
+    /// The exact per-thread run time per request: clock ticks (10 ms) are too coarse for
+    /// short phases, where one side may show none at all.
+    fn cpu_us_per_io(&self) -> Option<f64> {
+        self.backend_run_us_per_io
+    }
 }
 
-/// vloop-blk against the better qemu-storage-daemon configuration of a phase.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
-pub struct GuestRatios {
-    /// The qemu-storage-daemon configuration the ratios are taken against (the one with the
-    /// higher median IOPS).
-    pub best_qsd: Option<Target>,
-    /// vloop throughput / qsd throughput in the guest (above 1: vloop is faster; its inverse
-    /// is the ratio of the time a fixed amount of I/O takes).
-    pub vloop_over_qsd: Option<f64>,
-    /// vloop p50 latency / qsd's, in the guest (below 1: vloop is faster).
-    pub vloop_p50_over_qsd: Option<f64>,
-    /// vloop backend CPU per request / qsd's (below 1: vloop uses less), from the exact
-    /// per-thread run times: clock ticks (10 ms) are too coarse for short phases, where one
-    /// side may show none at all.
-    pub vloop_cpu_over_qsd: Option<f64>,
-}
+impl Rounds for PhaseSummary {
+    type Round = PhaseRound;
 
-impl GuestRatios {
-    /// The ratios of `vloop` against the better of `candidates` (an earlier one on a tie;
-    /// one with no successful round does not count).
-    pub fn of(vloop: &PhaseSummary, candidates: &[(Target, Option<&PhaseSummary>)]) -> Self {
-        let mut best: Option<(Target, &PhaseSummary)> = None;
-        for (t, s) in candidates {
-            let Some(s) = s.filter(|s| s.measured() && s.median_iops() > 0.0) else {
-                continue;
-            };
-            if best.is_none_or(|(_, b)| s.median_iops() > b.median_iops()) {
-                best = Some((*t, s));
-            }
-        }
-        let Some((t, b)) = best else {
-            return GuestRatios::default();
-        };
-        GuestRatios {
-            best_qsd: Some(t),
-            vloop_over_qsd: paired_ratio(vloop, b, |r| Some(r.iops)),
-            vloop_p50_over_qsd: paired_ratio(vloop, b, |r| Some(r.p50_us)),
-            vloop_cpu_over_qsd: paired_ratio(vloop, b, |r| r.backend_run_us_per_io),
-        }
+    fn rounds(&self) -> &[PhaseRound] {
+        &self.rounds
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    use crate::figures::{paired_ratio, QsdRatios};
+    use crate::procfs::ThreadCpu;
+    use crate::target::Target;
 
     /// A mark of `event` written at `guest_s` by the guest's clock and received at `at_s`.
     fn mark(
@@ -497,7 +420,7 @@ mod tests {
         let vloop = summary(&[200.0, 40.0, 30.0], &[1.0, 1.0, 1.0]);
         let iot = summary(&[100.0, 20.0, 30.0], &[2.0, 4.0, 1.0]);
         let main = summary(&[10.0, 10.0, 10.0], &[1.0, 1.0, 1.0]);
-        let r = GuestRatios::of(
+        let r = QsdRatios::of(
             &vloop,
             &[
                 (Target::Qsd, Some(&main)),
@@ -512,8 +435,8 @@ mod tests {
         let mut failed = PhaseSummary::default();
         failed.fail(1, "no".into());
         assert!(!failed.measured());
-        let r = GuestRatios::of(&vloop, &[(Target::QsdIothread, Some(&failed))]);
-        assert_eq!(r, GuestRatios::default());
+        let r = QsdRatios::of(&vloop, &[(Target::QsdIothread, Some(&failed))]);
+        assert_eq!(r, QsdRatios::default());
         // No common round: the ratio of the medians.
         let mut late = summary(&[20.0], &[2.0]);
         late.rounds[0].round = 9;
@@ -534,7 +457,7 @@ mod tests {
         assert_eq!(s.iops.unwrap().median, 25.0);
         assert_eq!(s.backend_cpu_us_per_io.unwrap().median, 3.0);
         assert_eq!((s.errors, s.late_windows), (2, 1));
-        assert_eq!(s.failed_rounds, [5]);
-        assert_eq!(s.failure.as_deref(), Some("crashed"));
+        assert_eq!(s.failed.failed_rounds, [5]);
+        assert_eq!(s.failed.failure.as_deref(), Some("crashed"));
     }
 }

@@ -1,8 +1,12 @@
-//! Shared set-up of the integration tests: an image, a backend process, a connected client.
+//! Shared set-up of the integration tests: an image, a backend process, a connected client;
+//! and the vloop-bench binary run with a JSON report, whose chart `svg` reads back.
 
 #![allow(dead_code)]
 
+pub mod svg;
+
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use vloop_frontend::backend::{
@@ -130,4 +134,59 @@ pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect()
+}
+
+/// The vloop-bench binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_vloop-bench");
+
+/// What a vloop-bench run that succeeded printed, and its JSON report.
+pub struct Ran {
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error (the progress lines).
+    pub stderr: String,
+    /// The `--json` report.
+    pub json: serde_json::Value,
+}
+
+/// `vloop-bench ARGS --image DIR/img --vloop-bin VLOOP`.
+pub fn bench_on_image(dir: &Path, vloop: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .arg("--image")
+        .arg(dir.join("img"))
+        .arg("--vloop-bin")
+        .arg(vloop);
+    cmd
+}
+
+/// Runs `cmd` with `--json DIR/report.json`; asserts that it succeeds; returns what it
+/// printed and the report.
+pub fn run_json(mut cmd: Command, dir: &Path) -> Ran {
+    let json = dir.join("report.json");
+    let out = cmd
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("run vloop-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let text = std::fs::read(&json).expect("the JSON report");
+    let json = serde_json::from_slice(&text).expect("JSON");
+    Ran {
+        stdout,
+        stderr,
+        json,
+    }
+}
+
+/// The entry of target `name` in the list `list` (`backends`, `images`) of a JSON report.
+pub fn by_target<'a>(v: &'a serde_json::Value, list: &str, name: &str) -> &'a serde_json::Value {
+    v[list]
+        .as_array()
+        .unwrap_or_else(|| panic!("no list {list} in {v}"))
+        .iter()
+        .find(|b| b["target"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {list}: {}", v[list]))
 }

@@ -1,7 +1,8 @@
-//! The images a comparison serves: the raw benchmark image (every 4 KiB block non-zero), its
-//! fully allocated qcow2 copy (`qemu-img convert -O qcow2`, made next to it and reused while it
-//! is newer), and the empty images of the allocating rows, made fresh for every run: a qcow2
-//! overlay over the raw image (`qemu-img create -f qcow2 -F raw -b RAW`) or a sparse raw file.
+//! The images the comparisons serve: the raw benchmark image (every 4 KiB block non-zero; the
+//! host and the guest comparison both serve it), its fully allocated qcow2 copy (`qemu-img
+//! convert -O qcow2`, made next to it and reused while it is newer), and the empty images of
+//! the allocating rows, made fresh for every run: a qcow2 overlay over the raw image
+//! (`qemu-img create -f qcow2 -F raw -b RAW`) or a sparse raw file.
 //!
 //! The I/O (files, `qemu-img`) is here; what `qemu-img info` and `qemu-img check` print is
 //! read by the pure [`parse_info`] and [`parse_check`].
@@ -11,6 +12,8 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::time::Instant;
+
+use crate::text::chain;
 
 /// Errors of preparing an image.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +117,16 @@ pub fn warm_page_cache(path: &Path) -> Result<(), ImageError> {
     let mut buf = vec![0u8; 1 << 20];
     while f.read(&mut buf).map_err(io_err(path))? > 0 {}
     Ok(())
+}
+
+/// Writes back the dirty pages of each of `paths` that opens, so that a run starts with none
+/// left over from the one before and writeback throttling hits the run that caused it.
+pub fn sync<'a>(paths: impl IntoIterator<Item = &'a Path>) {
+    for p in paths {
+        if let Ok(f) = File::open(p) {
+            let _ = f.sync_all();
+        }
+    }
 }
 
 /// Where the qcow2 copy of the raw image `raw` lives: beside it, its name with `.qcow2` added.
@@ -282,8 +295,8 @@ impl QemuImg {
         if q <= r {
             return Err("the raw image is newer".into());
         }
-        let info = self.info(qcow2).map_err(|e| super::chain(&e))?;
-        let check = self.check(qcow2).map_err(|e| super::chain(&e))?;
+        let info = self.info(qcow2).map_err(|e| chain(&e))?;
+        let check = self.check(qcow2).map_err(|e| chain(&e))?;
         match not_fully_allocated(&info, &check, size) {
             Some(why) => Err(why),
             None => Ok((info, check)),
