@@ -7,12 +7,11 @@
 
 mod common;
 
-use common::{guests_can_boot, lossy_backend, run_harness, QSD_QCOW2_TEMPLATE, QSD_TEMPLATE};
+use common::{
+    guests_can_boot, lossy_backend, report, run_harness, run_scenario, QSD_QCOW2_TEMPLATE,
+    QSD_TEMPLATE,
+};
 use vloop_harness::scenario::{overlays::OVERLAYS, SCENARIOS};
-
-fn report(dir: &std::path::Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()
-}
 
 /// Every scenario, two guests at a time, through `template`; reports in `dir`.
 fn run_all(template: &str, dir: &std::path::Path) -> common::Run {
@@ -79,18 +78,9 @@ fn qemu_storage_daemon_with_a_qcow2_template_passes_the_overlays_scenario() {
         return;
     }
     let t = tempfile::tempdir().unwrap();
-    let r = run_harness(
-        &[
-            "run",
-            "--scenario",
-            OVERLAYS.name,
-            "--backend-cmd",
-            QSD_QCOW2_TEMPLATE,
-            "--results",
-            "res",
-            "--json",
-            "report.json",
-        ],
+    let r = run_scenario(
+        OVERLAYS.name,
+        &["--backend-cmd", QSD_QCOW2_TEMPLATE],
         t.path(),
     );
     assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);

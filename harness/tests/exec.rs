@@ -243,6 +243,21 @@ fn exec_with_uses_the_callers_set_up_and_backend_and_hands_over_pids_and_lines()
     );
 }
 
+/// The rest of a child's stdout, kept open while the test runs.
+type Stdout = std::io::Lines<BufReader<std::process::ChildStdout>>;
+
+/// `vloop-harness exec OPTIONS -- sh -c 'echo ready; sleep 120'` in `dir`, returned once the
+/// command has printed `ready` (with the rest of its stdout; stderr still piped).
+fn exec_until_ready(options: &[&str], dir: &std::path::Path) -> (std::process::Child, Stdout) {
+    let mut args = vec!["exec"];
+    args.extend(options);
+    args.extend(["--", "sh", "-c", "echo ready; sleep 120"]);
+    let mut child = spawn_harness(&args, dir);
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    (child, lines)
+}
+
 #[test]
 fn a_backend_that_dies_fails_the_run_with_its_log() {
     if !guests_can_boot() {
@@ -255,24 +270,17 @@ fn a_backend_that_dies_fails_the_run_with_its_log() {
         "sh -c 'echo backend-marker pid $$ >&2; echo $$ > {}; exec qemu-storage-daemon --blockdev driver=file,node-name=f,filename=$1 --export type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=$2,writable=on' sh {{image}} {{socket}}",
         pidfile.display()
     );
-    let mut child = spawn_harness(
+    let (mut child, _stdout) = exec_until_ready(
         &[
-            "exec",
             "--results",
             ".",
             "--disk",
             "d.img",
             "--backend-cmd",
             &template,
-            "--",
-            "sh",
-            "-c",
-            "echo ready; sleep 120",
         ],
         t.path(),
     );
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
     let pid: i32 = std::fs::read_to_string(&pidfile)
         .unwrap()
         .trim()
@@ -321,22 +329,15 @@ fn ctrl_c_stops_the_guest_and_backends_and_removes_what_the_run_created() {
     build_vloop_blk();
     let t = tempfile::tempdir().unwrap();
     let runs = t.path().join("runs");
-    let mut child = spawn_harness(
+    let (mut child, _stdout) = exec_until_ready(
         &[
-            "exec",
             "--results",
             runs.to_str().unwrap(),
             "--disk",
             "scratch.img,size=16M",
-            "--",
-            "sh",
-            "-c",
-            "echo ready; sleep 120",
         ],
         t.path(),
     );
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
     let dir = t.path().to_string_lossy().into_owned();
     assert!(
         processes_mentioning(&dir).len() >= 2,

@@ -5,11 +5,7 @@
 
 mod common;
 
-use common::{build_vloop_blk, guests_can_boot, run_harness};
-
-fn report(dir: &std::path::Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()
-}
+use common::{build_vloop_blk, guests_can_boot, report, run_scenario};
 
 fn needs_qemu_utils() -> bool {
     for tool in ["qemu-img", "qemu-io"] {
@@ -28,18 +24,7 @@ fn four_guests_on_overlays_of_one_base_pass_with_vloop_blk() {
     }
     build_vloop_blk();
     let t = tempfile::tempdir().unwrap();
-    let r = run_harness(
-        &[
-            "run",
-            "--scenario",
-            "overlays",
-            "--results",
-            "res",
-            "--json",
-            "report.json",
-        ],
-        t.path(),
-    );
+    let r = run_scenario("overlays", &[], t.path());
     assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
     let v = report(t.path());
     assert!(v["run"]["backend"]
@@ -93,20 +78,7 @@ fn qemu_storage_daemon_serves_the_overlays_as_qcow2_too() {
         return;
     }
     let t = tempfile::tempdir().unwrap();
-    let r = run_harness(
-        &[
-            "run",
-            "--scenario",
-            "overlays",
-            "--backend",
-            "qsd",
-            "--results",
-            "res",
-            "--json",
-            "report.json",
-        ],
-        t.path(),
-    );
+    let r = run_scenario("overlays", &["--backend", "qsd"], t.path());
     assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
     let o = &report(t.path())["scenarios"][0];
     assert_eq!(o["status"], "pass", "{o}");

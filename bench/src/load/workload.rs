@@ -9,6 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use vloop_frontend::blk::SECTOR_SIZE;
+use vloop_guest::io::size_name;
 use vloop_images::size::{parse_bytes, SizeError};
 
 /// Errors of reading a workload from the command line's words.
@@ -163,16 +164,6 @@ pub struct Workload {
 
 fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
-}
-
-fn size_name(b: u64) -> String {
-    if b >= 1 << 20 && b.is_multiple_of(1 << 20) {
-        format!("{}M", b >> 20)
-    } else if b >= 1 << 10 && b.is_multiple_of(1 << 10) {
-        format!("{}k", b >> 10)
-    } else {
-        b.to_string()
-    }
 }
 
 impl fmt::Display for Workload {

@@ -108,7 +108,7 @@ pub struct IoPhase {
 }
 
 /// A byte count in a short form: 4k, 1M, 1536.
-fn size_name(b: u64) -> String {
+pub fn size_name(b: u64) -> String {
     if b >= 1 << 20 && b.is_multiple_of(1 << 20) {
         format!("{}M", b >> 20)
     } else if b >= 1 << 10 && b.is_multiple_of(1 << 10) {
@@ -119,6 +119,16 @@ fn size_name(b: u64) -> String {
 }
 
 impl IoPhase {
+    /// `qd` requests of `bs` bytes of `pattern` in flight for `runtime_ms`.
+    pub fn new(pattern: Pattern, bs: u32, qd: u32, runtime_ms: u64) -> IoPhase {
+        IoPhase {
+            pattern,
+            bs,
+            qd,
+            runtime_ms,
+        }
+    }
+
     /// Its name in tables: `4k randread QD1`, `1M write QD1`.
     pub fn name(&self) -> String {
         format!(
@@ -302,12 +312,7 @@ mod tests {
     use super::*;
 
     fn phase(pattern: Pattern, bs: u32, qd: u32) -> IoPhase {
-        IoPhase {
-            pattern,
-            bs,
-            qd,
-            runtime_ms: 500,
-        }
+        IoPhase::new(pattern, bs, qd, 500)
     }
 
     fn plan(phases: Vec<IoPhase>) -> IoPlan {

@@ -126,3 +126,16 @@ pub fn run_harness(args: &[&str], dir: &Path) -> Run {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// `vloop-harness run --scenario SCENARIO EXTRA... --results res --json report.json` in `dir`.
+pub fn run_scenario(scenario: &str, extra: &[&str], dir: &Path) -> Run {
+    let mut args = vec!["run", "--scenario", scenario];
+    args.extend(extra);
+    args.extend(["--results", "res", "--json", "report.json"]);
+    run_harness(&args, dir)
+}
+
+/// The JSON report a run wrote to `dir/report.json`.
+pub fn report(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()
+}

@@ -242,12 +242,7 @@ mod tests {
     use vloop_guest::io::Pattern;
 
     fn phase(pattern: Pattern, bs: u32, qd: u32) -> IoPhase {
-        IoPhase {
-            pattern,
-            bs,
-            qd,
-            runtime_ms: 100,
-        }
+        IoPhase::new(pattern, bs, qd, 100)
     }
 
     #[test]
