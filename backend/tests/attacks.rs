@@ -18,12 +18,14 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{FrontendReq, VhostUserInflight, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::Frontend;
 use vloop_frontend::backend::{BackendError, BackendProcess, BackendSpec, Export, Program};
 use vloop_frontend::blk::S_OK;
 use vloop_frontend::process::{cpu_time, open_fds};
-use vloop_frontend::raw::{fds, MemRegion, Negotiation, RawQueue, VringAddrs};
+use vloop_frontend::raw::{fds, Header, MemRegion, Negotiation, RawQueue, VringAddrs, VERSION};
 use vloop_frontend::{
     Client, ClientOptions, GuestMem, RawDevice, RawError, RawFrontend, RequestType, RingLayout,
 };
@@ -336,6 +338,61 @@ fn event_idx_ring_with_avail_ring_where_the_queue_reports_not_ready() {
     let l = RingLayout::new(16, 0x1000).unwrap();
     let layout = RingLayout { avail: 0, ..l };
     broken_ring(layout, 1, true);
+}
+
+#[test]
+fn event_idx_ring_with_avail_ring_straddling_the_end_of_memory() {
+    // Flags and index inside guest memory, the ring entries past its end.
+    let l = RingLayout::new(16, 0).unwrap();
+    let layout = RingLayout {
+        avail: MEM - 4,
+        used: 0x1000,
+        ..l
+    };
+    broken_ring(layout, 1, true);
+}
+
+#[test]
+fn event_idx_ring_with_descriptors_or_used_ring_straddling_the_end_of_memory() {
+    let l = RingLayout::new(16, 0x1000).unwrap();
+    broken_ring(
+        RingLayout {
+            desc: MEM - 16,
+            ..l
+        },
+        1,
+        false,
+    );
+    broken_ring(RingLayout { used: MEM - 8, ..l }, 1, false);
+}
+
+#[test]
+fn mem_table_that_cuts_a_running_ring_is_refused() {
+    let d = Daemon::start(&[]);
+    let lines = d.log_lines();
+    {
+        let mut dev = d.device(&Negotiation::default());
+        dev.set_mem_table().unwrap();
+        // The available ring ends where the next table will end.
+        let l = RingLayout::new(16, 0x1000).unwrap();
+        let layout = RingLayout {
+            avail: MEM / 2 - 4,
+            ..l
+        };
+        let q = dev.start_queue(0, layout, 0).unwrap();
+        q.set_avail_idx(1).unwrap();
+        // Half the memory: the ring's entries are past the end of the new table.
+        let r = dev.fe.set_mem_table(&[MemRegion {
+            memory_size: MEM / 2,
+            ..MemRegion::of(&dev.mem)
+        }]);
+        let _ = dev.queues[0].kick();
+        std::thread::sleep(Duration::from_millis(300));
+        let added = d.log_lines() - lines;
+        assert!(added <= FEW_LINES, "{added} log lines:\n{}", d.log());
+        assert_refused(&d, &dev.fe, r, "a memory table that cuts a running ring");
+    }
+    d.survives();
 }
 
 // ---- 2. more than 32 descriptors on a message, under a low descriptor limit ----
@@ -990,6 +1047,36 @@ fn add_mem_reg_is_refused_without_configure_mem_slots() {
             d.log()
         );
     }
+    d.survives();
+}
+
+#[test]
+fn protocol_features_never_offered_are_refused() {
+    let d = Daemon::start(&[]);
+    let fe = d.raw();
+    fe.set_owner().unwrap();
+    let features = fe.get_features().unwrap();
+    fe.set_features(features).unwrap();
+    let offered = fe.get_protocol_features().unwrap();
+    let all = VhostUserProtocolFeatures::from_bits_retain(u64::MAX);
+    assert!(!offered.contains(all));
+    fe.send_message(
+        Header {
+            request: FrontendReq::SET_PROTOCOL_FEATURES.into(),
+            flags: VERSION | VhostUserHeaderFlag::NEED_REPLY.bits(),
+            size: 8,
+        },
+        &u64::MAX.to_le_bytes(),
+        &[],
+    )
+    .unwrap();
+    // REPLY_ACK is among the bits and the request asks for a reply: the daemon must answer
+    // with a failure or hang up.
+    match fe.recv_timeout(Duration::from_secs(5)) {
+        Ok(r) => assert_ne!(r.u64().unwrap(), 0, "every protocol feature acknowledged"),
+        Err(e) => assert!(!matches!(e, RawError::Timeout(_)), "no answer: {e}"),
+    }
+    drop(fe);
     d.survives();
 }
 

@@ -6,8 +6,13 @@
 //!
 //! - answers GET_INFLIGHT_FD and SET_INFLIGHT_FD itself (installing regions in the
 //!   connection's [`Inflight`]), adds INFLIGHT_SHMFD to the GET_PROTOCOL_FEATURES reply and
-//!   strips it from SET_PROTOCOL_FEATURES;
+//!   strips it from SET_PROTOCOL_FEATURES; refuses SET_PROTOCOL_FEATURES with a feature that
+//!   was never offered (the library takes any bits, which would let a frontend reach
+//!   requests of features the device does not have);
 //! - keeps the backend request channel (SET_BACKEND_REQ_FD) for config-change announcements;
+//! - refuses queue sizes that are not powers of two, and any memory table, queue size or ring
+//!   address after which a configured ring would not lie wholly inside guest memory
+//!   ([`super::rings`]);
 //! - checks every descriptor before the library sees it ([`super::fds`]): eventfds for kick,
 //!   call and error (made non-blocking), guest memory that covers its regions and cannot
 //!   shrink, a unix stream socket for the backend channel; descriptors on messages that take
@@ -33,12 +38,13 @@ use std::time::Duration;
 use tracing::{debug, warn};
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserInflight, VhostUserMemory, VhostUserMemoryRegion,
-    VhostUserProtocolFeatures,
+    VhostUserProtocolFeatures, VhostUserVringAddr, VhostUserVringState,
 };
 use vm_memory::ByteValued;
 
 use super::backend_channel::BackendChannel;
 use super::fds;
+use super::rings::Rings;
 use super::wire::{self, Message, WireError};
 use crate::inflight::{queue_region_size, Inflight, InflightError, InflightRegion};
 use crate::io::RateLimiter;
@@ -87,6 +93,11 @@ struct Relay {
     inflight: Arc<Inflight>,
     channel: Arc<BackendChannel>,
     reply_ack: AtomicBool,
+    /// The memory table and rings, as the frontend described them (only the forward
+    /// direction uses it).
+    rings: Mutex<Rings>,
+    /// The protocol features the frontend is offered (INFLIGHT_SHMFD included).
+    offered: VhostUserProtocolFeatures,
 }
 
 /// A running relay: its threads and the sockets to shut down to end it.
@@ -137,12 +148,15 @@ impl RelayShutdown {
 }
 
 /// Relay `outer` (the frontend) to `inner` (vhost-user-backend's end) until either side
-/// closes; both sockets are shut down when it ends.
+/// closes; both sockets are shut down when it ends. `rings` describes the device's queues,
+/// `offered` the protocol features the library offers.
 pub fn start(
     outer: UnixStream,
     inner: UnixStream,
     inflight: Arc<Inflight>,
     channel: Arc<BackendChannel>,
+    rings: Rings,
+    offered: VhostUserProtocolFeatures,
 ) -> io::Result<RelayHandle> {
     outer.set_write_timeout(Some(SEND_TIMEOUT))?;
     let handle_outer = outer.try_clone()?;
@@ -154,6 +168,8 @@ pub fn start(
         inflight,
         channel,
         reply_ack: AtomicBool::new(false),
+        rings: Mutex::new(rings),
+        offered: offered | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
     });
     // One thread per direction; when either ends, both sockets are shut down so the other
     // ends too.
@@ -241,6 +257,21 @@ impl Relay {
                 | FrontendReq::SET_VRING_CALL
                 | FrontendReq::SET_VRING_ERR => self.vring_fd(req, m)?,
                 FrontendReq::SET_MEM_TABLE => self.mem_table(m)?,
+                FrontendReq::SET_VRING_NUM | FrontendReq::SET_VRING_ADDR if !m.fds.is_empty() => {
+                    return Err(refused(&m, "descriptors on a request that takes none"))
+                }
+                FrontendReq::SET_VRING_NUM => self.vring_num(m)?,
+                FrontendReq::SET_VRING_ADDR => self.vring_addr(m)?,
+                FrontendReq::GET_VRING_BASE if m.fds.is_empty() => {
+                    if let Some(s) = m.body_as::<VhostUserVringState>() {
+                        self.rings.lock_unpoisoned().stop(s.index);
+                    }
+                    self.to_library(&m)?
+                }
+                FrontendReq::RESET_OWNER | FrontendReq::RESET_DEVICE if m.fds.is_empty() => {
+                    self.rings.lock_unpoisoned().reset();
+                    self.to_library(&m)?
+                }
                 FrontendReq::ADD_MEM_REG | FrontendReq::REM_MEM_REG => {
                     return Err(refused(&m, "CONFIGURE_MEM_SLOTS was not negotiated"))
                 }
@@ -274,6 +305,14 @@ impl Relay {
 
     fn set_protocol_features(&self, mut m: Message) -> Result<(), RelayError> {
         let f = m.u64_body().unwrap_or(0);
+        let unknown = f & !self.offered.bits();
+        if unknown != 0 {
+            self.ack(&m, false)?;
+            return Err(refused(
+                &m,
+                format!("protocol features {unknown:#x} were never offered"),
+            ));
+        }
         self.reply_ack.store(
             f & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0,
             Ordering::Relaxed,
@@ -405,6 +444,32 @@ impl Relay {
         Ok(())
     }
 
+    /// SET_VRING_NUM: a size the ring format allows, that a configured ring still fits with.
+    fn vring_num(&self, m: Message) -> Result<(), RelayError> {
+        // A short body is the library's to refuse.
+        if let Some(s) = m.body_as::<VhostUserVringState>() {
+            let checked = self.rings.lock_unpoisoned().set_num(s.index, s.num);
+            if let Err(e) = checked {
+                self.ack(&m, false)?;
+                return Err(refused(&m, e));
+            }
+        }
+        self.to_library(&m)
+    }
+
+    /// SET_VRING_ADDR: rings wholly inside guest memory.
+    fn vring_addr(&self, m: Message) -> Result<(), RelayError> {
+        if let Some(a) = m.body_as::<VhostUserVringAddr>() {
+            let (index, addrs) = (a.index, [a.descriptor, a.available, a.used]);
+            let checked = self.rings.lock_unpoisoned().set_addrs(index, addrs);
+            if let Err(e) = checked {
+                self.ack(&m, false)?;
+                return Err(refused(&m, e));
+            }
+        }
+        self.to_library(&m)
+    }
+
     /// SET_MEM_TABLE: one descriptor per region, each able to back its region.
     fn mem_table(&self, m: Message) -> Result<(), RelayError> {
         let hdr: VhostUserMemory = m.body_as().ok_or_else(|| refused(&m, "no memory table"))?;
@@ -417,6 +482,7 @@ impl Relay {
                 format!("{n} regions with {} descriptors", m.fds.len()),
             ));
         }
+        let mut table = Vec::with_capacity(n);
         for (i, fd) in m.fds.iter().enumerate() {
             let off = start + i * size;
             let r = VhostUserMemoryRegion::from_slice(&m.body[off..off + size])
@@ -426,6 +492,12 @@ impl Relay {
             let file = File::from(fd.try_clone().map_err(|e| refused(&m, e))?);
             fds::guest_memory(&file, r.mmap_offset, r.memory_size)
                 .map_err(|e| refused(&m, format!("region {i}: {e}")))?;
+            table.push((r.user_addr, r.memory_size));
+        }
+        let checked = self.rings.lock_unpoisoned().set_table(table);
+        if let Err(e) = checked {
+            self.ack(&m, false)?;
+            return Err(refused(&m, e));
         }
         self.to_library(&m)
     }
