@@ -29,6 +29,8 @@ use vloop_frontend::raw::{fds, Header, MemRegion, Negotiation, RawQueue, VringAd
 use vloop_frontend::{
     Client, ClientOptions, GuestMem, RawDevice, RawError, RawFrontend, RequestType, RingLayout,
 };
+use vm_memory::ByteValued;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vloop-blk");
 const IMAGE_SIZE: u64 = 4 << 20;
@@ -40,6 +42,9 @@ const IDLE_CPU: Duration = Duration::from_millis(50);
 const STOP: Duration = Duration::from_secs(2);
 /// Time-out of every exchange with the daemon.
 const REPLY: Duration = Duration::from_secs(10);
+/// How long a well-behaved frontend may wait to be served (behind a connection the daemon
+/// must drop first).
+const SERVED: Duration = Duration::from_secs(15);
 /// Log lines one attack may add (connected, the one warning, disconnected, the counters).
 const FEW_LINES: usize = 8;
 /// Guest memory of the raw devices.
@@ -176,23 +181,35 @@ impl Daemon {
         d
     }
 
-    /// A well-behaved client, with every exchange under a time-out.
+    /// A well-behaved client, set up within [`SERVED`]. (vhost's frontend retries a read that
+    /// times out, so the set-up runs in a thread that is abandoned on time-out; it ends when
+    /// the daemon is killed.)
     fn client(&self) -> Client {
-        let deadline = Instant::now() + REPLY;
-        loop {
-            match UnixStream::connect(&self.socket) {
-                Ok(s) => {
-                    s.set_read_timeout(Some(REPLY)).unwrap();
-                    s.set_write_timeout(Some(REPLY)).unwrap();
-                    return Client::start(Frontend::from_stream(s, 1), &opts()).unwrap_or_else(
-                        |e| panic!("a well-behaved client was not served: {e}\n{}", self.log()),
-                    );
+        let socket = self.socket.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + START;
+            let s = loop {
+                match UnixStream::connect(&socket) {
+                    Ok(s) => break Ok(s),
+                    Err(e) if Instant::now() >= deadline => {
+                        break Err(format!("cannot connect: {e}"))
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "cannot connect: {e}");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
+            };
+            let c = s.and_then(|s| {
+                Client::start(Frontend::from_stream(s, 1), &opts()).map_err(|e| e.to_string())
+            });
+            let _ = tx.send(c);
+        });
+        match rx.recv_timeout(SERVED) {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => panic!("a well-behaved client was not served: {e}\n{}", self.log()),
+            Err(_) => panic!(
+                "a well-behaved client was not served within {SERVED:?}:\n{}",
+                self.log()
+            ),
         }
     }
 
@@ -1236,4 +1253,408 @@ fn image_that_cannot_be_locked_is_refused_unless_locking_is_off() {
         .unwrap();
         d.survives();
     }
+}
+
+// ---- further attacks ----
+
+/// Offers request number `n` of queue `q` (a FLUSH in slot `n`, descriptors `2n` and
+/// `2n + 1`), kicks, and waits for it: the used index must reach `used`.
+fn flush_request(d: &Daemon, q: &RawQueue, n: u16, used: u16) {
+    let size = q.layout.size;
+    let status = q
+        .write_request(
+            n,
+            n.wrapping_mul(2) % size,
+            RequestType::Flush,
+            0,
+            0,
+            REQS + 64 * u64::from(n % size),
+        )
+        .unwrap();
+    q.set_avail_idx(n.wrapping_add(1)).unwrap();
+    q.kick().unwrap();
+    q.wait_used(used, REPLY).unwrap_or_else(|seen| {
+        panic!(
+            "request {n} not completed (used index {seen}, want {used}):\n{}",
+            d.log()
+        )
+    });
+    assert_eq!(q.byte(status).unwrap(), S_OK);
+}
+
+#[test]
+fn kick_eventfd_in_semaphore_mode() {
+    let d = Daemon::start(&[]);
+    {
+        let dev = d.device(&Negotiation::default());
+        dev.set_mem_table().unwrap();
+        let l = RingLayout::new(16, 0).unwrap();
+        dev.fe.set_vring_num(0, 16).unwrap();
+        dev.fe.set_vring_base(0, 0).unwrap();
+        let addrs = VringAddrs {
+            desc: dev.user_addr(l.desc),
+            avail: dev.user_addr(l.avail),
+            used: dev.user_addr(l.used),
+            ..VringAddrs::default()
+        };
+        dev.fe.set_vring_addr(0, &addrs).unwrap();
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        dev.fe.set_vring_call(0, Some(call.as_raw_fd())).unwrap();
+        // Each read of a semaphore eventfd takes 1 from its counter: a counter of 2^40 keeps
+        // it readable for ever.
+        // SAFETY: eventfd has no memory effects; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_SEMAPHORE | libc::EFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a new descriptor owned by nobody else.
+        let sem = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        nix::unistd::write(&sem, &(1u64 << 40).to_ne_bytes()).unwrap();
+        let r = dev
+            .fe
+            .set_vring_kick(0, Some(sem.as_raw_fd()))
+            .and_then(|()| dev.fe.set_vring_enable(0, true));
+        if r.is_ok() {
+            d.assert_idle("with a semaphore eventfd as kick");
+        }
+        assert_refused(&d, &dev.fe, r, "a semaphore eventfd as kick");
+    }
+    d.survives();
+}
+
+#[test]
+fn kick_and_call_on_one_eventfd() {
+    let d = Daemon::start(&[]);
+    {
+        let mut dev = d.device(&Negotiation::default());
+        dev.set_mem_table().unwrap();
+        dev.start_queue(0, RingLayout::new(16, 0).unwrap(), 0)
+            .unwrap();
+        let q = &dev.queues[0];
+        // Every call the device makes is a kick.
+        dev.fe.set_vring_call(0, Some(q.kick.as_raw_fd())).unwrap();
+        for n in 0..3 {
+            q.set_used_event(n).unwrap();
+            flush_request(&d, q, n, n + 1);
+        }
+        d.assert_idle("calling itself through its kick");
+    }
+    d.survives();
+}
+
+#[test]
+fn vring_num_zero_huge_or_not_a_power_of_two_is_refused() {
+    let d = Daemon::start(&[]);
+    for num in [0u32, 3, 100, 2048, 65536, u32::MAX] {
+        let dev = d.device(&Negotiation::default());
+        dev.set_mem_table().unwrap();
+        let r = dev.fe.set_vring_num(0, num);
+        assert_refused(&d, &dev.fe, r, &format!("SET_VRING_NUM {num}"));
+    }
+    d.survives();
+}
+
+#[test]
+fn vring_base_past_the_ring_and_across_the_index_wrap() {
+    let d = Daemon::start(&[]);
+    {
+        // The available ring at 0 and its next index at 40000: a broken ring.
+        let mut dev = d.device(&Negotiation::default());
+        dev.set_mem_table().unwrap();
+        let q = dev
+            .start_queue(0, RingLayout::new(16, 0).unwrap(), 40000)
+            .unwrap();
+        q.kick().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        d.assert_idle("with a vring base past the ring");
+    }
+    {
+        // A ring restarted just before the 16-bit wrap (as after a migration): requests on
+        // both sides of it complete.
+        let mut dev = d.device(&Negotiation::default());
+        dev.set_mem_table().unwrap();
+        let layout = RingLayout::new(16, 0).unwrap();
+        let probe = RawQueue::detached(dev.mem.clone(), layout).unwrap();
+        // The used index as the driver left it, read by the daemon at SET_VRING_ADDR.
+        dev.mem
+            .write(layout.used + 2, &0xfffeu16.to_le_bytes())
+            .unwrap();
+        probe.set_avail_idx(0xfffe).unwrap();
+        let q = dev.start_queue(0, layout, 0xfffe).unwrap();
+        for n in [0xfffeu16, 0xffff, 0, 1] {
+            flush_request(&d, q, n, n.wrapping_add(1));
+        }
+    }
+    d.survives();
+}
+
+#[test]
+fn set_features_while_the_queue_runs() {
+    use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+    let d = Daemon::start(&[]);
+    {
+        let mut dev = d.device(&Negotiation::default());
+        dev.set_mem_table().unwrap();
+        dev.start_queue(0, RingLayout::new(16, 0).unwrap(), 0)
+            .unwrap();
+        let acked = dev.acked;
+        let q = &dev.queues[0];
+        flush_request(&d, q, 0, 1);
+        // EVENT_IDX off, on, off again under a started ring.
+        for (n, f) in [
+            (1u16, acked & !(1 << VIRTIO_RING_F_EVENT_IDX)),
+            (2, acked),
+            (3, acked & !(1 << VIRTIO_RING_F_EVENT_IDX)),
+        ] {
+            dev.fe.set_features(f).unwrap();
+            flush_request(&d, q, n, n + 1);
+        }
+        d.assert_idle("after features changed under a running ring");
+        // Features never offered are refused.
+        let r = dev.fe.set_features(u64::MAX);
+        assert_refused(&d, &dev.fe, r, "SET_FEATURES with every bit");
+    }
+    d.survives();
+}
+
+#[test]
+fn reset_owner_and_reset_device_on_a_running_queue() {
+    let d = Daemon::start(&[]);
+    {
+        let mut dev = d.device(&Negotiation::default());
+        dev.set_mem_table().unwrap();
+        dev.start_queue(0, RingLayout::new(16, 0).unwrap(), 0)
+            .unwrap();
+        flush_request(&d, &dev.queues[0], 0, 1);
+        // RESET_DEVICE was not offered (no RESET_DEVICE protocol feature).
+        let r = dev.fe.reset_device();
+        assert_refused(&d, &dev.fe, r, "RESET_DEVICE");
+    }
+    {
+        let mut dev = d.device(&Negotiation::default());
+        dev.set_mem_table().unwrap();
+        dev.start_queue(0, RingLayout::new(16, 0).unwrap(), 0)
+            .unwrap();
+        flush_request(&d, &dev.queues[0], 0, 1);
+        // RESET_OWNER, then the whole set-up again on the same connection.
+        let _ = dev.fe.set(FrontendReq::RESET_OWNER, &[], &[]);
+        dev.queues[0].kick().unwrap();
+        let again = dev.negotiate(&Negotiation::default());
+        if again.is_ok() {
+            dev.set_mem_table().unwrap();
+            dev.queues.clear();
+            dev.start_queue(0, RingLayout::new(16, 0x8000).unwrap(), 0)
+                .unwrap();
+            flush_request(&d, &dev.queues[0], 0, 1);
+        } else {
+            assert!(dev.fe.closed_within(Duration::from_secs(5)));
+        }
+        d.assert_idle("after RESET_OWNER");
+    }
+    d.survives();
+}
+
+#[test]
+fn get_vring_base_on_a_running_queue_then_restart() {
+    let d = Daemon::start(&[]);
+    {
+        let mut dev = d.device(&Negotiation::default());
+        dev.set_mem_table().unwrap();
+        let layout = RingLayout::new(16, 0).unwrap();
+        dev.start_queue(0, layout, 0).unwrap();
+        flush_request(&d, &dev.queues[0], 0, 1);
+        assert_eq!(dev.fe.get_vring_base(0).unwrap(), 1);
+        // Stopped: a request offered now waits for the restart.
+        let q = &dev.queues[0];
+        let status = q
+            .write_request(1, 2, RequestType::Flush, 0, 0, REQS + 64)
+            .unwrap();
+        q.set_avail_idx(2).unwrap();
+        q.kick().unwrap();
+        assert_eq!(q.wait_used(2, Duration::from_millis(300)), Err(1));
+        // Restarted where it stopped: the waiting request is served.
+        dev.queues.clear();
+        let q = dev.start_queue(0, layout, 1).unwrap();
+        q.kick().unwrap();
+        q.wait_used(2, REPLY).unwrap_or_else(|seen| {
+            panic!(
+                "the restarted ring was not served (used {seen}):\n{}",
+                d.log()
+            )
+        });
+        assert_eq!(q.byte(status).unwrap(), S_OK);
+        d.assert_idle("after a stop and a restart");
+    }
+    d.survives();
+}
+
+#[test]
+fn kicks_without_a_memory_table() {
+    let d = Daemon::start(&[]);
+    {
+        let dev = d.device(&Negotiation::default());
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        dev.fe.set_vring_num(0, 16).unwrap();
+        dev.fe.set_vring_base(0, 0).unwrap();
+        dev.fe.set_vring_call(0, Some(call.as_raw_fd())).unwrap();
+        dev.fe.set_vring_kick(0, Some(kick.as_raw_fd())).unwrap();
+        let _ = dev.fe.set_vring_enable(0, true);
+        for _ in 0..3 {
+            kick.write(1).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d.assert_idle("kicked with no memory");
+    }
+    d.survives();
+}
+
+#[test]
+fn frontends_racing_to_connect_are_all_served() {
+    let d = Arc::new(Daemon::start(&[]));
+    let threads: Vec<_> = (0..6u8)
+        .map(|i| {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                let mut c = d.client();
+                let q = c.queue(0).unwrap();
+                let data = pattern(i, 4096);
+                q.write(64 * u64::from(i), &data).unwrap();
+                assert_eq!(q.read(64 * u64::from(i), 4096).unwrap(), data);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let d = Arc::try_unwrap(d).unwrap_or_else(|_| panic!("a client still holds the daemon"));
+    d.survives();
+}
+
+#[test]
+fn half_a_message_does_not_hold_the_daemon() {
+    let mut d = Daemon::start(&[]);
+    let stuck = d.raw();
+    // The first 5 bytes of a GET_FEATURES header, then nothing.
+    stuck.send_bytes(&[1, 0, 0, 0, 1]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let t = Instant::now();
+    d.assert_serves();
+    eprintln!(
+        "served {:?} after a frontend sent half a message",
+        t.elapsed()
+    );
+    assert!(stuck.closed_within(Duration::from_secs(1)));
+    d.survives();
+}
+
+#[test]
+fn silent_frontend_does_not_hold_the_daemon() {
+    let mut d = Daemon::start(&[]);
+    let silent = d.raw();
+    std::thread::sleep(Duration::from_millis(100));
+    let t = Instant::now();
+    d.assert_serves();
+    eprintln!(
+        "served {:?} after a frontend that never speaks",
+        t.elapsed()
+    );
+    assert!(silent.closed_within(Duration::from_secs(1)));
+    d.survives();
+}
+
+fn maps(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map(|m| m.lines().count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn repeated_memory_tables_release_their_mappings() {
+    let d = Daemon::start(&[]);
+    {
+        let dev = d.device(&Negotiation::default());
+        let files: Vec<File> = (0..8)
+            .map(|_| fds::memfd(64 << 10, true).unwrap())
+            .collect();
+        let table: Vec<MemRegion> = files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| MemRegion {
+                guest_phys_addr: (i as u64) << 20,
+                memory_size: 64 << 10,
+                user_addr: 0x7f00_0000_0000 + ((i as u64) << 20),
+                mmap_offset: 0,
+                fd: f.as_raw_fd(),
+            })
+            .collect();
+        dev.fe.set_mem_table(&table).unwrap();
+        let (fds0, maps0) = (open_fds(d.pid()).unwrap(), maps(d.pid()));
+        for _ in 0..300 {
+            dev.fe.set_mem_table(&table).unwrap();
+        }
+        dev.fe.get_features().unwrap();
+        let (fds1, maps1) = (open_fds(d.pid()).unwrap(), maps(d.pid()));
+        assert!(fds1 <= fds0 + 2, "descriptors {fds0} -> {fds1}");
+        assert!(maps1 <= maps0 + 16, "mappings {maps0} -> {maps1}");
+        assert_eq!(d.log_count("no room to guard"), 0, "{}", d.log());
+    }
+    d.survives();
+}
+
+#[test]
+fn odd_config_space_requests() {
+    use vhost::vhost_user::message::VhostUserConfigFlags;
+    let d = Daemon::start(&[]);
+    // Sizes and offsets at and past the edges: answered (possibly with an empty payload) or
+    // refused, never a crash.
+    for (offset, size) in [
+        (0u32, 0u32),
+        (0, 0x1000),
+        (0x1000, 0),
+        (59, 1),
+        (60, 4),
+        (0xffc, 4),
+    ] {
+        let dev = d.device(&Negotiation::default());
+        match dev
+            .fe
+            .get_config(offset, size, VhostUserConfigFlags::empty())
+        {
+            Ok(b) => assert!(
+                b.len() <= size as usize,
+                "{offset}+{size}: {} bytes",
+                b.len()
+            ),
+            Err(_) => assert!(dev.fe.closed_within(Duration::from_secs(5))),
+        }
+    }
+    // SET_CONFIG whose size field says more than the payload holds, or whose payload is
+    // empty, or at the largest offset.
+    for (offset, size, payload) in [
+        (32u32, 60u32, vec![0u8]),
+        (32, 0, vec![]),
+        (u32::MAX, 1, vec![0]),
+    ] {
+        let dev = d.device(&Negotiation::default());
+        let mut body = vhost::vhost_user::message::VhostUserConfig::new(
+            offset,
+            size,
+            VhostUserConfigFlags::WRITABLE,
+        )
+        .as_slice()
+        .to_vec();
+        body.extend_from_slice(&payload);
+        let _ = dev.fe.set(FrontendReq::SET_CONFIG, &body, &[]);
+        let _ = dev.fe.get_features();
+    }
+    // The write cache stays writeback when CONFIG_WCE was not negotiated.
+    {
+        let dev = d.device(&Negotiation::default());
+        let _ = dev.fe.set_config(32, VhostUserConfigFlags::WRITABLE, &[0]);
+        let wce = dev
+            .fe
+            .get_config(32, 1, VhostUserConfigFlags::empty())
+            .unwrap();
+        assert_eq!(wce, [1]);
+    }
+    d.survives();
 }

@@ -24,7 +24,10 @@
 //!   flight even if the guest never kicks again.
 //!
 //! Either direction ending (a closed socket, a refused message, a send that timed out because
-//! the frontend stopped reading) shuts both sockets, which ends the connection.
+//! the frontend stopped reading) shuts both sockets, which ends the connection. The daemon
+//! serves one frontend at a time, so a frontend that connects and says nothing, or sends part
+//! of a message and stops, is dropped after [`STALL_TIMEOUT`] instead of keeping the next one
+//! waiting for ever; a frontend that is idle between whole messages is never dropped.
 
 use std::fs::File;
 use std::io;
@@ -57,6 +60,9 @@ const VRING_IDX: u64 = 0xff;
 /// How long a send to the frontend may block before the frontend counts as gone (it stopped
 /// reading its socket).
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a frontend may take to send its first message after connecting, and the rest of
+/// any message it has started (QEMU sends its first message at once and every message whole).
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the relay ended a connection.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +73,9 @@ pub enum RelayError {
     /// A send failed.
     #[error("sending to the {0} failed")]
     Send(&'static str, #[source] io::Error),
+    /// The frontend sent nothing after connecting.
+    #[error("the frontend sent nothing within {0:?} of connecting")]
+    Silent(Duration),
     /// A message was refused.
     #[error("{request:?} refused: {why}")]
     Refused {
@@ -180,7 +189,9 @@ pub fn start(
             .spawn(move || {
                 if let Err(e) = run(&r) {
                     match e {
-                        RelayError::Refused { .. } => refusal_warn(&e),
+                        RelayError::Refused { .. }
+                        | RelayError::Silent(_)
+                        | RelayError::Wire(WireError::Stalled(_)) => refusal_warn(&e),
                         _ => debug!("relay ended: {e}"),
                     }
                 }
@@ -237,9 +248,33 @@ impl Relay {
         Ok(())
     }
 
+    /// The next message from the frontend: the first one within [`STALL_TIMEOUT`] of
+    /// connecting, and each one whole within [`STALL_TIMEOUT`] of its first byte.
+    fn next_message(&self, first: bool) -> Result<Option<Message>, RelayError> {
+        if first {
+            self.outer
+                .set_read_timeout(Some(STALL_TIMEOUT))
+                .map_err(|e| RelayError::Wire(WireError::Io(e)))?;
+        }
+        let m = match wire::recv_within(&self.outer, Some(STALL_TIMEOUT)) {
+            Err(e) if first && wire::is_timeout(&e) => {
+                return Err(RelayError::Silent(STALL_TIMEOUT))
+            }
+            m => m?,
+        };
+        if first {
+            self.outer
+                .set_read_timeout(None)
+                .map_err(|e| RelayError::Wire(WireError::Io(e)))?;
+        }
+        Ok(m)
+    }
+
     /// Frontend to library.
     fn forward(&self) -> Result<(), RelayError> {
-        while let Some(m) = wire::recv(&self.outer)? {
+        let mut first = true;
+        while let Some(m) = self.next_message(first)? {
+            first = false;
             let Some(req) = m.header.frontend_req() else {
                 // Unknown code: the library answers it (it fails the connection).
                 if !m.fds.is_empty() {
