@@ -1,7 +1,9 @@
 //! Attacks on the `vloop-blk` binary by a hostile guest (which controls its rings) or a hostile
-//! client (which controls every message and descriptor on the socket), each a way that once
-//! stopped the daemon serving. They are driven by the project's raw frontend
-//! (`vloop_frontend::raw`), which can send anything.
+//! client (which controls every message and descriptor on the socket): each test is one way to
+//! try to crash the daemon, hang it, make it spin or leak, or keep it from serving the next
+//! frontend; the first ones are the findings of an attack on an earlier daemon, the last ones
+//! ("further attacks") the probes that followed. They are driven by the project's raw
+//! frontend (`vloop_frontend::raw`), which can send anything.
 //!
 //! Every test ends with the same three checks ([`Daemon::survives`]): the daemon is idle (it
 //! uses less than 5% of one CPU over the second after the attack), a fresh well-behaved
@@ -1655,6 +1657,48 @@ fn odd_config_space_requests() {
             .get_config(32, 1, VhostUserConfigFlags::empty())
             .unwrap();
         assert_eq!(wce, [1]);
+    }
+    d.survives();
+}
+
+#[test]
+fn descriptors_replaced_again_and_again_are_released() {
+    let d = Daemon::start(&[]);
+    {
+        let how = Negotiation {
+            protocol: VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+                | VhostUserProtocolFeatures::BACKEND_REQ,
+            ..Negotiation::default()
+        };
+        let mut dev = d.device(&how);
+        dev.set_mem_table().unwrap();
+        dev.start_queue(0, RingLayout::new(16, 0).unwrap(), 0)
+            .unwrap();
+        flush_request(&d, &dev.queues[0], 0, 1);
+        let (fds0, maps0) = (open_fds(d.pid()).unwrap(), maps(d.pid()));
+        for _ in 0..200 {
+            let call = EventFd::new(EFD_NONBLOCK).unwrap();
+            dev.fe.set_vring_call(0, Some(call.as_raw_fd())).unwrap();
+            let (ours, _theirs) = UnixStream::pair().unwrap();
+            dev.fe.set_backend_req_fd(ours.as_raw_fd()).unwrap();
+            let _ = dev
+                .fe
+                .get_inflight_fd(&VhostUserInflight::new(0, 0, 1, 16))
+                .unwrap();
+        }
+        let (fds1, maps1) = (open_fds(d.pid()).unwrap(), maps(d.pid()));
+        assert!(fds1 <= fds0 + 4, "descriptors {fds0} -> {fds1}");
+        assert!(maps1 <= maps0 + 16, "mappings {maps0} -> {maps1}");
+        // The last call eventfd is the one in use.
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        dev.fe.set_vring_call(0, Some(call.as_raw_fd())).unwrap();
+        let _ = call.read();
+        let q = &dev.queues[0];
+        q.set_used_event(1).unwrap();
+        flush_request(&d, q, 1, 2);
+        assert!(call.read().is_ok(), "the last call eventfd was not signalled");
     }
     d.survives();
 }
