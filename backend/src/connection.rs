@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon};
 use vm_memory::GuestMemoryAtomic;
 
 use crate::config::Config;
@@ -19,6 +19,7 @@ use crate::disk::Disk;
 use crate::fault;
 use crate::inflight::Inflight;
 use crate::io::{GuestMem, Stats};
+use crate::protocol::rings::Rings;
 use crate::protocol::{relay, BackendChannel, RelayHandle, RelayShutdown};
 
 /// Errors setting up a connection. Each ends that connection only.
@@ -128,7 +129,9 @@ impl Connection {
             .start(&mut listener)
             .map_err(|e| ConnectionError::Vhost(e.to_string()))?;
         drop(listener);
-        let relay = relay::start(stream, inner, inflight, channel.clone())
+        let rings = Rings::new(config.num_queues, config.queue_size);
+        let offered = device.protocol_features();
+        let relay = relay::start(stream, inner, inflight, channel.clone(), rings, offered)
             .map_err(io_err("starting the vhost-user relay"))?;
         let hangup = relay
             .shutdown_handle()

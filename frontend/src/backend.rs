@@ -492,6 +492,17 @@ impl BackendProcess {
         log: &Path,
         timeout: Duration,
     ) -> Result<BackendProcess, BackendError> {
+        Self::spawn_with(spec, log, timeout, |_| {})
+    }
+
+    /// As [`Self::spawn`], with `tweak` applied to the command first (a `pre_exec` hook that
+    /// lowers a resource limit or changes user, a working directory, a umask).
+    pub fn spawn_with(
+        spec: &BackendSpec,
+        log: &Path,
+        timeout: Duration,
+        tweak: impl FnOnce(&mut Command),
+    ) -> Result<BackendProcess, BackendError> {
         let socket = spec.export.socket.clone();
         let _ = std::fs::remove_file(&socket);
         let log_err = |source| BackendError::Log {
@@ -504,6 +515,7 @@ impl BackendProcess {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err));
+        tweak(&mut cmd);
         let program = PathBuf::from(cmd.get_program());
         tracing::debug!(?cmd, "starting backend");
         let child = cmd

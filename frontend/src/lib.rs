@@ -11,17 +11,21 @@
 //! - [`mem`]: guest memory as a shared memfd the backend maps;
 //! - [`ring`]: split virtqueues laid out in that memory;
 //! - [`client`]: the vhost-user negotiation, queues and a request API, plus a raw descriptor API
-//!   for hostile-driver tests.
+//!   for hostile-driver tests;
+//! - [`raw`]: a frontend that sends any message with any descriptors, and a device set up step
+//!   by step, for hostile-frontend tests.
 
 pub mod backend;
 pub mod blk;
 pub mod client;
 pub mod mem;
 pub mod process;
+pub mod raw;
 pub mod ring;
 pub mod skip;
 
 pub use blk::{BlkConfig, RequestType};
 pub use client::{Client, ClientError, ClientOptions, Completion, Queue, QueueStats, Request};
 pub use mem::GuestMem;
+pub use raw::{RawDevice, RawError, RawFrontend};
 pub use ring::{Descriptor, RingLayout, SplitRing, UsedElem};

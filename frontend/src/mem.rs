@@ -79,6 +79,35 @@ impl GuestMem {
         })
     }
 
+    /// Maps all of `file` (a memfd, sealable or not, or a file on tmpfs or hugetlbfs) as guest
+    /// memory.
+    pub fn from_file(file: File) -> Result<Self, MemError> {
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let err = |source| MemError::Create { len, source };
+        let size = std::num::NonZeroUsize::new(len as usize).ok_or(MemError::Create {
+            len,
+            source: nix::Error::EINVAL,
+        })?;
+        // SAFETY: a fresh shared mapping of a file we own, at an address the kernel picks; it
+        // is unmapped in `drop` only.
+        let ptr = unsafe {
+            mmap(
+                None,
+                size,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                file.as_fd(),
+                0,
+            )
+        }
+        .map_err(err)?;
+        Ok(Self {
+            file,
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
     /// Size in bytes.
     pub fn len(&self) -> u64 {
         self.len

@@ -1,6 +1,8 @@
 //! Child processes that are always reaped: a guard kills its child when dropped, on every
-//! path (success, error, panic), and every wait has a time-out.
+//! path (success, error, panic), and every wait has a time-out; and what a test observes of a
+//! running process through /proc (CPU time, descriptors, threads).
 
+use std::io;
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
@@ -86,6 +88,41 @@ impl Drop for ChildGuard {
     }
 }
 
+/// CPU time (user plus system) process `pid` has used so far, from `/proc/<pid>/stat`.
+pub fn cpu_time(pid: u32) -> io::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces and parentheses: fields are counted from the
+    // last ')'. utime and stime are fields 14 and 15, in clock ticks.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no ')' in stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| -> io::Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "short stat"))
+    };
+    let ticks = field(11)? + field(12)?;
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|&h| h > 0).unwrap_or(100);
+    Ok(Duration::from_nanos(
+        ticks.saturating_mul(1_000_000_000) / hz,
+    ))
+}
+
+/// Number of descriptors process `pid` has open.
+pub fn open_fds(pid: u32) -> io::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// Number of threads of process `pid`.
+pub fn threads(pid: u32) -> io::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/task"))?.count())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +136,24 @@ mod tests {
         // The pid is reaped: /proc/<pid> is gone (or reused by something that is not sleep).
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         assert_ne!(comm.trim(), "sleep");
+    }
+
+    #[test]
+    fn proc_counters_of_a_spinning_child() {
+        let child = Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap();
+        let g = ChildGuard::new(child, "sh");
+        let pid = g.id();
+        assert!(open_fds(pid).unwrap() >= 3);
+        assert_eq!(threads(pid).unwrap(), 1);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while cpu_time(pid).unwrap() < Duration::from_millis(50) {
+            assert!(Instant::now() < deadline, "a spinning shell used no CPU");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(cpu_time(u32::MAX).is_err());
     }
 
     #[test]

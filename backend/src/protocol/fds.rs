@@ -3,7 +3,10 @@
 //! says it is before the daemon uses it:
 //!
 //! - kick, call and error fds must be eventfds, and are made non-blocking (a blocking eventfd
-//!   at its maximum count would block the thread that signals it forever);
+//!   at its maximum count would block the thread that signals it forever); an eventfd in
+//!   semaphore mode is refused (each read takes one from its counter, so a kick eventfd with a
+//!   large count would wake its worker without end; kernels that do not say whether an
+//!   eventfd is a semaphore in `/proc/self/fdinfo` let it through);
 //! - guest memory fds must be regular files (memfds, or files on tmpfs or hugetlbfs) that
 //!   cover the region they back. A memfd that allows sealing is sealed against shrinking (QEMU's
 //!   `memory-backend-memfd` seals it so by default), so it can never be cut under the mapping;
@@ -22,6 +25,9 @@ pub enum FdError {
     /// Not an eventfd.
     #[error("the {0} descriptor is not an eventfd")]
     NotEventFd(&'static str),
+    /// An eventfd in semaphore mode.
+    #[error("the {0} eventfd is in semaphore mode")]
+    Semaphore(&'static str),
     /// Not a regular file.
     #[error("a guest memory descriptor is not a regular file (memfd, tmpfs or hugetlbfs)")]
     NotMemory,
@@ -52,8 +58,20 @@ pub fn eventfd(fd: BorrowedFd<'_>, what: &'static str) -> Result<(), FdError> {
     if link.as_os_str() != "anon_inode:[eventfd]" {
         return Err(FdError::NotEventFd(what));
     }
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    if is_semaphore(&info) {
+        return Err(FdError::Semaphore(what));
+    }
     set_nonblocking(fd)?;
     Ok(())
+}
+
+/// Whether the fdinfo text of an eventfd says it is in semaphore mode.
+fn is_semaphore(fdinfo: &str) -> bool {
+    fdinfo.lines().any(|l| {
+        l.strip_prefix("eventfd-semaphore:")
+            .is_some_and(|v| v.trim() == "1")
+    })
 }
 
 fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
@@ -167,6 +185,21 @@ mod tests {
             eventfd(r.as_fd(), "kick"),
             Err(FdError::NotEventFd("kick"))
         ));
+        let sem = EventFd::new(libc::EFD_SEMAPHORE).unwrap();
+        // SAFETY: the eventfd stays open for the whole test.
+        let fd = unsafe { BorrowedFd::borrow_raw(sem.as_raw_fd()) };
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", sem.as_raw_fd()));
+        if info.is_ok_and(|i| i.contains("eventfd-semaphore")) {
+            assert!(matches!(
+                eventfd(fd, "kick"),
+                Err(FdError::Semaphore("kick"))
+            ));
+        }
+        assert!(is_semaphore(
+            "pos:\t0\neventfd-count: 5\neventfd-semaphore: 1\n"
+        ));
+        assert!(!is_semaphore("eventfd-count: 5\neventfd-semaphore: 0\n"));
+        assert!(!is_semaphore("eventfd-count: 5\n"));
     }
 
     #[test]

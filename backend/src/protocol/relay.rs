@@ -6,8 +6,13 @@
 //!
 //! - answers GET_INFLIGHT_FD and SET_INFLIGHT_FD itself (installing regions in the
 //!   connection's [`Inflight`]), adds INFLIGHT_SHMFD to the GET_PROTOCOL_FEATURES reply and
-//!   strips it from SET_PROTOCOL_FEATURES;
+//!   strips it from SET_PROTOCOL_FEATURES; refuses SET_PROTOCOL_FEATURES with a feature that
+//!   was never offered (the library takes any bits, which would let a frontend reach
+//!   requests of features the device does not have);
 //! - keeps the backend request channel (SET_BACKEND_REQ_FD) for config-change announcements;
+//! - refuses queue sizes that are not powers of two, and any memory table, queue size or ring
+//!   address after which a configured ring would not lie wholly inside guest memory
+//!   ([`super::rings`]);
 //! - checks every descriptor before the library sees it ([`super::fds`]): eventfds for kick,
 //!   call and error (made non-blocking), guest memory that covers its regions and cannot
 //!   shrink, a unix stream socket for the backend channel; descriptors on messages that take
@@ -19,7 +24,10 @@
 //!   flight even if the guest never kicks again.
 //!
 //! Either direction ending (a closed socket, a refused message, a send that timed out because
-//! the frontend stopped reading) shuts both sockets, which ends the connection.
+//! the frontend stopped reading) shuts both sockets, which ends the connection. The daemon
+//! serves one frontend at a time, so a frontend that connects and says nothing, or sends part
+//! of a message and stops, is dropped after [`STALL_TIMEOUT`] instead of keeping the next one
+//! waiting for ever; a frontend that is idle between whole messages is never dropped.
 
 use std::fs::File;
 use std::io;
@@ -33,12 +41,13 @@ use std::time::Duration;
 use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserInflight, VhostUserMemory, VhostUserMemoryRegion,
-    VhostUserProtocolFeatures,
+    VhostUserProtocolFeatures, VhostUserVringAddr, VhostUserVringState,
 };
 use vm_memory::ByteValued;
 
 use super::backend_channel::BackendChannel;
 use super::fds;
+use super::rings::Rings;
 use super::wire::{self, Message, WireError};
 use crate::inflight::{queue_region_size, Inflight, InflightError, InflightRegion};
 use crate::io::RateLimiter;
@@ -51,6 +60,9 @@ const VRING_IDX: u64 = 0xff;
 /// How long a send to the frontend may block before the frontend counts as gone (it stopped
 /// reading its socket).
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a frontend may take to send its first message after connecting, and the rest of
+/// any message it has started (QEMU sends its first message at once and every message whole).
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the relay ended a connection.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +73,9 @@ pub enum RelayError {
     /// A send failed.
     #[error("sending to the {0} failed")]
     Send(&'static str, #[source] io::Error),
+    /// The frontend sent nothing after connecting.
+    #[error("the frontend sent nothing within {0:?} of connecting")]
+    Silent(Duration),
     /// A message was refused.
     #[error("{request:?} refused: {why}")]
     Refused {
@@ -87,6 +102,11 @@ struct Relay {
     inflight: Arc<Inflight>,
     channel: Arc<BackendChannel>,
     reply_ack: AtomicBool,
+    /// The memory table and rings, as the frontend described them (only the forward
+    /// direction uses it).
+    rings: Mutex<Rings>,
+    /// The protocol features the frontend is offered (INFLIGHT_SHMFD included).
+    offered: VhostUserProtocolFeatures,
 }
 
 /// A running relay: its threads and the sockets to shut down to end it.
@@ -137,12 +157,15 @@ impl RelayShutdown {
 }
 
 /// Relay `outer` (the frontend) to `inner` (vhost-user-backend's end) until either side
-/// closes; both sockets are shut down when it ends.
+/// closes; both sockets are shut down when it ends. `rings` describes the device's queues,
+/// `offered` the protocol features the library offers.
 pub fn start(
     outer: UnixStream,
     inner: UnixStream,
     inflight: Arc<Inflight>,
     channel: Arc<BackendChannel>,
+    rings: Rings,
+    offered: VhostUserProtocolFeatures,
 ) -> io::Result<RelayHandle> {
     outer.set_write_timeout(Some(SEND_TIMEOUT))?;
     let handle_outer = outer.try_clone()?;
@@ -154,6 +177,8 @@ pub fn start(
         inflight,
         channel,
         reply_ack: AtomicBool::new(false),
+        rings: Mutex::new(rings),
+        offered: offered | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
     });
     // One thread per direction; when either ends, both sockets are shut down so the other
     // ends too.
@@ -164,7 +189,9 @@ pub fn start(
             .spawn(move || {
                 if let Err(e) = run(&r) {
                     match e {
-                        RelayError::Refused { .. } => refusal_warn(&e),
+                        RelayError::Refused { .. }
+                        | RelayError::Silent(_)
+                        | RelayError::Wire(WireError::Stalled(_)) => refusal_warn(&e),
                         _ => debug!("relay ended: {e}"),
                     }
                 }
@@ -221,9 +248,33 @@ impl Relay {
         Ok(())
     }
 
+    /// The next message from the frontend: the first one within [`STALL_TIMEOUT`] of
+    /// connecting, and each one whole within [`STALL_TIMEOUT`] of its first byte.
+    fn next_message(&self, first: bool) -> Result<Option<Message>, RelayError> {
+        if first {
+            self.outer
+                .set_read_timeout(Some(STALL_TIMEOUT))
+                .map_err(|e| RelayError::Wire(WireError::Io(e)))?;
+        }
+        let m = match wire::recv_within(&self.outer, Some(STALL_TIMEOUT)) {
+            Err(e) if first && wire::is_timeout(&e) => {
+                return Err(RelayError::Silent(STALL_TIMEOUT))
+            }
+            m => m?,
+        };
+        if first {
+            self.outer
+                .set_read_timeout(None)
+                .map_err(|e| RelayError::Wire(WireError::Io(e)))?;
+        }
+        Ok(m)
+    }
+
     /// Frontend to library.
     fn forward(&self) -> Result<(), RelayError> {
-        while let Some(m) = wire::recv(&self.outer)? {
+        let mut first = true;
+        while let Some(m) = self.next_message(first)? {
+            first = false;
             let Some(req) = m.header.frontend_req() else {
                 // Unknown code: the library answers it (it fails the connection).
                 if !m.fds.is_empty() {
@@ -241,6 +292,21 @@ impl Relay {
                 | FrontendReq::SET_VRING_CALL
                 | FrontendReq::SET_VRING_ERR => self.vring_fd(req, m)?,
                 FrontendReq::SET_MEM_TABLE => self.mem_table(m)?,
+                FrontendReq::SET_VRING_NUM | FrontendReq::SET_VRING_ADDR if !m.fds.is_empty() => {
+                    return Err(refused(&m, "descriptors on a request that takes none"))
+                }
+                FrontendReq::SET_VRING_NUM => self.vring_num(m)?,
+                FrontendReq::SET_VRING_ADDR => self.vring_addr(m)?,
+                FrontendReq::GET_VRING_BASE if m.fds.is_empty() => {
+                    if let Some(s) = m.body_as::<VhostUserVringState>() {
+                        self.rings.lock_unpoisoned().stop(s.index);
+                    }
+                    self.to_library(&m)?
+                }
+                FrontendReq::RESET_OWNER | FrontendReq::RESET_DEVICE if m.fds.is_empty() => {
+                    self.rings.lock_unpoisoned().reset();
+                    self.to_library(&m)?
+                }
                 FrontendReq::ADD_MEM_REG | FrontendReq::REM_MEM_REG => {
                     return Err(refused(&m, "CONFIGURE_MEM_SLOTS was not negotiated"))
                 }
@@ -286,6 +352,14 @@ impl Relay {
 
     fn set_protocol_features(&self, mut m: Message) -> Result<(), RelayError> {
         let f = m.u64_body().unwrap_or(0);
+        let unknown = f & !self.offered.bits();
+        if unknown != 0 {
+            self.ack(&m, false)?;
+            return Err(refused(
+                &m,
+                format!("protocol features {unknown:#x} were never offered"),
+            ));
+        }
         self.reply_ack.store(
             f & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0,
             Ordering::Relaxed,
@@ -417,6 +491,32 @@ impl Relay {
         Ok(())
     }
 
+    /// SET_VRING_NUM: a size the ring format allows, that a configured ring still fits with.
+    fn vring_num(&self, m: Message) -> Result<(), RelayError> {
+        // A short body is the library's to refuse.
+        if let Some(s) = m.body_as::<VhostUserVringState>() {
+            let checked = self.rings.lock_unpoisoned().set_num(s.index, s.num);
+            if let Err(e) = checked {
+                self.ack(&m, false)?;
+                return Err(refused(&m, e));
+            }
+        }
+        self.to_library(&m)
+    }
+
+    /// SET_VRING_ADDR: rings wholly inside guest memory.
+    fn vring_addr(&self, m: Message) -> Result<(), RelayError> {
+        if let Some(a) = m.body_as::<VhostUserVringAddr>() {
+            let (index, addrs) = (a.index, [a.descriptor, a.available, a.used]);
+            let checked = self.rings.lock_unpoisoned().set_addrs(index, addrs);
+            if let Err(e) = checked {
+                self.ack(&m, false)?;
+                return Err(refused(&m, e));
+            }
+        }
+        self.to_library(&m)
+    }
+
     /// SET_MEM_TABLE: one descriptor per region, each able to back its region.
     fn mem_table(&self, m: Message) -> Result<(), RelayError> {
         let hdr: VhostUserMemory = m.body_as().ok_or_else(|| refused(&m, "no memory table"))?;
@@ -429,6 +529,7 @@ impl Relay {
                 format!("{n} regions with {} descriptors", m.fds.len()),
             ));
         }
+        let mut table = Vec::with_capacity(n);
         for (i, fd) in m.fds.iter().enumerate() {
             let off = start + i * size;
             let r = VhostUserMemoryRegion::from_slice(&m.body[off..off + size])
@@ -438,6 +539,12 @@ impl Relay {
             let file = File::from(fd.try_clone().map_err(|e| refused(&m, e))?);
             fds::guest_memory(&file, r.mmap_offset, r.memory_size)
                 .map_err(|e| refused(&m, format!("region {i}: {e}")))?;
+            table.push((r.user_addr, r.memory_size));
+        }
+        let checked = self.rings.lock_unpoisoned().set_table(table);
+        if let Err(e) = checked {
+            self.ack(&m, false)?;
+            return Err(refused(&m, e));
         }
         self.to_library(&m)
     }

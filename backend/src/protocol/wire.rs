@@ -11,6 +11,7 @@
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::time::Duration;
 
 use vhost::vhost_user::message::{
     BackendReq, FrontendReq, VhostUserHeaderFlag, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
@@ -45,6 +46,9 @@ pub enum WireError {
     /// The header announced a body larger than the protocol allows.
     #[error("a message announced a body of {0} bytes (at most {MAX_MSG_SIZE})")]
     TooLarge(u32),
+    /// The peer sent part of a message and then nothing for too long.
+    #[error("the peer sent part of a message and then nothing for {0:?}")]
+    Stalled(Duration),
 }
 
 /// A message header.
@@ -144,6 +148,15 @@ pub fn backend_code(req: BackendReq) -> u32 {
 
 /// Receive one message; `None` when the peer closed the connection between messages.
 pub fn recv(sock: &UnixStream) -> Result<Option<Message>, WireError> {
+    recv_within(sock, None)
+}
+
+/// As [`recv`]; with `rest`, once the first bytes of a message have arrived the rest must
+/// follow within that time (the socket's read time-out is set for it, and restored after).
+pub fn recv_within(
+    sock: &UnixStream,
+    rest: Option<Duration>,
+) -> Result<Option<Message>, WireError> {
     let mut header = Header::default();
     let (got, fds, truncated) = {
         let buf = header.as_mut_slice();
@@ -159,23 +172,68 @@ pub fn recv(sock: &UnixStream) -> Result<Option<Message>, WireError> {
     if got == 0 {
         return Ok(None);
     }
+    if got == HEADER_SIZE && header.size == 0 {
+        return Ok(Some(Message {
+            header,
+            body: Vec::new(),
+            fds,
+        }));
+    }
+    let previous = match rest {
+        Some(limit) => {
+            let previous = sock.read_timeout()?;
+            sock.set_read_timeout(Some(limit))?;
+            Some(previous)
+        }
+        None => None,
+    };
+    let body = read_rest(sock, &mut header, got, rest);
+    if let Some(previous) = previous {
+        sock.set_read_timeout(previous)?;
+    }
+    Ok(Some(Message {
+        header,
+        body: body?,
+        fds,
+    }))
+}
+
+/// The rest of a message whose first `got` bytes are in `header`, then its body.
+fn read_rest(
+    sock: &UnixStream,
+    header: &mut Header,
+    got: usize,
+    limit: Option<Duration>,
+) -> Result<Vec<u8>, WireError> {
     let mut s = sock;
     if got < HEADER_SIZE {
-        read_exact(&mut s, &mut header.as_mut_slice()[got..])?;
+        read_exact(&mut s, &mut header.as_mut_slice()[got..], limit)?;
     }
     if header.size as usize > MAX_MSG_SIZE {
         return Err(WireError::TooLarge(header.size));
     }
     let mut body = vec![0u8; header.size as usize];
-    read_exact(&mut s, &mut body)?;
-    Ok(Some(Message { header, body, fds }))
+    read_exact(&mut s, &mut body, limit)?;
+    Ok(body)
 }
 
-fn read_exact(s: &mut &UnixStream, buf: &mut [u8]) -> Result<(), WireError> {
-    s.read_exact(buf).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => WireError::Partial,
+fn read_exact(
+    s: &mut &UnixStream,
+    buf: &mut [u8],
+    limit: Option<Duration>,
+) -> Result<(), WireError> {
+    s.read_exact(buf).map_err(|e| match (e.kind(), limit) {
+        (io::ErrorKind::UnexpectedEof, _) => WireError::Partial,
+        (io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut, Some(limit)) => {
+            WireError::Stalled(limit)
+        }
         _ => WireError::Io(e),
     })
+}
+
+/// Whether `e` is a read time-out (SO_RCVTIMEO expired).
+pub fn is_timeout(e: &WireError) -> bool {
+    matches!(e, WireError::Io(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
 }
 
 /// One recvmsg into `buf`: bytes received, the descriptors, and whether the control data was
@@ -324,5 +382,38 @@ mod tests {
         (&a).write_all(&[1, 0, 0, 0, 1]).unwrap();
         drop(a);
         assert!(matches!(recv(&b), Err(WireError::Partial)));
+    }
+
+    #[test]
+    fn a_message_left_half_sent_stalls_and_the_time_out_is_restored() {
+        use std::io::Write;
+        let (a, b) = UnixStream::pair().unwrap();
+        let limit = Duration::from_millis(50);
+        (&a).write_all(&[1, 0, 0, 0, 1]).unwrap();
+        let t = std::time::Instant::now();
+        assert!(matches!(
+            recv_within(&b, Some(limit)),
+            Err(WireError::Stalled(l)) if l == limit
+        ));
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert_eq!(b.read_timeout().unwrap(), None);
+        // A whole message within the limit is fine, and waiting for the next one is not
+        // limited.
+        let (a, b) = UnixStream::pair().unwrap();
+        let m = Message::new(
+            Header::request(1, VhostUserHeaderFlag::empty(), 0),
+            vec![7; 8],
+            Vec::new(),
+        );
+        send(&a, &m).unwrap();
+        let r = recv_within(&b, Some(limit)).unwrap().unwrap();
+        assert_eq!(r.body, vec![7; 8]);
+        assert_eq!(b.read_timeout().unwrap(), None);
+        // A time-out the caller set applies to the wait for the first byte, and stays.
+        b.set_read_timeout(Some(limit)).unwrap();
+        let before = b.read_timeout().unwrap();
+        let e = recv_within(&b, Some(Duration::from_secs(1))).unwrap_err();
+        assert!(is_timeout(&e), "{e:?}");
+        assert_eq!(b.read_timeout().unwrap(), before);
     }
 }

@@ -1,0 +1,257 @@
+//! Where each vring lies, checked against the memory table before vhost-user-backend sees it.
+//!
+//! The library translates only the first byte of each ring (SET_VRING_ADDR) and takes any
+//! queue size up to the maximum (SET_VRING_NUM), so a frontend could place a ring across the
+//! end of guest memory, or resize one that fits into one that does not, or swap in a memory
+//! table that leaves a running ring outside it. The worker would then fail to read the ring
+//! on every pass. [`Rings`] follows the memory table, each queue's size and each queue's
+//! addresses as the frontend sends them (frontend virtual addresses, as the messages carry
+//! them), and refuses any message after which a configured ring would not lie wholly inside
+//! one memory region. A ring stops being checked when GET_VRING_BASE stops it, or when the
+//! device is reset, so a frontend may change memory while its rings are stopped.
+
+/// Bytes of one descriptor table entry.
+const DESC_SIZE: u64 = 16;
+
+/// Why a message was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RingError {
+    /// A queue size the split ring format does not allow, or above the device's maximum.
+    #[error("queue size {num} is not a power of two from 1 to {max}")]
+    BadSize {
+        /// The size asked for.
+        num: u32,
+        /// The device's largest queue size.
+        max: u16,
+    },
+    /// A part of a ring does not lie wholly inside one memory region.
+    #[error(
+        "the {part} of queue {queue} ({len} bytes at {addr:#x}) is not inside one memory region"
+    )]
+    Outside {
+        /// The queue.
+        queue: u32,
+        /// Which part: descriptor table, available ring or used ring.
+        part: &'static str,
+        /// Its frontend virtual address.
+        addr: u64,
+        /// Its length for the queue's size.
+        len: u64,
+    },
+}
+
+/// Bytes of the descriptor table, the available ring and the used ring of a split ring of
+/// `num` descriptors (virtio 1.2, 2.7), each with its event field.
+pub fn ring_lengths(num: u16) -> [u64; 3] {
+    let n = u64::from(num);
+    [DESC_SIZE * n, 6 + 2 * n, 6 + 8 * n]
+}
+
+/// Whether `addr..addr + len` lies wholly inside one of `regions` (start, size).
+pub fn inside(regions: &[(u64, u64)], addr: u64, len: u64) -> bool {
+    let Some(end) = addr.checked_add(len) else {
+        return false;
+    };
+    regions.iter().any(|&(start, size)| {
+        start
+            .checked_add(size)
+            .is_some_and(|stop| start <= addr && end <= stop)
+    })
+}
+
+/// The addresses of one queue's rings: descriptor table, available ring, used ring.
+pub type RingAddrs = [u64; 3];
+
+/// Check that the rings of `queue` at `addrs`, `num` descriptors long, lie inside `regions`.
+pub fn check(
+    regions: &[(u64, u64)],
+    queue: u32,
+    num: u16,
+    addrs: RingAddrs,
+) -> Result<(), RingError> {
+    const PARTS: [&str; 3] = ["descriptor table", "available ring", "used ring"];
+    for ((addr, len), part) in addrs.into_iter().zip(ring_lengths(num)).zip(PARTS) {
+        if !inside(regions, addr, len) {
+            return Err(RingError::Outside {
+                queue,
+                part,
+                addr,
+                len,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Queue {
+    /// Size from SET_VRING_NUM, once sent.
+    num: Option<u16>,
+    /// Addresses from SET_VRING_ADDR, while the ring is configured.
+    addrs: Option<RingAddrs>,
+}
+
+/// The memory table and the rings of one connection, as the frontend described them.
+#[derive(Debug)]
+pub struct Rings {
+    /// Regions of the last memory table: (frontend virtual address, size).
+    table: Vec<(u64, u64)>,
+    queues: Vec<Queue>,
+    max_size: u16,
+}
+
+impl Rings {
+    /// A device with `num_queues` queues of at most `max_size` descriptors (the size a queue
+    /// has before SET_VRING_NUM).
+    pub fn new(num_queues: u16, max_size: u16) -> Rings {
+        Rings {
+            table: Vec::new(),
+            queues: vec![Queue::default(); usize::from(num_queues)],
+            max_size,
+        }
+    }
+
+    fn size(&self, q: &Queue) -> u16 {
+        q.num.unwrap_or(self.max_size)
+    }
+
+    /// SET_MEM_TABLE with `regions` (frontend virtual address, size): every configured ring
+    /// must lie inside the new table.
+    pub fn set_table(&mut self, regions: Vec<(u64, u64)>) -> Result<(), RingError> {
+        for (i, q) in self.queues.iter().enumerate() {
+            if let Some(addrs) = q.addrs {
+                check(&regions, i as u32, self.size(q), addrs)?;
+            }
+        }
+        self.table = regions;
+        Ok(())
+    }
+
+    /// SET_VRING_NUM: a power of two up to the maximum, which a configured ring must still
+    /// fit with. Queues the device does not have are left to the library (which refuses
+    /// them).
+    pub fn set_num(&mut self, queue: u32, num: u32) -> Result<(), RingError> {
+        let size = u16::try_from(num)
+            .ok()
+            .filter(|&n| n.is_power_of_two() && n <= self.max_size)
+            .ok_or(RingError::BadSize {
+                num,
+                max: self.max_size,
+            })?;
+        let Some(q) = self.queues.get_mut(queue as usize) else {
+            return Ok(());
+        };
+        if let Some(addrs) = q.addrs {
+            check(&self.table, queue, size, addrs)?;
+        }
+        q.num = Some(size);
+        Ok(())
+    }
+
+    /// SET_VRING_ADDR: each ring must lie inside the memory table. Without a table the
+    /// library refuses the message itself.
+    pub fn set_addrs(&mut self, queue: u32, addrs: RingAddrs) -> Result<(), RingError> {
+        if self.table.is_empty() {
+            return Ok(());
+        }
+        let Some(q) = self.queues.get(queue as usize).copied() else {
+            return Ok(());
+        };
+        check(&self.table, queue, self.size(&q), addrs)?;
+        self.queues[queue as usize].addrs = Some(addrs);
+        Ok(())
+    }
+
+    /// GET_VRING_BASE: the ring is stopped and no longer checked.
+    pub fn stop(&mut self, queue: u32) {
+        if let Some(q) = self.queues.get_mut(queue as usize) {
+            q.addrs = None;
+        }
+    }
+
+    /// RESET_OWNER or RESET_DEVICE: every ring is forgotten.
+    pub fn reset(&mut self) {
+        for q in &mut self.queues {
+            *q = Queue::default();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn lengths_follow_the_spec() {
+        assert_eq!(ring_lengths(256), [4096, 518, 2054]);
+        assert_eq!(ring_lengths(1), [16, 8, 14]);
+    }
+
+    #[test]
+    fn a_range_must_fit_one_region() {
+        let r = [(0x1000, 0x1000), (0x2000, 0x1000), (u64::MAX - 16, 16)];
+        assert!(inside(&r, 0x1000, 0x1000));
+        assert!(inside(&r, 0x1ff0, 0x10));
+        // Adjacent regions do not make one: the library maps them apart.
+        assert!(!inside(&r, 0x1ff0, 0x20));
+        assert!(!inside(&r, 0xfff, 2));
+        assert!(!inside(&r, u64::MAX - 1, 4));
+        assert!(inside(&r, u64::MAX - 16, 16));
+        assert!(!inside(&[], 0, 0));
+    }
+
+    #[test]
+    fn rings_straddling_the_end_are_refused_at_every_step() {
+        let base = 0x7f00_0000_0000u64;
+        let mut r = Rings::new(2, 256);
+        // No table yet: left to the library.
+        r.set_addrs(0, [0, 0, 0]).unwrap();
+        r.set_table(vec![(base, 2 * MIB)]).unwrap();
+        // Before SET_VRING_NUM a queue has the maximum size.
+        let end = base + 2 * MIB;
+        let ok = [base, base + 0x1000, base + 0x2000];
+        r.set_addrs(0, ok).unwrap();
+        let straddle = [base, end - 4, base + 0x2000];
+        assert!(matches!(
+            r.set_addrs(1, straddle),
+            Err(RingError::Outside {
+                queue: 1,
+                part: "available ring",
+                ..
+            })
+        ));
+        r.set_num(1, 1).unwrap();
+        assert!(r.set_addrs(1, straddle).is_err(), "6 bytes past end - 4");
+        // Growing a configured ring past the end.
+        let tight = [end - 16 * 16, base, base + 0x1000];
+        r.set_num(1, 16).unwrap();
+        r.set_addrs(1, tight).unwrap();
+        assert!(r.set_num(1, 32).is_err());
+        r.set_num(1, 8).unwrap();
+        // A table that no longer holds a configured ring, until that ring is stopped.
+        assert!(r.set_table(vec![(base, MIB)]).is_err());
+        r.stop(1);
+        r.set_table(vec![(base, MIB)]).unwrap();
+        r.reset();
+        r.set_table(vec![(0, 4096)]).unwrap();
+    }
+
+    #[test]
+    fn sizes_are_powers_of_two_up_to_the_maximum() {
+        let mut r = Rings::new(1, 256);
+        for bad in [0u32, 3, 100, 512, 65536, u32::MAX] {
+            assert_eq!(
+                r.set_num(0, bad),
+                Err(RingError::BadSize { num: bad, max: 256 })
+            );
+        }
+        for good in [1u32, 2, 128, 256] {
+            r.set_num(0, good).unwrap();
+        }
+        // A queue the device does not have is the library's to refuse.
+        r.set_num(7, 16).unwrap();
+        r.set_addrs(7, [0, 0, 0]).unwrap();
+    }
+}

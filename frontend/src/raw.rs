@@ -1,0 +1,1233 @@
+//! A vhost-user frontend that sends anything, for attacks on a backend.
+//!
+//! [`Client`](crate::Client) behaves like QEMU; [`RawFrontend`] does what a hostile client
+//! that can connect to the socket does: any request code, flags, size field and body bytes,
+//! half messages, and any number of descriptors of any kind (more than the protocol's 32,
+//! blocking eventfds, pipes, sockets, memfds shorter than the region they claim to back, files
+//! on tmpfs), with every reply read under a time-out so a backend that stops answering fails
+//! the caller instead of hanging it. Bodies are the `vhost` crate's message structs
+//! ([`vhost::vhost_user::message`]) as bytes; the crate keeps its header type private, so the
+//! 12-byte header is framed here.
+//!
+//! On top of it, [`RawDevice`] sets a device up step by step (features, protocol features with
+//! or without REPLY_ACK and EVENT_IDX, a memory table from a memfd or a file, each vring's
+//! size, base, addresses and eventfds), each step a public function, so a test can stop
+//! anywhere or put a ring into any state: [`RawQueue`] writes the available and used rings
+//! through bounds-checked guest memory writes, whatever the ring's addresses (an available
+//! index far ahead of the used one, rings at addresses the backend cannot read).
+//!
+//! [`fds`] makes the odd descriptors such tests send.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserConfig, VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight,
+    VhostUserMemory, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserSingleMemoryRegion,
+    VhostUserU64, VhostUserVringAddr, VhostUserVringAddrFlags, VhostUserVringState,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use vm_memory::ByteValued;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::blk::{self, RequestType};
+use crate::client::STATUS_UNSET;
+use crate::mem::{GuestMem, MemError};
+use crate::ring::{Descriptor, RingError, RingLayout, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE};
+
+/// The protocol version carried in every header's flags.
+pub const VERSION: u32 = 0x1;
+/// Bytes of a message header (request, flags, size).
+pub const HEADER_SIZE: usize = std::mem::size_of::<Header>();
+/// `VHOST_USER_VRING_NOFD_MASK`: a vring eventfd message that carries no descriptor (the
+/// `vhost` crate has no constant for it).
+pub const VRING_NOFD: u64 = 1 << 8;
+/// `VHOST_USER_F_PROTOCOL_FEATURES`.
+pub const PROTOCOL_FEATURES: u64 = 1 << 30;
+/// Most descriptors the kernel passes in one SCM_RIGHTS message (`SCM_MAX_FD`).
+pub const SCM_MAX_FD: usize = 253;
+/// Time-out of replies and sends unless [`RawFrontend::set_timeout`] says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of the raw frontend.
+#[derive(Debug, thiserror::Error)]
+pub enum RawError {
+    /// The socket failed (or a send timed out because the backend stopped reading).
+    #[error("vhost-user socket error")]
+    Io(#[from] io::Error),
+    /// No complete reply arrived in time.
+    #[error("no reply from the backend within {0:?}")]
+    Timeout(Duration),
+    /// The backend closed the connection.
+    #[error("the backend closed the connection")]
+    Closed,
+    /// The reply is for another request than the one sent.
+    #[error("reply with code {got} to request {sent}")]
+    WrongReply {
+        /// Request code sent.
+        sent: u32,
+        /// Request code of the reply.
+        got: u32,
+    },
+    /// The reply's body is too short for what it must hold.
+    #[error("reply to request {request} has {len} body bytes, {want} expected")]
+    ShortReply {
+        /// Request code.
+        request: u32,
+        /// Bytes received.
+        len: usize,
+        /// Bytes expected.
+        want: usize,
+    },
+    /// The backend acknowledged a request with a failure (REPLY_ACK value not 0).
+    #[error("the backend refused request {request} (ack value {value})")]
+    Refused {
+        /// Request code.
+        request: u32,
+        /// The value of its acknowledgement.
+        value: u64,
+    },
+    /// A reply that must carry a descriptor carried none.
+    #[error("reply to request {0} carries no descriptor")]
+    NoFd(u32),
+    /// Guest memory could not be written.
+    #[error(transparent)]
+    Mem(#[from] MemError),
+    /// A ring could not be laid out.
+    #[error(transparent)]
+    Ring(#[from] RingError),
+}
+
+/// A message header, as on the wire.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Header {
+    /// Request code.
+    pub request: u32,
+    /// Flags: version, REPLY, NEED_REPLY, and whatever else a test sets.
+    pub flags: u32,
+    /// Body size in bytes (whatever the body really is).
+    pub size: u32,
+}
+
+// SAFETY: three u32 fields, no padding: every byte pattern is a valid value.
+unsafe impl ByteValued for Header {}
+
+impl Header {
+    /// Whether the REPLY flag is set.
+    pub fn is_reply(&self) -> bool {
+        self.flags & VhostUserHeaderFlag::REPLY.bits() != 0
+    }
+}
+
+/// A message received from the backend.
+#[derive(Debug)]
+pub struct Reply {
+    /// Its header.
+    pub header: Header,
+    /// Its body (`header.size` bytes).
+    pub body: Vec<u8>,
+    /// The descriptors sent with it.
+    pub fds: Vec<OwnedFd>,
+}
+
+impl Reply {
+    /// The body read as `T`, when it is long enough.
+    pub fn body_as<T: ByteValued>(&self) -> Result<T, RawError> {
+        let want = std::mem::size_of::<T>();
+        self.body
+            .get(..want)
+            .and_then(|b| T::from_slice(b).copied())
+            .ok_or(RawError::ShortReply {
+                request: self.header.request,
+                len: self.body.len(),
+                want,
+            })
+    }
+
+    /// The body as a `VhostUserU64` value.
+    pub fn u64(&self) -> Result<u64, RawError> {
+        self.body_as::<VhostUserU64>().map(|v| v.value)
+    }
+}
+
+/// One region of a memory table: where it sits in guest physical and frontend virtual
+/// address space, and the descriptor (and offset in it) that is said to back it.
+#[derive(Clone, Copy, Debug)]
+pub struct MemRegion {
+    /// Guest physical address.
+    pub guest_phys_addr: u64,
+    /// Size in bytes.
+    pub memory_size: u64,
+    /// Frontend virtual address (what vring addresses are given in).
+    pub user_addr: u64,
+    /// Offset of the region in the descriptor.
+    pub mmap_offset: u64,
+    /// The descriptor sent with it.
+    pub fd: RawFd,
+}
+
+impl MemRegion {
+    /// All of `mem` at guest address 0, at its host address in this process.
+    pub fn of(mem: &GuestMem) -> MemRegion {
+        MemRegion {
+            guest_phys_addr: 0,
+            memory_size: mem.len(),
+            user_addr: mem.host_base() as u64,
+            mmap_offset: 0,
+            fd: mem.raw_fd(),
+        }
+    }
+
+    fn wire(&self) -> VhostUserMemoryRegion {
+        VhostUserMemoryRegion::new(
+            self.guest_phys_addr,
+            self.memory_size,
+            self.user_addr,
+            self.mmap_offset,
+        )
+    }
+}
+
+/// The three ring addresses of a vring, in frontend virtual addresses, plus its flags and
+/// log address.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VringAddrs {
+    /// Descriptor table.
+    pub desc: u64,
+    /// Used ring.
+    pub used: u64,
+    /// Available ring.
+    pub avail: u64,
+    /// Dirty-log address.
+    pub log: u64,
+    /// `VhostUserVringAddrFlags` bits (any value).
+    pub flags: u32,
+}
+
+/// A connection to a vhost-user backend on which anything can be sent.
+#[derive(Debug)]
+pub struct RawFrontend {
+    sock: UnixStream,
+    /// REPLY_ACK was negotiated: setting requests ask for an acknowledgement and wait for it.
+    reply_ack: bool,
+    timeout: Duration,
+}
+
+impl RawFrontend {
+    /// Connects to the backend listening at `path`.
+    pub fn connect(path: &Path) -> io::Result<RawFrontend> {
+        UnixStream::connect(path).and_then(RawFrontend::from_stream)
+    }
+
+    /// Connects, retrying while the backend is not listening yet or still busy with a previous
+    /// connection, for up to `limit`.
+    pub fn connect_retry(path: &Path, limit: Duration) -> io::Result<RawFrontend> {
+        let deadline = Instant::now() + limit;
+        loop {
+            match RawFrontend::connect(path) {
+                Ok(f) => return Ok(f),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// Uses an already connected socket.
+    pub fn from_stream(sock: UnixStream) -> io::Result<RawFrontend> {
+        sock.set_write_timeout(Some(DEFAULT_TIMEOUT))?;
+        Ok(RawFrontend {
+            sock,
+            reply_ack: false,
+            timeout: DEFAULT_TIMEOUT,
+        })
+    }
+
+    /// The socket.
+    pub fn socket(&self) -> &UnixStream {
+        &self.sock
+    }
+
+    /// Time-out of every reply and of every send (a send blocks while the backend does not
+    /// read).
+    pub fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        self.sock.set_write_timeout(Some(timeout))?;
+        self.timeout = timeout;
+        Ok(())
+    }
+
+    /// Whether setting requests ask for an acknowledgement (NEED_REPLY) and wait for it; set by
+    /// [`Self::set_protocol_features`] from whether REPLY_ACK is in the features sent.
+    pub fn set_reply_ack(&mut self, on: bool) {
+        self.reply_ack = on;
+    }
+
+    /// Whether setting requests wait for an acknowledgement.
+    pub fn reply_ack(&self) -> bool {
+        self.reply_ack
+    }
+
+    /// Sends one message exactly as given: `header`, then `body` (whatever `header.size`
+    /// says), with `fds` attached to its first byte (any number the kernel takes, up to
+    /// [`SCM_MAX_FD`]; each is duplicated into the receiver).
+    pub fn send_message(&self, header: Header, body: &[u8], fds: &[RawFd]) -> io::Result<()> {
+        let mut bytes = header.as_slice().to_vec();
+        bytes.extend_from_slice(body);
+        self.send_bytes_with_fds(&bytes, fds)
+    }
+
+    /// Sends raw bytes (half a message, two messages at once, garbage) with `fds` attached to
+    /// the first byte. A stream socket carries descriptors only with data: descriptors with
+    /// no bytes are an error.
+    pub fn send_bytes_with_fds(&self, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        if bytes.is_empty() && !fds.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "descriptors need at least one byte to travel with",
+            ));
+        }
+        let mut sent = 0;
+        let cmsg = [ControlMessage::ScmRights(fds)];
+        while sent < bytes.len() {
+            let iov = [io::IoSlice::new(&bytes[sent..])];
+            let c: &[ControlMessage] = if sent == 0 && !fds.is_empty() {
+                &cmsg
+            } else {
+                &[]
+            };
+            match sendmsg::<()>(self.sock.as_raw_fd(), &iov, c, MsgFlags::MSG_NOSIGNAL, None) {
+                Ok(n) => sent += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes raw bytes with no descriptors.
+    pub fn send_bytes(&self, bytes: &[u8]) -> io::Result<()> {
+        (&self.sock).write_all(bytes)
+    }
+
+    /// Sends request `req` with `body` and `fds`; NEED_REPLY is set when REPLY_ACK is on.
+    pub fn send(&self, req: FrontendReq, body: &[u8], fds: &[RawFd]) -> io::Result<()> {
+        let flags = if self.reply_ack {
+            VhostUserHeaderFlag::NEED_REPLY.bits()
+        } else {
+            0
+        };
+        self.send_message(
+            Header {
+                request: req.into(),
+                flags: VERSION | flags,
+                size: body.len() as u32,
+            },
+            body,
+            fds,
+        )
+    }
+
+    /// Receives the next message, waiting at most the time-out.
+    pub fn recv(&self) -> Result<Reply, RawError> {
+        self.recv_timeout(self.timeout)
+    }
+
+    /// Receives the next message, waiting at most `timeout` for all of it.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Reply, RawError> {
+        let deadline = Instant::now() + timeout;
+        let mut header = Header::default();
+        let mut fds = Vec::new();
+        self.read_full(header.as_mut_slice(), &mut fds, deadline, timeout)?;
+        let mut body = vec![0u8; header.size as usize];
+        self.read_full(&mut body, &mut fds, deadline, timeout)?;
+        Ok(Reply { header, body, fds })
+    }
+
+    /// Whether the backend closes the connection within `timeout`, reading and dropping the
+    /// messages it sends meanwhile: true on end of file or a socket error.
+    pub fn closed_within(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(_) => continue,
+                Err(RawError::Timeout(_)) => return false,
+                Err(_) => return true,
+            }
+        }
+    }
+
+    fn read_full(
+        &self,
+        buf: &mut [u8],
+        fds: &mut Vec<OwnedFd>,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), RawError> {
+        let mut got = 0;
+        while got < buf.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(RawError::Timeout(timeout));
+            }
+            let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+            let mut pfd = [PollFd::new(
+                std::os::fd::AsFd::as_fd(&self.sock),
+                PollFlags::POLLIN,
+            )];
+            match poll(&mut pfd, PollTimeout::from(ms)) {
+                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) => {}
+                Err(e) => return Err(RawError::Io(e.into())),
+            }
+            let n = recv_with_fds(self.sock.as_raw_fd(), &mut buf[got..], fds)?;
+            if n == 0 {
+                return Err(RawError::Closed);
+            }
+            got += n;
+        }
+        Ok(())
+    }
+
+    /// Sends `req` and returns its reply, checking that it answers `req`.
+    pub fn call(&self, req: FrontendReq, body: &[u8], fds: &[RawFd]) -> Result<Reply, RawError> {
+        // A request with a reply of its own needs no REPLY_ACK.
+        self.send_message(
+            Header {
+                request: req.into(),
+                flags: VERSION,
+                size: body.len() as u32,
+            },
+            body,
+            fds,
+        )?;
+        let r = self.recv()?;
+        let sent: u32 = req.into();
+        if r.header.request != sent {
+            return Err(RawError::WrongReply {
+                sent,
+                got: r.header.request,
+            });
+        }
+        Ok(r)
+    }
+
+    /// Sends a setting request; with REPLY_ACK, waits for its acknowledgement and fails when
+    /// the backend refused it.
+    pub fn set(&self, req: FrontendReq, body: &[u8], fds: &[RawFd]) -> Result<(), RawError> {
+        self.send(req, body, fds)?;
+        if !self.reply_ack {
+            return Ok(());
+        }
+        let r = self.recv()?;
+        let sent: u32 = req.into();
+        if r.header.request != sent {
+            return Err(RawError::WrongReply {
+                sent,
+                got: r.header.request,
+            });
+        }
+        match r.u64()? {
+            0 => Ok(()),
+            value => Err(RawError::Refused {
+                request: sent,
+                value,
+            }),
+        }
+    }
+
+    // ---- the requests, one function each ----
+
+    /// SET_OWNER.
+    pub fn set_owner(&self) -> Result<(), RawError> {
+        self.set(FrontendReq::SET_OWNER, &[], &[])
+    }
+
+    /// GET_FEATURES.
+    pub fn get_features(&self) -> Result<u64, RawError> {
+        self.call(FrontendReq::GET_FEATURES, &[], &[])?.u64()
+    }
+
+    /// SET_FEATURES.
+    pub fn set_features(&self, features: u64) -> Result<(), RawError> {
+        self.set(
+            FrontendReq::SET_FEATURES,
+            VhostUserU64::new(features).as_slice(),
+            &[],
+        )
+    }
+
+    /// GET_PROTOCOL_FEATURES (every bit the backend sets, known to the crate or not).
+    pub fn get_protocol_features(&self) -> Result<VhostUserProtocolFeatures, RawError> {
+        let v = self
+            .call(FrontendReq::GET_PROTOCOL_FEATURES, &[], &[])?
+            .u64()?;
+        Ok(VhostUserProtocolFeatures::from_bits_retain(v))
+    }
+
+    /// SET_PROTOCOL_FEATURES; from now on setting requests wait for an acknowledgement when
+    /// `features` has REPLY_ACK. The message itself is never acknowledged (REPLY_ACK is not
+    /// in force before it).
+    pub fn set_protocol_features(
+        &mut self,
+        features: VhostUserProtocolFeatures,
+    ) -> Result<(), RawError> {
+        self.reply_ack = false;
+        self.set(
+            FrontendReq::SET_PROTOCOL_FEATURES,
+            VhostUserU64::new(features.bits()).as_slice(),
+            &[],
+        )?;
+        self.reply_ack = features.contains(VhostUserProtocolFeatures::REPLY_ACK);
+        Ok(())
+    }
+
+    /// GET_QUEUE_NUM.
+    pub fn get_queue_num(&self) -> Result<u64, RawError> {
+        self.call(FrontendReq::GET_QUEUE_NUM, &[], &[])?.u64()
+    }
+
+    /// The body of SET_MEM_TABLE for `regions`.
+    pub fn mem_table_body(regions: &[MemRegion]) -> Vec<u8> {
+        let mut body = VhostUserMemory::new(regions.len() as u32)
+            .as_slice()
+            .to_vec();
+        for r in regions {
+            body.extend_from_slice(r.wire().as_slice());
+        }
+        body
+    }
+
+    /// SET_MEM_TABLE with one descriptor per region.
+    pub fn set_mem_table(&self, regions: &[MemRegion]) -> Result<(), RawError> {
+        let fds: Vec<RawFd> = regions.iter().map(|r| r.fd).collect();
+        self.set(
+            FrontendReq::SET_MEM_TABLE,
+            &Self::mem_table_body(regions),
+            &fds,
+        )
+    }
+
+    /// ADD_MEM_REG.
+    pub fn add_mem_reg(&self, region: &MemRegion) -> Result<(), RawError> {
+        let r = VhostUserSingleMemoryRegion::new(
+            region.guest_phys_addr,
+            region.memory_size,
+            region.user_addr,
+            region.mmap_offset,
+        );
+        self.set(FrontendReq::ADD_MEM_REG, r.as_slice(), &[region.fd])
+    }
+
+    /// GET_MAX_MEM_SLOTS.
+    pub fn get_max_mem_slots(&self) -> Result<u64, RawError> {
+        self.call(FrontendReq::GET_MAX_MEM_SLOTS, &[], &[])?.u64()
+    }
+
+    fn vring_state(&self, req: FrontendReq, queue: u32, num: u32) -> Result<(), RawError> {
+        self.set(req, VhostUserVringState::new(queue, num).as_slice(), &[])
+    }
+
+    /// SET_VRING_NUM (any value).
+    pub fn set_vring_num(&self, queue: u32, num: u32) -> Result<(), RawError> {
+        self.vring_state(FrontendReq::SET_VRING_NUM, queue, num)
+    }
+
+    /// SET_VRING_BASE (any value).
+    pub fn set_vring_base(&self, queue: u32, base: u32) -> Result<(), RawError> {
+        self.vring_state(FrontendReq::SET_VRING_BASE, queue, base)
+    }
+
+    /// SET_VRING_ENABLE.
+    pub fn set_vring_enable(&self, queue: u32, on: bool) -> Result<(), RawError> {
+        self.vring_state(FrontendReq::SET_VRING_ENABLE, queue, u32::from(on))
+    }
+
+    /// GET_VRING_BASE: stops the vring and returns its next available index.
+    pub fn get_vring_base(&self, queue: u32) -> Result<u32, RawError> {
+        let r = self.call(
+            FrontendReq::GET_VRING_BASE,
+            VhostUserVringState::new(queue, 0).as_slice(),
+            &[],
+        )?;
+        Ok(r.body_as::<VhostUserVringState>()?.num)
+    }
+
+    /// SET_VRING_ADDR with any addresses and flags.
+    pub fn set_vring_addr(&self, queue: u32, a: &VringAddrs) -> Result<(), RawError> {
+        let mut v = VhostUserVringAddr::new(
+            queue,
+            VhostUserVringAddrFlags::empty(),
+            a.desc,
+            a.used,
+            a.avail,
+            a.log,
+        );
+        v.flags = a.flags;
+        self.set(FrontendReq::SET_VRING_ADDR, v.as_slice(), &[])
+    }
+
+    fn vring_fd(&self, req: FrontendReq, queue: u8, fd: Option<RawFd>) -> Result<(), RawError> {
+        let (v, fds) = match fd {
+            Some(fd) => (u64::from(queue), vec![fd]),
+            None => (u64::from(queue) | VRING_NOFD, Vec::new()),
+        };
+        self.set(req, VhostUserU64::new(v).as_slice(), &fds)
+    }
+
+    /// SET_VRING_KICK with any descriptor (or none: the NOFD flag).
+    pub fn set_vring_kick(&self, queue: u8, fd: Option<RawFd>) -> Result<(), RawError> {
+        self.vring_fd(FrontendReq::SET_VRING_KICK, queue, fd)
+    }
+
+    /// SET_VRING_CALL with any descriptor (or none).
+    pub fn set_vring_call(&self, queue: u8, fd: Option<RawFd>) -> Result<(), RawError> {
+        self.vring_fd(FrontendReq::SET_VRING_CALL, queue, fd)
+    }
+
+    /// SET_VRING_ERR with any descriptor (or none).
+    pub fn set_vring_err(&self, queue: u8, fd: Option<RawFd>) -> Result<(), RawError> {
+        self.vring_fd(FrontendReq::SET_VRING_ERR, queue, fd)
+    }
+
+    /// GET_CONFIG of `size` bytes at `offset` (any values); returns the payload of the reply.
+    pub fn get_config(
+        &self,
+        offset: u32,
+        size: u32,
+        flags: VhostUserConfigFlags,
+    ) -> Result<Vec<u8>, RawError> {
+        let mut body = VhostUserConfig::new(offset, size, flags)
+            .as_slice()
+            .to_vec();
+        body.resize(body.len() + size.min(0x1000) as usize, 0);
+        let r = self.call(FrontendReq::GET_CONFIG, &body, &[])?;
+        let hdr = std::mem::size_of::<VhostUserConfig>();
+        Ok(r.body.get(hdr..).unwrap_or_default().to_vec())
+    }
+
+    /// SET_CONFIG of `payload` at `offset`; the size field is the payload's length.
+    pub fn set_config(
+        &self,
+        offset: u32,
+        flags: VhostUserConfigFlags,
+        payload: &[u8],
+    ) -> Result<(), RawError> {
+        let mut body = VhostUserConfig::new(offset, payload.len() as u32, flags)
+            .as_slice()
+            .to_vec();
+        body.extend_from_slice(payload);
+        self.set(FrontendReq::SET_CONFIG, &body, &[])
+    }
+
+    /// GET_INFLIGHT_FD: the region the backend describes and the descriptor it sent.
+    pub fn get_inflight_fd(
+        &self,
+        ask: &VhostUserInflight,
+    ) -> Result<(VhostUserInflight, File), RawError> {
+        let mut r = self.call(FrontendReq::GET_INFLIGHT_FD, ask.as_slice(), &[])?;
+        let info: VhostUserInflight = r.body_as()?;
+        let fd = r.fds.pop().ok_or(RawError::NoFd(r.header.request))?;
+        Ok((info, File::from(fd)))
+    }
+
+    /// SET_INFLIGHT_FD with any descriptor.
+    pub fn set_inflight_fd(&self, info: &VhostUserInflight, fd: RawFd) -> Result<(), RawError> {
+        self.set(FrontendReq::SET_INFLIGHT_FD, info.as_slice(), &[fd])
+    }
+
+    /// SET_BACKEND_REQ_FD with any descriptor.
+    pub fn set_backend_req_fd(&self, fd: RawFd) -> Result<(), RawError> {
+        self.set(FrontendReq::SET_BACKEND_REQ_FD, &[], &[fd])
+    }
+
+    /// RESET_DEVICE.
+    pub fn reset_device(&self) -> Result<(), RawError> {
+        self.set(FrontendReq::RESET_DEVICE, &[], &[])
+    }
+
+    /// Shuts the socket down in both directions.
+    pub fn shutdown(&self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// One recvmsg into `buf`, owning every descriptor that arrives; returns the bytes read.
+fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    let mut control = [0u64; (SCM_MAX_FD * 4 + 64) / 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    loop {
+        // SAFETY: msghdr is a plain C struct for which all-zero bytes are valid.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        // SAFETY: `msg` points to a live iovec over `buf` and to `control`, both valid for the
+        // lengths given, for the duration of the call.
+        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        // SAFETY: the CMSG_* macros walk the control buffer the kernel filled, within
+        // `msg_controllen`; SCM_RIGHTS data is an array of ints, each a new descriptor of this
+        // process that nobody else owns.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(c);
+                    let len = (*c).cmsg_len as usize - (data as usize - c as usize);
+                    for i in 0..len / std::mem::size_of::<libc::c_int>() {
+                        let raw = std::ptr::read_unaligned(data.cast::<libc::c_int>().add(i));
+                        fds.push(OwnedFd::from_raw_fd(raw));
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        return Ok(n as usize);
+    }
+}
+
+/// How [`RawDevice::negotiate`] sets the device up.
+#[derive(Clone, Copy, Debug)]
+pub struct Negotiation {
+    /// Acknowledge VIRTIO_RING_F_EVENT_IDX (when offered).
+    pub event_idx: bool,
+    /// Negotiate REPLY_ACK (when offered), so every setting request is acknowledged.
+    pub reply_ack: bool,
+    /// Further protocol features to ask for (when offered).
+    pub protocol: VhostUserProtocolFeatures,
+    /// Further virtio feature bits to acknowledge (when offered).
+    pub features: u64,
+}
+
+impl Default for Negotiation {
+    fn default() -> Self {
+        Negotiation {
+            event_idx: true,
+            reply_ack: true,
+            protocol: VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ,
+            features: 0,
+        }
+    }
+}
+
+/// One vring set up by [`RawDevice`]: its layout in guest memory and its eventfds. Ring state
+/// is written through guest memory writes that are checked against the memory's bounds, so a
+/// ring whose parts lie outside it can be set up and poked at without touching memory this
+/// process does not own.
+#[derive(Debug)]
+pub struct RawQueue {
+    /// Queue index.
+    pub index: u8,
+    /// Where its parts are, as guest physical addresses (anywhere, for attacks).
+    pub layout: RingLayout,
+    /// The kick eventfd given to the backend.
+    pub kick: EventFd,
+    /// The call eventfd given to the backend.
+    pub call: EventFd,
+    mem: Arc<GuestMem>,
+}
+
+impl RawQueue {
+    /// A view of a ring at `layout` in `mem` that no backend has been told about: to lay out
+    /// ring state before the queue is started.
+    pub fn detached(mem: Arc<GuestMem>, layout: RingLayout) -> io::Result<RawQueue> {
+        Ok(RawQueue {
+            index: 0,
+            layout,
+            kick: EventFd::new(EFD_NONBLOCK)?,
+            call: EventFd::new(EFD_NONBLOCK)?,
+            mem,
+        })
+    }
+
+    fn u16_at(&self, gpa: u64) -> Result<u16, RawError> {
+        let mut b = [0u8; 2];
+        self.mem.read(gpa, &mut b)?;
+        Ok(u16::from_le_bytes(b))
+    }
+
+    fn set_u16(&self, gpa: u64, v: u16) -> Result<(), RawError> {
+        Ok(self.mem.write(gpa, &v.to_le_bytes())?)
+    }
+
+    /// Writes the available ring's index (any value: far ahead of the used index, behind it).
+    pub fn set_avail_idx(&self, idx: u16) -> Result<(), RawError> {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.set_u16(self.layout.avail + 2, idx)
+    }
+
+    /// Writes available ring entry `slot` (taken modulo the queue size) as `head` (any value).
+    pub fn set_avail_entry(&self, slot: u16, head: u16) -> Result<(), RawError> {
+        let at = self.layout.avail + 4 + 2 * u64::from(slot % self.layout.size);
+        self.set_u16(at, head)
+    }
+
+    /// Writes the available ring's `used_event` field (EVENT_IDX).
+    pub fn set_used_event(&self, idx: u16) -> Result<(), RawError> {
+        let at = self.layout.avail + 4 + 2 * u64::from(self.layout.size);
+        self.set_u16(at, idx)
+    }
+
+    /// The used ring's index, as the backend last wrote it.
+    pub fn used_idx(&self) -> Result<u16, RawError> {
+        self.u16_at(self.layout.used + 2)
+    }
+
+    /// Used ring element `slot` (taken modulo the queue size): (head id, length).
+    pub fn used_elem(&self, slot: u16) -> Result<(u32, u32), RawError> {
+        let at = self.layout.used + 4 + 8 * u64::from(slot % self.layout.size);
+        let mut b = [0u8; 8];
+        self.mem.read(at, &mut b)?;
+        let (id, len) = b.split_at(4);
+        Ok((
+            u32::from_le_bytes(id.try_into().unwrap_or_default()),
+            u32::from_le_bytes(len.try_into().unwrap_or_default()),
+        ))
+    }
+
+    /// The used ring's `avail_event` field (EVENT_IDX), as the backend last wrote it.
+    pub fn avail_event(&self) -> Result<u16, RawError> {
+        self.u16_at(self.layout.used + 4 + 8 * u64::from(self.layout.size))
+    }
+
+    /// Kicks the backend (writes the kick eventfd).
+    pub fn kick(&self) -> io::Result<()> {
+        self.kick.write(1)
+    }
+
+    /// Writes descriptor `index` (taken modulo the queue size) as given.
+    pub fn set_desc(&self, index: u16, d: Descriptor) -> Result<(), RawError> {
+        let at = self.layout.desc + DESC_SIZE * u64::from(index % self.layout.size);
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&d.len.to_le_bytes());
+        raw[12..14].copy_from_slice(&d.flags.to_le_bytes());
+        raw[14..16].copy_from_slice(&d.next.to_le_bytes());
+        Ok(self.mem.write(at, &raw)?)
+    }
+
+    /// Lays out a well-formed request at guest address `at` (the 16-byte header, then `len`
+    /// data bytes unless 0, then the status byte, set to [`STATUS_UNSET`]) in descriptors
+    /// `head`, `head + 1` (and `head + 2`), and writes `head` in available ring entry
+    /// `slot`. Nothing is published: see [`Self::set_avail_idx`]. Returns the status byte's
+    /// address.
+    pub fn write_request(
+        &self,
+        slot: u16,
+        head: u16,
+        kind: RequestType,
+        sector: u64,
+        len: u32,
+        at: u64,
+    ) -> Result<u64, RawError> {
+        let size = self.layout.size;
+        let data = at + u64::from(blk::HEADER_LEN);
+        let status = data + u64::from(len);
+        self.mem.write(at, &blk::header(kind, sector))?;
+        self.mem.write(status, &[STATUS_UNSET])?;
+        let next = |i: u16| (head.wrapping_add(i)) % size;
+        self.set_desc(
+            head,
+            Descriptor {
+                addr: at,
+                len: blk::HEADER_LEN,
+                flags: DESC_F_NEXT,
+                next: next(1),
+            },
+        )?;
+        let mut last = 1;
+        if len > 0 {
+            let flags = if kind.device_writes() {
+                DESC_F_WRITE
+            } else {
+                0
+            };
+            self.set_desc(
+                next(1),
+                Descriptor {
+                    addr: data,
+                    len,
+                    flags: flags | DESC_F_NEXT,
+                    next: next(2),
+                },
+            )?;
+            last = 2;
+        }
+        self.set_desc(
+            next(last),
+            Descriptor {
+                addr: status,
+                len: 1,
+                flags: DESC_F_WRITE,
+                next: 0,
+            },
+        )?;
+        self.set_avail_entry(slot, head)?;
+        Ok(status)
+    }
+
+    /// Waits until the used index is `idx`; returns the index last seen on time-out.
+    pub fn wait_used(&self, idx: u16, timeout: Duration) -> Result<(), u16> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.used_idx().unwrap_or(0);
+            if now == idx {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(now);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Reads one byte of guest memory (a request's status byte).
+    pub fn byte(&self, gpa: u64) -> Result<u8, RawError> {
+        let mut b = [0u8];
+        self.mem.read(gpa, &mut b)?;
+        Ok(b[0])
+    }
+}
+
+/// A device set up step by step over a [`RawFrontend`].
+#[derive(Debug)]
+pub struct RawDevice {
+    /// The connection.
+    pub fe: RawFrontend,
+    /// Guest memory (shared with the backend by [`Self::set_mem_table`]).
+    pub mem: Arc<GuestMem>,
+    /// Virtio features acknowledged.
+    pub acked: u64,
+    /// Protocol features negotiated.
+    pub protocol: VhostUserProtocolFeatures,
+    /// Queues started.
+    pub queues: Vec<RawQueue>,
+}
+
+impl RawDevice {
+    /// A device on `fe` with guest memory `mem`; nothing is sent yet.
+    pub fn new(fe: RawFrontend, mem: Arc<GuestMem>) -> RawDevice {
+        RawDevice {
+            fe,
+            mem,
+            acked: 0,
+            protocol: VhostUserProtocolFeatures::empty(),
+            queues: Vec::new(),
+        }
+    }
+
+    /// The whole set-up: negotiation, the memory table, and queue 0 started with a ring of
+    /// `queue_size` at guest address 0.
+    pub fn start(
+        fe: RawFrontend,
+        mem: Arc<GuestMem>,
+        how: &Negotiation,
+        queue_size: u16,
+    ) -> Result<RawDevice, RawError> {
+        let mut d = RawDevice::new(fe, mem);
+        d.negotiate(how)?;
+        d.set_mem_table()?;
+        let layout = RingLayout::new(queue_size, 0)?;
+        d.start_queue(0, layout, 0)?;
+        Ok(d)
+    }
+
+    /// SET_OWNER, GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, SET_FEATURES:
+    /// VERSION_1 and PROTOCOL_FEATURES, plus what `how` asks for that the backend offers.
+    pub fn negotiate(&mut self, how: &Negotiation) -> Result<(), RawError> {
+        self.fe.set_owner()?;
+        let offered = self.fe.get_features()?;
+        let pf = self.fe.get_protocol_features()?;
+        let mut want = how.protocol;
+        if how.reply_ack {
+            want |= VhostUserProtocolFeatures::REPLY_ACK;
+        }
+        self.protocol = pf & want;
+        self.fe.set_protocol_features(self.protocol)?;
+        let mut acked = (1u64 << VIRTIO_F_VERSION_1) | PROTOCOL_FEATURES | how.features;
+        if how.event_idx {
+            acked |= 1u64 << VIRTIO_RING_F_EVENT_IDX;
+        }
+        self.acked = acked & offered;
+        self.fe.set_features(self.acked)
+    }
+
+    /// Whether EVENT_IDX was acknowledged.
+    pub fn event_idx(&self) -> bool {
+        self.acked & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0
+    }
+
+    /// SET_MEM_TABLE: all of guest memory as one region at guest address 0.
+    pub fn set_mem_table(&self) -> Result<(), RawError> {
+        self.fe.set_mem_table(&[MemRegion::of(&self.mem)])
+    }
+
+    /// The frontend virtual address of guest address `gpa` (as the memory table maps it;
+    /// any value, inside guest memory or not).
+    pub fn user_addr(&self, gpa: u64) -> u64 {
+        (self.mem.host_base() as u64).wrapping_add(gpa)
+    }
+
+    /// SET_VRING_NUM, SET_VRING_BASE `base`, SET_VRING_ADDR for `layout` (anywhere, inside
+    /// guest memory or not), SET_VRING_CALL, SET_VRING_KICK (fresh non-blocking eventfds) and
+    /// SET_VRING_ENABLE. The rings are used as guest memory holds them (fresh memory is
+    /// zeroed).
+    pub fn start_queue(
+        &mut self,
+        index: u8,
+        layout: RingLayout,
+        base: u16,
+    ) -> Result<&mut RawQueue, RawError> {
+        let q = u32::from(index);
+        self.fe.set_vring_num(q, u32::from(layout.size))?;
+        self.fe.set_vring_base(q, u32::from(base))?;
+        self.fe.set_vring_addr(
+            q,
+            &VringAddrs {
+                desc: self.user_addr(layout.desc),
+                used: self.user_addr(layout.used),
+                avail: self.user_addr(layout.avail),
+                ..VringAddrs::default()
+            },
+        )?;
+        let call = EventFd::new(EFD_NONBLOCK)?;
+        let kick = EventFd::new(EFD_NONBLOCK)?;
+        self.fe.set_vring_call(index, Some(call.as_raw_fd()))?;
+        self.fe.set_vring_kick(index, Some(kick.as_raw_fd()))?;
+        self.fe.set_vring_enable(q, true)?;
+        self.queues.push(RawQueue {
+            index,
+            layout,
+            kick,
+            call,
+            mem: self.mem.clone(),
+        });
+        let i = self.queues.len() - 1;
+        Ok(&mut self.queues[i])
+    }
+
+    /// Queue `i` as started (in start order).
+    pub fn queue(&self, i: usize) -> Option<&RawQueue> {
+        self.queues.get(i)
+    }
+}
+
+/// The odd descriptors attacks send.
+pub mod fds {
+    use std::fs::File;
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    use vmm_sys_util::eventfd::EventFd;
+
+    /// The largest value an eventfd counter holds; one more write blocks (or fails with
+    /// EAGAIN when non-blocking).
+    pub const EVENTFD_MAX: u64 = u64::MAX - 1;
+
+    /// A memfd of `len` bytes that allows sealing (as QEMU's `memory-backend-memfd` creates
+    /// them) or does not (`seal=off`).
+    pub fn memfd(len: u64, allow_sealing: bool) -> io::Result<File> {
+        let mut flags = libc::MFD_CLOEXEC;
+        if allow_sealing {
+            flags |= libc::MFD_ALLOW_SEALING;
+        }
+        // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"vloop-raw".as_ptr(), flags) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor owned by nobody else.
+        let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        f.set_len(len)?;
+        Ok(f)
+    }
+
+    /// A blocking eventfd whose counter is `count` (at [`EVENTFD_MAX`], a write blocks).
+    pub fn blocking_eventfd(count: u64) -> io::Result<EventFd> {
+        let e = EventFd::new(0)?;
+        if count > 0 {
+            e.write(count)?;
+        }
+        Ok(e)
+    }
+
+    /// A pipe whose buffer is full: (read end, write end), the write end blocking, so any
+    /// write to it blocks until someone reads.
+    pub fn full_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+        let (r, w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+        let chunk = [0u8; 4096];
+        loop {
+            match nix::unistd::write(&w, &chunk) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        set_blocking(&w)?;
+        Ok((r, w))
+    }
+
+    /// Clears O_NONBLOCK on `fd`.
+    pub fn set_blocking(fd: &impl AsRawFd) -> io::Result<()> {
+        // SAFETY: F_GETFL/F_SETFL on a descriptor the caller keeps open for the call.
+        unsafe {
+            let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+            if flags < 0
+                || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills the send buffer of `sock` (non-blocking writes until EAGAIN) so that the next
+    /// write on it blocks as long as nobody reads the other end; returns the bytes written.
+    pub fn fill_socket(sock: &std::os::unix::net::UnixStream) -> io::Result<usize> {
+        sock.set_nonblocking(true)?;
+        let chunk = [0u8; 4096];
+        let mut total = 0;
+        loop {
+            match io::Write::write(&mut &*sock, &chunk) {
+                Ok(n) => total += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        sock.set_nonblocking(false)?;
+        Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    #[test]
+    fn messages_carry_any_number_of_descriptors() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let fe = RawFrontend::from_stream(a).unwrap();
+        let peer = RawFrontend::from_stream(b).unwrap();
+        let files: Vec<File> = (0..40).map(|_| fds::memfd(0, false).unwrap()).collect();
+        let raw: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+        fe.send(FrontendReq::SET_VRING_KICK, &7u64.to_le_bytes(), &raw)
+            .unwrap();
+        let m = peer.recv().unwrap();
+        assert_eq!(m.header.request, u32::from(FrontendReq::SET_VRING_KICK));
+        assert_eq!(m.header.flags, VERSION);
+        assert_eq!(m.u64().unwrap(), 7);
+        assert_eq!(m.fds.len(), 40);
+        // Half a message: the receiver times out instead of hanging.
+        fe.send_bytes(&[1, 0, 0, 0, 1]).unwrap();
+        assert!(matches!(
+            peer.recv_timeout(Duration::from_millis(50)),
+            Err(RawError::Timeout(_))
+        ));
+        drop(fe);
+        assert!(peer.closed_within(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn setting_requests_wait_for_their_acknowledgement() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut fe = RawFrontend::from_stream(a).unwrap();
+        fe.set_reply_ack(true);
+        let t = std::thread::spawn(move || {
+            let peer = RawFrontend::from_stream(b).unwrap();
+            for value in [0u64, 1] {
+                let m = peer.recv().unwrap();
+                assert_ne!(m.header.flags & VhostUserHeaderFlag::NEED_REPLY.bits(), 0);
+                peer.send_message(
+                    Header {
+                        request: m.header.request,
+                        flags: VERSION | VhostUserHeaderFlag::REPLY.bits(),
+                        size: 8,
+                    },
+                    &value.to_le_bytes(),
+                    &[],
+                )
+                .unwrap();
+            }
+        });
+        fe.set_vring_num(0, 64).unwrap();
+        assert!(matches!(
+            fe.set_vring_base(0, 0),
+            Err(RawError::Refused { value: 1, .. })
+        ));
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn odd_descriptors() {
+        let e = fds::blocking_eventfd(fds::EVENTFD_MAX).unwrap();
+        // SAFETY: F_GETFL on a live descriptor.
+        let fl = unsafe { libc::fcntl(e.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(fl & libc::O_NONBLOCK, 0);
+        let (_r, w) = fds::full_pipe().unwrap();
+        // SAFETY: F_GETFL on a live descriptor.
+        let fl = unsafe { libc::fcntl(w.as_fd().as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(fl & libc::O_NONBLOCK, 0);
+        let mut p = [libc::pollfd {
+            fd: w.as_fd().as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        }];
+        // SAFETY: one live pollfd for the call.
+        let ready = unsafe { libc::poll(p.as_mut_ptr(), 1, 0) };
+        assert_eq!(ready, 0, "pipe not full");
+        let m = fds::memfd(4096, true).unwrap();
+        // SAFETY: F_GET_SEALS on a live descriptor.
+        assert_eq!(unsafe { libc::fcntl(m.as_raw_fd(), libc::F_GET_SEALS) }, 0);
+        let m = fds::memfd(4096, false).unwrap();
+        // SAFETY: as above.
+        let seals = unsafe { libc::fcntl(m.as_raw_fd(), libc::F_GET_SEALS) };
+        assert_eq!(seals, libc::F_SEAL_SEAL);
+    }
+
+    #[test]
+    fn ring_state_is_written_within_guest_memory_only() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mem = Arc::new(GuestMem::new(64 << 10).unwrap());
+        let d = RawDevice::new(RawFrontend::from_stream(a).unwrap(), mem.clone());
+        let layout = RingLayout::new(16, 0x1000).unwrap();
+        let q = RawQueue {
+            index: 0,
+            layout,
+            kick: EventFd::new(EFD_NONBLOCK).unwrap(),
+            call: EventFd::new(EFD_NONBLOCK).unwrap(),
+            mem: d.mem.clone(),
+        };
+        q.set_avail_idx(300).unwrap();
+        let mut b = [0u8; 2];
+        mem.read(layout.avail + 2, &mut b).unwrap();
+        assert_eq!(u16::from_le_bytes(b), 300);
+        // A ring past the end: writes fail instead of touching other memory.
+        let off = RawQueue {
+            layout: RingLayout::new(16, mem.len() - 16).unwrap(),
+            ..q
+        };
+        assert!(off.set_avail_idx(1).is_err());
+        assert_eq!(d.user_addr(8), mem.host_base() as u64 + 8);
+    }
+}
