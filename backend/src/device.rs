@@ -308,6 +308,16 @@ impl BlkDevice {
         }
     }
 
+    /// A ring error on `queue`: when guest memory faulted under it (a truncated memory file
+    /// reads as zeroes), the connection ends; otherwise the queue stops.
+    fn ring_error(&self, queue: u16, why: std::fmt::Arguments<'_>) {
+        if self.memory_owner.faulted() {
+            self.memory_fault();
+        } else {
+            self.stop_queue(queue, why);
+        }
+    }
+
     /// Guest memory faulted: end the connection (once).
     fn memory_fault(&self) {
         if self.memory_faulted.swap(true, Ordering::Relaxed) {
@@ -342,12 +352,12 @@ impl BlkDevice {
         loop {
             let mut state = vring.get_mut();
             if let Err(e) = state.get_queue_mut().disable_notification(mem) {
-                self.stop_queue(queue, format_args!("cannot disable notifications: {e}"));
+                self.ring_error(queue, format_args!("cannot disable notifications: {e}"));
                 return;
             }
             let before = w.ex.stats().requests;
             if let Err(e) = self.process(&mut state, &mut w.ex, mem) {
-                self.stop_queue(queue, format_args!("{e}"));
+                self.ring_error(queue, format_args!("{e}"));
                 return;
             }
             if self.memory_owner.faulted() {
@@ -379,7 +389,7 @@ impl BlkDevice {
             let mut state = vring.get_mut();
             match state.get_queue_mut().enable_notification(mem) {
                 Ok(true) if empty_passes >= EMPTY_PASSES_MAX => {
-                    self.stop_queue(
+                    self.ring_error(
                         queue,
                         format_args!("the available ring announces requests it does not hold"),
                     );
@@ -391,7 +401,7 @@ impl BlkDevice {
                     return;
                 }
                 Err(e) => {
-                    self.stop_queue(queue, format_args!("cannot enable notifications: {e}"));
+                    self.ring_error(queue, format_args!("cannot enable notifications: {e}"));
                     return;
                 }
             }
