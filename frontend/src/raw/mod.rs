@@ -17,13 +17,22 @@
 //! index far ahead of the used one, rings at addresses the backend cannot read).
 //!
 //! [`fds`] makes the odd descriptors such tests send.
+//!
+//! Parts, bottom up (each imports only from the ones before it, and from the crate's lower
+//! layers: [`blk`](crate::blk), [`mem`](crate::mem), [`ring`](crate::ring),
+//! [`client`](crate::client)):
+//! - [`fds`]: the odd descriptors; it imports nothing from its siblings;
+//! - the module itself: the errors ([`RawError`]), the message framing ([`Header`], [`Reply`],
+//!   [`MemRegion`], [`VringAddrs`]) and the connection ([`RawFrontend`]);
+//! - `queue`: one vring's state in guest memory ([`RawQueue`]), with [`RawError`] from here;
+//! - `device`: the step-by-step set-up ([`Negotiation`], [`RawDevice`]) over a [`RawFrontend`]
+//!   and its [`RawQueue`]s.
 
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -32,15 +41,17 @@ use vhost::vhost_user::message::{
     VhostUserMemory, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserSingleMemoryRegion,
     VhostUserU64, VhostUserVringAddr, VhostUserVringAddrFlags, VhostUserVringState,
 };
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::ByteValued;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::blk::{self, RequestType};
-use crate::client::STATUS_UNSET;
 use crate::mem::{GuestMem, MemError};
-use crate::ring::{Descriptor, RingError, RingLayout, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE};
+use crate::ring::RingError;
+
+mod device;
+pub mod fds;
+mod queue;
+
+pub use device::{Negotiation, RawDevice};
+pub use queue::RawQueue;
 
 /// The protocol version carried in every header's flags.
 pub const VERSION: u32 = 0x1;
@@ -704,424 +715,8 @@ fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Resul
     }
 }
 
-/// How [`RawDevice::negotiate`] sets the device up.
-#[derive(Clone, Copy, Debug)]
-pub struct Negotiation {
-    /// Acknowledge VIRTIO_RING_F_EVENT_IDX (when offered).
-    pub event_idx: bool,
-    /// Negotiate REPLY_ACK (when offered), so every setting request is acknowledged.
-    pub reply_ack: bool,
-    /// Further protocol features to ask for (when offered).
-    pub protocol: VhostUserProtocolFeatures,
-    /// Further virtio feature bits to acknowledge (when offered).
-    pub features: u64,
-}
-
-impl Default for Negotiation {
-    fn default() -> Self {
-        Negotiation {
-            event_idx: true,
-            reply_ack: true,
-            protocol: VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ,
-            features: 0,
-        }
-    }
-}
-
-/// One vring set up by [`RawDevice`]: its layout in guest memory and its eventfds. Ring state
-/// is written through guest memory writes that are checked against the memory's bounds, so a
-/// ring whose parts lie outside it can be set up and poked at without touching memory this
-/// process does not own.
-#[derive(Debug)]
-pub struct RawQueue {
-    /// Queue index.
-    pub index: u8,
-    /// Where its parts are, as guest physical addresses (anywhere, for attacks).
-    pub layout: RingLayout,
-    /// The kick eventfd given to the backend.
-    pub kick: EventFd,
-    /// The call eventfd given to the backend.
-    pub call: EventFd,
-    mem: Arc<GuestMem>,
-}
-
-impl RawQueue {
-    /// A view of a ring at `layout` in `mem` that no backend has been told about: to lay out
-    /// ring state before the queue is started.
-    pub fn detached(mem: Arc<GuestMem>, layout: RingLayout) -> io::Result<RawQueue> {
-        Ok(RawQueue {
-            index: 0,
-            layout,
-            kick: EventFd::new(EFD_NONBLOCK)?,
-            call: EventFd::new(EFD_NONBLOCK)?,
-            mem,
-        })
-    }
-
-    fn u16_at(&self, gpa: u64) -> Result<u16, RawError> {
-        let mut b = [0u8; 2];
-        self.mem.read(gpa, &mut b)?;
-        Ok(u16::from_le_bytes(b))
-    }
-
-    fn set_u16(&self, gpa: u64, v: u16) -> Result<(), RawError> {
-        Ok(self.mem.write(gpa, &v.to_le_bytes())?)
-    }
-
-    /// Writes the available ring's index (any value: far ahead of the used index, behind it).
-    pub fn set_avail_idx(&self, idx: u16) -> Result<(), RawError> {
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.set_u16(self.layout.avail + 2, idx)
-    }
-
-    /// Writes available ring entry `slot` (taken modulo the queue size) as `head` (any value).
-    pub fn set_avail_entry(&self, slot: u16, head: u16) -> Result<(), RawError> {
-        let at = self.layout.avail + 4 + 2 * u64::from(slot % self.layout.size);
-        self.set_u16(at, head)
-    }
-
-    /// Writes the available ring's `used_event` field (EVENT_IDX).
-    pub fn set_used_event(&self, idx: u16) -> Result<(), RawError> {
-        let at = self.layout.avail + 4 + 2 * u64::from(self.layout.size);
-        self.set_u16(at, idx)
-    }
-
-    /// The used ring's index, as the backend last wrote it.
-    pub fn used_idx(&self) -> Result<u16, RawError> {
-        self.u16_at(self.layout.used + 2)
-    }
-
-    /// Used ring element `slot` (taken modulo the queue size): (head id, length).
-    pub fn used_elem(&self, slot: u16) -> Result<(u32, u32), RawError> {
-        let at = self.layout.used + 4 + 8 * u64::from(slot % self.layout.size);
-        let mut b = [0u8; 8];
-        self.mem.read(at, &mut b)?;
-        let (id, len) = b.split_at(4);
-        Ok((
-            u32::from_le_bytes(id.try_into().unwrap_or_default()),
-            u32::from_le_bytes(len.try_into().unwrap_or_default()),
-        ))
-    }
-
-    /// The used ring's `avail_event` field (EVENT_IDX), as the backend last wrote it.
-    pub fn avail_event(&self) -> Result<u16, RawError> {
-        self.u16_at(self.layout.used + 4 + 8 * u64::from(self.layout.size))
-    }
-
-    /// Kicks the backend (writes the kick eventfd).
-    pub fn kick(&self) -> io::Result<()> {
-        self.kick.write(1)
-    }
-
-    /// Writes descriptor `index` (taken modulo the queue size) as given.
-    pub fn set_desc(&self, index: u16, d: Descriptor) -> Result<(), RawError> {
-        let at = self.layout.desc + DESC_SIZE * u64::from(index % self.layout.size);
-        let mut raw = [0u8; 16];
-        raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&d.len.to_le_bytes());
-        raw[12..14].copy_from_slice(&d.flags.to_le_bytes());
-        raw[14..16].copy_from_slice(&d.next.to_le_bytes());
-        Ok(self.mem.write(at, &raw)?)
-    }
-
-    /// Lays out a well-formed request at guest address `at` (the 16-byte header, then `len`
-    /// data bytes unless 0, then the status byte, set to [`STATUS_UNSET`]) in descriptors
-    /// `head`, `head + 1` (and `head + 2`), and writes `head` in available ring entry
-    /// `slot`. Nothing is published: see [`Self::set_avail_idx`]. Returns the status byte's
-    /// address.
-    pub fn write_request(
-        &self,
-        slot: u16,
-        head: u16,
-        kind: RequestType,
-        sector: u64,
-        len: u32,
-        at: u64,
-    ) -> Result<u64, RawError> {
-        let size = self.layout.size;
-        let data = at + u64::from(blk::HEADER_LEN);
-        let status = data + u64::from(len);
-        self.mem.write(at, &blk::header(kind, sector))?;
-        self.mem.write(status, &[STATUS_UNSET])?;
-        let next = |i: u16| (head.wrapping_add(i)) % size;
-        self.set_desc(
-            head,
-            Descriptor {
-                addr: at,
-                len: blk::HEADER_LEN,
-                flags: DESC_F_NEXT,
-                next: next(1),
-            },
-        )?;
-        let mut last = 1;
-        if len > 0 {
-            let flags = if kind.device_writes() {
-                DESC_F_WRITE
-            } else {
-                0
-            };
-            self.set_desc(
-                next(1),
-                Descriptor {
-                    addr: data,
-                    len,
-                    flags: flags | DESC_F_NEXT,
-                    next: next(2),
-                },
-            )?;
-            last = 2;
-        }
-        self.set_desc(
-            next(last),
-            Descriptor {
-                addr: status,
-                len: 1,
-                flags: DESC_F_WRITE,
-                next: 0,
-            },
-        )?;
-        self.set_avail_entry(slot, head)?;
-        Ok(status)
-    }
-
-    /// Waits until the used index is `idx`; returns the index last seen on time-out.
-    pub fn wait_used(&self, idx: u16, timeout: Duration) -> Result<(), u16> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let now = self.used_idx().unwrap_or(0);
-            if now == idx {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(now);
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// Reads one byte of guest memory (a request's status byte).
-    pub fn byte(&self, gpa: u64) -> Result<u8, RawError> {
-        let mut b = [0u8];
-        self.mem.read(gpa, &mut b)?;
-        Ok(b[0])
-    }
-}
-
-/// A device set up step by step over a [`RawFrontend`].
-#[derive(Debug)]
-pub struct RawDevice {
-    /// The connection.
-    pub fe: RawFrontend,
-    /// Guest memory (shared with the backend by [`Self::set_mem_table`]).
-    pub mem: Arc<GuestMem>,
-    /// Virtio features acknowledged.
-    pub acked: u64,
-    /// Protocol features negotiated.
-    pub protocol: VhostUserProtocolFeatures,
-    /// Queues started.
-    pub queues: Vec<RawQueue>,
-}
-
-impl RawDevice {
-    /// A device on `fe` with guest memory `mem`; nothing is sent yet.
-    pub fn new(fe: RawFrontend, mem: Arc<GuestMem>) -> RawDevice {
-        RawDevice {
-            fe,
-            mem,
-            acked: 0,
-            protocol: VhostUserProtocolFeatures::empty(),
-            queues: Vec::new(),
-        }
-    }
-
-    /// The whole set-up: negotiation, the memory table, and queue 0 started with a ring of
-    /// `queue_size` at guest address 0.
-    pub fn start(
-        fe: RawFrontend,
-        mem: Arc<GuestMem>,
-        how: &Negotiation,
-        queue_size: u16,
-    ) -> Result<RawDevice, RawError> {
-        let mut d = RawDevice::new(fe, mem);
-        d.negotiate(how)?;
-        d.set_mem_table()?;
-        let layout = RingLayout::new(queue_size, 0)?;
-        d.start_queue(0, layout, 0)?;
-        Ok(d)
-    }
-
-    /// SET_OWNER, GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, SET_FEATURES:
-    /// VERSION_1 and PROTOCOL_FEATURES, plus what `how` asks for that the backend offers.
-    pub fn negotiate(&mut self, how: &Negotiation) -> Result<(), RawError> {
-        self.fe.set_owner()?;
-        let offered = self.fe.get_features()?;
-        let pf = self.fe.get_protocol_features()?;
-        let mut want = how.protocol;
-        if how.reply_ack {
-            want |= VhostUserProtocolFeatures::REPLY_ACK;
-        }
-        self.protocol = pf & want;
-        self.fe.set_protocol_features(self.protocol)?;
-        let mut acked = (1u64 << VIRTIO_F_VERSION_1) | PROTOCOL_FEATURES | how.features;
-        if how.event_idx {
-            acked |= 1u64 << VIRTIO_RING_F_EVENT_IDX;
-        }
-        self.acked = acked & offered;
-        self.fe.set_features(self.acked)
-    }
-
-    /// Whether EVENT_IDX was acknowledged.
-    pub fn event_idx(&self) -> bool {
-        self.acked & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0
-    }
-
-    /// SET_MEM_TABLE: all of guest memory as one region at guest address 0.
-    pub fn set_mem_table(&self) -> Result<(), RawError> {
-        self.fe.set_mem_table(&[MemRegion::of(&self.mem)])
-    }
-
-    /// The frontend virtual address of guest address `gpa` (as the memory table maps it;
-    /// any value, inside guest memory or not).
-    pub fn user_addr(&self, gpa: u64) -> u64 {
-        (self.mem.host_base() as u64).wrapping_add(gpa)
-    }
-
-    /// SET_VRING_NUM, SET_VRING_BASE `base`, SET_VRING_ADDR for `layout` (anywhere, inside
-    /// guest memory or not), SET_VRING_CALL, SET_VRING_KICK (fresh non-blocking eventfds) and
-    /// SET_VRING_ENABLE. The rings are used as guest memory holds them (fresh memory is
-    /// zeroed).
-    pub fn start_queue(
-        &mut self,
-        index: u8,
-        layout: RingLayout,
-        base: u16,
-    ) -> Result<&mut RawQueue, RawError> {
-        let q = u32::from(index);
-        self.fe.set_vring_num(q, u32::from(layout.size))?;
-        self.fe.set_vring_base(q, u32::from(base))?;
-        self.fe.set_vring_addr(
-            q,
-            &VringAddrs {
-                desc: self.user_addr(layout.desc),
-                used: self.user_addr(layout.used),
-                avail: self.user_addr(layout.avail),
-                ..VringAddrs::default()
-            },
-        )?;
-        let call = EventFd::new(EFD_NONBLOCK)?;
-        let kick = EventFd::new(EFD_NONBLOCK)?;
-        self.fe.set_vring_call(index, Some(call.as_raw_fd()))?;
-        self.fe.set_vring_kick(index, Some(kick.as_raw_fd()))?;
-        self.fe.set_vring_enable(q, true)?;
-        self.queues.push(RawQueue {
-            index,
-            layout,
-            kick,
-            call,
-            mem: self.mem.clone(),
-        });
-        let i = self.queues.len() - 1;
-        Ok(&mut self.queues[i])
-    }
-
-    /// Queue `i` as started (in start order).
-    pub fn queue(&self, i: usize) -> Option<&RawQueue> {
-        self.queues.get(i)
-    }
-}
-
-/// The odd descriptors attacks send.
-pub mod fds {
-    use std::fs::File;
-    use std::io;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-
-    use vmm_sys_util::eventfd::EventFd;
-
-    /// The largest value an eventfd counter holds; one more write blocks (or fails with
-    /// EAGAIN when non-blocking).
-    pub const EVENTFD_MAX: u64 = u64::MAX - 1;
-
-    /// A memfd of `len` bytes that allows sealing (as QEMU's `memory-backend-memfd` creates
-    /// them) or does not (`seal=off`).
-    pub fn memfd(len: u64, allow_sealing: bool) -> io::Result<File> {
-        let mut flags = libc::MFD_CLOEXEC;
-        if allow_sealing {
-            flags |= libc::MFD_ALLOW_SEALING;
-        }
-        // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-        let fd = unsafe { libc::memfd_create(c"vloop-raw".as_ptr(), flags) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a new descriptor owned by nobody else.
-        let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        f.set_len(len)?;
-        Ok(f)
-    }
-
-    /// A blocking eventfd whose counter is `count` (at [`EVENTFD_MAX`], a write blocks).
-    pub fn blocking_eventfd(count: u64) -> io::Result<EventFd> {
-        let e = EventFd::new(0)?;
-        if count > 0 {
-            e.write(count)?;
-        }
-        Ok(e)
-    }
-
-    /// A pipe whose buffer is full: (read end, write end), the write end blocking, so any
-    /// write to it blocks until someone reads.
-    pub fn full_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-        let (r, w) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
-        let chunk = [0u8; 4096];
-        loop {
-            match nix::unistd::write(&w, &chunk) {
-                Ok(_) => {}
-                Err(nix::errno::Errno::EAGAIN) => break,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        set_blocking(&w)?;
-        Ok((r, w))
-    }
-
-    /// Clears O_NONBLOCK on `fd`.
-    pub fn set_blocking(fd: &impl AsRawFd) -> io::Result<()> {
-        // SAFETY: F_GETFL/F_SETFL on a descriptor the caller keeps open for the call.
-        unsafe {
-            let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-            if flags < 0
-                || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        Ok(())
-    }
-
-    /// Fills the send buffer of `sock` (non-blocking writes until EAGAIN) so that the next
-    /// write on it blocks as long as nobody reads the other end; returns the bytes written.
-    pub fn fill_socket(sock: &std::os::unix::net::UnixStream) -> io::Result<usize> {
-        sock.set_nonblocking(true)?;
-        let chunk = [0u8; 4096];
-        let mut total = 0;
-        loop {
-            match io::Write::write(&mut &*sock, &chunk) {
-                Ok(n) => total += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
-        }
-        sock.set_nonblocking(false)?;
-        Ok(total)
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::os::fd::AsFd;
-
     use super::*;
 
     #[test]
@@ -1176,58 +771,5 @@ mod tests {
             Err(RawError::Refused { value: 1, .. })
         ));
         t.join().unwrap();
-    }
-
-    #[test]
-    fn odd_descriptors() {
-        let e = fds::blocking_eventfd(fds::EVENTFD_MAX).unwrap();
-        // SAFETY: F_GETFL on a live descriptor.
-        let fl = unsafe { libc::fcntl(e.as_raw_fd(), libc::F_GETFL) };
-        assert_eq!(fl & libc::O_NONBLOCK, 0);
-        let (_r, w) = fds::full_pipe().unwrap();
-        // SAFETY: F_GETFL on a live descriptor.
-        let fl = unsafe { libc::fcntl(w.as_fd().as_raw_fd(), libc::F_GETFL) };
-        assert_eq!(fl & libc::O_NONBLOCK, 0);
-        let mut p = [libc::pollfd {
-            fd: w.as_fd().as_raw_fd(),
-            events: libc::POLLOUT,
-            revents: 0,
-        }];
-        // SAFETY: one live pollfd for the call.
-        let ready = unsafe { libc::poll(p.as_mut_ptr(), 1, 0) };
-        assert_eq!(ready, 0, "pipe not full");
-        let m = fds::memfd(4096, true).unwrap();
-        // SAFETY: F_GET_SEALS on a live descriptor.
-        assert_eq!(unsafe { libc::fcntl(m.as_raw_fd(), libc::F_GET_SEALS) }, 0);
-        let m = fds::memfd(4096, false).unwrap();
-        // SAFETY: as above.
-        let seals = unsafe { libc::fcntl(m.as_raw_fd(), libc::F_GET_SEALS) };
-        assert_eq!(seals, libc::F_SEAL_SEAL);
-    }
-
-    #[test]
-    fn ring_state_is_written_within_guest_memory_only() {
-        let (a, _b) = UnixStream::pair().unwrap();
-        let mem = Arc::new(GuestMem::new(64 << 10).unwrap());
-        let d = RawDevice::new(RawFrontend::from_stream(a).unwrap(), mem.clone());
-        let layout = RingLayout::new(16, 0x1000).unwrap();
-        let q = RawQueue {
-            index: 0,
-            layout,
-            kick: EventFd::new(EFD_NONBLOCK).unwrap(),
-            call: EventFd::new(EFD_NONBLOCK).unwrap(),
-            mem: d.mem.clone(),
-        };
-        q.set_avail_idx(300).unwrap();
-        let mut b = [0u8; 2];
-        mem.read(layout.avail + 2, &mut b).unwrap();
-        assert_eq!(u16::from_le_bytes(b), 300);
-        // A ring past the end: writes fail instead of touching other memory.
-        let off = RawQueue {
-            layout: RingLayout::new(16, mem.len() - 16).unwrap(),
-            ..q
-        };
-        assert!(off.set_avail_idx(1).is_err());
-        assert_eq!(d.user_addr(8), mem.host_base() as u64 + 8);
     }
 }
