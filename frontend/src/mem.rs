@@ -55,28 +55,7 @@ impl GuestMem {
         let fd = memfd_create(c"vloop-bench-guest", MemFdCreateFlag::MFD_CLOEXEC).map_err(err)?;
         let file = File::from(fd);
         nix::unistd::ftruncate(file.as_fd(), len as i64).map_err(err)?;
-        let size = std::num::NonZeroUsize::new(len as usize).ok_or(MemError::Create {
-            len,
-            source: nix::Error::EINVAL,
-        })?;
-        // SAFETY: a fresh shared mapping of a file we own, at an address the kernel picks; it
-        // is unmapped in `drop` only.
-        let ptr = unsafe {
-            mmap(
-                None,
-                size,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                file.as_fd(),
-                0,
-            )
-        }
-        .map_err(err)?;
-        Ok(Self {
-            file,
-            ptr: ptr.cast(),
-            len,
-        })
+        Self::from_file(file)
     }
 
     /// Maps all of `file` (a memfd, sealable or not, or a file on tmpfs or hugetlbfs) as guest

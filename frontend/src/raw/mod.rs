@@ -42,6 +42,7 @@ use vhost::vhost_user::message::{
     VhostUserU64, VhostUserVringAddr, VhostUserVringAddrFlags, VhostUserVringState,
 };
 use vm_memory::ByteValued;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::mem::{GuestMem, MemError};
 use crate::ring::RingError;
@@ -398,7 +399,21 @@ impl RawFrontend {
                 Ok(_) => {}
                 Err(e) => return Err(RawError::Io(e.into())),
             }
-            let n = recv_with_fds(self.sock.as_raw_fd(), &mut buf[got..], fds)?;
+            let mut raw = [-1; SCM_MAX_FD];
+            let mut iov = [libc::iovec {
+                iov_base: buf[got..].as_mut_ptr().cast(),
+                iov_len: buf.len() - got,
+            }];
+            // SAFETY: the one iovec covers the unread part of `buf`, which this call may write.
+            let (n, count) = unsafe { self.sock.recv_with_fds(&mut iov, &mut raw) }
+                .map_err(|e| RawError::Io(io::Error::from_raw_os_error(e.errno())))?;
+            // SAFETY: the first `count` entries are descriptors the kernel just installed in
+            // this process, owned by nothing else.
+            fds.extend(
+                raw[..count]
+                    .iter()
+                    .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
             if n == 0 {
                 return Err(RawError::Closed);
             }
@@ -419,6 +434,12 @@ impl RawFrontend {
             body,
             fds,
         )?;
+        let r = self.recv_reply(req)?;
+        Ok(r)
+    }
+
+    /// Receives the next message, checking that it answers `req`.
+    fn recv_reply(&self, req: FrontendReq) -> Result<Reply, RawError> {
         let r = self.recv()?;
         let sent: u32 = req.into();
         if r.header.request != sent {
@@ -437,18 +458,11 @@ impl RawFrontend {
         if !self.reply_ack {
             return Ok(());
         }
-        let r = self.recv()?;
-        let sent: u32 = req.into();
-        if r.header.request != sent {
-            return Err(RawError::WrongReply {
-                sent,
-                got: r.header.request,
-            });
-        }
+        let r = self.recv_reply(req)?;
         match r.u64()? {
             0 => Ok(()),
             value => Err(RawError::Refused {
-                request: sent,
+                request: req.into(),
                 value,
             }),
         }
@@ -667,51 +681,6 @@ impl RawFrontend {
     /// Shuts the socket down in both directions.
     pub fn shutdown(&self) {
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
-    }
-}
-
-/// One recvmsg into `buf`, owning every descriptor that arrives; returns the bytes read.
-fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
-    let mut control = [0u64; (SCM_MAX_FD * 4 + 64) / 8];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    loop {
-        // SAFETY: msghdr is a plain C struct for which all-zero bytes are valid.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = std::mem::size_of_val(&control);
-        // SAFETY: `msg` points to a live iovec over `buf` and to `control`, both valid for the
-        // lengths given, for the duration of the call.
-        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        // SAFETY: the CMSG_* macros walk the control buffer the kernel filled, within
-        // `msg_controllen`; SCM_RIGHTS data is an array of ints, each a new descriptor of this
-        // process that nobody else owns.
-        unsafe {
-            let mut c = libc::CMSG_FIRSTHDR(&msg);
-            while !c.is_null() {
-                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                    let data = libc::CMSG_DATA(c);
-                    let len = (*c).cmsg_len as usize - (data as usize - c as usize);
-                    for i in 0..len / std::mem::size_of::<libc::c_int>() {
-                        let raw = std::ptr::read_unaligned(data.cast::<libc::c_int>().add(i));
-                        fds.push(OwnedFd::from_raw_fd(raw));
-                    }
-                }
-                c = libc::CMSG_NXTHDR(&msg, c);
-            }
-        }
-        return Ok(n as usize);
     }
 }
 
