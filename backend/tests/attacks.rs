@@ -10,6 +10,8 @@
 //! frontend is served (write, read back, flush), and SIGTERM makes it exit 0 within two
 //! seconds, with no panic in its log.
 
+mod common;
+
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -34,7 +36,6 @@ use vloop_frontend::{
 use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-const BIN: &str = env!("CARGO_BIN_EXE_vloop-blk");
 const IMAGE_SIZE: u64 = 4 << 20;
 /// How long a daemon may take to start listening (a loaded machine builds and tests at once).
 const START: Duration = Duration::from_secs(20);
@@ -93,7 +94,7 @@ fn spec(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> BackendSpec {
         File::create(&image).unwrap().set_len(IMAGE_SIZE).unwrap();
     }
     let mut s = BackendSpec::new(
-        Program::Vloop(BIN.into()),
+        Program::Vloop(common::bin()),
         Export::new(image, dir.join("vloop.sock")),
     );
     s.extra_args = extra.iter().map(|a| a.to_string()).collect();
@@ -918,7 +919,7 @@ fn live_socket_of_another_user_is_not_unlinked() {
     let other = d.dir.path().join("other.img");
     File::create(&other).unwrap().set_len(IMAGE_SIZE).unwrap();
     std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let mut second = Command::new(BIN);
+    let mut second = Command::new(common::bin());
     second
         .arg("--socket-path")
         .arg(&d.socket)

@@ -12,9 +12,12 @@ use vloop_frontend::backend::{BackendProcess, BackendSpec, Export, Program};
 /// How long a test waits for the daemon to start, answer or exit.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// The vloop-blk binary under test.
+/// The vloop-blk binary under test: this build's, or the one `VLOOP_BLK_BIN` names (to run
+/// the tests against another build, e.g. an older one).
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_vloop-blk"))
+    std::env::var_os("VLOOP_BLK_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_vloop-blk")))
 }
 
 /// A running `vloop-blk` serving `image` on `socket` with `extra` arguments, logging at info
