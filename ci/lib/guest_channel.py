@@ -12,24 +12,9 @@ Usage: guest_channel.py SOCKET OUT [CONNECT_TIMEOUT_SECONDS]
 import os
 import selectors
 import signal
-import socket
 import sys
-import time
 
-
-def connect(path: str, timeout: float) -> socket.socket:
-    """Connect to QEMU's socket, waiting for QEMU to create it."""
-    end = time.monotonic() + timeout
-    while True:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(path)
-            return s
-        except (FileNotFoundError, ConnectionRefusedError):
-            s.close()
-            if time.monotonic() > end:
-                raise
-            time.sleep(0.05)
+from unix_socket import connect_when_listening
 
 
 def main() -> int:
@@ -56,7 +41,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
     try:
-        sock = connect(path, timeout)
+        sock = connect_when_listening(path, timeout, 0.05)
     except OSError as e:
         print(f"guest_channel: cannot connect to {path}: {e}", file=sys.stderr)
         return 1

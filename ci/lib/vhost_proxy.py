@@ -23,7 +23,8 @@ import socket
 import struct
 import sys
 import threading
-import time
+
+from unix_socket import connect_when_listening
 
 HEADER = struct.Struct("<III")  # request, flags, size
 MAX_FDS = 32
@@ -86,17 +87,7 @@ def send_message(sock: socket.socket, header: bytes, payload: bytes, fds) -> Non
 
 def connect_backend(path: str) -> socket.socket:
     """Connect to the backend, waiting a little for a restarted one to listen."""
-    end = time.monotonic() + BACKEND_CONNECT_SECONDS
-    while True:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(path)
-            return s
-        except (FileNotFoundError, ConnectionRefusedError):
-            s.close()
-            if time.monotonic() > end:
-                raise
-            time.sleep(0.02)
+    return connect_when_listening(path, BACKEND_CONNECT_SECONDS, 0.02)
 
 
 class Connection:
