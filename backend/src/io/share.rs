@@ -89,7 +89,7 @@ impl SharePolicy {
     /// Whether every saturated worker of the device can have two CPUs while the frontend
     /// keeps one (it needs a CPU to submit requests on, or the helper only moves work from
     /// it to the backend).
-    fn may_share(&self) -> bool {
+    pub fn may_share(&self) -> bool {
         self.always || self.saturated && 2 * self.counter.load(Ordering::Relaxed) < self.cpus
     }
 

@@ -866,3 +866,52 @@ fn shared_reads_return_their_own_data() {
         );
     }
 }
+
+#[test]
+fn a_long_wave_of_page_cache_reads_is_published_in_parts() {
+    // 32 reads of cached sectors, all available at once: without a helper CPU they complete
+    // inline, and the driver hears of the first ones while the rest still run.
+    let mut r = filled(MIB);
+    let mem = memory();
+    const N: u16 = 32;
+    let (hdr, data, st) = (0x10000u64, 0x20000u64, 0x30000u64);
+    let mut raw = Vec::new();
+    for i in 0..N {
+        let at = |base: u64, size: u64| base + size * u64::from(i);
+        header(&mem, at(hdr, 16), VIRTIO_BLK_T_IN, u64::from(i));
+        mem.write_obj(0xffu8, GuestAddress(at(st, 1))).unwrap();
+        let next = 3 * i;
+        raw.push(RawDescriptor::from(Descriptor::new(
+            at(hdr, 16),
+            16,
+            VRING_DESC_F_NEXT as u16,
+            next + 1,
+        )));
+        raw.push(RawDescriptor::from(Descriptor::new(
+            at(data, 512),
+            512,
+            (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
+            next + 2,
+        )));
+        raw.push(RawDescriptor::from(Descriptor::new(
+            at(st, 1),
+            1,
+            VRING_DESC_F_WRITE as u16,
+            0,
+        )));
+    }
+    let vq = MockSplitQueue::create(&mem, GuestAddress(0), 128);
+    vq.add_desc_chains(&raw, 0).unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut publishes = 0;
+    r.ex.process_queue_tracked(&mut q, &mem, None, &mut || publishes += 1)
+        .unwrap();
+    assert_eq!(vq.used().idx().load(), N);
+    for i in 0..N {
+        assert_eq!(status(&mem, st + u64::from(i)), OK);
+    }
+    assert!(
+        publishes >= usize::from(N) / super::executor::PUBLISH_EVERY,
+        "{publishes} publications for {N} inline completions"
+    );
+}

@@ -49,6 +49,10 @@ const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 /// release the vring now and then.
 const WAVES_PER_CALL: usize = 1024;
 
+/// Requests completed inline (page-cache hits) after which a wave stops popping and publishes
+/// them, while no helper shares the copies.
+pub(super) const PUBLISH_EVERY: usize = 8;
+
 /// Executes requests of one queue. Owned by that queue's worker thread.
 #[derive(Debug)]
 pub struct Executor {
@@ -271,6 +275,18 @@ impl Executor {
                             popped += 1;
                             if self.store.room() == 0 {
                                 break;
+                            }
+                            // Without a helper to share the copies with, a long wave of
+                            // page-cache reads would all complete inline before the first is
+                            // published: the driver, asleep until then, leaves the ring empty
+                            // while it wakes. Publish every PUBLISH_EVERY inline completions
+                            // instead, so it refills the ring while the rest runs. Ops that
+                            // go to the ring only wait in its queue here, as before.
+                            if self.fresh.len() >= PUBLISH_EVERY && !self.share.may_share() {
+                                self.launch(mem);
+                                if self.ready.len() >= PUBLISH_EVERY {
+                                    break;
+                                }
                             }
                         }
                     }
