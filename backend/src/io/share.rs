@@ -89,8 +89,16 @@ impl SharePolicy {
     /// Whether every saturated worker of the device can have two CPUs while the frontend
     /// keeps one (it needs a CPU to submit requests on, or the helper only moves work from
     /// it to the backend).
-    pub fn may_share(&self) -> bool {
+    fn may_share(&self) -> bool {
         self.always || self.saturated && 2 * self.counter.load(Ordering::Relaxed) < self.cpus
+    }
+
+    /// Whether a wave should publish its inline completions in parts: only without a helper
+    /// (which takes part of the copies instead) and while the saturated workers leave a CPU
+    /// for the frontend to refill the ring on. Where they do not, waking the frontend more
+    /// often only takes CPU time from the workers.
+    pub fn publish_early(&self) -> bool {
+        !self.may_share() && self.counter.load(Ordering::Relaxed) < self.cpus
     }
 
     /// How many of a launch's `shareable` reads go to the helper, given whether the helper

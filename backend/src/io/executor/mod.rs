@@ -50,7 +50,7 @@ const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 const WAVES_PER_CALL: usize = 1024;
 
 /// Requests completed inline (page-cache hits) after which a wave stops popping and publishes
-/// them, while no helper shares the copies.
+/// them, when [`SharePolicy::publish_early`] says so.
 pub(super) const PUBLISH_EVERY: usize = 8;
 
 /// Executes requests of one queue. Owned by that queue's worker thread.
@@ -280,9 +280,10 @@ impl Executor {
                             // page-cache reads would all complete inline before the first is
                             // published: the driver, asleep until then, leaves the ring empty
                             // while it wakes. Publish every PUBLISH_EVERY inline completions
-                            // instead, so it refills the ring while the rest runs. Ops that
-                            // go to the ring only wait in its queue here, as before.
-                            if self.fresh.len() >= PUBLISH_EVERY && !self.share.may_share() {
+                            // instead, so it refills the ring while the rest runs (when it has
+                            // a CPU to do so: SharePolicy::publish_early). Ops that go to the
+                            // ring only wait in its queue here, as before.
+                            if self.fresh.len() >= PUBLISH_EVERY && self.share.publish_early() {
                                 self.launch(mem);
                                 if self.ready.len() >= PUBLISH_EVERY {
                                     break;
