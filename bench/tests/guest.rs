@@ -79,6 +79,15 @@ fn check_run(v: &serde_json::Value, phases: &[&str], direct: bool) {
     let mut windows = Vec::new();
     for row in rows {
         for side in ["vloop", "qsd_iothread"] {
+            assert!(
+                row[side]["rounds"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty()),
+                "{} on {side} has no round: {}\nguests: {}",
+                row["name"],
+                row[side],
+                v["boots"]
+            );
             let r = &row[side]["rounds"][0];
             let what = format!("{} on {side}: {r}", row["name"]);
             assert!(r["ios"].as_u64().unwrap() > 0, "{what}");
