@@ -12,6 +12,8 @@
 
 mod common;
 
+use common::pattern;
+
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -64,12 +66,6 @@ fn opts() -> ClientOptions {
         timeout: REPLY,
         ..ClientOptions::default()
     }
-}
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31) ^ seed.wrapping_add((i >> 9) as u8))
-        .collect()
 }
 
 fn is_root() -> bool {
@@ -232,11 +228,7 @@ impl Daemon {
     fn assert_serves(&mut self) {
         assert!(self.proc.is_running(), "vloop-blk died:\n{}", self.log());
         let mut c = self.client();
-        let q = c.queue(0).unwrap();
-        let data = pattern(0x5a, 4096);
-        q.write(8, &data).unwrap();
-        assert_eq!(q.read(8, 4096).unwrap(), data);
-        q.flush().unwrap();
+        common::serves(&mut c);
     }
 
     /// (c) SIGTERM makes it exit 0 within two seconds, with no panic in its log.

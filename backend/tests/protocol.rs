@@ -38,13 +38,9 @@ fn opts() -> ClientOptions {
     }
 }
 
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31) ^ seed.wrapping_add((i >> 9) as u8))
-        .collect()
-}
-
 mod common;
+
+use common::pattern;
 
 use vloop_frontend::backend::BackendProcess;
 
@@ -99,11 +95,7 @@ impl Vloop {
     fn assert_serves(&mut self) {
         assert!(self.running(), "vloop-blk died:\n{}", self.log());
         let mut c = connect_retry(self.0.socket());
-        let q = c.queue(0).unwrap();
-        let data = pattern(0x5a, 4096);
-        q.write(8, &data).unwrap();
-        assert_eq!(q.read(8, 4096).unwrap(), data);
-        q.flush().unwrap();
+        common::serves(&mut c);
     }
 
     /// SIGTERM; the daemon must exit 0 within the time-out, with no panic in its log.

@@ -77,3 +77,19 @@ pub fn image(dir: &Path, size: u64) -> PathBuf {
     std::fs::File::create(&p).unwrap().set_len(size).unwrap();
     p
 }
+
+/// Bytes that differ from sector to sector and from seed to seed, for data written and read back.
+pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed.wrapping_add((i >> 9) as u8))
+        .collect()
+}
+
+/// A connected frontend is served: a write, its read-back and a flush on queue 0.
+pub fn serves(c: &mut vloop_frontend::Client) {
+    let q = c.queue(0).unwrap();
+    let data = pattern(0x5a, 4096);
+    q.write(8, &data).unwrap();
+    assert_eq!(q.read(8, 4096).unwrap(), data);
+    q.flush().unwrap();
+}
