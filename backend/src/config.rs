@@ -170,8 +170,10 @@ pub struct Config {
     pub poll_max: Duration,
 }
 
-/// Default largest polling window, as QEMU's iothread `poll-max-ns` default.
-pub const DEFAULT_POLL_MAX: Duration = Duration::from_micros(32);
+/// Default largest polling window. Twice QEMU's iothread `poll-max-ns` default: a frontend
+/// that takes a little over 32 us to come back (a woken vCPU) would otherwise turn polling
+/// off for good, since the wake-up the poll did not save makes every gap longer still.
+pub const DEFAULT_POLL_MAX: Duration = Duration::from_micros(64);
 
 impl Config {
     /// A configuration with the defaults for everything but the image.

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 use vloop_blk::config::capabilities_json;
-use vloop_blk::config::{BackingChoice, ImageFormat};
+use vloop_blk::config::{BackingChoice, ImageFormat, DEFAULT_POLL_MAX};
 use vloop_blk::{BlockSize, Config, DiscardMode, EngineKind, Listen, Locking, StopHandle};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -120,7 +120,7 @@ struct Args {
     locking: LockingArg,
     /// Longest a queue's thread polls for the guest's next request before it sleeps, in
     /// microseconds (adaptive, up to this; 0: never poll).
-    #[arg(long, default_value_t = 32, value_name = "US")]
+    #[arg(long, default_value_t = DEFAULT_POLL_MAX.as_micros() as u64, value_name = "US")]
     poll_max_us: u64,
     /// More logging (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]

@@ -121,6 +121,12 @@ impl Poller {
         }
     }
 
+    /// The worker goes to sleep after a pass that does not call for polling: the gap that
+    /// follows leaves the window as it is.
+    pub fn not_polling(&mut self) {
+        self.slept = None;
+    }
+
     /// The worker woke up to work: adapt the window to how long it waited.
     pub fn woke(&mut self) {
         let Some((since, polled)) = self.slept.take() else {

@@ -67,6 +67,8 @@ pub struct Stats {
     pub bytes_read: u64,
     /// Bytes written to the image.
     pub bytes_written: u64,
+    /// Times the worker blocked until image I/O (not page-cache copies on the helper) completed.
+    pub waits: u64,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -76,6 +78,7 @@ impl std::ops::AddAssign for Stats {
         self.batches += o.batches;
         self.bytes_read += o.bytes_read;
         self.bytes_written += o.bytes_written;
+        self.waits += o.waits;
     }
 }
 

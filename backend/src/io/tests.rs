@@ -915,3 +915,29 @@ fn a_long_wave_of_page_cache_reads_is_published_in_parts() {
         "{publishes} publications for {N} inline completions"
     );
 }
+
+#[test]
+fn waits_count_image_io_and_not_page_cache_hits() {
+    // Polling follows only passes that did not wait (device.rs): the count must tell a pass
+    // served from the page cache from one that slept until the kernel finished its I/O.
+    let mut r = rig(MIB);
+    let mem = memory();
+    assert!(matches!(r.ex.engine(), Engine::Uring(_)), "io_uring engine");
+    assert_eq!(write_sector(&mut r, &mem, 3, 0x5a), OK);
+    let before = r.ex.stats().waits;
+    assert_eq!(
+        rw(&mut r, &mem, VIRTIO_BLK_T_IN, 3, &[(DATA, 512, true)]),
+        (OK, 513)
+    );
+    assert_eq!(
+        r.ex.stats().waits,
+        before,
+        "a read of a cached page completes inline"
+    );
+    assert_eq!(rw(&mut r, &mem, VIRTIO_BLK_T_FLUSH, 0, &[]), (OK, 1));
+    assert_eq!(
+        r.ex.stats().waits,
+        before + 1,
+        "a flush waits for its fsync on the ring"
+    );
+}

@@ -512,6 +512,10 @@ impl Executor {
         // The engine wakes for the slow path too when it can; otherwise, with nothing of its
         // own in flight, the worker waits on the slow path itself.
         let watched = slow && self.engine.watch(self.slow.event_fd());
+        // Waits on the helper alone are short (page-cache copies on another CPU): not counted.
+        if wait && (slow || self.engine.in_flight() > self.engine.helper_in_flight()) {
+            self.stats.waits += 1;
+        }
         let t = Instant::now();
         if wait && slow && !watched && self.engine.in_flight() == 0 {
             let mut done = std::mem::take(&mut self.slow_done);
