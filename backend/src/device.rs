@@ -458,8 +458,12 @@ impl BlkDevice {
         if let Some(r) = &self.reclaim {
             r.pass_starts(queue);
         }
+        // The kick eventfd stays open, as the call eventfd, while `state` is locked; the relay
+        // made it non-blocking.
+        worker.set_doorbell(state.get_kick().as_ref().map(|k| k.as_raw_fd()));
         let result = worker
             .process_queue_tracked(state.get_queue_mut(), mem, tracker, &mut || signal(&warn));
+        worker.set_doorbell(None);
         if let Some(r) = &self.reclaim {
             r.pass_ends(queue);
         }

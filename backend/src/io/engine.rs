@@ -117,6 +117,16 @@ impl Engine {
         }
     }
 
+    /// Make the next [`Engine::reap`] with `wait` also return (with
+    /// [`DOORBELL_ID`](super::op::DOORBELL_ID)) when the queue's kick eventfd `fd` becomes
+    /// readable; false when this engine cannot.
+    pub fn watch_doorbell(&mut self, fd: RawFd) -> bool {
+        match self {
+            Engine::Uring(u) => u.watch_doorbell(fd),
+            Engine::Blocking | Engine::Null => false,
+        }
+    }
+
     /// Hand every started op to the kernel.
     pub fn submit(&mut self) {
         if let Engine::Uring(u) = self {

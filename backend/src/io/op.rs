@@ -15,6 +15,13 @@ pub type Iovecs = SmallVec<[libc::iovec; 4]>;
 /// The id [`Engine::reap`](super::engine::Engine::reap) reports for the completion of a [`Engine::watch`](super::engine::Engine::watch).
 pub const WATCH_ID: usize = usize::MAX;
 
+/// The id [`Engine::reap`](super::engine::Engine::reap) reports when the queue's doorbell
+/// armed with [`Engine::watch_doorbell`](super::engine::Engine::watch_doorbell) rang.
+pub const DOORBELL_ID: usize = usize::MAX - 1;
+
+/// The id of the cancellation of a doorbell poll (its completion is ignored).
+pub const DOORBELL_CANCEL_ID: usize = usize::MAX - 2;
+
 /// `FALLOC_FL_NO_HIDE_STALE`: with PUNCH_HOLE and KEEP_SIZE, a block device discards the range
 /// (BLKDISCARD) instead of zeroing it.
 pub const FALLOC_FL_NO_HIDE_STALE: libc::c_int = 0x04;

@@ -12,7 +12,7 @@ use io_uring::{opcode, types, IoUring};
 use tracing::{debug, warn};
 
 use super::blocking::run_blocking;
-use super::op::{advance, Op, OpKind, Started, IOV_MAX, WATCH_ID};
+use super::op::{advance, Op, OpKind, Started, DOORBELL_CANCEL_ID, DOORBELL_ID, IOV_MAX, WATCH_ID};
 
 /// Largest buffered write done inline. A larger one goes to the ring (an io-wq worker copies
 /// it): the worker keeps serving its other requests meanwhile instead of waiting for a long
@@ -44,6 +44,11 @@ pub struct Uring {
     helper_pending: usize,
     /// A poll of a watched descriptor is on the ring (not counted in `pending`).
     watching: bool,
+    /// The descriptor whose doorbell poll is on the ring (not counted in `pending`).
+    doorbell: Option<libc::c_int>,
+    /// Doorbell polls cancelled (their descriptor was replaced) whose completion is still to
+    /// come: each poll armed completes once, fired or cancelled.
+    doorbell_stale: usize,
 }
 
 /// The helper ring, once its creation was tried.
@@ -68,6 +73,8 @@ impl Uring {
             pending: 0,
             helper_pending: 0,
             watching: false,
+            doorbell: None,
+            doorbell_stale: 0,
         })
     }
 
@@ -178,6 +185,43 @@ impl Uring {
         false
     }
 
+    /// Arm a poll of the queue's doorbell (its kick eventfd) on the ring, unless one on `fd`
+    /// is armed (see `Engine::watch_doorbell`). A poll on a descriptor the queue no longer
+    /// uses is cancelled first, so a frontend replacing its kick fd leaves none behind.
+    pub fn watch_doorbell(&mut self, fd: libc::c_int) -> bool {
+        match self.doorbell {
+            Some(armed) if armed == fd => return true,
+            Some(_) => {
+                let cancel = opcode::PollRemove::new(DOORBELL_ID as u64)
+                    .build()
+                    .user_data(DOORBELL_CANCEL_ID as u64);
+                // SAFETY: a poll removal refers to no memory of ours.
+                if unsafe { self.ring.submission().push(&cancel) }.is_err() {
+                    self.submit();
+                    // SAFETY: as above.
+                    if unsafe { self.ring.submission().push(&cancel) }.is_err() {
+                        return false;
+                    }
+                }
+                self.doorbell = None;
+                self.doorbell_stale += 1;
+            }
+            None => {}
+        }
+        let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(DOORBELL_ID as u64);
+        for _ in 0..2 {
+            // SAFETY: a poll entry refers to no memory of ours.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                self.doorbell = Some(fd);
+                return true;
+            }
+            self.submit();
+        }
+        false
+    }
+
     /// Hand pushed entries to the kernel (the helper's thread only needs a wake-up call when
     /// it fell asleep).
     pub fn submit(&mut self) {
@@ -247,14 +291,22 @@ impl Uring {
                 .completion()
                 .map(|c| (c.user_data() as usize, c.result())),
         );
-        let watched = out[before..]
-            .iter()
-            .filter(|(id, _)| *id == WATCH_ID)
-            .count();
-        if watched > 0 {
-            self.watching = false;
+        let mut polls = 0;
+        for &(id, _) in &out[before..] {
+            match id {
+                WATCH_ID => self.watching = false,
+                DOORBELL_ID if self.doorbell_stale > 0 => self.doorbell_stale -= 1,
+                DOORBELL_ID => self.doorbell = None,
+                DOORBELL_CANCEL_ID => {}
+                _ => continue,
+            }
+            polls += 1;
         }
-        self.pending -= out.len() - before - watched;
+        self.pending -= out.len() - before - polls;
+        if polls > 0 {
+            // Earlier entries of `out` went through here already: none is a cancellation.
+            out.retain(|&(id, _)| id != DOORBELL_CANCEL_ID);
+        }
         if let Helper::Ready(helper) = &mut self.helper {
             let mid = out.len();
             out.extend(
@@ -360,4 +412,72 @@ fn entry(op: &Op, id: usize) -> io_uring::squeue::Entry {
             .build(),
     };
     e.user_data(id as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+    use std::time::{Duration, Instant};
+
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use super::*;
+
+    fn eventfd() -> EventFd {
+        EventFd::new(EFD_NONBLOCK).unwrap()
+    }
+
+    /// Reap until `n` doorbell completions arrived (1 s at most); any other entry fails.
+    fn doorbells(u: &mut Uring, n: usize) {
+        let until = Instant::now() + Duration::from_secs(1);
+        let mut seen = 0;
+        while seen < n {
+            assert!(Instant::now() < until, "{seen} of {n} doorbell completions");
+            // Also flushes completions that overflowed the completion queue.
+            u.ring.submit().unwrap();
+            let mut out = Vec::new();
+            u.reap(&mut out, false);
+            for (id, _) in out {
+                assert_eq!(id, DOORBELL_ID, "only doorbell polls are on the ring");
+                seen += 1;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_doorbell_poll_fires_once_and_a_replaced_one_is_cancelled() {
+        let mut u = Uring::new(8).unwrap();
+        let a = eventfd();
+        assert!(u.watch_doorbell(a.as_raw_fd()));
+        assert!(u.watch_doorbell(a.as_raw_fd()), "armed once");
+        a.write(1).unwrap();
+        doorbells(&mut u, 1);
+        assert_eq!((u.doorbell, u.doorbell_stale, u.in_flight()), (None, 0, 0));
+
+        // The queue's kick fd is replaced while a poll of the old one is armed: the old poll
+        // is cancelled (one completion), the new one fires (another).
+        let (b, c) = (eventfd(), eventfd());
+        assert!(u.watch_doorbell(b.as_raw_fd()));
+        assert!(u.watch_doorbell(c.as_raw_fd()));
+        assert_eq!(u.doorbell_stale, 1);
+        c.write(1).unwrap();
+        doorbells(&mut u, 2);
+        assert_eq!((u.doorbell, u.doorbell_stale, u.in_flight()), (None, 0, 0));
+    }
+
+    #[test]
+    fn replacing_the_doorbell_again_and_again_leaves_no_polls_behind() {
+        // A hostile frontend may replace a running queue's kick fd without end: each
+        // replacement cancels the previous poll, so the ring never holds more than one.
+        let mut u = Uring::new(8).unwrap();
+        let fds: Vec<EventFd> = (0..500).map(|_| eventfd()).collect();
+        for fd in &fds {
+            assert!(u.watch_doorbell(fd.as_raw_fd()));
+        }
+        // 499 cancelled, one still armed.
+        doorbells(&mut u, 499);
+        assert_eq!(u.doorbell, Some(fds[499].as_raw_fd()));
+        assert_eq!((u.doorbell_stale, u.in_flight()), (0, 0));
+    }
 }

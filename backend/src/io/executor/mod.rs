@@ -11,6 +11,7 @@
 //! [`Executor::execute`] does the same for any list of chains without a queue, which is what
 //! tests, recovery and fuzzers call.
 
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,7 +29,7 @@ mod plan;
 
 use super::blocking::{self, Reaped};
 use super::engine::{self, Engine, EngineError};
-use super::op::{OpKind, Started, WATCH_ID};
+use super::op::{OpKind, Started, DOORBELL_ID, WATCH_ID};
 use super::ratelimit::RateLimiter;
 use super::share::SharePolicy;
 use super::slow::{SlowPath, Work};
@@ -81,6 +82,8 @@ pub struct Executor {
     /// first few requests have run.
     heads: Vec<u16>,
     cqes: Vec<(usize, i32)>,
+    /// The queue's kick eventfd while a pass runs ([`Executor::set_doorbell`]).
+    doorbell: Option<RawFd>,
 }
 
 /// What starting a chain led to.
@@ -119,7 +122,16 @@ impl Executor {
             slow_done: Vec::new(),
             heads: Vec::new(),
             cqes: Vec::new(),
+            doorbell: None,
         })
+    }
+
+    /// The queue's kick eventfd (non-blocking), open until the next call: while requests are
+    /// in flight and the driver has completions to refill its ring from, a wait for them also
+    /// ends when it kicks, so new requests start without waiting for the next completion.
+    /// `None` (the default) waits for completions only.
+    pub fn set_doorbell(&mut self, fd: Option<RawFd>) {
+        self.doorbell = fd;
     }
 
     /// Tell the executor which virtio features the driver negotiated (all offered ones until
@@ -254,6 +266,12 @@ impl Executor {
         let mut broken = None;
         let started = Instant::now();
         let mut waves = 0;
+        // Completions were published since the last chains were popped: the driver may refill
+        // the ring while this thread waits for the engine.
+        let mut refill = false;
+        // The ring was re-checked once since the last pop (bounds the re-checks of a ring
+        // that announces requests it does not hold).
+        let mut rechecked = false;
         loop {
             let mut popped = 0;
             if broken.is_none() && self.store.room() > 0 && waves < WAVES_PER_CALL {
@@ -298,11 +316,35 @@ impl Executor {
                 waves += 1;
                 self.stats.batches += 1;
                 self.launch(mem);
+                (refill, rechecked) = (false, false);
             }
             // Wait for the engine only when there is nothing else to do; the wait hands the
             // ops just started to the kernel in the same system call. When completed requests
             // are to be published first, the ops start now.
             let wait = popped == 0 && self.ready.is_empty() && self.in_flight() > 0;
+            // A driver given completions refills the ring while the engine works: with
+            // notifications on, its kick ends the wait, so its requests do not sit in the ring
+            // until the next completion (a disk's time for large or O_DIRECT requests).
+            let mut notified = false;
+            if wait && refill && broken.is_none() && self.store.room() > 0 && waves < WAVES_PER_CALL
+            {
+                if let Some(fd) = self.doorbell {
+                    match queue.enable_notification(mem) {
+                        Ok(true) if !rechecked => {
+                            rechecked = true;
+                            if let Err(e) = queue.disable_notification(mem) {
+                                broken = Some(e);
+                            }
+                            continue;
+                        }
+                        Ok(_) => notified = true,
+                        Err(e) => broken = Some(e),
+                    }
+                    if notified && !self.engine.watch_doorbell(fd) {
+                        notified = false;
+                    }
+                }
+            }
             if wait && self.engine.helper_in_flight() > 0 {
                 self.share.worker_waits();
             }
@@ -310,6 +352,11 @@ impl Executor {
                 self.engine.submit();
             }
             self.collect(mem, wait);
+            if notified {
+                if let Err(e) = queue.disable_notification(mem) {
+                    broken.get_or_insert(e);
+                }
+            }
             if self.ready.is_empty() {
                 if popped == 0 && self.in_flight() == 0 {
                     self.share.account(started);
@@ -321,6 +368,7 @@ impl Executor {
                 continue;
             }
             self.publish(queue, mem, tracker);
+            refill = true;
             match queue.needs_notification(mem) {
                 Ok(false) => {}
                 Ok(true) => notify(),
@@ -529,6 +577,10 @@ impl Executor {
         }
         let mut again = false;
         for &(uid, res) in &cqes {
+            if uid == DOORBELL_ID {
+                self.answer_doorbell();
+                continue;
+            }
             if uid == WATCH_ID {
                 continue;
             }
@@ -570,6 +622,17 @@ impl Executor {
             }
             self.slow_done = done;
         }
+    }
+
+    /// The doorbell rang: take the kick, so that the next poll of it waits for a new one (the
+    /// chains it announced are popped next; a kick of a replaced doorbell may take one of the
+    /// current one, which the pop covers too).
+    fn answer_doorbell(&mut self) {
+        let Some(fd) = self.doorbell else { return };
+        // `set_doorbell`'s caller keeps `fd` open while a pass runs.
+        let mut count = [0u8; 8];
+        // Non-blocking: EAGAIN when the kick was taken already.
+        let _ = nix::unistd::read(fd, &mut count);
     }
 
     /// Request `id` completed with `result`: turn it into a completion.
