@@ -127,6 +127,13 @@ impl Engine {
         }
     }
 
+    /// Cancel the poll [`Engine::watch_doorbell`] armed, if any.
+    pub fn unwatch_doorbell(&mut self) {
+        if let Engine::Uring(u) = self {
+            u.unwatch_doorbell();
+        }
+    }
+
     /// Hand every started op to the kernel.
     pub fn submit(&mut self) {
         if let Engine::Uring(u) = self {

@@ -69,6 +69,8 @@ pub struct Stats {
     pub bytes_written: u64,
     /// Times the worker blocked until image I/O (not page-cache copies on the helper) completed.
     pub waits: u64,
+    /// Waits for image I/O that the driver's kick ended (see `Executor::set_doorbell`).
+    pub doorbells: u64,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -79,6 +81,7 @@ impl std::ops::AddAssign for Stats {
         self.bytes_read += o.bytes_read;
         self.bytes_written += o.bytes_written;
         self.waits += o.waits;
+        self.doorbells += o.doorbells;
     }
 }
 

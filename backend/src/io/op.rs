@@ -22,6 +22,10 @@ pub const DOORBELL_ID: usize = usize::MAX - 1;
 /// The id of the cancellation of a doorbell poll (its completion is ignored).
 pub const DOORBELL_CANCEL_ID: usize = usize::MAX - 2;
 
+/// The ids of doorbell polls on the ring, one per poll armed (wrapping).
+pub const DOORBELL_POLLS: std::ops::RangeInclusive<usize> =
+    usize::MAX - 3 - u16::MAX as usize..=usize::MAX - 3;
+
 /// `FALLOC_FL_NO_HIDE_STALE`: with PUNCH_HOLE and KEEP_SIZE, a block device discards the range
 /// (BLKDISCARD) instead of zeroing it.
 pub const FALLOC_FL_NO_HIDE_STALE: libc::c_int = 0x04;

@@ -941,3 +941,50 @@ fn waits_count_image_io_and_not_page_cache_hits() {
         "a flush waits for its fsync on the ring"
     );
 }
+
+#[test]
+fn a_kick_during_a_wait_ends_it_and_stays_for_its_reader() {
+    // vhost-user-backend reads a kick it was told of after the pass, and fails the queue when
+    // the kick is gone: a pass that watches the doorbell must leave its kicks there.
+    let mut r = rig(8 * MIB);
+    let mem = memory();
+    assert!(matches!(r.ex.engine(), Engine::Uring(_)), "io_uring engine");
+    // Dirty page cache, so that the flush below stays in flight for a while.
+    let f = fs::OpenOptions::new().write(true).open(&r.path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &vec![0x11u8; 4 * MIB as usize], 0).unwrap();
+    let kick = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    kick.write(1).unwrap();
+
+    // A read served from the page cache and a flush: the read is published while the flush
+    // waits, so the driver may refill the ring and the wait watches the doorbell, which rings
+    // at once (the kick above).
+    header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
+    header(&mem, HDR + 16, VIRTIO_BLK_T_FLUSH, 0);
+    let vq = MockSplitQueue::create(&mem, GuestAddress(0), 64);
+    let (next, w) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+    let descs = [
+        (HDR, 16, next, 1),
+        (DATA, 512, next | w, 2),
+        (ST, 1, w, 0),
+        (HDR + 16, 16, next, 4),
+        (ST + 1, 1, w, 0),
+    ]
+    .map(|(a, l, f, n)| RawDescriptor::from(Descriptor::new(a, l, f, n)));
+    vq.add_desc_chains(&descs, 0).unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    r.ex.set_doorbell(Some(kick.as_raw_fd()));
+    r.ex.process_queue(&mut q, &mem).unwrap();
+    r.ex.set_doorbell(None);
+    assert_eq!((status(&mem, ST), status(&mem, ST + 1)), (OK, OK));
+    assert_eq!(vq.used().idx().load(), 2);
+    assert_eq!(
+        r.ex.stats().doorbells,
+        1,
+        "the doorbell ended the flush's wait"
+    );
+    assert_eq!(
+        kick.read()
+            .expect("a kick is left for the library's reader"),
+        1
+    );
+}

@@ -12,7 +12,10 @@ use io_uring::{opcode, types, IoUring};
 use tracing::{debug, warn};
 
 use super::blocking::run_blocking;
-use super::op::{advance, Op, OpKind, Started, DOORBELL_CANCEL_ID, DOORBELL_ID, IOV_MAX, WATCH_ID};
+use super::op::{
+    advance, Op, OpKind, Started, DOORBELL_CANCEL_ID, DOORBELL_ID, DOORBELL_POLLS, IOV_MAX,
+    WATCH_ID,
+};
 
 /// Largest buffered write done inline. A larger one goes to the ring (an io-wq worker copies
 /// it): the worker keeps serving its other requests meanwhile instead of waiting for a long
@@ -44,11 +47,16 @@ pub struct Uring {
     helper_pending: usize,
     /// A poll of a watched descriptor is on the ring (not counted in `pending`).
     watching: bool,
-    /// The descriptor whose doorbell poll is on the ring (not counted in `pending`).
-    doorbell: Option<libc::c_int>,
-    /// Doorbell polls cancelled (their descriptor was replaced) whose completion is still to
-    /// come: each poll armed completes once, fired or cancelled.
+    /// The descriptor whose doorbell poll is on the ring, with the poll's id (not counted
+    /// in `pending`).
+    doorbell: Option<(libc::c_int, usize)>,
+    /// Doorbell polls armed so far (wrapping): each poll has its own id, so a cancelled one
+    /// that completes late is not taken for the current one.
+    doorbell_arms: u16,
+    /// Doorbell polls cancelled whose last completion is still to come.
     doorbell_stale: usize,
+    /// The kernel refused a doorbell poll: not armed again.
+    doorbell_broken: bool,
 }
 
 /// The helper ring, once its creation was tried.
@@ -74,7 +82,9 @@ impl Uring {
             helper_pending: 0,
             watching: false,
             doorbell: None,
+            doorbell_arms: 0,
             doorbell_stale: 0,
+            doorbell_broken: false,
         })
     }
 
@@ -187,34 +197,63 @@ impl Uring {
 
     /// Arm a poll of the queue's doorbell (its kick eventfd) on the ring, unless one on `fd`
     /// is armed (see `Engine::watch_doorbell`). A poll on a descriptor the queue no longer
-    /// uses is cancelled first, so a frontend replacing its kick fd leaves none behind.
+    /// uses is cancelled first, so a frontend replacing its kick fd leaves none behind. False
+    /// when the poll cannot be armed (a kernel without multishot polls: never again).
     pub fn watch_doorbell(&mut self, fd: libc::c_int) -> bool {
-        match self.doorbell {
-            Some(armed) if armed == fd => return true,
-            Some(_) => {
-                let cancel = opcode::PollRemove::new(DOORBELL_ID as u64)
-                    .build()
-                    .user_data(DOORBELL_CANCEL_ID as u64);
-                // SAFETY: a poll removal refers to no memory of ours.
-                if unsafe { self.ring.submission().push(&cancel) }.is_err() {
-                    self.submit();
-                    // SAFETY: as above.
-                    if unsafe { self.ring.submission().push(&cancel) }.is_err() {
-                        return false;
-                    }
-                }
-                self.doorbell = None;
-                self.doorbell_stale += 1;
+        if let Some((armed, _)) = self.doorbell {
+            if armed == fd {
+                return true;
             }
-            None => {}
+            // Armed on a descriptor the queue no longer uses.
+            if !self.cancel_doorbell() {
+                return false;
+            }
         }
+        if self.doorbell_broken {
+            return false;
+        }
+        self.doorbell_arms = self.doorbell_arms.wrapping_add(1);
+        let id = DOORBELL_POLLS.start() + usize::from(self.doorbell_arms);
+        // Multishot: one completion per kick (per wake-up of the eventfd), and the kick
+        // stays in the eventfd for its reader.
         let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .multi(true)
             .build()
-            .user_data(DOORBELL_ID as u64);
+            .user_data(id as u64);
         for _ in 0..2 {
             // SAFETY: a poll entry refers to no memory of ours.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-                self.doorbell = Some(fd);
+                self.doorbell = Some((fd, id));
+                return true;
+            }
+            self.submit();
+        }
+        false
+    }
+
+    /// Cancel the doorbell poll, if one is armed, and hand the cancellation to the kernel at
+    /// once: a poll does not outlive the pass that armed it (the descriptor it holds may be
+    /// closed, and its number reused, before the next).
+    pub fn unwatch_doorbell(&mut self) {
+        if self.doorbell.is_some() && self.cancel_doorbell() {
+            self.submit();
+        }
+    }
+
+    /// Push the removal of the armed doorbell poll; false when the submission queue has no
+    /// room even after a submit.
+    fn cancel_doorbell(&mut self) -> bool {
+        let Some((_, id)) = self.doorbell else {
+            return true;
+        };
+        let cancel = opcode::PollRemove::new(id as u64)
+            .build()
+            .user_data(DOORBELL_CANCEL_ID as u64);
+        for _ in 0..2 {
+            // SAFETY: a poll removal refers to no memory of ours.
+            if unsafe { self.ring.submission().push(&cancel) }.is_ok() {
+                self.doorbell = None;
+                self.doorbell_stale += 1;
                 return true;
             }
             self.submit();
@@ -285,27 +324,42 @@ impl Uring {
     }
 
     fn collect(&mut self, out: &mut Vec<(usize, i32)>) {
-        let before = out.len();
-        out.extend(
-            self.ring
-                .completion()
-                .map(|c| (c.user_data() as usize, c.result())),
-        );
-        let mut polls = 0;
-        for &(id, _) in &out[before..] {
+        for c in self.ring.completion() {
+            let (mut id, res) = (c.user_data() as usize, c.result());
             match id {
                 WATCH_ID => self.watching = false,
-                DOORBELL_ID if self.doorbell_stale > 0 => self.doorbell_stale -= 1,
-                DOORBELL_ID => self.doorbell = None,
-                DOORBELL_CANCEL_ID => {}
-                _ => continue,
+                DOORBELL_CANCEL_ID => continue,
+                _ if DOORBELL_POLLS.contains(&id) => {
+                    let more = io_uring::cqueue::more(c.flags());
+                    if self.doorbell.is_none_or(|(_, armed)| armed != id) {
+                        // A poll cancelled because its pass ended or its descriptor was
+                        // replaced: rings it had left are not this pass's; its last
+                        // completion (no more to come) settles it.
+                        if !more {
+                            self.doorbell_stale = self.doorbell_stale.saturating_sub(1);
+                        }
+                        continue;
+                    }
+                    if !more {
+                        // Ended by the kernel (an error, or a full completion queue).
+                        self.doorbell = None;
+                        if res < 0 && res != -libc::ECANCELED {
+                            debug!(
+                                "io_uring doorbell poll: {}",
+                                io::Error::from_raw_os_error(-res)
+                            );
+                            self.doorbell_broken = true;
+                        }
+                    }
+                    // Reported only when it rang.
+                    if res <= 0 {
+                        continue;
+                    }
+                    id = DOORBELL_ID;
+                }
+                _ => self.pending -= 1,
             }
-            polls += 1;
-        }
-        self.pending -= out.len() - before - polls;
-        if polls > 0 {
-            // Earlier entries of `out` went through here already: none is a cancellation.
-            out.retain(|&(id, _)| id != DOORBELL_CANCEL_ID);
+            out.push((id, res));
         }
         if let Helper::Ready(helper) = &mut self.helper {
             let mid = out.len();
@@ -427,43 +481,62 @@ mod tests {
         EventFd::new(EFD_NONBLOCK).unwrap()
     }
 
-    /// Reap until `n` doorbell completions arrived (1 s at most); any other entry fails.
-    fn doorbells(u: &mut Uring, n: usize) {
+    /// Reap until `rung` doorbell rings were reported and no cancelled poll is outstanding
+    /// (1 s at most); any other entry fails.
+    fn settle(u: &mut Uring, rung: usize) {
         let until = Instant::now() + Duration::from_secs(1);
         let mut seen = 0;
-        while seen < n {
-            assert!(Instant::now() < until, "{seen} of {n} doorbell completions");
+        while seen < rung || u.doorbell_stale > 0 {
+            assert!(
+                Instant::now() < until,
+                "{seen} of {rung} rings, {} cancellations outstanding",
+                u.doorbell_stale
+            );
             // Also flushes completions that overflowed the completion queue.
             u.ring.submit().unwrap();
             let mut out = Vec::new();
             u.reap(&mut out, false);
-            for (id, _) in out {
+            for (id, res) in out {
                 assert_eq!(id, DOORBELL_ID, "only doorbell polls are on the ring");
+                assert!(res > 0, "a ring reports POLLIN, not {res}");
                 seen += 1;
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        assert_eq!(seen, rung, "cancelled polls are not reported as rings");
     }
 
     #[test]
-    fn a_doorbell_poll_fires_once_and_a_replaced_one_is_cancelled() {
+    fn a_doorbell_poll_rings_once_per_kick_until_it_is_cancelled() {
         let mut u = Uring::new(8).unwrap();
         let a = eventfd();
         assert!(u.watch_doorbell(a.as_raw_fd()));
         assert!(u.watch_doorbell(a.as_raw_fd()), "armed once");
         a.write(1).unwrap();
-        doorbells(&mut u, 1);
-        assert_eq!((u.doorbell, u.doorbell_stale, u.in_flight()), (None, 0, 0));
+        settle(&mut u, 1);
+        a.write(1).unwrap();
+        settle(&mut u, 1);
+        assert!(u.doorbell.is_some(), "still armed");
+        settle(&mut u, 0);
+        assert_eq!(a.read().unwrap(), 2, "the kicks stay for their reader");
 
         // The queue's kick fd is replaced while a poll of the old one is armed: the old poll
-        // is cancelled (one completion), the new one fires (another).
-        let (b, c) = (eventfd(), eventfd());
+        // is cancelled silently, the new one rings.
+        let b = eventfd();
         assert!(u.watch_doorbell(b.as_raw_fd()));
-        assert!(u.watch_doorbell(c.as_raw_fd()));
         assert_eq!(u.doorbell_stale, 1);
-        c.write(1).unwrap();
-        doorbells(&mut u, 2);
-        assert_eq!((u.doorbell, u.doorbell_stale, u.in_flight()), (None, 0, 0));
+        a.write(1).unwrap();
+        b.write(1).unwrap();
+        settle(&mut u, 1);
+        assert_eq!(u.in_flight(), 0);
+
+        // Unwatched at the end of a pass: gone, and a later kick is not reported.
+        u.unwatch_doorbell();
+        assert_eq!(u.doorbell, None);
+        settle(&mut u, 0);
+        b.write(1).unwrap();
+        settle(&mut u, 0);
+        assert_eq!(b.read().unwrap(), 2);
     }
 
     #[test]
@@ -475,9 +548,10 @@ mod tests {
         for fd in &fds {
             assert!(u.watch_doorbell(fd.as_raw_fd()));
         }
-        // 499 cancelled, one still armed.
-        doorbells(&mut u, 499);
-        assert_eq!(u.doorbell, Some(fds[499].as_raw_fd()));
-        assert_eq!((u.doorbell_stale, u.in_flight()), (0, 0));
+        settle(&mut u, 0);
+        assert_eq!(u.doorbell.map(|d| d.0), Some(fds[499].as_raw_fd()));
+        assert_eq!(u.in_flight(), 0);
+        u.unwatch_doorbell();
+        settle(&mut u, 0);
     }
 }

@@ -126,10 +126,14 @@ impl Executor {
         })
     }
 
-    /// The queue's kick eventfd (non-blocking), open until the next call: while requests are
-    /// in flight and the driver has completions to refill its ring from, a wait for them also
-    /// ends when it kicks, so new requests start without waiting for the next completion.
-    /// `None` (the default) waits for completions only.
+    /// The queue's kick eventfd, open until the next call: while requests are in flight and
+    /// the driver has completions to refill its ring from, a wait for them also ends when it
+    /// kicks, so new requests start without waiting for the next completion. `None` (the
+    /// default) waits for completions only.
+    ///
+    /// The doorbell is only polled, never read: its kicks stay for the reader who polls the
+    /// eventfd between passes (vhost-user-backend's epoll loop, which fails the queue when a
+    /// kick it was told of cannot be read). A pass polls it only while it runs.
     pub fn set_doorbell(&mut self, fd: Option<RawFd>) {
         self.doorbell = fd;
     }
@@ -243,7 +247,10 @@ impl Executor {
         tracker: Option<&dyn Tracker>,
         notify: &mut dyn FnMut(),
     ) -> Result<(), virtio_queue::Error> {
-        self.drained(|ex| ex.serve(queue, mem, tracker, notify))
+        let result = self.drained(|ex| ex.serve(queue, mem, tracker, notify));
+        // A poll does not outlive its pass (the kick fd may be replaced before the next).
+        self.engine.unwatch_doorbell();
+        result
     }
 
     /// Run `f`; if it panics, wait for the engine's ops in flight before unwinding further:
@@ -337,11 +344,12 @@ impl Executor {
                             }
                             continue;
                         }
-                        Ok(_) => notified = true,
+                        Ok(_) => {
+                            // Off again after the wait, also when the poll could not be armed.
+                            notified = true;
+                            self.engine.watch_doorbell(fd);
+                        }
                         Err(e) => broken = Some(e),
-                    }
-                    if notified && !self.engine.watch_doorbell(fd) {
-                        notified = false;
                     }
                 }
             }
@@ -578,7 +586,7 @@ impl Executor {
         let mut again = false;
         for &(uid, res) in &cqes {
             if uid == DOORBELL_ID {
-                self.answer_doorbell();
+                self.stats.doorbells += 1;
                 continue;
             }
             if uid == WATCH_ID {
@@ -622,17 +630,6 @@ impl Executor {
             }
             self.slow_done = done;
         }
-    }
-
-    /// The doorbell rang: take the kick, so that the next poll of it waits for a new one (the
-    /// chains it announced are popped next; a kick of a replaced doorbell may take one of the
-    /// current one, which the pop covers too).
-    fn answer_doorbell(&mut self) {
-        let Some(fd) = self.doorbell else { return };
-        // `set_doorbell`'s caller keeps `fd` open while a pass runs.
-        let mut count = [0u8; 8];
-        // Non-blocking: EAGAIN when the kick was taken already.
-        let _ = nix::unistd::read(fd, &mut count);
     }
 
     /// Request `id` completed with `result`: turn it into a completion.
