@@ -117,9 +117,10 @@ impl Engine {
         }
     }
 
-    /// Make the next [`Engine::reap`] with `wait` also return (with
-    /// [`DOORBELL_ID`](super::op::DOORBELL_ID)) when the queue's kick eventfd `fd` becomes
-    /// readable; false when this engine cannot.
+    /// Make [`Engine::reap`] with `wait` also return (with
+    /// [`DOORBELL_ID`](super::op::DOORBELL_ID)) whenever the queue's kick eventfd `fd` is
+    /// written (a multishot poll, armed until [`Engine::unwatch_doorbell`] or a new `fd`; a
+    /// kick already there rings once at once); false when this engine cannot.
     pub fn watch_doorbell(&mut self, fd: RawFd) -> bool {
         match self {
             Engine::Uring(u) => u.watch_doorbell(fd),

@@ -69,7 +69,8 @@ pub struct Stats {
     pub bytes_written: u64,
     /// Times the worker blocked until image I/O (not page-cache copies on the helper) completed.
     pub waits: u64,
-    /// Waits for image I/O that the driver's kick ended (see `Executor::set_doorbell`).
+    /// Rings of the driver's doorbell seen while a pass watched it (see
+    /// `Executor::set_doorbell`); a kick left from before the pass rings once too.
     pub doorbells: u64,
 }
 

@@ -44,7 +44,10 @@ struct Rig {
 }
 
 fn rig_with(size: u64, tweak: impl FnOnce(&mut Config)) -> Rig {
-    let dir = tempfile::tempdir().unwrap();
+    rig_in(tempfile::tempdir().unwrap(), size, tweak)
+}
+
+fn rig_in(dir: tempfile::TempDir, size: u64, tweak: impl FnOnce(&mut Config)) -> Rig {
     let path = dir.path().join("disk.img");
     let f = fs::File::create(&path).unwrap();
     f.set_len(size).unwrap();
@@ -66,6 +69,14 @@ fn rig_with(size: u64, tweak: impl FnOnce(&mut Config)) -> Rig {
 
 fn rig(size: u64) -> Rig {
     rig_with(size, |_| {})
+}
+
+/// A rig whose image is in the workspace's target directory: on a disk file system wherever
+/// TMPDIR points (on tmpfs a flush completes at once).
+fn rig_on_disk(size: u64) -> Rig {
+    let target = concat!(env!("CARGO_MANIFEST_DIR"), "/../target");
+    std::fs::create_dir_all(target).unwrap();
+    rig_in(tempfile::tempdir_in(target).unwrap(), size, |_| {})
 }
 
 /// A descriptor: (guest address, length, device-writable).
@@ -946,18 +957,18 @@ fn waits_count_image_io_and_not_page_cache_hits() {
 fn a_kick_during_a_wait_ends_it_and_stays_for_its_reader() {
     // vhost-user-backend reads a kick it was told of after the pass, and fails the queue when
     // the kick is gone: a pass that watches the doorbell must leave its kicks there.
-    let mut r = rig(8 * MIB);
+    let mut r = rig_on_disk(32 * MIB);
     let mem = memory();
     assert!(matches!(r.ex.engine(), Engine::Uring(_)), "io_uring engine");
-    // Dirty page cache, so that the flush below stays in flight for a while.
+    // Dirty page cache, so that the flush below stays in flight while the read is published.
     let f = fs::OpenOptions::new().write(true).open(&r.path).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, &vec![0x11u8; 4 * MIB as usize], 0).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &vec![0x11u8; 16 * MIB as usize], 0).unwrap();
     let kick = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
     kick.write(1).unwrap();
 
     // A read served from the page cache and a flush: the read is published while the flush
     // waits, so the driver may refill the ring and the wait watches the doorbell, which rings
-    // at once (the kick above).
+    // at once (the kick above, as a kick arriving during the wait would).
     header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
     header(&mem, HDR + 16, VIRTIO_BLK_T_FLUSH, 0);
     let vq = MockSplitQueue::create(&mem, GuestAddress(0), 64);

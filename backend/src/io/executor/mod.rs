@@ -258,6 +258,7 @@ impl Executor {
     fn drained<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
         let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
         done.unwrap_or_else(|panic| {
+            self.engine.unwatch_doorbell();
             self.engine.drain();
             std::panic::resume_unwind(panic)
         })
