@@ -131,7 +131,8 @@ struct Args {
     /// qemu-storage-daemon binary for --compare.
     #[arg(long, default_value = "qemu-storage-daemon")]
     qsd_bin: PathBuf,
-    /// Extra argument for vloop-blk in --compare (repeatable, e.g. --vloop-arg=--queue-size=512).
+    /// Extra argument for vloop-blk in --compare and --guest (repeatable, e.g.
+    /// --vloop-arg=--queue-size=512).
     #[arg(long = "vloop-arg", allow_hyphen_values = true)]
     vloop_args: Vec<String>,
     /// --compare starts no round that would end after this much time.
