@@ -36,9 +36,16 @@ fn prerequisites() -> Option<std::path::PathBuf> {
     }
 }
 
+/// One guest-booting test at a time: TCG guests of parallel tests would share this
+/// machine's CPUs.
+static GUESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Runs `vloop-bench --guest` with `args` on a small image in `dir`; returns stdout and the
-/// JSON report.
+/// JSON report. A run whose qemu-storage-daemon guest failed while every vloop-blk guest
+/// succeeded is run once more: the reference's guest (QEMU 7.2 under TCG) has been seen to
+/// hang in a phase, which says nothing of vloop-bench, whose report of it is checked here.
 fn guest(dir: &Path, vloop: &Path, args: &[&str]) -> (String, serde_json::Value) {
+    let _one = GUESTS.lock().unwrap_or_else(|e| e.into_inner());
     let guest = [
         "--guest",
         "--rounds",
@@ -48,9 +55,32 @@ fn guest(dir: &Path, vloop: &Path, args: &[&str]) -> (String, serde_json::Value)
         "--image-size",
         "32M",
     ];
-    let cmd = common::bench_on_image(dir, vloop, &[&guest[..], args].concat());
-    let common::Ran { stdout, json, .. } = common::run_json(cmd, dir);
-    (stdout, json)
+    let run = || {
+        let cmd = common::bench_on_image(dir, vloop, &[&guest[..], args].concat());
+        let common::Ran { stdout, json, .. } = common::run_json(cmd, dir);
+        (stdout, json)
+    };
+    let (stdout, json) = run();
+    let boots = json["boots"].as_array().cloned().unwrap_or_default();
+    let failed = |t: &str| {
+        boots
+            .iter()
+            .any(|b| b["target"] == t && (b["status"] != 0 || !b["error"].is_null()))
+    };
+    if !failed("qsd-iothread") || failed("vloop") {
+        return (stdout, json);
+    }
+    // What the first run reported of the failed guest: a status, an error and the phase.
+    let qsd = boots
+        .iter()
+        .find(|b| b["target"] == "qsd-iothread")
+        .unwrap();
+    assert!(
+        qsd["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "a failed guest names its error: {qsd}"
+    );
+    eprintln!("the qemu-storage-daemon guest failed ({qsd}); running the guests once more");
+    run()
 }
 
 fn f(v: &serde_json::Value) -> f64 {
