@@ -89,10 +89,18 @@ fn header(mem: &GuestMem, at: u64, t: u32, sector: u64) {
     mem.write_slice(&h, GuestAddress(at)).unwrap();
 }
 
-/// Put the chains in `vq` (consecutive descriptor slots), run one batch, return
-/// (head, used len) per used element added and whether a notification is due.
-fn run(rig: &mut Rig, mem: &GuestMem, chains: &[&[D]]) -> (Vec<(u16, u32)>, bool) {
-    let vq = MockSplitQueue::create(mem, GuestAddress(0), 64);
+/// A queue of 64 entries holding `chains` in consecutive descriptor slots.
+fn queue_of<'a>(mem: &'a GuestMem, chains: &[&[D]]) -> (MockSplitQueue<'a, GuestMem>, Queue) {
+    queue_sized(mem, 64, chains)
+}
+
+/// [`queue_of`] with `size` entries.
+fn queue_sized<'a>(
+    mem: &'a GuestMem,
+    size: u16,
+    chains: &[&[D]],
+) -> (MockSplitQueue<'a, GuestMem>, Queue) {
+    let vq = MockSplitQueue::create(mem, GuestAddress(0), size);
     let mut raw = Vec::new();
     for chain in chains {
         let base = raw.len() as u16;
@@ -111,7 +119,14 @@ fn run(rig: &mut Rig, mem: &GuestMem, chains: &[&[D]]) -> (Vec<(u16, u32)>, bool
         }
     }
     vq.add_desc_chains(&raw, 0).unwrap();
-    let mut q: Queue = vq.create_queue().unwrap();
+    let q = vq.create_queue().unwrap();
+    (vq, q)
+}
+
+/// Put the chains in a queue ([`queue_of`]), run one batch, return (head, used len) per used
+/// element added and whether a notification is due.
+fn run(rig: &mut Rig, mem: &GuestMem, chains: &[&[D]]) -> (Vec<(u16, u32)>, bool) {
+    let (vq, mut q) = queue_of(mem, chains);
     let notify = rig.ex.process_queue(&mut q, mem).unwrap();
     let n = vq.used().idx().load();
     let used = (0..n)
@@ -886,34 +901,20 @@ fn a_long_wave_of_page_cache_reads_is_published_in_parts() {
     let mem = memory();
     const N: u16 = 32;
     let (hdr, data, st) = (0x10000u64, 0x20000u64, 0x30000u64);
-    let mut raw = Vec::new();
-    for i in 0..N {
-        let at = |base: u64, size: u64| base + size * u64::from(i);
-        header(&mem, at(hdr, 16), VIRTIO_BLK_T_IN, u64::from(i));
-        mem.write_obj(0xffu8, GuestAddress(at(st, 1))).unwrap();
-        let next = 3 * i;
-        raw.push(RawDescriptor::from(Descriptor::new(
-            at(hdr, 16),
-            16,
-            VRING_DESC_F_NEXT as u16,
-            next + 1,
-        )));
-        raw.push(RawDescriptor::from(Descriptor::new(
-            at(data, 512),
-            512,
-            (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
-            next + 2,
-        )));
-        raw.push(RawDescriptor::from(Descriptor::new(
-            at(st, 1),
-            1,
-            VRING_DESC_F_WRITE as u16,
-            0,
-        )));
-    }
-    let vq = MockSplitQueue::create(&mem, GuestAddress(0), 128);
-    vq.add_desc_chains(&raw, 0).unwrap();
-    let mut q: Queue = vq.create_queue().unwrap();
+    let chains: Vec<[D; 3]> = (0..N)
+        .map(|i| {
+            let at = |base: u64, size: u64| base + size * u64::from(i);
+            header(&mem, at(hdr, 16), VIRTIO_BLK_T_IN, u64::from(i));
+            mem.write_obj(0xffu8, GuestAddress(at(st, 1))).unwrap();
+            [
+                (at(hdr, 16), 16, false),
+                (at(data, 512), 512, true),
+                (at(st, 1), 1, true),
+            ]
+        })
+        .collect();
+    let chains: Vec<&[D]> = chains.iter().map(|c| &c[..]).collect();
+    let (vq, mut q) = queue_sized(&mem, 128, &chains);
     let mut publishes = 0;
     r.ex.process_queue_tracked(&mut q, &mem, None, &mut || publishes += 1)
         .unwrap();
@@ -971,18 +972,9 @@ fn a_kick_during_a_wait_ends_it_and_stays_for_its_reader() {
     // at once (the kick above, as a kick arriving during the wait would).
     header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
     header(&mem, HDR + 16, VIRTIO_BLK_T_FLUSH, 0);
-    let vq = MockSplitQueue::create(&mem, GuestAddress(0), 64);
-    let (next, w) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
-    let descs = [
-        (HDR, 16, next, 1),
-        (DATA, 512, next | w, 2),
-        (ST, 1, w, 0),
-        (HDR + 16, 16, next, 4),
-        (ST + 1, 1, w, 0),
-    ]
-    .map(|(a, l, f, n)| RawDescriptor::from(Descriptor::new(a, l, f, n)));
-    vq.add_desc_chains(&descs, 0).unwrap();
-    let mut q: Queue = vq.create_queue().unwrap();
+    let read: &[D] = &[(HDR, 16, false), (DATA, 512, true), (ST, 1, true)];
+    let flush: &[D] = &[(HDR + 16, 16, false), (ST + 1, 1, true)];
+    let (vq, mut q) = queue_of(&mem, &[read, flush]);
     r.ex.set_doorbell(Some(kick.as_raw_fd()));
     r.ex.process_queue(&mut q, &mem).unwrap();
     r.ex.set_doorbell(None);

@@ -159,21 +159,32 @@ impl Uring {
             // Too many pieces for one syscall: the blocking path splits them.
             return Started::Done(run_blocking(op, 0));
         }
-        let entry = entry(op, id);
-        for _ in 0..2 {
-            // SAFETY: the caller keeps the op and its buffers in place until it is reaped.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-                self.pending += 1;
-                return if done > 0 {
-                    Started::Partly { done }
-                } else {
-                    Started::Queued
-                };
-            }
-            // The submission queue is full: hand it to the kernel and try once more.
-            self.submit();
+        // SAFETY: the caller keeps the op and its buffers in place until it is reaped.
+        if unsafe { self.push(&entry(op, id)) } {
+            self.pending += 1;
+            return if done > 0 {
+                Started::Partly { done }
+            } else {
+                Started::Queued
+            };
         }
         Started::Done(run_blocking(op, 0))
+    }
+
+    /// Push `entry` on the worker ring; when the submission queue is full, hand it to the
+    /// kernel and try once more. False when there is still no room.
+    ///
+    /// # Safety
+    /// Whatever memory `entry` refers to stays valid until its completion is reaped.
+    unsafe fn push(&mut self, entry: &io_uring::squeue::Entry) -> bool {
+        for _ in 0..2 {
+            // SAFETY: forwarded from this function's contract.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                return true;
+            }
+            self.submit();
+        }
+        false
     }
 
     /// Arm a poll of `fd` on the ring, unless one is armed (see `Engine::watch`).
@@ -184,15 +195,9 @@ impl Uring {
         let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
             .build()
             .user_data(WATCH_ID as u64);
-        for _ in 0..2 {
-            // SAFETY: a poll entry refers to no memory of ours.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-                self.watching = true;
-                return true;
-            }
-            self.submit();
-        }
-        false
+        // SAFETY: a poll entry refers to no memory of ours.
+        self.watching = unsafe { self.push(&entry) };
+        self.watching
     }
 
     /// Arm a poll of the queue's doorbell (its kick eventfd) on the ring, unless one on `fd`
@@ -220,15 +225,12 @@ impl Uring {
             .multi(true)
             .build()
             .user_data(id as u64);
-        for _ in 0..2 {
-            // SAFETY: a poll entry refers to no memory of ours.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-                self.doorbell = Some((fd, id));
-                return true;
-            }
-            self.submit();
+        // SAFETY: a poll entry refers to no memory of ours.
+        if !unsafe { self.push(&entry) } {
+            return false;
         }
-        false
+        self.doorbell = Some((fd, id));
+        true
     }
 
     /// Cancel the doorbell poll, if one is armed, and hand the cancellation to the kernel at
@@ -249,16 +251,13 @@ impl Uring {
         let cancel = opcode::PollRemove::new(id as u64)
             .build()
             .user_data(DOORBELL_CANCEL_ID as u64);
-        for _ in 0..2 {
-            // SAFETY: a poll removal refers to no memory of ours.
-            if unsafe { self.ring.submission().push(&cancel) }.is_ok() {
-                self.doorbell = None;
-                self.doorbell_stale += 1;
-                return true;
-            }
-            self.submit();
+        // SAFETY: a poll removal refers to no memory of ours.
+        if !unsafe { self.push(&cancel) } {
+            return false;
         }
-        false
+        self.doorbell = None;
+        self.doorbell_stale += 1;
+        true
     }
 
     /// Hand pushed entries to the kernel (the helper's thread only needs a wake-up call when
