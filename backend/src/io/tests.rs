@@ -955,6 +955,40 @@ fn waits_count_image_io_and_not_page_cache_hits() {
 }
 
 #[test]
+fn buffered_writes_up_to_four_mib_are_copied_by_the_worker_itself() {
+    // uring.rs INLINE_WRITE_MAX: a buffered write of up to 4 MiB completes inline, without a
+    // wait on the ring (an io-wq worker would copy it); a larger one goes to the ring.
+    let mut r = rig(8 * MIB);
+    let mem = memory();
+    assert!(matches!(r.ex.engine(), Engine::Uring(_)), "io_uring engine");
+    // In the page cache: where the file system has RWF_NOWAIT writes (tmpfs), one that must
+    // allocate goes to the ring instead.
+    fs::write(&r.path, vec![0u8; 8 * MIB as usize]).unwrap();
+    mem.write_slice(&vec![0x3c; MIB as usize], GuestAddress(MIB))
+        .unwrap();
+    let before = r.ex.stats().waits;
+    let one: &[D] = &[(MIB, MIB as u32, false)];
+    // Past the first sectors, whose writes a probed raw image checks on their own path.
+    assert_eq!(rw(&mut r, &mem, VIRTIO_BLK_T_OUT, 2048, one), (OK, 1));
+    assert_eq!(
+        r.ex.stats().waits,
+        before,
+        "a 1 MiB buffered write completes inline"
+    );
+    let four = [(MIB, MIB as u32, false); 4];
+    assert_eq!(rw(&mut r, &mem, VIRTIO_BLK_T_OUT, 4096, &four), (OK, 1));
+    assert_eq!(r.ex.stats().waits, before, "so does a 4 MiB one");
+    let five = [(MIB, MIB as u32, false); 5];
+    assert_eq!(rw(&mut r, &mem, VIRTIO_BLK_T_OUT, 4096, &five), (OK, 1));
+    assert_eq!(
+        r.ex.stats().waits,
+        before + 1,
+        "a 5 MiB one waits for the ring"
+    );
+    assert_file(&r.path, MIB, 6 * MIB as usize, 0x3c);
+}
+
+#[test]
 fn a_kick_during_a_wait_ends_it_and_stays_for_its_reader() {
     // vhost-user-backend reads a kick it was told of after the pass, and fails the queue when
     // the kick is gone: a pass that watches the doorbell must leave its kicks there.

@@ -2,9 +2,9 @@
 //! submission thread (SQPOLL) that copies page-cache reads on another CPU while the worker
 //! copies others and completes requests.
 //!
-//! Buffered reads whose data is in the page cache and small buffered writes complete inline
-//! (RWF_NOWAIT: no ring round trip, no io-wq worker); everything else (O_DIRECT, cache misses,
-//! large and write-through writes, syncs, fallocate) goes to the ring.
+//! Buffered reads whose data is in the page cache and buffered writes up to 4 MiB complete
+//! inline (no ring round trip, no io-wq worker); everything else (O_DIRECT, cache misses,
+//! larger and write-through writes, syncs, fallocate) goes to the ring.
 
 use std::io;
 
@@ -17,10 +17,12 @@ use super::op::{
     WATCH_ID,
 };
 
-/// Largest buffered write done inline. A larger one goes to the ring (an io-wq worker copies
-/// it): the worker keeps serving its other requests meanwhile instead of waiting for a long
-/// copy, and the file system's write lock is handed from one write to the next without a gap.
-const INLINE_WRITE_MAX: u64 = 64 * 1024;
+/// Largest buffered write done inline. The file system takes the inode's lock for every
+/// buffered write, so io-wq workers copying several at once only queue on that lock and hand
+/// it on with a wake-up each time: copied by the worker itself, one after the other, 1 MiB
+/// writes ran 8-11% faster at QD8 and 32-58% at QD1, with a quarter less CPU per write.
+/// A larger write goes to the ring, so that one request cannot hold the queue for long.
+const INLINE_WRITE_MAX: u64 = 4 << 20;
 
 /// Longest wait for the helper ring while the worker ring has ops in flight too.
 const HELPER_WAIT: std::time::Duration = std::time::Duration::from_micros(100);
