@@ -150,6 +150,15 @@ impl Engine {
         }
     }
 
+    /// Inline writes that slept in the file system, and the time they took, since the last
+    /// call.
+    pub fn take_slow_writes(&mut self) -> (u64, std::time::Duration) {
+        match self {
+            Engine::Uring(u) => u.take_slow_writes(),
+            Engine::Blocking | Engine::Null => (0, std::time::Duration::ZERO),
+        }
+    }
+
     /// Ops given to the helper ring and not reaped yet.
     pub fn helper_in_flight(&self) -> usize {
         match self {

@@ -67,7 +67,8 @@ pub struct Stats {
     pub bytes_read: u64,
     /// Bytes written to the image.
     pub bytes_written: u64,
-    /// Times the worker blocked until image I/O (not page-cache copies on the helper) completed.
+    /// Times the worker blocked until image I/O (not page-cache copies on the helper) completed,
+    /// or an inline write slept in the file system.
     pub waits: u64,
     /// Rings of the driver's doorbell seen while a pass watched it (see
     /// `Executor::set_doorbell`); a kick left from before the pass rings once too.

@@ -4,9 +4,13 @@
 //!
 //! Buffered reads whose data is in the page cache and buffered writes up to 4 MiB complete
 //! inline (no ring round trip, no io-wq worker); everything else (O_DIRECT, cache misses,
-//! larger and write-through writes, syncs, fallocate) goes to the ring.
+//! larger and write-through writes, syncs, fallocate) goes to the ring. Where the file system
+//! cannot say that a write would block (no RWF_NOWAIT, as on ext4), a write over 64 KiB that
+//! blocked (dirty-page throttling, the journal) sends the larger writes back to the ring for a
+//! while, so that the queue keeps serving its other requests meanwhile.
 
 use std::io;
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
 use tracing::{debug, warn};
@@ -17,12 +21,29 @@ use super::op::{
     WATCH_ID,
 };
 
-/// Largest buffered write done inline. The file system takes the inode's lock for every
-/// buffered write, so io-wq workers copying several at once only queue on that lock and hand
-/// it on with a wake-up each time: copied by the worker itself, one after the other, 1 MiB
-/// writes ran 8-11% faster at QD8 and 32-58% at QD1, with a quarter less CPU per write.
-/// A larger write goes to the ring, so that one request cannot hold the queue for long.
+/// Largest buffered write done inline. io_uring hands the buffered writes of one file to one
+/// io-wq worker at a time, so the ring adds no parallelism to them, only a hand-off to that
+/// worker and a wake-up of this one per write: copied by the worker itself, 1 MiB writes ran
+/// 8-11% faster at QD8 and 32-58% at QD1, with a quarter less CPU per write. A larger write
+/// goes to the ring, so that one op cannot hold the queue for long.
 const INLINE_WRITE_MAX: u64 = 4 << 20;
+
+/// Largest buffered write done inline even while [`WriteBackoff`] sends the larger ones to the
+/// ring: a copy of this size costs the queue little, and io-wq costs it more.
+const INLINE_WRITE_SMALL: u64 = 64 * 1024;
+
+/// A blocking inline write slower than this, plus its copy at [`COPY_BYTES_PER_SEC`], slept in
+/// the file system rather than copied.
+const SLOW_WRITE: Duration = Duration::from_millis(1);
+
+/// Slowest page-cache copy rate assumed for [`SLOW_WRITE`].
+const COPY_BYTES_PER_SEC: u64 = 1 << 30;
+
+/// How long writes over [`INLINE_WRITE_SMALL`] go to the ring after a slow one; doubled for
+/// each further slow one, up to [`RING_WRITES_MAX`], and back to this after a fast one.
+const RING_WRITES_MIN: Duration = Duration::from_secs(1);
+/// Longest such period.
+const RING_WRITES_MAX: Duration = Duration::from_secs(64);
 
 /// Longest wait for the helper ring while the worker ring has ops in flight too.
 const HELPER_WAIT: std::time::Duration = std::time::Duration::from_micros(100);
@@ -59,6 +80,11 @@ pub struct Uring {
     doorbell_stale: usize,
     /// The kernel refused a doorbell poll: not armed again.
     doorbell_broken: bool,
+    /// Whether blocking inline writes over [`INLINE_WRITE_SMALL`] are done inline now.
+    backoff: WriteBackoff,
+    /// Blocking inline writes that slept, and the time they took, since
+    /// [`Uring::take_slow_writes`].
+    slow_writes: (u64, Duration),
 }
 
 /// The helper ring, once its creation was tried.
@@ -87,7 +113,15 @@ impl Uring {
             doorbell_arms: 0,
             doorbell_stale: 0,
             doorbell_broken: false,
+            backoff: WriteBackoff::default(),
+            slow_writes: (0, Duration::ZERO),
         })
+    }
+
+    /// Blocking inline writes that slept in the file system, and the time they took, since
+    /// the last call: the worker blocked for them as it does for image I/O on the ring.
+    pub fn take_slow_writes(&mut self) -> (u64, Duration) {
+        std::mem::take(&mut self.slow_writes)
     }
 
     /// Entries in flight on both rings.
@@ -136,8 +170,8 @@ impl Uring {
         }
     }
 
-    /// Start an op: shared reads go to the helper ring; page-cache hits and small buffered
-    /// writes complete inline; everything else goes to the ring.
+    /// Start an op: shared reads go to the helper ring; page-cache hits and buffered writes
+    /// up to [`INLINE_WRITE_MAX`] complete inline; everything else goes to the ring.
     ///
     /// # Safety
     /// As [`super::Engine::start`].
@@ -375,8 +409,9 @@ impl Uring {
 
     /// Try a buffered read or write without the ring: reads with RWF_NOWAIT (served only from
     /// the page cache), writes up to [`INLINE_WRITE_MAX`] with RWF_NOWAIT where the file
-    /// system supports it, else with a plain pwritev2 (io_uring would hand them to an io-wq
-    /// worker, which measured at about twice the CPU per 4 KiB write on ext4).
+    /// system supports it, else with a plain pwritev2 ([`Uring::blocking_write`]; io_uring
+    /// would hand them to an io-wq worker, which measured at about twice the CPU per 4 KiB
+    /// write on ext4).
     fn try_inline(&mut self, op: &mut Op) -> Inline {
         let write = match op.kind {
             OpKind::Read => false,
@@ -390,7 +425,7 @@ impl Uring {
             return Inline::No;
         }
         if write && !self.nowait_write {
-            return Inline::Done(run_blocking(op, 0));
+            return self.blocking_write(op);
         }
         if !write && !self.nowait_read {
             return Inline::No;
@@ -416,7 +451,7 @@ impl Uring {
                 // Not supported here: stop trying for this direction.
                 if write {
                     self.nowait_write = false;
-                    return Inline::Done(run_blocking(op, 0));
+                    return self.blocking_write(op);
                 }
                 self.nowait_read = false;
             }
@@ -433,6 +468,64 @@ impl Uring {
             Inline::Partly(n)
         } else {
             Inline::No
+        }
+    }
+}
+
+impl Uring {
+    /// A buffered write with a plain pwritev2, which may sleep in the file system; one over
+    /// [`INLINE_WRITE_SMALL`] goes to the ring instead while the last ones slept.
+    fn blocking_write(&mut self, op: &mut Op) -> Inline {
+        let len = op.len;
+        let start = Instant::now();
+        if !self.backoff.inline(len, start) {
+            return Inline::No;
+        }
+        let result = run_blocking(op, 0);
+        let took = start.elapsed();
+        if self.backoff.record(len, took, Instant::now()) {
+            self.slow_writes.0 += 1;
+            self.slow_writes.1 += took;
+            debug!(
+                "a {len}-byte buffered write blocked for {took:?}: writes over \
+                 {INLINE_WRITE_SMALL} bytes go to the ring for {:?}",
+                self.backoff.period
+            );
+        }
+        Inline::Done(result)
+    }
+}
+
+/// When blocking writes over [`INLINE_WRITE_SMALL`] are done inline: not for a while after one
+/// slept in the file system (dirty-page throttling, the journal, another writer's lock), so
+/// that the queue keeps serving its other requests while io-wq sleeps instead.
+#[derive(Debug, Default)]
+struct WriteBackoff {
+    /// Such writes go to the ring until then.
+    until: Option<Instant>,
+    /// The length of the current period (zero after a fast write).
+    period: Duration,
+}
+
+impl WriteBackoff {
+    /// Whether a write of `len` bytes is done inline at `now`.
+    fn inline(&self, len: u64, now: Instant) -> bool {
+        len <= INLINE_WRITE_SMALL || self.until.is_none_or(|t| now >= t)
+    }
+
+    /// A write of `len` bytes took `took`, ending at `now`; true when it slept rather than
+    /// copied (which starts or lengthens a period).
+    fn record(&mut self, len: u64, took: Duration, now: Instant) -> bool {
+        let copy = Duration::from_nanos(len.saturating_mul(1_000_000_000) / COPY_BYTES_PER_SEC);
+        if took > SLOW_WRITE + copy {
+            self.period = (self.period * 2).clamp(RING_WRITES_MIN, RING_WRITES_MAX);
+            self.until = Some(now + self.period);
+            true
+        } else {
+            if len > INLINE_WRITE_SMALL {
+                self.period = Duration::ZERO;
+            }
+            false
         }
     }
 }
@@ -554,5 +647,38 @@ mod tests {
         assert_eq!(u.in_flight(), 0);
         u.unwatch_doorbell();
         settle(&mut u, 0);
+    }
+
+    #[test]
+    fn a_write_that_slept_sends_larger_writes_to_the_ring_for_a_growing_while() {
+        let mut b = WriteBackoff::default();
+        let t0 = Instant::now();
+        let big = 1 << 20;
+        assert!(b.inline(big, t0));
+        // 1 MiB copies in under 1 ms at the slowest rate assumed: 1.5 ms is still a copy.
+        assert!(!b.record(big, Duration::from_micros(1500), t0));
+        assert!(b.inline(big, t0));
+        assert!(b.record(big, Duration::from_millis(3), t0), "3 ms slept");
+        assert!(!b.inline(big, t0 + RING_WRITES_MIN - Duration::from_millis(1)));
+        assert!(
+            b.inline(INLINE_WRITE_SMALL, t0),
+            "a small write stays inline"
+        );
+        assert!(b.inline(big, t0 + RING_WRITES_MIN));
+        // Slept again (a small write counts too): a period twice as long.
+        let t1 = t0 + RING_WRITES_MIN;
+        assert!(b.record(4096, Duration::from_millis(5), t1));
+        assert!(!b.inline(big, t1 + RING_WRITES_MIN));
+        assert!(b.inline(big, t1 + 2 * RING_WRITES_MIN));
+        for _ in 0..20 {
+            b.record(big, Duration::from_secs(1), t1);
+        }
+        assert_eq!(b.period, RING_WRITES_MAX, "the period has a ceiling");
+        // A fast large write ends the doubling; a fast small one says nothing of large ones.
+        assert!(!b.record(4096, Duration::from_micros(10), t1));
+        assert_eq!(b.period, RING_WRITES_MAX);
+        assert!(!b.record(big, Duration::from_micros(100), t1));
+        assert!(b.record(big, Duration::from_millis(10), t1));
+        assert_eq!(b.period, RING_WRITES_MIN);
     }
 }

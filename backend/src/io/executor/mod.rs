@@ -54,6 +54,11 @@ const WAVES_PER_CALL: usize = 1024;
 /// them, when [`SharePolicy::publish_early`] says so.
 pub(super) const PUBLISH_EVERY: usize = 8;
 
+/// Most bytes of writes one wave pops before it is published: buffered writes up to 4 MiB are
+/// copied inline one after the other, and the driver hears of none of a wave's requests
+/// before the wave ends.
+const WAVE_WRITE_BYTES: u64 = 8 << 20;
+
 /// Executes requests of one queue. Owned by that queue's worker thread.
 #[derive(Debug)]
 pub struct Executor {
@@ -291,15 +296,27 @@ impl Executor {
                         // changed since the last one, before the guest queued these requests.
                         let limits = self.limits();
                         let write_through = self.write_through();
+                        let mut wave_writes = 0u64;
                         for chain in chains {
                             let head = chain.head_index();
                             if let Some(t) = tracker {
                                 t.taken(head);
                             }
                             let descs = super::guest::walk(mem, table, size, head);
+                            let before = self.fresh.len();
                             self.start(mem, head, descs, 0, &limits, write_through);
                             popped += 1;
                             if self.store.room() == 0 {
+                                break;
+                            }
+                            if let Some(r) =
+                                self.fresh.get(before).and_then(|&id| self.store.get(id))
+                            {
+                                if r.transfer == Transfer::Write {
+                                    wave_writes = wave_writes.saturating_add(r.data_len);
+                                }
+                            }
+                            if wave_writes >= WAVE_WRITE_BYTES {
                                 break;
                             }
                             // Without a helper to share the copies with, a long wave of
@@ -559,6 +576,13 @@ impl Executor {
         }
         fresh.clear();
         self.fresh = fresh;
+        // Inline writes that slept did so as a wait on the ring would: not busy time, and no
+        // poll after the pass.
+        let (slept, took) = self.engine.take_slow_writes();
+        if slept > 0 {
+            self.stats.waits += slept;
+            self.share.blocked(took);
+        }
     }
 
     /// Finish the requests whose I/O completed; with `wait`, block until at least one did.
