@@ -79,6 +79,15 @@ fn rig_on_disk(size: u64) -> Rig {
     rig_in(tempfile::tempdir_in(target).unwrap(), size, |_| {})
 }
 
+/// A rig whose image is on tmpfs where there is one (/dev/shm): its RWF_NOWAIT writes never
+/// sleep, so a write completes inline or goes to the ring by its size alone.
+fn rig_in_memory(size: u64) -> Rig {
+    match tempfile::tempdir_in("/dev/shm") {
+        Ok(dir) => rig_in(dir, size, |_| {}),
+        Err(_) => rig(size),
+    }
+}
+
 /// A descriptor: (guest address, length, device-writable).
 type D = (u64, u32, bool);
 
@@ -933,7 +942,7 @@ fn a_wave_of_large_writes_is_published_every_8_mib() {
     // Buffered writes up to 4 MiB are copied inline one after the other: the driver hears of
     // the first ones before the whole wave is copied (here after 4 of 8 writes of 2 MiB,
     // where the count of completions alone would publish only after all 8).
-    let mut r = rig(32 * MIB);
+    let mut r = rig_in_memory(32 * MIB);
     fs::write(&r.path, vec![0u8; 32 * MIB as usize]).unwrap();
     let mem = memory();
     mem.write_slice(&vec![0x5a; MIB as usize], GuestAddress(MIB))
@@ -999,7 +1008,7 @@ fn waits_count_image_io_and_not_page_cache_hits() {
 fn buffered_writes_up_to_four_mib_are_copied_by_the_worker_itself() {
     // uring.rs INLINE_WRITE_MAX: a buffered write of up to 4 MiB completes inline, without a
     // wait on the ring (an io-wq worker would copy it); a larger one goes to the ring.
-    let mut r = rig(8 * MIB);
+    let mut r = rig_in_memory(8 * MIB);
     let mem = memory();
     assert!(matches!(r.ex.engine(), Engine::Uring(_)), "io_uring engine");
     // In the page cache: where the file system has RWF_NOWAIT writes (tmpfs), one that must

@@ -6,8 +6,8 @@
 //! inline (no ring round trip, no io-wq worker); everything else (O_DIRECT, cache misses,
 //! larger and write-through writes, syncs, fallocate) goes to the ring. Where the file system
 //! cannot say that a write would block (no RWF_NOWAIT, as on ext4), a write over 64 KiB that
-//! blocked (dirty-page throttling, the journal) sends the larger writes back to the ring for a
-//! while, so that the queue keeps serving its other requests meanwhile.
+//! slept there (dirty-page throttling, the journal, the inode lock) sends such writes back to
+//! the ring for a while, so that the worker does not sleep with them.
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -28,19 +28,20 @@ use super::op::{
 /// goes to the ring, so that one op cannot hold the queue for long.
 const INLINE_WRITE_MAX: u64 = 4 << 20;
 
-/// Largest buffered write done inline even while [`WriteBackoff`] sends the larger ones to the
-/// ring: a copy of this size costs the queue little, and io-wq costs it more.
+/// Largest buffered write always done inline, also while [`WriteBackoff`] sends the larger
+/// ones to the ring: a copy of this size costs the queue little, and io-wq costs it more.
 const INLINE_WRITE_SMALL: u64 = 64 * 1024;
 
-/// A blocking inline write slower than this, plus its copy at [`COPY_BYTES_PER_SEC`], slept in
-/// the file system rather than copied.
+/// A blocking inline write that slept (a voluntary context switch) and took longer than this
+/// plus its copy at [`COPY_BYTES_PER_SEC`] waited in the file system rather than copied.
 const SLOW_WRITE: Duration = Duration::from_millis(1);
 
 /// Slowest page-cache copy rate assumed for [`SLOW_WRITE`].
 const COPY_BYTES_PER_SEC: u64 = 1 << 30;
 
-/// How long writes over [`INLINE_WRITE_SMALL`] go to the ring after a slow one; doubled for
-/// each further slow one, up to [`RING_WRITES_MAX`], and back to this after a fast one.
+/// How long writes over [`INLINE_WRITE_SMALL`] go to the ring after one slept; doubled when
+/// the first one after that period sleeps too, up to [`RING_WRITES_MAX`], and back to this
+/// after one that did not.
 const RING_WRITES_MIN: Duration = Duration::from_secs(1);
 /// Longest such period.
 const RING_WRITES_MAX: Duration = Duration::from_secs(64);
@@ -82,7 +83,7 @@ pub struct Uring {
     doorbell_broken: bool,
     /// Whether blocking inline writes over [`INLINE_WRITE_SMALL`] are done inline now.
     backoff: WriteBackoff,
-    /// Blocking inline writes that slept, and the time they took, since
+    /// Blocking inline writes that slept, and the time they slept, since
     /// [`Uring::take_slow_writes`].
     slow_writes: (u64, Duration),
 }
@@ -118,8 +119,8 @@ impl Uring {
         })
     }
 
-    /// Blocking inline writes that slept in the file system, and the time they took, since
-    /// the last call: the worker blocked for them as it does for image I/O on the ring.
+    /// Blocking inline writes that slept in the file system, and about how long they slept,
+    /// since the last call: the worker blocked for them as it does for image I/O on the ring.
     pub fn take_slow_writes(&mut self) -> (u64, Duration) {
         std::mem::take(&mut self.slow_writes)
     }
@@ -474,20 +475,27 @@ impl Uring {
 
 impl Uring {
     /// A buffered write with a plain pwritev2, which may sleep in the file system; one over
-    /// [`INLINE_WRITE_SMALL`] goes to the ring instead while the last ones slept.
+    /// [`INLINE_WRITE_SMALL`] goes to the ring instead while [`WriteBackoff`] says so.
     fn blocking_write(&mut self, op: &mut Op) -> Inline {
         let len = op.len;
+        if len <= INLINE_WRITE_SMALL {
+            return Inline::Done(run_blocking(op, 0));
+        }
         let start = Instant::now();
-        if !self.backoff.inline(len, start) {
+        if !self.backoff.inline(start) {
             return Inline::No;
         }
+        let switches = voluntary_switches();
         let result = run_blocking(op, 0);
         let took = start.elapsed();
-        if self.backoff.record(len, took, Instant::now()) {
+        // Unknown (getrusage failed): the time alone decides.
+        let slept = switches.is_none() || voluntary_switches() != switches;
+        let now = Instant::now();
+        if self.backoff.record(len, took, slept, now) {
             self.slow_writes.0 += 1;
-            self.slow_writes.1 += took;
+            self.slow_writes.1 += took.saturating_sub(copy_time(len));
             debug!(
-                "a {len}-byte buffered write blocked for {took:?}: writes over \
+                "a {len}-byte buffered write slept {took:?} in the file system: writes over \
                  {INLINE_WRITE_SMALL} bytes go to the ring for {:?}",
                 self.backoff.period
             );
@@ -496,37 +504,55 @@ impl Uring {
     }
 }
 
+/// The calling thread's voluntary context switches so far (it slept), without the
+/// involuntary ones (it was preempted).
+fn voluntary_switches() -> Option<i64> {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: getrusage writes a whole rusage to the pointer it is given, which points to
+    // one; it is read only when the call succeeded.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: initialised by the successful call above.
+    Some(unsafe { usage.assume_init() }.ru_nvcsw)
+}
+
+/// How long a page-cache copy of `len` bytes takes at the slowest rate assumed.
+fn copy_time(len: u64) -> Duration {
+    Duration::from_nanos(len.saturating_mul(1_000_000_000) / COPY_BYTES_PER_SEC)
+}
+
 /// When blocking writes over [`INLINE_WRITE_SMALL`] are done inline: not for a while after one
 /// slept in the file system (dirty-page throttling, the journal, another writer's lock), so
-/// that the queue keeps serving its other requests while io-wq sleeps instead.
+/// that the worker does not sleep with them while io-wq can.
 #[derive(Debug, Default)]
 struct WriteBackoff {
     /// Such writes go to the ring until then.
     until: Option<Instant>,
-    /// The length of the current period (zero after a fast write).
+    /// The length of the current period (zero after a write that did not sleep).
     period: Duration,
 }
 
 impl WriteBackoff {
-    /// Whether a write of `len` bytes is done inline at `now`.
-    fn inline(&self, len: u64, now: Instant) -> bool {
-        len <= INLINE_WRITE_SMALL || self.until.is_none_or(|t| now >= t)
+    /// Whether such a write is done inline at `now`.
+    fn inline(&self, now: Instant) -> bool {
+        self.until.is_none_or(|t| now >= t)
     }
 
-    /// A write of `len` bytes took `took`, ending at `now`; true when it slept rather than
-    /// copied (which starts or lengthens a period).
-    fn record(&mut self, len: u64, took: Duration, now: Instant) -> bool {
-        let copy = Duration::from_nanos(len.saturating_mul(1_000_000_000) / COPY_BYTES_PER_SEC);
-        if took > SLOW_WRITE + copy {
+    /// Such a write of `len` bytes took `took`, ending at `now`, with a voluntary context
+    /// switch or not (`slept`); true when it slept in the file system rather than copied,
+    /// which starts a period, twice as long as the last one when it followed that directly.
+    fn record(&mut self, len: u64, took: Duration, slept: bool, now: Instant) -> bool {
+        if !(slept && took > SLOW_WRITE + copy_time(len)) {
+            self.period = Duration::ZERO;
+            return false;
+        }
+        // A write that began before the period it is in started does not lengthen it.
+        if self.inline(now.checked_sub(took).unwrap_or(now)) {
             self.period = (self.period * 2).clamp(RING_WRITES_MIN, RING_WRITES_MAX);
             self.until = Some(now + self.period);
-            true
-        } else {
-            if len > INLINE_WRITE_SMALL {
-                self.period = Duration::ZERO;
-            }
-            false
         }
+        true
     }
 }
 
@@ -654,31 +680,89 @@ mod tests {
         let mut b = WriteBackoff::default();
         let t0 = Instant::now();
         let big = 1 << 20;
-        assert!(b.inline(big, t0));
+        let ms = Duration::from_millis;
+        assert!(b.inline(t0));
         // 1 MiB copies in under 1 ms at the slowest rate assumed: 1.5 ms is still a copy.
-        assert!(!b.record(big, Duration::from_micros(1500), t0));
-        assert!(b.inline(big, t0));
-        assert!(b.record(big, Duration::from_millis(3), t0), "3 ms slept");
-        assert!(!b.inline(big, t0 + RING_WRITES_MIN - Duration::from_millis(1)));
-        assert!(
-            b.inline(INLINE_WRITE_SMALL, t0),
-            "a small write stays inline"
-        );
-        assert!(b.inline(big, t0 + RING_WRITES_MIN));
-        // Slept again (a small write counts too): a period twice as long.
-        let t1 = t0 + RING_WRITES_MIN;
-        assert!(b.record(4096, Duration::from_millis(5), t1));
-        assert!(!b.inline(big, t1 + RING_WRITES_MIN));
-        assert!(b.inline(big, t1 + 2 * RING_WRITES_MIN));
+        assert!(!b.record(big, Duration::from_micros(1500), true, t0));
+        assert!(!b.record(big, ms(30), false, t0), "preempted, not asleep");
+        assert!(b.inline(t0));
+        assert!(b.record(big, ms(3), true, t0), "3 ms asleep");
+        assert!(!b.inline(t0 + RING_WRITES_MIN - ms(1)));
+        assert!(b.inline(t0 + RING_WRITES_MIN));
+        // The first write after the period sleeps too: a period twice as long.
+        let t1 = t0 + RING_WRITES_MIN + ms(5);
+        assert!(b.record(big, ms(5), true, t1));
+        assert!(!b.inline(t1 + RING_WRITES_MIN));
+        assert!(b.inline(t1 + 2 * RING_WRITES_MIN));
+        // One that began before that period started neither lengthens nor doubles it.
+        assert!(b.record(big, ms(6), true, t1 + ms(1)));
+        assert_eq!(b.period, 2 * RING_WRITES_MIN);
+        assert!(b.inline(t1 + 2 * RING_WRITES_MIN));
+        let mut t = t1;
         for _ in 0..20 {
-            b.record(big, Duration::from_secs(1), t1);
+            t += b.period + ms(10);
+            assert!(b.record(big, ms(10), true, t));
         }
         assert_eq!(b.period, RING_WRITES_MAX, "the period has a ceiling");
-        // A fast large write ends the doubling; a fast small one says nothing of large ones.
-        assert!(!b.record(4096, Duration::from_micros(10), t1));
-        assert_eq!(b.period, RING_WRITES_MAX);
-        assert!(!b.record(big, Duration::from_micros(100), t1));
-        assert!(b.record(big, Duration::from_millis(10), t1));
+        // One that did not sleep ends the doubling.
+        t += b.period + ms(1);
+        assert!(!b.record(big, Duration::from_micros(100), true, t));
+        t += ms(20);
+        assert!(b.record(big, ms(10), true, t));
         assert_eq!(b.period, RING_WRITES_MIN);
+    }
+
+    #[test]
+    fn during_a_back_off_larger_buffered_writes_go_to_the_ring_and_small_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![0u8; 2 << 20]).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let mut u = Uring::new(8).unwrap();
+        // As on ext4: no RWF_NOWAIT buffered writes, and a write over 64 KiB slept just now.
+        u.nowait_write = false;
+        u.backoff.until = Some(Instant::now() + Duration::from_secs(60));
+        let buf = vec![0x7eu8; 1 << 20];
+        let write = |len: usize, offset: u64| Op {
+            kind: OpKind::Write { dsync: false },
+            fd: f.as_raw_fd(),
+            fallback_fd: f.as_raw_fd(),
+            offset,
+            len: len as u64,
+            iov: smallvec::smallvec![libc::iovec {
+                iov_base: buf.as_ptr() as *mut libc::c_void,
+                iov_len: len,
+            }],
+            buffered: true,
+        };
+        let (mut small, mut big) = (write(64 << 10, 0), write(1 << 20, 1 << 20));
+        // SAFETY: both ops and `buf` outlive the reap below.
+        let (s, b) = unsafe { (u.start(0, &mut small, false), u.start(1, &mut big, false)) };
+        assert!(matches!(s, Started::Done(Ok(()))), "64 KiB: inline");
+        assert!(matches!(b, Started::Queued), "1 MiB: on the ring");
+        let mut out = Vec::new();
+        while out.is_empty() {
+            u.reap(&mut out, true);
+        }
+        assert_eq!(out, vec![(1, 1 << 20)]);
+        let data = std::fs::read(&path).unwrap();
+        assert!(
+            data[..64 << 10].iter().all(|&b| b == 0x7e),
+            "the small write"
+        );
+        assert!(
+            data[1 << 20..].iter().all(|&b| b == 0x7e),
+            "the large write"
+        );
+        // After the period the worker copies it itself again.
+        u.backoff.until = Some(Instant::now());
+        let mut again = write(1 << 20, 1 << 20);
+        // SAFETY: as above; an inline write is done when start returns.
+        let a = unsafe { u.start(2, &mut again, false) };
+        assert!(
+            matches!(a, Started::Done(Ok(()))),
+            "1 MiB after the period: inline"
+        );
+        assert_eq!(u.in_flight(), 0);
     }
 }
