@@ -116,15 +116,6 @@ impl Unfinished {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Lists `path` until the returned entry is committed or dropped.
-    fn list(&self, path: &Path) -> Listed {
-        self.lock().push(path.to_path_buf());
-        Listed {
-            registry: self.clone(),
-            path: path.to_path_buf(),
-        }
-    }
-
     /// Deletes every temporary output listed here; returns how many it found.
     ///
     /// Meant for a signal handler that ends the process right after: the registry stays
@@ -203,14 +194,23 @@ impl OutputFile {
         if !dir.is_dir() {
             return Err(OutputError::NoDir(dir));
         }
+        // The registry stays locked from before the file exists until it is listed (its name
+        // is random, so it cannot be listed before): a signal's `remove_all` either runs
+        // before the file exists or finds it listed.
+        let registry = out.unfinished.map(|u| (u, u.lock()));
         let temp = tempfile::Builder::new()
             .prefix(&format!(".{name}."))
             .suffix(".partial")
             .permissions(Permissions::from_mode(0o666))
             .tempfile_in(&dir)
             .map_err(|source| OutputError::Dir { dir, source })?;
-        // Listed right after creation: the name is random, so it cannot be listed before.
-        let listed = out.unfinished.map(|u| u.list(temp.path()));
+        let listed = registry.map(|(u, mut list)| {
+            list.push(temp.path().to_path_buf());
+            Listed {
+                registry: u.clone(),
+                path: temp.path().to_path_buf(),
+            }
+        });
         debug!(temp = %temp.path().display(), "writing to a temporary file");
         Ok(OutputFile {
             temp,
@@ -365,6 +365,48 @@ mod tests {
         assert!(matches!(err, OutputError::Exists(_)), "{err}");
         assert_eq!(fs::read(&p).unwrap(), b"theirs");
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_temporary_file_is_listed_from_the_moment_it_exists() {
+        // A signal's `remove_all` holds the registry's lock and removes what is listed: any
+        // temporary file it can see in the directory must be listed by then.
+        let d = tempfile::tempdir().unwrap();
+        let registry = Unfinished::new();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let checker = {
+            let (registry, done, dir) = (registry.clone(), done.clone(), d.path().to_owned());
+            std::thread::spawn(move || {
+                let mut looks = 0u32;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) || looks == 0 {
+                    let list = registry.lock();
+                    for e in fs::read_dir(&dir).unwrap().filter_map(Result::ok) {
+                        let path = e.path();
+                        let temp = e.file_name().to_string_lossy().starts_with('.');
+                        assert!(
+                            !temp || list.contains(&path),
+                            "{} not listed",
+                            path.display()
+                        );
+                    }
+                    drop(list);
+                    looks += 1;
+                }
+                looks
+            })
+        };
+        let p = d.path().join("img");
+        for _ in 0..2000 {
+            let out = OutputFile::create(&Output {
+                unfinished: Some(&registry),
+                ..Output::new(&p)
+            })
+            .unwrap();
+            drop(out);
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(checker.join().unwrap() > 0);
+        assert!(registry.lock().is_empty());
     }
 
     #[test]
