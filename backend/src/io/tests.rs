@@ -902,6 +902,28 @@ fn shared_reads_return_their_own_data() {
     }
 }
 
+/// Serve `chains` (the status byte of chain `i` at `st + i`) from a queue of `size` entries in
+/// one pass; every request completes OK. Returns how often the guest was notified.
+fn publications<const L: usize>(
+    r: &mut Rig,
+    mem: &GuestMem,
+    size: u16,
+    chains: &[[D; L]],
+    st: u64,
+) -> usize {
+    let chains: Vec<&[D]> = chains.iter().map(|c| &c[..]).collect();
+    let (vq, mut q) = queue_sized(mem, size, &chains);
+    let mut publishes = 0;
+    r.ex.process_queue_tracked(&mut q, mem, None, &mut || publishes += 1)
+        .unwrap();
+    let n = chains.len() as u16;
+    assert_eq!(vq.used().idx().load(), n);
+    for i in 0..n {
+        assert_eq!(status(mem, st + u64::from(i)), OK);
+    }
+    publishes
+}
+
 #[test]
 fn a_long_wave_of_page_cache_reads_is_published_in_parts() {
     // 32 reads of cached sectors, all available at once: without a helper CPU they complete
@@ -922,15 +944,7 @@ fn a_long_wave_of_page_cache_reads_is_published_in_parts() {
             ]
         })
         .collect();
-    let chains: Vec<&[D]> = chains.iter().map(|c| &c[..]).collect();
-    let (vq, mut q) = queue_sized(&mem, 128, &chains);
-    let mut publishes = 0;
-    r.ex.process_queue_tracked(&mut q, &mem, None, &mut || publishes += 1)
-        .unwrap();
-    assert_eq!(vq.used().idx().load(), N);
-    for i in 0..N {
-        assert_eq!(status(&mem, st + u64::from(i)), OK);
-    }
+    let publishes = publications(&mut r, &mem, 128, &chains, st);
     assert!(
         publishes >= usize::from(N) / super::executor::PUBLISH_EVERY,
         "{publishes} publications for {N} inline completions"
@@ -962,15 +976,7 @@ fn a_wave_of_large_writes_is_published_every_8_mib() {
             ]
         })
         .collect();
-    let chains: Vec<&[D]> = chains.iter().map(|c| &c[..]).collect();
-    let (vq, mut q) = queue_of(&mem, &chains);
-    let mut publishes = 0;
-    r.ex.process_queue_tracked(&mut q, &mem, None, &mut || publishes += 1)
-        .unwrap();
-    assert_eq!(vq.used().idx().load(), N);
-    for i in 0..N {
-        assert_eq!(status(&mem, st + u64::from(i)), OK);
-    }
+    let publishes = publications(&mut r, &mem, 64, &chains, st);
     assert!(
         publishes >= 2,
         "{publishes} publications for 16 MiB of writes"

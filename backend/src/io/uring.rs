@@ -471,9 +471,7 @@ impl Uring {
             Inline::No
         }
     }
-}
 
-impl Uring {
     /// A buffered write with a plain pwritev2, which may sleep in the file system; one over
     /// [`INLINE_WRITE_SMALL`] goes to the ring instead while [`WriteBackoff`] says so.
     fn blocking_write(&mut self, op: &mut Op) -> Inline {
@@ -487,10 +485,10 @@ impl Uring {
         }
         let switches = voluntary_switches();
         let result = run_blocking(op, 0);
-        let took = start.elapsed();
+        let now = Instant::now();
+        let took = now.saturating_duration_since(start);
         // Unknown (getrusage failed): the time alone decides.
         let slept = switches.is_none() || voluntary_switches() != switches;
-        let now = Instant::now();
         if self.backoff.record(len, took, slept, now) {
             self.slow_writes.0 += 1;
             self.slow_writes.1 += took.saturating_sub(copy_time(len));
