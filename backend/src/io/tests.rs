@@ -1081,3 +1081,62 @@ fn a_kick_during_a_wait_ends_it_and_stays_for_its_reader() {
         1
     );
 }
+
+#[test]
+fn a_read_queued_behind_a_long_flush_completes_before_it() {
+    // The driver heard of no completion since the flush was popped, yet queues a read while
+    // the flush runs (a guest's fsync with other readers): the worker must not sit in the
+    // flush's wait until the disk is done.
+    let mut r = rig_on_disk(128 * MIB);
+    let mem = memory();
+    assert!(matches!(r.ex.engine(), Engine::Uring(_)), "io_uring engine");
+    // 128 MiB of dirty page cache: the flush takes the disk's time to write them.
+    let f = fs::OpenOptions::new().write(true).open(&r.path).unwrap();
+    let chunk = vec![0x5au8; 16 * MIB as usize];
+    for i in 0..8 {
+        std::os::unix::fs::FileExt::write_all_at(&f, &chunk, i * 16 * MIB).unwrap();
+    }
+    let kick = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+
+    header(&mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
+    header(&mem, HDR + 16, VIRTIO_BLK_T_IN, 0);
+    mem.write_obj(0xffu8, GuestAddress(ST)).unwrap();
+    mem.write_obj(0xffu8, GuestAddress(ST + 1)).unwrap();
+    let flush: &[D] = &[(HDR, 16, false), (ST, 1, true)];
+    let read: &[D] = &[(HDR + 16, 16, false), (DATA, 4096, true), (ST + 1, 1, true)];
+    let (vq, mut q) = queue_of(&mem, &[flush, read]);
+    // Only the flush is available when the pass starts.
+    vq.avail().idx().store(u16::to_le(1));
+    let avail_idx = vq.avail_addr().unchecked_add(2);
+    let driver = {
+        let (mem, kick) = (mem.clone(), kick.try_clone().unwrap());
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            mem.store(u16::to_le(2), avail_idx, Ordering::Release)
+                .unwrap();
+            kick.write(1).unwrap();
+            std::time::Instant::now()
+        })
+    };
+    r.ex.set_doorbell(Some(kick.as_raw_fd()));
+    r.ex.process_queue(&mut q, &mem).unwrap();
+    let done = std::time::Instant::now();
+    r.ex.set_doorbell(None);
+    let queued = driver.join().unwrap();
+    assert_eq!(
+        vq.used().idx().load(),
+        2,
+        "the flush took under 10 ms: the read was queued after the pass"
+    );
+    assert_eq!((status(&mem, ST), status(&mem, ST + 1)), (OK, OK));
+    let first = vq.used().ring().ref_at(0).unwrap().load();
+    assert_eq!(
+        first.id(),
+        2,
+        "the read waited for the flush: the pass ended {:?} after the read was queued",
+        done.saturating_duration_since(queued)
+    );
+    let mut data = [0u8; 4096];
+    mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+    assert!(data.iter().all(|&b| b == 0x5a));
+}

@@ -59,6 +59,18 @@ pub(super) const PUBLISH_EVERY: usize = 8;
 /// before the wave ends.
 const WAVE_WRITE_BYTES: u64 = 8 << 20;
 
+/// Whether an op of `kind` that the engine queued may take long whatever the disk's speed
+/// (`direct`: the image is open with O_DIRECT): a flush, a fallocate, a write through, or a
+/// buffered write the file system may throttle. Reads and O_DIRECT writes take the disk's
+/// time for one request.
+fn lengthy(kind: OpKind, direct: bool) -> bool {
+    match kind {
+        OpKind::Read => false,
+        OpKind::Write { dsync } => dsync || !direct,
+        OpKind::Sync | OpKind::Fallocate { .. } => true,
+    }
+}
+
 /// Executes requests of one queue. Owned by that queue's worker thread.
 #[derive(Debug)]
 pub struct Executor {
@@ -89,6 +101,8 @@ pub struct Executor {
     cqes: Vec<(usize, i32)>,
     /// The queue's kick eventfd while a pass runs ([`Executor::set_doorbell`]).
     doorbell: Option<RawFd>,
+    /// Ops in the engine that may take long whatever the disk ([`Executor::lengthy`]).
+    lengthy: usize,
 }
 
 /// What starting a chain led to.
@@ -128,6 +142,7 @@ impl Executor {
             heads: Vec::new(),
             cqes: Vec::new(),
             doorbell: None,
+            lengthy: 0,
         })
     }
 
@@ -265,6 +280,7 @@ impl Executor {
         done.unwrap_or_else(|panic| {
             self.engine.unwatch_doorbell();
             self.engine.drain();
+            self.lengthy = 0;
             std::panic::resume_unwind(panic)
         })
     }
@@ -349,9 +365,17 @@ impl Executor {
             let wait = popped == 0 && self.ready.is_empty() && self.in_flight() > 0;
             // A driver given completions refills the ring while the engine works: with
             // notifications on, its kick ends the wait, so its requests do not sit in the ring
-            // until the next completion (a disk's time for large or O_DIRECT requests).
+            // until the next completion (a disk's time for large or O_DIRECT requests). A
+            // driver given none may still queue requests while a flush, a fallocate, a write
+            // through or a throttled write runs, which can take the disk's time for many
+            // requests (a read behind a guest's fsync): their waits watch the doorbell too.
             let mut notified = false;
-            if wait && refill && broken.is_none() && self.store.room() > 0 && waves < WAVES_PER_CALL
+            let lengthy = self.lengthy > 0 || self.slow.in_flight() > 0;
+            if wait
+                && (refill || lengthy)
+                && broken.is_none()
+                && self.store.room() > 0
+                && waves < WAVES_PER_CALL
             {
                 if let Some(fd) = self.doorbell {
                     match queue.enable_notification(mem) {
@@ -512,6 +536,7 @@ impl Executor {
             return;
         }
         let mut fresh = std::mem::take(&mut self.fresh);
+        let direct = self.disk.is_direct();
         let shareable = fresh
             .iter()
             .filter(|&&id| {
@@ -560,8 +585,11 @@ impl Executor {
                     // completions; every request is completed before `process_queue`/`execute`
                     // returns, while the caller's `mem` keeps guest memory mapped.
                     let started = unsafe { self.engine.start(uid, op, share) };
-                    if let Started::Done(result) = started {
-                        finished.push(result);
+                    match started {
+                        Started::Done(result) => finished.push(result),
+                        Started::Queued | Started::Partly { .. } => {
+                            self.lengthy += usize::from(lengthy(op.kind, direct));
+                        }
                     }
                 }
                 let mut last = false;
@@ -609,6 +637,7 @@ impl Executor {
             self.share.blocked(t.elapsed());
         }
         let mut again = false;
+        let direct = self.disk.is_direct();
         for &(uid, res) in &cqes {
             if uid == DOORBELL_ID {
                 self.stats.doorbells += 1;
@@ -627,12 +656,15 @@ impl Executor {
                 continue;
             };
             let Some(op) = ops.get_mut(k) else { continue };
+            let long = lengthy(op.kind, direct);
+            self.lengthy = self.lengthy.saturating_sub(usize::from(long));
             let result = match blocking::finish(op, res) {
                 Reaped::Done(result) => result,
                 // SAFETY: as in `launch`: the op stays in the store until reaped.
                 Reaped::Again => match unsafe { self.engine.start(uid, op, false) } {
                     Started::Done(result) => result,
                     Started::Queued | Started::Partly { .. } => {
+                        self.lengthy += usize::from(long);
                         again = true;
                         continue;
                     }
