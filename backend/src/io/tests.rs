@@ -1129,6 +1129,11 @@ fn a_read_queued_behind_a_long_flush_completes_before_it() {
         "the flush took under 10 ms: the read was queued after the pass"
     );
     assert_eq!((status(&mem, ST), status(&mem, ST + 1)), (OK, OK));
+    assert_eq!(
+        (r.ex.stats().batches, r.ex.stats().doorbells),
+        (2, 1),
+        "the read was popped in a wave of its own, after its kick ended the flush's wait"
+    );
     let first = vq.used().ring().ref_at(0).unwrap().load();
     assert_eq!(
         first.id(),

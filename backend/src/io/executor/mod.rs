@@ -59,14 +59,13 @@ pub(super) const PUBLISH_EVERY: usize = 8;
 /// before the wave ends.
 const WAVE_WRITE_BYTES: u64 = 8 << 20;
 
-/// Whether an op of `kind` that the engine queued may take long whatever the disk's speed
-/// (`direct`: the image is open with O_DIRECT): a flush, a fallocate, a write through, or a
-/// buffered write the file system may throttle. Reads and O_DIRECT writes take the disk's
-/// time for one request.
-fn lengthy(kind: OpKind, direct: bool) -> bool {
-    match kind {
+/// Whether `op`, queued on the engine, may take long whatever the disk's speed: a flush, a
+/// fallocate, a write through, or a write through the page cache (which the file system may
+/// throttle). Reads and O_DIRECT writes take the disk's time for one request.
+fn lengthy(op: &super::op::Op) -> bool {
+    match op.kind {
         OpKind::Read => false,
-        OpKind::Write { dsync } => dsync || !direct,
+        OpKind::Write { dsync } => dsync || op.buffered,
         OpKind::Sync | OpKind::Fallocate { .. } => true,
     }
 }
@@ -101,8 +100,8 @@ pub struct Executor {
     cqes: Vec<(usize, i32)>,
     /// The queue's kick eventfd while a pass runs ([`Executor::set_doorbell`]).
     doorbell: Option<RawFd>,
-    /// Ops in the engine that may take long whatever the disk ([`Executor::lengthy`]).
-    lengthy: usize,
+    /// Ops in the engine that may take long whatever the disk ([`lengthy`]).
+    long_ops: usize,
 }
 
 /// What starting a chain led to.
@@ -142,7 +141,7 @@ impl Executor {
             heads: Vec::new(),
             cqes: Vec::new(),
             doorbell: None,
-            lengthy: 0,
+            long_ops: 0,
         })
     }
 
@@ -280,7 +279,7 @@ impl Executor {
         done.unwrap_or_else(|panic| {
             self.engine.unwatch_doorbell();
             self.engine.drain();
-            self.lengthy = 0;
+            self.long_ops = 0;
             std::panic::resume_unwind(panic)
         })
     }
@@ -368,11 +367,13 @@ impl Executor {
             // until the next completion (a disk's time for large or O_DIRECT requests). A
             // driver given none may still queue requests while a flush, a fallocate, a write
             // through or a throttled write runs, which can take the disk's time for many
-            // requests (a read behind a guest's fsync): their waits watch the doorbell too.
+            // requests (a read behind a guest's fsync), and so may the slow path's work: waits
+            // for them watch the doorbell too, where the engine can.
             let mut notified = false;
-            let lengthy = self.lengthy > 0 || self.slow.in_flight() > 0;
+            let long_wait =
+                self.engine.can_watch() && (self.long_ops > 0 || self.slow.in_flight() > 0);
             if wait
-                && (refill || lengthy)
+                && (refill || long_wait)
                 && broken.is_none()
                 && self.store.room() > 0
                 && waves < WAVES_PER_CALL
@@ -536,7 +537,6 @@ impl Executor {
             return;
         }
         let mut fresh = std::mem::take(&mut self.fresh);
-        let direct = self.disk.is_direct();
         let shareable = fresh
             .iter()
             .filter(|&&id| {
@@ -588,7 +588,7 @@ impl Executor {
                     match started {
                         Started::Done(result) => finished.push(result),
                         Started::Queued | Started::Partly { .. } => {
-                            self.lengthy += usize::from(lengthy(op.kind, direct));
+                            self.long_ops += usize::from(lengthy(op));
                         }
                     }
                 }
@@ -637,7 +637,6 @@ impl Executor {
             self.share.blocked(t.elapsed());
         }
         let mut again = false;
-        let direct = self.disk.is_direct();
         for &(uid, res) in &cqes {
             if uid == DOORBELL_ID {
                 self.stats.doorbells += 1;
@@ -656,15 +655,17 @@ impl Executor {
                 continue;
             };
             let Some(op) = ops.get_mut(k) else { continue };
-            let long = lengthy(op.kind, direct);
-            self.lengthy = self.lengthy.saturating_sub(usize::from(long));
+            if lengthy(op) {
+                debug_assert!(self.long_ops > 0, "a long op completed twice");
+                self.long_ops = self.long_ops.saturating_sub(1);
+            }
             let result = match blocking::finish(op, res) {
                 Reaped::Done(result) => result,
                 // SAFETY: as in `launch`: the op stays in the store until reaped.
                 Reaped::Again => match unsafe { self.engine.start(uid, op, false) } {
                     Started::Done(result) => result,
                     Started::Queued | Started::Partly { .. } => {
-                        self.lengthy += usize::from(long);
+                        self.long_ops += usize::from(lengthy(op));
                         again = true;
                         continue;
                     }
