@@ -117,11 +117,6 @@ impl Engine {
         }
     }
 
-    /// Whether [`Engine::watch`] and [`Engine::watch_doorbell`] can work on this engine.
-    pub fn can_watch(&self) -> bool {
-        matches!(self, Engine::Uring(_))
-    }
-
     /// Make [`Engine::reap`] with `wait` also return (with
     /// [`DOORBELL_ID`](super::op::DOORBELL_ID)) whenever the queue's kick eventfd `fd` is
     /// written (a multishot poll, armed until [`Engine::unwatch_doorbell`] or a new `fd`; a

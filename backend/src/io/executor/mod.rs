@@ -368,32 +368,31 @@ impl Executor {
             // driver given none may still queue requests while a flush, a fallocate, a write
             // through or a throttled write runs, which can take the disk's time for many
             // requests (a read behind a guest's fsync), and so may the slow path's work: waits
-            // for them watch the doorbell too, where the engine can.
+            // for them watch the doorbell too. The poll is armed before notifications are
+            // turned on, and they stay off where it cannot be (the blocking engine).
             let mut notified = false;
-            let long_wait =
-                self.engine.can_watch() && (self.long_ops > 0 || self.slow.in_flight() > 0);
+            let long_wait = self.long_ops > 0 || self.slow.in_flight() > 0;
             if wait
                 && (refill || long_wait)
                 && broken.is_none()
                 && self.store.room() > 0
                 && waves < WAVES_PER_CALL
+                && self
+                    .doorbell
+                    .is_some_and(|fd| self.engine.watch_doorbell(fd))
             {
-                if let Some(fd) = self.doorbell {
-                    match queue.enable_notification(mem) {
-                        Ok(true) if !rechecked => {
-                            rechecked = true;
-                            if let Err(e) = queue.disable_notification(mem) {
-                                broken = Some(e);
-                            }
-                            continue;
+                match queue.enable_notification(mem) {
+                    Ok(true) if !rechecked => {
+                        // The poll stays armed for the rest of the pass.
+                        rechecked = true;
+                        if let Err(e) = queue.disable_notification(mem) {
+                            broken = Some(e);
                         }
-                        Ok(_) => {
-                            // Off again after the wait, also when the poll could not be armed.
-                            notified = true;
-                            self.engine.watch_doorbell(fd);
-                        }
-                        Err(e) => broken = Some(e),
+                        continue;
                     }
+                    // Off again after the wait.
+                    Ok(_) => notified = true,
+                    Err(e) => broken = Some(e),
                 }
             }
             if wait && self.engine.helper_in_flight() > 0 {
