@@ -55,10 +55,12 @@ pub(super) fn open_chain(config: &Config, path: &Path) -> Result<Qcow2Files, Dis
             hint: "",
             source,
         })?;
+    super::no_atime(&top);
     let mut paths = vec![path.to_path_buf()];
     let locking = config.locking;
     let mut opener = |p: &Path, fmt: Option<Format>| -> io::Result<File> {
         let f = OpenOptions::new().read(true).open(p)?;
+        super::no_atime(&f);
         if locking == Locking::On {
             match lock_image(&f, LockMode::ReadOnly) {
                 Ok(true) => {}
@@ -114,6 +116,7 @@ pub(super) fn open_chain(config: &Config, path: &Path) -> Result<Qcow2Files, Dis
                     hint: ": the file system does not support O_DIRECT (drop --direct)",
                     source,
                 })?;
+            super::no_atime(&f);
             direct.push(f);
         }
         direct.iter().map(AsRawFd::as_raw_fd).collect()

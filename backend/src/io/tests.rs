@@ -1145,3 +1145,51 @@ fn a_read_queued_behind_a_long_flush_completes_before_it() {
     mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
     assert!(data.iter().all(|&b| b == 0x5a));
 }
+
+#[test]
+fn reads_leave_the_image_access_time_alone() {
+    // Served images are opened O_NOATIME (their owner runs the daemon here): a read that
+    // updated the atime would also read the clock and check the inode each time.
+    for direct in [false, true] {
+        let target = concat!(env!("CARGO_MANIFEST_DIR"), "/../target");
+        fs::create_dir_all(target).unwrap();
+        let mut r = rig_in(tempfile::tempdir_in(target).unwrap(), MIB, |c| {
+            c.direct = direct
+        });
+        for fd in [r.disk.fd(), r.disk.buffered_fd()] {
+            let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL).unwrap();
+            assert_ne!(
+                flags & libc::O_NOATIME,
+                0,
+                "direct {direct}: fd {fd} updates atime"
+            );
+        }
+        let mem = memory();
+        assert_eq!(write_sector(&mut r, &mem, 8, 0x5a), OK);
+        // An atime two days old, before the last write: a relatime mount updates it on the
+        // next read through a descriptor without O_NOATIME.
+        let old =
+            nix::sys::time::TimeSpec::new(fs::metadata(&r.path).unwrap().mtime() - 2 * 86400, 0);
+        let mtime = fs::metadata(&r.path).unwrap();
+        let mtime = nix::sys::time::TimeSpec::new(mtime.mtime(), mtime.mtime_nsec());
+        nix::sys::stat::utimensat(
+            None,
+            &r.path,
+            &old,
+            &mtime,
+            nix::sys::stat::UtimensatFlags::FollowSymlink,
+        )
+        .unwrap();
+        // An aligned buffer goes to the O_DIRECT descriptor, an unaligned one to the
+        // buffered one.
+        for (at, len) in [(DATA, 4096), (DATA + 1, 512)] {
+            let (st, _) = rw(&mut r, &mem, VIRTIO_BLK_T_IN, 8, &[(at, len, true)]);
+            assert_eq!(st, OK);
+        }
+        assert_eq!(
+            fs::metadata(&r.path).unwrap().atime(),
+            old.tv_sec(),
+            "direct {direct}: a read updated the image's atime"
+        );
+    }
+}
