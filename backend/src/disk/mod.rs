@@ -6,9 +6,12 @@
 //! qcow2 chain for mappings). [`format`](mod@format) decides the format without trusting guest data;
 //! `chain` opens a qcow2 backing chain.
 
+mod atime;
 mod chain;
 pub mod format;
 
+pub(crate) use self::atime::no_atime;
+use self::atime::Atime;
 use self::chain::open_chain;
 pub use self::chain::Qcow2Files;
 pub use self::format::decide_format;
@@ -199,6 +202,7 @@ pub struct Disk {
     /// errno of a failed fdatasync on a buffered image: after one, every flush fails (the page
     /// cache may have dropped dirty pages, so nothing is known to be on disk any more).
     flush_poisoned: AtomicI32,
+    atime: Atime,
 }
 
 fn default_serial(path: &Path) -> [u8; SERIAL_LEN] {
@@ -218,21 +222,6 @@ fn serial_bytes(s: &str) -> [u8; SERIAL_LEN] {
     let n = b.len().min(SERIAL_LEN);
     out[..n].copy_from_slice(&b[..n]);
     out
-}
-
-/// Stop reads through `file` from updating the image's access time where this process may
-/// (it owns the file, or has CAP_FOWNER): otherwise every read from the page cache also
-/// reads the clock and checks whether the inode's atime is due, a few percent of a cached
-/// 4 KiB read. Elsewhere the file keeps its atime updates.
-pub(crate) fn no_atime(file: &File) {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let Ok(flags) = fcntl(file.as_raw_fd(), FcntlArg::F_GETFL) else {
-        return;
-    };
-    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NOATIME;
-    if let Err(e) = fcntl(file.as_raw_fd(), FcntlArg::F_SETFL(flags)) {
-        tracing::debug!("image reads keep updating its access time: {e}");
-    }
 }
 
 impl Disk {
@@ -388,6 +377,10 @@ impl Disk {
             if config.read_only { ", read-only" } else { "" },
             if block_device { ", block device" } else { "" },
         );
+        let atime = Atime::new(match &layout {
+            Layout::Raw { .. } => vec![file.as_raw_fd()],
+            Layout::Qcow2(q) => q.buffered_fds.clone(),
+        });
         Ok(Disk {
             path,
             file,
@@ -399,9 +392,16 @@ impl Disk {
             limits,
             discard: config.discard,
             direct: config.direct,
+            atime,
             layout,
             flush_poisoned: AtomicI32::new(0),
         })
+    }
+
+    /// Set the image's access time if the last one is a day old ([`atime`]): a worker calls
+    /// this as it starts serving a pass.
+    pub fn refresh_atime(&self, now: std::time::Instant) {
+        self.atime.refresh(now);
     }
 
     /// The image path.

@@ -293,6 +293,7 @@ impl Executor {
     ) -> Result<(), virtio_queue::Error> {
         let mut broken = None;
         let started = Instant::now();
+        self.disk.refresh_atime(started);
         let mut waves = 0;
         // Completions were published since the last chains were popped: the driver may refill
         // the ring while this thread waits for the engine.
