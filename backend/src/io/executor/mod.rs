@@ -369,8 +369,10 @@ impl Executor {
             // driver given none may still queue requests while a flush, a fallocate, a write
             // through or a throttled write runs, which can take the disk's time for many
             // requests (a read behind a guest's fsync), and so may the slow path's work: waits
-            // for them watch the doorbell too. The poll is armed before notifications are
-            // turned on, and they stay off where it cannot be (the blocking engine).
+            // for them watch the doorbell too. Notifications are turned on only once the poll
+            // is queued (they stay off where it cannot be: the blocking engine); the kernel
+            // starts it with the wait, and a kick written before that still rings, as nothing
+            // reads the kick eventfd during a pass.
             let mut notified = false;
             let long_wait = self.long_ops > 0 || self.slow.in_flight() > 0;
             if wait
