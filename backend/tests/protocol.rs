@@ -935,3 +935,24 @@ fn connections_do_not_leak_descriptors() {
     );
     d.finish();
 }
+
+#[test]
+fn a_driver_without_flush_is_served_and_negotiates_no_write_cache() {
+    // vloop-bench --no-flush: the client leaves VIRTIO_BLK_F_FLUSH and CONFIG_WCE out, so the
+    // daemon writes every write through (executor test a_driver_without_flush_gets_write_through).
+    let s = setup();
+    let d = Vloop::start(&s.image, &s.socket, &[]);
+    let cache = (1u64 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH)
+        | (1u64 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE);
+    for flush in [false, true] {
+        let o = ClientOptions { flush, ..opts() };
+        let mut c = Client::connect(&s.socket, &o).unwrap();
+        let acked = c.acked_features() & cache;
+        assert_eq!(acked, if flush { cache } else { 0 }, "flush {flush}");
+        let q = c.queue(0).unwrap();
+        q.write(64, &pattern(7, 4096)).unwrap();
+        assert_eq!(q.read(64, 4096).unwrap(), pattern(7, 4096));
+        drop(c);
+    }
+    d.finish();
+}

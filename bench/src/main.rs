@@ -104,6 +104,10 @@ struct Args {
     /// Do not negotiate VIRTIO_RING_F_EVENT_IDX.
     #[arg(long)]
     no_event_idx: bool,
+    /// With --socket: do not negotiate VIRTIO_BLK_F_FLUSH (nor CONFIG_WCE), so the backend
+    /// writes every write through to stable storage, as for a guest without a write cache.
+    #[arg(long, requires = "socket")]
+    no_flush: bool,
     /// PID of the backend, for its CPU time per request.
     #[arg(long)]
     backend_pid: Option<u32>,
@@ -284,6 +288,7 @@ fn run(a: Args) -> Result<()> {
         load::run_vhost_with(sock, &w, a.backend_pid, |o| {
             o.inflight &= !a.no_inflight;
             o.event_idx &= !a.no_event_idx;
+            o.flush &= !a.no_flush;
         })
         .with_context(|| format!("running {w} against {}", sock.display()))?
     } else if let Some(file) = &a.raw {

@@ -113,6 +113,9 @@ pub struct ClientOptions {
     pub scratch_size: u64,
     /// Negotiate VIRTIO_RING_F_EVENT_IDX when offered.
     pub event_idx: bool,
+    /// Negotiate VIRTIO_BLK_F_FLUSH and CONFIG_WCE when offered; without them the device
+    /// completes a write only once it is on stable storage (a driver without a write cache).
+    pub flush: bool,
     /// Ask for REPLY_ACK on every setting message when offered.
     pub reply_ack: bool,
     /// Negotiate INFLIGHT_SHMFD when offered and share an inflight region, as QEMU does.
@@ -130,6 +133,7 @@ impl Default for ClientOptions {
             slot_data_size: 128 << 10,
             scratch_size: 64 << 10,
             event_idx: true,
+            flush: true,
             reply_ack: true,
             inflight: true,
             timeout: Duration::from_secs(10),
@@ -246,7 +250,10 @@ impl Client {
 
         let mut acked = bit(VIRTIO_F_VERSION_1) | PROTOCOL_FEATURES;
         for f in WANTED_BLK_FEATURES {
-            acked |= offered & bit(f);
+            let cache = f == vb::VIRTIO_BLK_F_FLUSH || f == vb::VIRTIO_BLK_F_CONFIG_WCE;
+            if opts.flush || !cache {
+                acked |= offered & bit(f);
+            }
         }
         if opts.event_idx {
             acked |= offered & bit(VIRTIO_RING_F_EVENT_IDX);
