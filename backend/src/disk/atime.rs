@@ -31,7 +31,7 @@ pub fn no_atime(file: &File) {
 }
 
 /// Whether reads through `fd` leave its atime alone.
-fn is_no_atime(fd: RawFd) -> bool {
+pub fn is_no_atime(fd: RawFd) -> bool {
     fcntl(fd, FcntlArg::F_GETFL).is_ok_and(|f| f & libc::O_NOATIME != 0)
 }
 

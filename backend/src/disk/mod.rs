@@ -10,6 +10,8 @@ mod atime;
 mod chain;
 pub mod format;
 
+#[cfg(test)]
+pub(crate) use self::atime::is_no_atime;
 pub(crate) use self::atime::no_atime;
 use self::atime::Atime;
 use self::chain::open_chain;

@@ -71,12 +71,32 @@ fn rig(size: u64) -> Rig {
     rig_with(size, |_| {})
 }
 
-/// A rig whose image is in the workspace's target directory: on a disk file system wherever
-/// TMPDIR points (on tmpfs a flush completes at once).
-fn rig_on_disk(size: u64) -> Rig {
+/// A directory in the workspace's target directory: on a disk file system wherever TMPDIR
+/// points (on tmpfs a flush completes at once).
+fn dir_on_disk() -> tempfile::TempDir {
     let target = concat!(env!("CARGO_MANIFEST_DIR"), "/../target");
     std::fs::create_dir_all(target).unwrap();
-    rig_in(tempfile::tempdir_in(target).unwrap(), size, |_| {})
+    tempfile::tempdir_in(target).unwrap()
+}
+
+/// A rig whose image is in [`dir_on_disk`].
+fn rig_on_disk(size: u64) -> Rig {
+    rig_in(dir_on_disk(), size, |_| {})
+}
+
+/// A [`rig_on_disk`] on the io_uring engine whose first `dirty` bytes were just written with
+/// `val` through the page cache (so a flush takes the disk's time to write them), and a kick
+/// eventfd for its doorbell.
+fn dirty_rig_on_disk(size: u64, dirty: u64, val: u8) -> (Rig, vmm_sys_util::eventfd::EventFd) {
+    let r = rig_on_disk(size);
+    assert!(matches!(r.ex.engine(), Engine::Uring(_)), "io_uring engine");
+    let f = fs::OpenOptions::new().write(true).open(&r.path).unwrap();
+    let chunk = vec![val; (16 * MIB).min(dirty) as usize];
+    for at in (0..dirty).step_by(chunk.len()) {
+        std::os::unix::fs::FileExt::write_all_at(&f, &chunk, at).unwrap();
+    }
+    let kick = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    (r, kick)
 }
 
 /// A rig whose image is on tmpfs where there is one (/dev/shm): its RWF_NOWAIT writes never
@@ -1048,13 +1068,9 @@ fn buffered_writes_up_to_four_mib_are_copied_by_the_worker_itself() {
 fn a_kick_during_a_wait_ends_it_and_stays_for_its_reader() {
     // vhost-user-backend reads a kick it was told of after the pass, and fails the queue when
     // the kick is gone: a pass that watches the doorbell must leave its kicks there.
-    let mut r = rig_on_disk(32 * MIB);
-    let mem = memory();
-    assert!(matches!(r.ex.engine(), Engine::Uring(_)), "io_uring engine");
     // Dirty page cache, so that the flush below stays in flight while the read is published.
-    let f = fs::OpenOptions::new().write(true).open(&r.path).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, &vec![0x11u8; 16 * MIB as usize], 0).unwrap();
-    let kick = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let (mut r, kick) = dirty_rig_on_disk(32 * MIB, 16 * MIB, 0x11);
+    let mem = memory();
     kick.write(1).unwrap();
 
     // A read served from the page cache and a flush: the read is published while the flush
@@ -1087,16 +1103,9 @@ fn a_read_queued_behind_a_long_flush_completes_before_it() {
     // The driver heard of no completion since the flush was popped, yet queues a read while
     // the flush runs (a guest's fsync with other readers): the worker must not sit in the
     // flush's wait until the disk is done.
-    let mut r = rig_on_disk(128 * MIB);
-    let mem = memory();
-    assert!(matches!(r.ex.engine(), Engine::Uring(_)), "io_uring engine");
     // 128 MiB of dirty page cache: the flush takes the disk's time to write them.
-    let f = fs::OpenOptions::new().write(true).open(&r.path).unwrap();
-    let chunk = vec![0x5au8; 16 * MIB as usize];
-    for i in 0..8 {
-        std::os::unix::fs::FileExt::write_all_at(&f, &chunk, i * 16 * MIB).unwrap();
-    }
-    let kick = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let (mut r, kick) = dirty_rig_on_disk(128 * MIB, 128 * MIB, 0x5a);
+    let mem = memory();
 
     header(&mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
     header(&mem, HDR + 16, VIRTIO_BLK_T_IN, 0);
@@ -1150,17 +1159,15 @@ fn a_read_queued_behind_a_long_flush_completes_before_it() {
 fn reads_leave_the_image_access_time_alone() {
     // Served images are opened O_NOATIME (the test owns its image): a read that updated the
     // atime would also read the clock and check the inode each time (disk/atime.rs).
-    let target = concat!(env!("CARGO_MANIFEST_DIR"), "/../target");
-    fs::create_dir_all(target).unwrap();
     // A file server updates the atime itself whatever the descriptor says.
-    let remote = nix::sys::statfs::statfs(target).is_ok_and(|s| {
+    let remote = nix::sys::statfs::statfs(dir_on_disk().path()).is_ok_and(|s| {
         matches!(
             s.filesystem_type().0 as u64,
             0x6969 | 0x6573_5546 | 0x0102_1997 | 0xff53_4d42 | 0xfe53_4d42
         )
     });
     for direct in [false, true] {
-        let dir = tempfile::tempdir_in(target).unwrap();
+        let dir = dir_on_disk();
         if direct {
             let probe = dir.path().join("probe");
             fs::File::create(&probe).unwrap();
@@ -1177,10 +1184,8 @@ fn reads_leave_the_image_access_time_alone() {
         }
         let mut r = rig_in(dir, MIB, |c| c.direct = direct);
         for fd in [r.disk.fd(), r.disk.buffered_fd()] {
-            let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL).unwrap();
-            assert_ne!(
-                flags & libc::O_NOATIME,
-                0,
+            assert!(
+                crate::disk::is_no_atime(fd),
                 "direct {direct}: fd {fd} updates atime"
             );
         }
