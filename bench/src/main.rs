@@ -87,6 +87,12 @@ struct Args {
     /// Queues, one thread each.
     #[arg(long, default_value_t = 1)]
     queues: u16,
+    /// With --socket or --raw: each of the --iodepth requests in flight is a stream that waits
+    /// this long after its completion before it sends the next (a process computing between
+    /// its I/Os), so requests arrive while others are in flight; the queue's thread spins
+    /// meanwhile, so they go out on time.
+    #[arg(long, default_value_t = 0)]
+    think_us: u64,
     /// Duration of each run ("5s", "500ms"; default 5s, 2s per run with --compare, 3s per
     /// phase with --guest).
     #[arg(long)]
@@ -174,7 +180,9 @@ impl Args {
             iodepth: self.iodepth,
             queues: self.queues,
         };
-        Ok(words.workload(runtime)?)
+        let mut w = words.workload(runtime)?;
+        w.think = Duration::from_micros(self.think_us);
+        Ok(w)
     }
 }
 

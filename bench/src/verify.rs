@@ -185,6 +185,7 @@ mod tests {
             queues: 1,
             runtime: Duration::from_secs(1),
             one_pass: false,
+            think: Duration::ZERO,
         };
         assert_eq!(
             ok.text(&w),

@@ -121,6 +121,7 @@ pub(super) fn measure_idle(
         queues,
         runtime: secs,
         one_pass: false,
+        think: Duration::ZERO,
     };
     let client = match Client::connect(d.socket(), &client_options(&w)) {
         Ok(c) => c,

@@ -62,6 +62,7 @@ pub(crate) fn report(targets: Vec<Target>) -> Report {
         queues,
         runtime: Duration::from_secs(2),
         one_pass: false,
+        think: Duration::ZERO,
     };
     let load = LoadAvg {
         one: 0.25,
@@ -107,6 +108,7 @@ pub(crate) fn qcow2_report() -> Report {
         queues: 1,
         runtime: Duration::from_secs(2),
         one_pass: true,
+        think: Duration::ZERO,
     };
     r.rows[1] = row(write, ImageState::EmptyOverlay, 500.0, &targets);
     r.qcow2 = Some(Qcow2Image {

@@ -157,6 +157,7 @@ pub fn default_workloads(runtime: Duration) -> Vec<Workload> {
         queues,
         runtime,
         one_pass: false,
+        think: Duration::ZERO,
     };
     vec![
         w(Pattern::RandRead, 4096, 1, 1),
@@ -180,6 +181,7 @@ pub fn qcow2_cases(runtime: Duration) -> Vec<Case> {
         queues: 1,
         runtime,
         one_pass: false,
+        think: Duration::ZERO,
     };
     vec![
         Case::allocated(w(Pattern::RandRead, 4096, 1)),

@@ -137,6 +137,7 @@ mod tests {
             queues: 1,
             runtime: Duration::from_millis(1500),
             one_pass: false,
+            think: Duration::ZERO,
         };
         let p = phases(Some(&w), Duration::from_secs(9)).unwrap();
         assert_eq!(p.len(), 1);

@@ -28,13 +28,18 @@ pub(super) trait Engine {
     /// Waits (a bounded time) for completions and appends each one's slot and whether it
     /// succeeded to `done`; none when the wait ran out.
     fn complete(&mut self, done: &mut Vec<(u16, bool)>) -> Result<(), LoadError>;
+    /// Appends the completions there are, without waiting (and hands queued requests to the
+    /// other side where `kick` leaves that to `complete`).
+    fn poll(&mut self, done: &mut Vec<(u16, bool)>) -> Result<(), LoadError>;
     /// The queue's notification counters (zero where there are none).
     fn stats(&self) -> QueueStats {
         QueueStats::default()
     }
 }
 
-/// Runs queue `qi` of workload `w` over `capacity` bytes on `engine` until `end`.
+/// Runs queue `qi` of workload `w` over `capacity` bytes on `engine` until `end`. With a
+/// think time, each completion frees its stream only that long after it arrived; the thread
+/// polls for completions meanwhile instead of sleeping.
 pub(super) fn drive(
     mut engine: impl Engine,
     w: &Workload,
@@ -51,29 +56,50 @@ pub(super) fn drive(
         hist: LatencyHist::new(),
         stats: QueueStats::default(),
     };
+    // Streams free to send, and when each thinking one will be.
+    let mut free = engine.slots();
+    let mut thinking = std::collections::VecDeque::with_capacity(engine.slots());
     loop {
         let now = Instant::now();
         if now < end {
-            while !gen.done() {
+            while thinking.front().is_some_and(|&t| t <= now) {
+                thinking.pop_front();
+                free += 1;
+            }
+            let mut sent = false;
+            while free > 0 && !gen.done() {
                 let Some(slot) = engine.free_slot() else {
                     break;
                 };
                 let (read, off) = gen.next_io();
                 engine.submit(slot, read, off)?;
                 started[usize::from(slot)] = now;
+                free -= 1;
+                sent = true;
             }
-            engine.kick()?;
+            if sent || w.think.is_zero() {
+                engine.kick()?;
+            }
         }
-        if engine.in_flight() == 0 {
+        if engine.in_flight() == 0 && (thinking.is_empty() || now >= end || gen.done()) {
             break;
         }
-        engine.complete(&mut done)?;
+        if w.think.is_zero() {
+            engine.complete(&mut done)?;
+        } else {
+            engine.poll(&mut done)?;
+        }
         let t = Instant::now();
         for (slot, ok) in done.drain(..) {
             part.hist.record(t - started[usize::from(slot)]);
             part.ios += 1;
             if !ok {
                 part.errors += 1;
+            }
+            if w.think.is_zero() {
+                free += 1;
+            } else {
+                thinking.push_back(t + w.think);
             }
         }
     }

@@ -121,12 +121,30 @@ impl Engine for UringEngine {
                 op: "submit",
                 source,
             })?;
+        self.reap(done);
+        Ok(())
+    }
+
+    fn poll(&mut self, done: &mut Vec<(u16, bool)>) -> Result<(), LoadError> {
+        if !self.ring.submission().is_empty() {
+            self.ring.submit().map_err(|source| LoadError::Uring {
+                op: "submit",
+                source,
+            })?;
+        }
+        self.reap(done);
+        Ok(())
+    }
+}
+
+impl UringEngine {
+    /// Hands on the completions in the ring and frees their slots.
+    fn reap(&mut self, done: &mut Vec<(u16, bool)>) {
         for cqe in self.ring.completion() {
             let slot = cqe.user_data() as u16;
             done.push((slot, cqe.result() == self.bs as i32));
             self.free.push(slot);
         }
-        Ok(())
     }
 }
 
@@ -146,6 +164,7 @@ mod tests {
             queues: 2,
             runtime,
             one_pass: false,
+            think: Duration::ZERO,
         }
     }
 
@@ -182,5 +201,34 @@ mod tests {
         assert!(r.latency.p50_us > 0.0);
         // The writes landed: the file now holds the 0xa5 fill somewhere.
         assert!(std::fs::read(&img).unwrap().contains(&0xa5));
+    }
+
+    #[test]
+    fn streams_that_think_send_once_per_think_time_each() {
+        // 4 streams on each of 2 queues, each waiting 20 ms after a completion: at most
+        // 8 x (300 ms / 20 ms + 1) requests in 300 ms, and far more without the think time.
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("f");
+        std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+        let think = Duration::from_millis(20);
+        let w = Workload {
+            think,
+            ..wl(Pattern::RandRead, Duration::from_millis(300))
+        };
+        let r = run_raw(&img, &w, false).unwrap();
+        assert_eq!(r.errors, 0);
+        assert!(r.ios >= 8, "{} requests", r.ios);
+        assert!(
+            r.ios <= 8 * 16,
+            "{} requests: the streams did not think",
+            r.ios
+        );
+        // A request's latency counts from when it was sent, not the think time before.
+        assert!(
+            r.latency.p50_us < think.as_micros() as f64 / 2.0,
+            "p50 {} us",
+            r.latency.p50_us
+        );
+        assert!(w.to_string().ends_with("think 20000 us"), "{w}");
     }
 }

@@ -133,6 +133,13 @@ impl Engine for QueueEngine {
         Ok(())
     }
 
+    fn poll(&mut self, done: &mut Vec<(u16, bool)>) -> Result<(), LoadError> {
+        self.reaped.clear();
+        self.q.reap(&mut self.reaped);
+        done.extend(self.reaped.iter().map(|c| (c.slot, c.status == S_OK)));
+        Ok(())
+    }
+
     fn stats(&self) -> QueueStats {
         self.q.stats()
     }

@@ -78,6 +78,7 @@ impl WorkloadWords<'_> {
             queues: self.queues,
             runtime,
             one_pass: false,
+            think: Duration::ZERO,
         })
     }
 }
@@ -160,6 +161,10 @@ pub struct Workload {
     /// that comes before the runtime, instead of wrapping around (so on an empty image every
     /// write allocates). Random patterns ignore it.
     pub one_pass: bool,
+    /// How long each of a queue's `iodepth` streams waits after a completion before it
+    /// sends its next request (a process that computes between its I/Os); zero: at once.
+    #[serde(serialize_with = "ser_secs")]
+    pub think: Duration,
 }
 
 fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -177,6 +182,9 @@ impl fmt::Display for Workload {
         )?;
         if self.queues > 1 {
             write!(f, " x{}q", self.queues)?;
+        }
+        if !self.think.is_zero() {
+            write!(f, " think {} us", self.think.as_micros())?;
         }
         Ok(())
     }
@@ -303,6 +311,7 @@ mod tests {
             queues,
             runtime: Duration::from_secs(1),
             one_pass: false,
+            think: Duration::ZERO,
         }
     }
 
@@ -397,6 +406,7 @@ mod tests {
     fn one_pass_streams_end_at_their_stripe_end() {
         let w = Workload {
             one_pass: true,
+            think: Duration::ZERO,
             ..wl(Pattern::Write, 2)
         };
         let mut g = OffsetGen::new(&w, 1, 8 * 4096);
@@ -408,6 +418,7 @@ mod tests {
         // Random patterns never end.
         let r = Workload {
             one_pass: true,
+            think: Duration::ZERO,
             ..wl(Pattern::RandWrite, 1)
         };
         let mut g = OffsetGen::new(&r, 0, 8 * 4096);

@@ -245,6 +245,7 @@ pub fn verified_random_io_on_two_queues(b: Backend) {
         queues: 2,
         runtime: Duration::from_millis(700),
         one_pass: false,
+        think: Duration::ZERO,
     };
     let r = vloop_bench::verify::run_verify(e.daemon.socket(), &w).unwrap();
     eprintln!("{r:?}");
