@@ -194,8 +194,10 @@ impl Executor {
     }
 
     /// A write into the first sector of a raw image whose format `--format auto` decided: it
-    /// may not make the image look like another format. The data is copied first and the copy
-    /// checked and written, so the guest cannot change it between the check and the write.
+    /// may not make the image look like another format. The first sector is copied first and
+    /// the copy checked and written, so the guest cannot change it between the check and the
+    /// write; the rest of the write goes from guest memory as any other (a copy of all of it
+    /// would let a ring of large writes at sector 0 take the daemon's memory).
     fn guarded_first_sector(
         &mut self,
         mem: &GuestMem,
@@ -204,18 +206,24 @@ impl Executor {
         iov: Iovecs,
         write_through: bool,
     ) -> Parsed {
-        let mut data = vec![0u8; req.data_len as usize];
+        let probe = vloop_qcow2::format::PROBE_BYTES;
+        let mut first = vec![0u8; probe.min(usize::try_from(req.data_len).unwrap_or(probe))];
         let mut at = 0;
         for v in &iov {
+            let n = v.iov_len.min(first.len() - at);
             // SAFETY: each iovec covers mapped guest memory (guest_iovecs), read for this copy.
-            let src = unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) };
-            data[at..at + v.iov_len].copy_from_slice(src);
-            at += v.iov_len;
+            let src = unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), n) };
+            first[at..at + n].copy_from_slice(src);
+            at += n;
+            if at == first.len() {
+                break;
+            }
         }
-        if let Err(e) = vloop_qcow2::probed_raw_write(req.offset, &data) {
+        if let Err(e) = vloop_qcow2::probed_raw_write(req.offset, &first) {
             self.guest_warn(head, format_args!("write refused: {e}"));
             return self.done(mem, head, req.status, STATUS_IOERR, 1);
         }
+        let rest = GuestBuffers(op::advance(&iov, first.len() as u64));
         let fd = self.disk.buffered_fd();
         let offset = req.offset;
         let work: Work = Box::new(move || {
@@ -225,7 +233,14 @@ impl Executor {
             let f = std::mem::ManuallyDrop::new(unsafe {
                 <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
             });
-            f.write_all_at(&data, offset)?;
+            f.write_all_at(&first, offset)?;
+            let mut at = offset + first.len() as u64;
+            // SAFETY: the request is in flight until this work's completion is collected; only
+            // this thread uses its buffers.
+            for s in unsafe { rest.as_slices() } {
+                f.write_all_at(&s, at)?;
+                at += s.len() as u64;
+            }
             if write_through {
                 f.sync_data()?;
             }
