@@ -6,7 +6,9 @@
 //! driver's write-cache setting, the negotiated features, the inflight region, which queues a
 //! broken ring stopped. A queue whose ring is broken (an available index far ahead of the used
 //! one, rings outside guest memory) stops, as the specification's DEVICE_NEEDS_RESET would have
-//! it, with one log line; the other queues and the daemon go on. Guest memory is seen through
+//! it, with one log line, until the frontend stops the ring and sets it up again (a device
+//! reset); the other queues and the daemon go on. A ring the frontend stopped (GET_VRING_BASE)
+//! is not broken: it is left alone until it is started again. Guest memory is seen through
 //! the device's own map, swapped in only after its ranges are guarded ([`crate::fault`]); a
 //! fault in it ends the connection.
 
@@ -303,7 +305,9 @@ impl BlkDevice {
     fn stop_queue(&self, queue: u16, why: std::fmt::Arguments<'_>) {
         if let Some(b) = self.broken.get(usize::from(queue)) {
             if !b.swap(true, Ordering::Relaxed) {
-                warn!("queue {queue} stopped (the driver must reset the device): {why}");
+                self.warn_limited(format_args!(
+                    "queue {queue} stopped (the driver must reset the device): {why}"
+                ));
             }
         }
     }
@@ -346,11 +350,19 @@ impl BlkDevice {
             return;
         }
         w.poll.woke();
-        let guarded = self.mem.lock_unpoisoned().clone();
-        let mem = &guarded.mem;
         let mut empty_passes = 0;
         loop {
+            // Taken for each pass: a frontend that replaces its memory table while this queue
+            // stays busy has the new one used from the next pass on.
+            let guarded = self.mem.lock_unpoisoned().clone();
+            let mem = &guarded.mem;
             let mut state = vring.get_mut();
+            // The frontend stopped the ring (GET_VRING_BASE: a VM stop, a device reset, a
+            // migration) since the kick or the last pass: not a broken ring, and not one to
+            // touch until it is started again.
+            if !state.get_queue().ready() {
+                return;
+            }
             if let Err(e) = state.get_queue_mut().disable_notification(mem) {
                 self.ring_error(queue, format_args!("cannot disable notifications: {e}"));
                 return;
@@ -392,6 +404,9 @@ impl BlkDevice {
                 }
             }
             let mut state = vring.get_mut();
+            if !state.get_queue().ready() {
+                return;
+            }
             match state.get_queue_mut().enable_notification(mem) {
                 Ok(true) if empty_passes >= EMPTY_PASSES_MAX => {
                     self.ring_error(
@@ -550,6 +565,22 @@ impl VhostUserBackend for BlkDevice {
         Ok(())
     }
 
+    /// GET_VRING_BASE: the ring is marked not ready and no pass runs on it now (a pass holds
+    /// the vring's lock, and every request it took is complete when it ends). A ring that
+    /// was broken starts afresh when the frontend sets it up again (a device reset), unless
+    /// guest memory faulted and the connection is ending.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if !self.memory_faulted.load(Ordering::Relaxed) {
+            if let Some(b) = usize::try_from(queue_index)
+                .ok()
+                .and_then(|q| self.broken.get(q))
+            {
+                b.store(false, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
     fn queues_per_thread(&self) -> Vec<u64> {
         (0..self.num_queues).map(|q| 1u64 << q).collect()
     }
@@ -591,6 +622,7 @@ mod tests {
     use std::os::fd::RawFd;
 
     use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_RO};
+    use virtio_queue::mock::MockSplitQueue;
 
     use super::*;
     use crate::virtio_blk::CONFIG_LEN;
@@ -715,5 +747,72 @@ mod tests {
         // Their closing, at the device's drop, is checked by the daemon tests that count a
         // process's descriptors across connections (numbers are reused across threads here).
         assert_eq!(Arc::strong_count(&dev), 1);
+    }
+
+    /// A queue of 16 at guest address 0 of `mem` whose ring entries all offer the chain at
+    /// descriptor 0: a flush with its header at 0x10000 and its status byte after it.
+    fn flush_ring(mem: &GuestMem) -> (MockSplitQueue<'_, GuestMem>, Vring) {
+        use virtio_bindings::virtio_blk::VIRTIO_BLK_T_FLUSH;
+        use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+        use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+        let mut header = [0u8; 16];
+        header[..4].copy_from_slice(&VIRTIO_BLK_T_FLUSH.to_le_bytes());
+        mem.write_slice(&header, GuestAddress(0x10000)).unwrap();
+        let vq = MockSplitQueue::create(mem, GuestAddress(0), 16);
+        let chain = [
+            RawDescriptor::from(Descriptor::new(0x10000, 16, VRING_DESC_F_NEXT as u16, 1)),
+            RawDescriptor::from(Descriptor::new(0x10010, 1, VRING_DESC_F_WRITE as u16, 0)),
+        ];
+        vq.add_desc_chains(&chain, 0).unwrap();
+        for slot in 1..16 {
+            vq.avail().ring().ref_at(slot).unwrap().store(0);
+        }
+        let vring = Vring::new(GuestMemoryAtomic::new(mem.clone()), 16).unwrap();
+        vring.set_queue_size(16);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        vring.set_enabled(true);
+        vring.set_queue_ready(true);
+        (vq, vring)
+    }
+
+    #[test]
+    fn a_ring_the_frontend_stopped_is_left_alone_and_a_reset_restarts_a_broken_one() {
+        let (_d, dev) = device(MIB, |_| {});
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), MIB as usize)]).unwrap();
+        dev.update_memory(GuestMemoryAtomic::new(mem.clone()))
+            .unwrap();
+        let (vq, vring) = flush_ring(&mem);
+        let kick = |dev: &BlkDevice| {
+            dev.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+                .unwrap()
+        };
+        let status = || mem.read_obj::<u8>(GuestAddress(0x10010)).unwrap();
+        // GET_VRING_BASE marked the ring not ready (a VM stop, a device reset) while a kick
+        // was on its way: the ring is not touched, and it is not broken.
+        vring.set_queue_ready(false);
+        kick(&dev);
+        assert!(!dev.is_stopped(0), "a stopped ring counted as broken");
+        assert_eq!(vq.used().idx().load(), 0, "a stopped ring was served");
+        // Started again where it stopped: served.
+        vring.set_queue_ready(true);
+        kick(&dev);
+        assert_eq!((vq.used().idx().load(), status()), (1, 0));
+        // A broken ring (an available index far ahead of the used one) stops the queue ...
+        vq.avail().idx().store(u16::to_le(1000));
+        kick(&dev);
+        assert!(dev.is_stopped(0));
+        // ... until the frontend stops the ring and sets it up again (a device reset).
+        vring.set_queue_ready(false);
+        dev.stop_vring(0).unwrap();
+        assert!(!dev.is_stopped(0), "a reset left the queue stopped");
+        mem.write_obj(0xffu8, GuestAddress(0x10010)).unwrap();
+        vq.avail().idx().store(u16::to_le(2));
+        vring.set_queue_next_avail(1);
+        vring.set_queue_next_used(1);
+        vring.set_queue_ready(true);
+        kick(&dev);
+        assert_eq!((vq.used().idx().load(), status()), (2, 0));
     }
 }
