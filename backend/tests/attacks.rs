@@ -656,6 +656,41 @@ fn set_inflight_fd_that_can_shrink_is_refused() {
     d.survives();
 }
 
+#[test]
+fn set_inflight_fd_on_hugetlbfs_is_refused() {
+    // Sealable and of the right size, but where the huge page pool has no page for a hole
+    // the daemon's first access to the region would raise SIGBUS.
+    let d = Daemon::start(&[]);
+    let size = 2 << 20;
+    // SAFETY: memfd_create with a NUL-terminated name and flags; the result is checked.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"inflight-huge".as_ptr(),
+            libc::MFD_HUGETLB | libc::MFD_ALLOW_SEALING | libc::MFD_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        vloop_frontend::skip::skip(&format!(
+            "no hugetlb memfd here: {}",
+            std::io::Error::last_os_error()
+        ));
+        return;
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    let huge = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    if let Err(e) = huge.set_len(size) {
+        vloop_frontend::skip::skip(&format!("cannot size a hugetlb memfd here: {e}"));
+        return;
+    }
+    let dev = d.device(&inflight_negotiation());
+    let r = dev
+        .fe
+        .set_inflight_fd(&VhostUserInflight::new(size, 0, 1, 256), huge.as_raw_fd());
+    assert_refused(&d, &dev.fe, r, "SET_INFLIGHT_FD with a hugetlb memfd");
+    drop(dev);
+    d.survives();
+}
+
 // ---- 5. 6. descriptors the daemon writes to that block ----
 
 #[test]

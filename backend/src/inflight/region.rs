@@ -93,6 +93,9 @@ pub enum InflightError {
     /// The region could not be mapped.
     #[error("cannot map the inflight region: {0}")]
     Map(String),
+    /// The frontend's region fd is not shared memory (a memfd, as a backend hands out).
+    #[error("the inflight region's fd is not a memfd (shared memory): {0}")]
+    NotShmem(&'static str),
 }
 
 fn add_seals(file: &File, seals: libc::c_int) -> io::Result<()> {
@@ -182,6 +185,17 @@ impl InflightRegion {
     ) -> Result<InflightRegion, InflightError> {
         if queue_size == 0 || queue_size > MAX_QUEUE_SIZE || num_queues == 0 {
             return Err(InflightError::BadQueueSize(queue_size));
+        }
+        // A frontend hands back a memfd that a backend created. Another sealable file, one on
+        // hugetlbfs, may have no page to give where the region has a hole: the daemon's first
+        // access to it would raise SIGBUS.
+        match nix::sys::statfs::fstatfs(file) {
+            Ok(s) if s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC => {}
+            Ok(s) if s.filesystem_type() == nix::sys::statfs::HUGETLBFS_MAGIC => {
+                return Err(InflightError::NotShmem("it is on hugetlbfs"));
+            }
+            Ok(_) => return Err(InflightError::NotShmem("it is on another file system")),
+            Err(_) => return Err(InflightError::NotShmem("its file system is unknown")),
         }
         // The size is checked below, against a file that can no longer shrink.
         seal_against_shrinking(file).map_err(InflightError::Unsealed)?;
@@ -448,6 +462,10 @@ mod tests {
         assert!(InflightRegion::open(&file, size, 0, 1, 0).is_err());
         assert!(InflightRegion::open(&file, size, 0, 1, 4).is_err());
         assert!(InflightRegion::create(1, 0).is_err());
+        // A regular file.
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(size).unwrap();
+        assert!(InflightRegion::open(&f, size, 0, 1, 8).is_err());
         // Out-of-range heads are ignored.
         let (r, _f) = InflightRegion::create(1, 4).unwrap();
         let q = r.queue(0).unwrap();
@@ -456,5 +474,34 @@ mod tests {
         q.end_batch(&[9], 1);
         assert!(q.recover(1).is_empty());
         assert!(r.queue(1).is_none());
+    }
+
+    #[test]
+    fn a_region_on_hugetlbfs_is_refused() {
+        // Where the huge page pool is empty, the first access to such a region would raise
+        // SIGBUS in the daemon; sealed against shrinking it passes every other check.
+        // SAFETY: memfd_create with a NUL-terminated name and flags; the result is checked.
+        let fd = unsafe {
+            libc::memfd_create(
+                c"inflight-huge".as_ptr(),
+                libc::MFD_HUGETLB | libc::MFD_ALLOW_SEALING | libc::MFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            vloop_frontend::skip::skip(&format!(
+                "no hugetlb memfd here: {}",
+                io::Error::last_os_error()
+            ));
+            return;
+        }
+        // SAFETY: a fresh descriptor that nothing else owns.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let size = 2 << 20;
+        if let Err(e) = file.set_len(size) {
+            vloop_frontend::skip::skip(&format!("cannot size a hugetlb memfd here: {e}"));
+            return;
+        }
+        let err = InflightRegion::open(&file, size, 0, 1, 256).unwrap_err();
+        assert!(matches!(err, InflightError::NotShmem(_)), "{err}");
     }
 }
