@@ -201,7 +201,10 @@ fn main() -> ExitCode {
         1 => "debug",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    // virtio-queue logs each bad descriptor or head a guest offers, at any rate; the daemon
+    // reports them itself within a budget per queue (WARNINGS_PER_SECOND).
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},virtio_queue=off")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

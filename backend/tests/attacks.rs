@@ -1824,3 +1824,38 @@ fn large_writes_at_sector_0_of_a_probed_raw_image_take_no_memory() {
     }
     d.survives();
 }
+
+#[test]
+fn head_indices_past_the_ring_log_within_the_budget() {
+    // Every available entry names head 0xfff0: no chain, nothing to complete, and each one
+    // reported within the queue's budget of log lines (the queue library, left to itself,
+    // logged every one).
+    let d = Daemon::start(&[]);
+    let lines = d.log_lines();
+    {
+        let mut dev = d.device(&Negotiation::default());
+        dev.set_mem_table().unwrap();
+        let q = dev
+            .start_queue(0, RingLayout::new(256, 0).unwrap(), 0)
+            .unwrap();
+        let mut idx = 0u16;
+        for _ in 0..20 {
+            for _ in 0..128 {
+                q.set_avail_entry(idx, 0xfff0).unwrap();
+                idx = idx.wrapping_add(1);
+            }
+            q.set_avail_idx(idx).unwrap();
+            q.kick().unwrap();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        d.assert_idle("after 2560 heads past the ring");
+    }
+    let added = d.log_lines() - lines;
+    assert!(
+        added <= 4 * FEW_LINES,
+        "2560 heads past the ring added {added} log lines:\n{}",
+        d.log().lines().take(40).collect::<Vec<_>>().join("\n")
+    );
+    d.survives();
+}

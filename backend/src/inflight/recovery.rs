@@ -27,24 +27,31 @@ pub fn resubmit(
     track: &QueueInflight<'_>,
 ) -> Result<usize, virtio_queue::Error> {
     let used = queue.used_idx(mem, Ordering::Acquire)?.0;
-    let heads = track.recover(used);
+    let size = queue.size();
+    // The region may name heads past this ring (a region of a larger queue, or garbage):
+    // they cannot be completed, so they are not run either.
+    let recovered = track.recover(used);
+    let taken = recovered.len();
+    let heads: Vec<u16> = recovered.into_iter().filter(|&h| h < size).collect();
     if heads.is_empty() {
         return Ok(0);
     }
     let table = GuestAddress(queue.desc_table());
-    let size = queue.size();
     let chains: Vec<_> = heads
         .iter()
         .map(|&h| (h, chain_at(mem, table, size, h)))
         .collect();
     let done = worker.execute(mem, chains);
     track.begin_batch(&heads);
-    for c in &done {
-        queue.add_used(mem, c.head, c.len)?;
-    }
+    // A used ring the queue cannot write ends the batch early; the region still records
+    // where it ended.
+    let added = done
+        .iter()
+        .try_for_each(|c| queue.add_used(mem, c.head, c.len));
     track.end_batch(&heads, queue.next_used());
+    added?;
     // The frontend restarts the ring at the used index; what was resubmitted is skipped.
-    queue.set_next_avail(used.wrapping_add(heads.len() as u16));
+    queue.set_next_avail(used.wrapping_add(taken as u16));
     tracing::info!(
         "resubmitted {} request(s) left in flight by the previous backend",
         heads.len()

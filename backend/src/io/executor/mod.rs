@@ -446,7 +446,15 @@ impl Executor {
         let ready = std::mem::take(&mut self.ready);
         for (_, c) in &ready {
             // A head index past the ring (a broken or hostile driver) cannot be completed;
-            // the rest still are.
+            // the rest still are. Not handed to the queue, which would log each one itself,
+            // past this queue's limit.
+            if c.head >= queue.size() {
+                self.guest_warn(
+                    c.head,
+                    format_args!("head index past the ring of {}", queue.size()),
+                );
+                continue;
+            }
             if let Err(e) = queue.add_used(mem, c.head, c.len) {
                 self.guest_warn(c.head, format_args!("cannot complete the request: {e}"));
             }
