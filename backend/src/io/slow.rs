@@ -118,7 +118,14 @@ impl SlowPath {
                 .name(format!("vloop-slow-{}", self.queue))
                 .spawn(move || {
                     while let Ok((id, work)) = rx.recv() {
-                        let r = work();
+                        // A panic in the work fails its request: the thread goes on, and the
+                        // worker, which waits for every request it sent here, is not left
+                        // waiting for one that never completes.
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+                            .unwrap_or_else(|_| {
+                                tracing::error!("a slow-path request panicked: failed with EIO");
+                                Err(io::Error::from_raw_os_error(libc::EIO))
+                            });
                         if done.send((id, r)).is_err() {
                             return;
                         }
@@ -221,5 +228,24 @@ mod tests {
         assert_eq!(done[0].0, 7);
         assert!(done[0].1.is_ok());
         assert!(done[1].1.is_err());
+    }
+
+    #[test]
+    fn a_work_that_panics_fails_its_request_and_the_thread_goes_on() {
+        let mut s = SlowPath::new(0).unwrap();
+        s.submit(1, Box::new(|| panic!("a bug in the slow path")))
+            .unwrap();
+        s.submit(2, Box::new(|| Ok(()))).unwrap();
+        let mut done = Vec::new();
+        while done.len() < 2 {
+            s.collect(&mut done, true);
+        }
+        assert_eq!(done[0].0, 1);
+        assert_eq!(
+            done[0].1.as_ref().unwrap_err().raw_os_error(),
+            Some(libc::EIO)
+        );
+        assert_eq!(done[1].0, 2);
+        assert!(done[1].1.is_ok());
     }
 }

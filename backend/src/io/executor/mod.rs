@@ -272,14 +272,24 @@ impl Executor {
         result
     }
 
-    /// Run `f`; if it panics, wait for the engine's ops in flight before unwinding further:
-    /// the kernel may still write into guest memory that the caller unmaps afterwards.
+    /// Run `f`; if it panics, wait for the engine's ops and the slow path's work in flight
+    /// before unwinding further: the kernel and the slow path's thread may still write into
+    /// guest memory that the caller unmaps afterwards.
     fn drained<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
         let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
         done.unwrap_or_else(|panic| {
             self.engine.unwatch_doorbell();
             self.engine.drain();
             self.long_ops = 0;
+            let mut left = Vec::new();
+            while self.slow.in_flight() > 0 {
+                self.slow.collect(&mut left, true);
+                if left.is_empty() {
+                    // Its thread is gone: nothing of it runs any more.
+                    break;
+                }
+                left.clear();
+            }
             std::panic::resume_unwind(panic)
         })
     }
