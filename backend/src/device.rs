@@ -143,7 +143,7 @@ pub struct BlkDevice {
     /// qcow2 images: when freed clusters may be reused.
     reclaim: Option<Reclaim>,
     /// The connection is ending: workers return after their current pass.
-    stopping: AtomicBool,
+    stopping: Arc<AtomicBool>,
     hangup: Mutex<Option<Hangup>>,
     /// Exit-event consumers handed to vhost-user-backend. Its `VringEpollHandler` (0.24)
     /// registers them with `into_raw_fd()` and never closes them, which would leak one
@@ -189,12 +189,14 @@ impl BlkDevice {
         let mut exits = Vec::new();
         let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let writeback = Arc::new(AtomicBool::new(true));
+        let stopping = Arc::new(AtomicBool::new(false));
         let budget = PollBudget::for_this_machine();
         for q in 0..config.num_queues {
             let mut ex = Executor::new(disk.clone(), q, config.engine, config.queue_size)
                 .map_err(|source| DeviceError::Engine { queue: q, source })?;
             ex.count_load_in(busy.clone());
             ex.share_write_cache(writeback.clone());
+            ex.stop_on(stopping.clone());
             if q == 0 {
                 debug!("I/O engine: {}", ex.engine().name());
             }
@@ -235,14 +237,14 @@ impl BlkDevice {
             memory_owner: fault::Owner::default(),
             reclaim,
             memory_faulted: AtomicBool::new(false),
-            stopping: AtomicBool::new(false),
+            stopping,
             hangup: Mutex::new(None),
             leaked_exit_fds: Mutex::new(Vec::new()),
         })
     }
 
-    /// The connection is ending: every worker returns after its current pass and takes no
-    /// more requests.
+    /// The connection is ending: every worker takes no more requests, ends its current pass
+    /// once those it took complete, and starts no other.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Relaxed);
     }
@@ -456,6 +458,12 @@ impl BlkDevice {
             }
         };
         let warn = |m: std::fmt::Arguments<'_>| self.warn_limited(m);
+        let queue = worker.queue();
+        // Before the resubmission too: its writes may land in clusters that another queue's
+        // discard frees meanwhile, which may not be reused while they are in flight.
+        if let Some(r) = &self.reclaim {
+            r.pass_starts(queue);
+        }
         if let Some(t) = &tracker {
             if self.inflight.take_recovery(worker.queue()) {
                 if let Some(q) = t.state() {
@@ -469,10 +477,6 @@ impl BlkDevice {
             }
         }
         let tracker = tracker.as_ref().map(|t| t as &dyn Tracker);
-        let queue = worker.queue();
-        if let Some(r) = &self.reclaim {
-            r.pass_starts(queue);
-        }
         // The kick eventfd stays open, as the call eventfd, while `state` is locked; the relay
         // made it non-blocking.
         worker.set_doorbell(state.get_kick().as_ref().map(|k| k.as_raw_fd()));

@@ -1219,3 +1219,25 @@ fn reads_leave_the_image_access_time_alone() {
         }
     }
 }
+
+#[test]
+fn a_stopping_connection_takes_no_more_requests() {
+    // Set when the connection ends (SIGTERM): a pass takes nothing more from the ring, and
+    // takes it all again once the flag is clear (a driver keeping its ring full cannot hold
+    // a pass for WAVES_PER_CALL waves).
+    let mut r = rig(MIB);
+    let mem = memory();
+    header(&mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
+    header(&mem, HDR + 16, VIRTIO_BLK_T_FLUSH, 0);
+    let flush = |h: u64, st: u64| -> Vec<D> { vec![(h, 16, false), (st, 1, true)] };
+    let (a, b) = (flush(HDR, ST), flush(HDR + 16, ST + 1));
+    let (vq, mut q) = queue_of(&mem, &[&a, &b]);
+    let stop = Arc::new(AtomicBool::new(true));
+    r.ex.stop_on(stop.clone());
+    r.ex.process_queue(&mut q, &mem).unwrap();
+    assert_eq!(vq.used().idx().load(), 0, "a stopping pass took requests");
+    stop.store(false, Ordering::Relaxed);
+    r.ex.process_queue(&mut q, &mem).unwrap();
+    assert_eq!(vq.used().idx().load(), 2);
+    assert_eq!((status(&mem, ST), status(&mem, ST + 1)), (OK, OK));
+}

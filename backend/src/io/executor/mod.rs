@@ -102,6 +102,9 @@ pub struct Executor {
     doorbell: Option<RawFd>,
     /// Ops in the engine that may take long whatever the disk ([`lengthy`]).
     long_ops: usize,
+    /// Set when the connection ends (SIGTERM, the frontend gone): a pass takes no more
+    /// requests and ends once those it took complete.
+    stop: Option<Arc<AtomicBool>>,
 }
 
 /// What starting a chain led to.
@@ -142,7 +145,23 @@ impl Executor {
             cqes: Vec::new(),
             doorbell: None,
             long_ops: 0,
+            stop: None,
         })
+    }
+
+    /// End passes early once `stop` is set: a driver that keeps its ring full would otherwise
+    /// hold a pass (and a SIGTERM) for up to [`WAVES_PER_CALL`] waves.
+    pub fn stop_on(&mut self, stop: Arc<AtomicBool>) {
+        self.stop = Some(stop);
+    }
+
+    /// Whether a pass may take more requests: not past its waves, and not stopping.
+    fn takes_more(&self, waves: usize) -> bool {
+        waves < WAVES_PER_CALL
+            && !self
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::Relaxed))
     }
 
     /// The queue's kick eventfd, open until the next call: while requests are in flight and
@@ -313,7 +332,7 @@ impl Executor {
         let mut rechecked = false;
         loop {
             let mut popped = 0;
-            if broken.is_none() && self.store.room() > 0 && waves < WAVES_PER_CALL {
+            if broken.is_none() && self.store.room() > 0 && self.takes_more(waves) {
                 let (table, size) = (GuestAddress(queue.desc_table()), queue.size());
                 match queue.iter(mem) {
                     Ok(chains) => {
@@ -389,7 +408,7 @@ impl Executor {
                 && (refill || long_wait)
                 && broken.is_none()
                 && self.store.room() > 0
-                && waves < WAVES_PER_CALL
+                && self.takes_more(waves)
                 && self
                     .doorbell
                     .is_some_and(|fd| self.engine.watch_doorbell(fd))
