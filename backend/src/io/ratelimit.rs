@@ -39,6 +39,11 @@ impl RateLimiter {
             None
         }
     }
+
+    /// Events dropped since the last one allowed.
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed
+    }
 }
 
 #[cfg(test)]

@@ -1241,3 +1241,32 @@ fn a_stopping_connection_takes_no_more_requests() {
     assert_eq!(vq.used().idx().load(), 2);
     assert_eq!((status(&mem, ST), status(&mem, ST + 1)), (OK, OK));
 }
+
+#[test]
+fn refused_flushes_log_within_the_queue_budget() {
+    // After a flush failed, every later one is refused (the data it was to make durable may
+    // be lost): a guest looping on FLUSH gets IOERR each time and a log line within the
+    // queue's budget, not one per request.
+    let mut r = rig(MIB);
+    r.disk
+        .poison_flush(&std::io::Error::from_raw_os_error(libc::EIO));
+    let mem = memory();
+    let n = 64u64;
+    let chains: Vec<Vec<D>> = (0..n)
+        .map(|i| {
+            header(&mem, HDR + 16 * i, VIRTIO_BLK_T_FLUSH, 0);
+            vec![(HDR + 16 * i, 16, false), (ST + i, 1, true)]
+        })
+        .collect();
+    let refs: Vec<&[D]> = chains.iter().map(|c| c.as_slice()).collect();
+    let (vq, mut q) = queue_sized(&mem, 128, &refs);
+    r.ex.process_queue(&mut q, &mem).unwrap();
+    assert_eq!(u64::from(vq.used().idx().load()), n);
+    assert!((0..n).all(|i| status(&mem, ST + i) == VIRTIO_BLK_S_IOERR as u8));
+    // Two one-second windows at most while they ran.
+    let logged = n - r.ex.limiter().suppressed();
+    assert!(
+        logged <= 2 * u64::from(super::WARNINGS_PER_SECOND),
+        "{logged} of {n} refused flushes were logged"
+    );
+}

@@ -250,6 +250,11 @@ impl Executor {
         self.stats
     }
 
+    /// The budget of log lines the guest can cause on this queue.
+    pub fn limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
     fn guest_warn(&mut self, head: u16, what: std::fmt::Arguments<'_>) {
         if let Some(suppressed) = self.limiter.allow() {
             if suppressed > 0 {
@@ -756,9 +761,14 @@ impl Executor {
                     Transfer::Write => "write",
                     Transfer::None => kind.as_ref().map_or("request", op_name),
                 };
-                warn!(
-                    queue = self.queue,
-                    "{what} of {} bytes at offset {} failed: {e}", req.data_len, req.offset
+                // Within the queue's budget: a failing disk, or a guest that keeps asking for
+                // what fails, would fail every request.
+                self.guest_warn(
+                    req.head,
+                    format_args!(
+                        "{what} of {} bytes at offset {} failed: {e}",
+                        req.data_len, req.offset
+                    ),
                 );
                 (STATUS_IOERR, 1)
             }

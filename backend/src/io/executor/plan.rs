@@ -5,7 +5,6 @@
 
 use std::os::fd::RawFd;
 
-use tracing::warn;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::{used_len, Executor, Parsed, MAX_OPS, STATUS_IOERR, STATUS_OK};
@@ -121,9 +120,12 @@ impl Executor {
                                 return Parsed::Slow(req, work);
                             }
                             Err(e) => {
-                                warn!(
-                                    queue = self.queue,
-                                    "mapping {} bytes at {offset} failed: {e}", r.data_len
+                                self.guest_warn(
+                                    head,
+                                    format_args!(
+                                        "mapping {} bytes at {offset} failed: {e}",
+                                        r.data_len
+                                    ),
                                 );
                                 return self.done(mem, head, r.status, STATUS_IOERR, 1);
                             }
@@ -138,7 +140,7 @@ impl Executor {
             RequestKind::Flush if null || disk.limits().read_only => Ops::new(),
             RequestKind::Flush => {
                 if let Err(e) = disk.flush_poisoned() {
-                    warn!(queue = self.queue, "flush refused: {e}");
+                    self.guest_warn(head, format_args!("flush refused: {e}"));
                     return self.done(mem, head, r.status, STATUS_IOERR, 1);
                 }
                 if qcow.is_some() {
@@ -176,7 +178,8 @@ impl Executor {
                     },
                     _ => {
                         // The device advertises one segment, and parse refuses more.
-                        warn!(queue = self.queue, "{} segments in one request", segs.len());
+                        let n = segs.len();
+                        self.guest_warn(head, format_args!("{n} segments in one request"));
                         return self.done(mem, head, r.status, STATUS_IOERR, 1);
                     }
                 }
