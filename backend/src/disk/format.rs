@@ -37,20 +37,31 @@ pub fn decide_format(path: &Path, first: &[u8]) -> Result<Format, String> {
     }
 }
 
+/// A block as O_DIRECT reads it: 4 KiB, in memory aligned to 4 KiB (any logical block size a
+/// device may ask for, up to 4 KiB).
+#[repr(C, align(4096))]
+struct DirectBlock([u8; 4096]);
+
 /// The first bytes of `file` that format probing looks at (fewer when the file is shorter).
+/// The read takes a whole aligned block, so a descriptor opened with O_DIRECT can read it.
 pub(super) fn read_first(file: &File) -> io::Result<Vec<u8>> {
-    let mut first = vec![0u8; vloop_qcow2::format::PROBE_BYTES];
+    let mut block = Box::new(DirectBlock([0u8; 4096]));
+    let first = &mut block.0;
     let mut got = 0;
-    while got < first.len() {
+    while got < vloop_qcow2::format::PROBE_BYTES {
         match file.read_at(&mut first[got..], got as u64) {
             Ok(0) => break,
+            // Short only at the end of the file (and a second read there would be unaligned).
+            Ok(n) if n < first.len() - got => {
+                got += n;
+                break;
+            }
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-    first.truncate(got);
-    Ok(first)
+    Ok(first[..got.min(vloop_qcow2::format::PROBE_BYTES)].to_vec())
 }
 
 #[cfg(test)]
@@ -82,5 +93,35 @@ mod tests {
         let mut f = tempfile::tempfile().unwrap();
         std::io::Write::write_all(&mut f, b"QFI").unwrap();
         assert_eq!(read_first(&f).unwrap(), b"QFI");
+    }
+
+    #[test]
+    fn the_first_bytes_read_through_o_direct() {
+        // On a disk file system (tmpfs may refuse O_DIRECT), where reads into memory not
+        // aligned to the logical block size fail.
+        use std::os::unix::fs::OpenOptionsExt;
+        let target = concat!(env!("CARGO_MANIFEST_DIR"), "/../target");
+        std::fs::create_dir_all(target).unwrap();
+        let dir = tempfile::tempdir_in(target).unwrap();
+        let path = dir.path().join("disk.img");
+        let mut data = vec![0u8; 8192];
+        data[..4].copy_from_slice(b"QFI\xfb");
+        std::fs::write(&path, &data).unwrap();
+        let f = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                vloop_frontend::skip::skip(&format!(
+                    "O_DIRECT is not supported under target/: {e}"
+                ));
+                return;
+            }
+        };
+        let first = read_first(&f).unwrap();
+        assert_eq!(first.len(), vloop_qcow2::format::PROBE_BYTES);
+        assert_eq!(&first[..4], b"QFI\xfb");
     }
 }
