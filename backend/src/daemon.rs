@@ -26,11 +26,36 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config::{Config, Listen};
 use crate::connection::{Connection, StopConnection};
 use crate::disk::Disk;
+use crate::io::RateLimiter;
 use crate::protocol::BackendChannel;
 use crate::LockUnpoisoned;
 
 /// Pause after a failed accept (e.g. out of descriptors), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Connections per second whose lines (connected, ended, counters) are logged: a frontend
+/// that connects and closes in a loop could otherwise fill the log.
+const LOGGED_CONNECTIONS_PER_SECOND: u32 = 5;
+
+/// Whether the connection just accepted is one whose lines are logged; the first one logged
+/// after others were not says how many.
+fn log_connection() -> bool {
+    static LIMITER: Mutex<Option<RateLimiter>> = Mutex::new(None);
+    let allowed = LIMITER
+        .lock_unpoisoned()
+        .get_or_insert_with(|| RateLimiter::new(LOGGED_CONNECTIONS_PER_SECOND))
+        .allow();
+    match allowed {
+        Some(0) => true,
+        Some(n) => {
+            info!(
+                "{n} connections not logged (more than {LOGGED_CONNECTIONS_PER_SECOND} a second)"
+            );
+            true
+        }
+        None => false,
+    }
+}
 
 /// Errors of the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -394,10 +419,13 @@ impl Daemon {
                 return;
             }
         };
+        let logged = log_connection();
         let conn = match Connection::start(stream, self.disk.clone(), &self.config) {
             Ok(c) => c,
             Err(e) => {
-                warn!("cannot serve the frontend: {e:#}");
+                if logged {
+                    warn!("cannot serve the frontend: {e:#}");
+                }
                 std::thread::sleep(ACCEPT_BACKOFF);
                 return;
             }
@@ -408,22 +436,28 @@ impl Daemon {
                 channel: conn.backend_channel().clone(),
             })),
             Err(e) => {
-                warn!("cannot serve the frontend: {e}");
+                if logged {
+                    warn!("cannot serve the frontend: {e}");
+                }
                 return;
             }
         }
-        info!("frontend connected");
+        if logged {
+            info!("frontend connected");
+        }
         let ended = conn.wait();
         self.stop.set_current(None);
-        match ended.error {
-            None => info!("frontend disconnected"),
-            Some(e) => warn!("connection ended: {e}"),
-        }
         let s = ended.stats;
-        info!(
-            "{} requests ({} failed) in {} batches, {} bytes read, {} bytes written",
-            s.requests, s.errors, s.batches, s.bytes_read, s.bytes_written
-        );
+        if logged {
+            match ended.error {
+                None => info!("frontend disconnected"),
+                Some(e) => warn!("connection ended: {e}"),
+            }
+            info!(
+                "{} requests ({} failed) in {} batches, {} bytes read, {} bytes written",
+                s.requests, s.errors, s.batches, s.bytes_read, s.bytes_written
+            );
+        }
         if let Err(e) = self.disk.flush() {
             warn!("flushing the image after the connection failed: {e}");
         }

@@ -1859,3 +1859,31 @@ fn head_indices_past_the_ring_log_within_the_budget() {
     );
     d.survives();
 }
+
+#[test]
+fn frontends_that_connect_and_close_in_a_loop_log_within_a_budget() {
+    // Each connection logs a few lines (connected, ended, its counters): 300 of them in a
+    // second or two may not add 900.
+    let d = Daemon::start(&[]);
+    let lines = d.log_lines();
+    for i in 0..300 {
+        let fe = d.raw();
+        if i % 2 == 0 {
+            // A message the library refuses: the connection ends with an error.
+            let _ = fe.send(FrontendReq::GET_FEATURES, &[0u8; 8], &[]);
+        }
+        drop(fe);
+    }
+    // Served in turn: once a well-behaved frontend is, all 300 were.
+    let mut c = d.client();
+    c.queue(0).unwrap().write(0, &[1u8; 512]).unwrap();
+    drop(c);
+    std::thread::sleep(Duration::from_millis(200));
+    let added = d.log_lines() - lines;
+    assert!(
+        added <= 120,
+        "300 connections added {added} log lines:\n{}",
+        d.log().lines().take(40).collect::<Vec<_>>().join("\n")
+    );
+    d.survives();
+}
