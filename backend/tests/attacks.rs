@@ -839,6 +839,44 @@ fn backend_request_fd_must_be_a_unix_stream_socket() {
     d.survives();
 }
 
+#[test]
+fn backend_channel_and_inflight_messages_need_their_protocol_features() {
+    // Requests of a protocol feature the frontend did not negotiate are refused: without
+    // BACKEND_REQ there is no backend channel (a SIGHUP would announce the new size on it),
+    // without INFLIGHT_SHMFD no inflight region.
+    let d = Daemon::start(&[]);
+    {
+        let dev = d.device(&Negotiation::default());
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let r = dev.fe.set_backend_req_fd(ours.as_raw_fd());
+        assert_refused(&d, &dev.fe, r, "SET_BACKEND_REQ_FD without BACKEND_REQ");
+    }
+    {
+        let dev = d.device(&Negotiation::default());
+        let r = dev
+            .fe
+            .get_inflight_fd(&VhostUserInflight::new(0, 0, 1, 64))
+            .map(|_| ());
+        assert_refused(&d, &dev.fe, r, "GET_INFLIGHT_FD without INFLIGHT_SHMFD");
+    }
+    // Negotiated, both are taken.
+    {
+        let how = Negotiation {
+            protocol: backend_req_negotiation().protocol
+                | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+            ..Negotiation::default()
+        };
+        let dev = d.device(&how);
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        dev.fe.set_backend_req_fd(ours.as_raw_fd()).unwrap();
+        dev.fe
+            .get_inflight_fd(&VhostUserInflight::new(0, 0, 1, 64))
+            .unwrap();
+        dev.fe.get_features().unwrap();
+    }
+    d.survives();
+}
+
 // ---- 8. a frontend that sends and never reads ----
 
 /// Bytes waiting in the receive queue of `sock`.

@@ -8,7 +8,8 @@
 //!   connection's [`Inflight`]), adds INFLIGHT_SHMFD to the GET_PROTOCOL_FEATURES reply and
 //!   strips it from SET_PROTOCOL_FEATURES; refuses SET_PROTOCOL_FEATURES with a feature that
 //!   was never offered (the library takes any bits, which would let a frontend reach
-//!   requests of features the device does not have);
+//!   requests of features the device does not have), and GET/SET_INFLIGHT_FD and
+//!   SET_BACKEND_REQ_FD from a frontend that did not negotiate INFLIGHT_SHMFD or BACKEND_REQ;
 //! - keeps the backend request channel (SET_BACKEND_REQ_FD) for config-change announcements;
 //! - refuses queue sizes that are not powers of two, and any memory table, queue size or ring
 //!   address after which a configured ring would not lie wholly inside guest memory
@@ -33,7 +34,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -102,6 +103,8 @@ struct Relay {
     inflight: Arc<Inflight>,
     channel: Arc<BackendChannel>,
     reply_ack: AtomicBool,
+    /// The protocol features the frontend acknowledged (SET_PROTOCOL_FEATURES).
+    acked: AtomicU64,
     /// The memory table and rings, as the frontend described them (only the forward
     /// direction uses it).
     rings: Mutex<Rings>,
@@ -177,6 +180,7 @@ pub fn start(
         inflight,
         channel,
         reply_ack: AtomicBool::new(false),
+        acked: AtomicU64::new(0),
         rings: Mutex::new(rings),
         offered: offered | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
     });
@@ -283,6 +287,22 @@ impl Relay {
                 self.to_library(&m)?;
                 continue;
             };
+            let needs = match req {
+                FrontendReq::GET_INFLIGHT_FD | FrontendReq::SET_INFLIGHT_FD => {
+                    Some(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+                }
+                FrontendReq::SET_BACKEND_REQ_FD => Some(VhostUserProtocolFeatures::BACKEND_REQ),
+                _ => None,
+            };
+            if let Some(f) = needs {
+                if self.acked.load(Ordering::Relaxed) & f.bits() == 0 {
+                    self.ack(&m, false)?;
+                    return Err(refused(
+                        &m,
+                        format!("{req:?} without the protocol feature {f:?} negotiated"),
+                    ));
+                }
+            }
             match req {
                 FrontendReq::GET_INFLIGHT_FD => self.get_inflight(&m)?,
                 FrontendReq::SET_INFLIGHT_FD => self.set_inflight(m)?,
@@ -364,6 +384,7 @@ impl Relay {
             f & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0,
             Ordering::Relaxed,
         );
+        self.acked.store(f, Ordering::Relaxed);
         if m.body.len() >= 8 {
             let stripped = f & !VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits();
             let mut b = m.body.clone();
