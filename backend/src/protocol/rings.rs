@@ -47,16 +47,21 @@ pub fn ring_lengths(num: u16) -> [u64; 3] {
     [DESC_SIZE * n, 6 + 2 * n, 6 + 8 * n]
 }
 
-/// Whether `addr..addr + len` lies wholly inside one of `regions` (start, size).
+/// Whether `addr..addr + len` lies wholly inside the region (start, size) of `regions` that
+/// translates `addr`: the first one in table order that holds it, as the library translates
+/// ring addresses (regions may overlap in the frontend's address space, and a range wholly
+/// inside a later one may still cross the end of the one the library picks).
 pub fn inside(regions: &[(u64, u64)], addr: u64, len: u64) -> bool {
     let Some(end) = addr.checked_add(len) else {
         return false;
     };
-    regions.iter().any(|&(start, size)| {
-        start
-            .checked_add(size)
-            .is_some_and(|stop| start <= addr && end <= stop)
-    })
+    regions
+        .iter()
+        .find_map(|&(start, size)| {
+            let stop = start.checked_add(size)?;
+            (start <= addr && addr < stop).then_some(stop)
+        })
+        .is_some_and(|stop| end <= stop)
 }
 
 /// The addresses of one queue's rings: descriptor table, available ring, used ring.
@@ -200,6 +205,15 @@ mod tests {
         assert!(!inside(&r, u64::MAX - 1, 4));
         assert!(inside(&r, u64::MAX - 16, 16));
         assert!(!inside(&[], 0, 0));
+        // Overlapping regions: the first that holds the start translates it, so the range
+        // must fit that one, even where a later one holds all of it.
+        let o = [(0x1000, 0x1000), (0x1800, 0x1000)];
+        assert!(inside(&o, 0x1800, 0x800));
+        assert!(
+            !inside(&o, 0x1f00, 0x200),
+            "crosses the end of the first region"
+        );
+        assert!(inside(&o, 0x2000, 0x800));
     }
 
     #[test]
