@@ -11,7 +11,7 @@
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
     BackendReq, FrontendReq, VhostUserHeaderFlag, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
@@ -179,15 +179,14 @@ pub fn recv_within(
             fds,
         }));
     }
+    // The rest within `rest` of the first bytes, however it trickles in (a time-out per read
+    // would let a byte every few seconds hold the connection for ever).
     let previous = match rest {
-        Some(limit) => {
-            let previous = sock.read_timeout()?;
-            sock.set_read_timeout(Some(limit))?;
-            Some(previous)
-        }
+        Some(_) => Some(sock.read_timeout()?),
         None => None,
     };
-    let body = read_rest(sock, &mut header, got, rest);
+    let deadline = rest.map(|limit| (Instant::now() + limit, limit));
+    let body = read_rest(sock, &mut header, got, deadline);
     if let Some(previous) = previous {
         sock.set_read_timeout(previous)?;
     }
@@ -203,32 +202,49 @@ fn read_rest(
     sock: &UnixStream,
     header: &mut Header,
     got: usize,
-    limit: Option<Duration>,
+    deadline: Option<(Instant, Duration)>,
 ) -> Result<Vec<u8>, WireError> {
-    let mut s = sock;
     if got < HEADER_SIZE {
-        read_exact(&mut s, &mut header.as_mut_slice()[got..], limit)?;
+        read_exact(sock, &mut header.as_mut_slice()[got..], deadline)?;
     }
     if header.size as usize > MAX_MSG_SIZE {
         return Err(WireError::TooLarge(header.size));
     }
     let mut body = vec![0u8; header.size as usize];
-    read_exact(&mut s, &mut body, limit)?;
+    read_exact(sock, &mut body, deadline)?;
     Ok(body)
 }
 
+/// Fill `buf` from `s`, by `deadline` (when, and the limit it stands for) if given.
 fn read_exact(
-    s: &mut &UnixStream,
+    s: &UnixStream,
     buf: &mut [u8],
-    limit: Option<Duration>,
+    deadline: Option<(Instant, Duration)>,
 ) -> Result<(), WireError> {
-    s.read_exact(buf).map_err(|e| match (e.kind(), limit) {
-        (io::ErrorKind::UnexpectedEof, _) => WireError::Partial,
-        (io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut, Some(limit)) => {
-            WireError::Stalled(limit)
+    let mut at = 0;
+    while at < buf.len() {
+        if let Some((end, limit)) = deadline {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(WireError::Stalled(limit));
+            }
+            s.set_read_timeout(Some(left)).map_err(WireError::Io)?;
         }
-        _ => WireError::Io(e),
-    })
+        match (&mut &*s).read(&mut buf[at..]) {
+            Ok(0) => return Err(WireError::Partial),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(match (e.kind(), deadline) {
+                    (io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut, Some((_, limit))) => {
+                        WireError::Stalled(limit)
+                    }
+                    _ => WireError::Io(e),
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether `e` is a read time-out (SO_RCVTIMEO expired).
@@ -415,5 +431,39 @@ mod tests {
         let e = recv_within(&b, Some(Duration::from_secs(1))).unwrap_err();
         assert!(is_timeout(&e), "{e:?}");
         assert_eq!(b.read_timeout().unwrap(), before);
+    }
+
+    #[test]
+    fn a_message_that_trickles_in_stalls_at_the_limit_of_its_first_byte() {
+        // One byte at a time, each well within the limit: the whole message is not.
+        let (a, b) = UnixStream::pair().unwrap();
+        let limit = Duration::from_millis(300);
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            let m = Message::new(
+                Header::request(1, VhostUserHeaderFlag::empty(), 0),
+                vec![7; 8],
+                Vec::new(),
+            );
+            let mut bytes = m.header.as_slice().to_vec();
+            bytes.extend_from_slice(&m.body);
+            for byte in bytes {
+                if (&a).write_all(&[byte]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let t = std::time::Instant::now();
+        let r = recv_within(&b, Some(limit));
+        assert!(
+            matches!(r, Err(WireError::Stalled(l)) if l == limit),
+            "{r:?} after {:?}",
+            t.elapsed()
+        );
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        assert_eq!(b.read_timeout().unwrap(), None);
+        drop(b);
+        writer.join().unwrap();
     }
 }
