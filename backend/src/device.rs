@@ -330,8 +330,8 @@ impl BlkDevice {
             return;
         }
         warn!(
-            "guest memory shrank under the mapping (the frontend truncated its memory file): \
-             closing the connection"
+            "guest memory faulted under the mapping (the frontend truncated its memory file, \
+             or its hugetlbfs pool has no page for it): closing the connection"
         );
         for q in 0..self.num_queues {
             if let Some(b) = self.broken.get(usize::from(q)) {

@@ -530,7 +530,7 @@ fn memfd_truncated_after_set_up_does_not_kill_the_daemon() {
         let _c = truncate_under_the_daemon(&d);
         // The worker has read the ring (a queue that stops or a connection that ends says so).
         let seen =
-            |d: &Daemon| d.log_count("queue 0 stopped") + d.log_count("guest memory shrank") > 0;
+            |d: &Daemon| d.log_count("queue 0 stopped") + d.log_count("guest memory faulted") > 0;
         let deadline = Instant::now() + Duration::from_secs(5);
         while !seen(&d) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));

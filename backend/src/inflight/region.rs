@@ -72,6 +72,9 @@ pub enum InflightError {
     /// The queue size is zero or larger than the split ring maximum.
     #[error("queue size {0} is not valid for a split virtqueue")]
     BadQueueSize(u16),
+    /// No queues.
+    #[error("an inflight region for no queues")]
+    NoQueues,
     /// The region holds another format.
     #[error("inflight region of queue {queue} has version {version} and {desc_num} descriptors, expected version 1 and {queue_size}")]
     BadHeader {
@@ -141,7 +144,10 @@ impl InflightRegion {
         num_queues: u16,
         queue_size: u16,
     ) -> Result<(InflightRegion, File), InflightError> {
-        if queue_size == 0 || queue_size > MAX_QUEUE_SIZE || num_queues == 0 {
+        if num_queues == 0 {
+            return Err(InflightError::NoQueues);
+        }
+        if queue_size == 0 || queue_size > MAX_QUEUE_SIZE {
             return Err(InflightError::BadQueueSize(queue_size));
         }
         let size = queue_region_size(queue_size) * u64::from(num_queues);
@@ -183,7 +189,10 @@ impl InflightRegion {
         num_queues: u16,
         queue_size: u16,
     ) -> Result<InflightRegion, InflightError> {
-        if queue_size == 0 || queue_size > MAX_QUEUE_SIZE || num_queues == 0 {
+        if num_queues == 0 {
+            return Err(InflightError::NoQueues);
+        }
+        if queue_size == 0 || queue_size > MAX_QUEUE_SIZE {
             return Err(InflightError::BadQueueSize(queue_size));
         }
         // A frontend hands back a memfd that a backend created. Another sealable file, one on
