@@ -37,6 +37,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// that connects and closes in a loop could otherwise fill the log.
 const LOGGED_CONNECTIONS_PER_SECOND: u32 = 5;
 
+/// A connection that lasts this long has its end logged even when its start was not.
+const NOTABLE_CONNECTION: Duration = Duration::from_secs(1);
+
 /// Whether the connection just accepted is one whose lines are logged; the first one logged
 /// after others were not says how many.
 fn log_connection() -> bool {
@@ -445,10 +448,20 @@ impl Daemon {
         if logged {
             info!("frontend connected");
         }
+        let since = std::time::Instant::now();
         let ended = conn.wait();
         self.stop.set_current(None);
         let s = ended.stats;
-        if logged {
+        // A connection that did I/O or lasted a while (a real frontend, not one of a loop that
+        // connects and closes) has its end logged whatever the budget said when it came.
+        if !logged && (s.requests > 0 || since.elapsed() >= NOTABLE_CONNECTION) {
+            info!(
+                "frontend connected {:.1} s ago (not logged then: more than \
+                 {LOGGED_CONNECTIONS_PER_SECOND} connections a second)",
+                since.elapsed().as_secs_f64()
+            );
+        }
+        if logged || s.requests > 0 || since.elapsed() >= NOTABLE_CONNECTION {
             match ended.error {
                 None => info!("frontend disconnected"),
                 Some(e) => warn!("connection ended: {e}"),

@@ -142,7 +142,8 @@ pub struct BlkDevice {
     memory_faulted: AtomicBool,
     /// qcow2 images: when freed clusters may be reused.
     reclaim: Option<Reclaim>,
-    /// The connection is ending: workers return after their current pass.
+    /// The connection is ending: workers take no more requests and return once those they
+    /// took complete (the executors see it too).
     stopping: Arc<AtomicBool>,
     hangup: Mutex<Option<Hangup>>,
     /// Exit-event consumers handed to vhost-user-backend. Its `VringEpollHandler` (0.24)
@@ -360,9 +361,10 @@ impl BlkDevice {
             let mem = &guarded.mem;
             let mut state = vring.get_mut();
             // The frontend stopped the ring (GET_VRING_BASE: a VM stop, a device reset, a
-            // migration) since the kick or the last pass: not a broken ring, and not one to
-            // touch until it is started again.
-            if !state.get_queue().ready() {
+            // migration) or disabled it since the kick or the last pass: not a broken ring,
+            // and not one to touch until it is started or enabled again (which queues an
+            // event for it).
+            if !state.get_queue().ready() || !state.is_enabled() {
                 return;
             }
             if let Err(e) = state.get_queue_mut().disable_notification(mem) {
@@ -405,8 +407,12 @@ impl BlkDevice {
                     continue;
                 }
             }
+            // The table as it is now: the ring may have been stopped and set up again on a new
+            // one while this thread polled.
+            let guarded = self.mem.lock_unpoisoned().clone();
+            let mem = &guarded.mem;
             let mut state = vring.get_mut();
-            if !state.get_queue().ready() {
+            if !state.get_queue().ready() || !state.is_enabled() {
                 return;
             }
             match state.get_queue_mut().enable_notification(mem) {
@@ -571,15 +577,18 @@ impl VhostUserBackend for BlkDevice {
 
     /// GET_VRING_BASE: the ring is marked not ready and no pass runs on it now (a pass holds
     /// the vring's lock, and every request it took is complete when it ends). A ring that
-    /// was broken starts afresh when the frontend sets it up again (a device reset), unless
-    /// guest memory faulted and the connection is ending.
+    /// was broken starts afresh when the frontend sets it up again (a device reset, or a VM
+    /// stop and cont: a ring still broken then stops again), unless guest memory faulted and
+    /// the connection is ending.
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        if !self.memory_faulted.load(Ordering::Relaxed) {
-            if let Some(b) = usize::try_from(queue_index)
-                .ok()
-                .and_then(|q| self.broken.get(q))
-            {
-                b.store(false, Ordering::Relaxed);
+        if let Some(b) = usize::try_from(queue_index)
+            .ok()
+            .and_then(|q| self.broken.get(q))
+        {
+            b.store(false, Ordering::Relaxed);
+            // Checked after: a fault that ends the connection meanwhile keeps it stopped.
+            if self.memory_faulted.load(Ordering::Relaxed) || self.memory_owner.faulted() {
+                b.store(true, Ordering::Relaxed);
             }
         }
         Ok(())

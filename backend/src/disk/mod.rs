@@ -25,7 +25,7 @@ use std::ops::Deref;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 use tracing::{info, warn};
 
@@ -204,6 +204,8 @@ pub struct Disk {
     /// errno of a failed fdatasync on a buffered image: after one, every flush fails (the page
     /// cache may have dropped dirty pages, so nothing is known to be on disk any more).
     flush_poisoned: AtomicI32,
+    /// A request's work panicked: the image's metadata may be half updated in memory.
+    failed: AtomicBool,
     atime: Atime,
 }
 
@@ -397,6 +399,7 @@ impl Disk {
             atime,
             layout,
             flush_poisoned: AtomicI32::new(0),
+            failed: AtomicBool::new(false),
         })
     }
 
@@ -530,6 +533,23 @@ impl Disk {
             0 => Ok(()),
             errno => Err(io::Error::from_raw_os_error(errno)),
         }
+    }
+
+    /// Stop all I/O on the image: the work of a request panicked (a bug) and may have left
+    /// the image's metadata (a qcow2 mapping, its refcounts) half updated in memory, which
+    /// later requests would build on. Reads, writes and flushes fail from now on.
+    pub fn fail(&self) {
+        if !self.failed.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                "a request failed inside the daemon (a bug): all I/O on the image fails from \
+                 now on; restart vloop-blk after checking the image (qemu-img check)"
+            );
+        }
+    }
+
+    /// Whether [`Disk::fail`] was called.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
     }
 
     /// Record that a flush failed with `e` (only a buffered image is poisoned by it).

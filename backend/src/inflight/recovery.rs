@@ -34,6 +34,8 @@ pub fn resubmit(
     let taken = recovered.len();
     let heads: Vec<u16> = recovered.into_iter().filter(|&h| h < size).collect();
     if heads.is_empty() {
+        // The frontend restarts the ring at the used index: what was taken is skipped.
+        queue.set_next_avail(used.wrapping_add(taken as u16));
         return Ok(0);
     }
     let table = GuestAddress(queue.desc_table());
@@ -43,13 +45,16 @@ pub fn resubmit(
         .collect();
     let done = worker.execute(mem, chains);
     track.begin_batch(&heads);
-    // A used ring the queue cannot write ends the batch early; the region still records
-    // where it ended.
-    let added = done
-        .iter()
-        .try_for_each(|c| queue.add_used(mem, c.head, c.len));
-    track.end_batch(&heads, queue.next_used());
-    added?;
+    // A used ring the queue cannot write ends the batch early; the region records the heads
+    // that reached it, and keeps the others in flight.
+    let mut added = 0;
+    let result = done.iter().try_for_each(|c| {
+        queue.add_used(mem, c.head, c.len)?;
+        added += 1;
+        Ok(())
+    });
+    track.end_batch(&heads[..added], queue.next_used());
+    result?;
     // The frontend restarts the ring at the used index; what was resubmitted is skipped.
     queue.set_next_avail(used.wrapping_add(taken as u16));
     tracing::info!(

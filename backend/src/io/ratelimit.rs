@@ -10,6 +10,8 @@ pub struct RateLimiter {
     window: Instant,
     count: u32,
     suppressed: u64,
+    /// Events dropped since the limiter was made.
+    dropped: u64,
 }
 
 impl RateLimiter {
@@ -20,6 +22,7 @@ impl RateLimiter {
             window: Instant::now(),
             count: 0,
             suppressed: 0,
+            dropped: 0,
         }
     }
 
@@ -36,13 +39,14 @@ impl RateLimiter {
             Some(std::mem::take(&mut self.suppressed))
         } else {
             self.suppressed += 1;
+            self.dropped += 1;
             None
         }
     }
 
-    /// Events dropped since the last one allowed.
-    pub fn suppressed(&self) -> u64 {
-        self.suppressed
+    /// Events dropped since the limiter was made.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
     }
 }
 

@@ -6,6 +6,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -67,8 +68,11 @@ type Done = (u32, io::Result<()>);
 pub struct SlowPath {
     queue: u16,
     jobs: Option<Sender<(u32, Work)>>,
-    done_tx: Sender<Done>,
+    /// Handed to the thread when it starts: once that thread is gone, `done` says so.
+    done_tx: Option<Sender<Done>>,
     done: Receiver<Done>,
+    /// A work panicked.
+    panicked: Arc<AtomicBool>,
     event: Arc<EventFd>,
     thread: Option<JoinHandle<()>>,
     in_flight: usize,
@@ -90,8 +94,9 @@ impl SlowPath {
         Ok(SlowPath {
             queue,
             jobs: None,
-            done_tx,
+            done_tx: Some(done_tx),
             done,
+            panicked: Arc::new(AtomicBool::new(false)),
             event: Arc::new(EventFd::new(EFD_NONBLOCK)?),
             thread: None,
             in_flight: 0,
@@ -103,6 +108,11 @@ impl SlowPath {
         self.in_flight
     }
 
+    /// Whether a work panicked (its request failed with EIO).
+    pub fn panicked(&self) -> bool {
+        self.panicked.load(Ordering::Relaxed)
+    }
+
     /// The eventfd written after each completion.
     pub fn event_fd(&self) -> RawFd {
         self.event.as_raw_fd()
@@ -111,19 +121,23 @@ impl SlowPath {
     /// Run `work` for request `id` on the slow path's thread.
     pub fn submit(&mut self, id: u32, work: Work) -> io::Result<()> {
         if self.jobs.is_none() {
+            let Some(done) = self.done_tx.take() else {
+                return Err(io::Error::other("the slow path thread is gone"));
+            };
             let (tx, rx) = mpsc::channel::<(u32, Work)>();
-            let done = self.done_tx.clone();
             let event = self.event.clone();
+            let panicked = self.panicked.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("vloop-slow-{}", self.queue))
                 .spawn(move || {
                     while let Ok((id, work)) = rx.recv() {
                         // A panic in the work fails its request: the thread goes on, and the
                         // worker, which waits for every request it sent here, is not left
-                        // waiting for one that never completes.
+                        // waiting for one that never completes. The worker fails the image
+                        // (SlowPath::panicked): the work may have left it half updated.
                         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
                             .unwrap_or_else(|_| {
-                                tracing::error!("a slow-path request panicked: failed with EIO");
+                                panicked.store(true, Ordering::Relaxed);
                                 Err(io::Error::from_raw_os_error(libc::EIO))
                             });
                         if done.send((id, r)).is_err() {
@@ -150,8 +164,14 @@ impl SlowPath {
     pub fn collect(&mut self, out: &mut Vec<Done>, wait: bool) {
         let before = out.len();
         if wait && self.in_flight > 0 {
-            if let Ok(d) = self.done.recv() {
-                out.push(d);
+            match self.done.recv() {
+                Ok(d) => out.push(d),
+                // The thread is gone (it cannot be, short of a bug): what it had will not
+                // complete, and waiting for it would hang the queue.
+                Err(_) => {
+                    self.in_flight = 0;
+                    return;
+                }
             }
         }
         // The eventfd first, the channel second: a completion sent after the drain writes the
@@ -237,9 +257,11 @@ mod tests {
             .unwrap();
         s.submit(2, Box::new(|| Ok(()))).unwrap();
         let mut done = Vec::new();
-        while done.len() < 2 {
+        for _ in 0..2 {
             s.collect(&mut done, true);
         }
+        assert_eq!(done.len(), 2, "the thread died with the work");
+        assert!(s.panicked());
         assert_eq!(done[0].0, 1);
         assert_eq!(
             done[0].1.as_ref().unwrap_err().raw_os_error(),

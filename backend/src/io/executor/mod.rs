@@ -267,9 +267,9 @@ impl Executor {
         }
     }
 
-    /// Serve `queue` until it is empty (or `WAVES_PER_CALL` waves were taken) and nothing is
-    /// in flight, putting requests in the used ring as they complete. Returns whether the
-    /// guest must be notified.
+    /// Serve `queue` until it is empty (or `WAVES_PER_CALL` waves were taken, or the stop flag
+    /// of [`Executor::stop_on`] is set) and nothing is in flight, putting requests in the used
+    /// ring as they complete. Returns whether the guest must be notified.
     pub fn process_queue(
         &mut self,
         queue: &mut Queue,
@@ -308,10 +308,6 @@ impl Executor {
             let mut left = Vec::new();
             while self.slow.in_flight() > 0 {
                 self.slow.collect(&mut left, true);
-                if left.is_empty() {
-                    // Its thread is gone: nothing of it runs any more.
-                    break;
-                }
                 left.clear();
             }
             std::panic::resume_unwind(panic)
@@ -727,6 +723,9 @@ impl Executor {
         if self.slow.in_flight() > 0 || !self.slow_done.is_empty() {
             let mut done = std::mem::take(&mut self.slow_done);
             self.slow.collect(&mut done, false);
+            if self.slow.panicked() {
+                self.disk.fail();
+            }
             for (id, result) in done.drain(..) {
                 self.finish(mem, id, result);
             }

@@ -43,6 +43,13 @@ impl Executor {
             Layout::Raw { .. } => None,
         };
         let probed_raw = matches!(disk.layout(), Layout::Raw { probed: true });
+        if disk.failed() && !matches!(r.kind, RequestKind::GetId) {
+            self.guest_warn(
+                head,
+                format_args!("refused: a request failed inside the daemon before (see above)"),
+            );
+            return self.done(mem, head, r.status, STATUS_IOERR, 1);
+        }
         let ops: Ops = match &r.kind {
             RequestKind::Read { .. } | RequestKind::Write { .. } if r.data_len == 0 || null => {
                 Ops::new()
