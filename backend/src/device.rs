@@ -304,6 +304,18 @@ impl BlkDevice {
         }
     }
 
+    /// A ring stopped or reset by the frontend: queue `queue` is no longer broken, unless guest
+    /// memory faulted and the connection is ending.
+    fn unbreak(&self, queue: usize) {
+        if let Some(b) = self.broken.get(queue) {
+            b.store(false, Ordering::Relaxed);
+            // Checked after: a fault that ends the connection meanwhile keeps it stopped.
+            if self.memory_faulted.load(Ordering::Relaxed) || self.memory_owner.faulted() {
+                b.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Stop `queue` for good: its ring cannot be trusted.
     fn stop_queue(&self, queue: u16, why: std::fmt::Arguments<'_>) {
         if let Some(b) = self.broken.get(usize::from(queue)) {
@@ -581,17 +593,18 @@ impl VhostUserBackend for BlkDevice {
     /// stop and cont: a ring still broken then stops again), unless guest memory faulted and
     /// the connection is ending.
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        if let Some(b) = usize::try_from(queue_index)
-            .ok()
-            .and_then(|q| self.broken.get(q))
-        {
-            b.store(false, Ordering::Relaxed);
-            // Checked after: a fault that ends the connection meanwhile keeps it stopped.
-            if self.memory_faulted.load(Ordering::Relaxed) || self.memory_owner.faulted() {
-                b.store(true, Ordering::Relaxed);
-            }
+        if let Ok(q) = usize::try_from(queue_index) {
+            self.unbreak(q);
         }
         Ok(())
+    }
+
+    /// RESET_DEVICE: the library disables every ring; each starts afresh when it is set up
+    /// again.
+    fn reset_device(&self) {
+        for q in 0..self.broken.len() {
+            self.unbreak(q);
+        }
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -827,5 +840,11 @@ mod tests {
         vring.set_queue_ready(true);
         kick(&dev);
         assert_eq!((vq.used().idx().load(), status()), (2, 0));
+        // RESET_DEVICE too.
+        vq.avail().idx().store(u16::to_le(1000));
+        kick(&dev);
+        assert!(dev.is_stopped(0));
+        dev.reset_device();
+        assert!(!dev.is_stopped(0), "RESET_DEVICE left the queue stopped");
     }
 }

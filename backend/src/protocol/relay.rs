@@ -325,6 +325,11 @@ impl Relay {
                 }
                 FrontendReq::RESET_OWNER | FrontendReq::RESET_DEVICE if m.fds.is_empty() => {
                     self.rings.lock_unpoisoned().reset();
+                    if req == FrontendReq::RESET_OWNER {
+                        // The library forgets the negotiated protocol features too.
+                        self.acked.store(0, Ordering::Relaxed);
+                        self.reply_ack.store(false, Ordering::Relaxed);
+                    }
                     self.to_library(&m)?
                 }
                 FrontendReq::ADD_MEM_REG | FrontendReq::REM_MEM_REG => {
