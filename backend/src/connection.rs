@@ -8,7 +8,9 @@ use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
+use tracing::warn;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon};
 use vm_memory::GuestMemoryAtomic;
@@ -70,6 +72,9 @@ impl std::fmt::Debug for Connection {
     }
 }
 
+/// Longest a stopping connection waits for the requests its workers took.
+pub const STOP_DRAIN: Duration = Duration::from_secs(2);
+
 /// Ends a connection from any thread, whatever its frontend does.
 pub struct StopConnection {
     relay: RelayShutdown,
@@ -84,11 +89,21 @@ impl std::fmt::Debug for StopConnection {
 }
 
 impl StopConnection {
-    /// Stop serving: the workers return after their current pass, both sockets are shut down
-    /// (unblocking any send to a frontend that stopped reading), and the library's request
-    /// handler ends.
+    /// Stop serving: the workers take no more requests and finish those they took (for at
+    /// most [`STOP_DRAIN`]), then both sockets are shut down (unblocking any send to a
+    /// frontend that stopped reading), and the library's request handler ends.
+    ///
+    /// In that order because the frontend, seeing the socket close, takes the used index as
+    /// the ring's position: a request completed after that would be in the used ring behind
+    /// its back (QEMU then restarts the ring before it, and a next backend serves it again).
     pub fn stop(&self) {
         self.device.stop();
+        if !self.device.wait_idle(STOP_DRAIN) {
+            warn!(
+                "requests still in flight after {STOP_DRAIN:?}: closing the connection \
+                 without them"
+            );
+        }
         self.relay.shutdown();
         if let Some(h) = &self.daemon {
             h.shutdown();

@@ -250,6 +250,27 @@ impl BlkDevice {
         self.stopping.store(true, Ordering::Relaxed);
     }
 
+    /// Wait, for at most `limit`, until no worker is in a pass (after [`BlkDevice::stop`],
+    /// none starts another): every request the workers took is then complete and in the used
+    /// ring, and the guest was notified. Whether they all finished in time.
+    pub fn wait_idle(&self, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        for w in &self.workers {
+            loop {
+                match w.try_lock() {
+                    Ok(_) | Err(std::sync::TryLockError::Poisoned(_)) => break,
+                    Err(std::sync::TryLockError::WouldBlock) => {
+                        if std::time::Instant::now() >= deadline {
+                            return false;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
+            }
+        }
+        true
+    }
+
     /// What to call when the connection must end because guest memory faulted.
     pub fn set_hangup(&self, hangup: Hangup) {
         *self.hangup.lock_unpoisoned() = Some(hangup);

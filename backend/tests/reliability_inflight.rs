@@ -179,3 +179,60 @@ fn requests_in_flight_at_a_crash_are_resubmitted_once_in_order() {
     assert_eq!(mock.used().idx().load(), 4);
     assert_eq!(sector(&e.image, 3), 4);
 }
+
+#[test]
+fn a_stale_vring_base_does_not_serve_completed_requests_again() {
+    // A backend that completed requests after its frontend saw it disconnect (the frontend
+    // took the used index as it was then, before the last completions) leaves the next
+    // backend a SET_VRING_BASE behind the used ring. The ring position comes from the used
+    // index and the region, as in libvhost-user: the completed requests do not run again
+    // (that would put their heads in the used ring twice, which breaks the guest's driver).
+    let mem = mem();
+    let mock = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
+    let (region, file) = InflightRegion::create(1, QSIZE).unwrap();
+    let inflight = Inflight::new(1, QSIZE);
+    inflight.install(region, false);
+    let mut e = env();
+    let mut queue: Queue = mock.create_queue().unwrap();
+    put_write(&mem, &mock, 0);
+    put_write(&mem, &mock, 1);
+    let tracker = inflight.tracker(0).unwrap();
+    e.executor
+        .process_queue_tracked(&mut queue, &mem, Some(&tracker), &mut || {})
+        .unwrap();
+    assert_eq!(mock.used().idx().load(), 2);
+    drop(tracker);
+    drop(inflight);
+
+    // The frontend restarts the ring at 1: it saw the used index before request 1 completed.
+    let size = file.metadata().unwrap().len();
+    let region = InflightRegion::open(&file, size, 0, 1, QSIZE).unwrap();
+    let inflight = Inflight::new(1, QSIZE);
+    inflight.install(region, true);
+    let tracker = inflight.tracker(0).unwrap();
+    let track = tracker.state().unwrap();
+    let mut e = restart(e);
+    let mut queue: Queue = mock.create_queue().unwrap();
+    queue.set_next_avail(1);
+    queue.set_next_used(1);
+    assert_eq!(
+        resubmit(&mut queue, &mem, &mut e.executor, &track).unwrap(),
+        0
+    );
+    assert_eq!((queue.next_avail(), queue.next_used()), (2, 2));
+    // Request 1's buffer is reused by the guest: were the request run again, its sector
+    // would take the new bytes.
+    mem.write_slice(&[0x77; 512], GuestAddress(DATA + 512))
+        .unwrap();
+    e.executor
+        .process_queue_tracked(&mut queue, &mem, Some(&tracker), &mut || {})
+        .unwrap();
+    assert_eq!(mock.used().idx().load(), 2, "a completed request ran again");
+    assert_eq!(sector(&e.image, 1), 2);
+    put_write(&mem, &mock, 2);
+    e.executor
+        .process_queue_tracked(&mut queue, &mem, Some(&tracker), &mut || {})
+        .unwrap();
+    assert_eq!(mock.used().idx().load(), 3);
+    assert_eq!(sector(&e.image, 2), 3);
+}

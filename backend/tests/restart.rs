@@ -160,3 +160,65 @@ fn completions_reach_the_frontend_after_restarts_without_a_new_kick() {
     let st = backend.stop(WAIT).unwrap();
     assert!(st.success(), "{st}: {}", backend.log_tail(20));
 }
+
+#[test]
+fn sigterm_puts_what_was_taken_in_the_used_ring_before_the_socket_closes() {
+    // A frontend that sees the socket close takes the used index as the ring's position
+    // (QEMU's GET_VRING_BASE fails): a request completed after that would be in the used ring
+    // behind its back, and QEMU, restarting the ring before it, would have the next backend
+    // serve it again. So a daemon told to stop finishes what it took before it closes the
+    // socket. The request here is a flush behind 256 MiB of dirty page cache.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::File::create(dir.path().join("disk.img"))
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
+    let sock = dir.path().join("blk.sock");
+    let mut backend = start(dir.path(), 0);
+    let opts = ClientOptions {
+        queue_size: 64,
+        slots: 8,
+        slot_data_size: 1 << 20,
+        ..ClientOptions::default()
+    };
+    let mut c = Client::connect(&sock, &opts).unwrap();
+    let fd = c.frontend().as_raw_fd();
+    let q = c.queue(0).unwrap();
+    let data = vec![0x5a; 1 << 20];
+    for i in 0..256u64 {
+        q.write(i * 2048, &data).unwrap();
+    }
+    q.submit(Request::Flush).unwrap();
+    q.publish();
+    q.kick_now().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    kill(Pid::from_raw(backend.pid() as i32), Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(Instant::now() < deadline, "the socket never closed");
+        // SAFETY: the client keeps its socket open for this whole test.
+        let b = unsafe { BorrowedFd::borrow_raw(fd) };
+        let mut p = [PollFd::new(b, PollFlags::POLLIN)];
+        let closed = matches!(poll(&mut p, PollTimeout::ZERO), Ok(1));
+        // (Readable: the daemon sends nothing unasked on this socket, so it is the end.)
+        // Read after the socket's state: with the completion first, it is there by now.
+        let completed = q.ring_pending() > 0;
+        if closed {
+            assert!(
+                completed,
+                "the socket closed with the flush still in flight:\n{}",
+                std::fs::read_to_string(backend.log()).unwrap_or_default()
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let status = backend
+        .wait_timeout(WAIT)
+        .expect("the backend did not exit");
+    assert!(status.success(), "{status:?}");
+    let mut done: Vec<Completion> = Vec::new();
+    q.reap(&mut done);
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].status, S_OK);
+}

@@ -27,6 +27,11 @@ pub fn resubmit(
     track: &QueueInflight<'_>,
 ) -> Result<usize, virtio_queue::Error> {
     let used = queue.used_idx(mem, Ordering::Acquire)?.0;
+    // The ring position comes from the used ring and the region, not from SET_VRING_BASE, as
+    // in libvhost-user: a previous backend that completed requests after its frontend saw it
+    // disconnect left the used index past the base the frontend sends, and the requests
+    // between them must not run (and reach the used ring) a second time.
+    queue.set_next_used(used);
     let size = queue.size();
     // The region may name heads past this ring (a region of a larger queue, or garbage):
     // they cannot be completed, so they are not run either.
@@ -34,7 +39,7 @@ pub fn resubmit(
     let taken = recovered.len();
     let heads: Vec<u16> = recovered.into_iter().filter(|&h| h < size).collect();
     if heads.is_empty() {
-        // The frontend restarts the ring at the used index: what was taken is skipped.
+        // The available ring continues after what was taken.
         queue.set_next_avail(used.wrapping_add(taken as u16));
         return Ok(0);
     }
@@ -55,7 +60,7 @@ pub fn resubmit(
     });
     track.end_batch(&heads[..added], queue.next_used());
     result?;
-    // The frontend restarts the ring at the used index; what was resubmitted is skipped.
+    // The available ring continues after what was taken (and is now resubmitted).
     queue.set_next_avail(used.wrapping_add(taken as u16));
     tracing::info!(
         "resubmitted {} request(s) left in flight by the previous backend",
