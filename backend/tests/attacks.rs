@@ -859,6 +859,20 @@ fn backend_channel_and_inflight_messages_need_their_protocol_features() {
             .map(|_| ());
         assert_refused(&d, &dev.fe, r, "GET_INFLIGHT_FD without INFLIGHT_SHMFD");
     }
+    // RESET_OWNER forgets what was negotiated: without negotiating again, refused.
+    {
+        let mut dev = d.device(&backend_req_negotiation());
+        let _ = dev.fe.set(FrontendReq::RESET_OWNER, &[], &[]);
+        // No REPLY_ACK either: the refusal is the connection closing.
+        dev.fe.set_reply_ack(false);
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let _ = dev.fe.set_backend_req_fd(ours.as_raw_fd());
+        assert!(
+            dev.fe.closed_within(Duration::from_secs(5)),
+            "SET_BACKEND_REQ_FD after RESET_OWNER was taken:\n{}",
+            d.log()
+        );
+    }
     // Negotiated, both are taken.
     {
         let how = Negotiation {
