@@ -68,7 +68,7 @@ type Done = (u32, io::Result<()>);
 pub struct SlowPath {
     queue: u16,
     jobs: Option<Sender<(u32, Work)>>,
-    /// Handed to the thread when it starts: once that thread is gone, `done` says so.
+    /// Given up once the thread runs with its clone: once that thread is gone, `done` says so.
     done_tx: Option<Sender<Done>>,
     done: Receiver<Done>,
     /// A work panicked.
@@ -121,7 +121,7 @@ impl SlowPath {
     /// Run `work` for request `id` on the slow path's thread.
     pub fn submit(&mut self, id: u32, work: Work) -> io::Result<()> {
         if self.jobs.is_none() {
-            let Some(done) = self.done_tx.take() else {
+            let Some(done) = self.done_tx.clone() else {
                 return Err(io::Error::other("the slow path thread is gone"));
             };
             let (tx, rx) = mpsc::channel::<(u32, Work)>();
@@ -146,6 +146,9 @@ impl SlowPath {
                         let _ = event.write(1);
                     }
                 })?;
+            // The thread holds the only sender now: its end disconnects `done`. (Kept until
+            // the thread runs, so a failed spawn can be tried again.)
+            self.done_tx = None;
             self.jobs = Some(tx);
             self.thread = Some(thread);
         }
