@@ -454,14 +454,16 @@ impl Daemon {
         let s = ended.stats;
         // A connection that did I/O or lasted a while (a real frontend, not one of a loop that
         // connects and closes) has its end logged whatever the budget said when it came.
-        if !logged && (s.requests > 0 || since.elapsed() >= NOTABLE_CONNECTION) {
+        let lasted = since.elapsed();
+        let notable = s.requests > 0 || lasted >= NOTABLE_CONNECTION;
+        if !logged && notable {
             info!(
                 "frontend connected {:.1} s ago (not logged then: more than \
                  {LOGGED_CONNECTIONS_PER_SECOND} connections a second)",
-                since.elapsed().as_secs_f64()
+                lasted.as_secs_f64()
             );
         }
-        if logged || s.requests > 0 || since.elapsed() >= NOTABLE_CONNECTION {
+        if logged || notable {
             match ended.error {
                 None => info!("frontend disconnected"),
                 Some(e) => warn!("connection ended: {e}"),

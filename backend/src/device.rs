@@ -104,6 +104,13 @@ impl Reclaim {
     }
 }
 
+/// Whether the frontend stopped the ring (GET_VRING_BASE: a VM stop, a device reset, a
+/// migration) or disabled it: not a broken ring, and not one to touch until it is started or
+/// enabled again (which queues an event for it).
+fn stopped_by_frontend(state: &VringState<GuestMemoryAtomic<GuestMem>>) -> bool {
+    !state.get_queue().ready() || !state.is_enabled()
+}
+
 /// What one queue's thread owns: its executor and its polling state.
 #[derive(Debug)]
 struct Worker {
@@ -393,11 +400,7 @@ impl BlkDevice {
             let guarded = self.mem.lock_unpoisoned().clone();
             let mem = &guarded.mem;
             let mut state = vring.get_mut();
-            // The frontend stopped the ring (GET_VRING_BASE: a VM stop, a device reset, a
-            // migration) or disabled it since the kick or the last pass: not a broken ring,
-            // and not one to touch until it is started or enabled again (which queues an
-            // event for it).
-            if !state.get_queue().ready() || !state.is_enabled() {
+            if stopped_by_frontend(&state) {
                 return;
             }
             if let Err(e) = state.get_queue_mut().disable_notification(mem) {
@@ -445,7 +448,7 @@ impl BlkDevice {
             let guarded = self.mem.lock_unpoisoned().clone();
             let mem = &guarded.mem;
             let mut state = vring.get_mut();
-            if !state.get_queue().ready() || !state.is_enabled() {
+            if stopped_by_frontend(&state) {
                 return;
             }
             match state.get_queue_mut().enable_notification(mem) {

@@ -662,26 +662,13 @@ fn set_inflight_fd_on_hugetlbfs_is_refused() {
     // the daemon's first access to the region would raise SIGBUS.
     let d = Daemon::start(&[]);
     let size = 2 << 20;
-    // SAFETY: memfd_create with a NUL-terminated name and flags; the result is checked.
-    let fd = unsafe {
-        libc::memfd_create(
-            c"inflight-huge".as_ptr(),
-            libc::MFD_HUGETLB | libc::MFD_ALLOW_SEALING | libc::MFD_CLOEXEC,
-        )
+    let huge = match fds::hugetlb_memfd(size) {
+        Ok(f) => f,
+        Err(e) => {
+            vloop_frontend::skip::skip(&format!("no hugetlb memfd here: {e}"));
+            return;
+        }
     };
-    if fd < 0 {
-        vloop_frontend::skip::skip(&format!(
-            "no hugetlb memfd here: {}",
-            std::io::Error::last_os_error()
-        ));
-        return;
-    }
-    // SAFETY: a fresh descriptor that nothing else owns.
-    let huge = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    if let Err(e) = huge.set_len(size) {
-        vloop_frontend::skip::skip(&format!("cannot size a hugetlb memfd here: {e}"));
-        return;
-    }
     let dev = d.device(&inflight_negotiation());
     let r = dev
         .fe

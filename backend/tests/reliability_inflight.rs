@@ -63,6 +63,24 @@ fn restart(e: Env) -> Env {
     }
 }
 
+/// A first backend's inflight tracking, with the memfd of its region (which the frontend
+/// keeps).
+fn fresh_inflight() -> (Inflight, File) {
+    let (region, file) = InflightRegion::create(1, QSIZE).unwrap();
+    let inflight = Inflight::new(1, QSIZE);
+    inflight.install(region, false);
+    (inflight, file)
+}
+
+/// A next backend's inflight tracking, on the region the frontend hands back.
+fn recovered_inflight(file: &File) -> Inflight {
+    let size = file.metadata().unwrap().len();
+    let region = InflightRegion::open(file, size, 0, 1, QSIZE).unwrap();
+    let inflight = Inflight::new(1, QSIZE);
+    inflight.install(region, true);
+    inflight
+}
+
 fn mem() -> GuestMem {
     GuestMem::from_ranges(&[(GuestAddress(0), 0x4_0000)]).unwrap()
 }
@@ -112,9 +130,7 @@ fn sector(image: &File, n: u64) -> u8 {
 fn requests_in_flight_at_a_crash_are_resubmitted_once_in_order() {
     let mem = mem();
     let mock = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
-    let (region, file) = InflightRegion::create(1, QSIZE).unwrap();
-    let inflight = Inflight::new(1, QSIZE);
-    inflight.install(region, false);
+    let (inflight, file) = fresh_inflight();
 
     // The first backend completes request 0, then takes requests 1 and 2 and dies before
     // completing them (nothing reaches the image or the used ring).
@@ -144,10 +160,7 @@ fn requests_in_flight_at_a_crash_are_resubmitted_once_in_order() {
 
     // The frontend keeps the region, restarts the ring at the used index (what QEMU does when
     // the backend vanished) and a new backend opens the region.
-    let size = file.metadata().unwrap().len();
-    let region = InflightRegion::open(&file, size, 0, 1, QSIZE).unwrap();
-    let inflight = Inflight::new(1, QSIZE);
-    inflight.install(region, true);
+    let inflight = recovered_inflight(&file);
     let tracker = inflight.tracker(0).unwrap();
     let track = tracker.state().unwrap();
     let mut e = restart(e);
@@ -189,9 +202,7 @@ fn a_stale_vring_base_does_not_serve_completed_requests_again() {
     // (that would put their heads in the used ring twice, which breaks the guest's driver).
     let mem = mem();
     let mock = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
-    let (region, file) = InflightRegion::create(1, QSIZE).unwrap();
-    let inflight = Inflight::new(1, QSIZE);
-    inflight.install(region, false);
+    let (inflight, file) = fresh_inflight();
     let mut e = env();
     let mut queue: Queue = mock.create_queue().unwrap();
     put_write(&mem, &mock, 0);
@@ -205,10 +216,7 @@ fn a_stale_vring_base_does_not_serve_completed_requests_again() {
     drop(inflight);
 
     // The frontend restarts the ring at 1: it saw the used index before request 1 completed.
-    let size = file.metadata().unwrap().len();
-    let region = InflightRegion::open(&file, size, 0, 1, QSIZE).unwrap();
-    let inflight = Inflight::new(1, QSIZE);
-    inflight.install(region, true);
+    let inflight = recovered_inflight(&file);
     let tracker = inflight.tracker(0).unwrap();
     let track = tracker.state().unwrap();
     let mut e = restart(e);

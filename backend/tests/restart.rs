@@ -11,7 +11,7 @@
 //!   completes them.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -30,6 +30,26 @@ fn start(dir: &Path, n: u32) -> BackendProcess {
         Export::new(dir.join("disk.img"), dir.join("blk.sock")),
     );
     BackendProcess::spawn(&spec, &dir.join(format!("blk{n}.log")), WAIT).unwrap()
+}
+
+/// A backend serving a sparse image of `size` bytes in a fresh directory (its socket), and a
+/// client of it with 8 slots of `slot` bytes on a queue of 64.
+fn served(size: u64, slot: u32) -> (tempfile::TempDir, PathBuf, BackendProcess, Client) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::File::create(dir.path().join("disk.img"))
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let sock = dir.path().join("blk.sock");
+    let backend = start(dir.path(), 0);
+    let opts = ClientOptions {
+        queue_size: 64,
+        slots: 8,
+        slot_data_size: slot,
+        ..ClientOptions::default()
+    };
+    let c = Client::connect(&sock, &opts).unwrap();
+    (dir, sock, backend, c)
 }
 
 fn readable(fd: &EventFd, timeout: Duration) -> bool {
@@ -59,20 +79,7 @@ fn kill_hard(b: &mut BackendProcess) {
 
 #[test]
 fn completions_reach_the_frontend_after_restarts_without_a_new_kick() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::File::create(dir.path().join("disk.img"))
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
-    let sock = dir.path().join("blk.sock");
-    let mut backend = start(dir.path(), 0);
-    let opts = ClientOptions {
-        queue_size: 64,
-        slots: 8,
-        slot_data_size: 4096,
-        ..ClientOptions::default()
-    };
-    let mut c = Client::connect(&sock, &opts).unwrap();
+    let (dir, sock, mut backend, mut c) = served(4 << 20, 4096);
     assert!(c.inflight_file().is_some(), "INFLIGHT_SHMFD negotiated");
 
     // 1. Completed, notification lost.
@@ -168,20 +175,7 @@ fn sigterm_puts_what_was_taken_in_the_used_ring_before_the_socket_closes() {
     // behind its back, and QEMU, restarting the ring before it, would have the next backend
     // serve it again. So a daemon told to stop finishes what it took before it closes the
     // socket. The request here is a flush behind 256 MiB of dirty page cache.
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::File::create(dir.path().join("disk.img"))
-        .unwrap()
-        .set_len(512 << 20)
-        .unwrap();
-    let sock = dir.path().join("blk.sock");
-    let mut backend = start(dir.path(), 0);
-    let opts = ClientOptions {
-        queue_size: 64,
-        slots: 8,
-        slot_data_size: 1 << 20,
-        ..ClientOptions::default()
-    };
-    let mut c = Client::connect(&sock, &opts).unwrap();
+    let (_dir, _sock, mut backend, mut c) = served(512 << 20, 1 << 20);
     let fd = c.frontend().as_raw_fd();
     let q = c.queue(0).unwrap();
     let data = vec![0x5a; 1 << 20];

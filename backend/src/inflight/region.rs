@@ -124,6 +124,17 @@ pub fn seal_against_shrinking(file: &File) -> io::Result<()> {
     add_seals(file, libc::F_SEAL_SHRINK)
 }
 
+/// A region's queues must be at least one, each of a split virtqueue's size.
+fn check_shape(num_queues: u16, queue_size: u16) -> Result<(), InflightError> {
+    if num_queues == 0 {
+        return Err(InflightError::NoQueues);
+    }
+    if queue_size == 0 || queue_size > MAX_QUEUE_SIZE {
+        return Err(InflightError::BadQueueSize(queue_size));
+    }
+    Ok(())
+}
+
 /// Bytes of one queue's region for `queue_size` descriptors.
 pub fn queue_region_size(queue_size: u16) -> u64 {
     (QUEUE_HEADER_SIZE + DESC_STATE_SIZE * u64::from(queue_size)).next_multiple_of(QUEUE_ALIGN)
@@ -144,12 +155,7 @@ impl InflightRegion {
         num_queues: u16,
         queue_size: u16,
     ) -> Result<(InflightRegion, File), InflightError> {
-        if num_queues == 0 {
-            return Err(InflightError::NoQueues);
-        }
-        if queue_size == 0 || queue_size > MAX_QUEUE_SIZE {
-            return Err(InflightError::BadQueueSize(queue_size));
-        }
+        check_shape(num_queues, queue_size)?;
         let size = queue_region_size(queue_size) * u64::from(num_queues);
         // SAFETY: memfd_create with a NUL-terminated name and flags; the result is checked.
         let fd = unsafe {
@@ -189,12 +195,7 @@ impl InflightRegion {
         num_queues: u16,
         queue_size: u16,
     ) -> Result<InflightRegion, InflightError> {
-        if num_queues == 0 {
-            return Err(InflightError::NoQueues);
-        }
-        if queue_size == 0 || queue_size > MAX_QUEUE_SIZE {
-            return Err(InflightError::BadQueueSize(queue_size));
-        }
+        check_shape(num_queues, queue_size)?;
         // A frontend hands back a memfd that a backend created. Another sealable file, one on
         // hugetlbfs, may have no page to give where the region has a hole: the daemon's first
         // access to it would raise SIGBUS.
@@ -489,27 +490,14 @@ mod tests {
     fn a_region_on_hugetlbfs_is_refused() {
         // Where the huge page pool is empty, the first access to such a region would raise
         // SIGBUS in the daemon; sealed against shrinking it passes every other check.
-        // SAFETY: memfd_create with a NUL-terminated name and flags; the result is checked.
-        let fd = unsafe {
-            libc::memfd_create(
-                c"inflight-huge".as_ptr(),
-                libc::MFD_HUGETLB | libc::MFD_ALLOW_SEALING | libc::MFD_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            vloop_frontend::skip::skip(&format!(
-                "no hugetlb memfd here: {}",
-                io::Error::last_os_error()
-            ));
-            return;
-        }
-        // SAFETY: a fresh descriptor that nothing else owns.
-        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         let size = 2 << 20;
-        if let Err(e) = file.set_len(size) {
-            vloop_frontend::skip::skip(&format!("cannot size a hugetlb memfd here: {e}"));
-            return;
-        }
+        let file = match vloop_frontend::raw::fds::hugetlb_memfd(size) {
+            Ok(f) => f,
+            Err(e) => {
+                vloop_frontend::skip::skip(&format!("no hugetlb memfd here: {e}"));
+                return;
+            }
+        };
         let err = InflightRegion::open(&file, size, 0, 1, 256).unwrap_err();
         assert!(matches!(err, InflightError::NotShmem(_)), "{err}");
     }

@@ -19,6 +19,19 @@ pub fn memfd(len: u64, allow_sealing: bool) -> io::Result<File> {
     if allow_sealing {
         flags |= libc::MFD_ALLOW_SEALING;
     }
+    memfd_with(len, flags)
+}
+
+/// A memfd on hugetlbfs of `len` bytes (a multiple of the huge page size) that allows sealing:
+/// where the huge page pool is empty, a first access to any of its pages raises SIGBUS.
+pub fn hugetlb_memfd(len: u64) -> io::Result<File> {
+    memfd_with(
+        len,
+        libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | libc::MFD_HUGETLB,
+    )
+}
+
+fn memfd_with(len: u64, flags: libc::c_uint) -> io::Result<File> {
     // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
     let fd = unsafe { libc::memfd_create(c"vloop-raw".as_ptr(), flags) };
     if fd < 0 {
