@@ -500,3 +500,109 @@ fn a_completed_write_survives_a_killed_backend() {
     stop(b);
     check(&top);
 }
+
+/// A loop device over a file, detached on drop.
+struct Loop(String);
+
+impl Loop {
+    fn new(file: &Path, read_only: bool) -> Option<Loop> {
+        let mut cmd = Command::new("losetup");
+        cmd.args(["--find", "--show"]);
+        if read_only {
+            cmd.arg("--read-only");
+        }
+        match cmd.arg(file).output() {
+            Ok(o) if o.status.success() => {
+                Some(Loop(String::from_utf8(o.stdout).unwrap().trim().to_owned()))
+            }
+            other => {
+                vloop_frontend::skip::skip(&format!(
+                    "cannot set up a loop device here (needs root and /dev/loop*): {other:?}"
+                ));
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn images_on_block_devices_an_overlay_over_one_and_qcow2_on_one_read_only() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let size = 4 * MIB;
+    // An overlay file over a raw base on a block device reads the device's data (its st_size
+    // is 0: taken as its length, the overlay read as zeroes).
+    let base = d.join("base.raw");
+    let data = pattern_disk(size);
+    std::fs::write(&base, &data).unwrap();
+    let Some(base_dev) = Loop::new(&base, true) else {
+        return;
+    };
+    let top = d.join("top.qcow2");
+    overlay(&top, &base_dev.0, "raw", None);
+    let (b, mut c) = serve(&top, &[]);
+    assert!(
+        read_all(&mut c, size) == data,
+        "the overlay does not read the device's data"
+    );
+    drop(c);
+    stop(b);
+
+    // A qcow2 image on a block device: refused writable with one line naming the fix, served
+    // with --read-only.
+    let img = d.join("image.qcow2");
+    run(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        &img.display().to_string(),
+        "4M",
+    ]);
+    qemu_io(&img, "qcow2", &patterns(size));
+    let want = convert_raw(&img, d);
+    let Some(dev) = Loop::new(&img, false) else {
+        return;
+    };
+    let sock = d.join("dev.sock");
+    let out = Command::new(common::bin())
+        .args([
+            "--socket-path",
+            &sock.display().to_string(),
+            "--blk-file",
+            &dev.0,
+        ])
+        .args(["--format", "qcow2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let line = err.lines().last().unwrap_or_default();
+    assert!(
+        line.contains("block device") && line.contains("--read-only"),
+        "{line}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let b = common::start(
+        Path::new(&dev.0),
+        &sock,
+        &["--format", "qcow2", "--read-only"],
+    );
+    let mut c = Client::connect(&sock, &opts()).unwrap();
+    assert!(
+        read_all(&mut c, size) == want,
+        "the device reads unlike qemu-img's conversion"
+    );
+    drop(c);
+    stop(b);
+}

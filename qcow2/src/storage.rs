@@ -6,9 +6,10 @@
 //! leave on disk (see `tests/crash.rs`); the daemon's own zero-copy I/O uses [`Storage::fd`].
 
 use std::fs::File;
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut, Seek, SeekFrom};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use nix::fcntl::{fallocate, FallocateFlags};
 
@@ -150,7 +151,14 @@ impl Storage for File {
     }
 
     fn file_size(&self) -> io::Result<u64> {
-        Ok(self.metadata()?.len())
+        let m = self.metadata()?;
+        if m.file_type().is_block_device() {
+            // A block device's st_size is 0: its size is where it ends. Every read and write
+            // here is positioned, so the file offset this moves is not used.
+            let mut f: &File = self;
+            return f.seek(SeekFrom::End(0));
+        }
+        Ok(m.len())
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
@@ -187,5 +195,121 @@ impl Storage for File {
     fn identity(&self) -> io::Result<(u64, u64)> {
         let m = self.metadata()?;
         Ok((m.dev(), m.ino()))
+    }
+}
+
+/// A writable image file whose first failed sync fails every later one. Linux reports a
+/// writeback error once to each open file: the pages it could not write are clean again (or
+/// gone) and the next fdatasync succeeds, so without this a flush after any failed sync (an
+/// allocation's, a metadata write-back's) would tell the guest its data is on disk when it is
+/// not. QEMU's file driver does the same once a flush failed.
+pub(crate) struct StickySync {
+    inner: Box<dyn Storage>,
+    /// The errno of the first failed sync; 0 while none failed.
+    failed: AtomicI32,
+}
+
+impl StickySync {
+    pub(crate) fn new(inner: Box<dyn Storage>) -> StickySync {
+        StickySync {
+            inner,
+            failed: AtomicI32::new(0),
+        }
+    }
+}
+
+impl Storage for StickySync {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        self.inner.read_at(buf, off)
+    }
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], off: u64) -> io::Result<usize> {
+        self.inner.read_vectored_at(bufs, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.inner.write_at(buf, off)
+    }
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], off: u64) -> io::Result<()> {
+        self.inner.write_vectored_at(bufs, off)
+    }
+    fn sync(&self) -> io::Result<()> {
+        match self.failed.load(Ordering::Relaxed) {
+            0 => self.inner.sync().inspect_err(|e| {
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                let _ =
+                    self.failed
+                        .compare_exchange(0, errno, Ordering::Relaxed, Ordering::Relaxed);
+            }),
+            errno => Err(io::Error::from_raw_os_error(errno)),
+        }
+    }
+    fn file_size(&self) -> io::Result<u64> {
+        self.inner.file_size()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn zero_range(&self, off: u64, len: u64, unmap: bool) -> io::Result<()> {
+        self.inner.zero_range(off, len, unmap)
+    }
+    fn fd(&self) -> RawFd {
+        self.inner.fd()
+    }
+    fn identity(&self) -> io::Result<(u64, u64)> {
+        self.inner.identity()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+
+    /// A file whose first sync fails, as fdatasync does once after a writeback error.
+    struct FailsOnce {
+        file: File,
+        syncs: Arc<AtomicUsize>,
+    }
+
+    impl Storage for FailsOnce {
+        fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+            Storage::read_at(&self.file, buf, off)
+        }
+        fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+            Storage::write_at(&self.file, buf, off)
+        }
+        fn sync(&self) -> io::Result<()> {
+            match self.syncs.fetch_add(1, Ordering::Relaxed) {
+                0 => Err(io::Error::from_raw_os_error(libc::EIO)),
+                _ => Ok(()),
+            }
+        }
+        fn file_size(&self) -> io::Result<u64> {
+            self.file.file_size()
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.file.set_len(len)
+        }
+        fn fd(&self) -> RawFd {
+            self.file.as_raw_fd()
+        }
+        fn identity(&self) -> io::Result<(u64, u64)> {
+            self.file.identity()
+        }
+    }
+
+    #[test]
+    fn a_failed_sync_fails_every_later_one() {
+        let syncs = Arc::new(AtomicUsize::new(0));
+        let st = StickySync::new(Box::new(FailsOnce {
+            file: tempfile::tempfile().unwrap(),
+            syncs: syncs.clone(),
+        }));
+        assert_eq!(st.sync().unwrap_err().raw_os_error(), Some(libc::EIO));
+        for _ in 0..3 {
+            assert_eq!(st.sync().unwrap_err().raw_os_error(), Some(libc::EIO));
+        }
+        // The later ones did not even ask the file (whose next sync would succeed).
+        assert_eq!(syncs.load(Ordering::Relaxed), 1);
     }
 }

@@ -470,3 +470,88 @@ fn every_refcount_width_and_lazy_refcounts() {
         assert_same_as_raw(&img, &raw);
     }
 }
+
+/// The image file with a switch that makes its syncs fail, as fdatasync fails once after a
+/// writeback error (and succeeds again after, the error reported).
+struct FailingSync {
+    file: std::fs::File,
+    fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl vloop_qcow2::Storage for FailingSync {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+        vloop_qcow2::Storage::read_at(&self.file, buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        vloop_qcow2::Storage::write_at(&self.file, buf, off)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        if self.fail.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.file.sync_data()
+    }
+    fn file_size(&self) -> std::io::Result<u64> {
+        vloop_qcow2::Storage::file_size(&self.file)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn fd(&self) -> std::os::fd::RawFd {
+        vloop_qcow2::Storage::fd(&self.file)
+    }
+    fn identity(&self) -> std::io::Result<(u64, u64)> {
+        vloop_qcow2::Storage::identity(&self.file)
+    }
+}
+
+#[test]
+fn after_a_failed_sync_every_flush_fails() {
+    // A sync inside an allocating write fails: the data of earlier completed writes may be
+    // lost, and the next fdatasync would succeed, so no later flush may report success.
+    let dir = tempdir();
+    let base = path_in(&dir, "base.raw");
+    std::fs::write(&base, pattern(3, 4 << 20)).unwrap();
+    let img = path_in(&dir, "img.qcow2");
+    let f = std::fs::File::create(&img).unwrap();
+    let mut create = vloop_qcow2::CreateOptions::new(4 << 20);
+    create.backing = Some(("base.raw".to_owned(), vloop_qcow2::Format::Raw));
+    vloop_qcow2::create(&f, &create).unwrap();
+    drop(f);
+    let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let opts = vloop_qcow2::OpenOptions {
+        format: Some(vloop_qcow2::Format::Qcow2),
+        ..vloop_qcow2::OpenOptions::default()
+    };
+    let chain = Chain::open_storage(
+        Box::new(FailingSync {
+            file,
+            fail: fail.clone(),
+        }),
+        &img,
+        &opts,
+        &mut ro_opener,
+    )
+    .unwrap();
+    chain.write_at(&pattern(1, 65536), 0).unwrap();
+    chain.flush().unwrap();
+    fail.store(true, std::sync::atomic::Ordering::Relaxed);
+    // A partial first write to another cluster copies the rest of it from the backing file,
+    // synced before the L2 entry naming the cluster is written.
+    assert!(chain.write_at(&pattern(2, 512), 1 << 20).is_err());
+    assert!(
+        !fail.load(std::sync::atomic::Ordering::Relaxed),
+        "no sync ran"
+    );
+    for _ in 0..2 {
+        assert!(
+            chain.flush().is_err(),
+            "a flush succeeded after a failed sync"
+        );
+    }
+}

@@ -55,6 +55,13 @@ pub enum DiskError {
     /// The image is neither a regular file nor a block device.
     #[error("{0} is not a regular file or a block device")]
     NotAFile(PathBuf),
+    /// A qcow2 image on a block device, to be served writable.
+    #[error(
+        "{0} is a qcow2 image on a block device, which vloop-blk serves read-only only: it \
+         allocates clusters at the end of a qcow2 file, and a block device cannot grow (serve \
+         it with --read-only, or convert it to a file)"
+    )]
+    Qcow2OnBlockDevice(PathBuf),
     /// The size of the image cannot be read.
     #[error("cannot read the size of {path}")]
     Size {
@@ -307,6 +314,9 @@ impl Disk {
                 })?
             }
         };
+        if format == Format::Qcow2 && block_device && !config.read_only {
+            return Err(DiskError::Qcow2OnBlockDevice(path));
+        }
         let layout = match format {
             Format::Raw => Layout::Raw {
                 probed: config.format == ImageFormat::Auto,

@@ -11,7 +11,7 @@ use super::options::{Backing, OpenOptions, Opener, MAX_CHAIN};
 use super::state::{Chain, LayerFile, Meta};
 use crate::format::{self, Format, PROBE_BYTES};
 use crate::layer::Qcow2;
-use crate::storage::Storage;
+use crate::storage::{StickySync, Storage};
 
 /// The path QEMU uses for backing name `name` of the image at `image`: relative names are
 /// relative to the directory of the image.
@@ -91,6 +91,11 @@ impl Chain {
                 }
             };
             let writable = depth == 0 && !opts.read_only;
+            let st: Box<dyn Storage> = if writable {
+                Box::new(StickySync::new(st))
+            } else {
+                st
+            };
             let layer_err = |p: &Path| {
                 let p = p.to_path_buf();
                 move |source| Error::Layer { path: p, source }
