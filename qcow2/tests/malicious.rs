@@ -414,3 +414,31 @@ fn mapped_extents_stay_inside_the_file() {
     chain.read_at(&mut buf, 0).unwrap();
     assert!(buf[CS as usize / 2..].iter().all(|&b| b == 0));
 }
+
+#[test]
+fn a_write_into_a_cluster_cut_by_the_end_of_the_file_reads_back() {
+    let dir = tempdir();
+    let img = valid(&dir, "cut.qcow2");
+    // Guest cluster 0 moved to the last cluster of the file, then the file cut in its middle.
+    let len = std::fs::metadata(&img).unwrap().len();
+    patch(&img, |b, _, l2, _| put(b, l2, (len - CS) | (1 << 63)));
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.set_len(len - CS / 2).unwrap();
+    drop(f);
+    let chain = open_guarded(&img, false).unwrap();
+    // The write lands in place, past the old end: the file grows, and so must the length the
+    // chain maps reads against (or they read the new bytes as zeroes).
+    let tail = pattern(9, 512);
+    let at = CS - 512;
+    assert_eq!(
+        write_mapped(&chain, at, &tail),
+        vloop_qcow2::WritePath::Slow
+    );
+    assert_eq!(read_mapped(&chain, at, 512), tail);
+    let mut buf = vec![0u8; 512];
+    chain.read_at(&mut buf, at).unwrap();
+    assert_eq!(buf, tail);
+    chain.close().unwrap();
+    let chain = open_guarded(&img, true).unwrap();
+    assert_eq!(read_mapped(&chain, at, 512), tail);
+}

@@ -555,3 +555,31 @@ fn after_a_failed_sync_every_flush_fails() {
         );
     }
 }
+
+#[test]
+fn zeroes_written_without_the_named_backing_file_stay_zeroes_with_it() {
+    let dir = tempdir();
+    let base = path_in(&dir, "base.raw");
+    std::fs::write(&base, pattern(4, 1 << 20)).unwrap();
+    let img = path_in(&dir, "img.qcow2");
+    let f = std::fs::File::create(&img).unwrap();
+    let mut create = vloop_qcow2::CreateOptions::new(1 << 20);
+    create.backing = Some(("base.raw".to_owned(), vloop_qcow2::Format::Raw));
+    vloop_qcow2::create(&f, &create).unwrap();
+    drop(f);
+    let chain = try_open(&img, false, vloop_qcow2::Backing::None).unwrap();
+    for unmap in [false, true] {
+        let at = if unmap { 3 * 65536 } else { 65536 };
+        chain.write_zeroes(at, 2 * 65536, unmap).unwrap();
+    }
+    chain.close().unwrap();
+    let chain = open_chain(&img, true);
+    let got = read_all(&chain, 65536);
+    let mut want = pattern(4, 1 << 20);
+    want[65536..5 * 65536].fill(0);
+    assert!(
+        got == want,
+        "first difference at {:?}",
+        first_diff(&got, &want)
+    );
+}

@@ -207,6 +207,16 @@ impl Chain {
         if unsynced {
             q.synced();
         }
+        // A cluster written in place may have reached past the end of the file (an image cut
+        // short): the file grew, and reads are mapped against its length.
+        let cs = q.geo.cluster_size();
+        for t in &targets {
+            let end = match t.fill {
+                Fill::Nothing => t.host + t.b,
+                _ => t.host + cs,
+            };
+            q.file_len = q.file_len.max(end);
+        }
         for t in &targets {
             if let Some(entry) = t.entry {
                 q.replace(st, t.cluster, entry, seq)

@@ -84,6 +84,10 @@ impl Chain {
             let Some(q) = meta.q[0].as_mut() else {
                 return Ok(());
             };
+            // An image served without the backing file it names (`Backing::None`) zeroes as
+            // if it had it, as QEMU does: opened with it again, the range must not show the
+            // backing file's data.
+            let has_backing = has_backing || q.header.backing_file.is_some();
             let mut c = first;
             let l2_span = q.geo.cluster_size() * q.geo.l2_entries();
             while c < last {
