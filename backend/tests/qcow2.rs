@@ -606,3 +606,47 @@ fn images_on_block_devices_an_overlay_over_one_and_qcow2_on_one_read_only() {
     drop(c);
     stop(b);
 }
+
+#[test]
+fn direct_refuses_a_writable_image_with_clusters_smaller_than_a_page() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("small.qcow2");
+    let imgs = img.display().to_string();
+    run(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        &imgs,
+        "1M",
+    ]);
+    qemu_io(&img, "qcow2", &["write -P 0x5a 0 4096".into()]);
+    let sock = dir.path().join("s.sock");
+    let out = Command::new(common::bin())
+        .args([
+            "--socket-path",
+            &sock.display().to_string(),
+            "--blk-file",
+            &imgs,
+        ])
+        .arg("--direct")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let line = err.lines().last().unwrap_or_default();
+    assert!(
+        line.contains("512 bytes") && line.contains("--direct"),
+        "{line}"
+    );
+    let (b, mut c) = serve(&img, &["--direct", "--read-only"]);
+    assert_eq!(c.queue(0).unwrap().read(0, 4096).unwrap(), vec![0x5a; 4096]);
+    drop(c);
+    stop(b);
+}

@@ -102,6 +102,18 @@ pub(super) fn open_chain(config: &Config, path: &Path) -> Result<Qcow2Files, Dis
         ..vloop_qcow2::OpenOptions::default()
     };
     let chain = Chain::open(top, path, &opts, &mut opener).map_err(qcow_err)?;
+    // Metadata goes through the page cache; with clusters smaller than a page an L2 table or
+    // a refcount block shares a page with data the guest writes with O_DIRECT, and a
+    // write-back of that page can put old data over a completed direct write.
+    match chain.cluster_size() {
+        Some(cs) if config.direct && !config.read_only && cs < 4096 => {
+            return Err(DiskError::DirectSmallClusters {
+                path: path.to_path_buf(),
+                cluster_size: cs,
+            });
+        }
+        _ => {}
+    }
     let buffered_fds = chain.fds();
     let mut direct = Vec::new();
     let data_fds = if config.direct {

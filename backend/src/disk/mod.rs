@@ -55,6 +55,18 @@ pub enum DiskError {
     /// The image is neither a regular file nor a block device.
     #[error("{0} is not a regular file or a block device")]
     NotAFile(PathBuf),
+    /// `--direct` on a writable qcow2 image with clusters smaller than a page.
+    #[error(
+        "{path} has clusters of {cluster_size} bytes: --direct needs 4 KiB or more (its \
+         metadata would share page-cache pages with O_DIRECT data); drop --direct, serve it \
+         --read-only, or convert it (qemu-img convert -O qcow2 -o cluster_size=64k)"
+    )]
+    DirectSmallClusters {
+        /// Image path.
+        path: PathBuf,
+        /// Its cluster size.
+        cluster_size: u64,
+    },
     /// A qcow2 image on a block device, to be served writable.
     #[error(
         "{0} is a qcow2 image on a block device, which vloop-blk serves read-only only: it \

@@ -70,6 +70,11 @@ impl Chain {
         self.files.len()
     }
 
+    /// The cluster size of the top image (`None`: it is raw).
+    pub fn cluster_size(&self) -> Option<u64> {
+        lock(&self.meta).q[0].as_ref().map(|q| q.geo.cluster_size())
+    }
+
     /// The descriptor of each layer's file, top first (for registering them with io_uring).
     pub fn fds(&self) -> Vec<RawFd> {
         self.files.iter().map(|f| f.fd).collect()
