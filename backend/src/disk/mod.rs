@@ -220,8 +220,9 @@ pub struct Disk {
     discard: DiscardMode,
     direct: bool,
     layout: Layout,
-    /// errno of a failed fdatasync on a buffered image: after one, every flush fails (the page
-    /// cache may have dropped dirty pages, so nothing is known to be on disk any more).
+    /// errno of a failed fdatasync: after one, every flush fails (the page cache may have
+    /// dropped dirty pages, so nothing is known to be on disk any more). With `--direct` too:
+    /// writes whose buffers O_DIRECT refuses go through the page cache.
     flush_poisoned: AtomicI32,
     /// A request's work panicked: the image's metadata may be half updated in memory.
     failed: AtomicBool,
@@ -516,8 +517,8 @@ impl Disk {
         self.buffered.as_ref().unwrap_or(&self.file).as_raw_fd()
     }
 
-    /// Make every completed write durable (fdatasync). A failure is reported, and on a
-    /// buffered image every later flush fails too.
+    /// Make every completed write durable (fdatasync). A failure is reported, and every later
+    /// flush fails too.
     pub fn flush(&self) -> io::Result<()> {
         self.flush_poisoned()?;
         if self.limits.read_only {
@@ -548,8 +549,8 @@ impl Disk {
         }
     }
 
-    /// An error when an earlier flush of this buffered image failed: the page cache may have
-    /// dropped the dirty pages, so no later flush can say the data is on disk.
+    /// An error when an earlier flush of this image failed: the page cache may have dropped
+    /// the dirty pages, so no later flush can say the data is on disk.
     pub fn flush_poisoned(&self) -> io::Result<()> {
         match self.flush_poisoned.load(Ordering::Relaxed) {
             0 => Ok(()),
@@ -574,15 +575,15 @@ impl Disk {
         self.failed.load(Ordering::Relaxed)
     }
 
-    /// Record that a flush failed with `e` (only a buffered image is poisoned by it).
+    /// Record that a flush failed with `e`. An image opened with O_DIRECT is poisoned too:
+    /// writes whose buffers O_DIRECT refuses (not 512-byte aligned, or refused by the file)
+    /// went through the page cache.
     pub fn poison_flush(&self, e: &io::Error) {
-        if !self.direct {
-            let _ = self.flush_poisoned.compare_exchange(
-                0,
-                e.raw_os_error().unwrap_or(libc::EIO),
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
-        }
+        let _ = self.flush_poisoned.compare_exchange(
+            0,
+            e.raw_os_error().unwrap_or(libc::EIO),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
     }
 }

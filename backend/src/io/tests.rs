@@ -748,6 +748,12 @@ fn direct_io_with_aligned_and_unaligned_buffers() {
     let mut b = [0u8; 512];
     mem.read_slice(&mut b, GuestAddress(DATA + 0x3003)).unwrap();
     assert!(b.iter().all(|&x| x == 0x22));
+    // The unaligned write went through the page cache: once a flush failed, no later one may
+    // say it is on disk, O_DIRECT or not.
+    assert_eq!(rw(&mut r, &mem, VIRTIO_BLK_T_FLUSH, 0, &[]).0, OK);
+    r.disk
+        .poison_flush(&std::io::Error::from_raw_os_error(libc::EIO));
+    assert_eq!(rw(&mut r, &mem, VIRTIO_BLK_T_FLUSH, 0, &[]).0, IOERR);
 }
 
 #[test]
