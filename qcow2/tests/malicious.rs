@@ -238,10 +238,9 @@ fn refcount_blocks_past_the_end_or_counting_too_few() {
     let dir = tempdir();
     let img = valid(&dir, "rb-past.qcow2");
     patch(&img, |b, _, _, rt| put(b, rt, 1 << 40));
-    let chain = open_guarded(&img, false).unwrap();
-    // Writing in place needs no refcount; allocating does.
-    chain.write_at(&[1u8; 512], 0).unwrap();
-    let e = chain.write_at(&[1u8; 512], 3 << 20).unwrap_err();
+    // The refcounts of the image's metadata are read when it opens read-write; read-only it
+    // needs none.
+    let e = open_guarded(&img, false).err().expect("opened read-write");
     assert!(
         matches!(
             layer(&e),
@@ -252,6 +251,8 @@ fn refcount_blocks_past_the_end_or_counting_too_few() {
         ),
         "{e:?}"
     );
+    let chain = open_guarded(&img, true).unwrap();
+    assert_eq!(read_mapped(&chain, 0, 512), pattern(1, 512));
     drop(chain);
     // A refcount of zero for a cluster in use: freeing it is refused, not wrapped.
     let img = valid(&dir, "rc-zero.qcow2");
@@ -441,4 +442,82 @@ fn a_write_into_a_cluster_cut_by_the_end_of_the_file_reads_back() {
     chain.close().unwrap();
     let chain = open_guarded(&img, true).unwrap();
     assert_eq!(read_mapped(&chain, at, 512), tail);
+}
+
+#[test]
+fn refcount_blocks_missing_or_over_other_metadata_refuse_a_read_write_open() {
+    let dir = tempdir();
+    // A cleared refcount table entry: the header and the tables read as free, and the first
+    // allocation put a new refcount block over the header.
+    let img = valid(&dir, "rt-cleared.qcow2");
+    patch(&img, |b, _, _, rt| put(b, rt, 0));
+    let e = open_guarded(&img, false).err().expect("opened read-write");
+    assert!(matches!(layer(&e), LayerError::Uncounted(0)), "{e:?}");
+    let chain = open_guarded(&img, true).unwrap();
+    assert_eq!(read_mapped(&chain, 0, 512), pattern(1, 512));
+    drop(chain);
+    // A refcount block that is the L1 table, the refcount table or an L2 table: refcounts
+    // were written over their entries.
+    for which in ["L1 table", "refcount table", "L2 table"] {
+        let img = valid(&dir, &format!("rb-{}.qcow2", which.replace(' ', "-")));
+        patch(&img, |b, l1, l2, rt| {
+            let at = match which {
+                "L1 table" => l1,
+                "refcount table" => rt,
+                _ => l2,
+            };
+            put(b, rt, at)
+        });
+        let e = open_guarded(&img, false).err().expect("opened read-write");
+        assert!(
+            matches!(layer(&e), LayerError::Overlap { .. }),
+            "{which}: {e:?}"
+        );
+        let chain = open_guarded(&img, true).unwrap();
+        assert_eq!(read_mapped(&chain, 0, 512), pattern(1, 512), "{which}");
+    }
+    // An L2 table that is the refcount table.
+    let img = valid(&dir, "l2-over-rt.qcow2");
+    patch(&img, |b, l1, _, rt| put(b, l1, rt | (1 << 63)));
+    let e = open_guarded(&img, false).err().expect("opened read-write");
+    assert!(
+        matches!(
+            layer(&e),
+            LayerError::Overlap {
+                what: "L2 table",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn a_write_to_a_cluster_past_the_end_of_the_file_is_refused() {
+    let dir = tempdir();
+    for zero in [false, true] {
+        let img = valid(&dir, &format!("past-{zero}.qcow2"));
+        let flag = if zero { 1 } else { 0 };
+        patch(&img, |b, _, l2, _| put(b, l2, (1 << 40) | (1 << 63) | flag));
+        let len = std::fs::metadata(&img).unwrap().len();
+        let chain = open_guarded(&img, false).unwrap();
+        let mut ext = Vec::new();
+        // Reads of it are refused (a zero cluster reads as zeroes); a write must not grow the
+        // file to it.
+        let e = match chain.map_write(0, 512, &mut ext) {
+            Ok(vloop_qcow2::WritePath::Slow) => chain
+                .write_slow(0, &[std::io::IoSlice::new(&[7u8; 512])])
+                .unwrap_err(),
+            other => panic!("zero {zero}: {other:?} {ext:?}"),
+        };
+        assert!(
+            matches!(layer(&e), LayerError::PastEnd { .. }),
+            "zero {zero}: {e:?}"
+        );
+        chain.close().unwrap();
+        assert!(
+            std::fs::metadata(&img).unwrap().len() <= len,
+            "zero {zero}: the file grew"
+        );
+    }
 }

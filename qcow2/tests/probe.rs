@@ -40,10 +40,11 @@ fn a_qcow2_header_inside_a_named_raw_image_stays_data() {
     o.backing = Some(("/etc/passwd".into(), Format::Raw));
     create(&f, &o).unwrap();
     drop(f);
-    let header = std::fs::read(&evil).unwrap()[..4096].to_vec();
+    let image = std::fs::read(&evil).unwrap();
+    let header = image[..4096].to_vec();
     let raw = path_in(&dir, "disk.raw");
     let mut disk = vec![0u8; 1 << 20];
-    disk[..4096].copy_from_slice(&header);
+    disk[..image.len()].copy_from_slice(&image);
     std::fs::write(&raw, &disk).unwrap();
     let chain = open(&raw, Some(Format::Raw)).unwrap();
     assert_eq!(

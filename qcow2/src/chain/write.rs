@@ -88,6 +88,22 @@ impl Chain {
                 fresh: None,
                 sync_first: false,
             };
+            if let L2Entry::Normal { host, .. }
+            | L2Entry::Zero {
+                host: Some(host), ..
+            } = entry
+            {
+                // As a read of it would be refused: an entry pointing past the end of the
+                // file is corrupt, and writing there would grow the file to it.
+                if host >= q.file_len {
+                    return Err(self.layer_err(0)(LayerError::PastEnd {
+                        what: "data cluster",
+                        offset: host,
+                        len: cs,
+                        file_len: q.file_len,
+                    }));
+                }
+            }
             let in_place = match entry {
                 L2Entry::Normal { host, copied } if !q.is_metadata(host) => {
                     copied

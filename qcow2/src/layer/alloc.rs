@@ -66,6 +66,11 @@ impl Qcow2 {
                 continue;
             }
             let has_block = self.rc.as_ref().is_some_and(|r| r.table[ti as usize] != 0);
+            if !has_block && self.meta.contains(&c) {
+                // Counted at open, so not in a range without a block; never written over.
+                c += 1;
+                continue;
+            }
             if !has_block {
                 self.new_block(st, ti, c)?;
                 new_end = new_end.max((c + 1) << bits);

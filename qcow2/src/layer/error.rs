@@ -47,6 +47,9 @@ pub enum LayerError {
         /// Its offset.
         offset: u64,
     },
+    /// A metadata cluster (the header, a table, a refcount block) has a refcount of zero.
+    #[error("the metadata cluster at {0:#x} has a refcount of zero; the image is corrupt (`qemu-img check -r all`)")]
+    Uncounted(u64),
     /// A refcount would drop below zero: the image counts fewer references than it has.
     #[error("the refcount of cluster {0:#x} would drop below zero; the image is corrupt (`qemu-img check -r all`)")]
     RefcountUnderflow(u64),

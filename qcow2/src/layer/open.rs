@@ -78,16 +78,25 @@ impl Qcow2 {
             for c in (rt_range.0 >> bits)..(rt_range.1 >> bits) {
                 q.meta.insert(c);
             }
+            // Refcount blocks and L2 tables each have a cluster of their own: one that is
+            // also other metadata would have refcounts or entries written over that metadata
+            // (QEMU refuses such writes with its overlap checks and marks the image corrupt).
             for (i, &raw) in table.iter().enumerate() {
                 let off = q.geo.reft_offset(i as u64, raw)?;
-                if off != 0 {
-                    q.meta.insert(off >> bits);
+                if off != 0 && !q.meta.insert(off >> bits) {
+                    return Err(LayerError::Overlap {
+                        what: "refcount block",
+                        offset: off,
+                    });
                 }
             }
             for (i, &raw) in q.l1.iter().enumerate() {
                 let off = q.geo.l1_offset(i as u64, raw)?;
-                if off != 0 {
-                    q.meta.insert(off >> bits);
+                if off != 0 && !q.meta.insert(off >> bits) {
+                    return Err(LayerError::Overlap {
+                        what: "L2 table",
+                        offset: off,
+                    });
                 }
             }
             q.rc = Some(Refcounts {
@@ -103,6 +112,16 @@ impl Qcow2 {
                 quarantine: BTreeMap::new(),
                 unsynced: false,
             });
+            // Every metadata cluster is counted: the allocator hands out clusters whose
+            // refcount is zero, and would put data or a new refcount block over one that is
+            // not (a refcount table entry cleared, a block of zeroes).
+            let mut metadata: Vec<u64> = q.meta.iter().copied().collect();
+            metadata.sort_unstable();
+            for c in metadata {
+                if q.refcount(st, c)? == 0 {
+                    return Err(LayerError::Uncounted(c << bits));
+                }
+            }
             if q.header.version == 3 && q.header.autoclear != q.header.autoclear_after_open() {
                 let v = q.header.autoclear_after_open();
                 st.write_at(&v.to_be_bytes(), header::AUTOCLEAR_OFFSET)
