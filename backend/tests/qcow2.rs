@@ -650,3 +650,69 @@ fn direct_refuses_a_writable_image_with_clusters_smaller_than_a_page() {
     drop(c);
     stop(b);
 }
+
+/// Runs vloop-blk with `args`; it must exit 1 within 20 s. Returns its last stderr line.
+fn refused(args: &[&str]) -> String {
+    let mut child = Command::new(common::bin())
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("vloop-blk {args:?} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err.lines().last().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn fifos_folders_and_loops_in_a_chain_are_refused_with_their_reason() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sock = d.join("s.sock").display().to_string();
+    nix::unistd::mkfifo(&d.join("fifo.qcow2"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    nix::unistd::mkfifo(&d.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    std::fs::create_dir(d.join("folder")).unwrap();
+    // A plain open of a FIFO waits for a writer, and SIGTERM does not end the wait.
+    let fifo = d.join("fifo.qcow2").display().to_string();
+    for ro in [false, true] {
+        let mut args = vec!["--socket-path", &sock, "--blk-file", &fifo];
+        if ro {
+            args.push("--read-only");
+        }
+        let line = refused(&args);
+        assert!(line.contains("not a regular file"), "{line}");
+    }
+    std::fs::write(d.join("base.raw"), vec![0u8; MIB as usize]).unwrap();
+    // The last names itself.
+    for (backing, why) in [
+        ("fifo", "not a regular file"),
+        ("folder", "not a regular file"),
+        ("self.qcow2", "loops"),
+    ] {
+        let top = d.join(if backing == "self.qcow2" {
+            backing.to_owned()
+        } else {
+            format!("over-{backing}.qcow2")
+        });
+        overlay(&top, "base.raw", "raw", None);
+        let tops = top.display().to_string();
+        run(&[
+            "qemu-img", "rebase", "-u", "-F", "raw", "-b", backing, &tops,
+        ]);
+        let line = refused(&["--socket-path", &sock, "--blk-file", &tops]);
+        assert!(line.contains(why), "{backing}: {line}");
+    }
+}

@@ -183,7 +183,14 @@ pub fn open_source(path: &Path) -> Result<(FileSource, u64, &'static str), Input
         path: path.to_path_buf(),
         source,
     };
-    let file = File::open(path).map_err(open_err)?;
+    // Refuses a FIFO without waiting on it for a writer.
+    let file = match vloop_qcow2::open_image(path, false, 0) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+            return Err(InputError::NotCopyable(path.to_path_buf()))
+        }
+        Err(e) => return Err(open_err(e)),
+    };
     let meta = file.metadata().map_err(open_err)?;
     let ft = meta.file_type();
     if ft.is_file() {

@@ -312,7 +312,12 @@ pub fn check_target(target: &Path, force: bool) -> Result<(), OutputError> {
 /// True when another open file description holds a lock (OFD or POSIX record lock) on any
 /// byte of `path`, as QEMU and `vloop-blk` do on the images they serve.
 pub fn is_locked(path: &Path) -> io::Result<bool> {
-    let file = File::open(path)?;
+    // O_NONBLOCK: a FIFO does not wait for a writer.
+    let file = std::os::unix::fs::OpenOptionsExt::custom_flags(
+        std::fs::OpenOptions::new().read(true),
+        libc::O_NONBLOCK,
+    )
+    .open(path)?;
     // SAFETY: `flock` is a plain C struct for which all-zero bytes are a valid value.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = libc::F_WRLCK as libc::c_short;

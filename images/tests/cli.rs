@@ -405,3 +405,53 @@ fn iso_long_names_give_one_summary_line() {
     assert_eq!(notes.len(), 1, "{stdout}");
     assert!(notes[0].contains("names or places adjusted"), "{stdout}");
 }
+
+#[test]
+fn fifos_and_folders_are_refused_at_once_as_images_and_backing_files() {
+    let d = tempfile::tempdir().unwrap();
+    nix::unistd::mkfifo(&d.path().join("f.qcow2"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    nix::unistd::mkfifo(&d.path().join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    fs::create_dir(d.path().join("folder")).unwrap();
+    let started = Instant::now();
+    // A plain open of a FIFO waits for a writer: for ever, SIGTERM or not.
+    for args in [
+        &["info", "f.qcow2"][..],
+        &["convert", "f.qcow2", "out.raw"],
+        &["copy", "f.qcow2", "out.raw"],
+    ] {
+        let line = fails(args, d.path(), 1);
+        assert!(line.contains("f.qcow2"), "{args:?}: {line}");
+    }
+    fs::write(d.path().join("plain.raw"), vec![0u8; 1 << 20]).unwrap();
+    for backing in ["fifo", "folder"] {
+        let top = format!("over-{backing}.qcow2");
+        ok(
+            &[
+                "create",
+                &top,
+                "--size",
+                "1M",
+                "--backing",
+                "plain.raw",
+                "--backing-format",
+                "raw",
+            ],
+            d.path(),
+        );
+        if !tool("qemu-img") {
+            return;
+        }
+        run_ok({
+            let mut c = Command::new("qemu-img");
+            c.args(["rebase", "-u", "-F", "raw", "-b", backing, &top])
+                .current_dir(d.path());
+            c
+        });
+        // info describes the image alone, and says why.
+        let out = ok(&["info", &top], d.path());
+        assert!(out.contains("not a regular file"), "{out}");
+        let line = fails(&["convert", &top, "out.raw"], d.path(), 1);
+        assert!(line.contains(backing), "{line}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(60));
+}

@@ -80,7 +80,7 @@ pub use create::{create, CreateError, CreateOptions, DEFAULT_CLUSTER_SIZE};
 pub use format::{probe, probed_raw_write, Format, ProbeError, ProbedRawWriteError};
 pub use header::{Compression, HeaderError};
 pub use layer::LayerError;
-pub use storage::Storage;
+pub use storage::{open_image, Storage};
 
 #[cfg(test)]
 mod error_display_tests {

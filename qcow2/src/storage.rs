@@ -66,6 +66,30 @@ pub trait Storage: Send + Sync {
     fn identity(&self) -> io::Result<(u64, u64)>;
 }
 
+/// Opens `path` as an image file (`write`: read-write; `flags`: more open flags, e.g.
+/// O_DIRECT): a regular file or a block device, anything else refused with an error of kind
+/// [`io::ErrorKind::InvalidInput`]. The open does not wait on a FIFO (it is made with
+/// O_NONBLOCK, cleared once the file is known to be an image: io_uring would pass EAGAIN on).
+pub fn open_image(path: &std::path::Path, write: bool, flags: i32) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(flags | libc::O_NONBLOCK)
+        .open(path)?;
+    let ft = file.metadata()?.file_type();
+    if !ft.is_file() && !ft.is_block_device() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "it is not a regular file or a block device",
+        ));
+    }
+    let fl = nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
+    let fl = nix::fcntl::OFlag::from_bits_truncate(fl) - nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(fl))?;
+    Ok(file)
+}
+
 fn off_t(off: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
@@ -296,6 +320,26 @@ mod tests {
         fn identity(&self) -> io::Result<(u64, u64)> {
             self.file.identity()
         }
+    }
+
+    #[test]
+    fn images_open_without_waiting_on_a_fifo_and_blocking_afterwards() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        // A plain open would wait here for a writer.
+        let e = open_image(&fifo, false, 0).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(
+            open_image(dir.path(), false, 0).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        let img = dir.path().join("img");
+        File::create(&img).unwrap();
+        let f = open_image(&img, true, 0).unwrap();
+        let fl = nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap();
+        assert_eq!(fl & libc::O_NONBLOCK, 0);
+        assert_eq!(fl & libc::O_ACCMODE, libc::O_RDWR);
     }
 
     #[test]

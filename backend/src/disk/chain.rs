@@ -1,9 +1,8 @@
 //! The qcow2 side of opening an image: its backing chain, each backing file opened read-only
 //! under the shared lock, and the descriptors data I/O goes through.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
@@ -46,11 +45,8 @@ pub(super) fn open_chain(config: &Config, path: &Path) -> Result<Qcow2Files, Dis
     };
     // Metadata goes through a buffered descriptor of its own (the top image's may be
     // O_DIRECT); the locks are those of the top image's descriptor.
-    let top = OpenOptions::new()
-        .read(true)
-        .write(!config.read_only)
-        .open(path)
-        .map_err(|source| DiskError::Open {
+    let top =
+        vloop_qcow2::open_image(path, !config.read_only, 0).map_err(|source| DiskError::Open {
             path: path.to_path_buf(),
             hint: "",
             source,
@@ -59,8 +55,23 @@ pub(super) fn open_chain(config: &Config, path: &Path) -> Result<Qcow2Files, Dis
     let mut paths = vec![path.to_path_buf()];
     let locking = config.locking;
     let mut opener = |p: &Path, fmt: Option<Format>| -> io::Result<File> {
-        let f = OpenOptions::new().read(true).open(p)?;
+        let f = vloop_qcow2::open_image(p, false, 0)?;
         super::no_atime(&f);
+        // A chain that loops back to an image opened before says so, rather than that the
+        // image is locked (by this very daemon).
+        let id = |m: std::fs::Metadata| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        };
+        let this = id(f.metadata()?);
+        if paths
+            .iter()
+            .any(|q| std::fs::metadata(q).is_ok_and(|m| id(m) == this))
+        {
+            return Err(io::Error::other(
+                "the backing chain loops back to an image before it",
+            ));
+        }
         if locking == Locking::On {
             match lock_image(&f, LockMode::ReadOnly) {
                 Ok(true) => {}
@@ -118,11 +129,7 @@ pub(super) fn open_chain(config: &Config, path: &Path) -> Result<Qcow2Files, Dis
     let mut direct = Vec::new();
     let data_fds = if config.direct {
         for (i, p) in paths.iter().enumerate() {
-            let f = OpenOptions::new()
-                .read(true)
-                .write(i == 0 && !config.read_only)
-                .custom_flags(libc::O_DIRECT)
-                .open(p)
+            let f = vloop_qcow2::open_image(p, i == 0 && !config.read_only, libc::O_DIRECT)
                 .map_err(|source| DiskError::Open {
                     path: p.clone(),
                     hint: ": the file system does not support O_DIRECT (drop --direct)",

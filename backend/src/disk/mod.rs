@@ -19,10 +19,10 @@ pub use self::chain::Qcow2Files;
 pub use self::format::decide_format;
 use self::format::read_first;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::ops::Deref;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
@@ -257,29 +257,29 @@ impl Disk {
             if direct {
                 flags |= libc::O_DIRECT;
             }
-            let file = OpenOptions::new()
-                .read(true)
-                .write(!config.read_only)
-                .custom_flags(flags)
-                .open(&path)?;
+            // Refuses a FIFO without waiting on it for a writer.
+            let file = vloop_qcow2::open_image(&path, !config.read_only, flags)?;
             no_atime(&file);
             Ok::<_, io::Error>(file)
         };
-        let file = open(config.direct).map_err(|source| DiskError::Open {
-            path: path.clone(),
-            hint: match source.kind() {
-                io::ErrorKind::NotFound => {
-                    ": no such file (create it first, e.g. with `truncate -s 1G IMAGE`)"
-                }
-                io::ErrorKind::PermissionDenied if !config.read_only => {
-                    ": permission denied (serve it with --read-only or fix its permissions)"
-                }
-                _ if config.direct && source.raw_os_error() == Some(libc::EINVAL) => {
-                    ": the file system does not support O_DIRECT (drop --direct)"
-                }
-                _ => "",
+        let file = open(config.direct).map_err(|source| match source.kind() {
+            io::ErrorKind::InvalidInput => DiskError::NotAFile(path.clone()),
+            _ => DiskError::Open {
+                path: path.clone(),
+                hint: match source.kind() {
+                    io::ErrorKind::NotFound => {
+                        ": no such file (create it first, e.g. with `truncate -s 1G IMAGE`)"
+                    }
+                    io::ErrorKind::PermissionDenied if !config.read_only => {
+                        ": permission denied (serve it with --read-only or fix its permissions)"
+                    }
+                    _ if config.direct && source.raw_os_error() == Some(libc::EINVAL) => {
+                        ": the file system does not support O_DIRECT (drop --direct)"
+                    }
+                    _ => "",
+                },
+                source,
             },
-            source,
         })?;
         let meta = file.metadata().map_err(|source| DiskError::Size {
             path: path.clone(),

@@ -77,7 +77,7 @@ pub(super) fn open_backing(
     format: Option<Format>,
     probing: Probing,
 ) -> io::Result<File> {
-    let file = File::open(path)?;
+    let file = vloop_qcow2::open_image(path, false, 0)?;
     if format.is_none() && matches!(probing, Probing::Guarded { .. }) && !has_qcow2_name(path) {
         let probed = probe_file(&file, path).map_err(io::Error::other)?;
         if probed == Probed::Format(Format::Qcow2) {
