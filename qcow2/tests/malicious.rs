@@ -521,3 +521,32 @@ fn a_write_to_a_cluster_past_the_end_of_the_file_is_refused() {
         );
     }
 }
+
+#[test]
+fn an_l2_table_named_twice_is_not_counted_again() {
+    let dir = tempdir();
+    let img = path_in(&dir, "twice.qcow2");
+    let f = File::create(&img).unwrap();
+    // Two L1 entries (one L2 table covers 512 MiB).
+    create(&f, &CreateOptions::new(1 << 30)).unwrap();
+    drop(f);
+    let chain = open_chain(&img, false);
+    chain.write_at(&pattern(1, 4096), 0).unwrap();
+    chain.close().unwrap();
+    patch(&img, |b, l1, _, _| {
+        let first = be64(b, l1 as usize);
+        put(b, l1 + 8, first)
+    });
+    let chain = open_guarded(&img, true).unwrap();
+    let e = chain.info().unwrap_err();
+    assert!(
+        matches!(
+            layer(&e),
+            LayerError::Overlap {
+                what: "L2 table",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}

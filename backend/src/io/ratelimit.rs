@@ -66,3 +66,38 @@ mod tests {
         assert_eq!(r.allow(), Some(2));
     }
 }
+
+/// An error with its causes, "what: why: deeper why", for one log line.
+pub struct Causes<'a>(pub &'a dyn std::error::Error);
+
+impl std::fmt::Display for Causes<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut next = self.0.source();
+        while let Some(e) = next {
+            write!(f, ": {e}")?;
+            next = e.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod causes_tests {
+    use super::Causes;
+
+    #[test]
+    fn causes_follow_the_error() {
+        let e = std::io::Error::other(vloop_qcow2::Error::Io {
+            what: "reading",
+            path: "/i.qcow2".into(),
+            offset: 0,
+            source: std::io::Error::from_raw_os_error(libc::EIO),
+        });
+        let line = Causes(&e).to_string();
+        assert!(
+            line.contains("/i.qcow2") && line.contains("os error 5"),
+            "{line}"
+        );
+    }
+}

@@ -161,11 +161,20 @@ impl Qcow2 {
     /// cached.
     pub fn cluster_counts(&mut self, st: &dyn Storage) -> Result<ClusterCounts> {
         let mut counts = ClusterCounts::default();
+        // An L2 table named twice is corrupt; counted each time, an L1 table of millions of
+        // entries naming one table would take hours.
+        let mut seen = std::collections::HashSet::new();
         for l1i in 0..self.l1.len() as u64 {
+            let off = self.geo.l1_offset(l1i, self.l1[l1i as usize])?;
+            if off != 0 && !seen.insert(off) {
+                return Err(LayerError::Overlap {
+                    what: "L2 table",
+                    offset: off,
+                });
+            }
             let entries: Vec<u64> = if let Some(t) = self.l2.peek(&l1i) {
                 t.entries.to_vec()
             } else {
-                let off = self.geo.l1_offset(l1i, self.l1[l1i as usize])?;
                 if off == 0 {
                     continue;
                 }

@@ -30,7 +30,7 @@ mod plan;
 use super::blocking::{self, Reaped};
 use super::engine::{self, Engine, EngineError};
 use super::op::{OpKind, Started, DOORBELL_ID, WATCH_ID};
-use super::ratelimit::RateLimiter;
+use super::ratelimit::{Causes, RateLimiter};
 use super::share::SharePolicy;
 use super::slow::{SlowPath, Work};
 use super::store::{Req, Stage, Store, Transfer};
@@ -765,8 +765,10 @@ impl Executor {
                 self.guest_warn(
                     req.head,
                     format_args!(
-                        "{what} of {} bytes at offset {} failed: {e}",
-                        req.data_len, req.offset
+                        "{what} of {} bytes at offset {} failed: {}",
+                        req.data_len,
+                        req.offset,
+                        Causes(&e)
                     ),
                 );
                 (STATUS_IOERR, 1)

@@ -13,7 +13,7 @@ use crate::disk::{Layout, Qcow2Files};
 use crate::io::op::{self, Iovecs, Op, OpKind, Unsupported};
 use crate::io::slow::{GuestBuffers, Work};
 use crate::io::store::{Ops, Req, Stage, Transfer};
-use crate::io::GuestMem;
+use crate::io::{Causes, GuestMem};
 use crate::request::{GuestRange, Request, RequestKind, Segment, ID_BYTES};
 
 impl Executor {
@@ -130,8 +130,9 @@ impl Executor {
                                 self.guest_warn(
                                     head,
                                     format_args!(
-                                        "mapping {} bytes at {offset} failed: {e}",
-                                        r.data_len
+                                        "mapping {} bytes at {offset} failed: {}",
+                                        r.data_len,
+                                        Causes(&e)
                                     ),
                                 );
                                 return self.done(mem, head, r.status, STATUS_IOERR, 1);
