@@ -248,6 +248,9 @@ fn serial_bytes(s: &str) -> [u8; SERIAL_LEN] {
     out
 }
 
+/// The ring size seg_max is sized for: QEMU's default queue size.
+const SEG_MAX_RING: u16 = 128;
+
 impl Disk {
     /// Open and lock the image named by `config`.
     pub fn open(config: &Config) -> Result<Disk, DiskError> {
@@ -375,7 +378,13 @@ impl Disk {
             Some(s) => serial_bytes(s),
             None => default_serial(&std::fs::canonicalize(&path).unwrap_or(path.clone())),
         };
-        let seg_max = u32::from(config.queue_size).saturating_sub(2).max(1);
+        // The driver reads seg_max before the frontend sets the ring's size, and a driver
+        // without indirect descriptors puts every segment in the ring: a request needing more
+        // descriptors than the ring has never fits, and its I/O hangs. QEMU's rings are 128
+        // entries by default (and qemu-storage-daemon advertises 126 too).
+        let seg_max = u32::from(config.queue_size.min(SEG_MAX_RING))
+            .saturating_sub(2)
+            .max(1);
         let limits = Limits {
             capacity: size >> SECTOR_SHIFT,
             logical_block_size: config.logical_block_size.bytes(),

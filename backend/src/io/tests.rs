@@ -1302,3 +1302,11 @@ fn a_failed_image_refuses_every_request_but_get_id() {
     r.ex.process_queue(&mut q, &mem).unwrap();
     assert_eq!(status(&mem, ST), VIRTIO_BLK_S_IOERR as u8);
 }
+
+#[test]
+fn seg_max_fits_the_ring_a_frontend_uses_by_default() {
+    // Read before the ring size is set: a driver without indirect descriptors must fit a
+    // request of seg_max segments in QEMU's default 128-entry ring.
+    assert_eq!(rig(MIB).disk.limits().seg_max, 126);
+    assert_eq!(rig_with(MIB, |c| c.queue_size = 8).disk.limits().seg_max, 6);
+}
