@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use vloop_frontend::backend::{on_path, BackendProcess};
 use vloop_frontend::blk::{S_IOERR, S_OK};
+use vloop_frontend::loopdev::Loop;
 use vloop_frontend::{Client, ClientOptions, Request};
 
 const MIB: u64 = 1 << 20;
@@ -501,36 +502,6 @@ fn a_completed_write_survives_a_killed_backend() {
     check(&top);
 }
 
-/// A loop device over a file, detached on drop.
-struct Loop(String);
-
-impl Loop {
-    fn new(file: &Path, read_only: bool) -> Option<Loop> {
-        let mut cmd = Command::new("losetup");
-        cmd.args(["--find", "--show"]);
-        if read_only {
-            cmd.arg("--read-only");
-        }
-        match cmd.arg(file).output() {
-            Ok(o) if o.status.success() => {
-                Some(Loop(String::from_utf8(o.stdout).unwrap().trim().to_owned()))
-            }
-            other => {
-                vloop_frontend::skip::skip(&format!(
-                    "cannot set up a loop device here (needs root and /dev/loop*): {other:?}"
-                ));
-                None
-            }
-        }
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
-    }
-}
-
 #[test]
 fn images_on_block_devices_an_overlay_over_one_and_qcow2_on_one_read_only() {
     if !have_qemu_img() {
@@ -544,11 +515,11 @@ fn images_on_block_devices_an_overlay_over_one_and_qcow2_on_one_read_only() {
     let base = d.join("base.raw");
     let data = pattern_disk(size);
     std::fs::write(&base, &data).unwrap();
-    let Some(base_dev) = Loop::new(&base, true) else {
+    let Some(base_dev) = Loop::attach(&base, true) else {
         return;
     };
     let top = d.join("top.qcow2");
-    overlay(&top, &base_dev.0, "raw", None);
+    overlay(&top, base_dev.path(), "raw", None);
     let (b, mut c) = serve(&top, &[]);
     assert!(
         read_all(&mut c, size) == data,
@@ -571,30 +542,25 @@ fn images_on_block_devices_an_overlay_over_one_and_qcow2_on_one_read_only() {
     ]);
     qemu_io(&img, "qcow2", &patterns(size));
     let want = convert_raw(&img, d);
-    let Some(dev) = Loop::new(&img, false) else {
+    let Some(dev) = Loop::attach(&img, false) else {
         return;
     };
     let sock = d.join("dev.sock");
-    let out = Command::new(common::bin())
-        .args([
-            "--socket-path",
-            &sock.display().to_string(),
-            "--blk-file",
-            &dev.0,
-        ])
-        .args(["--format", "qcow2"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    let line = err.lines().last().unwrap_or_default();
+    let socks = sock.display().to_string();
+    let line = refused(&[
+        "--socket-path",
+        &socks,
+        "--blk-file",
+        dev.path(),
+        "--format",
+        "qcow2",
+    ]);
     assert!(
         line.contains("block device") && line.contains("--read-only"),
         "{line}"
     );
-    assert!(!err.contains("panicked"), "{err}");
     let b = common::start(
-        Path::new(&dev.0),
+        Path::new(dev.path()),
         &sock,
         &["--format", "qcow2", "--read-only"],
     );
@@ -627,20 +593,8 @@ fn direct_refuses_a_writable_image_with_clusters_smaller_than_a_page() {
         "1M",
     ]);
     qemu_io(&img, "qcow2", &["write -P 0x5a 0 4096".into()]);
-    let sock = dir.path().join("s.sock");
-    let out = Command::new(common::bin())
-        .args([
-            "--socket-path",
-            &sock.display().to_string(),
-            "--blk-file",
-            &imgs,
-        ])
-        .arg("--direct")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    let line = err.lines().last().unwrap_or_default();
+    let sock = dir.path().join("s.sock").display().to_string();
+    let line = refused(&["--socket-path", &sock, "--blk-file", &imgs, "--direct"]);
     assert!(
         line.contains("512 bytes") && line.contains("--direct"),
         "{line}"

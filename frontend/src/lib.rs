@@ -4,6 +4,7 @@
 //!
 //! Layers, bottom up:
 //! - [`skip`]: how a test that cannot run says so (a failure under CI);
+//! - [`loopdev`]: loop devices over files, for tests of block-device images;
 //! - [`process`]: child processes that are always reaped (kill on drop, waits with time-outs);
 //! - [`backend`]: command lines of the backend programs (vloop-blk, qemu-storage-daemon) and a
 //!   running backend process;
@@ -18,6 +19,7 @@
 pub mod backend;
 pub mod blk;
 pub mod client;
+pub mod loopdev;
 pub mod mem;
 pub mod process;
 pub mod raw;

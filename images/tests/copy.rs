@@ -2,8 +2,7 @@
 
 use std::fs::{self, File};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use sha2::{Digest, Sha256};
 use vloop_images::copy::{self, CopyError, CopyOptions};
@@ -81,15 +80,6 @@ fn refusing_to_overwrite_leaves_no_temporary() {
     assert_eq!(fs::read_dir(d.path()).unwrap().count(), 2);
 }
 
-/// A loop device over a file, detached on drop.
-struct Loop(PathBuf);
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn copies_a_block_device() {
     let d = tempfile::tempdir().unwrap();
@@ -98,23 +88,12 @@ fn copies_a_block_device() {
     bytes[100..200].fill(9);
     bytes[(2 << 20)..(2 << 20) + 4096].fill(3);
     fs::write(&backing, &bytes).unwrap();
-    let out = Command::new("losetup")
-        .args(["-f", "--show", "-r"])
-        .arg(&backing)
-        .output();
-    let dev = match out {
-        Ok(o) if o.status.success() => PathBuf::from(String::from_utf8(o.stdout).unwrap().trim()),
-        _ => {
-            vloop_frontend::skip::skip(
-                "cannot set up a loop device here (needs root and /dev/loop*)",
-            );
-            return;
-        }
+    let Some(dev) = vloop_frontend::loopdev::Loop::attach(&backing, true) else {
+        return;
     };
-    let _guard = Loop(dev.clone());
     let dst = d.path().join("copy");
     let s = copy::copy(
-        &dev,
+        Path::new(dev.path()),
         &dst,
         &CopyOptions {
             verify: true,

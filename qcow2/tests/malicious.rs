@@ -392,16 +392,21 @@ fn truncated_images_are_refused() {
     }
 }
 
+/// Moves guest cluster 0 of a [`valid`] image to the last cluster of the file, then cuts the
+/// file in that cluster's middle; returns the file's length before the cut.
+fn cut_in_its_data_cluster(img: &Path) -> u64 {
+    let len = std::fs::metadata(img).unwrap().len();
+    patch(img, |b, _, l2, _| put(b, l2, (len - CS) | (1 << 63)));
+    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    f.set_len(len - CS / 2).unwrap();
+    len
+}
+
 #[test]
 fn mapped_extents_stay_inside_the_file() {
     let dir = tempdir();
     let img = valid(&dir, "inside.qcow2");
-    // The data cluster moved to the last cluster of the file, then the file cut in its middle.
-    let len = std::fs::metadata(&img).unwrap().len();
-    patch(&img, |b, _, l2, _| put(b, l2, (len - CS) | (1 << 63)));
-    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
-    f.set_len(len - CS / 2).unwrap();
-    drop(f);
+    let len = cut_in_its_data_cluster(&img);
     let chain = open_guarded(&img, true).unwrap();
     let mut ext = Vec::new();
     chain.map_read(0, CS, &mut ext).unwrap();
@@ -420,12 +425,7 @@ fn mapped_extents_stay_inside_the_file() {
 fn a_write_into_a_cluster_cut_by_the_end_of_the_file_reads_back() {
     let dir = tempdir();
     let img = valid(&dir, "cut.qcow2");
-    // Guest cluster 0 moved to the last cluster of the file, then the file cut in its middle.
-    let len = std::fs::metadata(&img).unwrap().len();
-    patch(&img, |b, _, l2, _| put(b, l2, (len - CS) | (1 << 63)));
-    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
-    f.set_len(len - CS / 2).unwrap();
-    drop(f);
+    cut_in_its_data_cluster(&img);
     let chain = open_guarded(&img, false).unwrap();
     // The write lands in place, past the old end: the file grows, and so must the length the
     // chain maps reads against (or they read the new bytes as zeroes).

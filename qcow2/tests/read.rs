@@ -249,17 +249,6 @@ fn a_backing_file_without_a_format_is_probed() {
     assert_eq!(read_mapped(&chain, 0, 4096), vec![0x77; 4096]);
 }
 
-/// A read-only loop device over a file, detached on drop.
-struct Loop(String);
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .args(["-d", &self.0])
-            .status();
-    }
-}
-
 #[test]
 fn a_raw_backing_file_on_a_block_device_is_as_long_as_the_device() {
     // A block device's st_size is 0: taken as its length, every cluster the overlay does not
@@ -268,24 +257,13 @@ fn a_raw_backing_file_on_a_block_device_is_as_long_as_the_device() {
     let base = path_in(&dir, "base.raw");
     let data = pattern(7, 3 << 20);
     std::fs::write(&base, &data).unwrap();
-    let out = std::process::Command::new("losetup")
-        .args(["--find", "--show", "--read-only"])
-        .arg(&base)
-        .output();
-    let dev = match out {
-        Ok(o) if o.status.success() => String::from_utf8(o.stdout).unwrap().trim().to_owned(),
-        other => {
-            vloop_frontend::skip::skip(&format!(
-                "cannot set up a loop device here (needs root and /dev/loop*): {other:?}"
-            ));
-            return;
-        }
+    let Some(dev) = vloop_frontend::loopdev::Loop::attach(&base, true) else {
+        return;
     };
-    let _loop = Loop(dev.clone());
     let top = path_in(&dir, "top.qcow2");
     let f = std::fs::File::create(&top).unwrap();
     let mut opts = vloop_qcow2::CreateOptions::new(3 << 20);
-    opts.backing = Some((dev.clone(), Format::Raw));
+    opts.backing = Some((dev.path().to_owned(), Format::Raw));
     vloop_qcow2::create(&f, &opts).unwrap();
     drop(f);
     let chain = open_chain(&top, false);

@@ -8,6 +8,17 @@ use std::path::{Path, PathBuf};
 use common::*;
 use vloop_qcow2::{Chain, Extent, WritePath};
 
+/// A qcow2 image `name` of `size` bytes, made by this crate, over `base.raw` holding `base`.
+fn overlay_on_raw(dir: &tempfile::TempDir, name: &str, base: &[u8], size: u64) -> PathBuf {
+    std::fs::write(path_in(dir, "base.raw"), base).unwrap();
+    let img = path_in(dir, name);
+    let f = std::fs::File::create(&img).unwrap();
+    let mut o = vloop_qcow2::CreateOptions::new(size);
+    o.backing = Some(("base.raw".into(), vloop_qcow2::Format::Raw));
+    vloop_qcow2::create(&f, &o).unwrap();
+    img
+}
+
 /// The raw copy and the rules by which discard changes it.
 struct Model {
     data: Vec<u8>,
@@ -322,14 +333,7 @@ fn created_overlay_over_a_relative_backing_file() {
         return;
     }
     let dir = tempdir();
-    let base = path_in(&dir, "base.raw");
-    std::fs::write(&base, pattern(9, 1 << 20)).unwrap();
-    let img = path_in(&dir, "top.qcow2");
-    let f = std::fs::File::create(&img).unwrap();
-    let mut o = vloop_qcow2::CreateOptions::new(2 << 20);
-    o.backing = Some(("base.raw".into(), vloop_qcow2::Format::Raw));
-    vloop_qcow2::create(&f, &o).unwrap();
-    drop(f);
+    let img = overlay_on_raw(&dir, "top.qcow2", &pattern(9, 1 << 20), 2 << 20);
     assert_clean(&img);
     let chain = open_chain(&img, false);
     assert_eq!(chain.layers(), 2);
@@ -510,14 +514,7 @@ fn after_a_failed_sync_every_flush_fails() {
     // A sync inside an allocating write fails: the data of earlier completed writes may be
     // lost, and the next fdatasync would succeed, so no later flush may report success.
     let dir = tempdir();
-    let base = path_in(&dir, "base.raw");
-    std::fs::write(&base, pattern(3, 4 << 20)).unwrap();
-    let img = path_in(&dir, "img.qcow2");
-    let f = std::fs::File::create(&img).unwrap();
-    let mut create = vloop_qcow2::CreateOptions::new(4 << 20);
-    create.backing = Some(("base.raw".to_owned(), vloop_qcow2::Format::Raw));
-    vloop_qcow2::create(&f, &create).unwrap();
-    drop(f);
+    let img = overlay_on_raw(&dir, "img.qcow2", &pattern(3, 4 << 20), 4 << 20);
     let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -559,14 +556,7 @@ fn after_a_failed_sync_every_flush_fails() {
 #[test]
 fn zeroes_written_without_the_named_backing_file_stay_zeroes_with_it() {
     let dir = tempdir();
-    let base = path_in(&dir, "base.raw");
-    std::fs::write(&base, pattern(4, 1 << 20)).unwrap();
-    let img = path_in(&dir, "img.qcow2");
-    let f = std::fs::File::create(&img).unwrap();
-    let mut create = vloop_qcow2::CreateOptions::new(1 << 20);
-    create.backing = Some(("base.raw".to_owned(), vloop_qcow2::Format::Raw));
-    vloop_qcow2::create(&f, &create).unwrap();
-    drop(f);
+    let img = overlay_on_raw(&dir, "img.qcow2", &pattern(4, 1 << 20), 1 << 20);
     let chain = try_open(&img, false, vloop_qcow2::Backing::None).unwrap();
     for unmap in [false, true] {
         let at = if unmap { 3 * 65536 } else { 65536 };

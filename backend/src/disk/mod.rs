@@ -288,11 +288,8 @@ impl Disk {
             path: path.clone(),
             source,
         })?;
-        let ft = meta.file_type();
-        let block_device = ft.is_block_device();
-        if !block_device && !ft.is_file() {
-            return Err(DiskError::NotAFile(path));
-        }
+        // open_image refused anything but a regular file or a block device.
+        let block_device = meta.file_type().is_block_device();
         let mode = if config.read_only {
             LockMode::ReadOnly
         } else {
