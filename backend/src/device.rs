@@ -86,12 +86,14 @@ impl Reclaim {
         }
     }
 
-    fn pass_ends(&self, queue: u16) {
+    /// Ends a pass of `queue`; reclaims what no pass running can still touch (a failed punch
+    /// of the reclaimed clusters is returned).
+    fn pass_ends(&self, queue: u16) -> Result<(), vloop_qcow2::Error> {
         if let Some(m) = self.running.get(usize::from(queue)) {
             *m.lock_unpoisoned() = None;
         }
         if self.chain.quarantined() == 0 {
-            return;
+            return Ok(());
         }
         let now = self.chain.free_mark();
         let oldest = self
@@ -100,7 +102,7 @@ impl Reclaim {
             .filter_map(|m| *m.lock_unpoisoned())
             .min()
             .map_or(now, |m| m.min(now));
-        self.chain.reclaim_freed(oldest);
+        self.chain.reclaim_freed(oldest)
     }
 }
 
@@ -526,7 +528,12 @@ impl BlkDevice {
             .process_queue_tracked(state.get_queue_mut(), mem, tracker, &mut || signal(&warn));
         worker.set_doorbell(None);
         if let Some(r) = &self.reclaim {
-            r.pass_ends(queue);
+            if let Err(e) = r.pass_ends(queue) {
+                self.warn_limited(format_args!(
+                    "giving freed clusters back to the file system: {}",
+                    crate::io::Causes(&e)
+                ));
+            }
         }
         result
     }

@@ -670,3 +670,65 @@ fn fifos_folders_and_loops_in_a_chain_are_refused_with_their_reason() {
         assert!(line.contains(why), "{backing}: {line}");
     }
 }
+
+/// Bytes the file holds on disk.
+fn allocated(img: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(img).unwrap().blocks() * 512
+}
+
+#[test]
+fn discards_give_the_clusters_back_to_the_host_unless_ignored() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for mode in ["unmap", "ignore"] {
+        let img = dir.path().join(format!("{mode}.qcow2"));
+        run(&[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            &img.display().to_string(),
+            "32M",
+        ]);
+        let (b, mut c) = serve(&img, &["--discard", mode]);
+        let q = c.queue(0).unwrap();
+        let chunk = 256u64 << 10;
+        for i in 0..16 * MIB / chunk {
+            q.write(i * chunk / 512, &vec![0x5a; chunk as usize])
+                .unwrap();
+        }
+        q.flush().unwrap();
+        let full = allocated(&img);
+        for i in 0..8 {
+            q.discard(i * MIB / 512, (MIB / 512) as u32).unwrap();
+        }
+        // Freed on disk at the flush, given back once no request can still use them: when
+        // the pass that served the flush ends, after the flush completed.
+        q.flush().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut after = allocated(&img);
+        while mode == "unmap" && after + 8 * MIB > full && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            after = allocated(&img);
+        }
+        if mode == "unmap" {
+            assert!(after + 8 * MIB <= full, "{after} of {full} bytes");
+            assert!(q.read(0, 2048).unwrap().iter().all(|&b| b == 0));
+        } else {
+            std::thread::sleep(Duration::from_millis(200));
+            assert_eq!(allocated(&img), full);
+        }
+        assert!(q
+            .read(8 * MIB / 512, 2048)
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0x5a));
+        drop(c);
+        stop(b);
+        check(&img);
+    }
+}

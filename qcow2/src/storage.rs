@@ -60,6 +60,12 @@ pub trait Storage: Send + Sync {
         }
         Ok(())
     }
+    /// Gives the blocks of `len` bytes at `off` back to the file system where it can (their
+    /// content is then undefined): a hint, doing nothing where holes cannot be punched.
+    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        let _ = (off, len);
+        Ok(())
+    }
     /// The descriptor extents name; valid as long as the storage lives.
     fn fd(&self) -> RawFd;
     /// Device and inode, to detect a backing chain that loops.
@@ -212,6 +218,14 @@ impl Storage for File {
         }
     }
 
+    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        match fallocate(self.as_raw_fd(), flags, off_t(off)?, off_t(len)?) {
+            Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENOSYS) => Ok(()),
+            r => r.map_err(io::Error::from),
+        }
+    }
+
     fn fd(&self) -> RawFd {
         self.as_raw_fd()
     }
@@ -274,6 +288,9 @@ impl Storage for StickySync {
     }
     fn zero_range(&self, off: u64, len: u64, unmap: bool) -> io::Result<()> {
         self.inner.zero_range(off, len, unmap)
+    }
+    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        self.inner.punch(off, len)
     }
     fn fd(&self) -> RawFd {
         self.inner.fd()

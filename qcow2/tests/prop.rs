@@ -80,7 +80,7 @@ fn run_case(compat: &str, cs: u64, backed: bool, ops: &[Op]) {
                 );
             }
             Op::Flush => chain.flush().unwrap(),
-            Op::Reclaim => chain.reclaim_freed(chain.free_mark()),
+            Op::Reclaim => chain.reclaim_freed(chain.free_mark()).unwrap(),
         }
     }
     assert!(read_all(&chain, 65536) == model, "final read");

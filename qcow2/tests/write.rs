@@ -369,7 +369,7 @@ fn freed_clusters_wait_for_reclaim_before_reuse() {
     assert_eq!(chain.quarantined(), 0, "frees wait for the flush");
     chain.flush().unwrap();
     assert_eq!(chain.quarantined(), 8);
-    chain.reclaim_freed(early);
+    chain.reclaim_freed(early).unwrap();
     assert_eq!(chain.quarantined(), 8);
     // Not reused while quarantined: new data goes elsewhere.
     write_mapped(&chain, 4 << 20, &pattern(2, (8 * cs) as usize));
@@ -383,7 +383,7 @@ fn freed_clusters_wait_for_reclaim_before_reuse() {
         "reused a quarantined cluster"
     );
     // After the reclaim they are reused.
-    chain.reclaim_freed(chain.free_mark());
+    chain.reclaim_freed(chain.free_mark()).unwrap();
     assert_eq!(chain.quarantined(), 0);
     write_mapped(&chain, 8 << 20, &pattern(3, (24 * cs) as usize));
     let mut hosts = Vec::new();
@@ -463,7 +463,7 @@ fn every_refcount_width_and_lazy_refcounts() {
                 chain.discard(off, 8192).unwrap();
                 model[off as usize..off as usize + 8192].fill(0);
                 chain.flush().unwrap();
-                chain.reclaim_freed(chain.free_mark());
+                chain.reclaim_freed(chain.free_mark()).unwrap();
             }
         }
         chain.close().unwrap();
@@ -572,4 +572,69 @@ fn zeroes_written_without_the_named_backing_file_stay_zeroes_with_it() {
         "first difference at {:?}",
         first_diff(&got, &want)
     );
+}
+
+/// Bytes the file holds on disk.
+fn allocated(img: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(img).unwrap().blocks() * 512
+}
+
+#[test]
+fn discarded_clusters_go_back_to_the_file_system_unless_told_not_to() {
+    if !have_qemu("discarded_clusters_go_back_to_the_file_system_unless_told_not_to") {
+        return;
+    }
+    let dir = tempdir();
+    let mb = 1u64 << 20;
+    for punch in [true, false] {
+        let img = path_in(&dir, &format!("punch-{punch}.qcow2"));
+        qemu_create(&img, "64M", "", None);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
+        let opts = vloop_qcow2::OpenOptions {
+            punch_freed: punch,
+            ..vloop_qcow2::OpenOptions::default()
+        };
+        let chain = Chain::open(f, &img, &opts, &mut ro_opener).unwrap();
+        write_mapped(&chain, 0, &pattern(1, (16 * mb) as usize));
+        chain.flush().unwrap();
+        let full = allocated(&img);
+        assert!(full >= 16 * mb, "{full}");
+        // Freed at the flush, punched at the reclaim.
+        chain.discard(0, 8 * mb).unwrap();
+        chain.flush().unwrap();
+        assert_eq!(allocated(&img), full, "nothing punched before the reclaim");
+        chain.reclaim_freed(chain.free_mark()).unwrap();
+        let after = allocated(&img);
+        if punch {
+            assert!(after + 8 * mb <= full, "{after} of {full}");
+        } else {
+            assert_eq!(after, full);
+        }
+        // Freed by the last flush: punched at close.
+        chain.discard(8 * mb, 4 * mb).unwrap();
+        chain.close().unwrap();
+        let closed = allocated(&img);
+        if punch {
+            assert!(closed + 4 * mb <= after, "{closed} of {after}");
+        } else {
+            assert_eq!(closed, after);
+        }
+        // Punched clusters are reused and read back what is written into them.
+        let d = pattern(2, (12 * mb) as usize);
+        write_mapped(&chain, 32 * mb, &d);
+        assert!(read_mapped(&chain, 32 * mb, 12 * mb) == d);
+        assert!(read_mapped(&chain, 0, 12 * mb).iter().all(|&b| b == 0));
+        assert!(
+            read_mapped(&chain, 12 * mb, 4 * mb)
+                == pattern(1, (16 * mb) as usize)[(12 * mb) as usize..]
+        );
+        chain.close().unwrap();
+        drop(chain);
+        assert_clean(&img);
+    }
 }

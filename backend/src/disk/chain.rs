@@ -110,6 +110,8 @@ pub(super) fn open_chain(config: &Config, path: &Path) -> Result<Qcow2Files, Dis
         format: Some(Format::Qcow2),
         read_only: config.read_only,
         backing,
+        // `--discard ignore` keeps the file's blocks, as QEMU's discard=ignore does.
+        punch_freed: config.discard == crate::config::DiscardMode::Unmap,
         ..vloop_qcow2::OpenOptions::default()
     };
     let chain = Chain::open(top, path, &opts, &mut opener).map_err(qcow_err)?;

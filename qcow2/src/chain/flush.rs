@@ -104,11 +104,17 @@ impl Chain {
     }
 
     /// Makes clusters freed before `mark` reusable (they were freed on disk at a flush, and
-    /// have been kept from reuse since).
-    pub fn reclaim_freed(&self, mark: FreeMark) {
+    /// have been kept from reuse since); unless the chain was opened without
+    /// [`crate::OpenOptions::punch_freed`], their blocks go back to the file system. A failed
+    /// punch is returned, the clusters are reusable all the same.
+    pub fn reclaim_freed(&self, mark: FreeMark) -> Result<()> {
+        let st = self.files[0].st.as_ref();
         let mut meta = lock(&self.meta);
-        if let Some(q) = meta.q[0].as_mut() {
-            q.reclaim(mark.0);
+        match meta.q[0].as_mut() {
+            Some(q) => q
+                .reclaim(st, mark.0, self.punch_freed)
+                .map_err(self.layer_err(0)),
+            None => Ok(()),
         }
     }
 
@@ -119,9 +125,10 @@ impl Chain {
             .map_or(0, |q| q.quarantined())
     }
 
-    /// Flushes, returns unused reserved clusters and trims the file: the image is then free
-    /// of leaks. Later writes reserve clusters again; dropping a writable chain closes it
-    /// (ignoring errors), so call this to see them.
+    /// Flushes, returns unused reserved clusters, gives the clusters freed by the flush back
+    /// to the file system (as [`Chain::reclaim_freed`]) and trims the file: the image is then
+    /// free of leaks. No I/O may be in flight. Later writes reserve clusters again; dropping a
+    /// writable chain closes it (ignoring errors), so call this to see them.
     pub fn close(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
@@ -131,6 +138,8 @@ impl Chain {
         let st = self.files[0].st.as_ref();
         let mut meta = lock(&self.meta);
         if let Some(q) = meta.q[0].as_mut() {
+            q.reclaim(st, u64::MAX, self.punch_freed)
+                .map_err(self.layer_err(0))?;
             q.release_reserve(st).map_err(self.layer_err(0))?;
         }
         Ok(())

@@ -175,6 +175,7 @@ impl Chain {
             alloc: Mutex::new(()),
             read_only: opts.read_only,
             probed_raw,
+            punch_freed: opts.punch_freed,
         })
     }
 }

@@ -46,6 +46,10 @@ pub struct OpenOptions {
     /// Bytes of clusters the first allocation reserves; each later reservation doubles, up to
     /// 64 MiB. Unused reserved clusters are what a crash leaks.
     pub reserve_bytes: u64,
+    /// Punch the host blocks of clusters that discards, write-zeroes with unmap and
+    /// rewrites free, once they are reclaimed (as QEMU's `discard=unmap`): the image file
+    /// then shrinks on disk as the guest frees space.
+    pub punch_freed: bool,
 }
 
 impl Default for OpenOptions {
@@ -56,6 +60,7 @@ impl Default for OpenOptions {
             backing: Backing::FromImage,
             cache_bytes: DEFAULT_CACHE_BYTES,
             reserve_bytes: DEFAULT_RESERVE_BYTES,
+            punch_freed: true,
         }
     }
 }

@@ -37,6 +37,7 @@ pub struct Chain {
     pub(super) alloc: Mutex<()>,
     pub(super) read_only: bool,
     pub(super) probed_raw: bool,
+    pub(super) punch_freed: bool,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

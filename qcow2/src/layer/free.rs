@@ -1,7 +1,7 @@
 //! Frees: refcount decrements queued until the L2 entries that dropped the references are
 //! durable, then applied, and the freed clusters kept in a quarantine until reclaimed.
 
-use super::error::{LayerError, Result};
+use super::error::{io_err, LayerError, Result};
 use super::state::Qcow2;
 use crate::storage::Storage;
 
@@ -53,20 +53,41 @@ impl Qcow2 {
         self.write_blocks(st)
     }
 
-    /// Makes clusters freed with a sequence number below `mark` reusable.
-    pub fn reclaim(&mut self, mark: u64) {
-        if let Some(rc) = self.rc.as_mut() {
-            let ready: Vec<u64> = rc
-                .quarantine
-                .iter()
-                .filter(|(_, &s)| s < mark)
-                .map(|(&c, _)| c)
-                .collect();
-            for c in ready {
-                rc.quarantine.remove(&c);
-                rc.free_hint = rc.free_hint.min(c);
+    /// Makes clusters freed with a sequence number below `mark` reusable; with `punch`, their
+    /// blocks go back to the file system first (runs of clusters punched as one range), while
+    /// no allocation can take them yet. Every ready cluster is reusable afterwards, also when
+    /// a punch failed (its content does not matter): the first failure is returned.
+    pub fn reclaim(&mut self, st: &dyn Storage, mark: u64, punch: bool) -> Result<()> {
+        let bits = self.geo.cluster_bits;
+        let Some(rc) = self.rc.as_mut() else {
+            return Ok(());
+        };
+        let ready: Vec<u64> = rc
+            .quarantine
+            .iter()
+            .filter(|(_, &s)| s < mark)
+            .map(|(&c, _)| c)
+            .collect();
+        let mut failed = None;
+        if punch {
+            let mut i = 0;
+            while i < ready.len() {
+                let mut j = i + 1;
+                while j < ready.len() && ready[j] == ready[j - 1] + 1 {
+                    j += 1;
+                }
+                let (off, len) = (ready[i] << bits, ((j - i) as u64) << bits);
+                if let Err(e) = st.punch(off, len) {
+                    failed.get_or_insert(io_err("punching freed clusters", off)(e));
+                }
+                i = j;
             }
         }
+        for c in ready {
+            rc.quarantine.remove(&c);
+            rc.free_hint = rc.free_hint.min(c);
+        }
+        failed.map_or(Ok(()), Err)
     }
 
     /// Number of clusters waiting in the quarantine.
