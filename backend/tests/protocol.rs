@@ -868,6 +868,19 @@ fn inflight_fd_is_offered_created_and_checked() {
             "inflight region for {nq} queues of {qs} created"
         );
     }
+    // The log names the setting that would let such a frontend in: QEMU itself reports only
+    // that GET_INFLIGHT_FD failed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let wanted = [
+        "start vloop-blk with --num-queues 2, or give the frontend num-queues=1",
+        "start vloop-blk with --queue-size 4096, or give the frontend queue-size=1024",
+    ];
+    while !wanted.iter().all(|w| d.log().contains(w)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for w in wanted {
+        assert!(d.log().contains(w), "no {w:?} in:\n{}", d.log());
+    }
     {
         let mut f = raw_frontend(&s.socket);
         let features = f.get_features().unwrap();

@@ -46,7 +46,34 @@ impl Inflight {
     /// Whether a region of `num_queues` queues of `queue_size` fits the device: the frontend
     /// does not get to size the backend's memory.
     pub fn fits(&self, num_queues: u16, queue_size: u16) -> bool {
-        usize::from(num_queues) <= self.recover.len() && queue_size <= self.max_queue_size
+        self.misfit(num_queues, queue_size).is_none()
+    }
+
+    /// Why a frontend with `num_queues` queues of `queue_size` does not fit the device, with
+    /// the settings that would make it fit (the first message that tells a frontend's queue
+    /// size, GET_INFLIGHT_FD, is where a frontend configured for more than the device learns
+    /// it, and QEMU reports only that the message failed).
+    pub fn misfit(&self, num_queues: u16, queue_size: u16) -> Option<String> {
+        let (queues, max) = (self.recover.len(), self.max_queue_size);
+        if usize::from(num_queues) > queues {
+            Some(format!(
+                "the frontend has {num_queues} queues and the device {queues}: start vloop-blk \
+                 with --num-queues {num_queues}, or give the frontend num-queues={queues}"
+            ))
+        } else if !queue_size.is_power_of_two() || queue_size > crate::config::MAX_QUEUE_SIZE {
+            Some(format!(
+                "a queue size of {queue_size} is not a power of two up to {}",
+                crate::config::MAX_QUEUE_SIZE
+            ))
+        } else if queue_size > max {
+            Some(format!(
+                "the frontend's queues have {queue_size} entries, more than --queue-size {max}: \
+                 start vloop-blk with --queue-size {queue_size}, or give the frontend \
+                 queue-size={max}"
+            ))
+        } else {
+            None
+        }
     }
 
     /// The current region, if the frontend set one up.

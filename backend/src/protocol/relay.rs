@@ -404,8 +404,8 @@ impl Relay {
             .body_as()
             .ok_or_else(|| refused(m, "GET_INFLIGHT_FD without a body"))?;
         let (nq, qs) = (ask.num_queues, ask.queue_size);
-        if !self.inflight.fits(nq, qs) {
-            return Err(refused(m, format!("{nq} queues of {qs} exceed the device")));
+        if let Some(why) = self.inflight.misfit(nq, qs) {
+            return Err(refused(m, why));
         }
         let (region, file) = InflightRegion::create(nq, qs).map_err(|e| refused(m, e))?;
         let size = queue_region_size(qs) * u64::from(nq);

@@ -17,7 +17,10 @@ const DESC_SIZE: u64 = 16;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RingError {
     /// A queue size the split ring format does not allow, or above the device's maximum.
-    #[error("queue size {num} is not a power of two from 1 to {max}")]
+    #[error(
+        "queue size {num} is not a power of two from 1 to {max} (--queue-size; a frontend \
+         configured for larger queues needs vloop-blk started with a --queue-size as large)"
+    )]
     BadSize {
         /// The size asked for.
         num: u32,
