@@ -453,8 +453,8 @@ impl Disk {
         self.size() / SECTOR_SIZE
     }
 
-    /// Re-read the size of the image (grown or shrunk by someone else, e.g. `truncate -s` or
-    /// `qemu-img resize`) and serve that size from now on: requests past the new end fail,
+    /// Re-read the size of a raw image (grown or shrunk by someone else, e.g. `truncate -s` or
+    /// an `lvresize` of a block device) and serve that size from now on: requests past the new end fail,
     /// requests into grown space succeed. Returns the served sizes before and after.
     pub fn refresh_size(&self) -> Result<Resize, DiskError> {
         if let Layout::Qcow2(_) = &self.layout {
