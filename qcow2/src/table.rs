@@ -339,6 +339,18 @@ pub fn set_refcount(block: &mut [u8], order: u32, index: usize, value: u64) -> (
     }
 }
 
+/// The runs of `sorted` (ascending values) that go up by `step`: (first value, length).
+pub(crate) fn runs(sorted: &[u64], step: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &v in sorted {
+        match out.last_mut() {
+            Some((first, n)) if *first + *n * step == v => *n += 1,
+            _ => out.push((v, 1)),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -478,5 +490,12 @@ mod tests {
         assert_eq!(b[0], 1);
         set_refcount(&mut b, 1, 1, 3);
         assert_eq!(b[0], 0b1101);
+    }
+
+    #[test]
+    fn runs_split_where_values_stop_going_up_by_the_step() {
+        assert_eq!(runs(&[], 1), vec![]);
+        assert_eq!(runs(&[3, 4, 5, 7, 9, 10], 1), vec![(3, 3), (7, 1), (9, 2)]);
+        assert_eq!(runs(&[0, 512, 2048], 512), vec![(0, 2), (2048, 1)]);
     }
 }

@@ -454,8 +454,8 @@ impl Disk {
     }
 
     /// Re-read the size of a raw image (grown or shrunk by someone else, e.g. `truncate -s` or
-    /// an `lvresize` of a block device) and serve that size from now on: requests past the new end fail,
-    /// requests into grown space succeed. Returns the served sizes before and after.
+    /// an `lvresize` of a block device) and serve that size from now on: requests past the new
+    /// end fail, requests into grown space succeed. Returns the served sizes before and after.
     pub fn refresh_size(&self) -> Result<Resize, DiskError> {
         if let Layout::Qcow2(_) = &self.layout {
             // The virtual size lives in the header, which nobody else may change while the

@@ -142,16 +142,9 @@ impl Chain {
             self.write_back(q)?;
         }
         // Runs of clusters that need real zeroes, written as ranges.
-        let mut i = 0;
-        while i < write_real.len() {
-            let mut j = i + 1;
-            while j < write_real.len() && write_real[j] == write_real[j - 1] + cs {
-                j += 1;
-            }
-            let start = write_real[i];
-            let end = (write_real[j - 1] + cs).min(size);
+        for (start, n) in crate::table::runs(&write_real, cs) {
+            let end = (start + n * cs).min(size);
             self.write_zero_bytes(start, end - start)?;
-            i = j;
         }
         if mode != ZeroMode::Discard {
             for (o, l) in partial {

@@ -70,17 +70,10 @@ impl Qcow2 {
             .collect();
         let mut failed = None;
         if punch {
-            let mut i = 0;
-            while i < ready.len() {
-                let mut j = i + 1;
-                while j < ready.len() && ready[j] == ready[j - 1] + 1 {
-                    j += 1;
+            for (first, n) in crate::table::runs(&ready, 1) {
+                if let Err(e) = st.punch(first << bits, n << bits) {
+                    failed.get_or_insert(io_err("punching freed clusters", first << bits)(e));
                 }
-                let (off, len) = (ready[i] << bits, ((j - i) as u64) << bits);
-                if let Err(e) = st.punch(off, len) {
-                    failed.get_or_insert(io_err("punching freed clusters", off)(e));
-                }
-                i = j;
             }
         }
         for c in ready {
