@@ -36,6 +36,9 @@ pub enum TableError {
     /// An L2 entry whose data cluster offset is not cluster aligned.
     #[error("an L2 entry points to an unaligned data cluster offset {0:#x}; the image is corrupt (`qemu-img check -r all`)")]
     UnalignedData(u64),
+    /// A zero cluster in a version 2 image, which has none (bit 0 is reserved there).
+    #[error("an L2 entry ({0:#x}) of a version 2 image is a zero cluster, which version 2 does not have; the image is corrupt (`qemu-img check -r all`)")]
+    ZeroInVersion2(u64),
     /// A refcount table entry whose block offset is not cluster aligned.
     #[error("refcount table entry {index} points to an unaligned refcount block {offset:#x}; the image is corrupt (`qemu-img check -r all`)")]
     UnalignedRefblock {
@@ -160,6 +163,9 @@ impl Geometry {
         let host = raw & OFFSET_MASK;
         if host & (self.cluster_size() - 1) != 0 {
             return Err(TableError::UnalignedData(host));
+        }
+        if raw & ZERO != 0 && self.version < 3 {
+            return Err(TableError::ZeroInVersion2(raw));
         }
         Ok(if raw & ZERO != 0 {
             L2Entry::Zero {

@@ -186,6 +186,35 @@ fn l2_entries_past_the_end_unaligned_or_into_metadata() {
 }
 
 #[test]
+fn a_zero_cluster_in_a_version_2_image_is_corruption() {
+    let dir = tempdir();
+    let img = path_in(&dir, "v2-zero.qcow2");
+    let f = File::create(&img).unwrap();
+    let mut o = CreateOptions::new(4 << 20);
+    o.version = 2;
+    create(&f, &o).unwrap();
+    drop(f);
+    let chain = open_chain(&img, false);
+    chain.write_at(&pattern(1, 2 * CS as usize), 0).unwrap();
+    chain.close().unwrap();
+    drop(chain);
+    // Version 2 has no zero clusters: bit 0 set is not "reads as zeroes" (QEMU reports
+    // corruption too).
+    patch(&img, |b, _, l2, _| {
+        let e = be64(b, l2 as usize);
+        put(b, l2, e | 1)
+    });
+    let e = read_err(&img);
+    assert!(
+        matches!(
+            layer(&e),
+            LayerError::Table(vloop_qcow2::table::TableError::ZeroInVersion2(_))
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
 fn table_offsets_in_the_header_are_refused() {
     let dir = tempdir();
     for (name, at, v) in [
