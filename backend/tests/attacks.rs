@@ -1505,6 +1505,17 @@ fn reset_owner_and_reset_device_on_a_running_queue() {
         let again = dev.negotiate(&Negotiation::default());
         if again.is_ok() {
             dev.set_mem_table().unwrap();
+            // RESET_OWNER stopped the ring: rewinding its base and kicking its old eventfd
+            // does not have request 0 served a second time (a ring still served while the
+            // frontend sets it up again was served half-changed and stopped as broken).
+            dev.fe.set_vring_base(0, 0).unwrap();
+            dev.queues[0].kick().unwrap();
+            assert_eq!(
+                dev.queues[0].wait_used(2, Duration::from_millis(300)),
+                Err(1),
+                "a ring was served after RESET_OWNER:\n{}",
+                d.log()
+            );
             dev.queues.clear();
             dev.start_queue(0, RingLayout::new(16, 0x8000).unwrap(), 0)
                 .unwrap();

@@ -34,14 +34,14 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserInflight, VhostUserMemory, VhostUserMemoryRegion,
+    FrontendReq, VhostUserHeaderFlag, VhostUserInflight, VhostUserMemory, VhostUserMemoryRegion,
     VhostUserProtocolFeatures, VhostUserVringAddr, VhostUserVringState,
 };
 use vm_memory::ByteValued;
@@ -49,7 +49,7 @@ use vm_memory::ByteValued;
 use super::backend_channel::BackendChannel;
 use super::fds;
 use super::rings::Rings;
-use super::wire::{self, Message, WireError};
+use super::wire::{self, Header, Message, WireError};
 use crate::inflight::{queue_region_size, Inflight, InflightError, InflightRegion};
 use crate::io::RateLimiter;
 use crate::LockUnpoisoned;
@@ -110,6 +110,8 @@ struct Relay {
     rings: Mutex<Rings>,
     /// The protocol features the frontend is offered (INFLIGHT_SHMFD included).
     offered: VhostUserProtocolFeatures,
+    /// Replies of the library to GET_VRING_BASE messages the relay sent itself.
+    dropped_replies: AtomicU32,
 }
 
 /// A running relay: its threads and the sockets to shut down to end it.
@@ -183,6 +185,7 @@ pub fn start(
         acked: AtomicU64::new(0),
         rings: Mutex::new(rings),
         offered: offered | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+        dropped_replies: AtomicU32::new(0),
     });
     // One thread per direction; when either ends, both sockets are shut down so the other
     // ends too.
@@ -243,6 +246,29 @@ impl Relay {
 
     fn to_library(&self, m: &Message) -> Result<(), RelayError> {
         wire::send(&self.inner, m).map_err(|e| RelayError::Send("library", e))
+    }
+
+    /// Before RESET_OWNER: stops every configured ring in the library as GET_VRING_BASE does
+    /// (its replies are dropped). The library forgets only the negotiated features at
+    /// RESET_OWNER and would go on serving the rings, so a frontend setting a ring up again
+    /// (new addresses, then a new base) could have it served half-changed, and stopped as
+    /// broken for good.
+    fn stop_rings(&self) -> Result<(), RelayError> {
+        for index in self.rings.lock_unpoisoned().configured() {
+            let body = VhostUserVringState::new(index, 0);
+            let m = Message::new(
+                Header::request(
+                    FrontendReq::GET_VRING_BASE as u32,
+                    VhostUserHeaderFlag::empty(),
+                    0,
+                ),
+                body.as_slice().to_vec(),
+                Vec::new(),
+            );
+            self.dropped_replies.fetch_add(1, Ordering::Relaxed);
+            self.to_library(&m)?;
+        }
+        Ok(())
     }
 
     fn ack(&self, req: &Message, ok: bool) -> Result<(), RelayError> {
@@ -324,6 +350,9 @@ impl Relay {
                     self.to_library(&m)?
                 }
                 FrontendReq::RESET_OWNER | FrontendReq::RESET_DEVICE if m.fds.is_empty() => {
+                    if req == FrontendReq::RESET_OWNER {
+                        self.stop_rings()?;
+                    }
                     self.rings.lock_unpoisoned().reset();
                     if req == FrontendReq::RESET_OWNER {
                         // The library forgets the negotiated protocol features too.
@@ -369,6 +398,15 @@ impl Relay {
                     let f = f | VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits();
                     m.set_body(f.to_le_bytes().to_vec());
                 }
+            }
+            if m.header.frontend_req() == Some(FrontendReq::GET_VRING_BASE)
+                && m.header.is_reply()
+                && self
+                    .dropped_replies
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                continue;
             }
             self.to_frontend(&m)?;
         }

@@ -177,6 +177,13 @@ impl Rings {
         }
     }
 
+    /// The queues whose ring is configured (SET_VRING_ADDR, and no GET_VRING_BASE since).
+    pub fn configured(&self) -> Vec<u32> {
+        (0..self.queues.len() as u32)
+            .filter(|&i| self.queues[i as usize].addrs.is_some())
+            .collect()
+    }
+
     /// RESET_OWNER or RESET_DEVICE: every ring is forgotten.
     pub fn reset(&mut self) {
         for q in &mut self.queues {
