@@ -47,6 +47,17 @@ fn qemu_io(img: &Path, fmt: &str, cmds: &[String]) {
     run(&refs);
 }
 
+/// `qemu-img create -q -f qcow2 [-o OPTS] IMG SIZE`.
+fn qemu_create(img: &Path, opts: &str, size: &str) {
+    let img = img.display().to_string();
+    let mut args = vec!["qemu-img", "create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([img.as_str(), size]);
+    run(&args);
+}
+
 fn opts() -> ClientOptions {
     ClientOptions {
         queue_size: 64,
@@ -144,17 +155,11 @@ fn images_qemu_img_made_read_back_as_qemu_img_converts_them() {
         ("1.1", 2 * MIB),
     ] {
         let img = dir.path().join(format!("c{cluster}-{compat}.qcow2"));
-        run(&[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
+        qemu_create(
+            &img,
             &format!("compat={compat},cluster_size={cluster}"),
-            &img.display().to_string(),
             &size.to_string(),
-        ]);
+        );
         let mut cmds = patterns(size);
         if compat == "1.1" {
             // A zero cluster over data.
@@ -531,15 +536,7 @@ fn images_on_block_devices_an_overlay_over_one_and_qcow2_on_one_read_only() {
     // A qcow2 image on a block device: refused writable with one line naming the fix, served
     // with --read-only.
     let img = d.join("image.qcow2");
-    run(&[
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        &img.display().to_string(),
-        "4M",
-    ]);
+    qemu_create(&img, "", "4M");
     qemu_io(&img, "qcow2", &patterns(size));
     let want = convert_raw(&img, d);
     let Some(dev) = Loop::attach(&img, false) else {
@@ -581,17 +578,7 @@ fn direct_refuses_a_writable_image_with_clusters_smaller_than_a_page() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("small.qcow2");
     let imgs = img.display().to_string();
-    run(&[
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        &imgs,
-        "1M",
-    ]);
+    qemu_create(&img, "cluster_size=512", "1M");
     qemu_io(&img, "qcow2", &["write -P 0x5a 0 4096".into()]);
     let sock = dir.path().join("s.sock").display().to_string();
     let line = refused(&["--socket-path", &sock, "--blk-file", &imgs, "--direct"]);
@@ -685,15 +672,7 @@ fn discards_give_the_clusters_back_to_the_host_unless_ignored() {
     let dir = tempfile::tempdir().unwrap();
     for mode in ["unmap", "ignore"] {
         let img = dir.path().join(format!("{mode}.qcow2"));
-        run(&[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            &img.display().to_string(),
-            "32M",
-        ]);
+        qemu_create(&img, "", "32M");
         let (b, mut c) = serve(&img, &["--discard", mode]);
         let q = c.queue(0).unwrap();
         let chunk = 256u64 << 10;

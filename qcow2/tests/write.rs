@@ -256,16 +256,11 @@ fn small_clusters_grow_the_refcount_table() {
     let img = path_in(&dir, "small.qcow2");
     qemu_create(&img, "24M", "cluster_size=512", None);
     // A cache of four L2 tables: constant eviction, and flushes forced by dirty tables.
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&img)
-        .unwrap();
     let opts = vloop_qcow2::OpenOptions {
         cache_bytes: 2048,
         ..vloop_qcow2::OpenOptions::default()
     };
-    let chain = Chain::open(f, &img, &opts, &mut ro_opener).unwrap();
+    let chain = try_open_opts(&img, &opts).unwrap();
     let mut model = vec![0u8; 24 << 20];
     for i in 0..20u64 {
         let d = pattern(i, 1 << 20);
@@ -590,16 +585,11 @@ fn discarded_clusters_go_back_to_the_file_system_unless_told_not_to() {
     for punch in [true, false] {
         let img = path_in(&dir, &format!("punch-{punch}.qcow2"));
         qemu_create(&img, "64M", "", None);
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&img)
-            .unwrap();
         let opts = vloop_qcow2::OpenOptions {
             punch_freed: punch,
             ..vloop_qcow2::OpenOptions::default()
         };
-        let chain = Chain::open(f, &img, &opts, &mut ro_opener).unwrap();
+        let chain = try_open_opts(&img, &opts).unwrap();
         write_mapped(&chain, 0, &pattern(1, (16 * mb) as usize));
         chain.flush().unwrap();
         let full = allocated(&img);

@@ -159,19 +159,26 @@ pub fn try_open_with(
     backing: Backing,
     reserve_bytes: u64,
 ) -> vloop_qcow2::chain::Result<Chain> {
+    try_open_opts(
+        path,
+        &OpenOptions {
+            format: None,
+            read_only,
+            backing,
+            reserve_bytes,
+            ..OpenOptions::default()
+        },
+    )
+}
+
+/// Opens `path` with `opts` (read-write unless `opts.read_only`), backing files read-only.
+pub fn try_open_opts(path: &Path, opts: &OpenOptions) -> vloop_qcow2::chain::Result<Chain> {
     let f = FsOpen::new()
         .read(true)
-        .write(!read_only)
+        .write(!opts.read_only)
         .open(path)
         .unwrap();
-    let opts = OpenOptions {
-        format: None,
-        read_only,
-        backing,
-        reserve_bytes,
-        ..OpenOptions::default()
-    };
-    Chain::open(f, path, &opts, &mut ro_opener)
+    Chain::open(f, path, opts, &mut ro_opener)
 }
 
 fn pread(fd: i32, buf: &mut [u8], off: u64) -> usize {
