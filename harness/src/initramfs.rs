@@ -278,9 +278,8 @@ pub fn cached_base(archive: &Archive, cache: &Path) -> Result<PathBuf, Initramfs
     let path = dir.join(format!("{}.cpio", &hash[..16]));
     if !path.exists() {
         fs::create_dir_all(&dir).map_err(|e| InitramfsError::Io(dir.display().to_string(), e))?;
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        fs::write(&tmp, &bytes).map_err(|e| InitramfsError::Io(tmp.display().to_string(), e))?;
-        fs::rename(&tmp, &path).map_err(|e| InitramfsError::Io(path.display().to_string(), e))?;
+        crate::kernel::publish(&path, &bytes)
+            .map_err(|e| InitramfsError::Io(path.display().to_string(), e))?;
     }
     Ok(path)
 }

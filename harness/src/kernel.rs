@@ -47,6 +47,18 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache").join("vloop")
 }
 
+/// Puts `bytes` at `path` in the cache whole or not at all: written to a temporary file of
+/// its own beside it, then renamed over it, so that concurrent writers (parallel tests, two
+/// runs sharing a cache) never see or leave half a file.
+pub fn publish(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
 /// The distribution's meta package for a small virtual-machine kernel, from /etc/os-release.
 pub fn meta_package(os_release: &str) -> &'static str {
     let ids: Vec<&str> = os_release
@@ -148,18 +160,41 @@ pub fn resolve(kernel: Option<&Path>, modules: Option<&Path>) -> Result<Kernel, 
         Some(p) => p,
         None => versioned_image(meta)?,
     };
-    let root = kernels.join(&pkg);
-    let done = root.join(".complete");
-    if !done.exists() {
-        fetch_into(&pkg, &root)?;
-        fs::write(&done, b"").map_err(io_err(done.display().to_string()))?;
-    }
-    let _ = fs::write(&memo, &pkg);
+    let root = fetched(&kernels, &pkg, fetch_into)?;
+    let _ = publish(&memo, pkg.as_bytes());
     let mut k = find_in_tree(&root, &pkg)?;
     if let Some(m) = modules {
         k.modules = Some(m.to_path_buf());
     }
     Ok(k)
+}
+
+/// The tree of `pkg` in `kernels`, fetched with `fetch` unless complete there. Fetches run
+/// one at a time per package (parallel tests, runs sharing a cache): the others wait on the
+/// lock and then find the tree complete.
+fn fetched(
+    kernels: &Path,
+    pkg: &str,
+    fetch: impl FnOnce(&str, &Path) -> Result<(), KernelError>,
+) -> Result<PathBuf, KernelError> {
+    let root = kernels.join(pkg);
+    let done = root.join(".complete");
+    if done.exists() {
+        return Ok(root);
+    }
+    fs::create_dir_all(kernels).map_err(io_err(kernels.display().to_string()))?;
+    let lock_path = kernels.join(format!("{pkg}.lock"));
+    let _lock = fs::File::create(&lock_path)
+        .and_then(|f| {
+            nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, e)| e.into())
+        })
+        .map_err(io_err(lock_path.display().to_string()))?;
+    if !done.exists() {
+        fetch(pkg, &root)?;
+        fs::write(&done, b"").map_err(io_err(done.display().to_string()))?;
+    }
+    Ok(root)
 }
 
 /// Downloads `pkg` (and on Ubuntu its `linux-modules-*` dependency) and unpacks it into `root`.
@@ -315,6 +350,48 @@ fn find_in_tree(root: &Path, pkg: &str) -> Result<Kernel, KernelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_writers_of_a_cache_file_leave_it_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("base.cpio");
+        let bytes: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..4 {
+                        publish(&path, &bytes).unwrap();
+                        // Whatever another writer is doing, the file is complete.
+                        assert!(fs::read(&path).unwrap() == bytes);
+                    }
+                });
+            }
+        });
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary file left behind: {left:?}");
+    }
+
+    #[test]
+    fn concurrent_resolutions_fetch_a_kernel_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fetches = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    let root = fetched(dir.path(), "linux-image-1.0-test", |_, root| {
+                        fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        // A fetch takes a while; it fails if another one meddles meanwhile.
+                        fs::create_dir(root).map_err(io_err("root"))?;
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        fs::write(root.join("vmlinuz"), b"k").map_err(io_err("vmlinuz"))
+                    })
+                    .unwrap();
+                    assert_eq!(fs::read(root.join("vmlinuz")).unwrap(), b"k");
+                });
+            }
+        });
+        assert_eq!(fetches.into_inner(), 1);
+    }
 
     #[test]
     fn chooses_the_distributions_kernel_package() {

@@ -162,9 +162,7 @@ pub fn extract(bzimage: &Path, out: &Path) -> Result<(), PvhError> {
     if !has_pvh_note(&elf) {
         return Err(PvhError::NoPvh);
     }
-    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, &elf).map_err(|e| PvhError::Io(tmp.clone(), e))?;
-    std::fs::rename(&tmp, out).map_err(|e| PvhError::Io(out.to_path_buf(), e))
+    crate::kernel::publish(out, &elf).map_err(|e| PvhError::Io(out.to_path_buf(), e))
 }
 
 #[cfg(test)]
