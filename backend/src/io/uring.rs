@@ -2,8 +2,9 @@
 //! submission thread (SQPOLL) that copies page-cache reads on another CPU while the worker
 //! copies others and completes requests.
 //!
-//! Buffered reads whose data is in the page cache and buffered writes up to 4 MiB complete
-//! inline (no ring round trip, no io-wq worker); everything else (O_DIRECT, cache misses,
+//! Buffered reads under 256 KiB whose data is in the page cache and buffered writes up to
+//! 4 MiB complete inline (no ring round trip, no io-wq worker); larger reads go to io-wq
+//! workers, which copy them in parallel; everything else (O_DIRECT, cache misses,
 //! larger and write-through writes, syncs, fallocate) goes to the ring. Where the file system
 //! cannot say that a write would block (no RWF_NOWAIT, as on ext4), a write over 64 KiB that
 //! slept there (dirty-page throttling, the journal, the inode lock) sends such writes back to
@@ -27,6 +28,14 @@ use super::op::{
 /// 8-11% faster at QD8 and 32-58% at QD1, with a quarter less CPU per write. A larger write
 /// goes to the ring, so that one op cannot hold the queue for long.
 const INLINE_WRITE_MAX: u64 = 4 << 20;
+
+/// Smallest buffered read handed to an io-wq worker (IOSQE_ASYNC) instead of being copied by
+/// the queue's worker: io-wq copies several such reads at once on every CPU, as a thread pool
+/// does, while one copied inline holds the worker for its whole length. The hand-off costs a
+/// few microseconds, little beside the copy of 256 KiB or more; side by side on 2 CPUs, 1 MiB
+/// page-cache reads at QD8 ran at 15.8k IOPS against 10.5k copied inline (qemu-storage-daemon
+/// 9.7k and 10.3k in the same runs), with the frontend's CPU per read unchanged.
+const RING_READ_MIN: u64 = 256 << 10;
 
 /// Largest buffered write always done inline, also while [`WriteBackoff`] sends the larger
 /// ones to the ring: a copy of this size costs the queue little, and io-wq costs it more.
@@ -428,7 +437,7 @@ impl Uring {
         if write && !self.nowait_write {
             return self.blocking_write(op);
         }
-        if !write && !self.nowait_read {
+        if !write && (!self.nowait_read || op.len >= RING_READ_MIN) {
             return Inline::No;
         }
         let Ok(off) = libc::off64_t::try_from(op.offset) else {
@@ -582,6 +591,12 @@ fn entry(op: &Op, id: usize) -> io_uring::squeue::Entry {
             .offset(op.offset)
             .mode(mode)
             .build(),
+    };
+    let e = if op.kind == OpKind::Read && op.buffered && op.len >= RING_READ_MIN {
+        // Straight to io-wq: a nonblocking attempt at submission would copy it here.
+        e.flags(io_uring::squeue::Flags::ASYNC)
+    } else {
+        e
     };
     e.user_data(id as u64)
 }
@@ -762,5 +777,49 @@ mod tests {
             "1 MiB after the period: inline"
         );
         assert_eq!(u.in_flight(), 0);
+    }
+
+    #[test]
+    fn large_page_cache_reads_go_to_io_wq_and_small_ones_are_copied_inline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let data: Vec<u8> = (0..2u32 << 20).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        let mut u = Uring::new(8).unwrap();
+        let mut small_buf = vec![0u8; 4096];
+        let mut big_buf = vec![0u8; 1 << 20];
+        let read = |buf: &mut Vec<u8>, offset: u64| Op {
+            kind: OpKind::Read,
+            fd: f.as_raw_fd(),
+            fallback_fd: f.as_raw_fd(),
+            offset,
+            len: buf.len() as u64,
+            iov: smallvec::smallvec![libc::iovec {
+                iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+                iov_len: buf.len(),
+            }],
+            buffered: true,
+        };
+        let (mut small, mut big) = (read(&mut small_buf, 8192), read(&mut big_buf, 1 << 20));
+        // SAFETY: both ops and their buffers outlive the reap below.
+        let (s, b) = unsafe { (u.start(0, &mut small, false), u.start(1, &mut big, false)) };
+        if u.nowait_read {
+            assert!(
+                matches!(s, Started::Done(Ok(()))),
+                "4 KiB in the cache: inline"
+            );
+        }
+        assert!(matches!(b, Started::Queued), "1 MiB: on the ring");
+        u.submit();
+        let mut out = Vec::new();
+        while !out.iter().any(|&(id, _)| id == 1) {
+            u.reap(&mut out, true);
+        }
+        assert!(out.contains(&(1, 1 << 20)), "{out:?}");
+        assert_eq!(big_buf[..], data[1 << 20..], "the large read");
+        if u.nowait_read {
+            assert_eq!(small_buf[..], data[8192..8192 + 4096], "the small read");
+        }
     }
 }
