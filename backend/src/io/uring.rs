@@ -31,11 +31,17 @@ const INLINE_WRITE_MAX: u64 = 4 << 20;
 
 /// Smallest buffered read handed to an io-wq worker (IOSQE_ASYNC) instead of being copied by
 /// the queue's worker: io-wq copies several such reads at once on every CPU, as a thread pool
-/// does, while one copied inline holds the worker for its whole length. The hand-off costs a
-/// few microseconds, little beside the copy of 256 KiB or more; side by side on 2 CPUs, 1 MiB
-/// page-cache reads at QD8 ran at 15.8k IOPS against 10.5k copied inline (qemu-storage-daemon
-/// 9.7k and 10.3k in the same runs), with the frontend's CPU per read unchanged.
+/// does, while one copied inline holds the worker for its whole length. Side by side on 2
+/// CPUs, 1 MiB page-cache reads at QD8 ran at 15.8k IOPS against 10.5k copied inline in one
+/// pair of runs and at 7.6k against 6.7k, both 1.01x qemu-storage-daemon, in another; the
+/// hand-off costs the backend 20-25% more CPU per read.
 const RING_READ_MIN: u64 = 256 << 10;
+
+/// Whether `op` is a buffered read that goes to io-wq ([`RING_READ_MIN`]) rather than being
+/// tried inline.
+fn io_wq_read(op: &Op) -> bool {
+    op.kind == OpKind::Read && op.buffered && op.len >= RING_READ_MIN
+}
 
 /// Largest buffered write always done inline, also while [`WriteBackoff`] sends the larger
 /// ones to the ring: a copy of this size costs the queue little, and io-wq costs it more.
@@ -437,7 +443,7 @@ impl Uring {
         if write && !self.nowait_write {
             return self.blocking_write(op);
         }
-        if !write && (!self.nowait_read || op.len >= RING_READ_MIN) {
+        if !write && (!self.nowait_read || io_wq_read(op)) {
             return Inline::No;
         }
         let Ok(off) = libc::off64_t::try_from(op.offset) else {
@@ -592,7 +598,7 @@ fn entry(op: &Op, id: usize) -> io_uring::squeue::Entry {
             .mode(mode)
             .build(),
     };
-    let e = if op.kind == OpKind::Read && op.buffered && op.len >= RING_READ_MIN {
+    let e = if io_wq_read(op) {
         // Straight to io-wq: a nonblocking attempt at submission would copy it here.
         e.flags(io_uring::squeue::Flags::ASYNC)
     } else {
