@@ -204,3 +204,25 @@ fn info_sees_the_file_system_inside_a_qcow2_chain() {
     assert_eq!(j["format"], "raw");
     assert!(j["qcow2"].is_null());
 }
+
+#[test]
+fn info_escapes_control_characters_in_backing_names() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let f = fs::File::create(dir.join("odd.qcow2")).unwrap();
+    let mut o = vloop_qcow2::CreateOptions::new(1 << 20);
+    o.backing = Some((
+        "base\nformat:        raw\0".into(),
+        vloop_qcow2::Format::Raw,
+    ));
+    vloop_qcow2::create(&f, &o).unwrap();
+    drop(f);
+    let out = ok(&["info", "odd.qcow2"], dir);
+    assert!(
+        out.contains("backing file:  base\\nformat:        raw\\u{0} (format raw)"),
+        "{out}"
+    );
+    // One line per field: the name did not start a line of its own.
+    assert_eq!(out.matches("\nformat:").count(), 1, "{out}");
+    assert!(out.lines().all(|l| !l.contains('\0')), "{out}");
+}

@@ -338,6 +338,21 @@ fn backing_loops_and_overlong_chains_are_refused() {
         try_open(&a, true, Backing::FromImage),
         Err(Error::Loop { .. })
     ));
+    // An opener that refuses a file the chain already holds (as a lock held by the top image
+    // would) is not asked for it: the loop is what gets reported.
+    let mut locking_opener = |p: &Path, _: Option<Format>| -> io::Result<File> {
+        if p.ends_with("a.qcow2") {
+            return Err(io::Error::other("locked"));
+        }
+        File::open(p)
+    };
+    let opts = OpenOptions::default();
+    let top = File::open(&a).unwrap();
+    let Err(err) = Chain::open(top, &a, &opts, &mut locking_opener) else {
+        panic!("a chain looping back opened");
+    };
+    assert!(matches!(err, Error::Loop { .. }), "{err}");
+    assert!(err.to_string().contains("loops"), "{err}");
     let selfish = path_in(&dir, "self.qcow2");
     let f = File::create(&selfish).unwrap();
     let mut o = CreateOptions::new(1 << 20);

@@ -13,7 +13,7 @@ pub fn describe(info: &Info) -> String {
         let _ = writeln!(out, "{:<15}{v}", format!("{k}:"));
     };
     let bytes = |n: u64| format!("{} ({n} bytes)", Size(n).human());
-    line("file", info.path.display().to_string());
+    line("file", shown(&info.path.display().to_string()));
     match &info.qcow2 {
         None => {
             line("format", "raw".to_string());
@@ -75,8 +75,9 @@ pub fn describe(info: &Info) -> String {
             Some(b) => line(
                 "backing file",
                 format!(
-                    "{b} (format {})",
-                    q.backing_format.as_deref().unwrap_or("not stored: probed")
+                    "{} (format {})",
+                    shown(b),
+                    shown(q.backing_format.as_deref().unwrap_or("not stored: probed"))
                 ),
             ),
         }
@@ -87,7 +88,7 @@ pub fn describe(info: &Info) -> String {
                     &format!("  {i}"),
                     format!(
                         "{} ({}, {})",
-                        l.path.display(),
+                        shown(&l.path.display().to_string()),
                         l.format,
                         Size(l.virtual_size).human()
                     ),
@@ -103,7 +104,7 @@ pub fn describe(info: &Info) -> String {
                 if e.label.is_empty() {
                     "(none)".to_string()
                 } else {
-                    e.label.clone()
+                    shown(&e.label)
                 },
             );
             line("uuid", e.uuid.clone());
@@ -132,7 +133,7 @@ pub fn describe(info: &Info) -> String {
         }
         Content::Iso9660(i) => {
             line("holds", "ISO 9660 file system".to_string());
-            line("volume id", i.volume_id.clone());
+            line("volume id", shown(&i.volume_id));
             line(
                 "volume size",
                 format!("{} ({} bytes)", Size(i.volume_size).human(), i.volume_size),
@@ -179,7 +180,35 @@ pub fn describe(info: &Info) -> String {
         Content::Unknown => line("holds", "unknown content".to_string()),
     }
     for n in &info.notes {
-        let _ = writeln!(out, "note: {n}");
+        let _ = writeln!(out, "note: {}", shown(n));
     }
     out
+}
+
+/// `s` with its control characters escaped (`\n`, `\u{0}`): names and labels come from the
+/// image, and one that holds a newline must not start a line of its own that reads as
+/// another field.
+fn shown(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown;
+
+    #[test]
+    fn control_characters_from_the_image_are_escaped() {
+        assert_eq!(shown("base.qcow2"), "base.qcow2");
+        assert_eq!(shown("a\nformat:   raw"), "a\\nformat:   raw");
+        assert_eq!(shown("nul\0end\t"), "nul\\u{0}end\\t");
+        assert_eq!(shown("é ü"), "é ü");
+    }
 }

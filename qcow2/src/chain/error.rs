@@ -79,7 +79,7 @@ pub enum Error {
         top: PathBuf,
     },
     /// The same file appears twice in the chain.
-    #[error("backing chain loop: {} is already in the chain", path.display())]
+    #[error("the backing chain loops: {} is already in the chain", path.display())]
     Loop {
         /// The file seen twice.
         path: PathBuf,

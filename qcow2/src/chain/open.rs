@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -160,6 +161,13 @@ impl Chain {
             if let Some((bpath, bfmt)) = backing {
                 if bpath.as_os_str().is_empty() {
                     return Err(Error::BackingName { by: path });
+                }
+                // Checked before the opener runs too, so that a chain looping back says so
+                // rather than what the opener would (that the file is locked, by this very
+                // chain's top image); the identity of the opened file above stays the check
+                // that counts.
+                if std::fs::metadata(&bpath).is_ok_and(|m| seen.contains(&(m.dev(), m.ino()))) {
+                    return Err(Error::Loop { path: bpath });
                 }
                 let f = opener(&bpath, bfmt).map_err(|source| Error::OpenBacking {
                     path: bpath.clone(),
