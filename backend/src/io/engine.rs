@@ -91,6 +91,14 @@ impl Engine {
         }
     }
 
+    /// Whether the ops started next are all the queue has to do (see
+    /// [`Uring::set_alone`]).
+    pub fn set_alone(&mut self, alone: bool) {
+        if let Engine::Uring(u) = self {
+            u.set_alone(alone);
+        }
+    }
+
     /// Start `op`, tagged `id`; with `share`, a [`Op::shareable`] read goes to the helper
     /// ring.
     ///

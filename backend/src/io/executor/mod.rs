@@ -577,6 +577,10 @@ impl Executor {
             return;
         }
         let mut fresh = std::mem::take(&mut self.fresh);
+        // One request and nothing else to wait for: its large reads have nothing to overlap
+        // with and are copied here rather than handed to io-wq.
+        let alone = fresh.len() == 1 && self.in_flight() == 0;
+        self.engine.set_alone(alone);
         let shareable = fresh
             .iter()
             .filter(|&&id| {
