@@ -1310,3 +1310,48 @@ fn seg_max_fits_the_ring_a_frontend_uses_by_default() {
     assert_eq!(rig(MIB).disk.limits().seg_max, 126);
     assert_eq!(rig_with(MIB, |c| c.queue_size = 8).disk.limits().seg_max, 6);
 }
+
+#[test]
+fn a_lone_large_page_cache_read_is_copied_inline_and_two_go_to_io_wq() {
+    // uring.rs RING_READ_MIN: a cached 1 MiB read that is the queue's only work completes
+    // inline, without a wait on the ring; two at once go to io-wq, side by side.
+    let mut r = filled(4 * MIB);
+    let mem = memory();
+    assert!(matches!(r.ex.engine(), Engine::Uring(_)), "io_uring engine");
+    let want = file_bytes(&r.path, 2 * MIB, MIB as usize);
+    let before = r.ex.stats().waits;
+    let one: &[D] = &[(MIB, MIB as u32, true)];
+    assert_eq!(
+        rw(&mut r, &mem, VIRTIO_BLK_T_IN, 4096, one),
+        (OK, MIB as u32 + 1)
+    );
+    assert_eq!(
+        r.ex.stats().waits,
+        before,
+        "a lone 1 MiB read completes inline"
+    );
+    let mut got = vec![0u8; MIB as usize];
+    mem.read_slice(&mut got, GuestAddress(MIB)).unwrap();
+    assert!(got == want, "the lone read's data");
+    // Two in one batch (into the same buffer: both read the same sectors).
+    let (st0, st1) = (ST, ST + 1);
+    header(&mem, HDR, VIRTIO_BLK_T_IN, 4096);
+    header(&mem, HDR + 16, VIRTIO_BLK_T_IN, 4096);
+    mem.write_slice(&vec![0u8; MIB as usize], GuestAddress(MIB))
+        .unwrap();
+    let a: &[D] = &[(HDR, 16, false), (MIB, MIB as u32, true), (st0, 1, true)];
+    let b: &[D] = &[
+        (HDR + 16, 16, false),
+        (MIB, MIB as u32, true),
+        (st1, 1, true),
+    ];
+    let (used, _) = run(&mut r, &mem, &[a, b]);
+    assert_eq!(used.len(), 2);
+    assert_eq!((status(&mem, st0), status(&mem, st1)), (OK, OK));
+    assert!(
+        r.ex.stats().waits > before,
+        "two 1 MiB reads at once wait for the ring"
+    );
+    mem.read_slice(&mut got, GuestAddress(MIB)).unwrap();
+    assert!(got == want, "the two reads' data");
+}

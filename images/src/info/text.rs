@@ -185,13 +185,17 @@ pub fn describe(info: &Info) -> String {
     out
 }
 
-/// `s` with its control characters escaped (`\n`, `\u{0}`): names and labels come from the
-/// image, and one that holds a newline must not start a line of its own that reads as
-/// another field.
+/// `s` with its control characters (`\n`, `\u{0}`), the invisible format characters that
+/// reorder or hide text (`\u{202e}`, `\u{200b}`), the line separators and backslashes
+/// escaped: names and labels come from the image, and one that holds a newline must not
+/// start a line of its own that reads as another field, nor one that holds `\n` look like it.
 fn shown(s: &str) -> String {
     s.chars()
         .map(|c| {
-            if c.is_control() {
+            let hidden = matches!(c,
+                '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}'
+                    | '\u{feff}');
+            if c.is_control() || hidden || c == '\\' {
                 c.escape_default().to_string()
             } else {
                 c.to_string()
@@ -210,5 +214,8 @@ mod tests {
         assert_eq!(shown("a\nformat:   raw"), "a\\nformat:   raw");
         assert_eq!(shown("nul\0end\t"), "nul\\u{0}end\\t");
         assert_eq!(shown("é ü"), "é ü");
+        assert_eq!(shown("back\\slash"), "back\\\\slash");
+        assert_eq!(shown("gpj.\u{202e}exe"), "gpj.\\u{202e}exe");
+        assert_eq!(shown("a\u{2028}b\u{200b}"), "a\\u{2028}b\\u{200b}");
     }
 }

@@ -577,10 +577,10 @@ impl Executor {
             return;
         }
         let mut fresh = std::mem::take(&mut self.fresh);
-        // One request and nothing else to wait for: its large reads have nothing to overlap
-        // with and are copied here rather than handed to io-wq.
-        let alone = fresh.len() == 1 && self.in_flight() == 0;
-        self.engine.set_alone(alone);
+        // One request and nothing else to wait for or to publish: a large read that is its
+        // one op has nothing to overlap with and is copied here rather than handed to io-wq
+        // (set per request below: a request of several ops runs them side by side).
+        let alone = fresh.len() == 1 && self.in_flight() == 0 && self.ready.is_empty();
         let shareable = fresh
             .iter()
             .filter(|&&id| {
@@ -620,6 +620,7 @@ impl Executor {
                 let Some(ops) = req.stage.enter_engine() else {
                     continue;
                 };
+                self.engine.set_alone(alone && ops.len() == 1);
                 let mut finished: smallvec::SmallVec<[std::io::Result<()>; 2]> =
                     smallvec::SmallVec::new();
                 for (k, op) in ops.iter_mut().enumerate() {
