@@ -91,7 +91,7 @@ impl Engine {
         }
     }
 
-    /// Whether the ops started next are all the queue has to do (see
+    /// Whether the op started next is all the queue has to do (see
     /// [`Uring::set_alone`]).
     pub fn set_alone(&mut self, alone: bool) {
         if let Engine::Uring(u) = self {

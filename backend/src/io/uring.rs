@@ -192,9 +192,10 @@ impl Uring {
         }
     }
 
-    /// Whether the ops started next are all the queue has to do (one request, nothing in
-    /// flight): a large page-cache read is then copied inline, as it has nothing to run
-    /// beside ([`RING_READ_MIN`]).
+    /// Whether the op started next is all the queue has to do (the executor's one request
+    /// of one op, with nothing in flight and nothing waiting to be published): a large
+    /// page-cache read is then copied inline, as it has nothing to run beside
+    /// ([`RING_READ_MIN`]).
     pub fn set_alone(&mut self, alone: bool) {
         self.alone = alone;
     }
