@@ -99,7 +99,9 @@ pub struct Uring {
     doorbell_stale: usize,
     /// The kernel refused a doorbell poll: not armed again.
     doorbell_broken: bool,
-    /// The ops started next are the queue's only work ([`Uring::set_alone`]).
+    /// The ops started next are the queue's only work ([`Uring::set_alone`]). It also holds
+    /// for the restarts of a short read until the next launch: when it is set nothing else
+    /// is in flight, so those restarts are of that same request.
     alone: bool,
     /// Whether blocking inline writes over [`INLINE_WRITE_SMALL`] are done inline now.
     backoff: WriteBackoff,
