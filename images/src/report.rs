@@ -21,6 +21,25 @@ use crate::size::Size;
 /// Images up to this size get their SHA-256 printed without `--sha256`.
 pub const AUTO_SHA256_MAX: u64 = 4 << 30;
 
+/// `s` with its control characters (`\n`, `\u{0}`), the invisible format characters that
+/// reorder or hide text (`\u{202e}`, `\u{200b}`), the line separators and backslashes
+/// escaped: names and labels come from an image or a user, and one that holds a newline must not
+/// start a line of its own that reads as another field, nor one that holds `\n` look like it.
+pub(crate) fn shown(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            let hidden = matches!(c,
+                '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}'
+                    | '\u{feff}');
+            if c.is_control() || hidden || c == '\\' {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// A note that a size was rounded up to whole sectors.
 fn rounded_note(out: &mut String, asked: u64, size: u64) {
     let _ = writeln!(
@@ -54,12 +73,12 @@ pub fn created(file: &Path, s: &CreateSummary, preallocate: bool, elapsed: Durat
         let resolved = if b.path == b.name {
             String::new()
         } else {
-            format!(", found at {}", b.path.display())
+            format!(", found at {}", shown(&b.path.to_string_lossy()))
         };
         let _ = writeln!(
             out,
             "backing file: {} ({}{}, {}{resolved})",
-            b.name.display(),
+            shown(&b.name.to_string_lossy()),
             b.format,
             if b.format_probed { " as probed" } else { "" },
             Size(b.size).human()
@@ -207,6 +226,17 @@ mod tests {
     use crate::create::BackingSummary;
 
     #[test]
+    fn control_characters_from_the_image_are_escaped() {
+        assert_eq!(shown("base.qcow2"), "base.qcow2");
+        assert_eq!(shown("a\nformat:   raw"), "a\\nformat:   raw");
+        assert_eq!(shown("nul\0end\t"), "nul\\u{0}end\\t");
+        assert_eq!(shown("é ü"), "é ü");
+        assert_eq!(shown("back\\slash"), "back\\\\slash");
+        assert_eq!(shown("gpj.\u{202e}exe"), "gpj.\\u{202e}exe");
+        assert_eq!(shown("a\u{2028}b\u{200b}"), "a\\u{2028}b\\u{200b}");
+    }
+
+    #[test]
     fn created_says_the_kind_the_rounding_and_the_backing_file() {
         let mut s = CreateSummary {
             path: PathBuf::from("disk.img"),
@@ -250,6 +280,16 @@ mod tests {
             text.ends_with("note: the size is the backing file's\n"),
             "{text}"
         );
+        // The name is stored and printed as given; one that holds a newline stays on its line.
+        if let Some(b) = &mut s.backing {
+            b.name = PathBuf::from("base\nformat: raw");
+        }
+        let text = created(Path::new("vm.qcow2"), &s, false, Duration::ZERO);
+        assert!(
+            text.contains("backing file: base\\nformat: raw (qcow2"),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 3, "{text}");
     }
 
     #[test]

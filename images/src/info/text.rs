@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use super::content::Content;
 use super::examine::Info;
+use crate::report::shown;
 use crate::size::Size;
 
 /// The human form: a few aligned `key  value` lines.
@@ -183,39 +184,4 @@ pub fn describe(info: &Info) -> String {
         let _ = writeln!(out, "note: {}", shown(n));
     }
     out
-}
-
-/// `s` with its control characters (`\n`, `\u{0}`), the invisible format characters that
-/// reorder or hide text (`\u{202e}`, `\u{200b}`), the line separators and backslashes
-/// escaped: names and labels come from the image, and one that holds a newline must not
-/// start a line of its own that reads as another field, nor one that holds `\n` look like it.
-fn shown(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            let hidden = matches!(c,
-                '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}'
-                    | '\u{feff}');
-            if c.is_control() || hidden || c == '\\' {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::shown;
-
-    #[test]
-    fn control_characters_from_the_image_are_escaped() {
-        assert_eq!(shown("base.qcow2"), "base.qcow2");
-        assert_eq!(shown("a\nformat:   raw"), "a\\nformat:   raw");
-        assert_eq!(shown("nul\0end\t"), "nul\\u{0}end\\t");
-        assert_eq!(shown("é ü"), "é ü");
-        assert_eq!(shown("back\\slash"), "back\\\\slash");
-        assert_eq!(shown("gpj.\u{202e}exe"), "gpj.\\u{202e}exe");
-        assert_eq!(shown("a\u{2028}b\u{200b}"), "a\\u{2028}b\\u{200b}");
-    }
 }
