@@ -1,6 +1,7 @@
 //! `vloop-harness exec` in real guests (TCG on machines without a usable KVM): exit statuses
 //! come back exactly, output streams while the command runs, files round-trip, read-only
-//! disks refuse writes, and a backend that dies fails the run with its log; and
+//! disks refuse writes, several disks each get their own backend and keep their data apart,
+//! and a backend that dies fails the run with its log; and
 //! `exec_with`'s hooks, as a library.
 
 mod common;
@@ -240,6 +241,133 @@ fn exec_with_uses_the_callers_set_up_and_backend_and_hands_over_pids_and_lines()
             && c[0].contains("iothread=iothread0")
             && c[0].contains("cache.direct=on"),
         "{c:?}"
+    );
+}
+
+#[test]
+fn several_disks_each_with_its_own_backend_keep_their_data_apart() {
+    use std::sync::{Arc, Mutex};
+    use vloop_harness::{exec_with, ExecHooks, ExecOptions};
+
+    if !guests_can_boot() {
+        return;
+    }
+    build_vloop_blk();
+    let t = tempfile::tempdir().unwrap();
+    let p = |name: &str| t.path().join(name);
+    let images = vloop_harness::images::Images::default();
+    // vda: a raw image created by the run, served on two queues. vdb: a qcow2 overlay over a
+    // raw base of known bytes. vdc: an ext2 image, read-only.
+    let base: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    std::fs::write(p("base.img"), &base).unwrap();
+    images.overlay(&p("b.qcow2"), "base.img", 8 << 20).unwrap();
+    let tree = p("tree");
+    std::fs::create_dir(&tree).unwrap();
+    std::fs::write(tree.join("hello.txt"), "hello from vdc\n").unwrap();
+    images.ext2(&p("c.img"), &tree, 8 << 20).unwrap();
+    let c_before = std::fs::read(p("c.img")).unwrap();
+    let head_sum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&base[..65536]));
+    let disks = [
+        format!("{},size=4M,queues=2", p("a.img").display()),
+        p("b.qcow2").display().to_string(),
+        format!("{},ro", p("c.img").display()),
+    ];
+    let opts = ExecOptions {
+        disks: disks.iter().map(|d| d.parse().unwrap()).collect(),
+        copy_in: vec![],
+        copy_out: vec![],
+        mounts: vec!["2:/mnt".parse().unwrap()],
+        console: false,
+        backend: vloop_harness::backend::BackendKind::Vloop,
+        backend_bin: None,
+        backend_cmd: None,
+        setup: vloop_harness::setup::SetupOptions::default(),
+        cpus: 2,
+        timeout: None,
+        results: Some(t.path().to_path_buf()),
+        keep: false,
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            "cat /sys/block/vda/size /sys/block/vdb/size /sys/block/vdc/size; \
+             ls /sys/block/vda/mq; \
+             printf on-vda | dd of=/dev/vda bs=1 seek=4096 conv=notrunc,fsync 2>/dev/null; \
+             printf on-vdb | dd of=/dev/vdb bs=1 seek=70000 conv=notrunc,fsync 2>/dev/null; \
+             dd if=/dev/vdb bs=65536 count=1 2>/dev/null | sha256sum; \
+             cat /mnt/hello.txt"
+                .into(),
+        ],
+    };
+    let pids = Arc::new(Mutex::new(Vec::new()));
+    let p2 = pids.clone();
+    let mut on_backends = move |ps: &[u32]| {
+        for &pid in ps {
+            let c = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            p2.lock()
+                .unwrap()
+                .push((pid, String::from_utf8_lossy(&c).replace('\0', " ")));
+        }
+    };
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let l2 = lines.clone();
+    let report = exec_with(
+        &opts,
+        ExecHooks {
+            env: None,
+            backend: None,
+            on_backends: Some(&mut on_backends),
+            on_stdout_line: Some(Box::new(move |l: &str| {
+                l2.lock().unwrap().push(l.to_string())
+            })),
+        },
+    );
+    assert_eq!(report.status, 0, "{:?}", report.error);
+    let lines = lines.lock().unwrap();
+    assert_eq!(
+        *lines,
+        [
+            "8192".to_string(),
+            "16384".to_string(),
+            "16384".to_string(),
+            "0".to_string(),
+            "1".to_string(),
+            format!("{head_sum}  -"),
+            "hello from vdc".to_string(),
+        ],
+        "sizes, vda's queues, vdb's first 64 KiB read through the overlay, vdc's file"
+    );
+    // One vloop-blk process per disk, each serving its own image.
+    let pids = pids.lock().unwrap();
+    assert_eq!(pids.len(), 3, "{pids:?}");
+    let mut distinct: Vec<u32> = pids.iter().map(|(pid, _)| *pid).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "{pids:?}");
+    for ((_, cmdline), image) in pids.iter().zip(["a.img", "b.qcow2", "c.img"]) {
+        assert!(
+            cmdline.contains("vloop-blk") && cmdline.contains(image),
+            "{pids:?}"
+        );
+    }
+    // On the host: each write landed in its own image and nowhere else.
+    let a = std::fs::read(p("a.img")).unwrap();
+    assert_eq!(a.len(), 4 << 20);
+    assert_eq!(&a[4096..4102], b"on-vda");
+    assert!(a[..4096].iter().chain(&a[4102..]).all(|&b| b == 0));
+    let b = vloop_harness::images::open_qcow2(&p("b.qcow2")).unwrap();
+    let mut got = vec![0u8; base.len()];
+    b.read_at(&mut got, 0).unwrap();
+    assert_eq!(&got[70_000..70_006], b"on-vdb");
+    assert!(got[..70_000] == base[..70_000] && got[70_006..] == base[70_006..]);
+    assert!(
+        std::fs::read(p("base.img")).unwrap() == base,
+        "the base changed"
+    );
+    assert!(
+        std::fs::read(p("c.img")).unwrap() == c_before,
+        "vdc changed"
     );
 }
 
