@@ -325,12 +325,21 @@ impl BlkDevice {
     }
 
     fn warn_limited(&self, msg: std::fmt::Arguments<'_>) {
+        self.log_limited(tracing::Level::WARN, msg);
+    }
+
+    /// A line the frontend or the guest causes, within the device's log budget.
+    fn log_limited(&self, level: tracing::Level, msg: std::fmt::Arguments<'_>) {
         let mut l = self.limiter.lock_unpoisoned();
         if let Some(suppressed) = l.allow() {
             if suppressed > 0 {
                 warn!("{suppressed} similar messages suppressed");
             }
-            warn!("{msg}");
+            if level == tracing::Level::INFO {
+                tracing::info!("{msg}");
+            } else {
+                warn!("{msg}");
+            }
         }
     }
 
@@ -511,8 +520,19 @@ impl BlkDevice {
         if let Some(t) = &tracker {
             if self.inflight.take_recovery(worker.queue()) {
                 if let Some(q) = t.state() {
-                    if let Err(e) = resubmit(state.get_queue_mut(), mem, worker, &q) {
-                        self.warn_limited(format_args!("resubmitting in-flight requests: {e}"));
+                    match resubmit(state.get_queue_mut(), mem, worker, &q) {
+                        Ok(0) => {}
+                        // Within the log budget: a frontend can set an inflight region again
+                        // and again.
+                        Ok(n) => self.log_limited(
+                            tracing::Level::INFO,
+                            format_args!(
+                                "resubmitted {n} request(s) left in flight by the previous backend"
+                            ),
+                        ),
+                        Err(e) => {
+                            self.warn_limited(format_args!("resubmitting in-flight requests: {e}"))
+                        }
                     }
                 }
                 // Whatever the previous backend completed, and what was resubmitted now,

@@ -234,6 +234,12 @@ pub enum RequestError {
         /// Advertised maximum.
         max: u32,
     },
+    /// More data than [`REQUEST_DATA_MAX`] in one read or write.
+    #[error("{len} bytes of data exceed the {REQUEST_DATA_MAX} bytes one request may move")]
+    RequestTooLarge {
+        /// The request's data length.
+        len: u64,
+    },
     /// GET_ID without room for the answer.
     #[error("GET_ID without a data buffer")]
     MissingIdBuffer,
@@ -445,6 +451,9 @@ where
             }
             check_data_segments(&data, limits).map_err(reject)?;
             let len = total_len(&data);
+            if len > REQUEST_DATA_MAX {
+                return Err(reject(RequestError::RequestTooLarge { len }));
+            }
             check_rw_range(sector, len, limits).map_err(reject)?;
             let kind = if write {
                 RequestKind::Write { sector }
@@ -559,6 +568,12 @@ where
         status,
     })
 }
+
+/// Most data one read or write may move, whatever the driver negotiated: a little over
+/// `seg_max` times `size_max` as advertised (126 MiB). A driver that negotiates neither may
+/// otherwise send requests of up to 4 GiB, each of which a queue must finish before a stop
+/// or the next frontend can go on.
+pub const REQUEST_DATA_MAX: u64 = 128 << 20;
 
 fn check_data_segments(data: &[GuestRange], limits: &Limits) -> Result<(), RequestError> {
     let count = data.len() as u64;
@@ -771,6 +786,28 @@ pub(crate) mod tests {
         l2.size_max = 512;
         let r = err(&[d(0x1000, 16, 0), d(0x2000, 1024, 0), st], &m, &l2);
         assert!(matches!(r.error, RequestError::SegmentTooLarge { .. }));
+        // More data than one request may move, with neither limit negotiated (the segments
+        // overlap in the 1 MiB of memory, as a hostile driver's may).
+        l2.seg_max = u32::MAX;
+        l2.size_max = u32::MAX;
+        l2.capacity = 1 << 21;
+        let mut chain = vec![d(0x1000, 16, 0)];
+        chain.extend((0..128).map(|_| d(0, 1 << 20, 0)));
+        chain.push(st);
+        let most = parse(chain.clone(), &m, &l2);
+        assert!(
+            most.as_ref().is_ok_and(|r| r.data_len == REQUEST_DATA_MAX),
+            "{most:?}"
+        );
+        chain.insert(1, d(0, 512, 0));
+        let r = err(&chain, &m, &l2);
+        assert_eq!(
+            r.error,
+            RequestError::RequestTooLarge {
+                len: REQUEST_DATA_MAX + 512
+            }
+        );
+        assert_eq!(r.error.status(), IOERR);
         // Write on a read-only disk.
         let mut ro = l;
         ro.read_only = true;

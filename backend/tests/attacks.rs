@@ -407,6 +407,29 @@ fn mem_table_that_cuts_a_running_ring_is_refused() {
     d.survives();
 }
 
+#[test]
+fn a_queue_enabled_again_and_again_is_logged_once() {
+    let d = Daemon::start(&[]);
+    let lines = d.log_lines();
+    {
+        let mut dev = d.device(&Negotiation::default());
+        dev.set_mem_table().unwrap();
+        let l = RingLayout::new(16, 0x1000).unwrap();
+        dev.start_queue(0, l, 0).unwrap();
+        for _ in 0..5000 {
+            dev.fe.set_vring_enable(0, false).unwrap();
+            dev.fe.set_vring_enable(0, true).unwrap();
+        }
+        // The library has read them all once it answers a request with a reply.
+        dev.fe.get_features().unwrap();
+    }
+    assert!(d.wait_log("frontend disconnected", 1, Duration::from_secs(5)));
+    assert_eq!(d.log_count("frontend enabled queue 0"), 1, "{}", d.log());
+    let added = d.log_lines() - lines;
+    assert!(added <= FEW_LINES, "{added} log lines:\n{}", d.log());
+    d.survives();
+}
+
 // ---- 2. more than 32 descriptors on a message, under a low descriptor limit ----
 
 #[test]

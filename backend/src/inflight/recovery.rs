@@ -62,9 +62,5 @@ pub fn resubmit(
     result?;
     // The available ring continues after what was taken (and is now resubmitted).
     queue.set_next_avail(used.wrapping_add(taken as u16));
-    tracing::info!(
-        "resubmitted {} request(s) left in flight by the previous backend",
-        heads.len()
-    );
     Ok(heads.len())
 }

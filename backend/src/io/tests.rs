@@ -1011,6 +1011,35 @@ fn a_wave_of_large_writes_is_published_every_8_mib() {
 }
 
 #[test]
+fn a_queue_takes_no_more_requests_while_128_mib_of_data_are_in_flight() {
+    // Three reads of 64 MiB, all available at once: the first wave stops after the second
+    // (128 MiB taken), and the third is taken only once data completed. What is in flight
+    // bounds how long a stopping connection waits for its queues.
+    let mut r = rig_in_memory(192 * MIB);
+    let mem = memory();
+    const N: u16 = 3;
+    let (hdr, st) = (0x10000u64, 0x30000u64);
+    let chains: Vec<[D; 66]> = (0..N)
+        .map(|i| {
+            let (h, s) = (hdr + 16 * u64::from(i), st + u64::from(i));
+            header(&mem, h, VIRTIO_BLK_T_IN, 64 * 2048 * u64::from(i));
+            mem.write_obj(0xffu8, GuestAddress(s)).unwrap();
+            let mut c = [(MIB, MIB as u32, true); 66];
+            c[0] = (h, 16, false);
+            c[65] = (s, 1, true);
+            c
+        })
+        .collect();
+    let before = r.ex.stats().batches;
+    publications(&mut r, &mem, 256, &chains, st);
+    assert_eq!(
+        r.ex.stats().batches - before,
+        2,
+        "waves: two requests, then the third"
+    );
+}
+
+#[test]
 fn waits_count_image_io_and_not_page_cache_hits() {
     // Polling follows only passes that did not wait (device.rs): the count must tell a pass
     // served from the page cache from one that slept until the kernel finished its I/O.

@@ -112,6 +112,8 @@ struct Relay {
     offered: VhostUserProtocolFeatures,
     /// Replies of the library to GET_VRING_BASE messages the relay sent itself.
     dropped_replies: AtomicU32,
+    /// The queues (by bit) the frontend enabled at least once on this connection.
+    enabled: AtomicU64,
 }
 
 /// A running relay: its threads and the sockets to shut down to end it.
@@ -186,6 +188,7 @@ pub fn start(
         rings: Mutex::new(rings),
         offered: offered | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
         dropped_replies: AtomicU32::new(0),
+        enabled: AtomicU64::new(0),
     });
     // One thread per direction; when either ends, both sockets are shut down so the other
     // ends too.
@@ -377,8 +380,16 @@ impl Relay {
                     if let Some(v) = m.body_as::<vhost::vhost_user::message::VhostUserVringState>()
                     {
                         let (index, num) = (v.index, v.num);
-                        if num == 1 {
+                        // Once per queue and connection: a frontend that toggles a queue
+                        // again and again does not flood the log.
+                        let bit = 1u64.checked_shl(index).unwrap_or(0);
+                        if num == 1
+                            && bit != 0
+                            && self.enabled.fetch_or(bit, Ordering::Relaxed) & bit == 0
+                        {
                             info!("frontend enabled queue {index}");
+                        } else if num == 1 {
+                            debug!("frontend enabled queue {index} again");
                         }
                     }
                 }

@@ -59,6 +59,13 @@ pub(super) const PUBLISH_EVERY: usize = 8;
 /// before the wave ends.
 const WAVE_WRITE_BYTES: u64 = 8 << 20;
 
+/// Data bytes of requests in flight beyond which a queue takes no more until some complete:
+/// what is in flight must finish before a stopping connection ends, or the next frontend is
+/// served, so a driver that fills a large ring with the largest requests
+/// ([`crate::request::REQUEST_DATA_MAX`]) cannot hold either up for long. Far above what
+/// a full ring of 1 MiB requests at queue depth 32 moves at once.
+const DATA_IN_FLIGHT_MAX: u64 = 128 << 20;
+
 /// Whether `op`, queued on the engine, may take long whatever the disk's speed: a flush, a
 /// fallocate, a write through, or a write through the page cache (which the file system may
 /// throttle). Reads and O_DIRECT writes take the disk's time for one request.
@@ -102,6 +109,8 @@ pub struct Executor {
     doorbell: Option<RawFd>,
     /// Ops in the engine that may take long whatever the disk ([`lengthy`]).
     long_ops: usize,
+    /// Data bytes of the requests taken and not yet completed.
+    data_in_flight: u64,
     /// Set when the connection ends (SIGTERM, the frontend gone): a pass takes no more
     /// requests and ends once those it took complete.
     stop: Option<Arc<AtomicBool>>,
@@ -145,6 +154,7 @@ impl Executor {
             cqes: Vec::new(),
             doorbell: None,
             long_ops: 0,
+            data_in_flight: 0,
             stop: None,
         })
     }
@@ -158,6 +168,7 @@ impl Executor {
     /// Whether a pass may take more requests: not past its waves, and not stopping.
     fn takes_more(&self, waves: usize) -> bool {
         waves < WAVES_PER_CALL
+            && self.data_in_flight < DATA_IN_FLIGHT_MAX
             && !self
                 .stop
                 .as_ref()
@@ -305,6 +316,7 @@ impl Executor {
             self.engine.unwatch_doorbell();
             self.engine.drain();
             self.long_ops = 0;
+            self.data_in_flight = 0;
             let mut left = Vec::new();
             while self.slow.in_flight() > 0 {
                 self.slow.collect(&mut left, true);
@@ -352,7 +364,7 @@ impl Executor {
                             let before = self.fresh.len();
                             self.start(mem, head, descs, 0, &limits, write_through);
                             popped += 1;
-                            if self.store.room() == 0 {
+                            if self.store.room() == 0 || self.data_in_flight >= DATA_IN_FLIGHT_MAX {
                                 break;
                             }
                             if let Some(r) =
@@ -556,10 +568,12 @@ impl Executor {
         };
         match parsed {
             Parsed::Op(req) => {
+                self.data_in_flight += req.data_len;
                 let id = self.store.insert(req);
                 self.fresh.push(id);
             }
             Parsed::Slow(req, work) => {
+                self.data_in_flight += req.data_len;
                 let id = self.store.insert(req);
                 if let Err(e) = self.slow.submit(id, work) {
                     self.finish(mem, id, Err(e));
@@ -743,6 +757,7 @@ impl Executor {
         let Some(req) = self.store.remove(id) else {
             return;
         };
+        self.data_in_flight = self.data_in_flight.saturating_sub(req.data_len);
         let kind = req.stage.ops().first().map(|op| op.kind);
         let (status, used) = match result {
             Ok(()) => {
