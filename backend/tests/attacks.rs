@@ -430,6 +430,46 @@ fn a_queue_enabled_again_and_again_is_logged_once() {
     d.survives();
 }
 
+#[test]
+fn a_new_kick_for_a_running_ring_is_watched_and_the_old_one_ends_nothing() {
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let d = Daemon::start(&[]);
+    {
+        let mut dev = d.device(&Negotiation::default());
+        dev.set_mem_table().unwrap();
+        dev.start_queue(0, RingLayout::new(16, 0).unwrap(), 0)
+            .unwrap();
+        let flush = |dev: &RawDevice, n: u16, kick: &EventFd| {
+            let q = &dev.queues[0];
+            let status = q
+                .write_request(
+                    n - 1,
+                    4 * (n - 1),
+                    RequestType::Flush,
+                    0,
+                    0,
+                    REQS + 64 * u64::from(n),
+                )
+                .unwrap();
+            q.set_avail_idx(n).unwrap();
+            kick.write(1).unwrap();
+            q.wait_used(n, REPLY)
+                .unwrap_or_else(|at| panic!("request {n} not served (used {at}):\n{}", d.log()));
+            assert_eq!(q.byte(status).unwrap(), S_OK);
+        };
+        flush(&dev, 1, &dev.queues[0].kick);
+        let new = EventFd::new(EFD_NONBLOCK).unwrap();
+        dev.fe.set_vring_kick(0, Some(new.as_raw_fd())).unwrap();
+        // The library watched the old eventfd still (the frontend holds it): a kick there made
+        // the worker read the new, empty one and end.
+        dev.queues[0].kick.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        flush(&dev, 2, &new);
+        flush(&dev, 3, &new);
+    }
+    d.survives();
+}
+
 // ---- 2. more than 32 descriptors on a message, under a low descriptor limit ----
 
 #[test]

@@ -114,6 +114,13 @@ struct Relay {
     dropped_replies: AtomicU32,
     /// The queues (by bit) the frontend enabled at least once on this connection.
     enabled: AtomicU64,
+    /// Per queue (by bit): a kick eventfd was given since the ring last stopped; whether the
+    /// frontend said how the ring is enabled; and what it said.
+    kicked: AtomicU64,
+    enable_said: AtomicU64,
+    enabled_now: AtomicU64,
+    /// SET_PROTOCOL_FEATURES came: rings start disabled, until SET_VRING_ENABLE.
+    protocol_set: AtomicBool,
 }
 
 /// A running relay: its threads and the sockets to shut down to end it.
@@ -189,6 +196,10 @@ pub fn start(
         offered: offered | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
         dropped_replies: AtomicU32::new(0),
         enabled: AtomicU64::new(0),
+        kicked: AtomicU64::new(0),
+        enable_said: AtomicU64::new(0),
+        enabled_now: AtomicU64::new(0),
+        protocol_set: AtomicBool::new(false),
     });
     // One thread per direction; when either ends, both sockets are shut down so the other
     // ends too.
@@ -234,6 +245,20 @@ fn refusal_warn(e: &RelayError) {
         }
         warn!("connection closed: {e}");
     }
+}
+
+/// A SET_VRING_ENABLE of the relay's own, with no reply asked.
+fn enable_message(queue: u16, on: bool) -> Message {
+    let body = VhostUserVringState::new(u32::from(queue), u32::from(on));
+    Message::new(
+        Header::request(
+            FrontendReq::SET_VRING_ENABLE as u32,
+            VhostUserHeaderFlag::empty(),
+            0,
+        ),
+        body.as_slice().to_vec(),
+        Vec::new(),
+    )
 }
 
 /// Write 1 to an eventfd (non-blocking: a counter at its maximum is already signalled).
@@ -336,7 +361,10 @@ impl Relay {
                 FrontendReq::GET_INFLIGHT_FD => self.get_inflight(&m)?,
                 FrontendReq::SET_INFLIGHT_FD => self.set_inflight(m)?,
                 FrontendReq::SET_BACKEND_REQ_FD => self.set_backend_req(m)?,
-                FrontendReq::SET_PROTOCOL_FEATURES => self.set_protocol_features(m)?,
+                FrontendReq::SET_PROTOCOL_FEATURES => {
+                    self.protocol_set.store(true, Ordering::Relaxed);
+                    self.set_protocol_features(m)?
+                }
                 FrontendReq::SET_VRING_KICK
                 | FrontendReq::SET_VRING_CALL
                 | FrontendReq::SET_VRING_ERR => self.vring_fd(req, m)?,
@@ -349,6 +377,9 @@ impl Relay {
                 FrontendReq::GET_VRING_BASE if m.fds.is_empty() => {
                     if let Some(s) = m.body_as::<VhostUserVringState>() {
                         self.rings.lock_unpoisoned().stop(s.index);
+                        // The library drops the ring's kick.
+                        let bit = 1u64.checked_shl(s.index).unwrap_or(0);
+                        self.kicked.fetch_and(!bit, Ordering::Relaxed);
                     }
                     self.to_library(&m)?
                 }
@@ -357,6 +388,9 @@ impl Relay {
                         self.stop_rings()?;
                     }
                     self.rings.lock_unpoisoned().reset();
+                    for bits in [&self.kicked, &self.enable_said, &self.enabled_now] {
+                        bits.store(0, Ordering::Relaxed);
+                    }
                     if req == FrontendReq::RESET_OWNER {
                         // The library forgets the negotiated protocol features too.
                         self.acked.store(0, Ordering::Relaxed);
@@ -383,6 +417,12 @@ impl Relay {
                         // Once per queue and connection: a frontend that toggles a queue
                         // again and again does not flood the log.
                         let bit = 1u64.checked_shl(index).unwrap_or(0);
+                        self.enable_said.fetch_or(bit, Ordering::Relaxed);
+                        if num == 1 {
+                            self.enabled_now.fetch_or(bit, Ordering::Relaxed);
+                        } else {
+                            self.enabled_now.fetch_and(!bit, Ordering::Relaxed);
+                        }
                         if num == 1
                             && bit != 0
                             && self.enabled.fetch_or(bit, Ordering::Relaxed) & bit == 0
@@ -552,7 +592,27 @@ impl Relay {
             }
             None => None,
         };
-        self.to_library(&m)?;
+        let bit = 1u64.checked_shl(u32::from(queue)).unwrap_or(0);
+        if req == FrontendReq::SET_VRING_KICK {
+            let replaced = kept.is_some() && self.kicked.load(Ordering::Relaxed) & bit != 0;
+            if replaced && self.ring_enabled(bit) {
+                // A new kick for a running ring: the library would go on watching the old
+                // one, and the queue's worker would end at the next kick it reads from the
+                // new, empty one. Disabled around the change, the ring is watched anew.
+                self.to_library(&enable_message(queue, false))?;
+                self.to_library(&m)?;
+                self.to_library(&enable_message(queue, true))?;
+            } else {
+                self.to_library(&m)?;
+            }
+            if kept.is_some() {
+                self.kicked.fetch_or(bit, Ordering::Relaxed);
+            } else {
+                self.kicked.fetch_and(!bit, Ordering::Relaxed);
+            }
+        } else {
+            self.to_library(&m)?;
+        }
         match (req, kept) {
             // As libvhost-user: in case of an I/O hang after reconnecting, a completion the
             // previous backend wrote before it died reaches the guest now.
@@ -564,6 +624,17 @@ impl Relay {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Whether the library serves the ring of queue bit `bit` when it is started: as the
+    /// frontend last said, else enabled unless protocol features were set (the library
+    /// enables every ring at SET_FEATURES without them).
+    fn ring_enabled(&self, bit: u64) -> bool {
+        if self.enable_said.load(Ordering::Relaxed) & bit != 0 {
+            self.enabled_now.load(Ordering::Relaxed) & bit != 0
+        } else {
+            !self.protocol_set.load(Ordering::Relaxed)
+        }
     }
 
     /// SET_VRING_NUM: a size the ring format allows, that a configured ring still fits with.
