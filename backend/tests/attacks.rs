@@ -470,6 +470,40 @@ fn a_new_kick_for_a_running_ring_is_watched_and_the_old_one_ends_nothing() {
     d.survives();
 }
 
+#[test]
+fn a_stopped_ring_restarted_by_a_kick_outside_the_new_memory_table_is_refused() {
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let d = Daemon::start(&[]);
+    {
+        let mut dev = d.device(&Negotiation::default());
+        dev.set_mem_table().unwrap();
+        let l = RingLayout::new(16, 0x1000).unwrap();
+        let layout = RingLayout {
+            avail: MEM / 2 - 4,
+            ..l
+        };
+        dev.start_queue(0, layout, 0).unwrap();
+        // Stopped, the ring may lie outside the next table: it is not served.
+        dev.fe.get_vring_base(0).unwrap();
+        dev.fe
+            .set_mem_table(&[MemRegion {
+                memory_size: MEM / 2,
+                ..MemRegion::of(&dev.mem)
+            }])
+            .unwrap();
+        // A kick without new addresses would restart it where it was.
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let r = dev.fe.set_vring_kick(0, Some(kick.as_raw_fd()));
+        assert_refused(
+            &d,
+            &dev.fe,
+            r,
+            "a kick restarting a ring outside the memory table",
+        );
+    }
+    d.survives();
+}
+
 // ---- 2. more than 32 descriptors on a message, under a low descriptor limit ----
 
 #[test]

@@ -592,6 +592,14 @@ impl Relay {
             }
             None => None,
         };
+        if req == FrontendReq::SET_VRING_KICK && kept.is_some() {
+            // The library restarts a stopped ring at the addresses it had.
+            let checked = self.rings.lock_unpoisoned().restart(u32::from(queue));
+            if let Err(e) = checked {
+                self.ack(&m, false)?;
+                return Err(refused(&m, e));
+            }
+        }
         let bit = 1u64.checked_shl(u32::from(queue)).unwrap_or(0);
         if req == FrontendReq::SET_VRING_KICK {
             let replaced = kept.is_some() && self.kicked.load(Ordering::Relaxed) & bit != 0;

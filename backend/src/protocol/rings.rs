@@ -97,6 +97,9 @@ struct Queue {
     num: Option<u16>,
     /// Addresses from SET_VRING_ADDR, while the ring is configured.
     addrs: Option<RingAddrs>,
+    /// Addresses of a stopped ring (GET_VRING_BASE), which the library keeps: a kick eventfd
+    /// given without new addresses restarts the ring at them.
+    stopped: Option<RingAddrs>,
 }
 
 /// The memory table and the rings of one connection, as the frontend described them.
@@ -166,14 +169,33 @@ impl Rings {
             return Ok(());
         };
         check(&self.table, queue, self.size(&q), addrs)?;
-        self.queues[queue as usize].addrs = Some(addrs);
+        let q = &mut self.queues[queue as usize];
+        q.addrs = Some(addrs);
+        q.stopped = None;
         Ok(())
     }
 
-    /// GET_VRING_BASE: the ring is stopped and no longer checked.
+    /// SET_VRING_KICK with an eventfd: a stopped ring restarts at the addresses it had, which
+    /// must lie inside the memory table as it is now (it may have changed while the ring was
+    /// stopped).
+    pub fn restart(&mut self, queue: u32) -> Result<(), RingError> {
+        let Some(q) = self.queues.get(queue as usize).copied() else {
+            return Ok(());
+        };
+        if let Some(addrs) = q.stopped {
+            check(&self.table, queue, self.size(&q), addrs)?;
+            let q = &mut self.queues[queue as usize];
+            q.addrs = q.stopped.take();
+        }
+        Ok(())
+    }
+
+    /// GET_VRING_BASE: the ring is stopped, and checked again only when it restarts.
     pub fn stop(&mut self, queue: u32) {
         if let Some(q) = self.queues.get_mut(queue as usize) {
-            q.addrs = None;
+            if let Some(a) = q.addrs.take() {
+                q.stopped = Some(a);
+            }
         }
     }
 
@@ -258,6 +280,21 @@ mod tests {
         assert!(r.set_table(vec![(base, MIB)]).is_err());
         r.stop(1);
         r.set_table(vec![(base, MIB)]).unwrap();
+        // A kick restarts it at the addresses it had: inside the table as it is now.
+        assert!(matches!(
+            r.restart(1),
+            Err(RingError::Outside { queue: 1, .. })
+        ));
+        r.restart(0).unwrap();
+        r.set_table(vec![(base, 2 * MIB)]).unwrap();
+        r.restart(1).unwrap();
+        assert_eq!(r.configured(), [0, 1]);
+        assert!(r.set_table(vec![(base, MIB)]).is_err(), "checked again");
+        // New addresses replace the stopped ones.
+        r.stop(1);
+        r.set_addrs(1, ok).unwrap();
+        r.set_table(vec![(base, MIB)]).unwrap();
+        r.restart(1).unwrap();
         r.reset();
         r.set_table(vec![(0, 4096)]).unwrap();
     }
