@@ -72,6 +72,10 @@ impl std::fmt::Debug for Connection {
     }
 }
 
+/// Connections of this process whose workers are not joined yet (counted while
+/// [`Connection::wait`] runs): what a stop may still wait for.
+pub static UNJOINED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Longest a stopping connection waits for the requests its workers took.
 pub const STOP_DRAIN: Duration = Duration::from_secs(2);
 
@@ -183,6 +187,7 @@ impl Connection {
     /// Wait until the frontend disconnects (or the connection is stopped), then stop the
     /// workers and the relay.
     pub fn wait(mut self) -> Ended {
+        UNJOINED.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let result = self.daemon.wait();
         // The frontend is gone, but a guest may still fill its rings: the workers stop after
         // their current pass instead of serving a ring nobody is connected to.
@@ -196,6 +201,7 @@ impl Connection {
         } = self;
         // Dropping the daemon joins the workers.
         drop(daemon);
+        UNJOINED.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         relay.join();
         let error = match result {
             Ok(()) => None,

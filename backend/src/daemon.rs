@@ -251,24 +251,21 @@ pub fn stop_on_signals(handle: StopHandle) -> io::Result<()> {
     Ok(())
 }
 
-/// Set while a connection is served, until its workers are joined: a stop waits for the
-/// requests they took, which a guest may have made long.
-static SERVING: AtomicBool = AtomicBool::new(false);
-
 /// How long after a stop's drain ([`crate::connection::STOP_DRAIN`]) the workers may still
 /// take to end before the process exits without them.
 pub const EXIT_GRACE: Duration = Duration::from_secs(3);
 
-/// After a stop: if the workers still run their requests [`EXIT_GRACE`] later, exit at once
-/// (the kernel cancels their I/O), so that SIGTERM ends the daemon within seconds whatever
-/// the guest queued. Their requests stay in flight in the inflight region, for the next
-/// backend to resubmit.
+/// After a stop: if a connection's workers still run their requests [`EXIT_GRACE`] later,
+/// exit at once, so that SIGTERM ends the daemon within seconds whatever the guest queued.
+/// The kernel finishes or cancels the I/O already issued as it tears the process down (as
+/// for SIGKILL); the guest sees none of those requests completed, and where the frontend
+/// negotiated the inflight region, the next backend resubmits them.
 fn exit_if_still_ending() {
     let _ = std::thread::Builder::new()
         .name("exit-watch".into())
         .spawn(|| {
             std::thread::sleep(EXIT_GRACE);
-            if SERVING.load(Ordering::Acquire) {
+            if crate::connection::UNJOINED.load(Ordering::Acquire) > 0 {
                 warn!(
                     "the queues are still busy with the guest's requests {EXIT_GRACE:?} after \
                      the stop: exiting without them"
@@ -477,9 +474,7 @@ impl Daemon {
             info!("frontend connected");
         }
         let since = std::time::Instant::now();
-        SERVING.store(true, Ordering::Release);
         let ended = conn.wait();
-        SERVING.store(false, Ordering::Release);
         self.stop.set_current(None);
         let s = ended.stats;
         // A connection that did I/O or lasted a while (a real frontend, not one of a loop that

@@ -569,11 +569,12 @@ where
     })
 }
 
-/// Most data one read or write may move, whatever the driver negotiated: a little over
-/// `seg_max` times `size_max` as advertised (126 MiB). A driver that negotiates neither may
-/// otherwise send requests of up to 4 GiB, each of which a queue must finish before a stop
-/// or the next frontend can go on.
-pub const REQUEST_DATA_MAX: u64 = 128 << 20;
+/// Most data one read or write may move, whatever the driver negotiated: 1 GiB, the most
+/// OVMF's virtio-blk driver sends in one request (it negotiates neither `seg_max` nor
+/// `size_max`, and reads a large file's clusters in one go). A driver that negotiates
+/// neither may otherwise send requests of up to 4 GiB, each of which a queue must finish
+/// before a stop or the next frontend can go on.
+pub const REQUEST_DATA_MAX: u64 = 1 << 30;
 
 fn check_data_segments(data: &[GuestRange], limits: &Limits) -> Result<(), RequestError> {
     let count = data.len() as u64;
@@ -790,9 +791,9 @@ pub(crate) mod tests {
         // overlap in the 1 MiB of memory, as a hostile driver's may).
         l2.seg_max = u32::MAX;
         l2.size_max = u32::MAX;
-        l2.capacity = 1 << 21;
+        l2.capacity = 1 << 22;
         let mut chain = vec![d(0x1000, 16, 0)];
-        chain.extend((0..128).map(|_| d(0, 1 << 20, 0)));
+        chain.extend((0..1024).map(|_| d(0, 1 << 20, 0)));
         chain.push(st);
         let most = parse(chain.clone(), &m, &l2);
         assert!(

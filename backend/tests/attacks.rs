@@ -504,6 +504,47 @@ fn a_stopped_ring_restarted_by_a_kick_outside_the_new_memory_table_is_refused() 
     d.survives();
 }
 
+#[test]
+fn a_new_kick_for_a_running_ring_without_protocol_features_is_refused() {
+    // Without VHOST_USER_F_PROTOCOL_FEATURES the library enables every ring itself and takes
+    // no SET_VRING_ENABLE, so the old kick cannot be unwatched: the connection ends.
+    let d = Daemon::start(&[]);
+    {
+        let dev = d.device(&Negotiation::default());
+        dev.fe.set_features(1 << 32).unwrap();
+        dev.set_mem_table().unwrap();
+        let l = RingLayout::new(16, 0).unwrap();
+        dev.fe.set_vring_num(0, 16).unwrap();
+        dev.fe.set_vring_base(0, 0).unwrap();
+        let addrs = VringAddrs {
+            desc: dev.user_addr(l.desc),
+            used: dev.user_addr(l.used),
+            avail: dev.user_addr(l.avail),
+            ..VringAddrs::default()
+        };
+        dev.fe.set_vring_addr(0, &addrs).unwrap();
+        let (call, kick, new) = (
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        );
+        dev.fe.set_vring_call(0, Some(call.as_raw_fd())).unwrap();
+        dev.fe.set_vring_kick(0, Some(kick.as_raw_fd())).unwrap();
+        let r = dev.fe.set_vring_kick(0, Some(new.as_raw_fd()));
+        assert_refused(&d, &dev.fe, r, "a new kick without protocol features");
+        assert!(
+            d.wait_log(
+                "a new kick for a running ring without protocol features",
+                1,
+                REPLY
+            ),
+            "{}",
+            d.log()
+        );
+    }
+    d.survives();
+}
+
 // ---- 2. more than 32 descriptors on a message, under a low descriptor limit ----
 
 #[test]

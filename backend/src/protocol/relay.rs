@@ -114,13 +114,15 @@ struct Relay {
     dropped_replies: AtomicU32,
     /// The queues (by bit) the frontend enabled at least once on this connection.
     enabled: AtomicU64,
-    /// Per queue (by bit): a kick eventfd was given since the ring last stopped; whether the
-    /// frontend said how the ring is enabled; and what it said.
+    /// Per queue (by bit): the library's ring is started (a kick eventfd came since it last
+    /// stopped; a kick without one leaves it started); the frontend enabled it (SET_VRING_ENABLE,
+    /// which the library keeps across RESET_OWNER).
     kicked: AtomicU64,
-    enable_said: AtomicU64,
     enabled_now: AtomicU64,
-    /// SET_PROTOCOL_FEATURES came: rings start disabled, until SET_VRING_ENABLE.
-    protocol_set: AtomicBool,
+    /// SET_FEATURES acknowledged VHOST_USER_F_PROTOCOL_FEATURES: rings are enabled by
+    /// SET_VRING_ENABLE only (without it the library enables every ring, and refuses
+    /// SET_VRING_ENABLE).
+    protocol_acked: AtomicBool,
 }
 
 /// A running relay: its threads and the sockets to shut down to end it.
@@ -197,9 +199,8 @@ pub fn start(
         dropped_replies: AtomicU32::new(0),
         enabled: AtomicU64::new(0),
         kicked: AtomicU64::new(0),
-        enable_said: AtomicU64::new(0),
         enabled_now: AtomicU64::new(0),
-        protocol_set: AtomicBool::new(false),
+        protocol_acked: AtomicBool::new(false),
     });
     // One thread per direction; when either ends, both sockets are shut down so the other
     // ends too.
@@ -246,6 +247,9 @@ fn refusal_warn(e: &RelayError) {
         warn!("connection closed: {e}");
     }
 }
+
+/// VHOST_USER_F_PROTOCOL_FEATURES, in SET_FEATURES.
+const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
 
 /// A SET_VRING_ENABLE of the relay's own, with no reply asked.
 fn enable_message(queue: u16, on: bool) -> Message {
@@ -361,9 +365,11 @@ impl Relay {
                 FrontendReq::GET_INFLIGHT_FD => self.get_inflight(&m)?,
                 FrontendReq::SET_INFLIGHT_FD => self.set_inflight(m)?,
                 FrontendReq::SET_BACKEND_REQ_FD => self.set_backend_req(m)?,
-                FrontendReq::SET_PROTOCOL_FEATURES => {
-                    self.protocol_set.store(true, Ordering::Relaxed);
-                    self.set_protocol_features(m)?
+                FrontendReq::SET_PROTOCOL_FEATURES => self.set_protocol_features(m)?,
+                FrontendReq::SET_FEATURES if m.fds.is_empty() => {
+                    let acked = m.u64_body().is_some_and(|f| f & PROTOCOL_FEATURES_BIT != 0);
+                    self.protocol_acked.store(acked, Ordering::Relaxed);
+                    self.to_library(&m)?
                 }
                 FrontendReq::SET_VRING_KICK
                 | FrontendReq::SET_VRING_CALL
@@ -383,19 +389,16 @@ impl Relay {
                     }
                     self.to_library(&m)?
                 }
-                FrontendReq::RESET_OWNER | FrontendReq::RESET_DEVICE if m.fds.is_empty() => {
-                    if req == FrontendReq::RESET_OWNER {
-                        self.stop_rings()?;
-                    }
+                FrontendReq::RESET_OWNER if m.fds.is_empty() => {
+                    self.stop_rings()?;
+                    // The library stops the rings (above) and forgets the negotiated
+                    // features and protocol features, but keeps each ring's size, addresses
+                    // and enabled state.
                     self.rings.lock_unpoisoned().reset();
-                    for bits in [&self.kicked, &self.enable_said, &self.enabled_now] {
-                        bits.store(0, Ordering::Relaxed);
-                    }
-                    if req == FrontendReq::RESET_OWNER {
-                        // The library forgets the negotiated protocol features too.
-                        self.acked.store(0, Ordering::Relaxed);
-                        self.reply_ack.store(false, Ordering::Relaxed);
-                    }
+                    self.kicked.store(0, Ordering::Relaxed);
+                    self.protocol_acked.store(false, Ordering::Relaxed);
+                    self.acked.store(0, Ordering::Relaxed);
+                    self.reply_ack.store(false, Ordering::Relaxed);
                     self.to_library(&m)?
                 }
                 FrontendReq::ADD_MEM_REG | FrontendReq::REM_MEM_REG => {
@@ -417,7 +420,6 @@ impl Relay {
                         // Once per queue and connection: a frontend that toggles a queue
                         // again and again does not flood the log.
                         let bit = 1u64.checked_shl(index).unwrap_or(0);
-                        self.enable_said.fetch_or(bit, Ordering::Relaxed);
                         if num == 1 {
                             self.enabled_now.fetch_or(bit, Ordering::Relaxed);
                         } else {
@@ -429,7 +431,7 @@ impl Relay {
                         {
                             info!("frontend enabled queue {index}");
                         } else if num == 1 {
-                            debug!("frontend enabled queue {index} again");
+                            debug!("queue {index} enabled again");
                         }
                     }
                 }
@@ -592,7 +594,7 @@ impl Relay {
             }
             None => None,
         };
-        if req == FrontendReq::SET_VRING_KICK && kept.is_some() {
+        if req == FrontendReq::SET_VRING_KICK && fd.is_some() {
             // The library restarts a stopped ring at the addresses it had.
             let checked = self.rings.lock_unpoisoned().restart(u32::from(queue));
             if let Err(e) = checked {
@@ -602,21 +604,32 @@ impl Relay {
         }
         let bit = 1u64.checked_shl(u32::from(queue)).unwrap_or(0);
         if req == FrontendReq::SET_VRING_KICK {
-            let replaced = kept.is_some() && self.kicked.load(Ordering::Relaxed) & bit != 0;
-            if replaced && self.ring_enabled(bit) {
-                // A new kick for a running ring: the library would go on watching the old
-                // one, and the queue's worker would end at the next kick it reads from the
-                // new, empty one. Disabled around the change, the ring is watched anew.
+            let running = self.kicked.load(Ordering::Relaxed) & bit != 0;
+            let enabled = self.enabled_now.load(Ordering::Relaxed) & bit != 0;
+            if running && !self.protocol_acked.load(Ordering::Relaxed) {
+                // The library would go on watching the old kick, and cannot be told to stop
+                // (SET_VRING_ENABLE needs protocol features).
+                self.ack(&m, false)?;
+                return Err(refused(
+                    &m,
+                    "a new kick for a running ring without protocol features (stop the ring \
+                     first: GET_VRING_BASE)",
+                ));
+            }
+            if running && enabled {
+                // A new kick (or none) for a running ring: the library would go on watching
+                // the old one, and the queue's worker would end at the next kick it reads from
+                // the new, empty one, or spin on the old one. Disabled around the change, the
+                // ring is watched anew.
                 self.to_library(&enable_message(queue, false))?;
                 self.to_library(&m)?;
                 self.to_library(&enable_message(queue, true))?;
             } else {
+                // A disabled ring's kick is not watched; enabling it watches the new one.
                 self.to_library(&m)?;
             }
-            if kept.is_some() {
+            if fd.is_some() {
                 self.kicked.fetch_or(bit, Ordering::Relaxed);
-            } else {
-                self.kicked.fetch_and(!bit, Ordering::Relaxed);
             }
         } else {
             self.to_library(&m)?;
@@ -632,17 +645,6 @@ impl Relay {
             _ => {}
         }
         Ok(())
-    }
-
-    /// Whether the library serves the ring of queue bit `bit` when it is started: as the
-    /// frontend last said, else enabled unless protocol features were set (the library
-    /// enables every ring at SET_FEATURES without them).
-    fn ring_enabled(&self, bit: u64) -> bool {
-        if self.enable_said.load(Ordering::Relaxed) & bit != 0 {
-            self.enabled_now.load(Ordering::Relaxed) & bit != 0
-        } else {
-            !self.protocol_set.load(Ordering::Relaxed)
-        }
     }
 
     /// SET_VRING_NUM: a size the ring format allows, that a configured ring still fits with.

@@ -206,10 +206,13 @@ impl Rings {
             .collect()
     }
 
-    /// RESET_OWNER or RESET_DEVICE: every ring is forgotten.
+    /// RESET_OWNER: every ring is stopped, and keeps its size and addresses in the library
+    /// (a kick restarts it there).
     pub fn reset(&mut self) {
         for q in &mut self.queues {
-            *q = Queue::default();
+            if let Some(a) = q.addrs.take() {
+                q.stopped = Some(a);
+            }
         }
     }
 }
