@@ -248,6 +248,12 @@ fn refusal_warn(e: &RelayError) {
     }
 }
 
+/// Queue `index`'s bit in the relay's per-queue bitmaps; none for an index past 63 (the
+/// library refuses such queues).
+fn queue_bit(index: u32) -> u64 {
+    1u64.checked_shl(index).unwrap_or(0)
+}
+
 /// VHOST_USER_F_PROTOCOL_FEATURES, in SET_FEATURES.
 const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
 
@@ -384,7 +390,7 @@ impl Relay {
                     if let Some(s) = m.body_as::<VhostUserVringState>() {
                         self.rings.lock_unpoisoned().stop(s.index);
                         // The library drops the ring's kick.
-                        let bit = 1u64.checked_shl(s.index).unwrap_or(0);
+                        let bit = queue_bit(s.index);
                         self.kicked.fetch_and(!bit, Ordering::Relaxed);
                     }
                     self.to_library(&m)?
@@ -419,7 +425,7 @@ impl Relay {
                         let (index, num) = (v.index, v.num);
                         // Once per queue and connection: a frontend that toggles a queue
                         // again and again does not flood the log.
-                        let bit = 1u64.checked_shl(index).unwrap_or(0);
+                        let bit = queue_bit(index);
                         if num == 1 {
                             self.enabled_now.fetch_or(bit, Ordering::Relaxed);
                         } else {
@@ -602,7 +608,7 @@ impl Relay {
                 return Err(refused(&m, e));
             }
         }
-        let bit = 1u64.checked_shl(u32::from(queue)).unwrap_or(0);
+        let bit = queue_bit(u32::from(queue));
         if req == FrontendReq::SET_VRING_KICK {
             let running = self.kicked.load(Ordering::Relaxed) & bit != 0;
             let enabled = self.enabled_now.load(Ordering::Relaxed) & bit != 0;
