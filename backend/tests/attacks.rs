@@ -180,6 +180,16 @@ impl Daemon {
         d
     }
 
+    /// A device negotiated as `how`, its memory table set and queue 0 started on a ring of
+    /// 16 at guest address 0.
+    fn started(&self, how: &Negotiation) -> RawDevice {
+        let mut d = self.device(how);
+        d.set_mem_table().unwrap();
+        d.start_queue(0, RingLayout::new(16, 0).unwrap(), 0)
+            .unwrap();
+        d
+    }
+
     /// A well-behaved client, set up within [`SERVED`]. (vhost's frontend retries a read that
     /// times out, so the set-up runs in a thread that is abandoned on time-out; it ends when
     /// the daemon is killed.)
@@ -432,47 +442,25 @@ fn a_queue_enabled_again_and_again_is_logged_once() {
 
 #[test]
 fn a_new_kick_for_a_running_ring_is_watched_and_the_old_one_ends_nothing() {
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     let d = Daemon::start(&[]);
     {
-        let mut dev = d.device(&Negotiation::default());
-        dev.set_mem_table().unwrap();
-        dev.start_queue(0, RingLayout::new(16, 0).unwrap(), 0)
-            .unwrap();
-        let flush = |dev: &RawDevice, n: u16, kick: &EventFd| {
-            let q = &dev.queues[0];
-            let status = q
-                .write_request(
-                    n - 1,
-                    4 * (n - 1),
-                    RequestType::Flush,
-                    0,
-                    0,
-                    REQS + 64 * u64::from(n),
-                )
-                .unwrap();
-            q.set_avail_idx(n).unwrap();
-            kick.write(1).unwrap();
-            q.wait_used(n, REPLY)
-                .unwrap_or_else(|at| panic!("request {n} not served (used {at}):\n{}", d.log()));
-            assert_eq!(q.byte(status).unwrap(), S_OK);
-        };
-        flush(&dev, 1, &dev.queues[0].kick);
+        let mut dev = d.started(&Negotiation::default());
+        flush_request(&d, &dev.queues[0], 0, 1);
         let new = EventFd::new(EFD_NONBLOCK).unwrap();
         dev.fe.set_vring_kick(0, Some(new.as_raw_fd())).unwrap();
+        let old = std::mem::replace(&mut dev.queues[0].kick, new);
         // The library watched the old eventfd still (the frontend holds it): a kick there made
         // the worker read the new, empty one and end.
-        dev.queues[0].kick.write(1).unwrap();
+        old.write(1).unwrap();
         std::thread::sleep(Duration::from_millis(300));
-        flush(&dev, 2, &new);
-        flush(&dev, 3, &new);
+        flush_request(&d, &dev.queues[0], 1, 2);
+        flush_request(&d, &dev.queues[0], 2, 3);
     }
     d.survives();
 }
 
 #[test]
 fn a_stopped_ring_restarted_by_a_kick_outside_the_new_memory_table_is_refused() {
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     let d = Daemon::start(&[]);
     {
         let mut dev = d.device(&Negotiation::default());
@@ -877,10 +865,7 @@ fn kick_call_and_err_fds_must_be_eventfds() {
         ),
     ];
     for (what, req, fd) in cases {
-        let mut dev = d.device(&Negotiation::default());
-        dev.set_mem_table().unwrap();
-        dev.start_queue(0, RingLayout::new(16, 0).unwrap(), 0)
-            .unwrap();
+        let dev = d.started(&Negotiation::default());
         let r = match req {
             FrontendReq::SET_VRING_KICK => dev.fe.set_vring_kick(0, Some(fd)),
             FrontendReq::SET_VRING_CALL => dev.fe.set_vring_call(0, Some(fd)),
@@ -1527,10 +1512,7 @@ fn kick_eventfd_in_semaphore_mode() {
 fn kick_and_call_on_one_eventfd() {
     let d = Daemon::start(&[]);
     {
-        let mut dev = d.device(&Negotiation::default());
-        dev.set_mem_table().unwrap();
-        dev.start_queue(0, RingLayout::new(16, 0).unwrap(), 0)
-            .unwrap();
+        let dev = d.started(&Negotiation::default());
         let q = &dev.queues[0];
         // Every call the device makes is a kick.
         dev.fe.set_vring_call(0, Some(q.kick.as_raw_fd())).unwrap();
@@ -1594,10 +1576,7 @@ fn set_features_while_the_queue_runs() {
     use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
     let d = Daemon::start(&[]);
     {
-        let mut dev = d.device(&Negotiation::default());
-        dev.set_mem_table().unwrap();
-        dev.start_queue(0, RingLayout::new(16, 0).unwrap(), 0)
-            .unwrap();
+        let dev = d.started(&Negotiation::default());
         let acked = dev.acked;
         let q = &dev.queues[0];
         flush_request(&d, q, 0, 1);
@@ -1622,20 +1601,14 @@ fn set_features_while_the_queue_runs() {
 fn reset_owner_and_reset_device_on_a_running_queue() {
     let d = Daemon::start(&[]);
     {
-        let mut dev = d.device(&Negotiation::default());
-        dev.set_mem_table().unwrap();
-        dev.start_queue(0, RingLayout::new(16, 0).unwrap(), 0)
-            .unwrap();
+        let dev = d.started(&Negotiation::default());
         flush_request(&d, &dev.queues[0], 0, 1);
         // RESET_DEVICE was not offered (no RESET_DEVICE protocol feature).
         let r = dev.fe.reset_device();
         assert_refused(&d, &dev.fe, r, "RESET_DEVICE");
     }
     {
-        let mut dev = d.device(&Negotiation::default());
-        dev.set_mem_table().unwrap();
-        dev.start_queue(0, RingLayout::new(16, 0).unwrap(), 0)
-            .unwrap();
+        let mut dev = d.started(&Negotiation::default());
         flush_request(&d, &dev.queues[0], 0, 1);
         // RESET_OWNER, then the whole set-up again on the same connection.
         let _ = dev.fe.set(FrontendReq::RESET_OWNER, &[], &[]);
@@ -1884,10 +1857,7 @@ fn descriptors_replaced_again_and_again_are_released() {
                 | VhostUserProtocolFeatures::BACKEND_REQ,
             ..Negotiation::default()
         };
-        let mut dev = d.device(&how);
-        dev.set_mem_table().unwrap();
-        dev.start_queue(0, RingLayout::new(16, 0).unwrap(), 0)
-            .unwrap();
+        let dev = d.started(&how);
         flush_request(&d, &dev.queues[0], 0, 1);
         let (fds0, maps0) = (open_fds(d.pid()).unwrap(), maps(d.pid()));
         for _ in 0..200 {

@@ -7,9 +7,12 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{build_vloop_blk, guests_can_boot, run_harness, spawn_harness};
+use vloop_harness::exec::ExecReport;
+use vloop_harness::{exec_with, ExecHooks, ExecOptions};
 
 #[test]
 fn exit_statuses_come_back_exactly() {
@@ -122,13 +125,8 @@ fn a_read_only_disk_refuses_writes_in_the_guest() {
     }
     build_vloop_blk();
     let t = tempfile::tempdir().unwrap();
-    let tree = t.path().join("tree");
-    std::fs::create_dir(&tree).unwrap();
-    std::fs::write(tree.join("hello.txt"), "hello\n").unwrap();
     let img = t.path().join("ro.img");
-    vloop_harness::images::Images::default()
-        .ext2(&img, &tree, 8 << 20)
-        .unwrap();
+    ext2_with_hello(&img, "hello\n");
     let before = std::fs::read(&img).unwrap();
     let r = run_harness(
         &[
@@ -165,11 +163,9 @@ fn a_read_only_disk_refuses_writes_in_the_guest() {
 
 #[test]
 fn exec_with_uses_the_callers_set_up_and_backend_and_hands_over_pids_and_lines() {
-    use std::sync::{Arc, Mutex};
     use vloop_frontend::backend::{which, Program};
     use vloop_harness::backend::Backend;
     use vloop_harness::setup::{Env, SetupOptions};
-    use vloop_harness::{exec_with, ExecHooks, ExecOptions};
 
     if !guests_can_boot() {
         return;
@@ -180,75 +176,33 @@ fn exec_with_uses_the_callers_set_up_and_backend_and_hands_over_pids_and_lines()
         .tempdir_in("/var/tmp")
         .unwrap();
     let env = Env::prepare(&SetupOptions::default()).unwrap();
-    let opts = ExecOptions {
-        disks: vec![format!("{},size=1M", t.path().join("d.img").display())
-            .parse()
-            .unwrap()],
-        copy_in: vec![],
-        copy_out: vec![],
-        mounts: vec![],
-        console: false,
-        backend: vloop_harness::backend::BackendKind::Vloop,
-        backend_bin: None,
-        backend_cmd: None,
-        setup: SetupOptions::default(),
-        cpus: 1,
-        timeout: None,
-        results: Some(t.path().to_path_buf()),
-        keep: false,
-        command: vec![
-            "sh".into(),
-            "-c".into(),
-            "echo one; printf 'two\\nthr'; sleep 1; echo ee; cat /sys/block/vda/size".into(),
-        ],
-    };
+    let opts = exec_options(
+        &[format!("{},size=1M", t.path().join("d.img").display())],
+        t.path(),
+        "echo one; printf 'two\\nthr'; sleep 1; echo ee; cat /sys/block/vda/size",
+    );
     let qsd = Backend::program(Program::Qsd {
         bin: which("qemu-storage-daemon").unwrap(),
         iothread: true,
     })
     .with_direct(true);
-    let cmdlines = Arc::new(Mutex::new(Vec::new()));
-    let c2 = cmdlines.clone();
-    let mut on_backends = move |pids: &[u32]| {
-        for p in pids {
-            let c = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
-            c2.lock()
-                .unwrap()
-                .push(String::from_utf8_lossy(&c).replace('\0', " "));
-        }
-    };
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let l2 = lines.clone();
-    let report = exec_with(
-        &opts,
-        ExecHooks {
-            env: Some(&env),
-            backend: Some(qsd),
-            on_backends: Some(&mut on_backends),
-            on_stdout_line: Some(Box::new(move |l: &str| {
-                l2.lock().unwrap().push(l.to_string())
-            })),
-        },
-    );
+    let (report, backends, lines) = exec_collecting(&opts, Some(&env), Some(qsd));
     assert_eq!(report.status, 0, "{:?}", report.error);
     assert_eq!(report.accel, env.accel_line());
     // The lines as the command wrote them, the one split across writes put back together.
-    assert_eq!(*lines.lock().unwrap(), ["one", "two", "three", "2048"]);
-    let c = cmdlines.lock().unwrap();
-    assert_eq!(c.len(), 1, "{c:?}");
+    assert_eq!(lines, ["one", "two", "three", "2048"]);
+    assert_eq!(backends.len(), 1, "{backends:?}");
+    let c = &backends[0].1;
     assert!(
-        c[0].contains("qemu-storage-daemon")
-            && c[0].contains("iothread=iothread0")
-            && c[0].contains("cache.direct=on"),
-        "{c:?}"
+        c.contains("qemu-storage-daemon")
+            && c.contains("iothread=iothread0")
+            && c.contains("cache.direct=on"),
+        "{backends:?}"
     );
 }
 
 #[test]
 fn several_disks_each_with_its_own_backend_keep_their_data_apart() {
-    use std::sync::{Arc, Mutex};
-    use vloop_harness::{exec_with, ExecHooks, ExecOptions};
-
     if !guests_can_boot() {
         return;
     }
@@ -263,10 +217,7 @@ fn several_disks_each_with_its_own_backend_keep_their_data_apart() {
         .collect();
     std::fs::write(p("base.img"), &base).unwrap();
     images.overlay(&p("b.qcow2"), "base.img", 8 << 20).unwrap();
-    let tree = p("tree");
-    std::fs::create_dir(&tree).unwrap();
-    std::fs::write(tree.join("hello.txt"), "hello from vdc\n").unwrap();
-    images.ext2(&p("c.img"), &tree, 8 << 20).unwrap();
+    ext2_with_hello(&p("c.img"), "hello from vdc\n");
     let c_before = std::fs::read(p("c.img")).unwrap();
     let head_sum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&base[..65536]));
     let disks = [
@@ -275,58 +226,23 @@ fn several_disks_each_with_its_own_backend_keep_their_data_apart() {
         format!("{},ro", p("c.img").display()),
     ];
     let opts = ExecOptions {
-        disks: disks.iter().map(|d| d.parse().unwrap()).collect(),
-        copy_in: vec![],
-        copy_out: vec![],
         mounts: vec!["2:/mnt".parse().unwrap()],
-        console: false,
-        backend: vloop_harness::backend::BackendKind::Vloop,
-        backend_bin: None,
-        backend_cmd: None,
-        setup: vloop_harness::setup::SetupOptions::default(),
         cpus: 2,
-        timeout: None,
-        results: Some(t.path().to_path_buf()),
-        keep: false,
-        command: vec![
-            "sh".into(),
-            "-c".into(),
+        ..exec_options(
+            &disks,
+            t.path(),
             "cat /sys/block/vda/size /sys/block/vdb/size /sys/block/vdc/size; \
              ls /sys/block/vda/mq; \
              printf on-vda | dd of=/dev/vda bs=1 seek=4096 conv=notrunc,fsync 2>/dev/null; \
              printf on-vdb | dd of=/dev/vdb bs=1 seek=70000 conv=notrunc,fsync 2>/dev/null; \
              dd if=/dev/vdb bs=65536 count=1 2>/dev/null | sha256sum; \
-             cat /mnt/hello.txt"
-                .into(),
-        ],
+             cat /mnt/hello.txt",
+        )
     };
-    let pids = Arc::new(Mutex::new(Vec::new()));
-    let p2 = pids.clone();
-    let mut on_backends = move |ps: &[u32]| {
-        for &pid in ps {
-            let c = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            p2.lock()
-                .unwrap()
-                .push((pid, String::from_utf8_lossy(&c).replace('\0', " ")));
-        }
-    };
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let l2 = lines.clone();
-    let report = exec_with(
-        &opts,
-        ExecHooks {
-            env: None,
-            backend: None,
-            on_backends: Some(&mut on_backends),
-            on_stdout_line: Some(Box::new(move |l: &str| {
-                l2.lock().unwrap().push(l.to_string())
-            })),
-        },
-    );
+    let (report, pids, lines) = exec_collecting(&opts, None, None);
     assert_eq!(report.status, 0, "{:?}", report.error);
-    let lines = lines.lock().unwrap();
     assert_eq!(
-        *lines,
+        lines,
         [
             "8192".to_string(),
             "16384".to_string(),
@@ -339,7 +255,6 @@ fn several_disks_each_with_its_own_backend_keep_their_data_apart() {
         "sizes, vda's queues, vdb's first 64 KiB read through the overlay, vdc's file"
     );
     // One vloop-blk process per disk, each serving its own image.
-    let pids = pids.lock().unwrap();
     assert_eq!(pids.len(), 3, "{pids:?}");
     let mut distinct: Vec<u32> = pids.iter().map(|(pid, _)| *pid).collect();
     distinct.sort_unstable();
@@ -369,6 +284,72 @@ fn several_disks_each_with_its_own_backend_keep_their_data_apart() {
         std::fs::read(p("c.img")).unwrap() == c_before,
         "vdc changed"
     );
+}
+
+/// An 8 MiB ext2 image at `img` holding `hello.txt` with `text` (its tree beside it).
+fn ext2_with_hello(img: &std::path::Path, text: &str) {
+    let tree = img.with_extension("tree");
+    std::fs::create_dir(&tree).unwrap();
+    std::fs::write(tree.join("hello.txt"), text).unwrap();
+    vloop_harness::images::Images::default()
+        .ext2(img, &tree, 8 << 20)
+        .unwrap();
+}
+
+/// `exec` options for `disks` (as `--disk` takes them) that run `sh -c command` on one vCPU
+/// with vloop-blk, results under `results`.
+fn exec_options(disks: &[String], results: &std::path::Path, command: &str) -> ExecOptions {
+    ExecOptions {
+        disks: disks.iter().map(|d| d.parse().unwrap()).collect(),
+        copy_in: vec![],
+        copy_out: vec![],
+        mounts: vec![],
+        console: false,
+        backend: vloop_harness::backend::BackendKind::Vloop,
+        backend_bin: None,
+        backend_cmd: None,
+        setup: vloop_harness::setup::SetupOptions::default(),
+        cpus: 1,
+        timeout: None,
+        results: Some(results.to_path_buf()),
+        keep: false,
+        command: vec!["sh".into(), "-c".into(), command.into()],
+    }
+}
+
+/// `exec_with(opts)` on `env` and `backend` (`None`: its own): its report, each backend's
+/// PID and command line as they listened, and the command's stdout lines.
+fn exec_collecting(
+    opts: &ExecOptions,
+    env: Option<&vloop_harness::setup::Env>,
+    backend: Option<vloop_harness::backend::Backend>,
+) -> (ExecReport, Vec<(u32, String)>, Vec<String>) {
+    let backends = Arc::new(Mutex::new(Vec::new()));
+    let b2 = backends.clone();
+    let mut on_backends = move |pids: &[u32]| {
+        for &pid in pids {
+            let c = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            b2.lock()
+                .unwrap()
+                .push((pid, String::from_utf8_lossy(&c).replace('\0', " ")));
+        }
+    };
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let l2 = lines.clone();
+    let report = exec_with(
+        opts,
+        ExecHooks {
+            env,
+            backend,
+            on_backends: Some(&mut on_backends),
+            on_stdout_line: Some(Box::new(move |l: &str| {
+                l2.lock().unwrap().push(l.to_string())
+            })),
+        },
+    );
+    let backends = std::mem::take(&mut *backends.lock().unwrap());
+    let lines = std::mem::take(&mut *lines.lock().unwrap());
+    (report, backends, lines)
 }
 
 /// The rest of a child's stdout, kept open while the test runs.
