@@ -501,16 +501,7 @@ fn a_new_kick_for_a_running_ring_without_protocol_features_is_refused() {
         let dev = d.device(&Negotiation::default());
         dev.fe.set_features(1 << 32).unwrap();
         dev.set_mem_table().unwrap();
-        let l = RingLayout::new(16, 0).unwrap();
-        dev.fe.set_vring_num(0, 16).unwrap();
-        dev.fe.set_vring_base(0, 0).unwrap();
-        let addrs = VringAddrs {
-            desc: dev.user_addr(l.desc),
-            used: dev.user_addr(l.used),
-            avail: dev.user_addr(l.avail),
-            ..VringAddrs::default()
-        };
-        dev.fe.set_vring_addr(0, &addrs).unwrap();
+        set_ring_addresses(&dev);
         let (call, kick, new) = (
             EventFd::new(EFD_NONBLOCK).unwrap(),
             EventFd::new(EFD_NONBLOCK).unwrap(),
@@ -1470,22 +1461,28 @@ fn flush_request(d: &Daemon, q: &RawQueue, n: u16, used: u16) {
     assert_eq!(q.byte(status).unwrap(), S_OK);
 }
 
+/// SET_VRING_NUM, SET_VRING_BASE and SET_VRING_ADDR for queue 0: a ring of 16 at guest
+/// address 0, not started (no kick yet).
+fn set_ring_addresses(dev: &RawDevice) {
+    let l = RingLayout::new(16, 0).unwrap();
+    dev.fe.set_vring_num(0, 16).unwrap();
+    dev.fe.set_vring_base(0, 0).unwrap();
+    let addrs = VringAddrs {
+        desc: dev.user_addr(l.desc),
+        avail: dev.user_addr(l.avail),
+        used: dev.user_addr(l.used),
+        ..VringAddrs::default()
+    };
+    dev.fe.set_vring_addr(0, &addrs).unwrap();
+}
+
 #[test]
 fn kick_eventfd_in_semaphore_mode() {
     let d = Daemon::start(&[]);
     {
         let dev = d.device(&Negotiation::default());
         dev.set_mem_table().unwrap();
-        let l = RingLayout::new(16, 0).unwrap();
-        dev.fe.set_vring_num(0, 16).unwrap();
-        dev.fe.set_vring_base(0, 0).unwrap();
-        let addrs = VringAddrs {
-            desc: dev.user_addr(l.desc),
-            avail: dev.user_addr(l.avail),
-            used: dev.user_addr(l.used),
-            ..VringAddrs::default()
-        };
-        dev.fe.set_vring_addr(0, &addrs).unwrap();
+        set_ring_addresses(&dev);
         let call = EventFd::new(EFD_NONBLOCK).unwrap();
         dev.fe.set_vring_call(0, Some(call.as_raw_fd())).unwrap();
         // Each read of a semaphore eventfd takes 1 from its counter: a counter of 2^40 keeps
