@@ -2,7 +2,9 @@
 //!
 //! Each accepted frontend is served by a new [`Connection`]; when it disconnects the workers
 //! finish their pass, the image is flushed, and the daemon waits for the next frontend, as
-//! qemu-storage-daemon does. A failure that belongs to one connection (accept running out of
+//! qemu-storage-daemon does. Connections wait side by side for their first message, and the
+//! first one to send it whole is served: frontends that connect and say nothing, or half a
+//! message, are closed after a while without delaying one that speaks. A failure that belongs to one connection (accept running out of
 //! descriptors, an I/O engine or relay that cannot be set up) ends that connection only. A stop
 //! request (SIGINT/SIGTERM in the binary) ends the current connection whatever its frontend
 //! does, lets in-flight requests finish, flushes the image and returns. A resize request
@@ -18,20 +20,37 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{Config, Listen};
 use crate::connection::{Connection, StopConnection};
 use crate::disk::Disk;
 use crate::io::RateLimiter;
+use crate::protocol::relay::STALL_TIMEOUT;
+use crate::protocol::wire::{self, Arrival};
 use crate::protocol::BackendChannel;
 use crate::LockUnpoisoned;
 
 /// Pause after a failed accept (e.g. out of descriptors), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Most connections accepted and waiting for their first message; a newer one closes the
+/// oldest.
+const LOBBY_PLACES: usize = 32;
+
+/// How often a waiting connection that sent part of its first message is looked at again.
+const PART_RECHECK: Duration = Duration::from_millis(20);
+
+/// A connection accepted and not served yet.
+#[derive(Debug)]
+struct Waiting {
+    stream: UnixStream,
+    /// When it is closed if its first message has not arrived whole.
+    deadline: Instant,
+}
 
 /// Connections per second whose lines (connected, ended, counters) are logged: a frontend
 /// that connects and closes in a loop could otherwise fill the log.
@@ -398,26 +417,77 @@ impl Daemon {
         }
     }
 
-    /// Wait until a frontend connects (true) or a stop is requested (false).
-    fn wait_for_connection(&self) -> Result<bool, DaemonError> {
+    /// The next frontend to serve: of the connections accepted, the one waiting longest whose
+    /// first message has arrived whole; `None` once a stop is requested. Connections wait in
+    /// `lobby` side by side, so ones that send nothing, or part of a message, never delay a
+    /// frontend that speaks: each is closed [`STALL_TIMEOUT`] after it was accepted, or when
+    /// [`LOBBY_PLACES`] newer ones wait.
+    fn next_frontend(&self, lobby: &mut Vec<Waiting>) -> Result<Option<UnixStream>, DaemonError> {
         loop {
             if self.stop.stopped() {
-                return Ok(false);
+                return Ok(None);
             }
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.socket.listener.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.stop.inner.wake.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: `fds` is a live array of two pollfd for the duration of the call.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            let now = Instant::now();
+            let mut watched = Vec::with_capacity(lobby.len());
+            let mut part = false;
+            let mut next = None::<Instant>;
+            let mut i = 0;
+            while i < lobby.len() {
+                let w = &lobby[i];
+                match wire::arrived(&w.stream) {
+                    Ok(Arrival::Whole) => return Ok(Some(lobby.remove(i).stream)),
+                    Ok(a @ (Arrival::Nothing | Arrival::Part)) if now < w.deadline => {
+                        // Part of a message stays readable: it is looked at again shortly
+                        // instead of being polled.
+                        match a {
+                            Arrival::Nothing => watched.push(w.stream.as_raw_fd()),
+                            _ => part = true,
+                        }
+                        next = Some(next.map_or(w.deadline, |n| n.min(w.deadline)));
+                        i += 1;
+                    }
+                    Ok(Arrival::Nothing | Arrival::Part) => {
+                        if log_connection() {
+                            warn!(
+                                "a frontend sent no whole message within {STALL_TIMEOUT:?} of \
+                                 connecting: connection closed"
+                            );
+                        }
+                        lobby.remove(i);
+                    }
+                    Ok(Arrival::Closed) => {
+                        debug!("a frontend closed its connection before its first message");
+                        lobby.remove(i);
+                    }
+                    Err(e) => {
+                        debug!("a waiting connection failed: {e}");
+                        lobby.remove(i);
+                    }
+                }
+            }
+            let mut fds: Vec<libc::pollfd> = [
+                self.socket.listener.as_raw_fd(),
+                self.stop.inner.wake.as_raw_fd(),
+            ]
+            .into_iter()
+            .chain(watched)
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN | libc::POLLRDHUP,
+                revents: 0,
+            })
+            .collect();
+            let timeout = match (next, part) {
+                (_, true) => PART_RECHECK.as_millis() as libc::c_int,
+                (Some(n), false) => {
+                    // Rounded up, so that the deadline has passed when poll returns.
+                    let left = n.saturating_duration_since(now).as_micros().div_ceil(1000);
+                    left.min(libc::c_int::MAX as u128) as libc::c_int
+                }
+                (None, false) => -1,
+            };
+            // SAFETY: `fds` is a live array of `fds.len()` pollfd for the duration of the call.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
             if r < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -428,25 +498,35 @@ impl Daemon {
                     source: e,
                 });
             }
-            if self.stop.stopped() {
-                return Ok(false);
+            if fds[0].revents & libc::POLLIN == 0 {
+                continue;
             }
-            if fds[0].revents & libc::POLLIN != 0 {
-                return Ok(true);
+            match self.socket.listener.accept() {
+                Ok((stream, _)) => {
+                    lobby.push(Waiting {
+                        stream,
+                        deadline: Instant::now() + STALL_TIMEOUT,
+                    });
+                    if lobby.len() > LOBBY_PLACES {
+                        lobby.remove(0);
+                        if log_connection() {
+                            warn!(
+                                "more than {LOBBY_PLACES} frontends connected and sent no whole \
+                                 message: the oldest connection closed"
+                            );
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!("accepting a frontend failed: {e}");
+                    std::thread::sleep(ACCEPT_BACKOFF);
+                }
             }
         }
     }
 
-    /// Accept and serve one connection until it ends; a failure is that connection's only.
-    fn serve_one(&self) {
-        let stream = match self.socket.listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) => {
-                warn!("accepting a frontend failed: {e}");
-                std::thread::sleep(ACCEPT_BACKOFF);
-                return;
-            }
-        };
+    /// Serve one connection until it ends; a failure is that connection's only.
+    fn serve_one(&self, stream: UnixStream) {
         let logged = log_connection();
         let conn = match Connection::start(stream, self.disk.clone(), &self.config) {
             Ok(c) => c,
@@ -473,7 +553,7 @@ impl Daemon {
         if logged {
             info!("frontend connected");
         }
-        let since = std::time::Instant::now();
+        let since = Instant::now();
         let ended = conn.wait();
         self.stop.set_current(None);
         let s = ended.stats;
@@ -509,8 +589,9 @@ impl Daemon {
             Some(p) => info!("listening on {}", p.display()),
             None => info!("listening on the socket passed as --fd"),
         }
-        while self.wait_for_connection()? {
-            self.serve_one();
+        let mut lobby = Vec::new();
+        while let Some(stream) = self.next_frontend(&mut lobby)? {
+            self.serve_one(stream);
         }
         self.disk.close().map_err(|source| DaemonError::Io {
             what: "flushing the image on exit",

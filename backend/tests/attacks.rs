@@ -1713,20 +1713,47 @@ fn frontends_racing_to_connect_are_all_served() {
     d.survives();
 }
 
+/// How long the daemon gives a connection to send its first message whole.
+const FIRST_MESSAGE: Duration = Duration::from_secs(5);
+
+/// A frontend is served at once while `stuck` connections that will never send a whole first
+/// message wait (the daemon used to take them one after another, [`FIRST_MESSAGE`] each), and
+/// each of them is closed soon after its time is up.
+fn served_past(d: &mut Daemon, stuck: &[RawFrontend], what: &str) {
+    let connected = Instant::now();
+    std::thread::sleep(Duration::from_millis(100));
+    let t = Instant::now();
+    d.assert_serves();
+    let served = t.elapsed();
+    eprintln!(
+        "served {served:?} after {} frontends that {what}",
+        stuck.len()
+    );
+    assert!(
+        served < FIRST_MESSAGE / 2,
+        "a frontend waited {served:?} behind {} that {what}:\n{}",
+        stuck.len(),
+        d.log()
+    );
+    for s in stuck {
+        let left = (connected + FIRST_MESSAGE + Duration::from_secs(2))
+            .saturating_duration_since(Instant::now());
+        assert!(
+            s.closed_within(left),
+            "a frontend that {what} was still connected {:?} after connecting:\n{}",
+            connected.elapsed(),
+            d.log()
+        );
+    }
+}
+
 #[test]
 fn half_a_message_does_not_hold_the_daemon() {
     let mut d = Daemon::start(&[]);
     let stuck = d.raw();
     // The first 5 bytes of a GET_FEATURES header, then nothing.
     stuck.send_bytes(&[1, 0, 0, 0, 1]).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    let t = Instant::now();
-    d.assert_serves();
-    eprintln!(
-        "served {:?} after a frontend sent half a message",
-        t.elapsed()
-    );
-    assert!(stuck.closed_within(Duration::from_secs(1)));
+    served_past(&mut d, &[stuck], "sent half a message");
     d.survives();
 }
 
@@ -1734,14 +1761,59 @@ fn half_a_message_does_not_hold_the_daemon() {
 fn silent_frontend_does_not_hold_the_daemon() {
     let mut d = Daemon::start(&[]);
     let silent = d.raw();
-    std::thread::sleep(Duration::from_millis(100));
-    let t = Instant::now();
-    d.assert_serves();
-    eprintln!(
-        "served {:?} after a frontend that never speaks",
-        t.elapsed()
+    served_past(&mut d, &[silent], "never speak");
+    d.survives();
+}
+
+#[test]
+fn many_stuck_frontends_do_not_hold_the_daemon() {
+    let mut d = Daemon::start(&[]);
+    // Silent ones, ones with part of a header, and ones with a whole header whose body never
+    // comes, ten of each.
+    let get_features = [1u8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+    let set_features = [2u8, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0, 0, 0];
+    let stuck: Vec<RawFrontend> = (0..30)
+        .map(|i| {
+            let fe = d.raw();
+            match i % 3 {
+                0 => {}
+                1 => fe.send_bytes(&get_features[..7]).unwrap(),
+                _ => fe.send_bytes(&set_features).unwrap(),
+            }
+            fe
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let waiting = open_fds(d.pid()).unwrap();
+    served_past(&mut d, &stuck, "never sent a whole message");
+    // The daemon holds none of their descriptors once the served client's are released too.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut after = open_fds(d.pid()).unwrap();
+    while after + 30 > waiting && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        after = open_fds(d.pid()).unwrap();
+    }
+    assert!(
+        after + 30 <= waiting,
+        "descriptors: {waiting} while 30 connections waited, {after} after they were closed"
     );
-    assert!(silent.closed_within(Duration::from_secs(1)));
+    d.survives();
+}
+
+#[test]
+fn the_oldest_stuck_frontend_gives_way_to_newer_ones() {
+    let mut d = Daemon::start(&[]);
+    let stuck: Vec<RawFrontend> = (0..40).map(|_| d.raw()).collect();
+    // 32 wait; the first 8 were closed to make room.
+    for s in &stuck[..8] {
+        assert!(
+            s.closed_within(Duration::from_secs(2)),
+            "the oldest waiting connection stayed open:\n{}",
+            d.log()
+        );
+    }
+    served_past(&mut d, &stuck[8..], "never speak");
+    assert!(d.log_count("more than 32 frontends") >= 1, "{}", d.log());
     d.survives();
 }
 

@@ -247,6 +247,95 @@ fn read_exact(
     Ok(())
 }
 
+/// How far the first message of a new connection has arrived, as [`arrived`] sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arrival {
+    /// Nothing yet.
+    Nothing,
+    /// Part of a message.
+    Part,
+    /// A whole message (or a header no message can follow: the reader refuses it at once).
+    Whole,
+    /// The peer closed the connection before sending a whole message.
+    Closed,
+}
+
+nix::ioctl_read_bad!(fionread, libc::FIONREAD, libc::c_int);
+
+/// How much of the next message is waiting in `sock`, without reading any of it (the header is
+/// peeked, the queued bytes counted) and without blocking.
+pub fn arrived(sock: &UnixStream) -> io::Result<Arrival> {
+    let mut header = Header::default();
+    let fd = sock.as_raw_fd();
+    let got = match peek(fd, header.as_mut_slice()) {
+        Ok(0) => return Ok(Arrival::Closed),
+        Ok(n) => n,
+        Err(nix::errno::Errno::EAGAIN) => return Ok(Arrival::Nothing),
+        Err(e) => return Err(e.into()),
+    };
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int, into a live local.
+    unsafe { fionread(fd, &mut queued) }?;
+    let whole = got == HEADER_SIZE
+        && (header.size as usize > MAX_MSG_SIZE
+            || queued as usize >= HEADER_SIZE + header.size as usize);
+    if whole {
+        return Ok(Arrival::Whole);
+    }
+    // A peer that closed after part of a message: the part is readable, then end of file.
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd for the duration of the call, which does not block.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    if r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+        return Ok(Arrival::Closed);
+    }
+    Ok(Arrival::Part)
+}
+
+/// Copy the first bytes waiting in `fd` to `buf`, reading none of them. A peek ends after bytes
+/// that came with descriptors, so it goes on from an offset (SO_PEEK_OFF) until `buf` is full or
+/// no more bytes wait.
+fn peek(fd: RawFd, buf: &mut [u8]) -> nix::Result<usize> {
+    use nix::sys::socket::{recv, MsgFlags};
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    let mut got = recv(fd, buf, flags)?;
+    if got == 0 || got == buf.len() {
+        return Ok(got);
+    }
+    let set_offset = |off: libc::c_int| {
+        // SAFETY: SO_PEEK_OFF reads one int, from a live local.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_PEEK_OFF,
+                (&off as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        nix::errno::Errno::result(r).map(drop)
+    };
+    set_offset(got as libc::c_int)?;
+    let mut result = Ok(());
+    while got < buf.len() {
+        match recv(fd, &mut buf[got..], flags) {
+            Ok(0) | Err(nix::errno::Errno::EAGAIN) => break,
+            Ok(n) => got += n,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    // -1 turns peeking from an offset off again.
+    set_offset(-1)?;
+    result.map(|()| got)
+}
+
 /// Whether `e` is a read time-out (SO_RCVTIMEO expired).
 pub fn is_timeout(e: &WireError) -> bool {
     matches!(e, WireError::Io(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
@@ -333,6 +422,55 @@ mod tests {
 
     fn fds_open() -> usize {
         std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    #[test]
+    fn arrival_tells_nothing_part_whole_and_closed_apart_and_reads_nothing() {
+        use std::io::Write;
+        let (mut a, b) = UnixStream::pair().unwrap();
+        assert_eq!(arrived(&b).unwrap(), Arrival::Nothing);
+        let header = Header::request(2, VhostUserHeaderFlag::empty(), 8);
+        // The first bytes of the header come with a descriptor, which peeking leaves for the
+        // reader (and a peek stops after them).
+        let f = tempfile::tempfile().unwrap();
+        let fd = [f.as_raw_fd()];
+        let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fd)];
+        let iov = [io::IoSlice::new(&header.as_slice()[..5])];
+        nix::sys::socket::sendmsg::<()>(
+            a.as_raw_fd(),
+            &iov,
+            &cmsg,
+            nix::sys::socket::MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        let before = fds_open();
+        assert_eq!(arrived(&b).unwrap(), Arrival::Part);
+        a.write_all(&header.as_slice()[5..]).unwrap();
+        a.write_all(&[0; 7]).unwrap();
+        assert_eq!(arrived(&b).unwrap(), Arrival::Part);
+        a.write_all(&[0x2a]).unwrap();
+        assert_eq!(arrived(&b).unwrap(), Arrival::Whole);
+        assert_eq!(fds_open(), before);
+        drop(a);
+        // Still whole after the peer closed: the message is read as it was sent.
+        assert_eq!(arrived(&b).unwrap(), Arrival::Whole);
+        let m = recv(&b).unwrap().unwrap();
+        assert_eq!((m.header.request, m.body[7], m.fds.len()), (2, 0x2a, 1));
+        assert_eq!(arrived(&b).unwrap(), Arrival::Closed);
+
+        // Part of a message, then the peer closed.
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(&header.as_slice()[..5]).unwrap();
+        drop(a);
+        assert_eq!(arrived(&b).unwrap(), Arrival::Closed);
+        // A header announcing more than any message may carry counts as whole: the reader
+        // refuses it at once.
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let huge = Header::request(2, VhostUserHeaderFlag::empty(), u32::MAX);
+        a.write_all(huge.as_slice()).unwrap();
+        assert_eq!(arrived(&b).unwrap(), Arrival::Whole);
+        assert!(matches!(recv(&b), Err(WireError::TooLarge(_))));
     }
 
     #[test]
