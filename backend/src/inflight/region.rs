@@ -386,9 +386,13 @@ impl QueueInflight<'_> {
             }
             let _ = self.s.write_obj(ring_used_idx, OFF_USED_IDX);
         }
-        let mut heads: Vec<u16> = (0..self.size).filter(|&h| self.inflight(h)).collect();
-        heads.sort_by_key(|&h| self.counter(h));
-        heads
+        // Each counter is read once: the frontend may rewrite them while they are sorted.
+        let mut taken: Vec<(u64, u16)> = (0..self.size)
+            .filter(|&h| self.inflight(h))
+            .map(|h| (self.counter(h), h))
+            .collect();
+        taken.sort_unstable();
+        taken.into_iter().map(|(_, h)| h).collect()
     }
 }
 
@@ -460,6 +464,42 @@ mod tests {
         assert_eq!(recover_after(&[2], &[0, 1], 2).0, vec![1]);
         // Died before the used ring was updated: the whole batch is still in flight.
         assert_eq!(recover_after(&[], &[2, 1], 0).0, vec![2, 1]);
+    }
+
+    #[test]
+    fn counters_rewritten_during_recovery_give_some_order_of_the_heads() {
+        let (r, file) = InflightRegion::create(1, 1024).unwrap();
+        let q = r.queue(0).unwrap();
+        for h in 0..1024 {
+            q.take(h, u64::from(h) + 1);
+        }
+        // The frontend's mapping of the region, where it swaps the counters between two
+        // orders while the backend sorts them.
+        let size = file.metadata().unwrap().len();
+        let theirs = InflightRegion::open(&file, size, 0, 1, 1024).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let q = theirs.queue(0).unwrap();
+                let mut pass = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for h in 0..1024u16 {
+                        let c = u64::from(h).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ pass;
+                        q.take(h, c % 4096);
+                    }
+                    pass = pass.wrapping_add(0x2545_f491);
+                }
+            });
+            let recovered = std::panic::catch_unwind(|| {
+                for _ in 0..200 {
+                    let mut heads = q.recover(0);
+                    heads.sort_unstable();
+                    assert_eq!(heads, (0..1024).collect::<Vec<u16>>());
+                }
+            });
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            recovered.unwrap();
+        });
     }
 
     #[test]
