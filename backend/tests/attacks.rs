@@ -738,6 +738,81 @@ fn inflight_memfd_handed_out_is_sealed() {
 }
 
 #[test]
+fn requests_left_in_flight_are_not_run_past_a_disconnect() {
+    // The frontend's inflight region has 924 whole-disk reads in flight (256 MiB each: the
+    // limits on segments and sizes not negotiated, their data descriptors all on the same
+    // 16 MiB of guest memory). The resubmission at the kick, hundreds of seconds of copying,
+    // ends when the frontend disconnects, as a pass does: the next frontend is served at once.
+    use vloop_blk::inflight::{queue_region_size, InflightRegion};
+    use vloop_frontend::blk::{header, HEADER_LEN};
+    use vloop_frontend::ring::{Descriptor, DESC_F_NEXT, DESC_F_WRITE};
+    const DISK: u64 = 256 << 20;
+    const SEG: u64 = 16 << 20;
+    const SEGS: u16 = (DISK / SEG) as u16;
+    const RING: u16 = 1024;
+    const FIRST_HEAD: u16 = 100;
+    let dir = tempfile::tempdir().unwrap();
+    File::create(dir.path().join("disk.img"))
+        .unwrap()
+        .set_len(DISK)
+        .unwrap();
+    let mut d = Daemon::start_in(dir, &[], &[], |_| {}).unwrap_or_else(|e| panic!("{e}"));
+    {
+        let mem = Arc::new(GuestMem::new(SEG + (1 << 20)).unwrap());
+        let mut dev = RawDevice::new(d.raw(), mem.clone());
+        dev.negotiate(&inflight_negotiation()).unwrap();
+        dev.set_mem_table().unwrap();
+        let layout = RingLayout::new(RING, 0).unwrap();
+        let q = RawQueue::detached(mem.clone(), layout).unwrap();
+        // One tail for every chain: the data descriptors, then the status byte.
+        let (hdr, status, data) = (0x8000u64, 0x8100u64, 1u64 << 20);
+        mem.write(hdr, &header(RequestType::In, 0)).unwrap();
+        for s in 0..SEGS {
+            let seg = Descriptor {
+                addr: data,
+                len: SEG as u32,
+                flags: DESC_F_WRITE | DESC_F_NEXT,
+                next: s + 1,
+            };
+            q.set_desc(s, seg).unwrap();
+        }
+        let last = Descriptor {
+            addr: status,
+            len: 1,
+            flags: DESC_F_WRITE,
+            next: 0,
+        };
+        q.set_desc(SEGS, last).unwrap();
+        let (region, file) = InflightRegion::create(1, RING).unwrap();
+        let track = region.queue(0).unwrap();
+        for h in FIRST_HEAD..RING {
+            let first = Descriptor {
+                addr: hdr,
+                len: HEADER_LEN,
+                flags: DESC_F_NEXT,
+                next: 0,
+            };
+            q.set_desc(h, first).unwrap();
+            track.take(h, u64::from(h));
+        }
+        let info = VhostUserInflight::new(queue_region_size(RING), 0, 1, RING);
+        dev.fe.set_inflight_fd(&info, file.as_raw_fd()).unwrap();
+        dev.start_queue(0, layout, 0).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let t = Instant::now();
+    d.assert_serves();
+    let served = t.elapsed();
+    eprintln!("served {served:?} after a disconnect during a long resubmission");
+    assert!(
+        served < Duration::from_secs(3),
+        "the next frontend waited {served:?} for requests of a frontend that left:\n{}",
+        d.log()
+    );
+    d.survives();
+}
+
+#[test]
 fn set_inflight_fd_that_can_shrink_is_refused() {
     let d = Daemon::start(&[]);
     let size = vloop_blk::inflight::queue_region_size(64);

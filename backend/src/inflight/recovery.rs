@@ -48,8 +48,11 @@ pub fn resubmit(
         .iter()
         .map(|&h| (h, chain_at(mem, table, size, h)))
         .collect();
+    // A stop ends the resubmission early: the requests not run stay in flight in the region,
+    // for the next backend.
     let done = worker.execute(mem, chains);
-    track.begin_batch(&heads);
+    let heads = &heads[..done.len()];
+    track.begin_batch(heads);
     // A used ring the queue cannot write ends the batch early; the region records the heads
     // that reached it, and keeps the others in flight.
     let mut added = 0;

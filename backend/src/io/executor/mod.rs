@@ -167,12 +167,14 @@ impl Executor {
 
     /// Whether a pass may take more requests: not past its waves, and not stopping.
     fn takes_more(&self, waves: usize) -> bool {
-        waves < WAVES_PER_CALL
-            && self.data_in_flight < DATA_IN_FLIGHT_MAX
-            && !self
-                .stop
-                .as_ref()
-                .is_some_and(|s| s.load(Ordering::Relaxed))
+        waves < WAVES_PER_CALL && self.data_in_flight < DATA_IN_FLIGHT_MAX && !self.stopping()
+    }
+
+    /// Whether the stop flag of [`Executor::stop_on`] is set.
+    fn stopping(&self) -> bool {
+        self.stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed))
     }
 
     /// The queue's kick eventfd, open until the next call: while requests are in flight and
@@ -510,7 +512,10 @@ impl Executor {
     }
 
     /// Execute a batch of chains (head index and descriptors) against `mem` and return their
-    /// completions, in the same order. Status bytes and read data are written to `mem`.
+    /// completions, in the same order. Status bytes and read data are written to `mem`. As a
+    /// pass does, it starts no chain while [`DATA_IN_FLIGHT_MAX`] are in flight, and none once
+    /// the stop flag of [`Executor::stop_on`] is set: then the completions are those of the
+    /// chains before the first one not started.
     pub fn execute<I, D>(&mut self, mem: &GuestMem, chains: I) -> Vec<Completion>
     where
         I: IntoIterator<Item = (u16, D)>,
@@ -528,7 +533,10 @@ impl Executor {
         let write_through = self.write_through();
         let mut pos = 0u32;
         for (head, chain) in chains {
-            while self.store.room() == 0 {
+            if self.stopping() {
+                break;
+            }
+            while self.store.room() == 0 || self.data_in_flight >= DATA_IN_FLIGHT_MAX {
                 self.launch(mem);
                 self.collect(mem, true);
             }
