@@ -72,8 +72,8 @@ impl std::fmt::Debug for Connection {
     }
 }
 
-/// Connections of this process whose workers are not joined yet (counted while
-/// [`Connection::wait`] runs): what a stop may still wait for.
+/// Connections of this process whose workers and relay threads are not joined yet (counted
+/// while [`Connection::wait`] runs): what a stop may still wait for.
 pub static UNJOINED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Longest a stopping connection waits for the requests its workers took.
@@ -201,8 +201,8 @@ impl Connection {
         } = self;
         // Dropping the daemon joins the workers.
         drop(daemon);
-        UNJOINED.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         relay.join();
+        UNJOINED.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         let error = match result {
             Ok(()) => None,
             Err(e) if is_disconnect(&e) => None,

@@ -274,8 +274,9 @@ pub fn stop_on_signals(handle: StopHandle) -> io::Result<()> {
 /// take to end before the process exits without them.
 pub const EXIT_GRACE: Duration = Duration::from_secs(3);
 
-/// After a stop: if a connection's workers still run their requests [`EXIT_GRACE`] later,
-/// exit at once, so that SIGTERM ends the daemon within seconds whatever the guest queued.
+/// After a stop: if a connection has not ended [`EXIT_GRACE`] later (its workers still run
+/// their requests, or a relay thread is held), exit at once, so that SIGTERM ends the daemon
+/// within seconds whatever the guest queued or the frontend does.
 /// The kernel finishes or cancels the I/O already issued as it tears the process down (as
 /// for SIGKILL); the guest sees none of those requests completed, and where the frontend
 /// negotiated the inflight region, the next backend resubmits them.
@@ -286,8 +287,9 @@ fn exit_if_still_ending() {
             std::thread::sleep(EXIT_GRACE);
             if crate::connection::UNJOINED.load(Ordering::Acquire) > 0 {
                 warn!(
-                    "the queues are still busy with the guest's requests {EXIT_GRACE:?} after \
-                     the stop: exiting without them"
+                    "the connection has not ended {EXIT_GRACE:?} after the stop (its queues are \
+                     busy with the guest's requests or its frontend holds it): exiting without \
+                     it"
                 );
                 std::process::exit(1);
             }

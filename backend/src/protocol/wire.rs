@@ -216,6 +216,15 @@ fn read_rest(
 }
 
 /// Fill `buf` from `s`, by `deadline` (when, and the limit it stands for) if given.
+/// Fill `buf` from `s` within `limit` in all, however the bytes trickle in (the socket's read
+/// time-out is set for it, and restored after).
+pub fn read_exact_within(s: &UnixStream, buf: &mut [u8], limit: Duration) -> Result<(), WireError> {
+    let previous = s.read_timeout()?;
+    let read = read_exact(s, buf, Some((Instant::now() + limit, limit)));
+    s.set_read_timeout(previous)?;
+    read
+}
+
 fn read_exact(
     s: &UnixStream,
     buf: &mut [u8],
