@@ -65,7 +65,7 @@ fn log_connection() -> bool {
     static LIMITER: Mutex<Option<RateLimiter>> = Mutex::new(None);
     let allowed = LIMITER
         .lock_unpoisoned()
-        .get_or_insert_with(|| RateLimiter::new(LOGGED_CONNECTIONS_PER_SECOND))
+        .get_or_insert_with(|| RateLimiter::alone(LOGGED_CONNECTIONS_PER_SECOND))
         .allow();
     match allowed {
         Some(0) => true,
@@ -559,10 +559,10 @@ impl Daemon {
         let ended = conn.wait();
         self.stop.set_current(None);
         let s = ended.stats;
-        // A connection that did I/O or lasted a while (a real frontend, not one of a loop that
-        // connects and closes) has its end logged whatever the budget said when it came.
+        // A connection that lasted a while (a real frontend, not one of a loop that connects
+        // and closes) has its end logged whatever the budget said when it came.
         let lasted = since.elapsed();
-        let notable = s.requests > 0 || lasted >= NOTABLE_CONNECTION;
+        let notable = lasted >= NOTABLE_CONNECTION;
         if !logged && notable {
             info!(
                 "frontend connected {:.1} s ago (not logged then: more than \

@@ -2163,6 +2163,41 @@ fn head_indices_past_the_ring_log_within_the_budget() {
 }
 
 #[test]
+fn frontends_that_reconnect_in_a_loop_with_a_bad_request_each_log_within_a_budget() {
+    // Every connection is new to the daemon: its queue's warnings and its queue's enable had
+    // budgets of their own, and a connection that did I/O had its end logged whatever: about
+    // five lines each. The process's budget (40 lines a second) and the connection lines' (5
+    // connections a second, three lines each) bound them now.
+    use vloop_frontend::blk::S_UNSUPP;
+    const N: usize = 150;
+    let d = Daemon::start(&[]);
+    let lines = d.log_lines();
+    let t = Instant::now();
+    for _ in 0..N {
+        let dev = d.started(&Negotiation::default());
+        let q = &dev.queues[0];
+        let status = q
+            .write_request(0, 0, RequestType::Other(99), 0, 0, REQS)
+            .unwrap();
+        q.set_avail_idx(1).unwrap();
+        q.kick().unwrap();
+        q.wait_used(1, REPLY).unwrap();
+        assert_eq!(q.byte(status).unwrap(), S_UNSUPP);
+    }
+    let took = t.elapsed();
+    std::thread::sleep(Duration::from_millis(200));
+    let added = d.log_lines() - lines;
+    let windows = took.as_secs() as usize + 2;
+    eprintln!("{N} connections in {took:?} added {added} log lines");
+    assert!(
+        added <= windows * (40 + 15),
+        "{N} connections in {took:?} added {added} log lines:\n{}",
+        d.log().lines().take(40).collect::<Vec<_>>().join("\n")
+    );
+    d.survives();
+}
+
+#[test]
 fn frontends_that_connect_and_close_in_a_loop_log_within_a_budget() {
     // Each connection logs a few lines (connected, ended, its counters): 300 of them in a
     // second or two may not add 900.

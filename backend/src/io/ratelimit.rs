@@ -1,7 +1,15 @@
 //! A per-second budget for log lines the guest can cause, so a hostile guest cannot flood the
 //! host's logs.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::LockUnpoisoned;
+
+/// Lines all the limiters of the process together allow per second: each connection, queue
+/// and device has budgets of its own, which a frontend that reconnects in a loop would get
+/// afresh every time.
+pub const PROCESS_LINES_PER_SECOND: u32 = 40;
 
 /// Allows `per_second` events per one-second window and counts the rest.
 #[derive(Debug)]
@@ -12,17 +20,30 @@ pub struct RateLimiter {
     suppressed: u64,
     /// Events dropped since the limiter was made.
     dropped: u64,
+    /// Whether an event must also fit in the process's budget.
+    in_process_budget: bool,
 }
 
 impl RateLimiter {
-    /// A limiter allowing `per_second` events per second.
+    /// A limiter allowing `per_second` events per second, within the process's budget of
+    /// [`PROCESS_LINES_PER_SECOND`] shared by every limiter made so.
     pub fn new(per_second: u32) -> Self {
+        RateLimiter {
+            in_process_budget: true,
+            ..Self::alone(per_second)
+        }
+    }
+
+    /// A limiter allowing `per_second` events per second, whatever other limiters allow: for
+    /// one that is itself the process's only one of its kind.
+    pub fn alone(per_second: u32) -> Self {
         RateLimiter {
             per_second,
             window: Instant::now(),
             count: 0,
             suppressed: 0,
             dropped: 0,
+            in_process_budget: false,
         }
     }
 
@@ -34,7 +55,7 @@ impl RateLimiter {
             self.window = now;
             self.count = 0;
         }
-        if self.count < self.per_second {
+        if self.count < self.per_second && (!self.in_process_budget || process_allows()) {
             self.count += 1;
             Some(std::mem::take(&mut self.suppressed))
         } else {
@@ -50,13 +71,42 @@ impl RateLimiter {
     }
 }
 
+/// Whether the process's budget has room for one more line in this second.
+fn process_allows() -> bool {
+    static PROCESS: Mutex<Option<RateLimiter>> = Mutex::new(None);
+    PROCESS
+        .lock_unpoisoned()
+        .get_or_insert_with(|| RateLimiter::alone(PROCESS_LINES_PER_SECOND))
+        .allow()
+        .is_some()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn limiters_made_afresh_share_the_process_budget() {
+        // As for a frontend that reconnects in a loop: each connection's limiters are new.
+        let t = Instant::now();
+        let allowed = (0..100)
+            .filter(|_| RateLimiter::new(5).allow().is_some())
+            .count() as u32;
+        // At most two windows of the process's budget (the count may cross a second).
+        let windows = t.elapsed().as_secs() as u32 + 2;
+        assert!(
+            allowed <= windows * PROCESS_LINES_PER_SECOND,
+            "{allowed} of 100 first lines of fresh limiters allowed"
+        );
+        // A line the process's budget refused is counted where it was refused.
+        let mut r = RateLimiter::new(5);
+        while r.allow().is_some() {}
+        assert!(r.dropped() >= 1);
+    }
+
+    #[test]
     fn budget_per_window() {
-        let mut r = RateLimiter::new(3);
+        let mut r = RateLimiter::alone(3);
         assert_eq!(r.allow(), Some(0));
         assert_eq!(r.allow(), Some(0));
         assert_eq!(r.allow(), Some(0));

@@ -238,7 +238,7 @@ fn refusal_warn(e: &RelayError) {
     static LIMITER: Mutex<Option<RateLimiter>> = Mutex::new(None);
     let mut l = LIMITER.lock_unpoisoned();
     let allowed = l
-        .get_or_insert_with(|| RateLimiter::new(crate::io::WARNINGS_PER_SECOND))
+        .get_or_insert_with(|| RateLimiter::alone(crate::io::WARNINGS_PER_SECOND))
         .allow();
     if let Some(suppressed) = allowed {
         if suppressed > 0 {
@@ -246,6 +246,18 @@ fn refusal_warn(e: &RelayError) {
         }
         warn!("connection closed: {e}");
     }
+}
+
+/// Queues per second whose first enable on a connection is logged (within the process's
+/// budget): a frontend that reconnects in a loop would log each time.
+const LOGGED_ENABLES_PER_SECOND: u32 = 32;
+
+fn enable_logged() -> bool {
+    static LIMITER: Mutex<Option<RateLimiter>> = Mutex::new(None);
+    let mut l = LIMITER.lock_unpoisoned();
+    l.get_or_insert_with(|| RateLimiter::new(LOGGED_ENABLES_PER_SECOND))
+        .allow()
+        .is_some()
 }
 
 /// Queue `index`'s bit in the relay's per-queue bitmaps; none for an index past 63 (the
@@ -434,6 +446,7 @@ impl Relay {
                         if num == 1
                             && bit != 0
                             && self.enabled.fetch_or(bit, Ordering::Relaxed) & bit == 0
+                            && enable_logged()
                         {
                             info!("frontend enabled queue {index}");
                         } else if num == 1 {
