@@ -50,6 +50,8 @@ struct Waiting {
     stream: UnixStream,
     /// When it is closed if its first message has not arrived whole.
     deadline: Instant,
+    /// The bytes queued when it was last found holding part of a message.
+    part: Option<usize>,
 }
 
 /// Connections per second whose lines (connected, ended, counters) are logged: a frontend
@@ -423,7 +425,9 @@ impl Daemon {
     /// first message has arrived whole; `None` once a stop is requested. Connections wait in
     /// `lobby` side by side, so ones that send nothing, or part of a message, never delay a
     /// frontend that speaks: each is closed [`STALL_TIMEOUT`] after it was accepted, or when
-    /// [`LOBBY_PLACES`] newer ones wait.
+    /// [`LOBBY_PLACES`] newer ones wait. While a frontend is served nothing is accepted (new
+    /// connections wait in the listen backlog) and the lobby is not looked at: its connections
+    /// are served, or closed if their time is up, once the served one ends.
     fn next_frontend(&self, lobby: &mut Vec<Waiting>) -> Result<Option<UnixStream>, DaemonError> {
         loop {
             if self.stop.stopped() {
@@ -435,8 +439,18 @@ impl Daemon {
             let mut next = None::<Instant>;
             let mut i = 0;
             while i < lobby.len() {
+                let w = &mut lobby[i];
+                // Part of a message that has not grown is not peeked again (a peek of bytes
+                // sent with descriptors takes a reference to each of them).
+                let arrival = match (w.part, wire::queued(&w.stream)) {
+                    (Some(before), Ok(queued)) if queued == before => Ok(Arrival::Part),
+                    (_, Ok(queued)) => wire::arrived(&w.stream).inspect(|a| {
+                        w.part = (*a == Arrival::Part).then_some(queued);
+                    }),
+                    (_, Err(e)) => Err(e),
+                };
                 let w = &lobby[i];
-                match wire::arrived(&w.stream) {
+                match arrival {
                     Ok(Arrival::Whole) => return Ok(Some(lobby.remove(i).stream)),
                     Ok(a @ (Arrival::Nothing | Arrival::Part)) if now < w.deadline => {
                         // Part of a message stays readable: it is looked at again shortly
@@ -466,6 +480,17 @@ impl Daemon {
                         lobby.remove(i);
                     }
                 }
+            }
+            // Full, and none of them ready: the oldest gives way.
+            if lobby.len() > LOBBY_PLACES {
+                lobby.remove(0);
+                if log_connection() {
+                    warn!(
+                        "more than {LOBBY_PLACES} frontends connected and sent no whole \
+                         message: the oldest connection closed"
+                    );
+                }
+                continue;
             }
             let mut fds: Vec<libc::pollfd> = [
                 self.socket.listener.as_raw_fd(),
@@ -504,21 +529,11 @@ impl Daemon {
                 continue;
             }
             match self.socket.listener.accept() {
-                Ok((stream, _)) => {
-                    lobby.push(Waiting {
-                        stream,
-                        deadline: Instant::now() + STALL_TIMEOUT,
-                    });
-                    if lobby.len() > LOBBY_PLACES {
-                        lobby.remove(0);
-                        if log_connection() {
-                            warn!(
-                                "more than {LOBBY_PLACES} frontends connected and sent no whole \
-                                 message: the oldest connection closed"
-                            );
-                        }
-                    }
-                }
+                Ok((stream, _)) => lobby.push(Waiting {
+                    stream,
+                    deadline: Instant::now() + STALL_TIMEOUT,
+                    part: None,
+                }),
                 Err(e) => {
                     warn!("accepting a frontend failed: {e}");
                     std::thread::sleep(ACCEPT_BACKOFF);

@@ -1876,6 +1876,24 @@ fn many_stuck_frontends_do_not_hold_the_daemon() {
 }
 
 #[test]
+fn an_out_of_band_byte_does_not_spin_the_daemon() {
+    // Queued and readable, but no peek sees it: the waiting connection is looked at again
+    // now and then instead of being polled (which would return at once, again and again).
+    let mut d = Daemon::start(&[]);
+    let fe = d.raw();
+    nix::sys::socket::send(
+        fe.socket().as_raw_fd(),
+        b"x",
+        nix::sys::socket::MsgFlags::MSG_OOB,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    d.assert_idle("with an out-of-band byte waiting");
+    served_past(&mut d, &[fe], "sent an out-of-band byte");
+    d.survives();
+}
+
+#[test]
 fn the_oldest_stuck_frontend_gives_way_to_newer_ones() {
     let mut d = Daemon::start(&[]);
     let stuck: Vec<RawFrontend> = (0..40).map(|_| d.raw()).collect();

@@ -215,7 +215,6 @@ fn read_rest(
     Ok(body)
 }
 
-/// Fill `buf` from `s`, by `deadline` (when, and the limit it stands for) if given.
 /// Fill `buf` from `s` within `limit` in all, however the bytes trickle in (the socket's read
 /// time-out is set for it, and restored after).
 pub fn read_exact_within(s: &UnixStream, buf: &mut [u8], limit: Duration) -> Result<(), WireError> {
@@ -225,6 +224,7 @@ pub fn read_exact_within(s: &UnixStream, buf: &mut [u8], limit: Duration) -> Res
     read
 }
 
+/// Fill `buf` from `s`, by `deadline` (when, and the limit it stands for) if given.
 fn read_exact(
     s: &UnixStream,
     buf: &mut [u8],
@@ -271,23 +271,31 @@ pub enum Arrival {
 
 nix::ioctl_read_bad!(fionread, libc::FIONREAD, libc::c_int);
 
+/// Bytes waiting in `sock` (FIONREAD).
+pub fn queued(sock: &UnixStream) -> io::Result<usize> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int, into a live local.
+    unsafe { fionread(sock.as_raw_fd(), &mut queued) }?;
+    Ok(queued.max(0) as usize)
+}
+
 /// How much of the next message is waiting in `sock`, without reading any of it (the header is
 /// peeked, the queued bytes counted) and without blocking.
 pub fn arrived(sock: &UnixStream) -> io::Result<Arrival> {
     let mut header = Header::default();
     let fd = sock.as_raw_fd();
-    let got = match peek(fd, header.as_mut_slice()) {
+    let peeked = peek(fd, header.as_mut_slice());
+    let queued = queued(sock)?;
+    let got = match peeked {
         Ok(0) => return Ok(Arrival::Closed),
         Ok(n) => n,
+        // Bytes queued that no peek sees (out-of-band data): readable, so not to be polled.
+        Err(nix::errno::Errno::EAGAIN) if queued > 0 => return Ok(Arrival::Part),
         Err(nix::errno::Errno::EAGAIN) => return Ok(Arrival::Nothing),
         Err(e) => return Err(e.into()),
     };
-    let mut queued: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int, into a live local.
-    unsafe { fionread(fd, &mut queued) }?;
     let whole = got == HEADER_SIZE
-        && (header.size as usize > MAX_MSG_SIZE
-            || queued as usize >= HEADER_SIZE + header.size as usize);
+        && (header.size as usize > MAX_MSG_SIZE || queued >= HEADER_SIZE + header.size as usize);
     if whole {
         return Ok(Arrival::Whole);
     }
@@ -467,6 +475,12 @@ mod tests {
         let m = recv(&b).unwrap().unwrap();
         assert_eq!((m.header.request, m.body[7], m.fds.len()), (2, 0x2a, 1));
         assert_eq!(arrived(&b).unwrap(), Arrival::Closed);
+
+        // An out-of-band byte: queued and readable, but no peek sees it.
+        let (a, b) = UnixStream::pair().unwrap();
+        nix::sys::socket::send(a.as_raw_fd(), b"x", nix::sys::socket::MsgFlags::MSG_OOB).unwrap();
+        assert_eq!(arrived(&b).unwrap(), Arrival::Part);
+        drop(a);
 
         // Part of a message, then the peer closed.
         let (mut a, b) = UnixStream::pair().unwrap();
