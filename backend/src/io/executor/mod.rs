@@ -533,12 +533,18 @@ impl Executor {
         let write_through = self.write_through();
         let mut pos = 0u32;
         for (head, chain) in chains {
+            while !self.stopping()
+                && (self.store.room() == 0 || self.data_in_flight >= DATA_IN_FLIGHT_MAX)
+            {
+                self.launch(mem);
+                if self.in_flight() == 0 && self.store.room() > 0 {
+                    // Nothing to wait for.
+                    break;
+                }
+                self.collect(mem, true);
+            }
             if self.stopping() {
                 break;
-            }
-            while self.store.room() == 0 || self.data_in_flight >= DATA_IN_FLIGHT_MAX {
-                self.launch(mem);
-                self.collect(mem, true);
             }
             self.start(mem, head, chain, pos, &limits, write_through);
             pos = pos.wrapping_add(1);
