@@ -35,7 +35,7 @@ use crate::config::{Config, DiscardMode};
 use crate::disk::Disk;
 use crate::fault;
 use crate::inflight::{resubmit, Inflight};
-use crate::io::{EngineError, Executor, GuestMem, RateLimiter, Stats, Tracker};
+use crate::io::{EngineError, Executor, GuestMem, Pool, RateLimiter, Stats, Tracker};
 use crate::poll::{PollBudget, Polled, Poller};
 use crate::virtio_blk::{self, Offer};
 use crate::LockUnpoisoned;
@@ -43,6 +43,11 @@ use crate::LockUnpoisoned;
 /// Times in a row the available ring may report new requests that a pass then does not find
 /// before the queue counts as broken (a ring whose indices contradict each other).
 const EMPTY_PASSES_MAX: u32 = 64;
+
+/// Lines a second the devices of the process together log about their queues (one stopped,
+/// requests resubmitted, notifications that failed): apart from the lines about requests, so
+/// that a guest's bad requests on many queues cannot crowd them out.
+static QUEUE_EVENT_LINES: Pool = Pool::new(20);
 
 /// Errors creating a device.
 #[derive(Debug, thiserror::Error)]
@@ -242,7 +247,10 @@ impl BlkDevice {
                 .map(|_| AtomicBool::new(false))
                 .collect(),
             exits,
-            limiter: Mutex::new(RateLimiter::new(crate::io::WARNINGS_PER_SECOND)),
+            limiter: Mutex::new(RateLimiter::in_pool(
+                crate::io::WARNINGS_PER_SECOND,
+                &QUEUE_EVENT_LINES,
+            )),
             inflight,
             memory_owner: fault::Owner::default(),
             reclaim,

@@ -35,7 +35,7 @@ use vm_memory::GuestMemoryMmap;
 pub use self::engine::{Engine, EngineError};
 pub use self::executor::Executor;
 pub use self::op::{Iovecs, Op, OpKind, IOV_MAX};
-pub use self::ratelimit::{Causes, RateLimiter};
+pub use self::ratelimit::{Causes, Pool, RateLimiter};
 
 /// Guest memory as the backend maps it (no dirty-page bitmap).
 pub type GuestMem = GuestMemoryMmap<()>;

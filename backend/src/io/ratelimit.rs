@@ -6,10 +6,39 @@ use std::time::{Duration, Instant};
 
 use crate::LockUnpoisoned;
 
-/// Lines all the limiters of the process together allow per second: each connection, queue
-/// and device has budgets of its own, which a frontend that reconnects in a loop would get
-/// afresh every time.
+/// Lines a second all the limiters of the process made by [`RateLimiter::new`] together allow
+/// (the lines about the guest's requests): each connection and queue has budgets of its own,
+/// which a frontend that reconnects in a loop would get afresh every time.
 pub const PROCESS_LINES_PER_SECOND: u32 = 40;
+
+/// A budget shared by limiters, for the whole process.
+#[derive(Debug)]
+pub struct Pool {
+    per_second: u32,
+    limiter: Mutex<Option<RateLimiter>>,
+}
+
+impl Pool {
+    /// A pool allowing `per_second` lines a second.
+    pub const fn new(per_second: u32) -> Pool {
+        Pool {
+            per_second,
+            limiter: Mutex::new(None),
+        }
+    }
+
+    /// Whether the pool has room for one more line in this second.
+    fn allows(&self) -> bool {
+        self.limiter
+            .lock_unpoisoned()
+            .get_or_insert_with(|| RateLimiter::alone(self.per_second))
+            .allow()
+            .is_some()
+    }
+}
+
+/// The pool of [`RateLimiter::new`]: lines about the guest's requests.
+static REQUEST_LINES: Pool = Pool::new(PROCESS_LINES_PER_SECOND);
 
 /// Allows `per_second` events per one-second window and counts the rest.
 #[derive(Debug)]
@@ -20,16 +49,21 @@ pub struct RateLimiter {
     suppressed: u64,
     /// Events dropped since the limiter was made.
     dropped: u64,
-    /// Whether an event must also fit in the process's budget.
-    in_process_budget: bool,
+    /// The budget an event must also fit in.
+    pool: Option<&'static Pool>,
 }
 
 impl RateLimiter {
     /// A limiter allowing `per_second` events per second, within the process's budget of
     /// [`PROCESS_LINES_PER_SECOND`] shared by every limiter made so.
     pub fn new(per_second: u32) -> Self {
+        Self::in_pool(per_second, &REQUEST_LINES)
+    }
+
+    /// A limiter allowing `per_second` events per second, within `pool`.
+    pub fn in_pool(per_second: u32, pool: &'static Pool) -> Self {
         RateLimiter {
-            in_process_budget: true,
+            pool: Some(pool),
             ..Self::alone(per_second)
         }
     }
@@ -43,7 +77,7 @@ impl RateLimiter {
             count: 0,
             suppressed: 0,
             dropped: 0,
-            in_process_budget: false,
+            pool: None,
         }
     }
 
@@ -55,7 +89,7 @@ impl RateLimiter {
             self.window = now;
             self.count = 0;
         }
-        if self.count < self.per_second && (!self.in_process_budget || process_allows()) {
+        if self.count < self.per_second && self.pool.is_none_or(Pool::allows) {
             self.count += 1;
             Some(std::mem::take(&mut self.suppressed))
         } else {
@@ -69,16 +103,6 @@ impl RateLimiter {
     pub fn dropped(&self) -> u64 {
         self.dropped
     }
-}
-
-/// Whether the process's budget has room for one more line in this second.
-fn process_allows() -> bool {
-    static PROCESS: Mutex<Option<RateLimiter>> = Mutex::new(None);
-    PROCESS
-        .lock_unpoisoned()
-        .get_or_insert_with(|| RateLimiter::alone(PROCESS_LINES_PER_SECOND))
-        .allow()
-        .is_some()
 }
 
 #[cfg(test)]
@@ -102,6 +126,19 @@ mod tests {
         let mut r = RateLimiter::new(5);
         while r.allow().is_some() {}
         assert!(r.dropped() >= 1);
+    }
+
+    #[test]
+    fn a_pool_of_its_own_is_not_crowded_out_by_the_lines_about_requests() {
+        static OWN: Pool = Pool::new(2);
+        for _ in 0..2 * PROCESS_LINES_PER_SECOND {
+            RateLimiter::new(5).allow();
+        }
+        let mut r = RateLimiter::in_pool(5, &OWN);
+        assert_eq!(r.allow(), Some(0));
+        assert_eq!(r.allow(), Some(0));
+        // The pool's own budget still holds.
+        assert_eq!(RateLimiter::in_pool(5, &OWN).allow(), None);
     }
 
     #[test]

@@ -26,8 +26,9 @@
 //!
 //! Either direction ending (a closed socket, a refused message, a send that timed out because
 //! the frontend stopped reading) shuts both sockets, which ends the connection. The daemon
-//! serves one frontend at a time, so a frontend that connects and says nothing, or sends part
-//! of a message and stops, is dropped after [`STALL_TIMEOUT`] instead of keeping the next one
+//! serves one frontend at a time, and one only once its first message has arrived whole (its
+//! lobby closes those that say nothing for [`STALL_TIMEOUT`]); a frontend that sends part of a
+//! later message and stops is dropped after [`STALL_TIMEOUT`] instead of keeping the next one
 //! waiting for ever; a frontend that is idle between whole messages is never dropped.
 
 use std::fs::File;
@@ -248,14 +249,14 @@ fn refusal_warn(e: &RelayError) {
     }
 }
 
-/// Queues per second whose first enable on a connection is logged (within the process's
-/// budget): a frontend that reconnects in a loop would log each time.
+/// Queues per second whose first enable on a connection is logged, for the whole process: a
+/// frontend that reconnects in a loop would log each time.
 const LOGGED_ENABLES_PER_SECOND: u32 = 32;
 
 fn enable_logged() -> bool {
     static LIMITER: Mutex<Option<RateLimiter>> = Mutex::new(None);
     let mut l = LIMITER.lock_unpoisoned();
-    l.get_or_insert_with(|| RateLimiter::new(LOGGED_ENABLES_PER_SECOND))
+    l.get_or_insert_with(|| RateLimiter::alone(LOGGED_ENABLES_PER_SECOND))
         .allow()
         .is_some()
 }
@@ -443,12 +444,15 @@ impl Relay {
                         } else {
                             self.enabled_now.fetch_and(!bit, Ordering::Relaxed);
                         }
-                        if num == 1
+                        let first = num == 1
                             && bit != 0
-                            && self.enabled.fetch_or(bit, Ordering::Relaxed) & bit == 0
-                            && enable_logged()
-                        {
+                            && self.enabled.fetch_or(bit, Ordering::Relaxed) & bit == 0;
+                        if first && enable_logged() {
                             info!("frontend enabled queue {index}");
+                        } else if first {
+                            debug!(
+                                "frontend enabled queue {index} (not logged: too many a second)"
+                            );
                         } else if num == 1 {
                             debug!("queue {index} enabled again");
                         }
