@@ -443,7 +443,12 @@ impl Daemon {
                 // Part of a message that has not grown is not peeked again (a peek of bytes
                 // sent with descriptors takes a reference to each of them).
                 let arrival = match (w.part, wire::queued(&w.stream)) {
-                    (Some(before), Ok(queued)) if queued == before => Ok(Arrival::Part),
+                    (Some(before), Ok(queued)) if queued == before => {
+                        Ok(match wire::hung_up(&w.stream) {
+                            true => Arrival::Closed,
+                            false => Arrival::Part,
+                        })
+                    }
                     (_, Ok(queued)) => wire::arrived(&w.stream).inspect(|a| {
                         w.part = (*a == Arrival::Part).then_some(queued);
                     }),
@@ -529,11 +534,14 @@ impl Daemon {
                 continue;
             }
             match self.socket.listener.accept() {
-                Ok((stream, _)) => lobby.push(Waiting {
-                    stream,
-                    deadline: Instant::now() + STALL_TIMEOUT,
-                    part: None,
-                }),
+                Ok((stream, _)) => match wire::oob_inline(&stream) {
+                    Ok(()) => lobby.push(Waiting {
+                        stream,
+                        deadline: Instant::now() + STALL_TIMEOUT,
+                        part: None,
+                    }),
+                    Err(e) => debug!("a new connection failed: {e}"),
+                },
                 Err(e) => {
                     warn!("accepting a frontend failed: {e}");
                     std::thread::sleep(ACCEPT_BACKOFF);

@@ -1876,20 +1876,34 @@ fn many_stuck_frontends_do_not_hold_the_daemon() {
 }
 
 #[test]
-fn an_out_of_band_byte_does_not_spin_the_daemon() {
-    // Queued and readable, but no peek sees it: the waiting connection is looked at again
-    // now and then instead of being polled (which would return at once, again and again).
+fn out_of_band_bytes_neither_spin_the_daemon_nor_pass_for_a_whole_message() {
+    // An out-of-band byte alone: the waiting connection is not polled again and again. One
+    // after 11 bytes of a header, or after all but one byte of a body: read as part of the
+    // message, which is then whole (and refused, or served) at once, instead of being served
+    // as whole and then waited for.
     let mut d = Daemon::start(&[]);
-    let fe = d.raw();
-    nix::sys::socket::send(
-        fe.socket().as_raw_fd(),
-        b"x",
-        nix::sys::socket::MsgFlags::MSG_OOB,
-    )
-    .unwrap();
+    let oob = |fe: &RawFrontend| {
+        nix::sys::socket::send(
+            fe.socket().as_raw_fd(),
+            b"x",
+            nix::sys::socket::MsgFlags::MSG_OOB,
+        )
+        .unwrap();
+    };
+    let alone = d.raw();
+    oob(&alone);
     std::thread::sleep(Duration::from_millis(100));
     d.assert_idle("with an out-of-band byte waiting");
-    served_past(&mut d, &[fe], "sent an out-of-band byte");
+    let header = d.raw();
+    header
+        .send_bytes(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0])
+        .unwrap();
+    oob(&header);
+    let body = d.raw();
+    body.send_bytes(&[2, 0, 0, 0, 1, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+        .unwrap();
+    oob(&body);
+    served_past(&mut d, &[alone, header, body], "sent out-of-band bytes");
     d.survives();
 }
 

@@ -271,6 +271,13 @@ pub enum Arrival {
 
 nix::ioctl_read_bad!(fionread, libc::FIONREAD, libc::c_int);
 
+/// Keep out-of-band data inline in `sock` (SO_OOBINLINE): a peer's MSG_OOB byte is read as an
+/// ordinary one, where peeks and the queued bytes see it.
+pub fn oob_inline(sock: &UnixStream) -> io::Result<()> {
+    nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::OobInline, &true)
+        .map_err(io::Error::from)
+}
+
 /// Bytes waiting in `sock` (FIONREAD).
 pub fn queued(sock: &UnixStream) -> io::Result<usize> {
     let mut queued: libc::c_int = 0;
@@ -280,7 +287,9 @@ pub fn queued(sock: &UnixStream) -> io::Result<usize> {
 }
 
 /// How much of the next message is waiting in `sock`, without reading any of it (the header is
-/// peeked, the queued bytes counted) and without blocking.
+/// peeked, the queued bytes counted) and without blocking. Out-of-band data counts in the
+/// queued bytes and shows in peeks past it, but a read skips it: sockets passed here get
+/// SO_OOBINLINE first ([`oob_inline`]), so that the three agree.
 pub fn arrived(sock: &UnixStream) -> io::Result<Arrival> {
     let mut header = Header::default();
     let fd = sock.as_raw_fd();
@@ -300,17 +309,22 @@ pub fn arrived(sock: &UnixStream) -> io::Result<Arrival> {
         return Ok(Arrival::Whole);
     }
     // A peer that closed after part of a message: the part is readable, then end of file.
+    if hung_up(sock) {
+        return Ok(Arrival::Closed);
+    }
+    Ok(Arrival::Part)
+}
+
+/// Whether the peer of `sock` closed its side (or the socket failed), without blocking.
+pub fn hung_up(sock: &UnixStream) -> bool {
     let mut p = libc::pollfd {
-        fd,
+        fd: sock.as_raw_fd(),
         events: libc::POLLRDHUP,
         revents: 0,
     };
     // SAFETY: one live pollfd for the duration of the call, which does not block.
     let r = unsafe { libc::poll(&mut p, 1, 0) };
-    if r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
-        return Ok(Arrival::Closed);
-    }
-    Ok(Arrival::Part)
+    r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
 /// Copy the first bytes waiting in `fd` to `buf`, reading none of them. A peek ends after bytes
