@@ -1277,47 +1277,303 @@ fn inflight_counters_at_u64_max_keep_resubmission_order() {
     d.survives();
 }
 
+fn mem_slots_negotiation() -> Negotiation {
+    Negotiation {
+        protocol: VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
+        ..Negotiation::default()
+    }
+}
+
+/// Region `i` of `n` equal parts of `dev`'s memory, at the guest and frontend addresses the
+/// whole-memory table would give it.
+fn part(dev: &RawDevice, i: u64, n: u64) -> MemRegion {
+    let whole = MemRegion::of(&dev.mem);
+    let size = whole.memory_size / n;
+    MemRegion {
+        guest_phys_addr: i * size,
+        memory_size: size,
+        user_addr: whole.user_addr + i * size,
+        mmap_offset: i * size,
+        fd: whole.fd,
+    }
+}
+
+/// Request `k` on `q`: `kind` of 4096 bytes at `sector`, its header, data and status at guest
+/// address `gpa`, which `mem` holds at offset `off`. Returns the data's offset in `mem`.
+fn request_at(
+    d: &Daemon,
+    q: &RawQueue,
+    mem: &GuestMem,
+    k: u16,
+    (kind, sector): (RequestType, u64),
+    (gpa, off): (u64, u64),
+) -> u64 {
+    use vloop_frontend::blk::{header, HEADER_LEN};
+    use vloop_frontend::ring::{Descriptor, DESC_F_NEXT, DESC_F_WRITE};
+    let len = 4096u32;
+    let data = u64::from(HEADER_LEN);
+    let status = data + u64::from(len);
+    mem.write(off, &header(kind, sector)).unwrap();
+    mem.write(off + status, &[0xff]).unwrap();
+    let data_flags = if kind == RequestType::In {
+        DESC_F_WRITE
+    } else {
+        0
+    };
+    let size = q.layout.size;
+    let head = (k * 3) % size;
+    let parts = [
+        (0, HEADER_LEN, DESC_F_NEXT),
+        (data, len, data_flags | DESC_F_NEXT),
+        (status, 1, DESC_F_WRITE),
+    ];
+    for (i, (at, len, flags)) in parts.into_iter().enumerate() {
+        let i = i as u16;
+        q.set_desc(
+            (head + i) % size,
+            Descriptor {
+                addr: gpa + at,
+                len,
+                flags,
+                next: (head + i + 1) % size,
+            },
+        )
+        .unwrap();
+    }
+    q.set_avail_entry(k, head).unwrap();
+    q.set_avail_idx(k + 1).unwrap();
+    q.kick().unwrap();
+    q.wait_used(k + 1, REPLY)
+        .unwrap_or_else(|seen| panic!("request {k} not completed (used {seen}):\n{}", d.log()));
+    let mut st = [0u8];
+    mem.read(off + status, &mut st).unwrap();
+    assert_eq!(st[0], S_OK, "request {k}:\n{}", d.log());
+    off + data
+}
+
 #[test]
-fn add_mem_reg_is_refused_without_configure_mem_slots() {
+fn memory_regions_added_and_removed_one_at_a_time_serve_requests() {
     let d = Daemon::start(&[]);
-    for force in [false, true] {
-        let mut dev = RawDevice::new(d.raw(), Arc::new(GuestMem::new(MEM).unwrap()));
-        dev.fe.set_owner().unwrap();
-        let features = dev.fe.get_features().unwrap();
-        dev.fe.set_features(features).unwrap();
-        let offered = dev.fe.get_protocol_features().unwrap();
-        assert!(!offered.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS));
-        let mut ask = offered & VhostUserProtocolFeatures::REPLY_ACK;
-        if force {
-            // Acknowledged although never offered.
-            ask |= VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-        }
-        let _ = dev.fe.set_protocol_features(ask);
-        let m = fds::memfd(600 * 4096, true).unwrap();
-        let mut accepted = 0;
-        for i in 0..600u64 {
-            let r = dev.fe.add_mem_reg(&MemRegion {
-                guest_phys_addr: i * 4096,
-                memory_size: 4096,
-                user_addr: 0x7f00_0000_0000 + i * 4096,
-                mmap_offset: i * 4096,
-                fd: m.as_raw_fd(),
-            });
-            if r.is_err() {
-                break;
-            }
-            accepted += 1;
-        }
-        assert_eq!(
-            accepted, 0,
-            "ADD_MEM_REG accepted {accepted} times (CONFIGURE_MEM_SLOTS acknowledged: {force})"
-        );
+    {
+        let mut dev = d.device(&mem_slots_negotiation());
         assert!(
-            dev.fe.closed_within(Duration::from_secs(5)),
-            "a refused ADD_MEM_REG left the connection open (acknowledged: {force}):\n{}",
-            d.log()
+            dev.protocol
+                .contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS),
+            "CONFIGURE_MEM_SLOTS not offered"
+        );
+        assert_eq!(dev.fe.get_max_mem_slots().unwrap(), 509);
+        let (low, high) = (part(&dev, 0, 2), part(&dev, 1, 2));
+        dev.fe.add_mem_reg(&low).unwrap();
+        dev.fe.add_mem_reg(&high).unwrap();
+        // The ring and the writes in the low half, the reads in the high one.
+        dev.start_queue(0, RingLayout::new(16, 0).unwrap(), 0)
+            .unwrap();
+        let mem = dev.mem.clone();
+        let q = &dev.queues[0];
+        let top = high.guest_phys_addr + 0x1000;
+        let (one, two) = (pattern(1, 4096), pattern(2, 4096));
+        let mut read = vec![0u8; 4096];
+        let off = REQS;
+        mem.write(off + 16, &one).unwrap();
+        request_at(&d, q, &mem, 0, (RequestType::Out, 8), (off, off));
+        let back = request_at(&d, q, &mem, 1, (RequestType::In, 8), (top, top));
+        mem.read(back, &mut read).unwrap();
+        assert!(read == one, "read back other data than written");
+        // The high half goes (with a descriptor, as older frontends send) and comes back at
+        // other guest addresses.
+        dev.fe.rem_mem_reg(&high, Some(mem.raw_fd())).unwrap();
+        let moved = MemRegion {
+            guest_phys_addr: 4 * MEM,
+            ..high
+        };
+        dev.fe.add_mem_reg(&moved).unwrap();
+        mem.write(off + 16, &two).unwrap();
+        request_at(&d, q, &mem, 2, (RequestType::Out, 16), (off, off));
+        let moved_top = moved.guest_phys_addr + 0x1000;
+        let back = request_at(&d, q, &mem, 3, (RequestType::In, 16), (moved_top, top));
+        mem.read(back, &mut read).unwrap();
+        assert!(
+            read == two,
+            "read back through the moved region other data than written"
         );
     }
+    d.survives();
+}
+
+/// One hostile use of ADD_MEM_REG or REM_MEM_REG, on a device negotiated with
+/// CONFIGURE_MEM_SLOTS unless `plain`.
+struct RegionAttack {
+    what: &'static str,
+    plain: bool,
+    run: fn(&mut RawDevice) -> Result<(), RawError>,
+}
+
+#[test]
+fn hostile_memory_regions_are_refused() {
+    fn add_raw(dev: &mut RawDevice, body: &[u8], fds: &[RawFd]) -> Result<(), RawError> {
+        dev.fe.set(FrontendReq::ADD_MEM_REG, body, fds)
+    }
+    fn body(r: &MemRegion) -> Vec<u8> {
+        vhost::vhost_user::message::VhostUserSingleMemoryRegion::new(
+            r.guest_phys_addr,
+            r.memory_size,
+            r.user_addr,
+            r.mmap_offset,
+        )
+        .as_slice()
+        .to_vec()
+    }
+    let attacks = [
+        RegionAttack {
+            what: "ADD_MEM_REG without CONFIGURE_MEM_SLOTS negotiated",
+            plain: true,
+            run: |dev| dev.fe.add_mem_reg(&part(dev, 0, 1)),
+        },
+        RegionAttack {
+            what: "REM_MEM_REG without CONFIGURE_MEM_SLOTS negotiated",
+            plain: true,
+            run: |dev| {
+                dev.set_mem_table()?;
+                dev.fe.rem_mem_reg(&part(dev, 0, 1), None)
+            },
+        },
+        RegionAttack {
+            what: "ADD_MEM_REG without a descriptor",
+            plain: false,
+            run: |dev| add_raw(dev, &body(&part(dev, 0, 1)), &[]),
+        },
+        RegionAttack {
+            what: "ADD_MEM_REG with two descriptors",
+            plain: false,
+            run: |dev| {
+                let r = part(dev, 0, 1);
+                add_raw(dev, &body(&r), &[r.fd, r.fd])
+            },
+        },
+        RegionAttack {
+            what: "ADD_MEM_REG with a short body",
+            plain: false,
+            run: |dev| {
+                let r = part(dev, 0, 1);
+                add_raw(dev, &body(&r)[..32], &[r.fd])
+            },
+        },
+        RegionAttack {
+            what: "an empty region",
+            plain: false,
+            run: |dev| {
+                dev.fe.add_mem_reg(&MemRegion {
+                    memory_size: 0,
+                    ..part(dev, 0, 1)
+                })
+            },
+        },
+        RegionAttack {
+            what: "a region whose frontend addresses wrap around",
+            plain: false,
+            run: |dev| {
+                dev.fe.add_mem_reg(&MemRegion {
+                    user_addr: u64::MAX - 4095,
+                    ..part(dev, 0, 1)
+                })
+            },
+        },
+        RegionAttack {
+            what: "a region whose guest addresses wrap around",
+            plain: false,
+            run: |dev| {
+                dev.fe.add_mem_reg(&MemRegion {
+                    guest_phys_addr: u64::MAX - 4095,
+                    ..part(dev, 0, 1)
+                })
+            },
+        },
+        RegionAttack {
+            what: "a region longer than its memfd",
+            plain: false,
+            run: |dev| {
+                dev.fe.add_mem_reg(&MemRegion {
+                    mmap_offset: 4096,
+                    ..part(dev, 0, 1)
+                })
+            },
+        },
+        RegionAttack {
+            what: "a region backed by an eventfd",
+            plain: false,
+            run: |dev| {
+                let e = EventFd::new(EFD_NONBLOCK).unwrap();
+                dev.fe.add_mem_reg(&MemRegion {
+                    fd: e.as_raw_fd(),
+                    ..part(dev, 0, 1)
+                })
+            },
+        },
+        RegionAttack {
+            what: "a region overlapping another in guest memory",
+            plain: false,
+            run: |dev| {
+                let low = part(dev, 0, 2);
+                dev.fe.add_mem_reg(&low)?;
+                dev.fe.add_mem_reg(&MemRegion {
+                    guest_phys_addr: low.memory_size / 2,
+                    ..part(dev, 1, 2)
+                })
+            },
+        },
+        RegionAttack {
+            what: "REM_MEM_REG of a region never added",
+            plain: false,
+            run: |dev| {
+                dev.fe.add_mem_reg(&part(dev, 0, 2))?;
+                dev.fe.rem_mem_reg(&part(dev, 1, 2), None)
+            },
+        },
+        RegionAttack {
+            what: "REM_MEM_REG of the region holding a running ring",
+            plain: false,
+            run: |dev| {
+                dev.fe.add_mem_reg(&part(dev, 0, 2))?;
+                dev.fe.add_mem_reg(&part(dev, 1, 2))?;
+                let layout = RingLayout::new(16, MEM / 2 + 0x1000).unwrap();
+                dev.start_queue(0, layout, 0)?;
+                dev.fe.rem_mem_reg(&part(dev, 0, 2), None)?;
+                dev.fe.rem_mem_reg(&part(dev, 1, 2), None)
+            },
+        },
+        RegionAttack {
+            what: "more regions than GET_MAX_MEM_SLOTS offers",
+            plain: false,
+            run: |dev| {
+                let n = dev.fe.get_max_mem_slots()? + 1;
+                for i in 0..n {
+                    dev.fe.add_mem_reg(&MemRegion {
+                        memory_size: 4096,
+                        ..part(dev, i, MEM / 4096)
+                    })?;
+                }
+                Ok(())
+            },
+        },
+    ];
+    let d = Daemon::start(&[]);
+    for a in attacks {
+        let how = if a.plain {
+            Negotiation::default()
+        } else {
+            mem_slots_negotiation()
+        };
+        let mut dev = d.device(&how);
+        let r = (a.run)(&mut dev);
+        assert_refused(&d, &dev.fe, r, a.what);
+    }
+    assert!(
+        d.log_count("panicked") == 0,
+        "a panic in the log:\n{}",
+        d.log()
+    );
     d.survives();
 }
 

@@ -11,14 +11,16 @@
 //!   requests of features the device does not have), and GET/SET_INFLIGHT_FD and
 //!   SET_BACKEND_REQ_FD from a frontend that did not negotiate INFLIGHT_SHMFD or BACKEND_REQ;
 //! - keeps the backend request channel (SET_BACKEND_REQ_FD) for config-change announcements;
-//! - refuses queue sizes that are not powers of two, and any memory table, queue size or ring
-//!   address after which a configured ring would not lie wholly inside guest memory
-//!   ([`super::rings`]);
+//! - refuses queue sizes that are not powers of two, and any memory table, added or removed
+//!   memory region, queue size or ring address after which a configured ring would not lie
+//!   wholly inside guest memory, and regions the library would mistranslate or could not tell
+//!   apart ([`super::rings`]);
 //! - checks every descriptor before the library sees it ([`super::fds`]): eventfds for kick,
 //!   call and error (made non-blocking), guest memory that covers its regions and cannot
-//!   shrink, a unix stream socket for the backend channel; descriptors on messages that take
-//!   none, ADD_MEM_REG/REM_MEM_REG (CONFIGURE_MEM_SLOTS is not offered) and the dirty-log
-//!   messages (LOG_SHMFD is not offered) end the connection;
+//!   shrink (SET_MEM_TABLE, ADD_MEM_REG), a unix stream socket for the backend channel; the
+//!   descriptor REM_MEM_REG may carry (the specification lets old frontends send one) is
+//!   closed unused; descriptors on messages that take none, and the dirty-log messages
+//!   (LOG_SHMFD is not offered), end the connection;
 //! - signals a queue's call eventfd when it is set (as libvhost-user does, so a completion a
 //!   previous backend wrote before it died reaches the guest), and kicks a queue once when its
 //!   kick eventfd is set on a recovered inflight region, so its worker resubmits what was in
@@ -49,7 +51,7 @@ use vm_memory::ByteValued;
 
 use super::backend_channel::BackendChannel;
 use super::fds;
-use super::rings::Rings;
+use super::rings::{Region, Rings};
 use super::wire::{self, Header, Message, WireError};
 use crate::inflight::{queue_region_size, Inflight, InflightError, InflightRegion};
 use crate::io::RateLimiter;
@@ -369,6 +371,9 @@ impl Relay {
                     Some(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
                 }
                 FrontendReq::SET_BACKEND_REQ_FD => Some(VhostUserProtocolFeatures::BACKEND_REQ),
+                FrontendReq::GET_MAX_MEM_SLOTS
+                | FrontendReq::ADD_MEM_REG
+                | FrontendReq::REM_MEM_REG => Some(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS),
                 _ => None,
             };
             if let Some(f) = needs {
@@ -420,9 +425,8 @@ impl Relay {
                     self.reply_ack.store(false, Ordering::Relaxed);
                     self.to_library(&m)?
                 }
-                FrontendReq::ADD_MEM_REG | FrontendReq::REM_MEM_REG => {
-                    return Err(refused(&m, "CONFIGURE_MEM_SLOTS was not negotiated"))
-                }
+                FrontendReq::ADD_MEM_REG => self.add_mem_reg(m)?,
+                FrontendReq::REM_MEM_REG => self.rem_mem_reg(m)?,
                 FrontendReq::SET_LOG_BASE | FrontendReq::SET_LOG_FD => {
                     return Err(refused(&m, "dirty-page logging is not offered"))
                 }
@@ -714,11 +718,13 @@ impl Relay {
             let r = VhostUserMemoryRegion::from_slice(&m.body[off..off + size])
                 .copied()
                 .ok_or_else(|| refused(&m, "short region"))?;
+            let region = Region::checked(r.guest_phys_addr, r.user_addr, r.memory_size)
+                .map_err(|e| refused(&m, format!("region {i}: {e}")))?;
             // A descriptor borrowed as a File, without taking it from the message.
             let file = File::from(fd.try_clone().map_err(|e| refused(&m, e))?);
             fds::guest_memory(&file, r.mmap_offset, r.memory_size)
                 .map_err(|e| refused(&m, format!("region {i}: {e}")))?;
-            table.push((r.user_addr, r.memory_size));
+            table.push(region);
         }
         let checked = self.rings.lock_unpoisoned().set_table(table);
         if let Err(e) = checked {
@@ -727,4 +733,59 @@ impl Relay {
         }
         self.to_library(&m)
     }
+
+    /// ADD_MEM_REG: one descriptor, able to back the region, and a region the table has room
+    /// for.
+    fn add_mem_reg(&self, m: Message) -> Result<(), RelayError> {
+        if m.fds.len() != 1 {
+            return Err(refused(
+                &m,
+                format!("ADD_MEM_REG with {} descriptors", m.fds.len()),
+            ));
+        }
+        let (r, region) = single_region(&m)?;
+        let file = File::from(m.fds[0].try_clone().map_err(|e| refused(&m, e))?);
+        fds::guest_memory(&file, r.mmap_offset, r.memory_size).map_err(|e| refused(&m, e))?;
+        let checked = self.rings.lock_unpoisoned().add(region);
+        if let Err(e) = checked {
+            self.ack(&m, false)?;
+            return Err(refused(&m, e));
+        }
+        self.to_library(&m)
+    }
+
+    /// REM_MEM_REG: a region of the table that holds no part of a configured ring. A
+    /// descriptor sent with it is closed unused.
+    fn rem_mem_reg(&self, mut m: Message) -> Result<(), RelayError> {
+        if m.fds.len() > 1 {
+            return Err(refused(
+                &m,
+                format!("REM_MEM_REG with {} descriptors", m.fds.len()),
+            ));
+        }
+        m.fds.clear();
+        let (_, region) = single_region(&m)?;
+        let checked = self
+            .rings
+            .lock_unpoisoned()
+            .remove(region.guest, region.size);
+        if let Err(e) = checked {
+            self.ack(&m, false)?;
+            return Err(refused(&m, e));
+        }
+        self.to_library(&m)
+    }
+}
+
+/// The region of an ADD_MEM_REG or REM_MEM_REG body (a u64 of padding, then the region).
+fn single_region(m: &Message) -> Result<(VhostUserMemoryRegion, Region), RelayError> {
+    const PAD: usize = std::mem::size_of::<u64>();
+    let size = std::mem::size_of::<VhostUserMemoryRegion>();
+    let r = (m.body.len() == PAD + size)
+        .then(|| VhostUserMemoryRegion::from_slice(&m.body[PAD..]).copied())
+        .flatten()
+        .ok_or_else(|| refused(m, format!("a body of {} bytes", m.body.len())))?;
+    let region = Region::checked(r.guest_phys_addr, r.user_addr, r.memory_size)
+        .map_err(|e| refused(m, e))?;
+    Ok((r, region))
 }

@@ -9,6 +9,13 @@
 //! them), and refuses any message after which a configured ring would not lie wholly inside
 //! one memory region. A ring stops being checked when GET_VRING_BASE stops it, or when the
 //! device is reset, so a frontend may change memory while its rings are stopped.
+//!
+//! With CONFIGURE_MEM_SLOTS the table also changes a region at a time (ADD_MEM_REG,
+//! REM_MEM_REG). The library appends an added region to the ones it translates ring addresses
+//! with, and drops a removed one by its guest address and size; [`Rings`] does the same, and
+//! refuses a region the library could not tell apart (empty, wrapping around the address space,
+//! overlapping another in guest memory), more regions than the library offers slots for, and the
+//! removal of a region that translates a configured ring.
 
 /// Bytes of one descriptor table entry.
 const DESC_SIZE: u64 = 16;
@@ -41,6 +48,80 @@ pub enum RingError {
         /// Its length for the queue's size.
         len: u64,
     },
+    /// A region of no bytes, or one whose end wraps around an address space.
+    #[error("a memory region of {size:#x} bytes at guest address {guest:#x} (frontend address {user:#x}) is empty or wraps around")]
+    BadRegion {
+        /// Its guest physical address.
+        guest: u64,
+        /// Its frontend virtual address.
+        user: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// ADD_MEM_REG with a region whose guest addresses overlap a region's already in the table.
+    #[error("the memory region at guest address {guest:#x} overlaps the one at {other:#x}")]
+    Overlap {
+        /// The new region's guest physical address.
+        guest: u64,
+        /// The guest physical address of the region it overlaps.
+        other: u64,
+    },
+    /// ADD_MEM_REG past the slots GET_MAX_MEM_SLOTS offers.
+    #[error("more than {MAX_REGIONS} memory regions")]
+    TooManyRegions,
+    /// REM_MEM_REG of a region the table does not hold.
+    #[error("no memory region of {size:#x} bytes at guest address {guest:#x}")]
+    NoSuchRegion {
+        /// The guest physical address asked for.
+        guest: u64,
+        /// The size asked for.
+        size: u64,
+    },
+    /// REM_MEM_REG of the region that holds part of a configured ring.
+    #[error("the memory region at guest address {guest:#x} holds the {part} of queue {queue} (stop the ring first: GET_VRING_BASE)")]
+    InUse {
+        /// The region's guest physical address.
+        guest: u64,
+        /// The queue.
+        queue: u32,
+        /// Which part of its ring.
+        part: &'static str,
+    },
+}
+
+/// Memory slots a frontend may fill with ADD_MEM_REG: what vhost-user-backend answers to
+/// GET_MAX_MEM_SLOTS.
+pub const MAX_REGIONS: usize = 509;
+
+/// One region of guest memory, as the frontend describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region {
+    /// Guest physical address.
+    pub guest: u64,
+    /// Frontend virtual address (ring addresses are given in these).
+    pub user: u64,
+    /// Bytes.
+    pub size: u64,
+}
+
+impl Region {
+    /// A region that is not empty and ends inside both address spaces.
+    pub fn checked(guest: u64, user: u64, size: u64) -> Result<Region, RingError> {
+        let ends = guest.checked_add(size).is_some() && user.checked_add(size).is_some();
+        if size == 0 || !ends {
+            return Err(RingError::BadRegion { guest, user, size });
+        }
+        Ok(Region { guest, user, size })
+    }
+
+    fn holds(&self, addr: u64) -> bool {
+        self.user <= addr && addr - self.user < self.size
+    }
+
+    fn overlaps(&self, other: &Region) -> bool {
+        self.guest < other.guest.saturating_add(other.size)
+            && other.guest < self.guest.saturating_add(self.size)
+    }
 }
 
 /// Bytes of the descriptor table, the available ring and the used ring of a split ring of
@@ -50,34 +131,34 @@ pub fn ring_lengths(num: u16) -> [u64; 3] {
     [DESC_SIZE * n, 6 + 2 * n, 6 + 8 * n]
 }
 
-/// Whether `addr..addr + len` lies wholly inside the region (start, size) of `regions` that
-/// translates `addr`: the first one in table order that holds it, as the library translates
-/// ring addresses (regions may overlap in the frontend's address space, and a range wholly
-/// inside a later one may still cross the end of the one the library picks).
-pub fn inside(regions: &[(u64, u64)], addr: u64, len: u64) -> bool {
+/// The index of the region of `regions` that translates the frontend address `addr`: the
+/// first one in table order that holds it, as the library translates ring addresses (regions
+/// may overlap in the frontend's address space).
+fn translating(regions: &[Region], addr: u64) -> Option<usize> {
+    regions.iter().position(|r| r.holds(addr))
+}
+
+/// Whether `addr..addr + len` lies wholly inside the region of `regions` that translates
+/// `addr` (a range wholly inside a later one may still cross the end of the one the library
+/// picks).
+pub fn inside(regions: &[Region], addr: u64, len: u64) -> bool {
     let Some(end) = addr.checked_add(len) else {
         return false;
     };
-    regions
-        .iter()
-        .find_map(|&(start, size)| {
-            let stop = start.checked_add(size)?;
-            (start <= addr && addr < stop).then_some(stop)
-        })
-        .is_some_and(|stop| end <= stop)
+    translating(regions, addr).is_some_and(|i| {
+        let r = &regions[i];
+        end - r.user <= r.size
+    })
 }
 
 /// The addresses of one queue's rings: descriptor table, available ring, used ring.
 pub type RingAddrs = [u64; 3];
 
+/// The parts of a ring, in [`RingAddrs`] order.
+const PARTS: [&str; 3] = ["descriptor table", "available ring", "used ring"];
+
 /// Check that the rings of `queue` at `addrs`, `num` descriptors long, lie inside `regions`.
-pub fn check(
-    regions: &[(u64, u64)],
-    queue: u32,
-    num: u16,
-    addrs: RingAddrs,
-) -> Result<(), RingError> {
-    const PARTS: [&str; 3] = ["descriptor table", "available ring", "used ring"];
+pub fn check(regions: &[Region], queue: u32, num: u16, addrs: RingAddrs) -> Result<(), RingError> {
     for ((addr, len), part) in addrs.into_iter().zip(ring_lengths(num)).zip(PARTS) {
         if !inside(regions, addr, len) {
             return Err(RingError::Outside {
@@ -105,8 +186,8 @@ struct Queue {
 /// The memory table and the rings of one connection, as the frontend described them.
 #[derive(Debug)]
 pub struct Rings {
-    /// Regions of the last memory table: (frontend virtual address, size).
-    table: Vec<(u64, u64)>,
+    /// Regions of the memory table, in the order the library translates with.
+    table: Vec<Region>,
     queues: Vec<Queue>,
     max_size: u16,
 }
@@ -126,15 +207,54 @@ impl Rings {
         q.num.unwrap_or(self.max_size)
     }
 
-    /// SET_MEM_TABLE with `regions` (frontend virtual address, size): every configured ring
-    /// must lie inside the new table.
-    pub fn set_table(&mut self, regions: Vec<(u64, u64)>) -> Result<(), RingError> {
+    /// SET_MEM_TABLE with `regions`: every configured ring must lie inside the new table.
+    pub fn set_table(&mut self, regions: Vec<Region>) -> Result<(), RingError> {
         for (i, q) in self.queues.iter().enumerate() {
             if let Some(addrs) = q.addrs {
                 check(&regions, i as u32, self.size(q), addrs)?;
             }
         }
         self.table = regions;
+        Ok(())
+    }
+
+    /// ADD_MEM_REG: a free slot, and guest addresses no other region has. Rings already
+    /// configured keep the regions that translate them (the new one comes last).
+    pub fn add(&mut self, region: Region) -> Result<(), RingError> {
+        if self.table.len() >= MAX_REGIONS {
+            return Err(RingError::TooManyRegions);
+        }
+        if let Some(other) = self.table.iter().find(|r| r.overlaps(&region)) {
+            return Err(RingError::Overlap {
+                guest: region.guest,
+                other: other.guest,
+            });
+        }
+        self.table.push(region);
+        Ok(())
+    }
+
+    /// REM_MEM_REG of the region at guest address `guest` of `size` bytes (the library picks
+    /// it by these two): not one that translates part of a configured ring.
+    pub fn remove(&mut self, guest: u64, size: u64) -> Result<(), RingError> {
+        let i = self
+            .table
+            .iter()
+            .position(|r| r.guest == guest && r.size == size)
+            .ok_or(RingError::NoSuchRegion { guest, size })?;
+        for (queue, q) in self.queues.iter().enumerate() {
+            let Some(addrs) = q.addrs else { continue };
+            for (addr, part) in addrs.into_iter().zip(PARTS) {
+                if translating(&self.table, addr) == Some(i) {
+                    return Err(RingError::InUse {
+                        guest,
+                        queue: queue as u32,
+                        part,
+                    });
+                }
+            }
+        }
+        self.table.remove(i);
         Ok(())
     }
 
@@ -223,6 +343,11 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    /// A region at the same guest and frontend address.
+    fn at(addr: u64, size: u64) -> Region {
+        Region::checked(addr, addr, size).unwrap()
+    }
+
     #[test]
     fn lengths_follow_the_spec() {
         assert_eq!(ring_lengths(256), [4096, 518, 2054]);
@@ -231,7 +356,11 @@ mod tests {
 
     #[test]
     fn a_range_must_fit_one_region() {
-        let r = [(0x1000, 0x1000), (0x2000, 0x1000), (u64::MAX - 16, 16)];
+        let r = [
+            at(0x1000, 0x1000),
+            at(0x2000, 0x1000),
+            at(u64::MAX - 16, 16),
+        ];
         assert!(inside(&r, 0x1000, 0x1000));
         assert!(inside(&r, 0x1ff0, 0x10));
         // Adjacent regions do not make one: the library maps them apart.
@@ -242,7 +371,7 @@ mod tests {
         assert!(!inside(&[], 0, 0));
         // Overlapping regions: the first that holds the start translates it, so the range
         // must fit that one, even where a later one holds all of it.
-        let o = [(0x1000, 0x1000), (0x1800, 0x1000)];
+        let o = [at(0x1000, 0x1000), at(0x1800, 0x1000)];
         assert!(inside(&o, 0x1800, 0x800));
         assert!(
             !inside(&o, 0x1f00, 0x200),
@@ -257,7 +386,7 @@ mod tests {
         let mut r = Rings::new(2, 256);
         // No table yet: left to the library.
         r.set_addrs(0, [0, 0, 0]).unwrap();
-        r.set_table(vec![(base, 2 * MIB)]).unwrap();
+        r.set_table(vec![at(base, 2 * MIB)]).unwrap();
         // Before SET_VRING_NUM a queue has the maximum size.
         let end = base + 2 * MIB;
         let ok = [base, base + 0x1000, base + 0x2000];
@@ -280,26 +409,26 @@ mod tests {
         assert!(r.set_num(1, 32).is_err());
         r.set_num(1, 8).unwrap();
         // A table that no longer holds a configured ring, until that ring is stopped.
-        assert!(r.set_table(vec![(base, MIB)]).is_err());
+        assert!(r.set_table(vec![at(base, MIB)]).is_err());
         r.stop(1);
-        r.set_table(vec![(base, MIB)]).unwrap();
+        r.set_table(vec![at(base, MIB)]).unwrap();
         // A kick restarts it at the addresses it had: inside the table as it is now.
         assert!(matches!(
             r.restart(1),
             Err(RingError::Outside { queue: 1, .. })
         ));
         r.restart(0).unwrap();
-        r.set_table(vec![(base, 2 * MIB)]).unwrap();
+        r.set_table(vec![at(base, 2 * MIB)]).unwrap();
         r.restart(1).unwrap();
         assert_eq!(r.configured(), [0, 1]);
-        assert!(r.set_table(vec![(base, MIB)]).is_err(), "checked again");
+        assert!(r.set_table(vec![at(base, MIB)]).is_err(), "checked again");
         // New addresses replace the stopped ones.
         r.stop(1);
         r.set_addrs(1, ok).unwrap();
-        r.set_table(vec![(base, MIB)]).unwrap();
+        r.set_table(vec![at(base, MIB)]).unwrap();
         r.restart(1).unwrap();
         r.reset();
-        r.set_table(vec![(0, 4096)]).unwrap();
+        r.set_table(vec![at(0, 4096)]).unwrap();
     }
 
     #[test]
@@ -317,5 +446,83 @@ mod tests {
         // A queue the device does not have is the library's to refuse.
         r.set_num(7, 16).unwrap();
         r.set_addrs(7, [0, 0, 0]).unwrap();
+    }
+
+    #[test]
+    fn regions_come_and_go_one_at_a_time() {
+        let base = 0x7f00_0000_0000u64;
+        let mut r = Rings::new(2, 256);
+        // Regions the library could not tell apart or translate.
+        for (guest, user, size) in [(0, base, 0), (u64::MAX, base, 2), (0, u64::MAX - 1, 4)] {
+            assert!(matches!(
+                Region::checked(guest, user, size),
+                Err(RingError::BadRegion { .. })
+            ));
+        }
+        let low = Region::checked(0, base, 2 * MIB).unwrap();
+        let high = Region::checked(4 * MIB, base + 4 * MIB, 2 * MIB).unwrap();
+        r.add(low).unwrap();
+        // Guest addresses are the library's key: no overlap there, whatever the frontend
+        // addresses.
+        let clash = Region::checked(MIB, base + 64 * MIB, 2 * MIB).unwrap();
+        assert_eq!(
+            r.add(clash),
+            Err(RingError::Overlap {
+                guest: MIB,
+                other: 0
+            })
+        );
+        r.add(high).unwrap();
+        // A ring in each region.
+        r.set_addrs(0, [base, base + 0x1000, base + 0x2000])
+            .unwrap();
+        r.set_addrs(1, [base + 4 * MIB, base + 4 * MIB + 0x1000, base + 0x3000])
+            .unwrap();
+        // Removing a region picks it by guest address and size.
+        assert_eq!(
+            r.remove(4 * MIB, MIB),
+            Err(RingError::NoSuchRegion {
+                guest: 4 * MIB,
+                size: MIB
+            })
+        );
+        assert_eq!(
+            r.remove(4 * MIB, 2 * MIB),
+            Err(RingError::InUse {
+                guest: 4 * MIB,
+                queue: 1,
+                part: "descriptor table"
+            })
+        );
+        assert!(matches!(
+            r.remove(0, 2 * MIB),
+            Err(RingError::InUse { queue: 0, .. })
+        ));
+        // A stopped ring does not hold its region; restarting it checks the table as it is.
+        r.stop(1);
+        r.remove(4 * MIB, 2 * MIB).unwrap();
+        assert!(matches!(
+            r.restart(1),
+            Err(RingError::Outside { queue: 1, .. })
+        ));
+        // A region added again at other guest addresses holds the ring's frontend addresses.
+        r.add(Region::checked(8 * MIB, base + 4 * MIB, 2 * MIB).unwrap())
+            .unwrap();
+        r.restart(1).unwrap();
+        // An overlap in frontend addresses: the earlier region translates, so the later one
+        // may go.
+        let alias = Region::checked(16 * MIB, base, 2 * MIB).unwrap();
+        r.add(alias).unwrap();
+        r.remove(16 * MIB, 2 * MIB).unwrap();
+        // The slots run out where GET_MAX_MEM_SLOTS says.
+        let mut r = Rings::new(1, 256);
+        for i in 0..MAX_REGIONS as u64 {
+            r.add(Region::checked(i * MIB, base + i * MIB, MIB).unwrap())
+                .unwrap();
+        }
+        let one_more = Region::checked(1 << 40, base, MIB).unwrap();
+        assert_eq!(r.add(one_more), Err(RingError::TooManyRegions));
+        r.remove(0, MIB).unwrap();
+        r.add(one_more).unwrap();
     }
 }

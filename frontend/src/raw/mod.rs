@@ -551,6 +551,19 @@ impl RawFrontend {
         self.set(FrontendReq::ADD_MEM_REG, r.as_slice(), &[region.fd])
     }
 
+    /// REM_MEM_REG of `region` (its descriptor is not sent), with `fd` as some older frontends
+    /// send one.
+    pub fn rem_mem_reg(&self, region: &MemRegion, fd: Option<RawFd>) -> Result<(), RawError> {
+        let r = VhostUserSingleMemoryRegion::new(
+            region.guest_phys_addr,
+            region.memory_size,
+            region.user_addr,
+            region.mmap_offset,
+        );
+        let fds: Vec<RawFd> = fd.into_iter().collect();
+        self.set(FrontendReq::REM_MEM_REG, r.as_slice(), &fds)
+    }
+
     /// GET_MAX_MEM_SLOTS.
     pub fn get_max_mem_slots(&self) -> Result<u64, RawError> {
         self.call(FrontendReq::GET_MAX_MEM_SLOTS, &[], &[])?.u64()
