@@ -1402,6 +1402,45 @@ fn memory_regions_added_and_removed_one_at_a_time_serve_requests() {
     d.survives();
 }
 
+/// Mappings of process `pid` (lines of its maps file).
+fn mappings(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map(|m| m.lines().count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn memory_regions_added_and_removed_in_a_loop_leak_nothing() {
+    let d = Daemon::start(&[]);
+    {
+        let mut dev = d.device(&mem_slots_negotiation());
+        dev.fe.add_mem_reg(&part(&dev, 0, 2)).unwrap();
+        dev.start_queue(0, RingLayout::new(16, 0).unwrap(), 0)
+            .unwrap();
+        let high = part(&dev, 1, 2);
+        let cycle = |n: usize| {
+            for _ in 0..n {
+                dev.fe.add_mem_reg(&high).unwrap();
+                dev.fe.rem_mem_reg(&high, Some(high.fd)).unwrap();
+            }
+        };
+        cycle(20);
+        let (fds, maps) = (open_fds(d.pid()).unwrap(), mappings(d.pid()));
+        cycle(500);
+        let (fds_after, maps_after) = (open_fds(d.pid()).unwrap(), mappings(d.pid()));
+        assert!(
+            fds_after <= fds,
+            "500 regions added and removed: {fds} descriptors before, {fds_after} after"
+        );
+        assert!(
+            maps_after <= maps + 2,
+            "500 regions added and removed: {maps} mappings before, {maps_after} after"
+        );
+        flush_request(&d, &dev.queues[0], 0, 1);
+    }
+    d.survives();
+}
+
 /// One hostile use of ADD_MEM_REG or REM_MEM_REG, on a device negotiated with
 /// CONFIGURE_MEM_SLOTS unless `plain`.
 struct RegionAttack {
