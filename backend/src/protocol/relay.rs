@@ -751,6 +751,10 @@ impl Relay {
             self.ack(&m, false)?;
             return Err(refused(&m, e));
         }
+        debug!(
+            "memory region added: {:#x} bytes at guest address {:#x}",
+            region.size, region.guest
+        );
         self.to_library(&m)
     }
 
@@ -773,6 +777,10 @@ impl Relay {
             self.ack(&m, false)?;
             return Err(refused(&m, e));
         }
+        debug!(
+            "memory region removed: {:#x} bytes at guest address {:#x}",
+            region.size, region.guest
+        );
         self.to_library(&m)
     }
 }
