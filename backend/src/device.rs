@@ -638,8 +638,18 @@ impl VhostUserBackend for BlkDevice {
             .iter()
             .map(|r| (r.as_ptr() as usize, r.len() as usize))
             .collect();
-        // Guarded first, seen by the workers second.
-        let guard = self.memory_owner.register(ranges);
+        // Guarded first, seen by the workers second. Memory that cannot be guarded is not
+        // used: the workers keep the memory they had, and the connection ends.
+        let guard = match self.memory_owner.register(ranges) {
+            Ok(g) => g,
+            Err(e) => {
+                self.warn_limited(format_args!("{e}: closing the connection"));
+                if let Some(h) = self.hangup.lock_unpoisoned().as_ref() {
+                    h();
+                }
+                return Err(io::Error::other(e));
+            }
+        };
         *self.mem.lock_unpoisoned() = Arc::new(GuardedMem {
             mem: snapshot,
             _guard: Some(guard),

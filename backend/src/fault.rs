@@ -18,8 +18,10 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Once;
 
-/// Most ranges registered at once (a connection registers one per memory region).
-const SLOTS: usize = 512;
+/// Most ranges registered at once. A connection registers one per memory region (at most
+/// [`crate::protocol::rings::MAX_REGIONS`]), twice over while a memory change replaces its
+/// registration, and the previous connection may hold its own until it is joined.
+const SLOTS: usize = 2048;
 
 struct Slot {
     start: AtomicUsize,
@@ -39,6 +41,9 @@ const FREE: Slot = Slot {
 
 static TABLE: [Slot; SLOTS] = [FREE; SLOTS];
 static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
+/// Faults repaired in this process: until the first, no owner has faulted and
+/// [`Owner::faulted`] need not look through the table.
+static FAULTS: AtomicU64 = AtomicU64::new(0);
 static INSTALL: Once = Once::new();
 
 /// Install the SIGBUS handler (once per process).
@@ -90,6 +95,7 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
             };
             if r != libc::MAP_FAILED {
                 slot.faulted.store(true, Ordering::Release);
+                FAULTS.fetch_add(1, Ordering::Release);
                 return;
             }
         }
@@ -98,6 +104,11 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     // SAFETY: signal() with SIG_DFL is async-signal-safe.
     unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
 }
+
+/// [`Owner::register`] found no room in the table.
+#[derive(Debug, thiserror::Error)]
+#[error("no room to guard guest memory against truncation ({SLOTS} ranges are guarded already)")]
+pub struct NoRoom;
 
 /// The ranges one owner (a connection) registered; unregistered when dropped.
 #[derive(Debug)]
@@ -117,34 +128,41 @@ impl Default for Owner {
 }
 
 impl Owner {
-    /// Register `ranges` (host address, length) as guest memory of this owner. Ranges that
-    /// find no free slot stay unprotected (a warning is logged).
-    pub fn register(&self, ranges: impl IntoIterator<Item = (usize, usize)>) -> Registration {
-        let mut slots = Vec::new();
+    /// Register `ranges` (host address, length) as guest memory of this owner; none when the
+    /// table has no room for all of them (none stays registered then: memory that cannot be
+    /// guarded must not be used).
+    pub fn register(
+        &self,
+        ranges: impl IntoIterator<Item = (usize, usize)>,
+    ) -> Result<Registration, NoRoom> {
+        let mut reg = Registration {
+            owner: self.0,
+            slots: Vec::new(),
+        };
         for (start, len) in ranges {
-            let Some(i) = TABLE.iter().position(|s| {
-                s.owner
-                    .compare_exchange(0, u64::MAX, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-            }) else {
-                tracing::warn!("no room to guard a guest memory range against truncation");
-                continue;
-            };
+            let i = TABLE
+                .iter()
+                .position(|s| {
+                    s.owner
+                        .compare_exchange(0, u64::MAX, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                })
+                .ok_or(NoRoom)?;
             let s = &TABLE[i];
             s.faulted.store(false, Ordering::Relaxed);
             s.start.store(start, Ordering::Relaxed);
             s.end.store(start.saturating_add(len), Ordering::Relaxed);
             s.owner.store(self.0, Ordering::Release);
-            slots.push(i);
+            reg.slots.push(i);
         }
-        Registration {
-            owner: self.0,
-            slots,
-        }
+        Ok(reg)
     }
 
     /// Whether an access to this owner's memory faulted since it was registered.
     pub fn faulted(&self) -> bool {
+        if FAULTS.load(Ordering::Acquire) == 0 {
+            return false;
+        }
         TABLE
             .iter()
             .any(|s| s.owner.load(Ordering::Acquire) == self.0 && s.faulted.load(Ordering::Acquire))
@@ -189,7 +207,7 @@ mod tests {
         };
         assert_ne!(p, libc::MAP_FAILED);
         let owner = Owner::default();
-        let reg = owner.register([(p as usize, 8192)]);
+        let reg = owner.register([(p as usize, 8192)]).unwrap();
         // SAFETY: inside the mapping.
         unsafe { std::ptr::write_volatile(p.cast::<u8>().add(4096), 7) };
         f.set_len(0).unwrap();
@@ -203,5 +221,25 @@ mod tests {
         assert!(!owner.faulted());
         // SAFETY: the mapping made above.
         unsafe { libc::munmap(p, 8192) };
+    }
+
+    #[test]
+    fn a_registration_that_does_not_fit_takes_no_slot() {
+        let owner = Owner::default();
+        let all = owner.register((0..SLOTS).map(|i| (i * 8192, 4096)));
+        // Other tests of this process may hold slots: all of them cannot fit then.
+        if let Ok(reg) = all {
+            assert!(Owner::default().register([(1, 1)]).is_err());
+            drop(reg);
+        }
+        let one = owner.register([(1, 1)]).unwrap();
+        assert_eq!(one.slots.len(), 1);
+        assert!(
+            TABLE
+                .iter()
+                .filter(|s| s.owner.load(Ordering::Acquire) == owner.0)
+                .count()
+                == 1
+        );
     }
 }

@@ -1441,6 +1441,63 @@ fn memory_regions_added_and_removed_in_a_loop_leak_nothing() {
     d.survives();
 }
 
+#[test]
+fn truncating_the_last_of_509_memory_regions_does_not_kill_the_daemon() {
+    let mut d = Daemon::start(&[]);
+    {
+        // Guest memory that cannot be sealed, as the region with the highest guest address.
+        let mem = Arc::new(GuestMem::from_file(fds::memfd(MEM, false).unwrap()).unwrap());
+        let mut dev = RawDevice::new(d.raw(), mem.clone());
+        dev.negotiate(&mem_slots_negotiation()).unwrap();
+        let slots = dev.fe.get_max_mem_slots().unwrap();
+        let small = fds::memfd(slots * 4096, true).unwrap();
+        for i in 0..slots - 1 {
+            dev.fe
+                .add_mem_reg(&MemRegion {
+                    guest_phys_addr: i * 4096,
+                    memory_size: 4096,
+                    user_addr: 0x6000_0000_0000 + i * 4096,
+                    mmap_offset: i * 4096,
+                    fd: small.as_raw_fd(),
+                })
+                .unwrap();
+        }
+        let high = 1u64 << 32;
+        dev.fe
+            .add_mem_reg(&MemRegion {
+                guest_phys_addr: high,
+                ..MemRegion::of(&mem)
+            })
+            .unwrap();
+        dev.start_queue(0, RingLayout::new(16, 0).unwrap(), 0)
+            .unwrap();
+        let data = pattern(5, 4096);
+        mem.write(REQS + 16, &data).unwrap();
+        request_at(
+            &d,
+            &dev.queues[0],
+            &mem,
+            0,
+            (RequestType::Out, 0),
+            (high + REQS, REQS),
+        );
+        mem.file().set_len(0).unwrap();
+        dev.queues[0].kick().unwrap();
+        assert!(
+            dev.fe.closed_within(Duration::from_secs(5)),
+            "the connection survived its memory being truncated:\n{}",
+            d.log()
+        );
+        assert!(d.proc.is_running(), "vloop-blk died:\n{}", d.log());
+        assert!(
+            d.log_count("guest memory faulted") == 1,
+            "the fault was not reported once:\n{}",
+            d.log()
+        );
+    }
+    d.survives();
+}
+
 /// One hostile use of ADD_MEM_REG or REM_MEM_REG, on a device negotiated with
 /// CONFIGURE_MEM_SLOTS unless `plain`.
 struct RegionAttack {
@@ -1580,6 +1637,24 @@ fn hostile_memory_regions_are_refused() {
                 dev.start_queue(0, layout, 0)?;
                 dev.fe.rem_mem_reg(&part(dev, 0, 2), None)?;
                 dev.fe.rem_mem_reg(&part(dev, 1, 2), None)
+            },
+        },
+        RegionAttack {
+            what: "a stopped ring restarted after its region moved to other guest addresses",
+            plain: false,
+            run: |dev| {
+                let whole = part(dev, 0, 1);
+                dev.fe.add_mem_reg(&whole)?;
+                dev.start_queue(0, RingLayout::new(16, 0).unwrap(), 0)?;
+                dev.fe.get_vring_base(0)?;
+                dev.fe.rem_mem_reg(&whole, None)?;
+                // The same frontend addresses; the library keeps the ring at guest address 0.
+                dev.fe.add_mem_reg(&MemRegion {
+                    guest_phys_addr: 4 * MEM,
+                    ..whole
+                })?;
+                let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+                dev.fe.set_vring_kick(0, Some(kick.as_raw_fd()))
             },
         },
         RegionAttack {

@@ -15,8 +15,9 @@
 //! - truncating guest memory under the daemon's mapping;
 //! - kicks.
 //!
-//! An optional well-formed start-up (features, memory table, one started vring, EVENT_IDX if
-//! the input acknowledges it) comes first so that later steps reach deeper states. The daemon
+//! An optional well-formed start-up (features, CONFIGURE_MEM_SLOTS among the protocol
+//! features, so regions can be added and removed later, memory table, one started vring,
+//! EVENT_IDX if the input acknowledges it) comes first so that later steps reach deeper states. The daemon
 //! must not panic, must end the connection when the socket closes, must close every
 //! descriptor and end every thread the connection started, and the whole run must end within
 //! a bounded time (a worker that spins, or a thread that blocks, shows as a time-out: the run
@@ -176,6 +177,7 @@ enum Body {
         used: u16,
         avail: u16,
     },
+    /// A memory table; on ADD_MEM_REG and REM_MEM_REG its first region ([`single_region`]).
     MemTable {
         regions: Vec<Region>,
         count: Option<u32>,
@@ -520,6 +522,15 @@ fn two(a: u32, b: u32) -> Vec<u8> {
     v
 }
 
+/// A memory table body on ADD_MEM_REG or REM_MEM_REG: its first region in the single-region
+/// layout (a u64 of padding, `count` if given, then the region), with the region's memfd.
+fn single_region(regions: &[Region], count: Option<u32>) -> (Vec<u8>, Vec<OwnedFd>) {
+    let (table, fds) = mem_table(&regions[..regions.len().min(1)], None);
+    let mut body = le64(&[u64::from(count.unwrap_or(0))]);
+    body.extend_from_slice(&table[8..]);
+    (body, fds)
+}
+
 fn mem_table(regions: &[Region], count: Option<u32>) -> (Vec<u8>, Vec<OwnedFd>) {
     let regions = &regions[..regions.len().min(9)];
     let mut body = two(count.unwrap_or(regions.len() as u32), 0);
@@ -551,10 +562,10 @@ fn startup(c: &mut Conn, features: u64, sealable: bool, ring: &[u8]) -> OwnedFd 
     c.req(FrontendReq::SET_OWNER, &[], vec![]);
     c.req(FrontendReq::GET_FEATURES, &[], vec![]);
     c.req(FrontendReq::GET_PROTOCOL_FEATURES, &[], vec![]);
-    // CONFIG | MQ | REPLY_ACK.
+    // CONFIG | MQ | REPLY_ACK | CONFIGURE_MEM_SLOTS.
     c.req(
         FrontendReq::SET_PROTOCOL_FEATURES,
-        &le64(&[(1 << 9) | 1 | (1 << 3)]),
+        &le64(&[(1 << 9) | 1 | (1 << 3) | (1 << 15)]),
         vec![],
     );
     c.req(
@@ -581,8 +592,11 @@ fn startup(c: &mut Conn, features: u64, sealable: bool, ring: &[u8]) -> OwnedFd 
     owned(mine)
 }
 
-fn body(b: &Body) -> (Vec<u8>, Vec<OwnedFd>) {
+fn body(b: &Body, code: Code) -> (Vec<u8>, Vec<OwnedFd>) {
     match b {
+        Body::MemTable { regions, count } if matches!(code, Code::AddMemReg | Code::RemMemReg) => {
+            single_region(regions, *count)
+        }
         Body::Empty => (Vec::new(), Vec::new()),
         Body::U64(v) => (le64(&[*v]), Vec::new()),
         Body::State { index, num } => (two(*index, *num), Vec::new()),
@@ -681,7 +695,7 @@ fn kick(k: &Option<OwnedFd>) {
 fn play(c: &mut Conn, step: &Step, kick_fd: &Option<OwnedFd>) {
     match step {
         Step::Msg(m) => {
-            let (b, mut fds) = body(&m.body);
+            let (b, mut fds) = body(&m.body, m.code);
             let mut kinds: Vec<&Fd> = m.fds.iter().take(MAX_FDS).collect();
             let base = kinds.len();
             for _ in 0..m.repeat {

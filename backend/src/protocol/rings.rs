@@ -5,17 +5,20 @@
 //! end of guest memory, or resize one that fits into one that does not, or swap in a memory
 //! table that leaves a running ring outside it. The worker would then fail to read the ring
 //! on every pass. [`Rings`] follows the memory table, each queue's size and each queue's
-//! addresses as the frontend sends them (frontend virtual addresses, as the messages carry
-//! them), and refuses any message after which a configured ring would not lie wholly inside
-//! one memory region. A ring stops being checked when GET_VRING_BASE stops it, or when the
-//! device is reset, so a frontend may change memory while its rings are stopped.
+//! addresses, and refuses any message after which a configured ring would not lie wholly
+//! inside one memory region. As the library does, it translates a ring's frontend virtual
+//! addresses (SET_VRING_ADDR) into guest addresses once, through the first region that holds
+//! each, and keeps the guest addresses: every later change (a new size, a new table, a region
+//! added or removed, a stopped ring restarted) is checked in guest addresses. A ring stops
+//! being checked when GET_VRING_BASE stops it, or when the device is reset, so a frontend may
+//! change memory while its rings are stopped.
 //!
 //! With CONFIGURE_MEM_SLOTS the table also changes a region at a time (ADD_MEM_REG,
 //! REM_MEM_REG). The library appends an added region to the ones it translates ring addresses
 //! with, and drops a removed one by its guest address and size; [`Rings`] does the same, and
 //! refuses a region the library could not tell apart (empty, wrapping around the address space,
 //! overlapping another in guest memory), more regions than the library offers slots for, and the
-//! removal of a region that translates a configured ring.
+//! removal of a region that holds part of a configured ring.
 
 /// Bytes of one descriptor table entry.
 const DESC_SIZE: u64 = 16;
@@ -36,14 +39,17 @@ pub enum RingError {
     },
     /// A part of a ring does not lie wholly inside one memory region.
     #[error(
-        "the {part} of queue {queue} ({len} bytes at {addr:#x}) is not inside one memory region"
+        "the {part} of queue {queue} ({len} bytes at {space} address {addr:#x}) is not inside \
+         one memory region"
     )]
     Outside {
         /// The queue.
         queue: u32,
         /// Which part: descriptor table, available ring or used ring.
         part: &'static str,
-        /// Its frontend virtual address.
+        /// Which address: "frontend" (SET_VRING_ADDR) or "guest" (later checks).
+        space: &'static str,
+        /// Its address.
         addr: u64,
         /// Its length for the queue's size.
         len: u64,
@@ -157,13 +163,58 @@ pub type RingAddrs = [u64; 3];
 /// The parts of a ring, in [`RingAddrs`] order.
 const PARTS: [&str; 3] = ["descriptor table", "available ring", "used ring"];
 
-/// Check that the rings of `queue` at `addrs`, `num` descriptors long, lie inside `regions`.
-pub fn check(regions: &[Region], queue: u32, num: u16, addrs: RingAddrs) -> Result<(), RingError> {
-    for ((addr, len), part) in addrs.into_iter().zip(ring_lengths(num)).zip(PARTS) {
+/// Whether the guest range `gpa..gpa + len` lies wholly inside one region of `regions`.
+pub fn inside_guest(regions: &[Region], gpa: u64, len: u64) -> bool {
+    let Some(end) = gpa.checked_add(len) else {
+        return false;
+    };
+    regions
+        .iter()
+        .any(|r| r.guest <= gpa && end - r.guest <= r.size)
+}
+
+/// The guest addresses of the rings of `queue` at the frontend addresses `addrs`, `num`
+/// descriptors long, each translated through the region that translates its first byte, which
+/// must hold all of it.
+pub fn translate(
+    regions: &[Region],
+    queue: u32,
+    num: u16,
+    addrs: RingAddrs,
+) -> Result<RingAddrs, RingError> {
+    let mut guest = [0; 3];
+    for (i, ((addr, len), part)) in addrs
+        .into_iter()
+        .zip(ring_lengths(num))
+        .zip(PARTS)
+        .enumerate()
+    {
         if !inside(regions, addr, len) {
             return Err(RingError::Outside {
                 queue,
                 part,
+                space: "frontend",
+                addr,
+                len,
+            });
+        }
+        // `inside` found the region.
+        if let Some(r) = translating(regions, addr).map(|j| regions[j]) {
+            guest[i] = addr - r.user + r.guest;
+        }
+    }
+    Ok(guest)
+}
+
+/// Check that the rings of `queue` at the guest addresses `addrs`, `num` descriptors long,
+/// lie inside `regions`.
+pub fn check(regions: &[Region], queue: u32, num: u16, addrs: RingAddrs) -> Result<(), RingError> {
+    for ((addr, len), part) in addrs.into_iter().zip(ring_lengths(num)).zip(PARTS) {
+        if !inside_guest(regions, addr, len) {
+            return Err(RingError::Outside {
+                queue,
+                part,
+                space: "guest",
                 addr,
                 len,
             });
@@ -176,10 +227,10 @@ pub fn check(regions: &[Region], queue: u32, num: u16, addrs: RingAddrs) -> Resu
 struct Queue {
     /// Size from SET_VRING_NUM, once sent.
     num: Option<u16>,
-    /// Addresses from SET_VRING_ADDR, while the ring is configured.
+    /// Guest addresses from SET_VRING_ADDR, while the ring is configured.
     addrs: Option<RingAddrs>,
-    /// Addresses of a stopped ring (GET_VRING_BASE), which the library keeps: a kick eventfd
-    /// given without new addresses restarts the ring at them.
+    /// Guest addresses of a stopped ring (GET_VRING_BASE), which the library keeps: a kick
+    /// eventfd given without new addresses restarts the ring at them.
     stopped: Option<RingAddrs>,
 }
 
@@ -235,17 +286,18 @@ impl Rings {
     }
 
     /// REM_MEM_REG of the region at guest address `guest` of `size` bytes (the library picks
-    /// it by these two): not one that translates part of a configured ring.
+    /// it by these two): not one that holds part of a configured ring.
     pub fn remove(&mut self, guest: u64, size: u64) -> Result<(), RingError> {
         let i = self
             .table
             .iter()
             .position(|r| r.guest == guest && r.size == size)
             .ok_or(RingError::NoSuchRegion { guest, size })?;
+        let r = self.table[i];
         for (queue, q) in self.queues.iter().enumerate() {
             let Some(addrs) = q.addrs else { continue };
             for (addr, part) in addrs.into_iter().zip(PARTS) {
-                if translating(&self.table, addr) == Some(i) {
+                if r.guest <= addr && addr - r.guest < r.size {
                     return Err(RingError::InUse {
                         guest,
                         queue: queue as u32,
@@ -279,8 +331,9 @@ impl Rings {
         Ok(())
     }
 
-    /// SET_VRING_ADDR: each ring must lie inside the memory table. Without a table the
-    /// library refuses the message itself.
+    /// SET_VRING_ADDR: each ring must lie inside the memory table, and is kept at the guest
+    /// addresses its frontend addresses translate to. Without a table the library refuses the
+    /// message itself.
     pub fn set_addrs(&mut self, queue: u32, addrs: RingAddrs) -> Result<(), RingError> {
         if self.table.is_empty() {
             return Ok(());
@@ -288,16 +341,16 @@ impl Rings {
         let Some(q) = self.queues.get(queue as usize).copied() else {
             return Ok(());
         };
-        check(&self.table, queue, self.size(&q), addrs)?;
+        let guest = translate(&self.table, queue, self.size(&q), addrs)?;
         let q = &mut self.queues[queue as usize];
-        q.addrs = Some(addrs);
+        q.addrs = Some(guest);
         q.stopped = None;
         Ok(())
     }
 
-    /// SET_VRING_KICK with an eventfd: a stopped ring restarts at the addresses it had, which
-    /// must lie inside the memory table as it is now (it may have changed while the ring was
-    /// stopped).
+    /// SET_VRING_KICK with an eventfd: a stopped ring restarts at the guest addresses it had,
+    /// which must lie inside the memory table as it is now (it may have changed while the ring
+    /// was stopped).
     pub fn restart(&mut self, queue: u32) -> Result<(), RingError> {
         let Some(q) = self.queues.get(queue as usize).copied() else {
             return Ok(());
@@ -505,10 +558,27 @@ mod tests {
             r.restart(1),
             Err(RingError::Outside { queue: 1, .. })
         ));
-        // A region added again at other guest addresses holds the ring's frontend addresses.
+        // The library keeps the ring's guest addresses: a region added again at the same
+        // frontend addresses but other guest addresses does not hold it, one at the same
+        // guest addresses does, wherever the frontend has it.
         r.add(Region::checked(8 * MIB, base + 4 * MIB, 2 * MIB).unwrap())
             .unwrap();
+        assert!(matches!(
+            r.restart(1),
+            Err(RingError::Outside {
+                space: "guest",
+                addr: 0x40_0000,
+                ..
+            })
+        ));
+        r.add(Region::checked(4 * MIB, base + 64 * MIB, 2 * MIB).unwrap())
+            .unwrap();
         r.restart(1).unwrap();
+        assert!(matches!(
+            r.remove(4 * MIB, 2 * MIB),
+            Err(RingError::InUse { queue: 1, .. })
+        ));
+        r.remove(8 * MIB, 2 * MIB).unwrap();
         // An overlap in frontend addresses: the earlier region translates, so the later one
         // may go.
         let alias = Region::checked(16 * MIB, base, 2 * MIB).unwrap();
