@@ -16,13 +16,14 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Once;
+use std::sync::{Arc, Once};
 
 /// Most ranges registered at once. A connection registers one per memory region (at most
 /// [`crate::protocol::rings::MAX_REGIONS`]), twice over while a memory change replaces its
-/// registration, and the previous connection may hold its own until it is joined.
+/// registration; one connection is served at a time, so this leaves room to spare.
 const SLOTS: usize = 2048;
 
+#[derive(Debug)]
 struct Slot {
     start: AtomicUsize,
     end: AtomicUsize,
@@ -113,17 +114,31 @@ pub struct NoRoom;
 /// The ranges one owner (a connection) registered; unregistered when dropped.
 #[derive(Debug)]
 pub struct Registration {
+    table: &'static [Slot],
     owner: u64,
     slots: Vec<usize>,
+    /// The owner's record of a fault in a registration it no longer holds.
+    faulted: Arc<AtomicBool>,
 }
 
 /// An owner of guest memory ranges.
 #[derive(Debug)]
-pub struct Owner(u64);
+pub struct Owner {
+    id: u64,
+    /// A fault in a registration since dropped (a memory change replaced it), or one found
+    /// already.
+    faulted: Arc<AtomicBool>,
+    /// [`FAULTS`] when this owner last looked through the table and found none of its own.
+    seen: AtomicU64,
+}
 
 impl Default for Owner {
     fn default() -> Self {
-        Owner(NEXT_OWNER.fetch_add(1, Ordering::Relaxed))
+        Owner {
+            id: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
+            faulted: Arc::new(AtomicBool::new(false)),
+            seen: AtomicU64::new(0),
+        }
     }
 }
 
@@ -135,45 +150,75 @@ impl Owner {
         &self,
         ranges: impl IntoIterator<Item = (usize, usize)>,
     ) -> Result<Registration, NoRoom> {
+        self.register_in(&TABLE, ranges)
+    }
+
+    fn register_in(
+        &self,
+        table: &'static [Slot],
+        ranges: impl IntoIterator<Item = (usize, usize)>,
+    ) -> Result<Registration, NoRoom> {
         let mut reg = Registration {
-            owner: self.0,
+            table,
+            owner: self.id,
             slots: Vec::new(),
+            faulted: self.faulted.clone(),
         };
+        // Slots before the last one taken were full: one pass over the table in all.
+        let mut from = 0;
         for (start, len) in ranges {
-            let i = TABLE
-                .iter()
-                .position(|s| {
-                    s.owner
-                        .compare_exchange(0, u64::MAX, Ordering::AcqRel, Ordering::Relaxed)
-                        .is_ok()
-                })
-                .ok_or(NoRoom)?;
-            let s = &TABLE[i];
+            let i = from
+                + table[from..]
+                    .iter()
+                    .position(|s| {
+                        s.owner
+                            .compare_exchange(0, u64::MAX, Ordering::AcqRel, Ordering::Relaxed)
+                            .is_ok()
+                    })
+                    .ok_or(NoRoom)?;
+            let s = &table[i];
             s.faulted.store(false, Ordering::Relaxed);
             s.start.store(start, Ordering::Relaxed);
             s.end.store(start.saturating_add(len), Ordering::Relaxed);
-            s.owner.store(self.0, Ordering::Release);
+            s.owner.store(self.id, Ordering::Release);
             reg.slots.push(i);
+            from = i + 1;
         }
         Ok(reg)
     }
 
-    /// Whether an access to this owner's memory faulted since it was registered.
+    /// Whether an access to this owner's memory faulted since it was created (in any of its
+    /// registrations, held or dropped). Looks through the table only when a fault happened
+    /// in the process since it last looked.
     pub fn faulted(&self) -> bool {
-        if FAULTS.load(Ordering::Acquire) == 0 {
+        if self.faulted.load(Ordering::Acquire) {
+            return true;
+        }
+        let faults = FAULTS.load(Ordering::Acquire);
+        if faults == self.seen.load(Ordering::Relaxed) {
             return false;
         }
-        TABLE
-            .iter()
-            .any(|s| s.owner.load(Ordering::Acquire) == self.0 && s.faulted.load(Ordering::Acquire))
+        // A fault counted in `faults` marked its slot before it was counted.
+        let mine = TABLE.iter().any(|s| {
+            s.owner.load(Ordering::Acquire) == self.id && s.faulted.load(Ordering::Acquire)
+        });
+        if mine {
+            self.faulted.store(true, Ordering::Release);
+        } else {
+            self.seen.store(faults, Ordering::Relaxed);
+        }
+        mine || self.faulted.load(Ordering::Acquire)
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         for &i in &self.slots {
-            let s = &TABLE[i];
+            let s = &self.table[i];
             if s.owner.load(Ordering::Acquire) == self.owner {
+                if s.faulted.load(Ordering::Acquire) {
+                    self.faulted.store(true, Ordering::Release);
+                }
                 s.end.store(0, Ordering::Release);
                 s.start.store(0, Ordering::Release);
                 s.owner.store(0, Ordering::Release);
@@ -218,28 +263,68 @@ mod tests {
         assert!(owner.faulted());
         assert!(!Owner::default().faulted());
         drop(reg);
-        assert!(!owner.faulted());
+        assert!(
+            owner.faulted(),
+            "a fault is remembered for the owner's life"
+        );
         // SAFETY: the mapping made above.
         unsafe { libc::munmap(p, 8192) };
     }
 
     #[test]
     fn a_registration_that_does_not_fit_takes_no_slot() {
+        // A table of its own: the process-wide one is shared with tests running alongside.
+        let table: &'static [Slot] = Box::leak((0..4).map(|_| FREE).collect::<Box<[Slot]>>());
         let owner = Owner::default();
-        let all = owner.register((0..SLOTS).map(|i| (i * 8192, 4096)));
-        // Other tests of this process may hold slots: all of them cannot fit then.
-        if let Ok(reg) = all {
-            assert!(Owner::default().register([(1, 1)]).is_err());
-            drop(reg);
-        }
-        let one = owner.register([(1, 1)]).unwrap();
-        assert_eq!(one.slots.len(), 1);
-        assert!(
-            TABLE
-                .iter()
-                .filter(|s| s.owner.load(Ordering::Acquire) == owner.0)
+        let two = owner.register_in(table, [(0, 1), (8, 1)]).unwrap();
+        assert!(owner
+            .register_in(table, [(16, 1), (24, 1), (32, 1)])
+            .is_err());
+        let held = |t: &[Slot]| {
+            t.iter()
+                .filter(|s| s.owner.load(Ordering::Acquire) != 0)
                 .count()
-                == 1
+        };
+        assert_eq!(held(table), 2, "a registration that did not fit kept slots");
+        let more = owner.register_in(table, [(16, 1), (24, 1)]).unwrap();
+        assert_eq!(held(table), 4);
+        drop(two);
+        drop(more);
+        assert_eq!(held(table), 0);
+    }
+
+    #[test]
+    fn a_fault_outlives_the_registration_it_happened_in() {
+        install().unwrap();
+        let f: File = tempfile::tempfile().unwrap();
+        f.set_len(4096).unwrap();
+        // SAFETY: a fresh shared mapping of a file this test owns, unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let owner = Owner::default();
+        let first = owner.register([(p as usize, 4096)]).unwrap();
+        f.set_len(0).unwrap();
+        // SAFETY: inside the mapping, which the guard repairs.
+        let _ = unsafe { std::ptr::read_volatile(p.cast::<u8>()) };
+        // A memory change: the new registration comes first, the old one goes.
+        let second = owner.register([(p as usize, 4096)]).unwrap();
+        drop(first);
+        assert!(
+            owner.faulted(),
+            "the fault was forgotten with its registration"
         );
+        drop(second);
+        assert!(owner.faulted());
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(p, 4096) };
     }
 }

@@ -1402,6 +1402,53 @@ fn memory_regions_added_and_removed_one_at_a_time_serve_requests() {
     d.survives();
 }
 
+#[test]
+fn a_ring_whose_region_is_removed_and_added_grown_resumes() {
+    let d = Daemon::start(&[]);
+    {
+        let mut dev = d.device(&mem_slots_negotiation());
+        // The ring's region, as QEMU changes one: removed, then added grown, while the ring
+        // runs.
+        let (small, data) = (part(&dev, 0, 4), part(&dev, 1, 2));
+        dev.fe.add_mem_reg(&small).unwrap();
+        dev.fe.add_mem_reg(&data).unwrap();
+        dev.start_queue(0, RingLayout::new(16, 0).unwrap(), 0)
+            .unwrap();
+        let mem = dev.mem.clone();
+        let q = &dev.queues[0];
+        let one = pattern(3, 4096);
+        mem.write(REQS + 16, &one).unwrap();
+        request_at(&d, q, &mem, 0, (RequestType::Out, 0), (REQS, REQS));
+        dev.fe.rem_mem_reg(&small, None).unwrap();
+        // A request made while the ring's memory is gone waits for it.
+        let top = data.guest_phys_addr + 0x1000;
+        let status = q
+            .write_request(1, 3, RequestType::In, 0, 4096, top)
+            .unwrap();
+        q.set_avail_idx(2).unwrap();
+        q.kick().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(q.used_idx().unwrap(), 1, "a parked ring was served");
+        dev.fe.add_mem_reg(&part(&dev, 0, 2)).unwrap();
+        q.wait_used(2, REPLY).unwrap_or_else(|seen| {
+            panic!(
+                "the parked request not completed (used {seen}):\n{}",
+                d.log()
+            )
+        });
+        assert_eq!(q.byte(status).unwrap(), S_OK);
+        let mut read = vec![0u8; 4096];
+        mem.read(top + 16, &mut read).unwrap();
+        assert!(read == one, "read back other data than written");
+        // It goes on serving.
+        flush_request(&d, q, 2, 3);
+        for bad in ["stopped", "refused"] {
+            assert_eq!(d.log_count(bad), 0, "{bad} in the log:\n{}", d.log());
+        }
+    }
+    d.survives();
+}
+
 /// Mappings of process `pid` (lines of its maps file).
 fn mappings(pid: u32) -> usize {
     std::fs::read_to_string(format!("/proc/{pid}/maps"))
@@ -1628,15 +1675,21 @@ fn hostile_memory_regions_are_refused() {
             },
         },
         RegionAttack {
-            what: "REM_MEM_REG of the region holding a running ring",
+            what: "SET_VRING_ADDR for a ring whose region was removed",
             plain: false,
             run: |dev| {
                 dev.fe.add_mem_reg(&part(dev, 0, 2))?;
                 dev.fe.add_mem_reg(&part(dev, 1, 2))?;
                 let layout = RingLayout::new(16, MEM / 2 + 0x1000).unwrap();
                 dev.start_queue(0, layout, 0)?;
-                dev.fe.rem_mem_reg(&part(dev, 0, 2), None)?;
-                dev.fe.rem_mem_reg(&part(dev, 1, 2), None)
+                dev.fe.rem_mem_reg(&part(dev, 1, 2), None)?;
+                let addrs = VringAddrs {
+                    desc: dev.user_addr(0x1000),
+                    avail: dev.user_addr(0x2000),
+                    used: dev.user_addr(0x3000),
+                    ..VringAddrs::default()
+                };
+                dev.fe.set_vring_addr(0, &addrs)
             },
         },
         RegionAttack {
@@ -1679,9 +1732,19 @@ fn hostile_memory_regions_are_refused() {
         } else {
             mem_slots_negotiation()
         };
+        // The relay refuses each (the library would refuse some itself, without the checks
+        // these tests are for). Refusals are logged at most 5 a second.
+        let refusals = d.log_count(" refused: ");
         let mut dev = d.device(&how);
         let r = (a.run)(&mut dev);
         assert_refused(&d, &dev.fe, r, a.what);
+        assert!(
+            d.wait_log(" refused: ", refusals + 1, Duration::from_secs(2)),
+            "{} was not refused by the relay:\n{}",
+            a.what,
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
     }
     assert!(
         d.log_count("panicked") == 0,

@@ -11,10 +11,11 @@
 //!   requests of features the device does not have), and GET/SET_INFLIGHT_FD and
 //!   SET_BACKEND_REQ_FD from a frontend that did not negotiate INFLIGHT_SHMFD or BACKEND_REQ;
 //! - keeps the backend request channel (SET_BACKEND_REQ_FD) for config-change announcements;
-//! - refuses queue sizes that are not powers of two, and any memory table, added or removed
-//!   memory region, queue size or ring address after which a configured ring would not lie
-//!   wholly inside guest memory, and regions the library would mistranslate or could not tell
-//!   apart ([`super::rings`]);
+//! - refuses queue sizes that are not powers of two, and any memory table, queue size or ring
+//!   address after which a configured ring would not lie wholly inside guest memory, and
+//!   regions the library would mistranslate or could not tell apart ([`super::rings`]); a
+//!   ring whose region is removed (REM_MEM_REG) is parked: disabled in the library until
+//!   memory holds it again, then enabled as the frontend last asked;
 //! - checks every descriptor before the library sees it ([`super::fds`]): eventfds for kick,
 //!   call and error (made non-blocking), guest memory that covers its regions and cannot
 //!   shrink (SET_MEM_TABLE, ADD_MEM_REG), a unix stream socket for the backend channel; the
@@ -324,6 +325,25 @@ impl Relay {
         Ok(())
     }
 
+    /// Parked rings that memory holds again: enabled in the library again, those the frontend
+    /// has enabled (a kick that came meanwhile is still pending on the kick eventfd).
+    fn unpark(&self, queues: Vec<u32>) -> Result<(), RelayError> {
+        for q in queues {
+            debug!("queue {q} unparked: memory holds its ring again");
+            self.restore_enable(q)?;
+        }
+        Ok(())
+    }
+
+    /// The library's enable state of queue `q` back to the frontend's (after the relay
+    /// disabled it to park it).
+    fn restore_enable(&self, q: u32) -> Result<(), RelayError> {
+        if self.enabled_now.load(Ordering::Relaxed) & queue_bit(q) != 0 {
+            self.to_library(&enable_message(q as u16, true))?;
+        }
+        Ok(())
+    }
+
     fn ack(&self, req: &Message, ok: bool) -> Result<(), RelayError> {
         if req.header.needs_reply() && self.reply_ack.load(Ordering::Relaxed) {
             self.to_frontend(&Message::ack(req.header.request, ok))?;
@@ -405,20 +425,31 @@ impl Relay {
                 FrontendReq::SET_VRING_NUM => self.vring_num(m)?,
                 FrontendReq::SET_VRING_ADDR => self.vring_addr(m)?,
                 FrontendReq::GET_VRING_BASE if m.fds.is_empty() => {
+                    let mut parked = None;
                     if let Some(s) = m.body_as::<VhostUserVringState>() {
-                        self.rings.lock_unpoisoned().stop(s.index);
+                        if self.rings.lock_unpoisoned().stop(s.index) {
+                            parked = Some(s.index);
+                        }
                         // The library drops the ring's kick.
                         let bit = queue_bit(s.index);
                         self.kicked.fetch_and(!bit, Ordering::Relaxed);
                     }
-                    self.to_library(&m)?
+                    self.to_library(&m)?;
+                    // Stopped, a parked ring is enabled as the frontend left it.
+                    if let Some(q) = parked {
+                        self.restore_enable(q)?;
+                    }
                 }
                 FrontendReq::RESET_OWNER if m.fds.is_empty() => {
                     self.stop_rings()?;
                     // The library stops the rings (above) and forgets the negotiated
                     // features and protocol features, but keeps each ring's size, addresses
-                    // and enabled state.
-                    self.rings.lock_unpoisoned().reset();
+                    // and enabled state: parked rings get the frontend's back while
+                    // SET_VRING_ENABLE is still allowed.
+                    let parked = self.rings.lock_unpoisoned().reset();
+                    for q in parked {
+                        self.restore_enable(q)?;
+                    }
                     self.kicked.store(0, Ordering::Relaxed);
                     self.protocol_acked.store(false, Ordering::Relaxed);
                     self.acked.store(0, Ordering::Relaxed);
@@ -434,6 +465,21 @@ impl Relay {
                     return Err(refused(&m, "descriptors on a request that takes none"))
                 }
                 FrontendReq::SET_VRING_ENABLE => {
+                    let state = m.body_as::<VhostUserVringState>();
+                    if let Some(v) =
+                        state.filter(|v| self.rings.lock_unpoisoned().is_parked(v.index))
+                    {
+                        // Kept disabled in the library until memory holds the ring again,
+                        // which then enables it as the frontend last asked.
+                        let bit = queue_bit(v.index);
+                        if v.num == 1 {
+                            self.enabled_now.fetch_or(bit, Ordering::Relaxed);
+                        } else {
+                            self.enabled_now.fetch_and(!bit, Ordering::Relaxed);
+                        }
+                        self.ack(&m, true)?;
+                        continue;
+                    }
                     self.to_library(&m)?;
                     // The last step of QEMU's device start: from here on the frontend
                     // serves the guest through this backend (crash tests wait for it).
@@ -632,7 +678,9 @@ impl Relay {
         let bit = queue_bit(u32::from(queue));
         if req == FrontendReq::SET_VRING_KICK {
             let running = self.kicked.load(Ordering::Relaxed) & bit != 0;
-            let enabled = self.enabled_now.load(Ordering::Relaxed) & bit != 0;
+            // A parked ring stays disabled in the library whatever the frontend enabled.
+            let enabled = self.enabled_now.load(Ordering::Relaxed) & bit != 0
+                && !self.rings.lock_unpoisoned().is_parked(u32::from(queue));
             if running && !self.protocol_acked.load(Ordering::Relaxed) {
                 // The library would go on watching the old kick, and cannot be told to stop
                 // (SET_VRING_ENABLE needs protocol features).
@@ -727,11 +775,15 @@ impl Relay {
             table.push(region);
         }
         let checked = self.rings.lock_unpoisoned().set_table(table);
-        if let Err(e) = checked {
-            self.ack(&m, false)?;
-            return Err(refused(&m, e));
-        }
-        self.to_library(&m)
+        let back = match checked {
+            Ok(b) => b,
+            Err(e) => {
+                self.ack(&m, false)?;
+                return Err(refused(&m, e));
+            }
+        };
+        self.to_library(&m)?;
+        self.unpark(back)
     }
 
     /// ADD_MEM_REG: one descriptor, able to back the region, and a region the table has room
@@ -747,15 +799,19 @@ impl Relay {
         let file = File::from(m.fds[0].try_clone().map_err(|e| refused(&m, e))?);
         fds::guest_memory(&file, r.mmap_offset, r.memory_size).map_err(|e| refused(&m, e))?;
         let checked = self.rings.lock_unpoisoned().add(region);
-        if let Err(e) = checked {
-            self.ack(&m, false)?;
-            return Err(refused(&m, e));
-        }
+        let back = match checked {
+            Ok(b) => b,
+            Err(e) => {
+                self.ack(&m, false)?;
+                return Err(refused(&m, e));
+            }
+        };
         debug!(
             "memory region added: {:#x} bytes at guest address {:#x}",
             region.size, region.guest
         );
-        self.to_library(&m)
+        self.to_library(&m)?;
+        self.unpark(back)
     }
 
     /// REM_MEM_REG: a region of the table that holds no part of a configured ring. A
@@ -769,18 +825,28 @@ impl Relay {
         }
         m.fds.clear();
         let (_, region) = single_region(&m)?;
+        // Parking needs SET_VRING_ENABLE, which needs protocol features.
+        let park = self.protocol_acked.load(Ordering::Relaxed);
         let checked = self
             .rings
             .lock_unpoisoned()
-            .remove(region.guest, region.size);
-        if let Err(e) = checked {
-            self.ack(&m, false)?;
-            return Err(refused(&m, e));
-        }
+            .remove(region.guest, region.size, park);
+        let parked = match checked {
+            Ok(p) => p,
+            Err(e) => {
+                self.ack(&m, false)?;
+                return Err(refused(&m, e));
+            }
+        };
         debug!(
             "memory region removed: {:#x} bytes at guest address {:#x}",
             region.size, region.guest
         );
+        // Disabled before the library drops the region: no worker reads the ring after.
+        for q in parked {
+            debug!("queue {q} parked: its ring lies in the removed region");
+            self.to_library(&enable_message(q as u16, false))?;
+        }
         self.to_library(&m)
     }
 }

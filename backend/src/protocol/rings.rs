@@ -17,8 +17,13 @@
 //! REM_MEM_REG). The library appends an added region to the ones it translates ring addresses
 //! with, and drops a removed one by its guest address and size; [`Rings`] does the same, and
 //! refuses a region the library could not tell apart (empty, wrapping around the address space,
-//! overlapping another in guest memory), more regions than the library offers slots for, and the
-//! removal of a region that holds part of a configured ring.
+//! overlapping another in guest memory) and more regions than the library offers slots for.
+//! QEMU changes a region by removing it and adding the new one, while the rings run, so a
+//! removed region may hold part of a configured ring: that ring is *parked* (the relay
+//! disables it in the library, so no worker touches it) until the memory table holds it
+//! again (an ADD_MEM_REG or SET_MEM_TABLE), when the relay enables it again. A parked ring
+//! cannot be resized or moved (SET_VRING_NUM, SET_VRING_ADDR); GET_VRING_BASE and a device
+//! reset stop it as any other.
 
 /// Bytes of one descriptor table entry.
 const DESC_SIZE: u64 = 16;
@@ -83,7 +88,8 @@ pub enum RingError {
         /// The size asked for.
         size: u64,
     },
-    /// REM_MEM_REG of the region that holds part of a configured ring.
+    /// REM_MEM_REG of the region that holds part of a configured ring, which cannot be
+    /// parked (without protocol features the library cannot disable it).
     #[error("the memory region at guest address {guest:#x} holds the {part} of queue {queue} (stop the ring first: GET_VRING_BASE)")]
     InUse {
         /// The region's guest physical address.
@@ -93,6 +99,9 @@ pub enum RingError {
         /// Which part of its ring.
         part: &'static str,
     },
+    /// SET_VRING_NUM or SET_VRING_ADDR for a parked ring.
+    #[error("queue {0}'s ring lies in memory that was removed (stop it first: GET_VRING_BASE)")]
+    Parked(u32),
 }
 
 /// Memory slots a frontend may fill with ADD_MEM_REG: what vhost-user-backend answers to
@@ -232,6 +241,9 @@ struct Queue {
     /// Guest addresses of a stopped ring (GET_VRING_BASE), which the library keeps: a kick
     /// eventfd given without new addresses restarts the ring at them.
     stopped: Option<RingAddrs>,
+    /// The configured ring is not wholly inside the memory table (a region holding it was
+    /// removed): disabled in the library until it is.
+    parked: bool,
 }
 
 /// The memory table and the rings of one connection, as the frontend described them.
@@ -258,20 +270,36 @@ impl Rings {
         q.num.unwrap_or(self.max_size)
     }
 
-    /// SET_MEM_TABLE with `regions`: every configured ring must lie inside the new table.
-    pub fn set_table(&mut self, regions: Vec<Region>) -> Result<(), RingError> {
+    /// SET_MEM_TABLE with `regions`: every configured ring that is not parked must lie inside
+    /// the new table. Returns the parked rings the new table holds again (no longer parked).
+    pub fn set_table(&mut self, regions: Vec<Region>) -> Result<Vec<u32>, RingError> {
         for (i, q) in self.queues.iter().enumerate() {
-            if let Some(addrs) = q.addrs {
+            if let (Some(addrs), false) = (q.addrs, q.parked) {
                 check(&regions, i as u32, self.size(q), addrs)?;
             }
         }
         self.table = regions;
-        Ok(())
+        Ok(self.unpark())
     }
 
-    /// ADD_MEM_REG: a free slot, and guest addresses no other region has. Rings already
-    /// configured keep the regions that translate them (the new one comes last).
-    pub fn add(&mut self, region: Region) -> Result<(), RingError> {
+    /// The parked rings the table holds again, no longer parked.
+    fn unpark(&mut self) -> Vec<u32> {
+        let mut back = Vec::new();
+        for i in 0..self.queues.len() {
+            let q = self.queues[i];
+            if let (Some(addrs), true) = (q.addrs, q.parked) {
+                if check(&self.table, i as u32, self.size(&q), addrs).is_ok() {
+                    self.queues[i].parked = false;
+                    back.push(i as u32);
+                }
+            }
+        }
+        back
+    }
+
+    /// ADD_MEM_REG: a free slot, and guest addresses no other region has. Returns the parked
+    /// rings the table holds again (no longer parked).
+    pub fn add(&mut self, region: Region) -> Result<Vec<u32>, RingError> {
         if self.table.len() >= MAX_REGIONS {
             return Err(RingError::TooManyRegions);
         }
@@ -282,32 +310,49 @@ impl Rings {
             });
         }
         self.table.push(region);
-        Ok(())
+        Ok(self.unpark())
     }
 
     /// REM_MEM_REG of the region at guest address `guest` of `size` bytes (the library picks
-    /// it by these two): not one that holds part of a configured ring.
-    pub fn remove(&mut self, guest: u64, size: u64) -> Result<(), RingError> {
+    /// it by these two). Configured rings it holds part of are parked when `park` allows it
+    /// (returned, newly parked), refused otherwise.
+    pub fn remove(&mut self, guest: u64, size: u64, park: bool) -> Result<Vec<u32>, RingError> {
         let i = self
             .table
             .iter()
             .position(|r| r.guest == guest && r.size == size)
             .ok_or(RingError::NoSuchRegion { guest, size })?;
         let r = self.table[i];
+        let mut held = Vec::new();
         for (queue, q) in self.queues.iter().enumerate() {
-            let Some(addrs) = q.addrs else { continue };
-            for (addr, part) in addrs.into_iter().zip(PARTS) {
-                if r.guest <= addr && addr - r.guest < r.size {
+            let (Some(addrs), false) = (q.addrs, q.parked) else {
+                continue;
+            };
+            let part = addrs
+                .into_iter()
+                .zip(PARTS)
+                .find(|&(addr, _)| r.guest <= addr && addr - r.guest < r.size);
+            if let Some((_, part)) = part {
+                if !park {
                     return Err(RingError::InUse {
                         guest,
                         queue: queue as u32,
                         part,
                     });
                 }
+                held.push(queue as u32);
             }
         }
+        for &q in &held {
+            self.queues[q as usize].parked = true;
+        }
         self.table.remove(i);
-        Ok(())
+        Ok(held)
+    }
+
+    /// Whether queue `queue`'s ring is parked.
+    pub fn is_parked(&self, queue: u32) -> bool {
+        self.queues.get(queue as usize).is_some_and(|q| q.parked)
     }
 
     /// SET_VRING_NUM: a power of two up to the maximum, which a configured ring must still
@@ -324,6 +369,9 @@ impl Rings {
         let Some(q) = self.queues.get_mut(queue as usize) else {
             return Ok(());
         };
+        if q.parked {
+            return Err(RingError::Parked(queue));
+        }
         if let Some(addrs) = q.addrs {
             check(&self.table, queue, size, addrs)?;
         }
@@ -335,12 +383,15 @@ impl Rings {
     /// addresses its frontend addresses translate to. Without a table the library refuses the
     /// message itself.
     pub fn set_addrs(&mut self, queue: u32, addrs: RingAddrs) -> Result<(), RingError> {
-        if self.table.is_empty() {
-            return Ok(());
-        }
         let Some(q) = self.queues.get(queue as usize).copied() else {
             return Ok(());
         };
+        if q.parked {
+            return Err(RingError::Parked(queue));
+        }
+        if self.table.is_empty() {
+            return Ok(());
+        }
         let guest = translate(&self.table, queue, self.size(&q), addrs)?;
         let q = &mut self.queues[queue as usize];
         q.addrs = Some(guest);
@@ -363,13 +414,16 @@ impl Rings {
         Ok(())
     }
 
-    /// GET_VRING_BASE: the ring is stopped, and checked again only when it restarts.
-    pub fn stop(&mut self, queue: u32) {
-        if let Some(q) = self.queues.get_mut(queue as usize) {
-            if let Some(a) = q.addrs.take() {
-                q.stopped = Some(a);
-            }
+    /// GET_VRING_BASE: the ring is stopped, and checked again only when it restarts. Returns
+    /// whether it was parked.
+    pub fn stop(&mut self, queue: u32) -> bool {
+        let Some(q) = self.queues.get_mut(queue as usize) else {
+            return false;
+        };
+        if let Some(a) = q.addrs.take() {
+            q.stopped = Some(a);
         }
+        std::mem::take(&mut q.parked)
     }
 
     /// The queues whose ring is configured (SET_VRING_ADDR, and no GET_VRING_BASE since).
@@ -380,13 +434,11 @@ impl Rings {
     }
 
     /// RESET_OWNER: every ring is stopped, and keeps its size and addresses in the library
-    /// (a kick restarts it there).
-    pub fn reset(&mut self) {
-        for q in &mut self.queues {
-            if let Some(a) = q.addrs.take() {
-                q.stopped = Some(a);
-            }
-        }
+    /// (a kick restarts it there). Returns the rings that were parked.
+    pub fn reset(&mut self) -> Vec<u32> {
+        (0..self.queues.len() as u32)
+            .filter(|&i| self.stop(i))
+            .collect()
     }
 }
 
@@ -533,14 +585,14 @@ mod tests {
             .unwrap();
         // Removing a region picks it by guest address and size.
         assert_eq!(
-            r.remove(4 * MIB, MIB),
+            r.remove(4 * MIB, MIB, false),
             Err(RingError::NoSuchRegion {
                 guest: 4 * MIB,
                 size: MIB
             })
         );
         assert_eq!(
-            r.remove(4 * MIB, 2 * MIB),
+            r.remove(4 * MIB, 2 * MIB, false),
             Err(RingError::InUse {
                 guest: 4 * MIB,
                 queue: 1,
@@ -548,12 +600,12 @@ mod tests {
             })
         );
         assert!(matches!(
-            r.remove(0, 2 * MIB),
+            r.remove(0, 2 * MIB, false),
             Err(RingError::InUse { queue: 0, .. })
         ));
         // A stopped ring does not hold its region; restarting it checks the table as it is.
         r.stop(1);
-        r.remove(4 * MIB, 2 * MIB).unwrap();
+        r.remove(4 * MIB, 2 * MIB, false).unwrap();
         assert!(matches!(
             r.restart(1),
             Err(RingError::Outside { queue: 1, .. })
@@ -575,15 +627,15 @@ mod tests {
             .unwrap();
         r.restart(1).unwrap();
         assert!(matches!(
-            r.remove(4 * MIB, 2 * MIB),
+            r.remove(4 * MIB, 2 * MIB, false),
             Err(RingError::InUse { queue: 1, .. })
         ));
-        r.remove(8 * MIB, 2 * MIB).unwrap();
+        r.remove(8 * MIB, 2 * MIB, false).unwrap();
         // An overlap in frontend addresses: the earlier region translates, so the later one
         // may go.
         let alias = Region::checked(16 * MIB, base, 2 * MIB).unwrap();
         r.add(alias).unwrap();
-        r.remove(16 * MIB, 2 * MIB).unwrap();
+        r.remove(16 * MIB, 2 * MIB, false).unwrap();
         // The slots run out where GET_MAX_MEM_SLOTS says.
         let mut r = Rings::new(1, 256);
         for i in 0..MAX_REGIONS as u64 {
@@ -592,7 +644,46 @@ mod tests {
         }
         let one_more = Region::checked(1 << 40, base, MIB).unwrap();
         assert_eq!(r.add(one_more), Err(RingError::TooManyRegions));
-        r.remove(0, MIB).unwrap();
+        r.remove(0, MIB, false).unwrap();
         r.add(one_more).unwrap();
+    }
+
+    #[test]
+    fn a_ring_whose_region_goes_is_parked_until_memory_holds_it_again() {
+        let base = 0x7f00_0000_0000u64;
+        let mut r = Rings::new(2, 256);
+        let small = Region::checked(0, base, MIB).unwrap();
+        let data = Region::checked(4 * MIB, base + 4 * MIB, MIB).unwrap();
+        r.add(small).unwrap();
+        r.add(data).unwrap();
+        r.set_addrs(0, [base, base + 0x1000, base + 0x2000])
+            .unwrap();
+        r.set_addrs(1, [base + 0x4000, base + 0x5000, base + 0x6000])
+            .unwrap();
+        // Removing a region no ring lies in parks nothing.
+        assert_eq!(r.remove(4 * MIB, MIB, true), Ok(vec![]));
+        // QEMU grows a region: the old one goes, the rings in it are parked.
+        assert_eq!(r.remove(0, MIB, true), Ok(vec![0, 1]));
+        assert!(r.is_parked(0) && r.is_parked(1));
+        // A parked ring cannot be moved or resized.
+        assert_eq!(r.set_num(1, 16), Err(RingError::Parked(1)));
+        assert_eq!(r.set_addrs(0, [base; 3]), Err(RingError::Parked(0)));
+        // A region elsewhere leaves them parked; the grown one brings them back.
+        assert_eq!(r.add(data), Ok(vec![]));
+        assert_eq!(
+            r.add(Region::checked(0, base, 2 * MIB).unwrap()),
+            Ok(vec![0, 1])
+        );
+        assert!(!r.is_parked(0));
+        // A table that does not hold a parked ring is taken; one that holds it unparks it.
+        assert_eq!(r.remove(0, 2 * MIB, true), Ok(vec![0, 1]));
+        assert_eq!(r.set_table(vec![data]), Ok(vec![]));
+        assert_eq!(r.set_table(vec![at(0, MIB)]), Ok(vec![0, 1]));
+        // Stopping a parked ring says so; a reset lists those parked.
+        assert_eq!(r.remove(0, MIB, true), Ok(vec![0, 1]));
+        assert!(r.stop(1));
+        assert!(!r.stop(1));
+        assert_eq!(r.reset(), vec![0]);
+        assert!(!r.is_parked(0));
     }
 }
