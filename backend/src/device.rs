@@ -125,10 +125,13 @@ struct Worker {
     poll: Poller,
 }
 
-/// A guest memory map and the fault guard of its ranges, which lives as long as the map.
+/// A guest memory map and the fault guards of its ranges, which live as long as the map
+/// (declared after it: a range is unmapped before its guard goes). A range the next map
+/// keeps (the same mapping) keeps its guard: each mapping takes one guard slot however many
+/// maps hold it.
 struct GuardedMem {
     mem: GuestMem,
-    _guard: Option<fault::Registration>,
+    guards: Vec<((usize, usize), Arc<fault::Registration>)>,
 }
 
 /// Called when the connection must end (guest memory faulted).
@@ -237,7 +240,7 @@ impl BlkDevice {
             queue_size: config.queue_size,
             mem: Mutex::new(Arc::new(GuardedMem {
                 mem: GuestMem::new(),
-                _guard: None,
+                guards: Vec::new(),
             })),
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
@@ -356,9 +359,13 @@ impl BlkDevice {
     fn unbreak(&self, queue: usize) {
         if let Some(b) = self.broken.get(queue) {
             b.store(false, Ordering::Relaxed);
-            // Checked after: a fault that ends the connection meanwhile keeps it stopped.
-            if self.memory_faulted.load(Ordering::Relaxed) || self.memory_owner.faulted() {
+            // Checked after: a fault that ends the connection meanwhile keeps it stopped. A
+            // fault outside the workers (the library reads a ring's indices when it stops or
+            // sets one up) ends the connection here.
+            if self.memory_faulted.load(Ordering::Relaxed) {
                 b.store(true, Ordering::Relaxed);
+            } else if self.memory_owner.faulted() {
+                self.memory_fault();
             }
         }
     }
@@ -640,19 +647,29 @@ impl VhostUserBackend for BlkDevice {
             .collect();
         // Guarded first, seen by the workers second. Memory that cannot be guarded is not
         // used: the workers keep the memory they had, and the connection ends.
-        let guard = match self.memory_owner.register(ranges) {
-            Ok(g) => g,
-            Err(e) => {
-                self.warn_limited(format_args!("{e}: closing the connection"));
-                if let Some(h) = self.hangup.lock_unpoisoned().as_ref() {
-                    h();
-                }
-                return Err(io::Error::other(e));
-            }
-        };
+        let current = self.mem.lock_unpoisoned().clone();
+        let mut guards = Vec::with_capacity(ranges.len());
+        for range in ranges {
+            let kept = current.guards.iter().find(|(r, _)| *r == range);
+            let guard = match kept {
+                Some((_, g)) => g.clone(),
+                None => match self.memory_owner.register([range]) {
+                    Ok(g) => Arc::new(g),
+                    Err(e) => {
+                        self.warn_limited(format_args!("{e}: closing the connection"));
+                        if let Some(h) = self.hangup.lock_unpoisoned().as_ref() {
+                            h();
+                        }
+                        return Err(io::Error::other(e));
+                    }
+                },
+            };
+            guards.push((range, guard));
+        }
+        drop(current);
         *self.mem.lock_unpoisoned() = Arc::new(GuardedMem {
             mem: snapshot,
-            _guard: Some(guard),
+            guards,
         });
         Ok(())
     }
@@ -871,6 +888,32 @@ mod tests {
         vring.set_enabled(true);
         vring.set_queue_ready(true);
         (vq, vring)
+    }
+
+    #[test]
+    fn a_memory_change_guards_only_the_mappings_it_adds() {
+        use vm_memory::{GuestRegionMmap, MmapRegion};
+        let (_d, dev) = device(MIB, |_| {});
+        let ranges: Vec<_> = (0..100u64).map(|i| (GuestAddress(i << 16), 4096)).collect();
+        let base = GuestMem::from_ranges(&ranges).unwrap();
+        dev.update_memory(GuestMemoryAtomic::new(base.clone()))
+            .unwrap();
+        assert_eq!(dev.memory_owner.held(), 100);
+        // Workers hold the maps they took for a pass: each region added and removed while
+        // they do costs one slot, not a whole map's.
+        let mut held = Vec::new();
+        for i in 0..30u64 {
+            let extra = GuestRegionMmap::new(MmapRegion::new(4096).unwrap(), GuestAddress(1 << 30))
+                .unwrap();
+            let with = base.insert_region(Arc::new(extra)).unwrap();
+            dev.update_memory(GuestMemoryAtomic::new(with)).unwrap();
+            held.push(dev.mem.lock_unpoisoned().clone());
+            dev.update_memory(GuestMemoryAtomic::new(base.clone()))
+                .unwrap();
+            assert_eq!(dev.memory_owner.held(), 100 + i as usize + 1);
+        }
+        drop(held);
+        assert_eq!(dev.memory_owner.held(), 100);
     }
 
     #[test]

@@ -211,6 +211,17 @@ impl Owner {
     }
 }
 
+#[cfg(test)]
+impl Owner {
+    /// Slots this owner holds.
+    pub(crate) fn held(&self) -> usize {
+        TABLE
+            .iter()
+            .filter(|s| s.owner.load(Ordering::Acquire) == self.id)
+            .count()
+    }
+}
+
 impl Drop for Registration {
     fn drop(&mut self) {
         for &i in &self.slots {

@@ -1420,6 +1420,20 @@ fn a_ring_whose_region_is_removed_and_added_grown_resumes() {
         mem.write(REQS + 16, &one).unwrap();
         request_at(&d, q, &mem, 0, (RequestType::Out, 0), (REQS, REQS));
         dev.fe.rem_mem_reg(&small, None).unwrap();
+        // Requests sent together while the ring is parked are answered in order, the enable
+        // of the parked ring included.
+        dev.fe.send(FrontendReq::GET_FEATURES, &[], &[]).unwrap();
+        let on = vhost::vhost_user::message::VhostUserVringState::new(0, 1);
+        dev.fe
+            .send(FrontendReq::SET_VRING_ENABLE, on.as_slice(), &[])
+            .unwrap();
+        let codes: Vec<u32> = (0..2)
+            .map(|_| dev.fe.recv().unwrap().header.request)
+            .collect();
+        let want: Vec<u32> = [FrontendReq::GET_FEATURES, FrontendReq::SET_VRING_ENABLE]
+            .map(u32::from)
+            .to_vec();
+        assert_eq!(codes, want, "replies out of order");
         // A request made while the ring's memory is gone waits for it.
         let top = data.guest_phys_addr + 0x1000;
         let status = q
@@ -1445,6 +1459,43 @@ fn a_ring_whose_region_is_removed_and_added_grown_resumes() {
         for bad in ["stopped", "refused"] {
             assert_eq!(d.log_count(bad), 0, "{bad} in the log:\n{}", d.log());
         }
+    }
+    d.survives();
+}
+
+#[test]
+fn a_fault_while_the_library_sets_a_ring_up_ends_the_connection() {
+    let mut d = Daemon::start(&[]);
+    {
+        let mem = Arc::new(GuestMem::from_file(fds::memfd(MEM, false).unwrap()).unwrap());
+        let mut dev = RawDevice::new(d.raw(), mem.clone());
+        dev.negotiate(&mem_slots_negotiation()).unwrap();
+        dev.fe.add_mem_reg(&MemRegion::of(&mem)).unwrap();
+        let layout = RingLayout::new(16, 0).unwrap();
+        dev.start_queue(0, layout, 0).unwrap();
+        flush_request(&d, &dev.queues[0], 0, 1);
+        dev.fe.get_vring_base(0).unwrap();
+        // The library reads the ring's indices when it is set up again: that read faults.
+        mem.file().set_len(0).unwrap();
+        let addrs = VringAddrs {
+            desc: dev.user_addr(layout.desc),
+            avail: dev.user_addr(layout.avail),
+            used: dev.user_addr(layout.used),
+            ..VringAddrs::default()
+        };
+        let _ = dev.fe.set_vring_addr(0, &addrs);
+        let _ = dev.fe.get_vring_base(0);
+        assert!(
+            dev.fe.closed_within(Duration::from_secs(5)),
+            "the connection survived its memory being truncated:\n{}",
+            d.log()
+        );
+        assert!(d.proc.is_running(), "vloop-blk died:\n{}", d.log());
+        assert!(
+            d.wait_log("guest memory faulted", 1, Duration::from_secs(2)),
+            "the fault was not reported:\n{}",
+            d.log()
+        );
     }
     d.survives();
 }
@@ -1690,6 +1741,19 @@ fn hostile_memory_regions_are_refused() {
                     ..VringAddrs::default()
                 };
                 dev.fe.set_vring_addr(0, &addrs)
+            },
+        },
+        RegionAttack {
+            what: "protocol features dropped while a ring's region is removed",
+            plain: false,
+            run: |dev| {
+                dev.fe.add_mem_reg(&part(dev, 0, 2))?;
+                dev.fe.add_mem_reg(&part(dev, 1, 2))?;
+                let layout = RingLayout::new(16, MEM / 2 + 0x1000).unwrap();
+                dev.start_queue(0, layout, 0)?;
+                dev.fe.rem_mem_reg(&part(dev, 1, 2), None)?;
+                // Without them the library would enable the parked ring.
+                dev.fe.set_features(dev.acked & !(1 << 30))
             },
         },
         RegionAttack {

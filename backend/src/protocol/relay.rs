@@ -412,6 +412,15 @@ impl Relay {
                 FrontendReq::SET_PROTOCOL_FEATURES => self.set_protocol_features(m)?,
                 FrontendReq::SET_FEATURES if m.fds.is_empty() => {
                     let acked = m.u64_body().is_some_and(|f| f & PROTOCOL_FEATURES_BIT != 0);
+                    if !acked && self.rings.lock_unpoisoned().any_parked() {
+                        // Without protocol features the library enables every ring, parked
+                        // ones too, and could not be told to disable them again.
+                        self.ack(&m, false)?;
+                        return Err(refused(
+                            &m,
+                            "protocol features dropped while a ring's memory is removed",
+                        ));
+                    }
                     self.protocol_acked.store(acked, Ordering::Relaxed);
                     self.to_library(&m)?
                 }
@@ -466,18 +475,26 @@ impl Relay {
                 }
                 FrontendReq::SET_VRING_ENABLE => {
                     let state = m.body_as::<VhostUserVringState>();
-                    if let Some(v) =
-                        state.filter(|v| self.rings.lock_unpoisoned().is_parked(v.index))
-                    {
+                    let parked = |v: &VhostUserVringState| {
+                        v.num <= 1 && self.rings.lock_unpoisoned().is_parked(v.index)
+                    };
+                    if let Some(v) = state.filter(parked) {
                         // Kept disabled in the library until memory holds the ring again,
-                        // which then enables it as the frontend last asked.
+                        // which then enables it as the frontend last asked. The library
+                        // still gets the message (as a disable) and answers it, so replies
+                        // keep their order.
                         let bit = queue_bit(v.index);
                         if v.num == 1 {
                             self.enabled_now.fetch_or(bit, Ordering::Relaxed);
                         } else {
                             self.enabled_now.fetch_and(!bit, Ordering::Relaxed);
                         }
-                        self.ack(&m, true)?;
+                        let off = VhostUserVringState::new(v.index, 0);
+                        self.to_library(&Message::new(
+                            m.header,
+                            off.as_slice().to_vec(),
+                            Vec::new(),
+                        ))?;
                         continue;
                     }
                     self.to_library(&m)?;

@@ -350,6 +350,11 @@ impl Rings {
         Ok(held)
     }
 
+    /// Whether any ring is parked.
+    pub fn any_parked(&self) -> bool {
+        self.queues.iter().any(|q| q.parked)
+    }
+
     /// Whether queue `queue`'s ring is parked.
     pub fn is_parked(&self, queue: u32) -> bool {
         self.queues.get(queue as usize).is_some_and(|q| q.parked)
@@ -664,7 +669,7 @@ mod tests {
         assert_eq!(r.remove(4 * MIB, MIB, true), Ok(vec![]));
         // QEMU grows a region: the old one goes, the rings in it are parked.
         assert_eq!(r.remove(0, MIB, true), Ok(vec![0, 1]));
-        assert!(r.is_parked(0) && r.is_parked(1));
+        assert!(r.is_parked(0) && r.is_parked(1) && r.any_parked());
         // A parked ring cannot be moved or resized.
         assert_eq!(r.set_num(1, 16), Err(RingError::Parked(1)));
         assert_eq!(r.set_addrs(0, [base; 3]), Err(RingError::Parked(0)));
@@ -684,6 +689,6 @@ mod tests {
         assert!(r.stop(1));
         assert!(!r.stop(1));
         assert_eq!(r.reset(), vec![0]);
-        assert!(!r.is_parked(0));
+        assert!(!r.is_parked(0) && !r.any_parked());
     }
 }
