@@ -18,9 +18,10 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Once};
 
-/// Most ranges registered at once. A connection registers one per memory region (at most
-/// [`crate::protocol::rings::MAX_REGIONS`]), twice over while a memory change replaces its
-/// registration; one connection is served at a time, so this leaves room to spare.
+/// Most ranges registered at once. A connection holds one per mapping of its guest memory:
+/// the regions of its table (at most [`crate::protocol::rings::MAX_REGIONS`]) and those
+/// removed that a worker's memory map still holds for the rest of its pass; one connection
+/// is served at a time, so this leaves room to spare.
 const SLOTS: usize = 2048;
 
 #[derive(Debug)]
