@@ -344,6 +344,15 @@ impl Relay {
         Ok(())
     }
 
+    /// The refusal of `req` for `why`: acknowledged as failed first when the frontend asked
+    /// for an acknowledgement (an error sending that is the error then).
+    fn refuse(&self, req: &Message, why: impl std::fmt::Display) -> RelayError {
+        match self.ack(req, false) {
+            Ok(()) => refused(req, why),
+            Err(e) => e,
+        }
+    }
+
     fn ack(&self, req: &Message, ok: bool) -> Result<(), RelayError> {
         if req.header.needs_reply() && self.reply_ack.load(Ordering::Relaxed) {
             self.to_frontend(&Message::ack(req.header.request, ok))?;
@@ -398,8 +407,7 @@ impl Relay {
             };
             if let Some(f) = needs {
                 if self.acked.load(Ordering::Relaxed) & f.bits() == 0 {
-                    self.ack(&m, false)?;
-                    return Err(refused(
+                    return Err(self.refuse(
                         &m,
                         format!("{req:?} without the protocol feature {f:?} negotiated"),
                     ));
@@ -415,8 +423,7 @@ impl Relay {
                     if !acked && self.rings.lock_unpoisoned().any_parked() {
                         // Without protocol features the library enables every ring, parked
                         // ones too, and could not be told to disable them again.
-                        self.ack(&m, false)?;
-                        return Err(refused(
+                        return Err(self.refuse(
                             &m,
                             "protocol features dropped while a ring's memory is removed",
                         ));
@@ -560,8 +567,7 @@ impl Relay {
         let f = m.u64_body().unwrap_or(0);
         let unknown = f & !self.offered.bits();
         if unknown != 0 {
-            self.ack(&m, false)?;
-            return Err(refused(
+            return Err(self.refuse(
                 &m,
                 format!("protocol features {unknown:#x} were never offered"),
             ));
@@ -627,10 +633,7 @@ impl Relay {
                 self.inflight.install(region, true);
                 self.ack(&m, true)
             }
-            Err(e) => {
-                self.ack(&m, false)?;
-                Err(refused(&m, e))
-            }
+            Err(e) => Err(self.refuse(&m, e)),
         }
     }
 
@@ -638,20 +641,14 @@ impl Relay {
         let (Some(fd), true) = (m.fds.pop(), m.fds.is_empty()) else {
             return Err(refused(&m, "SET_BACKEND_REQ_FD needs one descriptor"));
         };
-        if let Err(e) = fds::unix_stream(fd.as_fd()) {
-            self.ack(&m, false)?;
-            return Err(refused(&m, e));
-        }
+        fds::unix_stream(fd.as_fd()).map_err(|e| self.refuse(&m, e))?;
         let reply_ack = self.reply_ack.load(Ordering::Relaxed);
         match self.channel.set(UnixStream::from(fd), reply_ack) {
             Ok(()) => {
                 debug!("backend request channel set up");
                 self.ack(&m, true)
             }
-            Err(e) => {
-                self.ack(&m, false)?;
-                Err(refused(&m, e))
-            }
+            Err(e) => Err(self.refuse(&m, e)),
         }
     }
 
@@ -687,10 +684,7 @@ impl Relay {
         if req == FrontendReq::SET_VRING_KICK && fd.is_some() {
             // The library restarts a stopped ring at the addresses it had.
             let checked = self.rings.lock_unpoisoned().restart(u32::from(queue));
-            if let Err(e) = checked {
-                self.ack(&m, false)?;
-                return Err(refused(&m, e));
-            }
+            checked.map_err(|e| self.refuse(&m, e))?;
         }
         let bit = queue_bit(u32::from(queue));
         if req == FrontendReq::SET_VRING_KICK {
@@ -701,8 +695,7 @@ impl Relay {
             if running && !self.protocol_acked.load(Ordering::Relaxed) {
                 // The library would go on watching the old kick, and cannot be told to stop
                 // (SET_VRING_ENABLE needs protocol features).
-                self.ack(&m, false)?;
-                return Err(refused(
+                return Err(self.refuse(
                     &m,
                     "a new kick for a running ring without protocol features (stop the ring \
                      first: GET_VRING_BASE)",
@@ -744,10 +737,7 @@ impl Relay {
         // A short body is the library's to refuse.
         if let Some(s) = m.body_as::<VhostUserVringState>() {
             let checked = self.rings.lock_unpoisoned().set_num(s.index, s.num);
-            if let Err(e) = checked {
-                self.ack(&m, false)?;
-                return Err(refused(&m, e));
-            }
+            checked.map_err(|e| self.refuse(&m, e))?;
         }
         self.to_library(&m)
     }
@@ -757,10 +747,7 @@ impl Relay {
         if let Some(a) = m.body_as::<VhostUserVringAddr>() {
             let (index, addrs) = (a.index, [a.descriptor, a.available, a.used]);
             let checked = self.rings.lock_unpoisoned().set_addrs(index, addrs);
-            if let Err(e) = checked {
-                self.ack(&m, false)?;
-                return Err(refused(&m, e));
-            }
+            checked.map_err(|e| self.refuse(&m, e))?;
         }
         self.to_library(&m)
     }
@@ -792,13 +779,7 @@ impl Relay {
             table.push(region);
         }
         let checked = self.rings.lock_unpoisoned().set_table(table);
-        let back = match checked {
-            Ok(b) => b,
-            Err(e) => {
-                self.ack(&m, false)?;
-                return Err(refused(&m, e));
-            }
-        };
+        let back = checked.map_err(|e| self.refuse(&m, e))?;
         self.to_library(&m)?;
         self.unpark(back)
     }
@@ -816,13 +797,7 @@ impl Relay {
         let file = File::from(m.fds[0].try_clone().map_err(|e| refused(&m, e))?);
         fds::guest_memory(&file, r.mmap_offset, r.memory_size).map_err(|e| refused(&m, e))?;
         let checked = self.rings.lock_unpoisoned().add(region);
-        let back = match checked {
-            Ok(b) => b,
-            Err(e) => {
-                self.ack(&m, false)?;
-                return Err(refused(&m, e));
-            }
-        };
+        let back = checked.map_err(|e| self.refuse(&m, e))?;
         debug!(
             "memory region added: {:#x} bytes at guest address {:#x}",
             region.size, region.guest
@@ -848,13 +823,7 @@ impl Relay {
             .rings
             .lock_unpoisoned()
             .remove(region.guest, region.size, park);
-        let parked = match checked {
-            Ok(p) => p,
-            Err(e) => {
-                self.ack(&m, false)?;
-                return Err(refused(&m, e));
-            }
-        };
+        let parked = checked.map_err(|e| self.refuse(&m, e))?;
         debug!(
             "memory region removed: {:#x} bytes at guest address {:#x}",
             region.size, region.guest
