@@ -133,6 +133,10 @@ impl Region {
         self.user <= addr && addr - self.user < self.size
     }
 
+    fn holds_guest(&self, gpa: u64) -> bool {
+        self.guest <= gpa && gpa - self.guest < self.size
+    }
+
     fn overlaps(&self, other: &Region) -> bool {
         self.guest < other.guest.saturating_add(other.size)
             && other.guest < self.guest.saturating_add(self.size)
@@ -146,24 +150,23 @@ pub fn ring_lengths(num: u16) -> [u64; 3] {
     [DESC_SIZE * n, 6 + 2 * n, 6 + 8 * n]
 }
 
-/// The index of the region of `regions` that translates the frontend address `addr`: the
-/// first one in table order that holds it, as the library translates ring addresses (regions
-/// may overlap in the frontend's address space).
-fn translating(regions: &[Region], addr: u64) -> Option<usize> {
-    regions.iter().position(|r| r.holds(addr))
+/// The region of `regions` that translates the frontend address `addr`, when
+/// `addr..addr + len` lies wholly inside it: the first one in table order that holds `addr`,
+/// as the library translates ring addresses (regions may overlap in the frontend's address
+/// space, and a range wholly inside a later one may still cross the end of the one the
+/// library picks).
+fn translating(regions: &[Region], addr: u64, len: u64) -> Option<&Region> {
+    let end = addr.checked_add(len)?;
+    regions
+        .iter()
+        .find(|r| r.holds(addr))
+        .filter(|r| end - r.user <= r.size)
 }
 
 /// Whether `addr..addr + len` lies wholly inside the region of `regions` that translates
-/// `addr` (a range wholly inside a later one may still cross the end of the one the library
-/// picks).
+/// `addr`.
 pub fn inside(regions: &[Region], addr: u64, len: u64) -> bool {
-    let Some(end) = addr.checked_add(len) else {
-        return false;
-    };
-    translating(regions, addr).is_some_and(|i| {
-        let r = &regions[i];
-        end - r.user <= r.size
-    })
+    translating(regions, addr, len).is_some()
 }
 
 /// The addresses of one queue's rings: descriptor table, available ring, used ring.
@@ -198,7 +201,7 @@ pub fn translate(
         .zip(PARTS)
         .enumerate()
     {
-        if !inside(regions, addr, len) {
+        let Some(r) = translating(regions, addr, len) else {
             return Err(RingError::Outside {
                 queue,
                 part,
@@ -206,11 +209,8 @@ pub fn translate(
                 addr,
                 len,
             });
-        }
-        // `inside` found the region.
-        if let Some(r) = translating(regions, addr).map(|j| regions[j]) {
-            guest[i] = addr - r.user + r.guest;
-        }
+        };
+        guest[i] = addr - r.user + r.guest;
     }
     Ok(guest)
 }
@@ -331,7 +331,7 @@ impl Rings {
             let part = addrs
                 .into_iter()
                 .zip(PARTS)
-                .find(|&(addr, _)| r.guest <= addr && addr - r.guest < r.size);
+                .find(|&(addr, _)| r.holds_guest(addr));
             if let Some((_, part)) = part {
                 if !park {
                     return Err(RingError::InUse {
