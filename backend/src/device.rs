@@ -405,6 +405,11 @@ impl BlkDevice {
                 b.store(true, Ordering::Relaxed);
             }
         }
+        self.hang_up();
+    }
+
+    /// End the connection (the relay's sockets are shut down).
+    fn hang_up(&self) {
         if let Some(h) = self.hangup.lock_unpoisoned().as_ref() {
             h();
         }
@@ -657,9 +662,7 @@ impl VhostUserBackend for BlkDevice {
                     Ok(g) => Arc::new(g),
                     Err(e) => {
                         self.warn_limited(format_args!("{e}: closing the connection"));
-                        if let Some(h) = self.hangup.lock_unpoisoned().as_ref() {
-                            h();
-                        }
+                        self.hang_up();
                         return Err(io::Error::other(e));
                     }
                 },

@@ -246,16 +246,18 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn a_truncated_mapping_reads_zeroes_and_is_reported() {
+    /// A file of `len` bytes this test owns, mapped shared (the caller unmaps it), with the
+    /// handler installed.
+    fn shared_mapping(len: usize) -> (File, *mut libc::c_void) {
         install().unwrap();
         let f: File = tempfile::tempfile().unwrap();
-        f.set_len(8192).unwrap();
-        // SAFETY: a fresh shared mapping of a file this test owns, unmapped below.
+        f.set_len(len as u64).unwrap();
+        // SAFETY: a fresh shared mapping of a file this test owns, at an address the kernel
+        // picks.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                8192,
+                len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 f.as_raw_fd(),
@@ -263,6 +265,12 @@ mod tests {
             )
         };
         assert_ne!(p, libc::MAP_FAILED);
+        (f, p)
+    }
+
+    #[test]
+    fn a_truncated_mapping_reads_zeroes_and_is_reported() {
+        let (f, p) = shared_mapping(8192);
         let owner = Owner::default();
         let reg = owner.register([(p as usize, 8192)]).unwrap();
         // SAFETY: inside the mapping.
@@ -307,21 +315,7 @@ mod tests {
 
     #[test]
     fn a_fault_outlives_the_registration_it_happened_in() {
-        install().unwrap();
-        let f: File = tempfile::tempfile().unwrap();
-        f.set_len(4096).unwrap();
-        // SAFETY: a fresh shared mapping of a file this test owns, unmapped below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
+        let (f, p) = shared_mapping(4096);
         let owner = Owner::default();
         let first = owner.register([(p as usize, 4096)]).unwrap();
         f.set_len(0).unwrap();

@@ -806,8 +806,8 @@ impl Relay {
         self.unpark(back)
     }
 
-    /// REM_MEM_REG: a region of the table that holds no part of a configured ring. A
-    /// descriptor sent with it is closed unused.
+    /// REM_MEM_REG: a region of the table; rings it holds part of are parked (disabled in the
+    /// library before it goes). A descriptor sent with it is closed unused.
     fn rem_mem_reg(&self, mut m: Message) -> Result<(), RelayError> {
         if m.fds.len() > 1 {
             return Err(refused(
