@@ -1301,56 +1301,25 @@ fn part(dev: &RawDevice, i: u64, n: u64) -> MemRegion {
 }
 
 /// Request `k` on `q`: `kind` of 4096 bytes at `sector`, its header, data and status at guest
-/// address `gpa`, which `mem` holds at offset `off`. Returns the data's offset in `mem`.
+/// address `gpa`, which the queue's memory holds at offset `off`; published, and completed
+/// with S_OK. Returns the data's offset in the memory.
 fn request_at(
     d: &Daemon,
     q: &RawQueue,
-    mem: &GuestMem,
     k: u16,
     (kind, sector): (RequestType, u64),
     (gpa, off): (u64, u64),
 ) -> u64 {
-    use vloop_frontend::blk::{header, HEADER_LEN};
-    use vloop_frontend::ring::{Descriptor, DESC_F_NEXT, DESC_F_WRITE};
-    let len = 4096u32;
-    let data = u64::from(HEADER_LEN);
-    let status = data + u64::from(len);
-    mem.write(off, &header(kind, sector)).unwrap();
-    mem.write(off + status, &[0xff]).unwrap();
-    let data_flags = if kind == RequestType::In {
-        DESC_F_WRITE
-    } else {
-        0
-    };
-    let size = q.layout.size;
-    let head = (k * 3) % size;
-    let parts = [
-        (0, HEADER_LEN, DESC_F_NEXT),
-        (data, len, data_flags | DESC_F_NEXT),
-        (status, 1, DESC_F_WRITE),
-    ];
-    for (i, (at, len, flags)) in parts.into_iter().enumerate() {
-        let i = i as u16;
-        q.set_desc(
-            (head + i) % size,
-            Descriptor {
-                addr: gpa + at,
-                len,
-                flags,
-                next: (head + i + 1) % size,
-            },
-        )
+    let head = (k * 3) % q.layout.size;
+    let status = q
+        .write_request_mapped(k, head, (kind, sector, 4096), (gpa, off))
         .unwrap();
-    }
-    q.set_avail_entry(k, head).unwrap();
     q.set_avail_idx(k + 1).unwrap();
     q.kick().unwrap();
     q.wait_used(k + 1, REPLY)
         .unwrap_or_else(|seen| panic!("request {k} not completed (used {seen}):\n{}", d.log()));
-    let mut st = [0u8];
-    mem.read(off + status, &mut st).unwrap();
-    assert_eq!(st[0], S_OK, "request {k}:\n{}", d.log());
-    off + data
+    assert_eq!(q.byte(status).unwrap(), S_OK, "request {k}:\n{}", d.log());
+    off + u64::from(vloop_frontend::blk::HEADER_LEN)
 }
 
 #[test]
@@ -1377,8 +1346,8 @@ fn memory_regions_added_and_removed_one_at_a_time_serve_requests() {
         let mut read = vec![0u8; 4096];
         let off = REQS;
         mem.write(off + 16, &one).unwrap();
-        request_at(&d, q, &mem, 0, (RequestType::Out, 8), (off, off));
-        let back = request_at(&d, q, &mem, 1, (RequestType::In, 8), (top, top));
+        request_at(&d, q, 0, (RequestType::Out, 8), (off, off));
+        let back = request_at(&d, q, 1, (RequestType::In, 8), (top, top));
         mem.read(back, &mut read).unwrap();
         assert!(read == one, "read back other data than written");
         // The high half goes (with a descriptor, as older frontends send) and comes back at
@@ -1390,9 +1359,9 @@ fn memory_regions_added_and_removed_one_at_a_time_serve_requests() {
         };
         dev.fe.add_mem_reg(&moved).unwrap();
         mem.write(off + 16, &two).unwrap();
-        request_at(&d, q, &mem, 2, (RequestType::Out, 16), (off, off));
+        request_at(&d, q, 2, (RequestType::Out, 16), (off, off));
         let moved_top = moved.guest_phys_addr + 0x1000;
-        let back = request_at(&d, q, &mem, 3, (RequestType::In, 16), (moved_top, top));
+        let back = request_at(&d, q, 3, (RequestType::In, 16), (moved_top, top));
         mem.read(back, &mut read).unwrap();
         assert!(
             read == two,
@@ -1418,7 +1387,7 @@ fn a_ring_whose_region_is_removed_and_added_grown_resumes() {
         let q = &dev.queues[0];
         let one = pattern(3, 4096);
         mem.write(REQS + 16, &one).unwrap();
-        request_at(&d, q, &mem, 0, (RequestType::Out, 0), (REQS, REQS));
+        request_at(&d, q, 0, (RequestType::Out, 0), (REQS, REQS));
         dev.fe.rem_mem_reg(&small, None).unwrap();
         // Requests sent together while the ring is parked are answered in order, the enable
         // of the parked ring included.
@@ -1574,7 +1543,6 @@ fn truncating_the_last_of_509_memory_regions_does_not_kill_the_daemon() {
         request_at(
             &d,
             &dev.queues[0],
-            &mem,
             0,
             (RequestType::Out, 0),
             (high + REQS, REQS),
@@ -1596,6 +1564,16 @@ fn truncating_the_last_of_509_memory_regions_does_not_kill_the_daemon() {
     d.survives();
 }
 
+/// Both halves of memory as regions, queue 0's ring in the high one, and that region
+/// removed: the ring is parked.
+fn park_queue_0(dev: &mut RawDevice) -> Result<(), RawError> {
+    dev.fe.add_mem_reg(&part(dev, 0, 2))?;
+    dev.fe.add_mem_reg(&part(dev, 1, 2))?;
+    let layout = RingLayout::new(16, MEM / 2 + 0x1000).unwrap();
+    dev.start_queue(0, layout, 0)?;
+    dev.fe.rem_mem_reg(&part(dev, 1, 2), None)
+}
+
 /// One hostile use of ADD_MEM_REG or REM_MEM_REG, on a device negotiated with
 /// CONFIGURE_MEM_SLOTS unless `plain`.
 struct RegionAttack {
@@ -1610,14 +1588,7 @@ fn hostile_memory_regions_are_refused() {
         dev.fe.set(FrontendReq::ADD_MEM_REG, body, fds)
     }
     fn body(r: &MemRegion) -> Vec<u8> {
-        vhost::vhost_user::message::VhostUserSingleMemoryRegion::new(
-            r.guest_phys_addr,
-            r.memory_size,
-            r.user_addr,
-            r.mmap_offset,
-        )
-        .as_slice()
-        .to_vec()
+        r.single().as_slice().to_vec()
     }
     let attacks = [
         RegionAttack {
@@ -1729,11 +1700,7 @@ fn hostile_memory_regions_are_refused() {
             what: "SET_VRING_ADDR for a ring whose region was removed",
             plain: false,
             run: |dev| {
-                dev.fe.add_mem_reg(&part(dev, 0, 2))?;
-                dev.fe.add_mem_reg(&part(dev, 1, 2))?;
-                let layout = RingLayout::new(16, MEM / 2 + 0x1000).unwrap();
-                dev.start_queue(0, layout, 0)?;
-                dev.fe.rem_mem_reg(&part(dev, 1, 2), None)?;
+                park_queue_0(dev)?;
                 let addrs = VringAddrs {
                     desc: dev.user_addr(0x1000),
                     avail: dev.user_addr(0x2000),
@@ -1747,11 +1714,7 @@ fn hostile_memory_regions_are_refused() {
             what: "protocol features dropped while a ring's region is removed",
             plain: false,
             run: |dev| {
-                dev.fe.add_mem_reg(&part(dev, 0, 2))?;
-                dev.fe.add_mem_reg(&part(dev, 1, 2))?;
-                let layout = RingLayout::new(16, MEM / 2 + 0x1000).unwrap();
-                dev.start_queue(0, layout, 0)?;
-                dev.fe.rem_mem_reg(&part(dev, 1, 2), None)?;
+                park_queue_0(dev)?;
                 // Without them the library would enable the parked ring.
                 dev.fe.set_features(dev.acked & !(1 << 30))
             },

@@ -206,6 +206,16 @@ impl MemRegion {
             self.mmap_offset,
         )
     }
+
+    /// The body of ADD_MEM_REG and REM_MEM_REG for this region.
+    pub fn single(&self) -> VhostUserSingleMemoryRegion {
+        VhostUserSingleMemoryRegion::new(
+            self.guest_phys_addr,
+            self.memory_size,
+            self.user_addr,
+            self.mmap_offset,
+        )
+    }
 }
 
 /// The three ring addresses of a vring, in frontend virtual addresses, plus its flags and
@@ -542,24 +552,14 @@ impl RawFrontend {
 
     /// ADD_MEM_REG.
     pub fn add_mem_reg(&self, region: &MemRegion) -> Result<(), RawError> {
-        let r = VhostUserSingleMemoryRegion::new(
-            region.guest_phys_addr,
-            region.memory_size,
-            region.user_addr,
-            region.mmap_offset,
-        );
+        let r = region.single();
         self.set(FrontendReq::ADD_MEM_REG, r.as_slice(), &[region.fd])
     }
 
     /// REM_MEM_REG of `region` (its descriptor is not sent), with `fd` as some older frontends
     /// send one.
     pub fn rem_mem_reg(&self, region: &MemRegion, fd: Option<RawFd>) -> Result<(), RawError> {
-        let r = VhostUserSingleMemoryRegion::new(
-            region.guest_phys_addr,
-            region.memory_size,
-            region.user_addr,
-            region.mmap_offset,
-        );
+        let r = region.single();
         let fds: Vec<RawFd> = fd.into_iter().collect();
         self.set(FrontendReq::REM_MEM_REG, r.as_slice(), &fds)
     }

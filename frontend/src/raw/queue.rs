@@ -127,16 +127,30 @@ impl RawQueue {
         len: u32,
         at: u64,
     ) -> Result<u64, RawError> {
+        self.write_request_mapped(slot, head, (kind, sector, len), (at, at))
+    }
+
+    /// [`Self::write_request`] for memory the backend sees at other guest addresses than this
+    /// view's offsets: the request `(kind, sector, len)` is written at offset `off` of the
+    /// memory and its descriptors point at guest address `gpa`. Returns the status byte's
+    /// offset.
+    pub fn write_request_mapped(
+        &self,
+        slot: u16,
+        head: u16,
+        (kind, sector, len): (RequestType, u64, u32),
+        (gpa, off): (u64, u64),
+    ) -> Result<u64, RawError> {
         let size = self.layout.size;
-        let data = at + u64::from(blk::HEADER_LEN);
+        let data = u64::from(blk::HEADER_LEN);
         let status = data + u64::from(len);
-        self.mem.write(at, &blk::header(kind, sector))?;
-        self.mem.write(status, &[STATUS_UNSET])?;
+        self.mem.write(off, &blk::header(kind, sector))?;
+        self.mem.write(off + status, &[STATUS_UNSET])?;
         let next = |i: u16| (head.wrapping_add(i)) % size;
         self.set_desc(
             head,
             Descriptor {
-                addr: at,
+                addr: gpa,
                 len: blk::HEADER_LEN,
                 flags: DESC_F_NEXT,
                 next: next(1),
@@ -152,7 +166,7 @@ impl RawQueue {
             self.set_desc(
                 next(1),
                 Descriptor {
-                    addr: data,
+                    addr: gpa + data,
                     len,
                     flags: flags | DESC_F_NEXT,
                     next: next(2),
@@ -163,14 +177,14 @@ impl RawQueue {
         self.set_desc(
             next(last),
             Descriptor {
-                addr: status,
+                addr: gpa + status,
                 len: 1,
                 flags: DESC_F_WRITE,
                 next: 0,
             },
         )?;
         self.set_avail_entry(slot, head)?;
-        Ok(status)
+        Ok(off + status)
     }
 
     /// Waits until the used index is `idx`; returns the index last seen on time-out.
