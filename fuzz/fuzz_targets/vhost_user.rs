@@ -17,8 +17,8 @@
 //!
 //! An optional well-formed start-up (features, CONFIGURE_MEM_SLOTS among the protocol
 //! features, so regions can be added and removed later, memory table, one started vring,
-//! EVENT_IDX if the input acknowledges it) comes first so that later steps reach deeper states. The daemon
-//! must not panic, must end the connection when the socket closes, must close every
+//! EVENT_IDX if the input acknowledges it) comes first so that later steps reach deeper
+//! states. The daemon must not panic, must end the connection when the socket closes, must close every
 //! descriptor and end every thread the connection started, and the whole run must end within
 //! a bounded time (a worker that spins, or a thread that blocks, shows as a time-out: the run
 //! aborts with the state of every thread).
